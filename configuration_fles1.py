@@ -1,0 +1,73 @@
+"""FLES-1 configuration: a BERT masked-LM backbone plus the settings of its sparse encoding.
+
+Shipped to the Hub next to ``modeling_fles1.py``; imports transformers only.
+"""
+
+from transformers import BertConfig
+
+ACTIVATIONS = ("log1p_relu",)
+POOLINGS = ("max",)
+
+
+class FLES1Config(BertConfig):
+    r"""
+    Configuration of a FLES-1 learned sparse encoder.
+
+    Every BERT hyper-parameter (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ...) keeps its
+    :class:`~transformers.BertConfig` meaning. The extra arguments describe how the masked-LM logits
+    become one sparse vector per text:
+
+        weight[v] = pooling_t( activation(logit[t, v]) )   over the text's tokens t,
+        activation = log(1 + ReLU(x)),  pooling = max.
+
+    Args:
+        inference_threshold (`float`, *optional*, defaults to 0.3):
+            Weights below this value are dropped by the encoders at inference (0 keeps every positive
+            weight). Must be >= 0.
+        query_max_length (`int`, *optional*, defaults to 64):
+            Queries are truncated to this many tokens (special tokens included).
+        document_max_length (`int`, *optional*, defaults to 256):
+            Documents are truncated to this many tokens (special tokens included).
+        pooling (`str`, *optional*, defaults to `"max"`): Token pooling. Only ``"max"`` is supported.
+        activation (`str`, *optional*, defaults to `"log1p_relu"`): Logit activation. Only
+            ``"log1p_relu"`` is supported.
+
+    Example:
+
+    ```python
+    >>> from configuration_fles1 import FLES1Config
+    >>> config = FLES1Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+    >>> config.inference_threshold
+    0.3
+    ```
+    """
+
+    model_type = "fles1"
+
+    def __init__(
+        self,
+        inference_threshold: float = 0.3,
+        query_max_length: int = 64,
+        document_max_length: int = 256,
+        pooling: str = "max",
+        activation: str = "log1p_relu",
+        **kwargs,
+    ):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
+        if inference_threshold is None or inference_threshold < 0:
+            raise ValueError(f"inference_threshold must be >= 0, got {inference_threshold!r}")
+        for name, value in (("query_max_length", query_max_length), ("document_max_length", document_max_length)):
+            if not isinstance(value, int) or value < 3:
+                raise ValueError(f"{name} must be an int >= 3 (room for [CLS], one token, [SEP]), got {value!r}")
+        self.inference_threshold = float(inference_threshold)
+        self.query_max_length = query_max_length
+        self.document_max_length = document_max_length
+        self.pooling = pooling
+        self.activation = activation
+        super().__init__(**kwargs)
+
+
+__all__ = ["FLES1Config"]

@@ -1,0 +1,30 @@
+"""Convert a BERT masked-LM checkpoint into a FLES-1 checkpoint folder.
+
+    python convert_fles1.py ../shared/models/splade-tiny checkpoints/fles1-tiny
+"""
+
+import argparse
+
+from fles1.checkpoint import convert
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="BERT masked-LM folder or hub id")
+    parser.add_argument("out", help="output checkpoint folder")
+    parser.add_argument("--threshold", type=float, default=None, help="inference threshold (default 0.3)")
+    parser.add_argument("--query-max-length", type=int, default=None, help="default 64")
+    parser.add_argument("--document-max-length", type=int, default=None, help="default 256")
+    args = parser.parse_args(argv)
+    out = convert(
+        args.source,
+        args.out,
+        inference_threshold=args.threshold,
+        query_max_length=args.query_max_length,
+        document_max_length=args.document_max_length,
+    )
+    print(f"FLES-1 checkpoint written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""FLES-1 tooling shared by the CLIs: checkpoint conversion, data, evaluation, training, model card.
+
+The model itself lives in the two Hub-shipped files at the project root (``configuration_fles1.py``,
+``modeling_fles1.py``) and the encoder in ``fles1_encoder.py``.
+"""

@@ -1,0 +1,138 @@
+"""BEIR-layout data: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``.
+
+A local folder is read line by line so that a malformed line is reported with its file and line number;
+a name that is not a folder is treated as a Hugging Face hub dataset id (``BeIR/nfcorpus``) and loaded with
+``datasets`` (qrels from ``<id>-qrels``, BEIR's convention).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class BEIRDataError(ValueError):
+    """Bad BEIR data; the message names the file (and line) at fault."""
+
+
+@dataclass
+class BEIRDataset:
+    name: str
+    corpus: dict[str, dict]  # doc id -> {"title": str, "text": str}
+    queries: dict[str, str]  # query id -> text
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
+    split: str
+    fingerprint: str = field(default="")
+
+    def document_text(self, doc_id: str) -> str:
+        """Title and text joined as BEIR's and sentence-transformers' evaluators do."""
+        doc = self.corpus[doc_id]
+        return f"{doc.get('title', '')} {doc.get('text', '')}".strip()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise BEIRDataError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise BEIRDataError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+            if not isinstance(row, dict) or "_id" not in row:
+                raise BEIRDataError(f"{path}:{number}: expected a JSON object with an '_id'")
+            rows.append(row)
+    return rows
+
+
+def load_corpus(path: str) -> dict[str, dict]:
+    corpus = {}
+    for row in _read_jsonl(path):
+        corpus[str(row["_id"])] = {"title": row.get("title") or "", "text": row.get("text") or ""}
+    if not corpus:
+        raise BEIRDataError(f"{path}: no documents")
+    return corpus
+
+
+def load_queries(path: str) -> dict[str, str]:
+    return {str(row["_id"]): row.get("text") or "" for row in _read_jsonl(path)}
+
+
+def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = None) -> dict[str, dict[str, int]]:
+    """TREC-style BEIR qrels TSV (header ``query-id corpus-id score``). Unknown ids are an error."""
+    if not os.path.isfile(path):
+        raise BEIRDataError(f"{path}: file not found")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
+            if number == 1 and row[:1] == ["query-id"]:
+                continue
+            if not row:
+                continue
+            if len(row) != 3:
+                raise BEIRDataError(f"{path}:{number}: expected 3 tab-separated columns, got {len(row)}")
+            query_id, doc_id, score = row
+            try:
+                relevance = int(float(score))
+            except ValueError:
+                raise BEIRDataError(f"{path}:{number}: score {score!r} is not a number") from None
+            if queries is not None and query_id not in queries:
+                raise BEIRDataError(f"{path}:{number}: query id {query_id!r} is not in queries.jsonl")
+            if corpus is not None and doc_id not in corpus:
+                raise BEIRDataError(f"{path}:{number}: corpus id {doc_id!r} is not in corpus.jsonl")
+            qrels.setdefault(query_id, {})[doc_id] = relevance
+    return qrels
+
+
+def fingerprint_files(paths: list[str]) -> str:
+    """Content hash of data files (size + sha256), for cache keys and reports."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_beir(source: str, split: str = "test") -> BEIRDataset:
+    """A BEIR folder, or a hub dataset id when ``source`` is not a folder (needs network)."""
+    if not os.path.isdir(source):
+        if os.path.exists(source) or source.startswith((".", "/")):
+            raise BEIRDataError(f"{source}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+        return load_beir_from_hub(source, split)
+    corpus_path = os.path.join(source, "corpus.jsonl")
+    queries_path = os.path.join(source, "queries.jsonl")
+    qrels_path = os.path.join(source, "qrels", f"{split}.tsv")
+    corpus = load_corpus(corpus_path)
+    queries = load_queries(queries_path)
+    qrels = load_qrels(qrels_path, corpus=corpus, queries=queries)
+    return BEIRDataset(
+        name=os.path.basename(os.path.normpath(source)),
+        corpus=corpus,
+        queries=queries,
+        qrels=qrels,
+        split=split,
+        fingerprint=fingerprint_files([corpus_path, queries_path, qrels_path]),
+    )
+
+
+def load_beir_from_hub(dataset_id: str, split: str = "test") -> BEIRDataset:
+    from datasets import load_dataset
+
+    corpus = {
+        str(row["_id"]): {"title": row.get("title") or "", "text": row.get("text") or ""}
+        for row in load_dataset(dataset_id, "corpus", split="corpus")
+    }
+    queries = {str(row["_id"]): row["text"] for row in load_dataset(dataset_id, "queries", split="queries")}
+    qrels: dict[str, dict[str, int]] = {}
+    for row in load_dataset(f"{dataset_id}-qrels", split=split):
+        qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
+    fingerprint = hashlib.sha256(f"{dataset_id}:{split}:{len(corpus)}:{len(qrels)}".encode()).hexdigest()[:16]
+    return BEIRDataset(dataset_id.split("/")[-1], corpus, queries, qrels, split, fingerprint)

@@ -1,0 +1,77 @@
+"""The FLES-1 checkpoint folder: one folder that is a transformers remote-code model, a sentence-transformers
+SparseEncoder and an FLES1Encoder checkpoint at once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from configuration_fles1 import FLES1Config
+from modeling_fles1 import FLES1ForMaskedLM
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py")
+DEFAULT_BACKBONE = os.path.join(os.path.dirname(PROJECT_ROOT), "shared", "models", "splade-tiny")
+SPARSE_SETTINGS = ("inference_threshold", "query_max_length", "document_max_length")
+
+
+def fles1_config_from(backbone_config, **sparse_settings) -> FLES1Config:
+    """FLES-1 config carrying the backbone's BERT hyper-parameters plus the sparse-encoding settings."""
+    values = backbone_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype"):
+        values.pop(key, None)
+    values.update({k: v for k, v in sparse_settings.items() if v is not None})
+    config = FLES1Config(**values)
+    config.architectures = ["FLES1ForMaskedLM"]
+    return config
+
+
+def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str) -> str:
+    """Write the weights (safetensors), config with auto_map, code files, tokenizer and the
+    sentence-transformers files, so that all three loaders read the folder."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.config.architectures = ["FLES1ForMaskedLM"]
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.model_max_length = model.config.document_max_length
+    tokenizer.save_pretrained(out_dir)
+    for name in HUB_CODE_FILES:  # save_pretrained copies the two model files; the encoder ships too
+        shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
+    write_sentence_transformers_files(out_dir, model.config)
+    return out_dir
+
+
+def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None:
+    """modules.json & co., written by sentence-transformers itself: Transformer(fill-mask) + SpladePooling(max)."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    transformer = Transformer(
+        out_dir,
+        transformer_task="fill-mask",
+        model_kwargs={"trust_remote_code": True},
+        config_kwargs={"trust_remote_code": True},
+        processor_kwargs={"trust_remote_code": True},
+        max_seq_length=config.document_max_length,
+        query_length=config.query_max_length,
+        document_length=config.document_max_length,
+    )
+    encoder = SparseEncoder(modules=[transformer, SpladePooling(pooling_strategy="max", activation_function="relu")])
+    encoder.save_pretrained(out_dir, create_model_card=False)
+
+
+def convert(source: str, out_dir: str, **sparse_settings) -> str:
+    """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder."""
+    source_model = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True)
+    config = fles1_config_from(source_model.config, **sparse_settings)
+    model = FLES1ForMaskedLM(config)
+    missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False)
+    missing = [key for key in missing if "position_ids" not in key and "token_type_ids" not in key]
+    if missing or unexpected:
+        raise ValueError(f"{source}: not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    return save_checkpoint(model.to(torch.float32), tokenizer, out_dir)

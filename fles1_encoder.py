@@ -1,0 +1,275 @@
+"""FLES1Encoder: text -> readable sparse vectors ({'machine': 1.39, ...}) from a FLES-1 checkpoint.
+
+Self-contained (torch, transformers, numpy, tqdm; scipy for CSR output) so it can ship beside the model.
+
+    >>> from fles1_encoder import FLES1Encoder
+    >>> encoder = FLES1Encoder.from_pretrained("mindoval/fles1-v14")
+    >>> sparse = encoder.encode("What is machine learning?")          # {'machine': 1.39, 'learning': 1.08, ...}
+    >>> vectors = encoder.encode_batch(["query 1", "query 2"], batch_size=32)
+    >>> ids, weights = encoder.encode_to_ids("What is machine learning?")
+
+Defined results: an empty or whitespace-only text encodes to an empty vector (no model call: BERT would
+otherwise give its [CLS]/[SEP] vector to "nothing"); texts longer than the configured max length
+(``config.document_max_length`` / ``config.query_max_length`` tokens, special tokens included) are truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+Kind = Literal["document", "query"]
+KINDS = ("document", "query")
+OUTPUTS = ("dict", "ids", "csr", "torch")
+PROGRESS_BAR_MIN_TEXTS = 256  # below this a bar is noise
+
+
+class CheckpointError(OSError):
+    """A FLES-1 checkpoint folder is missing a file or holds a corrupt one; the message names the file."""
+
+
+def _check_local_checkpoint(path: str) -> None:
+    """Fail early, naming the file, instead of deep inside transformers."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{config_path}: missing; a FLES-1 checkpoint folder needs config.json")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+    weights_path = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights_path):
+        raise CheckpointError(f"{weights_path}: missing; FLES-1 loads weights from safetensors only")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(weights_path, framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from error
+
+
+def _validate_texts(texts) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"expected a list of str, got a single {type(texts).__name__}; use encode() for one text")
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
+    return texts
+
+
+def _validate_threshold(threshold: float) -> float:
+    if threshold is None or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    return float(threshold)
+
+
+class FLES1Encoder:
+    """Encode texts into sparse vocabulary-weight vectors with a FLES-1 model.
+
+    Args:
+        model: a loaded `FLES1ForMaskedLM` (or any model with `encode_sparse`).
+        tokenizer: its tokenizer.
+        threshold: weights below it are dropped (default: `config.inference_threshold`, 0.3).
+        projection_dtype: dtype of the vocabulary projection; `torch.bfloat16` is faster on CPUs with bf16
+            support at a small precision cost (see benchmarks/bench_encode.py).
+    """
+
+    def __init__(self, model, tokenizer, threshold: Optional[float] = None, projection_dtype=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.threshold = _validate_threshold(
+            self.config.inference_threshold if threshold is None else threshold
+        )
+        self.projection_dtype = projection_dtype
+        self.max_lengths = {
+            "document": int(getattr(self.config, "document_max_length", 256)),
+            "query": int(getattr(self.config, "query_max_length", 64)),
+        }
+        self._vocab = self.tokenizer.convert_ids_to_tokens(list(range(self.config.vocab_size)))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str,
+        device: Optional[str | torch.device] = None,
+        threshold: Optional[float] = None,
+        projection_dtype=None,
+        **hub_kwargs,
+    ) -> "FLES1Encoder":
+        """Load a FLES-1 checkpoint folder or Hub repo (e.g. ``"mindoval/fles1-v14"``).
+
+        ``device`` defaults to CUDA when available. ``hub_kwargs`` (revision, token, ...) go to transformers.
+        """
+        if threshold is not None:
+            _validate_threshold(threshold)
+        if os.path.isdir(path_or_hub_id):
+            _check_local_checkpoint(path_or_hub_id)
+        try:
+            config = AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
+            model = AutoModelForMaskedLM.from_pretrained(
+                path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True, **hub_kwargs
+            )
+        except (ValueError, OSError) as error:
+            raise CheckpointError(f"{path_or_hub_id}: could not load the FLES-1 model ({error})") from error
+        if not hasattr(model, "encode_sparse"):
+            raise CheckpointError(
+                f"{path_or_hub_id}: config.json loads {type(model).__name__}, not a FLES-1 model "
+                "(expected model_type 'fles1'; convert a BERT checkpoint with convert_fles1.py)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- core -------------------------------------------------------------------------------------------------
+    def _check_kind(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not supported; choose one of {list(KINDS)}")
+
+    @torch.inference_mode()
+    def _encode_dense(self, texts: list[str], kind: str) -> torch.Tensor:
+        """(len(texts), vocab) float32 on the model's device, before threshold; texts must be non-blank."""
+        features = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_lengths[kind],
+            return_tensors="pt",
+            return_token_type_ids=True,
+        )
+        features = {name: tensor.to(self.device) for name, tensor in features.items()}
+        if len(texts) == 1:
+            features.pop("attention_mask")  # no padding: lets attention skip the mask
+        return self.model.encode_sparse(**features, projection_dtype=self.projection_dtype).sparse_embeddings
+
+    def _batches(self, texts: list[str], kind: str, batch_size: int, show_progress_bar: Optional[bool]):
+        """Yield (positions, vectors) for non-blank texts, batched by similar length to save padding."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        positions = [index for index, text in enumerate(texts) if text.strip()]
+        positions.sort(key=lambda index: -len(texts[index]))  # characters: a cheap proxy for tokens
+        if show_progress_bar is None:
+            show_progress_bar = len(positions) >= PROGRESS_BAR_MIN_TEXTS
+        with tqdm(total=len(positions), disable=not show_progress_bar, desc=f"Encoding {kind}s", unit=kind) as bar:
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                yield chunk, self._encode_dense([texts[index] for index in chunk], kind)
+                bar.update(len(chunk))
+
+    def _sparsify(self, vectors: torch.Tensor, threshold: float):
+        """Per row: (ids sorted by descending weight, weights) of the entries >= threshold (and > 0)."""
+        vectors = vectors.float()
+        keep = vectors >= threshold if threshold > 0 else vectors > 0
+        rows, cols = keep.nonzero(as_tuple=True)
+        weights = vectors[rows, cols]
+        rows, cols, weights = rows.cpu().numpy(), cols.cpu().numpy(), weights.cpu().numpy()
+        order = np.lexsort((-weights, rows))
+        rows, cols, weights = rows[order], cols[order], weights[order]
+        bounds = np.searchsorted(rows, np.arange(vectors.shape[0] + 1))
+        return [(cols[bounds[i] : bounds[i + 1]], weights[bounds[i] : bounds[i + 1]]) for i in range(vectors.shape[0])]
+
+    def _encode_ids(self, texts, kind, batch_size, show_progress_bar, threshold):
+        self._check_kind(kind)
+        texts = _validate_texts(texts)
+        threshold = self.threshold if threshold is None else _validate_threshold(threshold)
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        results = [empty] * len(texts)
+        for positions, vectors in self._batches(texts, kind, batch_size, show_progress_bar):
+            for position, pair in zip(positions, self._sparsify(vectors, threshold)):
+                results[position] = pair
+        return results
+
+    # ---- public API -------------------------------------------------------------------------------------------
+    def encode(self, text: str, kind: Kind = "document", threshold: Optional[float] = None) -> dict[str, float]:
+        """One text -> {term: weight}, highest weight first, weights >= threshold."""
+        if not isinstance(text, str):
+            raise TypeError(f"text is {type(text).__name__}, expected str")
+        return self.encode_batch([text], kind=kind, threshold=threshold)[0]
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        kind: Kind = "document",
+        threshold: Optional[float] = None,
+        show_progress_bar: Optional[bool] = None,
+        output: Literal["dict", "ids", "csr", "torch"] = "dict",
+    ):
+        """Encode many texts.
+
+        output: ``"dict"`` (list of {term: weight}), ``"ids"`` (list of (ids, weights) numpy pairs),
+        ``"csr"`` (scipy.sparse.csr_matrix, rows = texts) or ``"torch"`` (torch sparse CSR tensor).
+        A progress bar shows for long inputs (or set ``show_progress_bar``).
+        """
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r} is not supported; choose one of {list(OUTPUTS)}")
+        pairs = self._encode_ids(texts, kind, batch_size, show_progress_bar, threshold)
+        if output == "dict":
+            return [{self._vocab[i]: float(w) for i, w in zip(ids, weights)} for ids, weights in pairs]
+        if output == "ids":
+            return pairs
+        return self._to_matrix(pairs, output)
+
+    def encode_to_ids(
+        self, text: str, kind: Kind = "document", threshold: Optional[float] = None
+    ) -> tuple[list[int], list[float]]:
+        """One text -> (vocabulary ids, weights), highest weight first: the form inverted indices ingest."""
+        if not isinstance(text, str):
+            raise TypeError(f"text is {type(text).__name__}, expected str")
+        ids, weights = self._encode_ids([text], kind, 1, False, threshold)[0]
+        return ids.tolist(), weights.tolist()
+
+    def encode_queries(self, queries: Sequence[str], **kwargs):
+        return self.encode_batch(queries, kind="query", **kwargs)
+
+    def encode_documents(self, documents: Sequence[str], **kwargs):
+        return self.encode_batch(documents, kind="document", **kwargs)
+
+    def encode_to_csr(self, texts: Sequence[str], kind: Kind = "document", batch_size: int = 32, **kwargs):
+        """texts -> scipy.sparse.csr_matrix of shape (len(texts), vocab_size), float32."""
+        return self.encode_batch(texts, batch_size=batch_size, kind=kind, output="csr", **kwargs)
+
+    def _to_matrix(self, pairs, output: str):
+        lengths = np.array([len(ids) for ids, _ in pairs], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        indices = np.concatenate([ids for ids, _ in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+        data = np.concatenate([w for _, w in pairs]).astype(np.float32) if pairs else np.zeros(0, np.float32)
+        shape = (len(pairs), self.config.vocab_size)
+        if output == "torch":
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(data), size=shape
+            )
+        from scipy.sparse import csr_matrix
+
+        matrix = csr_matrix((data, indices, indptr), shape=shape)
+        matrix.sort_indices()
+        return matrix
+
+    def decode(self, ids: Iterable[int], weights: Optional[Iterable[float]] = None):
+        """Vocabulary ids -> terms; with weights, -> {term: weight}."""
+        terms = [self._vocab[int(i)] for i in ids]
+        if weights is None:
+            return terms
+        return dict(zip(terms, (float(w) for w in weights)))
+
+    def __repr__(self) -> str:
+        return (
+            f"FLES1Encoder(model={self.config.name_or_path!r}, device={self.device}, threshold={self.threshold}, "
+            f"max_lengths={self.max_lengths})"
+        )
+
+
+__all__ = ["FLES1Encoder", "CheckpointError"]

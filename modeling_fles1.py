@@ -1,0 +1,190 @@
+"""FLES-1: a BERT masked-LM whose logits become one sparse, vocabulary-sized vector per text.
+
+    weight[v] = log(1 + ReLU( max_t logit[t, v] ))        t over the text's non-padding tokens
+
+(log1p and ReLU are monotone, so pooling the raw logits first and activating after gives the same vector as
+SPLADE's activate-then-pool, on a (batch x vocab) tensor instead of (batch x length x vocab).)
+
+Shipped to the Hub next to ``configuration_fles1.py``; imports torch and transformers only. The backbone is
+transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head are not reimplemented here.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import BertForMaskedLM
+from transformers.utils import ModelOutput
+
+try:  # loaded as remote code: a package-relative import, which transformers copies along
+    from .configuration_fles1 import FLES1Config
+except ImportError:  # imported from a checkout
+    from configuration_fles1 import FLES1Config
+
+
+# Tokens whose (tokens x vocab) logits are materialised at once. The projection is compute-bound; small tiles
+# keep the logits in cache on CPU, large ones keep a GPU busy.
+CPU_CHUNK_TOKENS = 256
+ACCELERATOR_CHUNK_TOKENS = 65536
+
+
+@dataclass
+class FLES1SparseOutput(ModelOutput):
+    """
+    Output of [`FLES1ForMaskedLM.encode_sparse`].
+
+    Args:
+        sparse_embeddings (`torch.FloatTensor` of shape `(batch_size, vocab_size)`):
+            log(1 + ReLU(max-pooled logits)), before any inference threshold. Float32.
+        max_logits (`torch.FloatTensor` of shape `(batch_size, vocab_size)`):
+            The raw max-pooled logits the embeddings were computed from.
+    """
+
+    sparse_embeddings: Optional[torch.FloatTensor] = None
+    max_logits: Optional[torch.FloatTensor] = None
+
+
+def _chunk_rows(batch_size: int, length: int, chunk_tokens: int):
+    rows = max(1, chunk_tokens // max(1, length))
+    for start in range(0, batch_size, rows):
+        yield start, min(batch_size, start + rows)
+
+
+class _MaxPooledProjection(torch.autograd.Function):
+    """max_t (hidden[b, t] @ weight.T + bias) without keeping the (batch x length x vocab) logits.
+
+    Forward computes the logits tile by tile and keeps only each text's per-vocabulary maximum and the token
+    that reached it. Backward routes each vocabulary entry's gradient to that one token (the gradient of a
+    max), touching only the entries whose gradient is non-zero: after ReLU that is the text's active terms,
+    a few hundred out of 30,522.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk_tokens):
+        batch, length, _ = hidden.shape
+        values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.float32)
+        argmax = torch.empty((batch, weight.shape[0]), dtype=torch.int32, device=hidden.device)
+        weight_t = weight.to(hidden.dtype).t()
+        bias = bias.to(hidden.dtype)
+        for start, end in _chunk_rows(batch, length, chunk_tokens):
+            logits = torch.matmul(hidden[start:end], weight_t).add_(bias)
+            chunk_values, chunk_argmax = logits.max(dim=1)
+            values[start:end] = chunk_values
+            argmax[start:end] = chunk_argmax
+        ctx.save_for_backward(hidden, weight, argmax)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        hidden, weight, argmax = ctx.saved_tensors
+        batch, length, hidden_size = hidden.shape
+        rows, vocab = grad_values.nonzero(as_tuple=True)
+        grad = grad_values[rows, vocab].to(torch.float32).unsqueeze(1)
+        token = rows * length + argmax[rows, vocab].long()  # index into the flattened (batch * length) tokens
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = torch.zeros(batch * length, hidden_size, dtype=torch.float32, device=hidden.device)
+            grad_hidden.index_add_(0, token, grad * weight[vocab].float())
+            grad_hidden = grad_hidden.view(batch, length, hidden_size).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_weight.index_add_(0, vocab, grad * hidden.reshape(-1, hidden_size)[token].float())
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            grad_bias.index_add_(0, vocab, grad.squeeze(1))
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def max_pooled_logits(hidden, weight, bias, chunk_tokens):
+    """Per-text max over tokens of ``hidden @ weight.T + bias``; differentiable with a sparse backward."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _MaxPooledProjection.apply(hidden, weight, bias, chunk_tokens)
+    batch, length, _ = hidden.shape
+    values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.float32)
+    weight_t = weight.to(hidden.dtype).t()
+    bias = bias.to(hidden.dtype)
+    for start, end in _chunk_rows(batch, length, chunk_tokens):
+        values[start:end] = torch.matmul(hidden[start:end], weight_t).add_(bias).amax(dim=1)
+    return values
+
+
+class FLES1ForMaskedLM(BertForMaskedLM):
+    r"""
+    FLES-1 learned sparse encoder: transformers' [`BertForMaskedLM`] with a memory-light sparse pooling method.
+
+    `forward` is BERT's masked-LM forward and returns a [`~modeling_outputs.MaskedLMOutput`] with `logits`
+    of shape (batch, length, vocab) -- this is what sentence-transformers' `SparseEncoder` consumes.
+    [`encode_sparse`] returns the pooled vectors directly.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForMaskedLM, AutoTokenizer
+    >>> model = AutoModelForMaskedLM.from_pretrained("mindoval/fles1-v14", trust_remote_code=True)
+    >>> tokenizer = AutoTokenizer.from_pretrained("mindoval/fles1-v14")
+    >>> batch = tokenizer(["What is machine learning?"], return_tensors="pt")
+    >>> with torch.inference_mode():
+    ...     vectors = model.encode_sparse(**batch).sparse_embeddings  # (1, 30522)
+    ```
+    """
+
+    config_class = FLES1Config
+    config: FLES1Config
+
+    def __init__(self, config: FLES1Config):
+        super().__init__(config)
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, plus `auto_map` for AutoModel too (both auto classes load this model)."""
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_fles1.FLES1Config",
+            "AutoModel": "modeling_fles1.FLES1ForMaskedLM",
+            "AutoModelForMaskedLM": "modeling_fles1.FLES1ForMaskedLM",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def sparse_chunk_tokens(self, device: torch.device) -> int:
+        return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS
+
+    def encode_sparse(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        projection_dtype: Optional[torch.dtype] = None,
+        chunk_tokens: Optional[int] = None,
+    ) -> FLES1SparseOutput:
+        """
+        Sparse vectors log(1 + ReLU(max_t logits)) of shape (batch, vocab), float32, without thresholding.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: as returned by the tokenizer.
+            projection_dtype: dtype of the vocabulary projection (e.g. `torch.bfloat16` for speed); the backbone
+                runs in the model's dtype. Defaults to the model's dtype.
+            chunk_tokens: tokens projected onto the vocabulary at once (memory/speed trade-off).
+        """
+        outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        hidden = self.cls.predictions.transform(outputs.last_hidden_state)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # Padding positions copy the text's first token: the max over tokens is then unchanged, no
+            # (batch x length x vocab) mask is needed, and autograd routes their gradient to that token.
+            hidden = torch.where(attention_mask.unsqueeze(-1).bool(), hidden, hidden[:, :1])
+        if projection_dtype is not None:
+            hidden = hidden.to(projection_dtype)
+        decoder = self.cls.predictions.decoder
+        bias = decoder.bias if decoder.bias is not None else self.cls.predictions.bias
+        max_logits = max_pooled_logits(
+            hidden, decoder.weight, bias, chunk_tokens or self.sparse_chunk_tokens(hidden.device)
+        )
+        return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
+
+
+# save_pretrained copies this file and configuration_fles1.py next to the weights.
+FLES1Config.register_for_auto_class()
+FLES1ForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+
+__all__ = ["FLES1ForMaskedLM", "FLES1SparseOutput", "max_pooled_logits"]
