@@ -1,0 +1,415 @@
+"""The FLES-1 model card, generated from result files only.
+
+Inputs are the shared formats: eval JSON(s) written by ``eval_fles1.py --output``, ``training_log.json`` written by
+``train_fles1.py`` and the recipe YAML. Every number in the card is read from one of them; a number no file holds is
+rendered as ``—``. The YAML front matter (including ``model-index``) is built with huggingface_hub's ``ModelCardData``
+and ``EvalResult``, so it parses with the Hub's own card tools.
+
+Several eval JSONs are grouped by the model they evaluated (``model.fingerprint``, else ``model.path``): files of the
+same model merge (e.g. one file per dataset); the first file's model is the published one, the others are further
+runs (e.g. other seeds) and feed the reproducibility table (per-run rows, mean ± sample std).
+
+    >>> from fles1.card import build_card
+    >>> card = build_card(["results/eval_nfcorpus.json"], ["outputs/run/training_log.json"], repo_id="mindoval/fles1-v14")
+    >>> card.save("README.md")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEMPLATE_PATH = os.path.join(PROJECT_ROOT, "model_card", "template.md")
+MISSING = "—"
+LICENSE = "apache-2.0"
+LICENSE_TEXT = (
+    "Apache-2.0, the license of the backbone checkpoint this model was built from; the code files in this "
+    "repository are under the same license. Evaluation datasets keep their own licenses."
+)
+TAGS = ["sparse-retrieval", "splade", "learned-sparse", "sentence-transformers", "sparse-encoder", "fles1",
+        "feature-extraction", "text-retrieval"]
+
+IR_METRICS = {"ndcg@10": "NDCG@10", "mrr@10": "MRR@10", "recall@100": "Recall@100", "map@100": "MAP@100",
+              "recall@1000": "Recall@1000"}
+SPARSITY_METRICS = {"nnz_doc": "NNZ doc", "nnz_query": "NNZ query"}
+METRICS = {**IR_METRICS, **SPARSITY_METRICS}
+PRODUCTION = {"docs_per_second": "Docs/s", "query_latency_ms_p50": "Query p50 (ms)",
+              "query_latency_ms_p95": "Query p95 (ms)", "index_bytes_per_1k_docs": "Index MB / 1k docs",
+              "index_ratio_to_dense_768": "Index size vs dense-768"}
+CRASH_KINDS = ("non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse", "total")
+CLFR_KEY = re.compile(r"clfr|target_nnz|gain|lambda|interval", re.IGNORECASE)
+BASE_MODEL_KEYS = ("base_model", "model_name_or_path", "backbone", "model")
+TRAIN_DATA_KEYS = ("dataset", "train_dataset", "train_data", "data")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # legacy ids like bert-base-uncased have no owner
+BEIR_NAMES = {"arguana", "climate-fever", "cqadupstack", "dbpedia-entity", "fever", "fiqa", "hotpotqa", "msmarco",
+              "nfcorpus", "nq", "quora", "scidocs", "scifact", "trec-covid", "webis-touche2020", "touche2020"}
+
+
+class CardInputError(ValueError):
+    """A result file is missing or malformed; the message names the file."""
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+def read_json(path: str, kind: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError as error:
+        raise CardInputError(f"{path}: {kind} file not found") from error
+    except ValueError as error:
+        raise CardInputError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise CardInputError(f"{path}: expected a JSON object ({kind})")
+    return data
+
+
+def read_eval(path: str) -> dict:
+    data = read_json(path, "eval results")
+    if not isinstance(data.get("datasets"), dict) or not data["datasets"]:
+        raise CardInputError(f"{path}: no 'datasets' object; expected the eval_fles1.py --output format")
+    for name, entry in data["datasets"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
+            raise CardInputError(f"{path}: datasets.{name} has no 'metrics' object")
+    return data
+
+
+def read_training_log(path: str) -> dict:
+    data = read_json(path, "training log")
+    if "recipe" not in data and "history" not in data:
+        raise CardInputError(f"{path}: neither 'recipe' nor 'history'; expected a train_fles1.py training_log.json")
+    return data
+
+
+def read_recipe(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)  # JSON is YAML too
+    except FileNotFoundError as error:
+        raise CardInputError(f"{path}: recipe file not found") from error
+    except yaml.YAMLError as error:
+        raise CardInputError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise CardInputError(f"{path}: expected a mapping of recipe values")
+    return data
+
+
+# ---- grouping ---------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """All datasets evaluated for one model, merged from one or more eval JSONs."""
+
+    key: str
+    model_path: Optional[str]
+    header: dict  # threshold, max lengths, environment of the first file
+    datasets: dict = field(default_factory=dict)  # name -> dataset entry
+    sources: dict = field(default_factory=dict)  # name -> file it came from
+    training_log: Optional[dict] = None
+    training_log_path: Optional[str] = None
+
+    @property
+    def seed(self):
+        return None if self.training_log is None else self.training_log.get("seed")
+
+
+def group_runs(evals: Sequence[tuple[str, dict]]) -> list[Run]:
+    runs: dict[str, Run] = {}
+    for path, data in evals:
+        model = data.get("model") or {}
+        key = str(model.get("fingerprint") or model.get("path") or path)
+        run = runs.setdefault(key, Run(key=key, model_path=model.get("path"), header=data))
+        for name, entry in data["datasets"].items():
+            if name in run.datasets:
+                raise CardInputError(f"{path}: dataset {name!r} of model {key!r} also in {run.sources[name]}")
+            run.datasets[name] = entry
+            run.sources[name] = path
+    return list(runs.values())
+
+
+def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Pair each run with the training log written into its model folder; returns the logs left unpaired."""
+    unpaired = []
+    for path, log in logs:
+        folders = {os.path.realpath(os.path.dirname(os.path.abspath(path)))}
+        output_dir = (log.get("recipe") or {}).get("output_dir")
+        if isinstance(output_dir, str):
+            folders.add(os.path.realpath(output_dir))
+        match = next((r for r in runs if r.training_log is None and r.model_path
+                      and os.path.realpath(r.model_path) in folders), None)
+        if match is None:
+            unpaired.append((path, log))
+        else:
+            match.training_log, match.training_log_path = log, path
+    # one run and one log: the log is that run's (e.g. a results/ folder holding copies of both)
+    if len(runs) == 1 and runs[0].training_log is None and len(unpaired) == 1:
+        (runs[0].training_log_path, runs[0].training_log), unpaired = unpaired[0], []
+    return unpaired
+
+
+# ---- formatting -------------------------------------------------------------------------------------------------
+def number(value) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def fmt(value, digits: int = 4) -> str:
+    value = number(value)
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def fmt_sci(value) -> str:
+    value = number(value)
+    return MISSING if value is None else f"{value:.3g}"
+
+
+def fmt_metric(key: str, value) -> str:
+    return fmt(value, 1 if key in SPARSITY_METRICS else 4)
+
+
+def fmt_production(key: str, value) -> str:
+    value = number(value)
+    if value is None:
+        return MISSING
+    if key == "index_bytes_per_1k_docs":
+        return f"{value / 1e6:.3f}"
+    if key == "index_ratio_to_dense_768":
+        return f"{value:.3f}×"
+    return f"{value:.1f}" if key == "docs_per_second" else f"{value:.2f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def cell(value) -> str:
+    if value is None:
+        return MISSING
+    text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
+    return text.replace("|", "\\|")
+
+
+def dataset_id(name: str) -> str:
+    """Hub id of an evaluated dataset: BEIR datasets live under BeIR/, anything else keeps its name."""
+    return name if "/" in name else (f"BeIR/{name}" if name.lower() in BEIR_NAMES else name)
+
+
+def hub_id_or_none(value) -> Optional[str]:
+    if isinstance(value, str) and HUB_ID.match(value) and not os.path.exists(value):
+        return value
+    return None
+
+
+# ---- sections ---------------------------------------------------------------------------------------------------
+def headline_section(run: Run) -> str:
+    rows = [[name, entry.get("split", MISSING)] + [fmt_metric(k, entry["metrics"].get(k)) for k in METRICS]
+            for name, entry in run.datasets.items()]
+    return table(["Dataset", "Split", *METRICS.values()], rows)
+
+
+def reproducibility_section(runs: list[Run], primary_dataset: str) -> str:
+    runs = [run for run in runs if primary_dataset in run.datasets]
+    keys = ["ndcg@10", "mrr@10", "recall@100", "nnz_doc", "nnz_query"]
+    rows = []
+    for index, run in enumerate(runs):
+        metrics = run.datasets[primary_dataset]["metrics"]
+        label = "published" if index == 0 else f"run {index + 1}"
+        rows.append([label, cell(run.seed), f"`{os.path.basename(run.sources[primary_dataset])}`"]
+                    + [fmt_metric(k, metrics.get(k)) for k in keys])
+    text = f"{primary_dataset}, one row per evaluated run:\n\n"
+    values = {k: [number(run.datasets[primary_dataset]["metrics"].get(k)) for run in runs] for k in keys}
+    if len(runs) >= 2:
+        summary = []
+        for key in keys:
+            present = [v for v in values[key] if v is not None]
+            digits = 1 if key in SPARSITY_METRICS else 4
+            summary.append(f"{statistics.mean(present):.{digits}f} ± {statistics.stdev(present):.{digits}f}"
+                           if len(present) >= 2 else MISSING)
+        rows.append([f"mean ± std (n={len(runs)})", "", ""] + summary)
+        text += table(["Run", "Seed", "Results file", *(METRICS[k] for k in keys)], rows)
+        text += "\n\nstd is the sample standard deviation over the runs that report the metric."
+    else:
+        text += table(["Run", "Seed", "Results file", *(METRICS[k] for k in keys)], rows)
+        text += "\n\nOne run: no spread across seeds is reported."
+    return text
+
+
+def environment_section(run: Run) -> str:
+    environment = run.header.get("environment") or {}
+    packages = environment.get("packages") or {}
+    model = run.header.get("model") or {}
+    lines = [f"- Model fingerprint: `{model.get('fingerprint') or MISSING}`",
+             f"- Device: {environment.get('device') or MISSING}; Python {environment.get('python') or MISSING}",
+             "- Packages: " + (", ".join(f"{k} {v}" for k, v in sorted(packages.items())) or MISSING)]
+    lines += [f"- Data fingerprint ({name}): `{entry.get('data_fingerprint') or MISSING}`"
+              for name, entry in run.datasets.items()]
+    return "\n".join(lines)
+
+
+def baselines_section(run: Run) -> str:
+    rows = []
+    for name, entry in run.datasets.items():
+        bm25 = entry.get("bm25") or {}
+        rows.append([name, "FLES-1"] + [fmt(entry["metrics"].get(k)) for k in IR_METRICS])
+        rows.append([name, f"BM25 ({bm25.get('library') or MISSING})"]
+                    + [fmt((bm25.get("metrics") or {}).get(k)) for k in IR_METRICS])
+    return table(["Dataset", "System", *IR_METRICS.values()], rows)
+
+
+def cross_domain_section(run: Run) -> str:
+    rows = []
+    for name, entry in run.datasets.items():
+        metrics, bm25 = entry["metrics"], (entry.get("bm25") or {}).get("metrics") or {}
+        rows.append([name, cell(entry.get("split")), cell(entry.get("num_queries")), cell(entry.get("num_docs")),
+                     fmt(metrics.get("ndcg@10")), fmt(metrics.get("recall@100")), fmt(bm25.get("ndcg@10")),
+                     fmt_metric("nnz_doc", metrics.get("nnz_doc"))])
+    return table(["Dataset", "Split", "Queries", "Docs", "NDCG@10", "Recall@100", "BM25 NDCG@10", "NNZ doc"], rows)
+
+
+def production_section(run: Run) -> str:
+    rows = [[name] + [fmt_production(k, (entry.get("production") or {}).get(k)) for k in PRODUCTION]
+            for name, entry in run.datasets.items()]
+    return table(["Dataset", *PRODUCTION.values()], rows)
+
+
+def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], recipe: Optional[dict]) -> str:
+    logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
+    if recipe is None and logs:
+        recipe = logs[0][1].get("recipe")
+    if recipe is None and not logs:
+        return f"No training log or recipe was given: training details are {MISSING}."
+    parts = []
+    flat = flatten(recipe or {})
+    if flat:
+        parts.append("### Recipe\n\n" + table(["Setting", "Value"], [[f"`{k}`", cell(v)] for k, v in flat.items()]))
+    clfr_settings = {k: v for k, v in flat.items() if CLFR_KEY.search(k)}
+    clfr = ["### CLFR (closed-loop FLOPS regularization)",
+            "Every interval the controller measures the documents' average NNZ and moves λ_d toward the target."]
+    if clfr_settings:
+        clfr.append(table(["Setting", "Value"], [[f"`{k}`", cell(v)] for k, v in clfr_settings.items()]))
+    rows = []
+    for path, log in logs:
+        updates = log.get("clfr") or []
+        first, last = (updates[0], updates[-1]) if updates else ({}, {})
+        rows.append([cell(log.get("seed")), str(len(updates)), fmt_sci(first.get("lambda_d_before")),
+                     fmt_sci(last.get("lambda_d_after")), fmt(last.get("measured_nnz"), 1),
+                     fmt(last.get("target_nnz"), 1)])
+    if rows:
+        clfr.append(table(["Seed", "Adjustments", "λ_d first", "λ_d last", "NNZ measured (last)", "Target NNZ"], rows))
+    parts.append("\n\n".join(clfr))
+    if logs:
+        rows = []
+        for path, log in logs:
+            crashes = log.get("crashes") or {}
+            history = log.get("history") or []
+            final = history[-1] if history else {}
+            rows.append([cell(log.get("seed")), cell(log.get("global_step")), fmt(log.get("train_runtime_s"), 0),
+                         fmt(final.get("loss")), fmt(final.get("nnz_doc"), 1), fmt(final.get("nnz_query"), 1)]
+                        + [cell(crashes.get(kind)) for kind in CRASH_KINDS])
+        parts.append(
+            "### Runs and crash counts\n\nA crash is a non-finite loss or gradient (the update is skipped), a loss "
+            "spike over the running median, or the document NNZ collapsing below its floor.\n\n"
+            + table(["Seed", "Steps", "Runtime (s)", "Final loss", "Final NNZ doc", "Final NNZ query",
+                     "Non-finite loss", "Non-finite grad", "Loss spike", "NNZ collapse", "Total"], rows)
+        )
+    return "\n\n".join(parts)
+
+
+def model_index(run: Run) -> list[EvalResult]:
+    """One EvalResult per dataset and metric, values copied unrounded from the eval JSON."""
+    results = []
+    for name, entry in run.datasets.items():
+        for key, label in METRICS.items():
+            value = number(entry["metrics"].get(key))
+            if value is None:
+                continue
+            results.append(EvalResult(
+                task_type="text-retrieval", task_name="Retrieval", dataset_type=dataset_id(name),
+                dataset_name=name, dataset_split=entry.get("split"), metric_type=key.replace("@", "_at_"),
+                metric_name=label, metric_value=entry["metrics"][key],
+            ))
+    return results
+
+
+# ---- the card ---------------------------------------------------------------------------------------------------
+def build_card(
+    results: Sequence[str],
+    training_logs: Sequence[str] = (),
+    recipe: Optional[str] = None,
+    repo_id: str = "mindoval/fles1-v14",
+    base_model: Optional[str] = None,
+    plots: Sequence[str] = (),
+    template_path: str = TEMPLATE_PATH,
+) -> ModelCard:
+    """Model card from result files. ``plots`` are paths relative to the card (they are linked, not read)."""
+    if not results:
+        raise CardInputError("at least one eval results JSON is needed (eval_fles1.py --output)")
+    runs = group_runs([(path, read_eval(path)) for path in results])
+    extra_logs = attach_training_logs(runs, [(path, read_training_log(path)) for path in training_logs])
+    recipe_values = read_recipe(recipe) if recipe else None
+    primary = runs[0]
+    train_recipe = recipe_values or (primary.training_log or {}).get("recipe") or {}
+    base_model = base_model or next(
+        (hub_id_or_none(train_recipe.get(k)) for k in BASE_MODEL_KEYS if hub_id_or_none(train_recipe.get(k))), None)
+    datasets = [dataset_id(name) for name in primary.datasets]
+    for key in TRAIN_DATA_KEYS:
+        train_data = hub_id_or_none(train_recipe.get(key))
+        if train_data and dataset_id(train_data) not in datasets:
+            datasets.append(dataset_id(train_data))
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name, license=LICENSE, library_name="sentence-transformers",
+        pipeline_tag="feature-extraction", tags=TAGS, base_model=base_model, datasets=datasets,
+        language="en", eval_results=model_index(primary),
+    )
+    header = primary.header
+    primary_dataset = next(iter(primary.datasets))
+    splits = {entry.get("split") for entry in primary.datasets.values()}
+    environment = header.get("environment") or {}
+    return ModelCard.from_template(
+        card_data,
+        template_path=template_path,
+        model_name=model_name,
+        repo_id=repo_id,
+        base_model=base_model,
+        threshold=cell(header.get("threshold")),
+        query_max_length=cell(header.get("query_max_length")),
+        document_max_length=cell(header.get("document_max_length")),
+        headline_table=headline_section(primary),
+        headline_source=", ".join(f"`{os.path.basename(p)}`" for p in dict.fromkeys(primary.sources.values())),
+        reproducibility=reproducibility_section(runs, primary_dataset),
+        environment=environment_section(primary),
+        eval_data=" ".join(dataset_id(name) for name in primary.datasets),
+        eval_split=splits.pop() if len(splits) == 1 else MISSING,
+        baselines=baselines_section(primary),
+        cross_domain=cross_domain_section(primary),
+        production=production_section(primary),
+        device=environment.get("device") or MISSING,
+        training=training_section(runs, extra_logs, recipe_values),
+        plots=list(plots),
+        evaluated_on=", ".join(f"{name} ({entry.get('split', MISSING)})" for name, entry in primary.datasets.items()),
+        runs_note=("Results come from one training run; seed-to-seed spread is unknown." if len(runs) < 2 else
+                   f"The spread over {len(runs)} runs is in the reproducibility table; more seeds narrow it."),
+        license=LICENSE_TEXT,
+    )
+
+
+__all__ = ["build_card", "CardInputError", "group_runs", "model_index", "MISSING", "METRICS"]

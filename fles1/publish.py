@@ -1,0 +1,279 @@
+"""Publish a FLES-1 checkpoint folder to the Hugging Face Hub with its model card, results and plots.
+
+Steps: find the token (before any work) -> assemble the Hub folder -> validate it in a fresh, offline subprocess
+(AutoModel with trust_remote_code, SparseEncoder with trust_remote_code, FLES1Encoder.from_pretrained imported from
+the folder itself, as a user does after ``hf_hub_download``; a probe text's vectors must agree) -> refuse to upload
+when any check fails -> ``create_repo`` + ``upload_folder``.
+
+    >>> from fles1.publish import publish
+    >>> publish("outputs/fles1-tiny", "mindoval/fles1-v14", results=["results/eval_nfcorpus.json"], dry_run="hub_out")
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from fles1.card import build_card
+from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT
+
+REQUIRED_FILES = ("config.json", "model.safetensors", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)
+# Training leftovers that do not belong in the published model.
+SKIP_PATTERNS = ("checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
+                 "training_args.bin", "runs", "__pycache__", ".git", ".cache", "*.png", "training_log.json",
+                 "README.md", "results", "plots")
+PROBE_TEXT = "What is machine learning? Sparse retrieval with FLES-1 and BM25 baselines."
+TOLERANCE = 1e-5
+VALIDATION_TIMEOUT_S = 600
+NO_TOKEN_MESSAGE = ("no Hugging Face token found: set the HF_TOKEN environment variable or run `hf auth login` "
+                    "(or pass --dry-run OUT_DIR to build the folder without uploading)")
+
+
+class PublishError(RuntimeError):
+    """Publishing refused; the message says why (a failed check is named)."""
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"[{'ok' if self.ok else 'FAILED'}] {self.name}" + (f": {self.detail}" if self.detail else "")
+
+
+# ---- token ------------------------------------------------------------------------------------------------------
+def resolve_token() -> str:
+    """HF_TOKEN, else the token of a prior ``hf auth login``. Never printed."""
+    from huggingface_hub import get_token
+
+    token = os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise PublishError(NO_TOKEN_MESSAGE)
+    return token
+
+
+# ---- assembling -------------------------------------------------------------------------------------------------
+def _skip(_folder, names):
+    return {name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in SKIP_PATTERNS)}
+
+
+def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
+    """Copy files into folder keeping their names (index-prefixed on a clash); returns paths relative to the root."""
+    os.makedirs(folder, exist_ok=True)
+    copied = []
+    for index, path in enumerate(paths):
+        if not os.path.isfile(path):
+            raise PublishError(f"{path}: file not found")
+        name = rename(index, path) if rename else os.path.basename(path)
+        if os.path.exists(os.path.join(folder, name)):
+            name = f"{index}_{name}"
+        shutil.copyfile(path, os.path.join(folder, name))
+        copied.append(os.path.join(folder, name))
+    return copied
+
+
+def _training_log_name(index: int, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            seed = json.load(handle).get("seed")
+    except (OSError, ValueError):
+        seed = None
+    return "training_log.json" if seed is None else f"training_log_seed{seed}.json"
+
+
+def assemble(
+    model_dir: str,
+    out_dir: str,
+    repo_id: str,
+    results: Sequence[str] = (),
+    training_logs: Sequence[str] = (),
+    plots: Sequence[str] = (),
+    recipe: Optional[str] = None,
+    base_model: Optional[str] = None,
+) -> str:
+    """Write the Hub folder: checkpoint files + code files + results/ + plots/ + README.md (the card).
+
+    A training output folder's own ``training_log.json`` and ``*.png`` are used when none are given.
+    """
+    if not os.path.isdir(model_dir):
+        raise PublishError(f"{model_dir}: model folder not found")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise PublishError(f"{out_dir}: exists and is not empty; choose a new output folder")
+    if not training_logs and os.path.isfile(os.path.join(model_dir, "training_log.json")):
+        training_logs = [os.path.join(model_dir, "training_log.json")]
+    if not plots:
+        plots = sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".png"))
+    shutil.copytree(model_dir, out_dir, ignore=_skip, dirs_exist_ok=True)
+    for name in HUB_CODE_FILES:  # older checkpoints may lack the encoder file: ship the project's
+        if not os.path.isfile(os.path.join(out_dir, name)):
+            shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
+    results_dir, plots_dir = os.path.join(out_dir, "results"), os.path.join(out_dir, "plots")
+    copied_results = _copy_unique(results, results_dir)
+    copied_logs = _copy_unique(training_logs, results_dir, rename=_training_log_name)
+    copied_recipe = _copy_unique([recipe], results_dir)[0] if recipe else None
+    copied_plots = _copy_unique(plots, plots_dir)
+    if copied_results:
+        relative_plots = [os.path.relpath(p, out_dir).replace(os.sep, "/") for p in copied_plots]
+        card = build_card(copied_results, copied_logs, copied_recipe, repo_id, base_model, relative_plots)
+        card.save(os.path.join(out_dir, "README.md"))
+    return out_dir
+
+
+# ---- validating -------------------------------------------------------------------------------------------------
+# Runs with the Hub folder as working directory and without the project on sys.path, so `import fles1_encoder`
+# imports the copy shipped in the folder, exactly as a user does after hf_hub_download.
+_VALIDATION_SCRIPT = r"""
+import json, sys, traceback
+folder, probe = sys.argv[1], sys.argv[2]
+checks, vectors = [], {}
+
+def check(name, load):
+    try:
+        vector = load().detach().float().cpu().reshape(-1)
+        vectors[name] = vector
+        checks.append({"name": name, "ok": True, "detail": f"{int((vector > 0).sum())} non-zeros"})
+    except Exception as error:
+        checks.append({"name": name, "ok": False, "detail": f"{type(error).__name__}: {error}"[-1500:]})
+
+import torch
+
+def auto_model():
+    from transformers import AutoModel, AutoTokenizer
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    features = tokenizer([probe], return_tensors="pt", truncation=True, max_length=model.config.document_max_length)
+    with torch.inference_mode():
+        return model.encode_sparse(**features).sparse_embeddings[0]
+
+def sparse_encoder():
+    from sentence_transformers import SparseEncoder
+    model = SparseEncoder(folder, trust_remote_code=True, device="cpu")
+    return model.encode_document([probe], convert_to_tensor=True)[0].to_dense()
+
+def fles1_encoder():
+    from fles1_encoder import FLES1Encoder
+    import fles1_encoder, os
+    if os.path.dirname(os.path.abspath(fles1_encoder.__file__)) != os.path.abspath(folder):
+        raise ImportError(f"imported {fles1_encoder.__file__}, not the folder's fles1_encoder.py")
+    encoder = FLES1Encoder.from_pretrained(folder, device="cpu")
+    return encoder.encode_batch([probe], threshold=0, output="torch").to_dense()[0]
+
+check("AutoModel.from_pretrained(trust_remote_code=True)", auto_model)
+check("SparseEncoder(trust_remote_code=True)", sparse_encoder)
+check("FLES1Encoder.from_pretrained", fles1_encoder)
+if len(vectors) == 3:
+    reference = vectors["FLES1Encoder.from_pretrained"]
+    diff = max(float((v - reference).abs().max()) for v in vectors.values())
+    ok = diff <= float(sys.argv[3]) and int((reference > 0).sum()) > 0
+    checks.append({"name": "vectors agree", "ok": ok,
+                   "detail": f"max abs difference {diff:.2e} (tolerance {sys.argv[3]}), "
+                             f"{int((reference > 0).sum())} non-zeros"})
+else:
+    checks.append({"name": "vectors agree", "ok": False, "detail": "not every loader produced a vector"})
+with open(sys.argv[4], "w") as handle:
+    json.dump(checks, handle)
+"""
+
+
+def check_files(folder: str) -> Check:
+    missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, name))]
+    return Check("required files", not missing, f"missing {', '.join(missing)}" if missing else "")
+
+
+def check_card(folder: str) -> Check:
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return Check("model card", False, "README.md missing (pass --results with an eval JSON)")
+    try:
+        card = ModelCard.load(path)
+    except Exception as error:  # the Hub's parser raises several kinds
+        return Check("model card", False, f"README.md metadata does not parse ({error})")
+    results = card.data.eval_results or []
+    return Check("model card", bool(results), f"{len(results)} model-index results" if results
+                 else "README.md has no model-index results")
+
+
+def validate(folder: str, probe: str = PROBE_TEXT, timeout: int = VALIDATION_TIMEOUT_S) -> list[Check]:
+    """Every check on the assembled folder; the three loaders run in a fresh offline process."""
+    checks = [check_files(folder), check_card(folder)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    folder = os.path.abspath(folder)
+    with tempfile.TemporaryDirectory(prefix="fles1-validate-") as scratch:
+        report = os.path.join(scratch, "checks.json")
+        try:
+            process = subprocess.run(
+                [sys.executable, "-c", _VALIDATION_SCRIPT, folder, probe, str(TOLERANCE), report],
+                cwd=folder, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return checks + [Check("fresh-process loading", False, f"timed out after {timeout} s")]
+        if not os.path.isfile(report):
+            return checks + [Check("fresh-process loading", False,
+                                   f"exit code {process.returncode}: {process.stderr.strip()[-1500:]}")]
+        with open(report, encoding="utf-8") as handle:
+            return checks + [Check(**c) for c in json.load(handle)]
+
+
+# ---- publishing -------------------------------------------------------------------------------------------------
+def publish(
+    model_dir: str,
+    repo_id: str,
+    results: Sequence[str] = (),
+    training_logs: Sequence[str] = (),
+    plots: Sequence[str] = (),
+    recipe: Optional[str] = None,
+    base_model: Optional[str] = None,
+    private: bool = False,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    dry_run: Optional[str] = None,
+    log=print,
+):
+    """Assemble, validate and (unless ``dry_run``) upload. Returns the dry-run folder or the CommitInfo."""
+    token = None
+    if dry_run is None:
+        token = resolve_token()  # before any work
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            raise PublishError("HF_HUB_OFFLINE is set: uploading needs the network (unset it, or use --dry-run)")
+    with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:
+        folder = dry_run or os.path.join(scratch, "hub")
+        assemble(model_dir, folder, repo_id, results, training_logs, plots, recipe, base_model)
+        log(f"assembled {folder}; validating in a fresh offline process ...")
+        checks = validate(folder)
+        for check in checks:
+            log(str(check))
+        failed = [check for check in checks if not check.ok]
+        if failed:
+            raise PublishError("refusing to upload, failed checks: " + "; ".join(str(c) for c in failed))
+        if dry_run is not None:
+            log(f"dry run: {folder} is the folder that would be uploaded to {repo_id}; nothing uploaded")
+            return folder
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_url = api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, create_pr=create_pr,
+            commit_message=f"Upload FLES-1 model, card and results ({os.path.basename(os.path.abspath(model_dir))})",
+        )
+        log(f"uploaded to {repo_url}: {commit.pr_url or commit.commit_url}")
+        return commit
+
+
+__all__ = ["publish", "assemble", "validate", "resolve_token", "PublishError", "Check", "PROBE_TEXT"]

@@ -1,0 +1,43 @@
+"""Write the FLES-1 model card (README.md) from result files only.
+
+    python model_card/generate_card.py --results results/eval_nfcorpus.json \
+        --training-log outputs/fles1-tiny/training_log.json --recipe recipes/fles1-tiny-nfcorpus.yaml \
+        --repo-id mindoval/fles1-v14 --output README_card.md
+
+Several --results files: files of the same model merge (one per dataset); files of other models (e.g. other seeds)
+fill the reproducibility table. The first file's model is the published one.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fles1.card import CardInputError, build_card  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", nargs="+", required=True, help="eval_fles1.py --output JSON file(s)")
+    parser.add_argument("--training-log", nargs="*", default=[], help="training_log.json file(s)")
+    parser.add_argument("--recipe", help="recipe YAML (default: the training log's recipe)")
+    parser.add_argument("--repo-id", default="mindoval/fles1-v14")
+    parser.add_argument("--base-model", help="Hub id of the backbone (default: from the recipe when it is a hub id)")
+    parser.add_argument("--plots", nargs="*", default=[], help="PNG paths relative to the card, linked in it")
+    parser.add_argument("--output", default="-", help="README path ('-': stdout)")
+    args = parser.parse_args(argv)
+    try:
+        card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots)
+    except CardInputError as error:
+        parser.exit(2, f"error: {error}\n")
+    if args.output == "-":
+        sys.stdout.write(str(card))
+    else:
+        card.save(args.output)
+        print(f"model card written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

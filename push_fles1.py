@@ -1,0 +1,45 @@
+"""Publish a FLES-1 checkpoint folder to the Hugging Face Hub with its generated model card.
+
+    python push_fles1.py --model outputs/fles1-tiny --repo-id mindoval/fles1-v14 \
+        --results results/eval_nfcorpus.json --training-log outputs/fles1-tiny/training_log.json --dry-run hub_out
+
+The folder (checkpoint + code files + README.md card + results/ + plots/) is validated by loading it fresh and
+offline three ways (AutoModel and SparseEncoder with trust_remote_code=True, FLES1Encoder.from_pretrained) and
+encoding a probe text; any failed check refuses the upload. --dry-run writes the folder and uploads nothing.
+The token comes from HF_TOKEN or a prior `hf auth login`; it is never printed.
+"""
+
+import argparse
+import sys
+
+from fles1.publish import PublishError, publish
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="FLES-1 checkpoint folder (convert_fles1.py / train_fles1.py)")
+    parser.add_argument("--repo-id", required=True, help="e.g. mindoval/fles1-v14")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="branch to push to (created if missing; with --create-pr: the PR base)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--dry-run", metavar="OUT_DIR", help="write the folder exactly as it would be uploaded; no upload")
+    parser.add_argument("--results", nargs="*", default=[], help="eval_fles1.py JSON file(s) for the card")
+    parser.add_argument("--training-log", nargs="*", default=[], help="training_log.json file(s) (default: MODEL's)")
+    parser.add_argument("--recipe", help="recipe YAML (default: the training log's recipe)")
+    parser.add_argument("--plots", nargs="*", default=[], help="PNG files (default: MODEL/*.png)")
+    parser.add_argument("--base-model", help="Hub id of the backbone for the card's base_model")
+    args = parser.parse_args(argv)
+    try:
+        publish(
+            args.model, args.repo_id, results=args.results, training_logs=args.training_log, plots=args.plots,
+            recipe=args.recipe, base_model=args.base_model, private=args.private, revision=args.revision,
+            create_pr=args.create_pr, dry_run=args.dry_run,
+        )
+    except PublishError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
