@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Training steps/s: FLES1Trainer (sparse max-pool backward) vs sentence-transformers' SparseEncoderTrainer with
+SpladeLoss(SparseMultipleNegativesRankingLoss) (materialises batch x length x vocab logits), same model, same data,
+same process, one after the other.
+
+    python benchmarks/bench_train.py                                   # batch 32 x (1 + 7), max length 256
+    python benchmarks/bench_train.py --batch-size 4 --steps 3 --warmup 1   # fits a small shared CPU box
+
+The peer needs ~3 x 4 bytes x batch x 8 x length x 30,522 of activations (~24 GB at the default size): on a
+small-memory CPU machine use a smaller --batch-size; the ratio is what the bar (>= 2x on CPU) is about.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from transformers import TrainerCallback  # noqa: E402
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter())
+
+
+def steps_per_second(timer: StepTimer, warmup: int) -> float:
+    timed = timer.times[warmup - 1:] if warmup else timer.times
+    return (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def bench_fles1(folder, dataset, args, out):
+    from transformers import TrainingArguments
+
+    from fles1.training.run import load_model_for_training
+    from fles1.training.trainer import FLES1Trainer
+
+    model, tokenizer = load_model_for_training(folder)
+    timer = StepTimer()
+    training_args = TrainingArguments(
+        out, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=2e-5,
+        save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, seed=0,
+        bf16=args.bf16, use_cpu=args.device == "cpu",
+    )
+    trainer = FLES1Trainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+                           query_max_length=64, document_max_length=args.max_length, callbacks=[timer])
+    trainer.train()
+    return steps_per_second(timer, args.warmup)
+
+
+def bench_sentence_transformers(folder, dataset, args, out):
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+
+    model = SparseEncoder(folder, trust_remote_code=True, device=args.device)
+    model.max_seq_length = args.max_length
+    loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model, scale=1 / 0.05),
+                      document_regularizer_weight=3e-5, query_regularizer_weight=None)
+    timer = StepTimer()
+    training_args = SparseEncoderTrainingArguments(
+        out, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=2e-5,
+        save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, seed=0,
+        bf16=args.bf16, use_cpu=args.device == "cpu",
+    )
+    trainer = SparseEncoderTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss,
+                                   callbacks=[timer])
+    trainer.train()
+    return steps_per_second(timer, args.warmup)
+
+
+def main():
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=os.path.join(os.path.dirname(ROOT), "shared", "models", "splade-tiny"))
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per trainer")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=["fles1", "sentence-transformers"], help="run one side only")
+    parser.add_argument("--output", help="write the results JSON here")
+    args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+
+    from fles1.checkpoint import convert
+    from fles1.training.data import load_training_examples
+
+    work = tempfile.mkdtemp(prefix="bench-train-")
+    folder = convert(args.model, os.path.join(work, "model"), document_max_length=args.max_length)
+    dataset = load_training_examples(args.data, "train", num_negatives=7, seed=0)
+    dataset = dataset.select(range(args.batch_size * (args.warmup + args.steps)))
+    results = {"device": args.device, "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
+               "documents_per_query": 8, "max_length": args.max_length, "steps": args.steps,
+               "warmup": args.warmup, "bf16": args.bf16}
+    if args.only != "sentence-transformers":
+        results["fles1_steps_per_s"] = bench_fles1(folder, dataset, args, os.path.join(work, "fles1"))
+    if args.only != "fles1":
+        results["sentence_transformers_steps_per_s"] = bench_sentence_transformers(
+            folder, dataset, args, os.path.join(work, "st"))
+    if args.only is None:
+        results["speedup"] = results["fles1_steps_per_s"] / results["sentence_transformers_steps_per_s"]
+    print(json.dumps(results, indent=1))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""CLFR: closed-loop FLOPS regularization -- a controller that steers the documents' non-zero count to a target.
+
+Every ``interval_steps`` optimizer steps (default: one epoch of steps) the controller takes the documents' mean
+number of non-zeros, measured on the **training batches since the previous adjustment** (entries with weight > 0,
+summed and counted over all ranks under DDP, so every rank acts on the global mean), and updates
+
+    lambda_d <- lambda_d * exp( clip( gain * (nnz - target) / target,  -max_log_step, +max_log_step ) )
+
+with gain in (0, 1] (card: 0.1), target = target_nnz_d (card: 400) and max_log_step = 1 (at most a factor e per
+adjustment). In log space this is an integral controller: log lambda_d accumulates gain x relative error. If
+the documents' non-zeros respond to lambda_d like nnz ~ lambda_d^(-a) near the target, the relative error
+shrinks by (1 - gain * a) per adjustment, so it converges monotonically for gain * a <= 1 and without blow-up
+for gain * a < 2; SPLADE-like models have a < 1, so any gain in (0, 1] is stable.
+
+The effective regularization ``eff_reg = sum over optimizer steps of lambda_d`` is logged next to lambda_d.
+
+:class:`CLFRCallback` drives :class:`~fles1.training.trainer.FLES1Trainer`; :class:`SpladeCLFRCallback` drives
+sentence-transformers' ``SparseEncoderTrainer`` + ``SpladeLoss``, taking the regularizer-weight-scheduler slot
+so that trainer does not overwrite ``document_regularizer_weight``. Both save their state as ``clfr_state.json``
+inside every checkpoint folder and restore it when training resumes from that checkpoint.
+
+    >>> from fles1.training.clfr import CLFRController
+    >>> controller = CLFRController(lambda_d=3e-5, target_nnz=400, gain=0.1)
+    >>> round(controller.update(measured_nnz=600, step=100) / 3e-5, 4)  # 50 % too dense -> exp(0.05)
+    1.0513
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from .distributed import all_reduce_sum
+
+STATE_FILE = "clfr_state.json"
+
+
+class CLFRController:
+    """The multiplicative lambda_d update (module docstring); plain Python, no trainer needed."""
+
+    def __init__(self, lambda_d: float, target_nnz: float, gain: float = 0.1, max_log_step: float = 1.0):
+        if not (isinstance(target_nnz, (int, float)) and target_nnz > 0):
+            raise ValueError(f"target_nnz must be > 0 (documents' mean non-zeros), got {target_nnz!r}")
+        if not (isinstance(gain, (int, float)) and 0 < gain <= 1):
+            raise ValueError(f"gain must be in (0, 1], got {gain!r}")
+        if not (isinstance(lambda_d, (int, float)) and lambda_d > 0):
+            raise ValueError(f"lambda_d must be > 0 for a multiplicative controller, got {lambda_d!r}")
+        if not max_log_step > 0:
+            raise ValueError(f"max_log_step must be > 0, got {max_log_step!r}")
+        self.lambda_d = float(lambda_d)
+        self.target_nnz = float(target_nnz)
+        self.gain = float(gain)
+        self.max_log_step = float(max_log_step)
+        self.history: list[dict] = []
+
+    def update(self, measured_nnz: float, step: int) -> float:
+        """Apply one adjustment for ``measured_nnz`` and return the new lambda_d."""
+        error = (float(measured_nnz) - self.target_nnz) / self.target_nnz
+        log_step = max(-self.max_log_step, min(self.max_log_step, self.gain * error))
+        before, self.lambda_d = self.lambda_d, self.lambda_d * math.exp(log_step)
+        self.history.append(
+            {
+                "step": int(step),
+                "measured_nnz": float(measured_nnz),
+                "target_nnz": self.target_nnz,
+                "lambda_d_before": before,
+                "lambda_d_after": self.lambda_d,
+            }
+        )
+        return self.lambda_d
+
+    def state_dict(self) -> dict:
+        return {"lambda_d": self.lambda_d, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lambda_d = float(state["lambda_d"])
+        self.history = list(state["history"])
+
+
+class CLFRCallback(TrainerCallback):
+    """Runs a :class:`CLFRController` inside a transformers ``Trainer``.
+
+    The trainer (or a loss wrapper) calls :meth:`observe` with each batch's documents' non-zero sum and count;
+    every ``interval_steps`` optimizer steps the callback all-reduces them and updates lambda_d.
+
+    Args:
+        controller: the controller whose ``lambda_d`` the loss reads.
+        interval_steps: optimizer steps between adjustments; ``None`` = one epoch of steps.
+    """
+
+    def __init__(self, controller: CLFRController, interval_steps: int | None = None):
+        if interval_steps is not None and not (isinstance(interval_steps, int) and interval_steps >= 1):
+            raise ValueError(f"interval_steps must be an int >= 1 or None (one epoch), got {interval_steps!r}")
+        self.controller = controller
+        self.interval_steps = interval_steps
+        self.resume_from: str | None = None  # set by the trainer when it resumes from a checkpoint
+        self.reset()
+
+    def reset(self) -> None:
+        self.nnz_sum = 0.0
+        self.nnz_count = 0.0
+        self.eff_reg = 0.0
+
+    @property
+    def lambda_d(self) -> float:
+        return self.controller.lambda_d
+
+    def observe(self, nnz_sum: float, count: int) -> None:
+        """Documents of one (micro-)batch on this rank: total non-zeros and number of documents."""
+        self.nnz_sum += float(nnz_sum)
+        self.nnz_count += float(count)
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            **self.controller.state_dict(),
+            "interval_steps": self._interval,
+            "nnz_sum": self.nnz_sum,
+            "nnz_count": self.nnz_count,
+            "eff_reg": self.eff_reg,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.controller.load_state_dict(state)
+        self.nnz_sum, self.nnz_count, self.eff_reg = state["nnz_sum"], state["nnz_count"], state["eff_reg"]
+
+    def load(self, checkpoint_dir: str) -> bool:
+        path = os.path.join(checkpoint_dir, STATE_FILE)
+        if not os.path.isfile(path):
+            return False
+        with open(path, encoding="utf-8") as handle:
+            self.load_state_dict(json.load(handle))
+        return True
+
+    # --- trainer events ---------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self._interval = self.interval_steps
+        if self._interval is None:
+            if train_dataloader is None:
+                raise ValueError("interval_steps=None (one epoch) needs the trainer's train_dataloader")
+            self._interval = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
+        self._device = args.device
+        if state.global_step > 0:  # resuming: the trainer told us where from, else the standard layout
+            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if not self.load(folder):
+                raise FileNotFoundError(f"{os.path.join(folder, STATE_FILE)}: missing; cannot resume CLFR state")
+        self.apply(self.controller.lambda_d)
+
+    def apply(self, lambda_d: float) -> None:
+        """Hand the new lambda_d to the loss (FLES1Trainer reads ``controller.lambda_d`` directly)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.eff_reg += self.controller.lambda_d
+        if state.global_step % self._interval == 0:
+            total, count = all_reduce_sum([self.nnz_sum, self.nnz_count], self._device)
+            if count > 0:
+                self.apply(self.controller.update(total / count, state.global_step))
+            self.nnz_sum = self.nnz_count = 0.0
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
+                json.dump(self.state_dict(), handle, indent=1)
+
+
+def _splade_scheduler_base():
+    from sentence_transformers.sparse_encoder.callbacks import SpladeRegularizerWeightSchedulerCallback
+
+    return SpladeRegularizerWeightSchedulerCallback
+
+
+class _NNZRecorder(torch.nn.Module):
+    """Wraps SpladeLoss's document regularizer: reports the documents' non-zeros to CLFR, then delegates."""
+
+    def __init__(self, regularizer: torch.nn.Module, callback: "CLFRCallback"):
+        super().__init__()
+        self.regularizer = regularizer
+        self._callback = [callback]  # a list, so the callback is not registered as a submodule
+
+    def compute_loss_from_embeddings(self, embeddings, *args, **kwargs):
+        with torch.no_grad():
+            self._callback[0].observe(float((embeddings > 0).sum()), embeddings.shape[0])
+        return self.regularizer.compute_loss_from_embeddings(embeddings, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self.regularizer(*args, **kwargs)
+
+
+class SpladeCLFRCallback(CLFRCallback, _splade_scheduler_base()):
+    """CLFR for sentence-transformers' ``SparseEncoderTrainer`` + ``SpladeLoss``.
+
+    Being a ``SpladeRegularizerWeightSchedulerCallback`` bound to the same loss, it takes the trainer's
+    regularizer-scheduler slot (no default warm-up scheduler is added to overwrite lambda_d). It measures the
+    documents' non-zeros inside ``loss.document_regularizer`` and writes lambda_d to
+    ``loss.document_regularizer_weight``; the query weight is left as configured.
+
+    Example:
+
+    ```python
+    loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=3e-5)
+    clfr = SpladeCLFRCallback(loss, target_nnz=400, gain=0.1, interval_steps=100)
+    trainer = SparseEncoderTrainer(model=model, train_dataset=data, loss=loss, callbacks=[clfr])
+    ```
+    """
+
+    def __init__(self, loss, target_nnz: float, gain: float = 0.1, interval_steps: int | None = None,
+                 max_log_step: float = 1.0):
+        from sentence_transformers.sparse_encoder.losses import SpladeLoss
+
+        if not isinstance(loss, SpladeLoss):
+            raise TypeError(f"loss must be a SpladeLoss, got {type(loss).__name__}")
+        controller = CLFRController(loss.document_regularizer_weight, target_nnz, gain, max_log_step)
+        CLFRCallback.__init__(self, controller, interval_steps)
+        self.loss = loss  # the trainer matches its scheduler slot on `callback.loss is loss`
+        if not isinstance(loss.document_regularizer, _NNZRecorder):
+            loss.document_regularizer = _NNZRecorder(loss.document_regularizer, self)
+
+    def apply(self, lambda_d: float) -> None:
+        self.loss.document_regularizer_weight = lambda_d
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.apply(self.controller.lambda_d)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            logs["lambda_d"] = self.controller.lambda_d
+            logs["eff_reg"] = self.eff_reg

@@ -1,0 +1,100 @@
+"""Crash accounting: what counts as a training crash, and what happens then.
+
+Per optimizer step (all micro-batches of a gradient-accumulation step together):
+
+    non_finite_loss  the loss of any micro-batch is NaN/inf           -> update skipped (gradients dropped)
+    non_finite_grad  the loss is finite but a gradient is NaN/inf      -> update skipped (gradients dropped)
+    loss_spike       loss > spike_factor x median of the last spike_window finite step losses (once at least
+                     5 are known)                                      -> counted, update applied
+    nnz_collapse     the documents' mean non-zeros < nnz_floor         -> counted, update applied
+
+"Skipped" means the gradients are set to None before ``optimizer.step()``: AdamW then leaves every weight and its
+moments untouched (no weight decay either); only the learning-rate schedule advances. Under DDP gradients are
+all-reduced first, so a non-finite gradient on one rank makes every rank skip the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+
+import torch
+from transformers import TrainerCallback
+
+KINDS = ("non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse")
+STATE_FILE = "crash_state.json"
+MIN_SPIKE_HISTORY = 5
+
+
+class CrashMonitor(TrainerCallback):
+    """Counts crashes by kind and skips non-finite updates. The trainer calls :meth:`observe` per micro-batch."""
+
+    def __init__(self, spike_factor: float = 3.0, spike_window: int = 100, nnz_floor: float = 1.0):
+        if not spike_factor > 1:
+            raise ValueError(f"spike_factor must be > 1, got {spike_factor!r}")
+        if not (isinstance(spike_window, int) and spike_window >= MIN_SPIKE_HISTORY):
+            raise ValueError(f"spike_window must be an int >= {MIN_SPIKE_HISTORY}, got {spike_window!r}")
+        self.spike_factor, self.spike_window, self.nnz_floor = float(spike_factor), spike_window, float(nnz_floor)
+        self.counts = {kind: 0 for kind in KINDS}
+        self.recent_losses: list[float] = []
+        self.events: list[dict] = []
+        self.resume_from: str | None = None
+        self._new_step()
+
+    def _new_step(self):
+        self._loss, self._nnz_sum, self._nnz_count, self._loss_finite = 0.0, 0.0, 0, True
+
+    def observe(self, loss: float, nnz_sum: float, nnz_count: int) -> None:
+        self._loss_finite &= math.isfinite(loss)
+        self._loss += loss
+        self._nnz_sum += nnz_sum
+        self._nnz_count += nnz_count
+
+    def totals(self) -> dict:
+        return {**self.counts, "total": sum(self.counts.values())}
+
+    def _count(self, kind: str, step: int, value: float) -> None:
+        self.counts[kind] += 1
+        self.events.append({"step": step, "kind": kind, "value": value})
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        step = state.global_step + 1  # the step this update would become
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads_finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if not self._loss_finite or not grads_finite:
+            self._count("non_finite_loss" if not self._loss_finite else "non_finite_grad", step, self._loss)
+            model.zero_grad(set_to_none=True)
+        else:
+            if len(self.recent_losses) >= MIN_SPIKE_HISTORY:
+                if self._loss > self.spike_factor * statistics.median(self.recent_losses):
+                    self._count("loss_spike", step, self._loss)
+            self.recent_losses = (self.recent_losses + [self._loss])[-self.spike_window:]
+        if self._nnz_count and self._nnz_sum / self._nnz_count < self.nnz_floor:
+            self._count("nnz_collapse", step, self._nnz_sum / self._nnz_count)
+        self._new_step()
+
+    # --- checkpoint state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "recent_losses": list(self.recent_losses), "events": list(self.events)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = {kind: int(state["counts"].get(kind, 0)) for kind in KINDS}
+        self.recent_losses = [float(v) for v in state["recent_losses"]]
+        self.events = list(state["events"])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(folder, STATE_FILE)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as handle:
+                    self.load_state_dict(json.load(handle))
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
+                json.dump(self.state_dict(), handle, indent=1)

@@ -1,0 +1,119 @@
+"""Training examples: (query, positive, negative_1 ... negative_n) rows in a ``datasets.Dataset``.
+
+The column layout is sentence-transformers' (anchor, positive, negatives...), so the same dataset also feeds a
+``SparseEncoderTrainer`` with ``SparseMultipleNegativesRankingLoss``.
+
+Sources (:func:`load_training_examples`):
+- a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) or a BEIR hub id (``BeIR/nfcorpus``,
+  needs network): **one example per query**, its positive drawn uniformly from the query's relevant documents
+  (score > 0) and its ``num_negatives`` negatives drawn uniformly from the corpus documents the query has no
+  judgement for ("random negatives"). Ids in the qrels that are missing from the corpus/queries are an error
+  (:class:`~fles1.beir.BEIRDataError`, naming file and line).
+- an MS MARCO-style triples TSV (``query <tab> positive <tab> negative``, or a folder holding
+  ``triplets/raw.tsv``): one example per row; its own negative comes first, the other ``num_negatives - 1`` are
+  drawn from the other rows' passages (positives and negatives), excluding the row's own positive.
+
+Sampling uses ``random.Random(seed)``: the same seed gives the same dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+from datasets import Dataset
+
+from fles1.beir import BEIRDataError, BEIRDataset, load_beir
+
+DEFAULT_NUM_NEGATIVES = 7
+
+
+def _columns(num_negatives: int) -> list[str]:
+    return ["query", "positive"] + [f"negative_{i}" for i in range(1, num_negatives + 1)]
+
+
+def _to_dataset(rows: list[list[str]], num_negatives: int, source: str) -> Dataset:
+    if not rows:
+        raise ValueError(f"{source}: no training examples (no query has a relevant document)")
+    columns = _columns(num_negatives)
+    return Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(columns)})
+
+
+def beir_examples(dataset: BEIRDataset, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0) -> Dataset:
+    """One (query, positive, negatives) row per query of ``dataset.qrels`` that has a relevant document."""
+    if num_negatives < 0:
+        raise ValueError(f"num_negatives must be >= 0, got {num_negatives!r}")
+    rng = random.Random(seed)
+    doc_ids = sorted(dataset.corpus)
+    rows = []
+    for query_id in sorted(dataset.qrels):
+        judged = dataset.qrels[query_id]
+        positives = sorted(doc_id for doc_id, rel in judged.items() if rel > 0)
+        if not positives:
+            continue
+        if len(doc_ids) - len(judged) < num_negatives:
+            raise ValueError(f"{dataset.name}: too few unjudged documents for {num_negatives} negatives")
+        negatives = []
+        while len(negatives) < num_negatives:
+            doc_id = doc_ids[rng.randrange(len(doc_ids))]
+            if doc_id not in judged and doc_id not in negatives:
+                negatives.append(doc_id)
+        positive = positives[rng.randrange(len(positives))]
+        rows.append([dataset.queries[query_id]] + [dataset.document_text(d) for d in [positive] + negatives])
+    return _to_dataset(rows, num_negatives, f"{dataset.name} ({dataset.split})")
+
+
+def read_triples(path: str) -> list[tuple[str, str, str]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: triples file not found")
+    triples = []
+    with open(path, encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+            if not row:
+                continue
+            if len(row) != 3:
+                raise ValueError(f"{path}:{number}: expected 3 tab-separated columns (query, positive, negative), "
+                                 f"got {len(row)}")
+            triples.append((row[0], row[1], row[2]))
+    return triples
+
+
+def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0) -> Dataset:
+    """One row per triple; negatives beyond the triple's own are drawn from the other triples' passages."""
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1 for triples (each row brings one), got {num_negatives!r}")
+    triples = read_triples(path)
+    pool = sorted({text for _, positive, negative in triples for text in (positive, negative)})
+    rng = random.Random(seed)
+    rows = []
+    for query, positive, negative in triples:
+        if len(pool) < num_negatives + 1:
+            raise ValueError(f"{path}: {len(pool)} distinct passages, too few for {num_negatives} negatives")
+        negatives = [negative]
+        while len(negatives) < num_negatives:
+            text = pool[rng.randrange(len(pool))]
+            if text != positive and text not in negatives:
+                negatives.append(text)
+        rows.append([query, positive] + negatives)
+    return _to_dataset(rows, num_negatives, path)
+
+
+def load_training_examples(
+    source: str, split: str = "train", num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0
+) -> Dataset:
+    """BEIR folder / hub id, triples TSV or a folder with ``triplets/raw.tsv`` -> training ``Dataset``."""
+    if os.path.isfile(source):
+        return triples_examples(source, num_negatives, seed)
+    triples = os.path.join(source, "triplets", "raw.tsv")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "corpus.jsonl")) and os.path.isfile(triples):
+        return triples_examples(triples, num_negatives, seed)
+    try:
+        dataset = load_beir(source, split)
+    except BEIRDataError:
+        raise
+    except Exception as error:  # hub ids: no network, unknown id, ...
+        raise ValueError(
+            f"{source!r}: not a BEIR folder, a triples TSV or a loadable hub dataset ({type(error).__name__}: {error})"
+        ) from error
+    return beir_examples(dataset, num_negatives, seed)

@@ -1,0 +1,15 @@
+"""The one collective the training code needs: a sum over ranks (a no-op in a single process)."""
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_sum(values, device=None) -> list[float]:
+    """Sum a list of floats over all ranks (float64, so counts stay exact)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    if device is None or dist.get_backend() == "gloo":
+        device = torch.device("cpu")
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()

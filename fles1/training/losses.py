@@ -1,0 +1,32 @@
+"""The FLES-1 contrastive loss.
+
+InfoNCE over dot products of sparse vectors, temperature tau (0.05): query i (vector q_i) is scored against every
+document of the batch -- its positive, its own n negatives and all other queries' positives and negatives:
+
+    s_ij = <q_i, d_j> / tau,    j over the B * (1 + n) documents of the batch
+    L    = mean_i [ -s_i,pos(i) + log sum_j exp(s_ij) ]
+
+Documents are laid out query-major: the documents of query i are rows i*(1+n) ... i*(1+n)+n, the positive first.
+
+    >>> import torch
+    >>> from fles1.training.losses import info_nce
+    >>> queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> documents = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # (pos, neg) per query
+    >>> round(float(info_nce(queries, documents, group_size=2, temperature=0.05)), 6)
+    0.0
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(queries: torch.Tensor, documents: torch.Tensor, group_size: int, temperature: float = 0.05):
+    """InfoNCE of ``queries`` (B, V) against ``documents`` (B * group_size, V), positive first in each group."""
+    if documents.shape[0] != queries.shape[0] * group_size:
+        raise ValueError(
+            f"expected {queries.shape[0]} x {group_size} documents for {queries.shape[0]} queries, "
+            f"got {documents.shape[0]}"
+        )
+    scores = queries @ documents.t() / temperature
+    labels = torch.arange(queries.shape[0], device=queries.device) * group_size
+    return F.cross_entropy(scores, labels)

@@ -1,0 +1,69 @@
+"""Training recipes: YAML files with sections ``model``, ``data``, ``loss``, ``clfr``, ``crashes`` and ``training``
+(the last passed to ``transformers.TrainingArguments`` as is). :func:`load_recipe` fills defaults and validates, so
+a bad value fails before any model is loaded."""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+DEFAULTS = {
+    "model": {"path": None, "query_max_length": None, "document_max_length": None},
+    "data": {"source": None, "split": "train", "num_negatives": 7, "seed": 0},
+    "loss": {"temperature": 0.05, "regularizer": "l1_flops", "lambda_d": 3e-5, "lambda_q": 0.0,
+             "anticollapse_weight": 1.0, "anticollapse_min_mass": 5.0},
+    "clfr": {"enabled": True, "target_nnz_d": 400, "gain": 0.1, "interval_steps": None, "max_log_step": 1.0},
+    "crashes": {"spike_factor": 3.0, "spike_window": 100, "nnz_floor": 1.0},
+    "training": {"learning_rate": 2e-5, "per_device_train_batch_size": 32, "num_train_epochs": 2, "seed": 42,
+                 "logging_steps": 10, "save_steps": 500, "report_to": "none"},
+}
+
+
+def _merge(base: dict, update: dict, where: str = "recipe") -> dict:
+    for key, value in update.items():
+        if key not in base and where != "recipe.training":
+            raise ValueError(f"{where}: unknown key {key!r}; allowed: {sorted(base)}")
+        if isinstance(base.get(key), dict) and isinstance(value, dict):
+            _merge(base[key], value, f"{where}.{key}")
+        else:
+            base[key] = value
+    return base
+
+
+def set_value(recipe: dict, dotted: str, value) -> None:
+    """``set_value(recipe, "clfr.target_nnz_d", 120)``."""
+    section, _, key = dotted.partition(".")
+    if section not in recipe or not key:
+        raise ValueError(f"{dotted!r}: expected SECTION.KEY with SECTION one of {sorted(recipe)}")
+    _merge(recipe, {section: {key: value}})
+
+
+def validate(recipe: dict) -> dict:
+    from .clfr import CLFRController
+    from .regularizers import get_regularizer
+
+    if not recipe["model"]["path"]:
+        raise ValueError("recipe.model.path is required (a FLES-1 checkpoint folder or a BERT masked-LM)")
+    if not recipe["data"]["source"]:
+        raise ValueError("recipe.data.source is required (BEIR folder, hub id or triples TSV)")
+    clfr, loss = recipe["clfr"], recipe["loss"]
+    get_regularizer(loss["regularizer"])
+    if not loss["temperature"] > 0:
+        raise ValueError(f"loss.temperature must be > 0, got {loss['temperature']!r}")
+    if clfr["enabled"]:
+        CLFRController(loss["lambda_d"], clfr["target_nnz_d"], clfr["gain"], clfr["max_log_step"])
+        interval = clfr["interval_steps"]
+        if interval is not None and not (isinstance(interval, int) and interval >= 1):
+            raise ValueError(f"clfr.interval_steps must be an int >= 1 or null (one epoch), got {interval!r}")
+    return recipe
+
+
+def load_recipe(path: str | None = None, overrides: dict | None = None) -> dict:
+    recipe = copy.deepcopy(DEFAULTS)
+    if path:
+        with open(path, encoding="utf-8") as handle:
+            _merge(recipe, yaml.safe_load(handle) or {})
+    for dotted, value in (overrides or {}).items():
+        set_value(recipe, dotted, value)
+    return validate(recipe)

@@ -1,0 +1,116 @@
+"""One training run from a recipe: data -> model -> FLES1Trainer -> checkpoint folder + training_log.json + plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse",
+                "lambda_d", "lambda_q", "nnz_doc", "nnz_query", "eff_reg")
+
+
+def load_model_for_training(path: str):
+    """A FLES-1 checkpoint folder, or any BERT masked-LM (converted on the fly, weights from safetensors only)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fles1.checkpoint import convert
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type != "fles1":
+        path = convert(path, tempfile.mkdtemp(prefix="fles1-backbone-"))
+    model = FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+
+
+def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, trainer_class=None):
+    from transformers import TrainingArguments
+
+    from .clfr import CLFRCallback, CLFRController
+    from .crashes import CrashMonitor
+    from .data import load_training_examples
+    from .trainer import FLES1Trainer
+
+    trainer_class = trainer_class or FLES1Trainer
+    data, loss, clfr_cfg, model_cfg = recipe["data"], recipe["loss"], recipe["clfr"], recipe["model"]
+    dataset = load_training_examples(data["source"], data["split"], data["num_negatives"], data["seed"])
+    model, tokenizer = load_model_for_training(model_cfg["path"])
+    training = dict(recipe["training"])
+    if max_steps is not None:
+        training["max_steps"] = max_steps
+    args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **training)
+    clfr = None
+    if clfr_cfg["enabled"]:
+        controller = CLFRController(loss["lambda_d"], clfr_cfg["target_nnz_d"], clfr_cfg["gain"],
+                                    clfr_cfg["max_log_step"])
+        clfr = CLFRCallback(controller, clfr_cfg["interval_steps"])
+    return trainer_class(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        lambda_d=loss["lambda_d"], lambda_q=loss["lambda_q"], regularizer=loss["regularizer"],
+        temperature=loss["temperature"], anticollapse_weight=loss["anticollapse_weight"],
+        anticollapse_min_mass=loss["anticollapse_min_mass"], clfr=clfr,
+        crash_monitor=CrashMonitor(**recipe["crashes"]),
+        query_max_length=model_cfg["query_max_length"], document_max_length=model_cfg["document_max_length"],
+    )
+
+
+def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
+    history = [
+        {key: row.get(key) for key in HISTORY_KEYS}
+        for row in trainer.state.log_history if "loss_contrastive" in row
+    ]
+    clfr = trainer.clfr
+    return {
+        "recipe": {**recipe, "resolved": {
+            "max_steps": trainer.state.max_steps,
+            "clfr_interval_steps": getattr(clfr, "_interval", None),
+            "train_examples": len(trainer.train_dataset),
+        }},
+        "seed": trainer.args.seed,
+        "global_step": trainer.state.global_step,
+        "train_runtime_s": runtime_s,
+        "history": history,
+        "clfr": list(clfr.controller.history) if clfr is not None else [],
+        "crashes": trainer.crash_monitor.totals(),
+        "eval": {},
+    }
+
+
+def evaluate_dev(output_dir: str, recipe: dict) -> dict:
+    """Dev NDCG@10 & co. of the trained folder via fles1.evaluation (BEIR sources only)."""
+    source = recipe["data"]["source"]
+    if not os.path.isdir(os.path.join(source, "qrels")) or not os.path.isfile(os.path.join(source, "qrels", "dev.tsv")):
+        return {"note": f"{source}: no BEIR dev split; dev evaluation skipped"}
+    try:
+        from fles1.evaluation import evaluate
+    except ImportError as error:
+        return {"note": f"fles1.evaluation unavailable ({error}); dev evaluation skipped"}
+    results = evaluate(output_dir, [source], split="dev", bm25=False, production=False, cache_dir=None)
+    entry = next(iter(results["datasets"].values()))
+    return {"split": "dev", "threshold": results["threshold"], **entry["metrics"]}
+
+
+def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps: int | None = None,
+          eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None) -> dict | None:
+    """Run the recipe; returns the training log (on the main process; None on other ranks)."""
+    from .plots import write_plots
+
+    trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    runtime = time.perf_counter() - start
+    if trace_nnz:
+        with open(os.path.join(output_dir, f"nnz_trace_rank{trainer.args.process_index}.json"), "w") as handle:
+            json.dump(trainer.nnz_trace, handle)
+    trainer.save_model(output_dir)
+    if not trainer.is_world_process_zero():
+        return None
+    log = training_log(trainer, recipe, runtime)
+    if eval_dev:
+        log["eval"] = evaluate_dev(output_dir, recipe)
+    with open(os.path.join(output_dir, "training_log.json"), "w", encoding="utf-8") as handle:
+        json.dump(log, handle, indent=1)
+    if log["history"]:
+        write_plots(log, output_dir)
+    return log

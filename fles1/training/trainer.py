@@ -1,0 +1,229 @@
+"""FLES1Trainer: transformers' Trainer with the FLES-1 loss, CLFR and crash accounting.
+
+Per batch of B queries, each with its positive and n negatives (sparse vectors from ``model.encode_sparse``,
+whose backward is sparse -- no (batch x length x vocab) logits are kept):
+
+    loss = InfoNCE_tau(q, d)  +  lambda_d * R(d)  +  lambda_q * R(q)  +  w_ac * AC(d)
+
+R is L1 FLOPS (default) or the classic squared FLOPS, AC the anti-collapse term (formulas in
+:mod:`fles1.training.regularizers`, :mod:`fles1.training.losses`); lambda_d is CLFR's (:mod:`fles1.training.clfr`).
+Logged every ``logging_steps``, averaged over the window and over all ranks: ``loss_contrastive``,
+``loss_reg_d`` (= lambda_d * R(d), the term as added to the loss), ``loss_reg_q``, ``loss_anticollapse``
+(= w_ac * AC(d)), ``nnz_doc`` / ``nnz_query`` (mean entries > 0 per vector), ``lambda_d``, ``lambda_q``,
+``eff_reg`` (sum of lambda_d over steps).
+
+    >>> trainer = FLES1Trainer(model=model, args=TrainingArguments("out", per_device_train_batch_size=32),
+    ...                        train_dataset=load_training_examples("../shared/data/nfcorpus"),
+    ...                        processing_class=tokenizer, clfr=CLFRCallback(CLFRController(3e-5, 400, 0.1)))
+    >>> trainer.train()                                                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from fles1.checkpoint import save_checkpoint
+
+from .clfr import CLFRCallback
+from .crashes import CrashMonitor
+from .distributed import all_reduce_sum
+from .losses import info_nce
+from .regularizers import anti_collapse, get_regularizer
+
+
+class FLES1Collator:
+    """Tokenizes (query, positive, negative_1..n) rows into a query batch and a query-major document batch."""
+
+    def __init__(self, tokenizer, query_max_length: int, document_max_length: int):
+        self.tokenizer = tokenizer
+        self.query_max_length = query_max_length
+        self.document_max_length = document_max_length
+
+    def __call__(self, rows: list[dict]) -> dict:
+        document_columns = [key for key in rows[0] if key != "query"]  # positive first, then negative_1..n
+        queries = [row["query"] for row in rows]
+        documents = [row[key] for row in rows for key in document_columns]
+        tokenize = lambda texts, length: self.tokenizer(  # noqa: E731
+            texts, padding=True, truncation=True, max_length=length, return_tensors="pt"
+        )
+        return {
+            "query": dict(tokenize(queries, self.query_max_length)),
+            "documents": dict(tokenize(documents, self.document_max_length)),
+        }
+
+
+def _encode_pair(model, query: dict, documents: dict):
+    return model.encode_sparse(**query).sparse_embeddings, model.encode_sparse(**documents).sparse_embeddings
+
+
+@contextlib.contextmanager
+def _forward_as_encode_pair(module):
+    """Make ``module.forward`` encode (query, documents) for the duration, so a DDP wrapper's forward (which arms
+    its gradient all-reduce) runs our encoding; restores whatever forward the instance had (accelerate patches)."""
+    saved = module.__dict__.get("forward")
+    module.forward = types.MethodType(_encode_pair, module)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+class FLES1Trainer(Trainer):
+    """Trainer for FLES-1 sparse encoders; ``model`` is a ``FLES1ForMaskedLM``.
+
+    Args:
+        lambda_d: fixed document regularization weight, used when ``clfr`` is None.
+        lambda_q: query regularization weight (0 disables it).
+        regularizer: ``"l1_flops"`` (FLES-1) or ``"flops"`` (classic squared FLOPS).
+        temperature: InfoNCE temperature tau.
+        anticollapse_weight, anticollapse_min_mass: w_ac and m of the anti-collapse term.
+        clfr: a :class:`~fles1.training.clfr.CLFRCallback` steering lambda_d (added to the callbacks).
+        crash_monitor: a :class:`~fles1.training.crashes.CrashMonitor` (default one if None).
+        query_max_length, document_max_length: default to the model config's.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        train_dataset=None,
+        processing_class=None,
+        lambda_d: float = 3e-5,
+        lambda_q: float = 0.0,
+        regularizer: str = "l1_flops",
+        temperature: float = 0.05,
+        anticollapse_weight: float = 1.0,
+        anticollapse_min_mass: float = 5.0,
+        clfr: CLFRCallback | None = None,
+        crash_monitor: CrashMonitor | None = None,
+        query_max_length: int | None = None,
+        document_max_length: int | None = None,
+        callbacks=None,
+        **kwargs,
+    ):
+        if train_dataset is None or len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty: FLES1Trainer needs (query, positive, negatives...) rows")
+        if not hasattr(model, "encode_sparse"):
+            raise TypeError(f"model must be a FLES1ForMaskedLM (with encode_sparse), got {type(model).__name__}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        for name, value in (("lambda_d", lambda_d), ("lambda_q", lambda_q), ("anticollapse_weight", anticollapse_weight)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        self.regularizer = get_regularizer(regularizer)
+        self.lambda_d, self.lambda_q, self.temperature = float(lambda_d), float(lambda_q), float(temperature)
+        self.anticollapse_weight, self.anticollapse_min_mass = float(anticollapse_weight), float(anticollapse_min_mass)
+        self.clfr = clfr
+        self.crash_monitor = crash_monitor or CrashMonitor()
+        callbacks = list(callbacks or []) + [self.crash_monitor] + ([clfr] if clfr is not None else [])
+        if args is not None:
+            args.remove_unused_columns = False  # the collator needs the text columns
+            world = max(1, args.world_size)
+            if args.per_device_train_batch_size * world > len(train_dataset):
+                raise ValueError(
+                    f"batch size {args.per_device_train_batch_size} x {world} rank(s) is larger than the dataset "
+                    f"({len(train_dataset)} examples)"
+                )
+        config = model.config
+        data_collator = kwargs.pop("data_collator", None) or FLES1Collator(
+            processing_class,
+            query_max_length or config.query_max_length,
+            document_max_length or config.document_max_length,
+        )
+        super().__init__(
+            model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+            data_collator=data_collator, callbacks=callbacks, **kwargs,
+        )
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a batch mean: the Trainer divides by GA steps
+        self._window = defaultdict(float)
+        self.nnz_trace: list[dict] = []  # this rank's per-micro-batch document non-zeros (DDP checks)
+
+    def current_lambda_d(self) -> float:
+        return self.clfr.lambda_d if self.clfr is not None else self.lambda_d
+
+    def autocast_smart_context_manager(self, cache_enabled=True):
+        # encode_sparse is not the model's forward, so accelerate's forward-level autocast does not reach it
+        if self.args.bf16:
+            return torch.autocast(self.args.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        return contextlib.nullcontext()
+
+    def encode(self, model, query: dict, documents: dict):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            with _forward_as_encode_pair(model.module):
+                return model(query=query, documents=documents)
+        return _encode_pair(model, query, documents)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        queries, documents = self.encode(model, inputs["query"], inputs["documents"])
+        group_size = documents.shape[0] // queries.shape[0]
+        lambda_d = self.current_lambda_d()
+        contrastive = info_nce(queries, documents, group_size, self.temperature)
+        reg_d = lambda_d * self.regularizer(documents)
+        reg_q = self.lambda_q * self.regularizer(queries) if self.lambda_q else queries.new_zeros(())
+        anticollapse = (
+            self.anticollapse_weight * anti_collapse(documents, self.anticollapse_min_mass)
+            if self.anticollapse_weight else documents.new_zeros(())
+        )
+        loss = contrastive + reg_d + reg_q + anticollapse
+        with torch.no_grad():
+            nnz_doc = float((documents > 0).sum())
+            nnz_query = float((queries > 0).sum())
+            parts = torch.stack([loss, contrastive, reg_d, reg_q, anticollapse]).float().tolist()
+        num_docs, num_queries = documents.shape[0], queries.shape[0]
+        if self.clfr is not None:
+            self.clfr.observe(nnz_doc, num_docs)
+        self.crash_monitor.observe(parts[0], nnz_doc, num_docs)
+        self.nnz_trace.append({"step": self.state.global_step + 1, "nnz_sum": nnz_doc, "count": num_docs})
+        window = self._window
+        for name, value in zip(("loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse"), parts[1:]):
+            window[name] += value
+        window["batches"] += 1
+        window["nnz_doc_sum"] += nnz_doc
+        window["docs"] += num_docs
+        window["nnz_query_sum"] += nnz_query
+        window["queries"] += num_queries
+        return (loss, {"queries": queries, "documents": documents}) if return_outputs else loss
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs:  # a training log (not the end-of-training summary): add the window's FLES-1 metrics
+            keys = ["loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse", "batches",
+                    "nnz_doc_sum", "docs", "nnz_query_sum", "queries"]
+            totals = dict(zip(keys, all_reduce_sum([self._window[k] for k in keys], self.args.device)))
+            batches = max(totals["batches"], 1.0)
+            for name in keys[:4]:
+                logs[name] = totals[name] / batches
+            logs["nnz_doc"] = totals["nnz_doc_sum"] / max(totals["docs"], 1.0)
+            logs["nnz_query"] = totals["nnz_query_sum"] / max(totals["queries"], 1.0)
+            logs["lambda_d"] = self.current_lambda_d()
+            logs["lambda_q"] = self.lambda_q
+            logs["eff_reg"] = self.clfr.eff_reg if self.clfr is not None else self.lambda_d * self.state.global_step
+            self._window = defaultdict(float)
+        super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-*")
+        for callback in (self.clfr, self.crash_monitor):
+            if callback is not None:
+                callback.resume_from = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Every checkpoint is a complete FLES-1 checkpoint folder (fles1.checkpoint.save_checkpoint)."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_checkpoint(self.accelerator.unwrap_model(self.model), self.processing_class, output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

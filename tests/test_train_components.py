@@ -1,0 +1,122 @@
+"""Unit tests of the training pieces: sparse backward, loss and regularizer formulas, data, bad input."""
+
+import os
+
+import pytest
+import torch
+
+from fles1.beir import BEIRDataError
+from fles1.training.data import beir_examples, load_training_examples, triples_examples
+from fles1.training.losses import info_nce
+from fles1.training.recipe import load_recipe
+from fles1.training.regularizers import anti_collapse, l1_flops, squared_flops
+from modeling_fles1 import _MaxPooledProjection
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 64])  # one text per chunk .. all texts in one chunk
+def test_max_pooled_projection_gradcheck(chunk_tokens):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(7, 5, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.double, requires_grad=True)
+    fn = lambda h, w, b: _MaxPooledProjection.apply(h, w, b, chunk_tokens)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+    # and it equals autograd through the dense (batch x length x vocab) logits, ReLU'd as in training
+    dense = torch.relu((hidden @ weight.t() + bias).amax(dim=1))
+    sparse = torch.relu(fn(hidden, weight, bias))
+    upstream = torch.randn_like(dense)
+    expected = torch.autograd.grad((dense * upstream).sum(), (hidden, weight, bias))
+    got = torch.autograd.grad((sparse * upstream).sum(), (hidden, weight, bias))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+
+
+def test_info_nce_matches_explicit_formula():
+    torch.manual_seed(0)
+    queries, documents = torch.rand(3, 6), torch.rand(3 * 4, 6)
+    scores = queries @ documents.t() / 0.05
+    expected = sum(torch.logsumexp(scores[i], 0) - scores[i, i * 4] for i in range(3)) / 3
+    torch.testing.assert_close(info_nce(queries, documents, group_size=4, temperature=0.05), expected)
+    with pytest.raises(ValueError, match="documents"):
+        info_nce(queries, documents[:-1], group_size=4)
+
+
+def test_regularizer_formulas():
+    w = torch.rand(4, 9)
+    torch.testing.assert_close(l1_flops(w), sum(w[:, v].mean() for v in range(9)))
+    torch.testing.assert_close(squared_flops(w), sum(w[:, v].mean() ** 2 for v in range(9)))
+    assert float(anti_collapse(w * 100, min_mass=5.0)) == 0.0  # no push while documents keep their mass
+    assert float(anti_collapse(torch.zeros(2, 9), min_mass=5.0)) == 1.0  # full push at collapse
+
+
+def test_beir_examples_are_seeded_and_negatives_unjudged(nfcorpus_dir):
+    from fles1.beir import load_beir
+
+    data = load_beir(nfcorpus_dir, "train")
+    first, again, other = beir_examples(data, seed=0), beir_examples(data, seed=0), beir_examples(data, seed=1)
+    assert len(first) == 2590  # one example per train query
+    assert first[:5] == again[:5] and first[:5] != other[:5]
+    texts = {data.document_text(d): d for d in data.corpus}
+    queries = {text: qid for qid, text in data.queries.items()}
+    for row in first.select(range(20)):
+        judged = data.qrels[queries[row["query"]]]
+        assert judged.get(texts[row["positive"]], 0) > 0
+        assert all(texts[row[f"negative_{i}"]] not in judged for i in range(1, 8))
+
+
+def test_triples_examples_keep_own_negative(msmarco_toy_dir):
+    rows = triples_examples(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"), num_negatives=7, seed=0)
+    assert len(rows) == 100 and len(rows.column_names) == 9
+    assert load_training_examples(msmarco_toy_dir)[:3] == rows[:3]  # folder form finds triplets/raw.tsv
+    for row in rows.select(range(10)):
+        negatives = [row[f"negative_{i}"] for i in range(1, 8)]
+        assert row["positive"] not in negatives and len(set(negatives)) == 7
+
+
+def _beir_folder(tmp_path, qrels_rows):
+    (tmp_path / "qrels").mkdir(parents=True)
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(f'{{"_id": "d{i}", "title": "", "text": "doc {i}"}}\n' for i in range(10)))
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "query one"}\n')
+    (tmp_path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels_rows)
+    return str(tmp_path)
+
+
+def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
+    with pytest.raises(BEIRDataError, match="'d99' is not in corpus"):
+        load_training_examples(_beir_folder(tmp_path / "a", "q1\td99\t1\n"))
+    with pytest.raises(ValueError, match="no training examples"):
+        load_training_examples(_beir_folder(tmp_path / "b", "q1\td1\t0\n"))
+    with pytest.raises(ValueError, match="not a BEIR folder"):
+        load_training_examples(str(tmp_path / "missing-folder"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("clfr.target_nnz_d", 0, "target_nnz must be > 0"),
+    ("clfr.target_nnz_d", -5, "target_nnz must be > 0"),
+    ("clfr.gain", 0.0, r"gain must be in \(0, 1\]"),
+    ("clfr.gain", 1.5, r"gain must be in \(0, 1\]"),
+    ("loss.regularizer", "l2", "choose one of"),
+    ("clfr.bogus", 1, "unknown key 'bogus'"),
+])
+def test_bad_recipe_values(key, value, message):
+    overrides = {"model.path": "m", "data.source": "d", key: value}
+    with pytest.raises(ValueError, match=message):
+        load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml"), overrides)
+
+
+def test_trainer_rejects_empty_dataset_and_oversized_batch(tiny_random_checkpoint, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from fles1.training.trainer import FLES1Trainer
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    model = FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_checkpoint)
+    rows = Dataset.from_dict({"query": ["a", "b"], "positive": ["c", "d"], "negative_1": ["e", "f"]})
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, report_to="none")
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        FLES1Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        FLES1Trainer(model=model, args=args, train_dataset=rows.select([]), processing_class=tokenizer)

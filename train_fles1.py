@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Train a FLES-1 sparse encoder from a recipe (formulas: fles1/training/*.py docstrings).
+
+    python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir outputs/tiny
+    python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir outputs/tiny --resume  # last ckpt
+    python train_fles1.py --recipe ... --output-dir ... --max-steps 20 --set clfr.target_nnz_d=120 --eval-dev
+    torchrun --nproc_per_node 2 train_fles1.py --recipe ... --output-dir ...                           # DDP
+
+Writes OUTPUT_DIR/: the trained FLES-1 checkpoint folder, checkpoint-<step>/ folders (each also one, plus the
+Trainer, CLFR and crash states), training_log.json and loss.png, nnz.png, lambda_d.png.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_set(items):
+    import yaml
+
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="recipe YAML (recipes/)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--model", help="override model.path (FLES-1 folder or BERT masked-LM)")
+    parser.add_argument("--data", help="override data.source (BEIR folder/hub id or triples TSV)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--target-nnz-d", type=float, help="override clfr.target_nnz_d")
+    parser.add_argument("--clfr-interval-steps", type=int, help="override clfr.interval_steps")
+    parser.add_argument("--resume", nargs="?", const=True, default=None,
+                        help="resume from the last checkpoint in --output-dir, or from the given checkpoint folder")
+    parser.add_argument("--eval-dev", action="store_true", help="evaluate dev NDCG@10 at the end (BEIR data)")
+    parser.add_argument("--trace-nnz", action="store_true", help="write each rank's per-batch doc non-zeros")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any recipe value")
+    args = parser.parse_args(argv)
+
+    from fles1.training.recipe import load_recipe
+
+    overrides = parse_set(args.set)
+    for key, value in (("model.path", args.model), ("data.source", args.data),
+                       ("clfr.target_nnz_d", args.target_nnz_d), ("clfr.interval_steps", args.clfr_interval_steps)):
+        if value is not None:
+            overrides[key] = value
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+
+    from fles1.training.run import train
+
+    log = train(recipe, args.output_dir, resume_from_checkpoint=args.resume, max_steps=args.max_steps,
+                eval_dev=args.eval_dev, trace_nnz=args.trace_nnz)
+    if log is not None:
+        print(json.dumps({"global_step": log["global_step"], "train_runtime_s": round(log["train_runtime_s"], 1),
+                          "crashes": log["crashes"], "clfr": log["clfr"][-3:], "eval": log["eval"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
