@@ -242,6 +242,11 @@ def publish(
     log=print,
 ):
     """Assemble, validate and (unless ``dry_run``) upload. Returns the dry-run folder or the CommitInfo."""
+    if create_pr and revision not in (None, "main"):
+        raise PublishError("--create-pr opens a pull request against the default branch; drop --revision "
+                           f"({revision!r}) or drop --create-pr to commit to that branch")
+    if not results:
+        raise PublishError("the model card needs at least one eval results JSON: pass --results (eval_fles1.py --output)")
     token = None
     if dry_run is None:
         token = resolve_token()  # before any work

@@ -1,0 +1,272 @@
+"""push_fles1.py: dry-run folder round trip, upload through huggingface_hub's client over a fake HTTP transport,
+refusals (no token, broken folder), and the token never reaching the output."""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import httpx2
+import pytest
+from huggingface_hub import ModelCard, constants
+from huggingface_hub.utils import _http
+
+import push_fles1
+from fles1 import publish as publish_module
+from test_card import make_eval, make_training_log
+
+TOKEN = "hf_fakeTOKEN0123456789abcdefSECRET"
+REPO_ID = "mindoval/fles1-v14"
+TEXTS = ["What is machine learning?", "Vitamin D deficiency and statin use in older adults.", "émoji 🙂 naïve café"]
+
+# A fresh interpreter, offline, without the project on sys.path: loads OUT three ways and SOURCE with the project's
+# FLES1Encoder, prints every vector (before the threshold) as JSON.
+ROUND_TRIP_SCRIPT = r"""
+import json, os, sys
+out, source, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path.insert(0, out)  # as after hf_hub_download("mindoval/fles1-v14", "fles1_encoder.py")
+import torch
+from transformers import AutoModel, AutoTokenizer
+from sentence_transformers import SparseEncoder
+import fles1_encoder
+assert os.path.dirname(fles1_encoder.__file__) == out, fles1_encoder.__file__
+model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+vectors = {"auto_model": [], "sparse_encoder": None, "fles1_encoder": None, "source": None}
+with torch.inference_mode():
+    for text in texts:
+        features = tokenizer([text], return_tensors="pt", truncation=True, max_length=256)
+        vectors["auto_model"].append(model.encode_sparse(**features).sparse_embeddings[0].tolist())
+vectors["sparse_encoder"] = SparseEncoder(out, trust_remote_code=True, device="cpu").encode_document(
+    texts, convert_to_tensor=True).to_dense().tolist()
+dense = lambda encoder: encoder.encode_batch(texts, threshold=0, output="torch").to_dense().tolist()
+vectors["fles1_encoder"] = dense(fles1_encoder.FLES1Encoder.from_pretrained(out, device="cpu"))
+sys.path.remove(out); del sys.modules["fles1_encoder"]
+sys.path.insert(0, sys.argv[4])  # the project checkout, for the source folder's reference vectors
+from fles1_encoder import FLES1Encoder
+vectors["source"] = dense(FLES1Encoder.from_pretrained(source, device="cpu"))
+print(json.dumps(vectors))
+"""
+
+
+@pytest.fixture
+def source_checkpoint(fles1_checkpoint, tmp_path):
+    """A copy of the converted shipped backbone plus training leftovers that must not be published."""
+    folder = tmp_path / "trained"
+    shutil.copytree(fles1_checkpoint, folder)
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"not for the hub")
+    (folder / "training_args.bin").write_bytes(b"not for the hub")
+    return str(folder)
+
+
+@pytest.fixture
+def result_files(tmp_path, source_checkpoint):
+    results = make_eval(tmp_path / "eval_nfcorpus.json", model_path=source_checkpoint,
+                        datasets={"nfcorpus": 0.30587123, "scifact": 0.60112})
+    log = make_training_log(os.path.join(source_checkpoint, "training_log.json"), seed=7)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(1, 1))
+    axis.plot([0, 1], [1, 0])
+    plot = str(tmp_path / "loss.png")
+    figure.savefig(plot)
+    plt.close(figure)
+    return {"results": results, "training_log": log, "plot": plot}
+
+
+class FakeHub:
+    """The Hub's HTTP API, faked at the transport under huggingface_hub's own httpx client."""
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        path, body = request.url.path, request.read()
+        self.requests.append((request.method, path, dict(request.url.params), dict(request.headers), body))
+        if path == "/api/repos/create":
+            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO_ID}"})
+        if path == "/api/validate-yaml":  # upload_folder has the Hub check README.md's metadata
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if path.endswith("/discussions") and request.method == "POST":  # create_pr: a draft PR first
+            return httpx2.Response(200, json={"num": 1})
+        if path.endswith("/discussions/1"):
+            return httpx2.Response(200, json={
+                "title": "Upload FLES-1", "num": 1,
+                "createdAt": "2025-01-01T00:00:00.000Z", "status": "draft", "isPullRequest": True,
+                "repo": {"name": REPO_ID, "type": "model"}, "events": [], "filesWithConflicts": [],
+                "changes": {"base": "refs/heads/main"}})
+        if "/branch/" in path:
+            return httpx2.Response(200, json={})
+        if "/preupload/" in path:
+            files = json.loads(body)["files"]
+            return httpx2.Response(200, json={"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        if "/commit/" in path:
+            pr = "refs/pr/" in path
+            return httpx2.Response(200, json={
+                "commitUrl": f"https://huggingface.co/{REPO_ID}/commit/{'a' * 40}", "commitOid": "a" * 40,
+                "pullRequestUrl": f"https://huggingface.co/{REPO_ID}/discussions/1" if pr else None})
+        return httpx2.Response(404, json={"error": f"fake hub: unexpected {request.method} {path}"})
+
+    def repo_calls(self) -> list:
+        """(method, path) of the calls that act on the repo (not metadata checks or client telemetry)."""
+        return [(method, path) for method, path, *_ in self.requests
+                if path == "/api/repos/create" or path.startswith(f"/api/models/{REPO_ID}/")]
+
+    def json_sent(self, path: str) -> dict:
+        (body,) = [body for _, sent_path, _, _, body in self.requests if sent_path == path]
+        return json.loads(body)
+
+    def committed_files(self) -> dict:
+        """path_in_repo -> bytes of the commit's regular-file operations (NDJSON payload)."""
+        (_, _, _, _, body), = [r for r in self.requests if "/commit/" in r[1]]
+        files = {}
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+        return files
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    hub = FakeHub()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the fake transport is the network
+    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
+    yield hub
+    _http.set_client_factory(_http.default_client_factory)
+
+
+def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys):
+    out = str(tmp_path / "hub")
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", out,
+                          "--results", result_files["results"], "--plots", result_files["plot"]])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "nothing uploaded" in printed.out and "[FAILED]" not in printed.out
+    names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
+    for name in ("README.md", "model.safetensors", "config.json", "modules.json", "tokenizer.json",
+                 "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py", "results/eval_nfcorpus.json",
+                 "results/training_log_seed7.json", "plots/loss.png"):
+        assert name in names
+    assert not any(n.startswith("checkpoint-") or n == "training_args.bin" for n in names), names
+
+    # the three loaders in a fresh offline process agree, and give the source folder's vectors
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.run([sys.executable, "-c", ROUND_TRIP_SCRIPT, out, source_checkpoint, json.dumps(TEXTS),
+                              root], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    import torch
+
+    vectors = {k: torch.tensor(v) for k, v in json.loads(process.stdout.strip().splitlines()[-1]).items()}
+    assert (vectors["source"] > 0).sum(dim=1).min() > 0
+    for name in ("auto_model", "sparse_encoder", "fles1_encoder"):
+        assert (vectors[name] - vectors["source"]).abs().max() <= 1e-5, name
+
+    # the card: valid metadata, NDCG@10 for nfcorpus equal to the eval JSON's
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    with open(result_files["results"]) as handle:
+        expected = json.load(handle)["datasets"]["nfcorpus"]["metrics"]["ndcg@10"]
+    ndcg = [r.metric_value for r in card.data.eval_results if r.dataset_name == "nfcorpus"
+            and r.metric_type == "ndcg_at_10"]
+    assert ndcg == [expected]
+    assert "![plots/loss.png](plots/loss.png)" in card.text
+    assert "| 7 | 12500 |" in card.text  # the training log found in the model folder fed the training section
+
+
+def passing_validation(monkeypatch):
+    """The loaders' checks run for real in the dry-run and broken-folder tests; here the upload path is tested."""
+    checked = []
+    monkeypatch.setattr(publish_module, "validate",
+                        lambda folder: checked.append(folder) or [publish_module.check_files(folder),
+                                                                   publish_module.check_card(folder)])
+    return checked
+
+
+def test_upload_through_huggingface_hub_client(source_checkpoint, result_files, fake_hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    checked = passing_validation(monkeypatch)
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--private", "--create-pr",
+                          "--results", result_files["results"]])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert TOKEN not in printed.out + printed.err
+    assert len(checked) == 1
+    validated = [json.loads(body) for _, path, _, _, body in fake_hub.requests if path == "/api/validate-yaml"]
+    assert [v["content"].encode() for v in validated] == [fake_hub.committed_files()["README.md"]]
+    calls = fake_hub.repo_calls()
+    assert calls == [("POST", "/api/repos/create"), ("POST", f"/api/models/{REPO_ID}/preupload/main"),
+                     ("POST", f"/api/models/{REPO_ID}/discussions"), ("GET", f"/api/models/{REPO_ID}/discussions/1"),
+                     ("POST", f"/api/models/{REPO_ID}/commit/refs/pr/1")]  # --create-pr: a PR, not main
+    create = fake_hub.json_sent("/api/repos/create")
+    assert create["name"] == "fles1-v14" and create["organization"] == "mindoval" and create["visibility"] == "private"
+    for _, path, _, headers, _ in fake_hub.requests:
+        if path == "/api/repos/create" or path.startswith(f"/api/models/{REPO_ID}/"):
+            assert headers["authorization"] == f"Bearer {TOKEN}"
+    assert [params.get("create_pr") for _, path, params, *_ in fake_hub.requests if "/preupload/" in path] == ["1"]
+    files = fake_hub.committed_files()
+    with open(os.path.join(source_checkpoint, "model.safetensors"), "rb") as handle:
+        assert files["model.safetensors"] == handle.read()
+    assert {"README.md", "fles1_encoder.py", "modeling_fles1.py", "results/eval_nfcorpus.json"} <= set(files)
+    assert "discussions/1" in printed.out  # the PR url is reported
+
+
+def test_revision_without_pr_creates_the_branch(source_checkpoint, result_files, fake_hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    passing_validation(monkeypatch)
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--revision", "v14",
+                          "--results", result_files["results"]])
+    assert rc == 0, capsys.readouterr().err
+    calls = [path for _, path in fake_hub.repo_calls()]
+    assert calls == ["/api/repos/create", f"/api/models/{REPO_ID}/branch/v14",
+                     f"/api/models/{REPO_ID}/preupload/v14", f"/api/models/{REPO_ID}/commit/v14"]
+    assert "visibility" not in fake_hub.json_sent("/api/repos/create")  # not --private: the account default
+    assert all("create_pr" not in params for _, _, params, _, _ in fake_hub.requests)
+
+
+def test_missing_token_refused_before_any_work(source_checkpoint, result_files, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(publish_module, "assemble", lambda *a, **k: pytest.fail("assembled without a token"))
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "no Hugging Face token" in err and "HF_TOKEN" in err and "hf auth login" in err
+
+
+def test_broken_folder_refused_naming_the_checks(source_checkpoint, result_files, fake_hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    os.remove(os.path.join(source_checkpoint, "model.safetensors"))
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]])
+    printed = capsys.readouterr()
+    assert rc == 1
+    assert "refusing to upload" in printed.err
+    assert "[FAILED] required files: missing model.safetensors" in printed.err
+    for loader in ("AutoModel.from_pretrained", "SparseEncoder", "FLES1Encoder.from_pretrained"):
+        assert f"[FAILED] {loader}" in printed.err
+    assert fake_hub.requests == []  # nothing reached the Hub
+    assert TOKEN not in printed.out + printed.err
+
+
+def test_revision_with_create_pr_refused_early(source_checkpoint, result_files, tmp_path, capsys):
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--revision", "v14", "--create-pr",
+                          "--results", result_files["results"], "--dry-run", str(tmp_path / "o")])
+    assert rc == 1 and "--create-pr" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_missing_results_refused(source_checkpoint, tmp_path, capsys):
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "o")])
+    assert rc == 1
+    assert "at least one eval results JSON: pass --results" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
