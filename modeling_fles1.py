@@ -62,7 +62,8 @@ class _MaxPooledProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk_tokens):
         batch, length, _ = hidden.shape
-        values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.float32)
+        # float32 at least (bf16 logits are pooled into float32); float64 stays float64 so gradcheck can run.
+        values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.promote_types(hidden.dtype, torch.float32))
         argmax = torch.empty((batch, weight.shape[0]), dtype=torch.int32, device=hidden.device)
         weight_t = weight.to(hidden.dtype).t()
         bias = bias.to(hidden.dtype)
@@ -78,21 +79,23 @@ class _MaxPooledProjection(torch.autograd.Function):
     def backward(ctx, grad_values):
         hidden, weight, argmax = ctx.saved_tensors
         batch, length, hidden_size = hidden.shape
+        dtype = grad_values.dtype  # float32, or float64 under gradcheck
         rows, vocab = grad_values.nonzero(as_tuple=True)
-        grad = grad_values[rows, vocab].to(torch.float32).unsqueeze(1)
+        grad = grad_values[rows, vocab].unsqueeze(1)
         token = rows * length + argmax[rows, vocab].long()  # index into the flattened (batch * length) tokens
         grad_hidden = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = torch.zeros(batch * length, hidden_size, dtype=torch.float32, device=hidden.device)
-            grad_hidden.index_add_(0, token, grad * weight[vocab].float())
+            grad_hidden = torch.zeros(batch * length, hidden_size, dtype=dtype, device=hidden.device)
+            grad_hidden.index_add_(0, token, grad * weight[vocab].to(dtype))
             grad_hidden = grad_hidden.view(batch, length, hidden_size).to(hidden.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            grad_weight.index_add_(0, vocab, grad * hidden.reshape(-1, hidden_size)[token].float())
+            grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+            grad_weight.index_add_(0, vocab, grad * hidden.reshape(-1, hidden_size)[token].to(dtype))
             grad_weight = grad_weight.to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
             grad_bias.index_add_(0, vocab, grad.squeeze(1))
+            grad_bias = grad_bias.to(weight.dtype)
         return grad_hidden, grad_weight, grad_bias, None
 
 
