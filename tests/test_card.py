@@ -64,3 +64,129 @@ def make_training_log(path, seed=1, crashes=(0, 2, 1, 0)):
     with open(path, "w") as handle:
         json.dump(payload, handle)
     return str(path)
+
+
+def card_from(tmp_path, results, logs=(), **kwargs):
+    path = tmp_path / "README.md"
+    build_card(results, logs, **kwargs).save(str(path))
+    return ModelCard.load(str(path))  # parse back with the Hub's card tools
+
+
+def table_row(text, first_cells, section=None):
+    """The cells of the Markdown table row that starts with the given cells (within a '## section')."""
+    if section:
+        text = text.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+    prefix = "| " + " | ".join(first_cells) + " |"
+    (line,) = [line for line in text.splitlines() if line.startswith(prefix)]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_metadata_parses_and_model_index_equals_result_file(tmp_path):
+    results = make_eval(tmp_path / "eval.json", datasets={"nfcorpus": 0.30587123, "scifact": 0.6123456789})
+    log = make_training_log(tmp_path / "run" / "training_log.json")
+    card = card_from(tmp_path, [results], [log])
+    with open(results) as handle:
+        expected = json.load(handle)["datasets"]
+    data = card.data
+    assert data.license == "apache-2.0"
+    assert data.library_name == "sentence-transformers" and data.pipeline_tag == "feature-extraction"
+    assert {"sparse-retrieval", "splade", "sentence-transformers", "sparse-encoder"} <= set(data.tags)
+    assert data.base_model == "bert-base-uncased"  # the recipe's backbone
+    assert data.datasets == ["BeIR/nfcorpus", "BeIR/scifact"]
+    assert data.model_name == "fles1-v14"
+    seen = set()
+    for result in data.eval_results:
+        key = result.metric_type.replace("_at_", "@")
+        assert result.metric_value == expected[result.dataset_name]["metrics"][key]
+        assert result.dataset_split == "test" and result.task_type == "text-retrieval"
+        seen.add((result.dataset_name, key))
+    assert seen == {(name, key) for name in expected for key in expected[name]["metrics"]}  # one per dataset+metric
+    # the front matter is plain YAML too
+    front = yaml.safe_load(card.content.split("---")[1])
+    assert front["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.30587123
+
+
+def test_numbers_no_file_holds_render_as_missing(tmp_path):
+    results = make_eval(tmp_path / "eval.json", bm25=False, production=False)
+    with open(results) as handle:
+        payload = json.load(handle)
+    del payload["datasets"]["nfcorpus"]["metrics"]["map@100"]
+    del payload["environment"]
+    with open(results, "w") as handle:
+        json.dump(payload, handle)
+    card = card_from(tmp_path, [results])
+    assert "map_at_100" not in {r.metric_type for r in card.data.eval_results}
+    assert table_row(card.text, ["nfcorpus", "test"], "Metrics at")[5] == MISSING  # MAP@100 column of the headline table
+    assert table_row(card.text, ["nfcorpus", "BM25 (—)"])[2:] == [MISSING] * 5
+    assert table_row(card.text, ["nfcorpus"] + [MISSING] * 5)
+    assert "training details are —" in card.text
+    assert "Device: —" in card.text
+    assert "123.4" not in card.text and "0.3177" not in card.text  # no production/BM25 numbers from elsewhere
+
+
+def test_several_runs_per_seed_table_and_mean_std(tmp_path):
+    seed_dirs = [tmp_path / f"seed{seed}" for seed in (11, 22, 33)]
+    ndcgs = [0.3111, 0.3222, 0.2999]
+    results = [make_eval(tmp_path / f"eval{i}.json", model_path=str(folder), fingerprint=f"fp{i}",
+                         datasets={"nfcorpus": ndcg}) for i, (folder, ndcg) in enumerate(zip(seed_dirs, ndcgs))]
+    # a second file for the published model: another dataset, merged into its cross-domain table
+    results.insert(1, make_eval(tmp_path / "eval0_scifact.json", model_path=str(seed_dirs[0]), fingerprint="fp0",
+                                datasets={"scifact": 0.6543}))
+    logs = [make_training_log(folder / "training_log.json", seed=seed, crashes=(seed % 2, 0, 1, 0))
+            for folder, seed in zip(seed_dirs, (11, 22, 33))]
+    card = card_from(tmp_path, results, logs[::-1])  # log order does not matter: paired by model folder
+    assert [row[1] for row in (table_row(card.text, [label]) for label in ("published", "run 2", "run 3"))] == \
+        ["11", "22", "33"]
+    mean_row = table_row(card.text, ["mean ± std (n=3)"])
+    import statistics
+
+    assert mean_row[3] == f"{statistics.mean(ndcgs):.4f} ± {statistics.stdev(ndcgs):.4f}"
+    # model-index and headline: the published run only, both of its datasets
+    values = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert values[("nfcorpus", "ndcg_at_10")] == ndcgs[0] and values[("scifact", "ndcg_at_10")] == 0.6543
+    assert table_row(card.text, ["scifact", "test", "323"], "Cross-domain")  # cross-domain row
+    for seed, crashes in ((11, "1 | 0 | 1 | 0 | 2"), (22, "0 | 0 | 1 | 0 | 1")):
+        assert f"| {seed} | 12500 | 2590 | 0.4321 | 402.5 | 31.5 | {crashes} |" in card.text
+
+
+def test_recipe_file_and_plots(tmp_path):
+    results = make_eval(tmp_path / "eval.json")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("base_model: google-bert/bert-base-uncased\nlearning_rate: 2.0e-5\n"
+                      "clfr:\n  target_nnz_d: 400\n  gain: 0.1\n  interval_steps: 6250\n")
+    card = card_from(tmp_path, [results], recipe=str(recipe), plots=["plots/lambda_d.png"])
+    assert card.data.base_model == "google-bert/bert-base-uncased"
+    assert "| `clfr.target_nnz_d` | 400 |" in card.text and "| `clfr.gain` | 0.1 |" in card.text
+    assert "![plots/lambda_d.png](plots/lambda_d.png)" in card.text
+    assert 'trust_remote_code=True' in card.text and 'hf_hub_download("mindoval/fles1-v14", "fles1_encoder.py")' \
+        in card.text
+
+
+def test_bad_result_files_name_the_file(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(CardInputError, match="broken.json: not valid JSON"):
+        build_card([str(broken)])
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"model": {}}))
+    with pytest.raises(CardInputError, match="wrong.json: no 'datasets'"):
+        build_card([str(wrong)])
+    with pytest.raises(CardInputError, match="missing.json: eval results file not found"):
+        build_card([str(tmp_path / "missing.json")])
+    with pytest.raises(CardInputError, match="at least one eval results JSON"):
+        build_card([])
+
+
+def test_generate_card_cli(tmp_path):
+    results = make_eval(tmp_path / "eval.json")
+    log = make_training_log(tmp_path / "run" / "training_log.json")
+    out = tmp_path / "card.md"
+    process = subprocess.run([sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"), "--results",
+                              results, "--training-log", log, "--output", str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    card = ModelCard.load(str(out))
+    assert card.data.eval_results[0].metric_value == 0.31234567
+    process = subprocess.run([sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"), "--results",
+                              str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2 and "nope.json: eval results file not found" in process.stderr
