@@ -46,8 +46,10 @@ PRODUCTION = {"docs_per_second": "Docs/s", "query_latency_ms_p50": "Query p50 (m
               "index_ratio_to_dense_768": "Index size vs dense-768"}
 CRASH_KINDS = ("non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse", "total")
 CLFR_KEY = re.compile(r"clfr|target_nnz|gain|lambda|interval", re.IGNORECASE)
-BASE_MODEL_KEYS = ("base_model", "model_name_or_path", "backbone", "model")
-TRAIN_DATA_KEYS = ("dataset", "train_dataset", "train_data", "data")
+# Looked up in the flattened recipe (nested keys joined by dots), first hub id wins.
+BASE_MODEL_KEYS = ("base_model", "model.base_model", "model_name_or_path", "model.name_or_path", "model.path",
+                   "backbone", "model")
+TRAIN_DATA_KEYS = ("data.source", "data.dataset", "dataset", "train_dataset", "train_data", "data")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # legacy ids like bert-base-uncased have no owner
 BEIR_NAMES = {"arguana", "climate-fever", "cqadupstack", "dbpedia-entity", "fever", "fiqa", "hotpotqa", "msmarco",
               "nfcorpus", "nq", "quora", "scidocs", "scifact", "trec-covid", "webis-touche2020", "touche2020"}
@@ -200,9 +202,9 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def cell(value) -> str:
+def cell(value, none: str = MISSING) -> str:
     if value is None:
-        return MISSING
+        return none
     text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
     return text.replace("|", "\\|")
 
@@ -225,14 +227,14 @@ def headline_section(run: Run) -> str:
     return table(["Dataset", "Split", *METRICS.values()], rows)
 
 
-def reproducibility_section(runs: list[Run], primary_dataset: str) -> str:
+def reproducibility_section(runs: list[Run], primary_dataset: str, name_of) -> str:
     runs = [run for run in runs if primary_dataset in run.datasets]
     keys = ["ndcg@10", "mrr@10", "recall@100", "nnz_doc", "nnz_query"]
     rows = []
     for index, run in enumerate(runs):
         metrics = run.datasets[primary_dataset]["metrics"]
         label = "published" if index == 0 else f"run {index + 1}"
-        rows.append([label, cell(run.seed), f"`{os.path.basename(run.sources[primary_dataset])}`"]
+        rows.append([label, cell(run.seed), f"`{name_of(run.sources[primary_dataset])}`"]
                     + [fmt_metric(k, metrics.get(k)) for k in keys])
     text = f"{primary_dataset}, one row per evaluated run:\n\n"
     values = {k: [number(run.datasets[primary_dataset]["metrics"].get(k)) for run in runs] for k in keys}
@@ -299,12 +301,12 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     parts = []
     flat = flatten(recipe or {})
     if flat:
-        parts.append("### Recipe\n\n" + table(["Setting", "Value"], [[f"`{k}`", cell(v)] for k, v in flat.items()]))
+        parts.append("### Recipe\n\n" + table(["Setting", "Value"], [[f"`{k}`", cell(v, "null")] for k, v in flat.items()]))
     clfr_settings = {k: v for k, v in flat.items() if CLFR_KEY.search(k)}
     clfr = ["### CLFR (closed-loop FLOPS regularization)",
             "Every interval the controller measures the documents' average NNZ and moves λ_d toward the target."]
     if clfr_settings:
-        clfr.append(table(["Setting", "Value"], [[f"`{k}`", cell(v)] for k, v in clfr_settings.items()]))
+        clfr.append(table(["Setting", "Value"], [[f"`{k}`", cell(v, "null")] for k, v in clfr_settings.items()]))
     rows = []
     for path, log in logs:
         updates = log.get("clfr") or []
@@ -330,6 +332,13 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
             + table(["Seed", "Steps", "Runtime (s)", "Final loss", "Final NNZ doc", "Final NNZ query",
                      "Non-finite loss", "Non-finite grad", "Loss spike", "NNZ collapse", "Total"], rows)
         )
+    dev = [(log.get("seed"), log["eval"]) for _, log in logs if isinstance(log.get("eval"), dict)
+           and any(number(log["eval"].get(k)) is not None for k in METRICS)]
+    if dev:
+        rows = [[cell(seed), cell(metrics.get("split"))] + [fmt_metric(k, metrics.get(k)) for k in METRICS]
+                for seed, metrics in dev]
+        parts.append("### Dev metrics at the end of training\n\n"
+                     + table(["Seed", "Split", *METRICS.values()], rows))
     return "\n\n".join(parts)
 
 
@@ -358,15 +367,18 @@ def build_card(
     base_model: Optional[str] = None,
     plots: Sequence[str] = (),
     template_path: str = TEMPLATE_PATH,
+    result_names: Optional[dict] = None,
 ) -> ModelCard:
-    """Model card from result files. ``plots`` are paths relative to the card (they are linked, not read)."""
+    """Model card from result files. ``plots`` are paths relative to the card (they are linked, not read);
+    ``result_names`` maps a results path to the name the card shows for it (default: its file name)."""
+    name_of = lambda path: (result_names or {}).get(path) or os.path.basename(path)  # noqa: E731
     if not results:
         raise CardInputError("at least one eval results JSON is needed (eval_fles1.py --output)")
     runs = group_runs([(path, read_eval(path)) for path in results])
     extra_logs = attach_training_logs(runs, [(path, read_training_log(path)) for path in training_logs])
     recipe_values = read_recipe(recipe) if recipe else None
     primary = runs[0]
-    train_recipe = recipe_values or (primary.training_log or {}).get("recipe") or {}
+    train_recipe = flatten(recipe_values or (primary.training_log or {}).get("recipe") or {})
     base_model = base_model or next(
         (hub_id_or_none(train_recipe.get(k)) for k in BASE_MODEL_KEYS if hub_id_or_none(train_recipe.get(k))), None)
     datasets = [dataset_id(name) for name in primary.datasets]
@@ -394,8 +406,8 @@ def build_card(
         query_max_length=cell(header.get("query_max_length")),
         document_max_length=cell(header.get("document_max_length")),
         headline_table=headline_section(primary),
-        headline_source=", ".join(f"`{os.path.basename(p)}`" for p in dict.fromkeys(primary.sources.values())),
-        reproducibility=reproducibility_section(runs, primary_dataset),
+        headline_source=", ".join(f"`{name_of(p)}`" for p in dict.fromkeys(primary.sources.values())),
+        reproducibility=reproducibility_section(runs, primary_dataset, name_of),
         environment=environment_section(primary),
         eval_data=" ".join(dataset_id(name) for name in primary.datasets),
         eval_split=splits.pop() if len(splits) == 1 else MISSING,

@@ -118,12 +118,15 @@ def assemble(
             shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
     results_dir, plots_dir = os.path.join(out_dir, "results"), os.path.join(out_dir, "plots")
     copied_results = _copy_unique(results, results_dir)
-    copied_logs = _copy_unique(training_logs, results_dir, rename=_training_log_name)
-    copied_recipe = _copy_unique([recipe], results_dir)[0] if recipe else None
+    _copy_unique(training_logs, results_dir, rename=_training_log_name)
+    if recipe:
+        _copy_unique([recipe], results_dir)
     copied_plots = _copy_unique(plots, plots_dir)
     if copied_results:
-        relative_plots = [os.path.relpath(p, out_dir).replace(os.sep, "/") for p in copied_plots]
-        card = build_card(copied_results, copied_logs, copied_recipe, repo_id, base_model, relative_plots)
+        relative = lambda path: os.path.relpath(path, out_dir).replace(os.sep, "/")  # noqa: E731
+        # built from the original files: training logs pair with runs by their model folders
+        card = build_card(results, training_logs, recipe, repo_id, base_model, [relative(p) for p in copied_plots],
+                          result_names={src: relative(dst) for src, dst in zip(results, copied_results)})
         card.save(os.path.join(out_dir, "README.md"))
     return out_dir
 

@@ -179,7 +179,8 @@ def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys):
             and r.metric_type == "ndcg_at_10"]
     assert ndcg == [expected]
     assert "![plots/loss.png](plots/loss.png)" in card.text
-    assert "| 7 | 12500 |" in card.text  # the training log found in the model folder fed the training section
+    assert "| 7 | 12500 |" in card.text
+    assert "Source: `results/eval_nfcorpus.json`" in card.text  # the card names the copy shipped beside it  # the training log found in the model folder fed the training section
 
 
 def passing_validation(monkeypatch):
