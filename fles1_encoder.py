@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Iterable, Literal, Optional, Sequence
 
 import numpy as np
@@ -139,34 +140,48 @@ class FLES1Encoder:
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not supported; choose one of {list(KINDS)}")
 
+    def _tokenize(self, texts: list[str], kind: str) -> list[list[int]]:
+        """Token ids per text, truncated at the kind's max length (special tokens included)."""
+        return self.tokenizer(
+            texts, truncation=True, max_length=self.max_lengths[kind], add_special_tokens=True,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+
     @torch.inference_mode()
-    def _encode_dense(self, texts: list[str], kind: str) -> torch.Tensor:
-        """(len(texts), vocab) float32 on the model's device, before threshold; texts must be non-blank."""
-        features = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_lengths[kind],
-            return_tensors="pt",
-            return_token_type_ids=True,
-        )
+    def _encode_ids_batch(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """(len(token_ids), vocab) float32 on the model's device, before threshold."""
+        length = max(len(ids) for ids in token_ids)
+        input_ids = torch.full((len(token_ids), length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attention_mask = torch.zeros((len(token_ids), length), dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        features = {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids)}
+        if not bool(attention_mask.all()):  # without padding, attention can skip the mask
+            features["attention_mask"] = attention_mask
         features = {name: tensor.to(self.device) for name, tensor in features.items()}
-        if len(texts) == 1:
-            features.pop("attention_mask")  # no padding: lets attention skip the mask
         return self.model.encode_sparse(**features, projection_dtype=self.projection_dtype).sparse_embeddings
 
+    def _encode_dense(self, texts: list[str], kind: str) -> torch.Tensor:
+        """(len(texts), vocab) float32 before threshold; texts must be non-blank."""
+        return self._encode_ids_batch(self._tokenize(texts, kind))
+
     def _batches(self, texts: list[str], kind: str, batch_size: int, show_progress_bar: Optional[bool]):
-        """Yield (positions, vectors) for non-blank texts, batched by similar length to save padding."""
+        """Yield (positions, vectors) for non-blank texts, tokenized once and batched by token count so that
+        padding is minimal."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         positions = [index for index, text in enumerate(texts) if text.strip()]
-        positions.sort(key=lambda index: -len(texts[index]))  # characters: a cheap proxy for tokens
+        if not positions:
+            return
+        token_ids = self._tokenize([texts[index] for index in positions], kind)
+        order = sorted(range(len(positions)), key=lambda i: -len(token_ids[i]))
         if show_progress_bar is None:
             show_progress_bar = len(positions) >= PROGRESS_BAR_MIN_TEXTS
         with tqdm(total=len(positions), disable=not show_progress_bar, desc=f"Encoding {kind}s", unit=kind) as bar:
-            for start in range(0, len(positions), batch_size):
-                chunk = positions[start : start + batch_size]
-                yield chunk, self._encode_dense([texts[index] for index in chunk], kind)
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                yield [positions[i] for i in chunk], self._encode_ids_batch([token_ids[i] for i in chunk])
                 bar.update(len(chunk))
 
     def _sparsify(self, vectors: torch.Tensor, threshold: float):
@@ -249,9 +264,12 @@ class FLES1Encoder:
         data = np.concatenate([w for _, w in pairs]).astype(np.float32) if pairs else np.zeros(0, np.float32)
         shape = (len(pairs), self.config.vocab_size)
         if output == "torch":
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(data), size=shape
-            )
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(
+                    torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(data),
+                    size=shape, check_invariants=False,
+                )
         from scipy.sparse import csr_matrix
 
         matrix = csr_matrix((data, indices, indptr), shape=shape)

@@ -22,10 +22,17 @@ except ImportError:  # imported from a checkout
     from configuration_fles1 import FLES1Config
 
 
-# Tokens whose (tokens x vocab) logits are materialised at once. The projection is compute-bound; small tiles
-# keep the logits in cache on CPU, large ones keep a GPU busy.
+# Tokens whose (tokens x vocab) logits are materialised at once under autograd / on accelerators. The projection
+# is compute-bound; small tiles keep the logits in cache on CPU, large ones keep a GPU busy.
 CPU_CHUNK_TOKENS = 256
 ACCELERATOR_CHUNK_TOKENS = 65536
+# CPU inference projects one text at a time onto this many vocabulary rows at once: the (rows x tokens) logits
+# tile stays in a core's L2 cache, and no padding token is ever projected.
+CPU_VOCAB_BLOCK = 4096
+# bf16 screening bound (see `FLES1ForMaskedLM._cpu_max_logits`): a logit computed from bf16-rounded inputs
+# (u = 2^-8), with exact products accumulated in float32 and the result rounded to bf16, is within
+# (3u + 2^-24 * hidden_size) * |h| * |w| of the exact one; 2^-6 > 3.1u leaves slack.
+SCREEN_MARGIN = 2.0**-6
 
 
 @dataclass
@@ -112,6 +119,17 @@ def max_pooled_logits(hidden, weight, bias, chunk_tokens):
     return values
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 screening pays off."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def _tiled_max(tiles, hidden_t: torch.Tensor) -> torch.Tensor:
+    """max over tokens of weight @ hidden_t, tile by tile: (vocab,) in the tiles' dtype."""
+    return torch.cat([torch.matmul(tile, hidden_t).amax(dim=1) for tile in tiles])
+
+
 class FLES1ForMaskedLM(BertForMaskedLM):
     r"""
     FLES-1 learned sparse encoder: transformers' [`BertForMaskedLM`] with a memory-light sparse pooling method.
@@ -153,6 +171,50 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def sparse_chunk_tokens(self, device: torch.device) -> int:
         return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS
 
+    def _projection_tiles(self, dtype: torch.dtype):
+        """Decoder weight as (CPU_VOCAB_BLOCK x hidden) tiles in `dtype` and its row norms, cached per dtype.
+
+        The cache key holds the weight's storage and version counter, so an optimizer step, `load_state_dict`
+        or `.to()` invalidates it.
+        """
+        weight = self.cls.predictions.decoder.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cache = self.__dict__.setdefault("_fles1_projection_tiles", {})
+        if dtype not in cache or cache[dtype][0] != key:
+            with torch.no_grad():
+                rows = weight.detach().to(dtype)
+                tiles = [rows[start : start + CPU_VOCAB_BLOCK] for start in range(0, rows.shape[0], CPU_VOCAB_BLOCK)]
+                cache[dtype] = (key, tiles, weight.detach().float().norm(dim=1))
+        return cache[dtype][1:]
+
+    @torch.no_grad()
+    def _cpu_max_logits(self, hidden, attention_mask, bias, projection_dtype, bf16_screening) -> torch.Tensor:
+        """Inference-only CPU projection, one text at a time, padding skipped: (batch, vocab) float32.
+
+        With `bf16_screening`, the float32 result is obtained at bf16 speed: a bf16 pass bounds every logit
+        within SCREEN_MARGIN * max_t |h_t| * |w_v| of its exact value, so a vocabulary entry whose bf16 maximum
+        is below minus that bound has an exact maximum <= 0 and a weight of exactly 0; only the remaining
+        candidates (a few hundred) are recomputed in float32. Entries screened out keep their (negative)
+        bf16 estimate in `max_logits`.
+        """
+        dtype = projection_dtype or hidden.dtype
+        tiles, norms = self._projection_tiles(torch.bfloat16 if bf16_screening else dtype)
+        weight = self.cls.predictions.decoder.weight.detach()
+        bias = bias.detach().float()
+        values = torch.empty((hidden.shape[0], weight.shape[0]), dtype=torch.float32)
+        keep = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+        for row in range(hidden.shape[0]):
+            states = hidden[row] if keep is None else hidden[row][keep[row]]
+            if not bf16_screening:
+                values[row] = _tiled_max(tiles, states.to(dtype).t()).float().add_(bias)
+                continue
+            estimate = _tiled_max(tiles, states.to(torch.bfloat16).t()).float().add_(bias)
+            bound = norms * (SCREEN_MARGIN * float(states.norm(dim=1).max()))
+            candidates = (estimate + bound > 0).nonzero().squeeze(1)
+            exact = torch.matmul(weight[candidates], states.t()).amax(dim=1).add_(bias[candidates])
+            values[row] = estimate.index_copy_(0, candidates, exact)
+        return values
+
     def encode_sparse(
         self,
         input_ids: torch.LongTensor,
@@ -160,6 +222,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         token_type_ids: Optional[torch.Tensor] = None,
         projection_dtype: Optional[torch.dtype] = None,
         chunk_tokens: Optional[int] = None,
+        bf16_screening: Optional[bool] = None,
     ) -> FLES1SparseOutput:
         """
         Sparse vectors log(1 + ReLU(max_t logits)) of shape (batch, vocab), float32, without thresholding.
@@ -168,18 +231,32 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             input_ids, attention_mask, token_type_ids: as returned by the tokenizer.
             projection_dtype: dtype of the vocabulary projection (e.g. `torch.bfloat16` for speed); the backbone
                 runs in the model's dtype. Defaults to the model's dtype.
-            chunk_tokens: tokens projected onto the vocabulary at once (memory/speed trade-off).
+            chunk_tokens: tokens projected onto the vocabulary at once (memory/speed trade-off). Setting it
+                on CPU selects the batched projection instead of the per-text tiled one.
+            bf16_screening: CPU inference only: find the float32 result through a bf16 pass plus an exact
+                float32 recompute of the few entries that can be positive (same vectors, about 2x faster).
+                Defaults to on for float32 models on CPUs with native bf16.
+
+        Under autograd the projection keeps only each entry's max and argmax (sparse backward); on CPU at
+        inference it runs per text over (CPU_VOCAB_BLOCK x tokens) tiles, skipping padding.
         """
         outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = self.cls.predictions.transform(outputs.last_hidden_state)
+        decoder = self.cls.predictions.decoder
+        bias = decoder.bias if decoder.bias is not None else self.cls.predictions.bias
+        differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad)
+        if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None:
+            if bf16_screening is None:
+                bf16_screening = projection_dtype in (None, torch.float32) and hidden.dtype == torch.float32
+                bf16_screening = bf16_screening and cpu_has_fast_bf16()
+            max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, bf16_screening)
+            return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
         if attention_mask is not None and not bool(attention_mask.all()):
             # Padding positions copy the text's first token: the max over tokens is then unchanged, no
             # (batch x length x vocab) mask is needed, and autograd routes their gradient to that token.
             hidden = torch.where(attention_mask.unsqueeze(-1).bool(), hidden, hidden[:, :1])
         if projection_dtype is not None:
             hidden = hidden.to(projection_dtype)
-        decoder = self.cls.predictions.decoder
-        bias = decoder.bias if decoder.bias is not None else self.cls.predictions.bias
         max_logits = max_pooled_logits(
             hidden, decoder.weight, bias, chunk_tokens or self.sparse_chunk_tokens(hidden.device)
         )
@@ -190,4 +267,4 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 FLES1Config.register_for_auto_class()
 FLES1ForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
-__all__ = ["FLES1ForMaskedLM", "FLES1SparseOutput", "max_pooled_logits"]
+__all__ = ["FLES1ForMaskedLM", "FLES1SparseOutput", "max_pooled_logits", "cpu_has_fast_bf16"]

@@ -1,0 +1,153 @@
+"""FLES1Encoder: the seed snippet, outputs, thresholds and every bad input of the issue."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fles1_encoder import CheckpointError, FLES1Encoder
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_random_checkpoint):
+    return FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def shipped(fles1_checkpoint):
+    return FLES1Encoder.from_pretrained(fles1_checkpoint)
+
+
+def test_encoder_seed_snippet_runs_verbatim(fles1_checkpoint):
+    dir = fles1_checkpoint  # noqa: A001 -- the snippet's name for the hub id
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(dir)
+    sparse = encoder.encode("What is machine learning?")        # {'machine': 1.39, 'learning': 1.08, ...}
+    vectors = encoder.encode_batch(["query 1", "query 2"], batch_size=32)
+    ids, weights = encoder.encode_to_ids("What is machine learning?")
+
+    assert list(sparse)[:2] == ["machine", "learning"]  # the shipped SPLADE model's top terms
+    assert list(sparse.values()) == sorted(sparse.values(), reverse=True) and min(sparse.values()) >= 0.3
+    assert len(vectors) == 2 and all(isinstance(vector, dict) and vector for vector in vectors)
+    assert encoder.decode(ids, weights) == sparse
+
+
+def test_encoder_emoji_and_non_english(shipped):
+    for text in ("🚀🔥", "日本語のテキスト", "Brustkrebs und Vitamin D", "¿qué dice la evidencia? naïve café"):
+        vector = shipped.encode(text)
+        assert vector and all(weight >= 0.3 for weight in vector.values())
+
+
+def test_encoder_blank_and_empty_inputs(encoder):
+    assert encoder.encode("") == {}
+    assert encoder.encode("  \n\t ") == {}
+    assert encoder.encode_to_ids("") == ([], [])
+    assert encoder.encode_batch([]) == []
+    assert encoder.encode_to_csr([]).shape == (0, encoder.config.vocab_size)
+    mixed = encoder.encode_batch(["", "heart disease", " "])
+    assert mixed[0] == {} and mixed[2] == {} and mixed[1] == encoder.encode("heart disease")
+
+
+@pytest.mark.parametrize("bad", [None, b"bytes", 42, 3.5, ["nested"]])
+def test_encoder_non_str_in_batch_names_the_index(encoder, bad):
+    with pytest.raises(TypeError, match=r"texts\[2\]"):
+        encoder.encode_batch(["fine", "also fine", bad, "fine"])
+    with pytest.raises(TypeError):
+        encoder.encode(bad)
+
+
+def test_encoder_single_string_is_not_a_batch(encoder):
+    with pytest.raises(TypeError, match="encode\\(\\)"):
+        encoder.encode_batch("one text")
+
+
+def test_encoder_overlong_text_is_truncated_at_configured_max_length(encoder):
+    words = [f"word{i % 7}" if i % 2 else "cell" for i in range(600)]
+    tokens = encoder.tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+    for kind in ("document", "query"):
+        limit = encoder.max_lengths[kind] - 2  # [CLS] and [SEP] count
+        prefix = encoder.tokenizer.decode(tokens[:limit])
+        assert encoder.tokenizer(prefix, add_special_tokens=False)["input_ids"] == tokens[:limit]
+        assert encoder.encode(" ".join(words), kind=kind, threshold=0) == encoder.encode(prefix, kind=kind, threshold=0)
+        assert encoder.encode(" ".join(words), kind=kind, threshold=0) != encoder.encode(
+            encoder.tokenizer.decode(tokens[: limit - 3]), kind=kind, threshold=0
+        )
+
+
+def test_encoder_negative_threshold_is_rejected(tiny_random_checkpoint, encoder):
+    with pytest.raises(ValueError, match="threshold"):
+        FLES1Encoder.from_pretrained(tiny_random_checkpoint, threshold=-0.1)
+    with pytest.raises(ValueError, match="threshold"):
+        encoder.encode("heart", threshold=-1)
+    with pytest.raises(ValueError, match="threshold"):
+        encoder.encode_batch(["heart"], threshold=float("nan"))
+
+
+def test_encoder_bad_kind_and_output_list_the_choices(encoder):
+    with pytest.raises(ValueError, match=r"\['document', 'query'\]"):
+        encoder.encode("heart", kind="passage")
+    with pytest.raises(ValueError, match=r"\['dict', 'ids', 'csr', 'torch'\]"):
+        encoder.encode_batch(["heart"], output="numpy")
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode_batch(["heart"], batch_size=0)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_encoder_missing_or_corrupt_file_names_the_file(tiny_random_checkpoint, tmp_path, name, damage):
+    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "checkpoint")
+    if damage == "missing":
+        os.remove(folder / name)
+    else:
+        (folder / name).write_bytes(b"\x00{not json, not safetensors")
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        FLES1Encoder.from_pretrained(str(folder))
+
+
+def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
+    text = "aspirin lowers the risk of heart attacks in older adults"
+    everything = encoder.encode(text, threshold=0.0)
+    assert encoder.threshold == encoder.config.inference_threshold == 0.3
+    assert everything and min(everything.values()) > 0
+    cut = sorted(everything.values())[len(everything) // 2]
+    kept = encoder.encode(text, threshold=cut)
+    assert kept == {term: weight for term, weight in everything.items() if weight >= cut}
+    assert encoder.encode(text) == {term: weight for term, weight in everything.items() if weight >= 0.3}
+    assert FLES1Encoder.from_pretrained(tiny_random_checkpoint, threshold=cut).encode(text) == kept
+
+
+def test_encoder_ids_csr_torch_and_decode_agree(encoder):
+    texts = ["heart disease and diet", "", "vitamin d deficiency in older adults", "🚀"]
+    dicts = encoder.encode_batch(texts)  # one batch everywhere: padding may move weights by ~1e-7
+    pairs = encoder.encode_batch(texts, output="ids")
+    matrix = encoder.encode_to_csr(texts)
+    dense_torch = encoder.encode_batch(texts, output="torch").to_dense()
+    assert matrix.shape == tuple(dense_torch.shape) == (4, encoder.config.vocab_size)
+    assert matrix.dtype == np.float32 and matrix.has_sorted_indices
+    assert np.array_equal(matrix.toarray(), dense_torch.numpy())
+    for row, (text, vector, (ids, weights)) in enumerate(zip(texts, dicts, pairs)):
+        assert encoder.decode(ids, weights) == vector
+        assert encoder.decode(ids) == list(vector)
+        assert list(weights) == sorted(weights, reverse=True)
+        single_ids, single_weights = encoder.encode_to_ids(text)  # batch padding may move weights by ~1e-7
+        assert encoder.decode(single_ids, single_weights) == encoder.encode(text)
+        assert {encoder.decode([i])[0]: w for i, w in zip(matrix[row].indices, matrix[row].data)} == vector
+    assert matrix[1].nnz == 0
+    assert encoder.encode_queries(texts) == encoder.encode_batch(texts, kind="query")
+    assert encoder.encode_documents(texts) == dicts
+
+
+def test_encoder_batching_does_not_change_vectors(encoder):
+    texts = [f"{'long ' * (i * 5)}text number {i}" for i in range(9)]
+    alone = torch.stack([encoder.encode_batch([t], output="torch").to_dense()[0] for t in texts])
+    for batch_size in (1, 4, 32):
+        batched = encoder.encode_batch(texts, batch_size=batch_size, output="torch").to_dense()
+        assert (batched - alone).abs().max().item() <= 1e-5
+
+
+def test_encoder_progress_bar_for_long_inputs(encoder, capsys):
+    encoder.encode_batch(["heart"] * 3, show_progress_bar=True)
+    assert "Encoding documents" in capsys.readouterr().err

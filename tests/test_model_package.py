@@ -1,0 +1,206 @@
+"""The FLES-1 checkpoint folder: layout, the three loaders agreeing, save/load, conversion, the sparse projection."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from configuration_fles1 import FLES1Config
+from modeling_fles1 import FLES1ForMaskedLM
+
+LONG_DOCUMENT = "Statins lower LDL cholesterol and reduce cardiovascular risk in adults with diabetes. " * 40
+TEXTS = [
+    "What is machine learning?",
+    LONG_DOCUMENT,
+    "Vitamin D und Brustkrebs: ¿qué dice la evidencia? 日本語のテキスト 🚀🔥 naïve café",
+    "a",
+    "diet",
+]
+
+
+def naive_sparse(model, features):
+    """SPLADE's definition on the full (batch x length x vocab) logits: max_t log(1 + ReLU(logit)), padding masked."""
+    logits = model(**features).logits
+    mask = features["attention_mask"].bool().unsqueeze(-1)
+    return torch.log1p(torch.relu(logits)).masked_fill(~mask, 0).amax(dim=1)
+
+
+def test_model_checkpoint_folder_layout(fles1_checkpoint):
+    files = set(os.listdir(fles1_checkpoint))
+    for name in ("config.json", "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py", "model.safetensors",
+                 "tokenizer.json", "tokenizer_config.json", "modules.json", "sentence_bert_config.json"):
+        assert name in files, name
+    config = json.load(open(os.path.join(fles1_checkpoint, "config.json")))
+    assert config["model_type"] == "fles1"
+    assert config["architectures"] == ["FLES1ForMaskedLM"]
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_fles1.FLES1Config",
+        "AutoModel": "modeling_fles1.FLES1ForMaskedLM",
+        "AutoModelForMaskedLM": "modeling_fles1.FLES1ForMaskedLM",
+    }
+    assert (config["inference_threshold"], config["query_max_length"], config["document_max_length"]) == (0.3, 64, 256)
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)  # safetensors only
+
+
+def test_model_three_loaders_agree_on_shipped_backbone(fles1_checkpoint):
+    from sentence_transformers import SparseEncoder
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    from fles1_encoder import FLES1Encoder
+
+    tokenizer = AutoTokenizer.from_pretrained(fles1_checkpoint, trust_remote_code=True)
+    assert len(tokenizer(LONG_DOCUMENT)["input_ids"]) > 256  # the long text really gets truncated
+    encoder = FLES1Encoder.from_pretrained(fles1_checkpoint, threshold=0.0)
+    st = SparseEncoder(fles1_checkpoint, trust_remote_code=True)
+    masked_lm = AutoModelForMaskedLM.from_pretrained(fles1_checkpoint, trust_remote_code=True).eval()
+    auto_model = AutoModel.from_pretrained(fles1_checkpoint, trust_remote_code=True).eval()
+    assert type(auto_model).__name__ == type(masked_lm).__name__ == "FLES1ForMaskedLM"
+
+    for kind, max_length in (("query", 64), ("document", 256)):
+        features = tokenizer(TEXTS, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        assert not features["attention_mask"].all()  # the batch is padded
+        with torch.inference_mode():
+            reference = naive_sparse(masked_lm, features)
+            via_auto_model = auto_model.encode_sparse(**features).sparse_embeddings
+        st_encode = st.encode_query if kind == "query" else st.encode_document
+        via_st = st_encode(TEXTS, convert_to_tensor=True).to_dense().float()
+        via_encoder = encoder.encode_batch(TEXTS, kind=kind, output="torch").to_dense()
+        one_by_one = torch.stack([encoder.encode_batch([text], kind=kind, output="torch").to_dense()[0] for text in TEXTS])
+        assert (reference > 0).sum(dim=1).min() > 0
+        for vectors in (via_auto_model, via_st, via_encoder, one_by_one):
+            assert vectors.shape == reference.shape
+            assert (vectors - reference).abs().max().item() <= 1e-5
+
+
+def test_model_sparse_ir_evaluator_runs_on_sparse_encoder(fles1_checkpoint, nfcorpus_dir):
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+
+    from fles1.beir import load_beir
+
+    data = load_beir(nfcorpus_dir, "test")
+    query_ids = sorted(data.qrels)[:4]
+    relevant = {qid: {did for did, rel in data.qrels[qid].items() if rel > 0 and did in data.corpus} for qid in query_ids}
+    doc_ids = sorted({did for dids in relevant.values() for did in dids})[:40] + sorted(data.corpus)[:20]
+    corpus = {did: data.document_text(did) for did in doc_ids}
+    relevant = {qid: dids & set(corpus) for qid, dids in relevant.items()}
+    evaluator = SparseInformationRetrievalEvaluator(
+        queries={qid: data.queries[qid] for qid in query_ids}, corpus=corpus, relevant_docs=relevant,
+        name="tiny", show_progress_bar=False, batch_size=16,
+    )
+    metrics = evaluator(SparseEncoder(fles1_checkpoint, trust_remote_code=True))
+    ndcg = [value for key, value in metrics.items() if key.endswith("ndcg@10")]
+    assert ndcg and 0 < ndcg[0] <= 1
+
+
+def test_model_save_load_round_trip(tiny_random_checkpoint, tmp_path):
+    from fles1.checkpoint import HUB_CODE_FILES, save_checkpoint
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, threshold=0.0)
+    encoder.model.config.inference_threshold = 0.05
+    encoder.model.config.query_max_length = 12
+    save_checkpoint(encoder.model, encoder.tokenizer, str(tmp_path / "copy"))
+    reloaded = FLES1Encoder.from_pretrained(str(tmp_path / "copy"))
+    config = json.load(open(tmp_path / "copy" / "config.json"))
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
+    assert all((tmp_path / "copy" / name).is_file() for name in HUB_CODE_FILES)
+    assert (reloaded.threshold, reloaded.max_lengths["query"], reloaded.max_lengths["document"]) == (0.05, 12, 48)
+    for kind, texts in (("document", TEXTS), ("query", TEXTS[:1])):  # TEXTS[0] fits either query length
+        before = encoder.encode_batch(texts, kind=kind, output="torch").to_dense()
+        after = reloaded.encode_batch(texts, kind=kind, threshold=0.0, output="torch").to_dense()
+        assert torch.equal(before, after)
+
+
+def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):
+    import convert_fles1
+    from fles1_encoder import FLES1Encoder
+
+    out = str(tmp_path / "converted")
+    convert_fles1.main([backbone_dir, out, "--threshold", "0.5", "--query-max-length", "32"])
+    encoder = FLES1Encoder.from_pretrained(out)
+    assert (encoder.threshold, encoder.max_lengths["query"], encoder.max_lengths["document"]) == (0.5, 32, 256)
+    assert min(encoder.encode("statins and cholesterol").values()) >= 0.5
+
+
+def test_model_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="inference_threshold"):
+        FLES1Config(inference_threshold=-0.1)
+    with pytest.raises(ValueError, match=r"\['max'\]"):
+        FLES1Config(pooling="mean")
+    with pytest.raises(ValueError, match=r"\['log1p_relu'\]"):
+        FLES1Config(activation="relu")
+    with pytest.raises(ValueError, match="query_max_length"):
+        FLES1Config(query_max_length=2)
+
+
+def tiny_model(vocab_size=9000, seed=0):
+    """vocab > CPU_VOCAB_BLOCK so that the tiled CPU projection spans several tiles."""
+    torch.manual_seed(seed)
+    config = FLES1Config(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)
+    model = FLES1ForMaskedLM(config).eval()
+    with torch.no_grad():  # a trained-like spread of logits: some strongly positive, most negative
+        model.cls.predictions.bias.normal_(-2.0, 1.5)
+    input_ids = torch.randint(5, vocab_size, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    attention_mask[2, 3:] = 0
+    return model, {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+
+
+def test_model_encode_sparse_gradient_matches_naive_dense():
+    model, features = tiny_model()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    # Small upstream gradients keep the summed parameter gradients O(1), where float32 rounding is below 1e-5.
+    upstream = torch.rand(3, model.config.vocab_size) * 0.01
+
+    reference = naive_sparse(model, features)
+    (reference * upstream).sum().backward()
+    expected = [p.grad.clone() for p in parameters]
+    model.zero_grad()
+
+    sparse = model.encode_sparse(**features).sparse_embeddings
+    (sparse * upstream).sum().backward()
+    assert (reference > 0).sum() > 10 and (reference == 0).sum() > 10  # both sides of the ReLU are exercised
+    assert (sparse - reference).abs().max().item() <= 1e-5
+    for parameter, grad in zip(parameters, expected):
+        assert parameter.grad is not None
+        assert (parameter.grad - grad).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("options", [
+    {"bf16_screening": True}, {"bf16_screening": False}, {"chunk_tokens": 8}, {"projection_dtype": torch.float32},
+])
+def test_model_inference_projection_paths_match_naive(options):
+    model, features = tiny_model()
+    with torch.inference_mode():
+        reference = naive_sparse(model, features)
+        output = model.encode_sparse(**features, **options)
+    assert (reference > 0).sum() > 10
+    assert (output.sparse_embeddings - reference).abs().max().item() <= 1e-5
+    positive = reference > 0  # max_logits is exact wherever the weight is non-zero
+    assert (torch.log1p(output.max_logits[positive]) - reference[positive]).abs().max().item() <= 1e-5
+
+
+def test_model_bf16_projection_is_close_and_reported_as_approximate():
+    model, features = tiny_model()
+    with torch.inference_mode():
+        reference = naive_sparse(model, features)
+        approximate = model.encode_sparse(**features, projection_dtype=torch.bfloat16).sparse_embeddings
+    difference = (approximate - reference).abs().max().item()
+    assert 0 < difference < 0.1
+
+
+def test_model_projection_cache_follows_weight_updates():
+    model, features = tiny_model()
+    with torch.inference_mode():
+        before = model.encode_sparse(**features).sparse_embeddings
+    with torch.no_grad():
+        model.cls.predictions.decoder.weight.mul_(2.0)  # tied to the word embeddings: the whole model changes
+    with torch.inference_mode():
+        after = model.encode_sparse(**features).sparse_embeddings
+        reference = naive_sparse(model, features)
+    assert not torch.allclose(before, after)
+    assert (after - reference).abs().max().item() <= 1e-5
