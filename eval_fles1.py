@@ -1,0 +1,87 @@
+"""Evaluate a FLES-1 checkpoint on BEIR datasets: NDCG@10, MRR@10, Recall@100, MAP@100, Recall@1000, NNZ,
+a BM25 baseline (bm25s), production numbers (docs/s, query latency, index size) and engine exports.
+
+    HF_HUB_OFFLINE=1 python eval_fles1.py --model /tmp/fles1-tiny --data ../shared/data/nfcorpus \\
+        --threshold 0.3 --output results.json --run-file run.trec --markdown results.md
+
+    # the parity check with sentence-transformers' evaluator (0.3059 NDCG@10 on nfcorpus): threshold 0
+    python eval_fles1.py --model /tmp/fles1-tiny --data ../shared/data/nfcorpus --threshold 0 --output t0.json
+
+    # zero-shot table over several datasets (BEIR folders, or BEIR hub ids such as BeIR/scifact when online)
+    python eval_fles1.py --model mindoval/fles1-v14 --data ../shared/data/nfcorpus BeIR/scifact --output zs.json
+
+MODEL is a FLES-1 checkpoint folder or hub id. DATA is a BEIR folder (corpus.jsonl, queries.jsonl,
+qrels/<split>.tsv) or a BEIR hub dataset id. BEIR conventions: every judged query counts (no hits = 0), a hit
+whose id equals the query id is dropped, documents are "title text". Metrics come from pytrec_eval.
+
+Document vectors are cached at threshold 0 under --cache-dir (default ~/.cache/fles1/corpus), keyed by the model
+fingerprint (sha256 of model.safetensors + config.json), the corpus, the document max length and the
+projection dtype, so a rerun (any threshold) does not re-encode (use --no-cache after changing encoding code). With several datasets, --run-file run.trec writes
+run.<dataset>.trec per dataset. --export DIR writes DIR/<dataset>/elasticsearch/{mapping.json,bulk.ndjson}
+(rank_features) and DIR/<dataset>/pyserini/docs.jsonl (JsonVectorCollection, integer impacts = round(100 w)).
+Every output is written atomically; bad data stops the run with its file and line and writes nothing.
+Exit status: 0 ok, 2 bad input (data or checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from fles1.evaluation import DEFAULT_CACHE_DIR, LATENCY_QUERIES
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="FLES-1 checkpoint folder or hub id")
+    parser.add_argument("--data", required=True, nargs="+", help="BEIR folder(s) or BEIR hub dataset id(s)")
+    parser.add_argument("--split", default="test", help="qrels split (default: test)")
+    parser.add_argument("--threshold", type=float, default=0.3, help="drop weights below it (default 0.3; 0: none)")
+    parser.add_argument("--output", help="results JSON (shared format)")
+    parser.add_argument("--run-file", help="TREC run file (run.<dataset>.trec per dataset when several)")
+    parser.add_argument("--markdown", help="Markdown tables for the model card (also printed)")
+    parser.add_argument("--index-dir", help="keep the saved inverted indices here (<dataset>.index.npz)")
+    parser.add_argument("--export", metavar="DIR", help="Elasticsearch/OpenSearch and Pyserini exports")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"corpus encoding cache ({DEFAULT_CACHE_DIR})")
+    parser.add_argument("--no-cache", action="store_true", help="encode the corpus without reading/writing a cache")
+    parser.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
+    parser.add_argument("--no-production", action="store_true", help="skip latency and index-size measurements")
+    parser.add_argument("--latency-queries", type=int, default=LATENCY_QUERIES, help="queries timed one by one")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from fles1.beir import BEIRDataError
+    from fles1.evaluation import evaluate, markdown_tables, write_markdown, write_results
+    from fles1_encoder import CheckpointError
+
+    try:
+        results = evaluate(
+            args.model, args.data, split=args.split, threshold=args.threshold,
+            cache_dir=None if args.no_cache else args.cache_dir, bm25=not args.no_bm25,
+            production=not args.no_production, run_file=args.run_file, index_dir=args.index_dir,
+            export_dir=args.export, batch_size=args.batch_size, device=args.device,
+            latency_queries=args.latency_queries, log=lambda message: print(message, file=sys.stderr),
+        )
+    except (BEIRDataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.output:
+        write_results(results, args.output)
+    if args.markdown:
+        write_markdown(results, args.markdown)
+    print(markdown_tables(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""BEIR evaluation of a FLES-1 checkpoint: encode (cached), index, retrieve, score, time, report.
+
+    >>> results = evaluate("/tmp/fles1-tiny", ["../shared/data/nfcorpus"], threshold=0.3)
+    >>> results["datasets"]["nfcorpus"]["metrics"]["ndcg@10"]
+    >>> print(markdown_tables(results))
+
+Documents are encoded once at threshold 0 and cached on disk (keyed by model fingerprint, corpus fingerprint,
+document max length and projection dtype; after changing the encoding code, clear the cache or pass
+cache_dir=None); the evaluation threshold is applied afterwards with FLES1Encoder's own rule (weights >=
+threshold), so one cache serves every threshold. Queries are encoded per run with the threshold passed
+explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from importlib import metadata
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy.sparse import csr_matrix
+
+from fles1.atomic import atomic_open
+from fles1.beir import BEIRDataset, load_beir
+from fles1.metrics import METRIC_KEYS, evaluate_run, rounded_run, write_trec_run
+from fles1.retrieval import InvertedIndex, apply_threshold, average_nnz
+
+TOP_K = 1000
+DENSE_768_BYTES_PER_DOC = 768 * 4  # float32 768-d vector: 3.07 MB per 1,000 docs
+LATENCY_QUERIES = 100  # single-query timings per dataset (after a short warm-up)
+LATENCY_TOP_K = 10  # a production search returns a page, not 1,000 hits
+REPORTED_PACKAGES = (
+    "torch", "transformers", "sentence-transformers", "scipy", "numpy", "pytrec-eval-terrier", "bm25s", "PyStemmer",
+    "datasets",
+)
+DEFAULT_CACHE_DIR = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "fles1", "corpus"
+)
+
+
+# ---- fingerprints ----------------------------------------------------------------------------------------------
+def _hash_files(paths: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _model_file(model: str, name: str) -> str:
+    if os.path.isdir(model):
+        return os.path.join(model, name)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(model, name)
+
+
+def model_fingerprint(model: str) -> str:
+    """sha256 of model.safetensors + config.json (folder or hub id)."""
+    return _hash_files([_model_file(model, "model.safetensors"), _model_file(model, "config.json")])
+
+
+def corpus_fingerprint(dataset: BEIRDataset) -> str:
+    """Hash of what gets encoded (ids + "title text"), independent of queries, qrels and split."""
+    digest = hashlib.sha256()
+    for doc_id in dataset.corpus:
+        digest.update(f"{doc_id}\t{dataset.document_text(doc_id)}\n".encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def environment(encoder) -> dict:
+    packages = {}
+    for name in REPORTED_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    device = str(encoder.device)
+    if encoder.device.type == "cpu":
+        import torch
+
+        device = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return {"packages": packages, "device": device, "python": platform.python_version()}
+
+
+# ---- corpus encoding cache -------------------------------------------------------------------------------------
+def encode_corpus(
+    encoder,
+    dataset: BEIRDataset,
+    cache_dir: Optional[str] = DEFAULT_CACHE_DIR,
+    model_fp: Optional[str] = None,
+    batch_size: int = 32,
+    show_progress_bar: Optional[bool] = None,
+) -> tuple[list[str], csr_matrix, dict]:
+    """(doc ids, (docs, vocab) CSR at threshold 0, info) -- from the cache when present.
+
+    info: {"docs_per_second", "encode_seconds", "device", "cached"}; docs/s is the throughput measured when the
+    vectors were encoded (a warm run has nothing to time). The cache file is written atomically: an interrupt
+    during encoding or saving leaves no cache entry.
+    """
+    doc_ids = list(dataset.corpus)
+    projection = str(encoder.projection_dtype).replace("torch.", "") if encoder.projection_dtype else "model"
+    key = "-".join(
+        [
+            model_fp or "unknown",
+            corpus_fingerprint(dataset),
+            f"L{encoder.max_lengths['document']}",
+            projection,
+        ]
+    )
+    path = os.path.join(cache_dir, f"{key}.npz") if cache_dir else None
+    if path and os.path.isfile(path):
+        with np.load(path) as arrays:
+            info = json.loads(arrays["info"].tobytes().decode())
+            matrix = csr_matrix(
+                (arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"].tolist())
+            )
+        return doc_ids, matrix, {**info, "cached": True}
+    texts = [dataset.document_text(doc_id) for doc_id in doc_ids]
+    start = time.perf_counter()
+    matrix = encoder.encode_batch(
+        texts, batch_size=batch_size, kind="document", threshold=0.0, show_progress_bar=show_progress_bar, output="csr"
+    )
+    seconds = time.perf_counter() - start
+    info = {"docs_per_second": len(texts) / seconds, "encode_seconds": seconds, "device": str(encoder.device)}
+    if path:
+        with atomic_open(path, "wb") as handle:
+            np.savez(
+                handle, data=matrix.data, indices=matrix.indices.astype(np.int32), indptr=matrix.indptr,
+                shape=np.array(matrix.shape), info=np.frombuffer(json.dumps(info).encode(), dtype=np.uint8),
+            )
+    return doc_ids, matrix, {**info, "cached": False}
+
+
+# ---- one dataset -----------------------------------------------------------------------------------------------
+def query_latencies_ms(encoder, index: InvertedIndex, texts: Sequence[str], threshold: float) -> list[float]:
+    """Single-query encode + top-10 search, one query at a time, in milliseconds."""
+    def search(text):
+        vector = encoder.encode_batch([text], kind="query", threshold=threshold, show_progress_bar=False, output="csr")
+        return index.search(vector, k=LATENCY_TOP_K)
+
+    for text in texts[:5]:  # warm-up: first calls pay for allocation and kernel selection
+        search(text)
+    timings = []
+    for text in texts:
+        start = time.perf_counter()
+        search(text)
+        timings.append((time.perf_counter() - start) * 1000)
+    return timings
+
+
+def evaluate_dataset(
+    encoder,
+    dataset: BEIRDataset,
+    threshold: float,
+    model_fp: Optional[str] = None,
+    cache_dir: Optional[str] = DEFAULT_CACHE_DIR,
+    bm25: bool = True,
+    production: bool = True,
+    index_path: Optional[str] = None,
+    batch_size: int = 32,
+    latency_queries: int = LATENCY_QUERIES,
+    show_progress_bar: Optional[bool] = None,
+) -> tuple[dict, dict, dict]:
+    """(results entry in the shared format, run {qid: {doc_id: score}}, artifacts {index, doc_matrix,
+    query_matrix, query_ids}) for one dataset."""
+    query_ids = list(dataset.qrels)  # every judged query counts, hits or not
+    doc_ids, raw_docs, encode_info = encode_corpus(
+        encoder, dataset, cache_dir, model_fp, batch_size=batch_size, show_progress_bar=show_progress_bar
+    )
+    doc_matrix = apply_threshold(raw_docs, threshold)
+    query_matrix = encoder.encode_batch(
+        [dataset.queries[qid] for qid in query_ids], batch_size=batch_size, kind="query", threshold=threshold,
+        show_progress_bar=show_progress_bar, output="csr",
+    )
+    index = InvertedIndex(doc_matrix, doc_ids)
+    run = rounded_run(index.to_run(query_ids, index.search(query_matrix, k=TOP_K + 1), k=TOP_K))
+    entry = {
+        "split": dataset.split,
+        "num_queries": len(query_ids),
+        "num_docs": len(doc_ids),
+        "data_fingerprint": dataset.fingerprint,
+        "metrics": {
+            **evaluate_run(dataset.qrels, run),
+            "nnz_doc": average_nnz(doc_matrix),
+            "nnz_query": average_nnz(query_matrix),
+        },
+        "bm25": None,
+        "production": None,
+    }
+    if bm25:
+        from fles1.bm25 import bm25_library, bm25_run
+
+        entry["bm25"] = {"library": bm25_library(), "metrics": evaluate_run(dataset.qrels, bm25_run(dataset, query_ids))}
+    if production:
+        with tempfile.TemporaryDirectory() as scratch:
+            index_bytes = index.save(index_path or os.path.join(scratch, "index.npz"))
+        sample = [dataset.queries[qid] for qid in query_ids[:latency_queries]]
+        timings = query_latencies_ms(encoder, index, sample, threshold)
+        entry["production"] = {
+            "docs_per_second": encode_info["docs_per_second"],
+            "query_latency_ms_p50": float(np.percentile(timings, 50)),
+            "query_latency_ms_p95": float(np.percentile(timings, 95)),
+            "index_bytes_per_1k_docs": index_bytes / len(doc_ids) * 1000,
+            "index_ratio_to_dense_768": index_bytes / (len(doc_ids) * DENSE_768_BYTES_PER_DOC),
+        }
+    artifacts = {"index": index, "doc_matrix": doc_matrix, "query_matrix": query_matrix, "query_ids": query_ids,
+                 "encode_info": encode_info}
+    return entry, run, artifacts
+
+
+# ---- several datasets ------------------------------------------------------------------------------------------
+def run_file_paths(run_file: str, names: Sequence[str]) -> dict[str, str]:
+    """One dataset: run_file itself; several: ``run.<name>.trec`` beside it."""
+    if len(names) == 1:
+        return {names[0]: run_file}
+    stem, extension = os.path.splitext(run_file)
+    return {name: f"{stem}.{name}{extension or '.trec'}" for name in names}
+
+
+def dataset_names(datasets: Sequence[BEIRDataset]) -> list[str]:
+    names, seen = [], {}
+    for dataset in datasets:
+        seen[dataset.name] = seen.get(dataset.name, 0) + 1
+        names.append(dataset.name if seen[dataset.name] == 1 else f"{dataset.name}-{seen[dataset.name]}")
+    return names
+
+
+def evaluate(
+    model: str,
+    data: Sequence[str],
+    split: str = "test",
+    threshold: Optional[float] = None,
+    cache_dir: Optional[str] = DEFAULT_CACHE_DIR,
+    bm25: bool = True,
+    production: bool = True,
+    run_file: Optional[str] = None,
+    index_dir: Optional[str] = None,
+    export_dir: Optional[str] = None,
+    batch_size: int = 32,
+    device: Optional[str] = None,
+    latency_queries: int = LATENCY_QUERIES,
+    show_progress_bar: Optional[bool] = None,
+    log=print,
+) -> dict:
+    """Evaluate a FLES-1 folder/hub id on BEIR datasets; returns the results dict (shared format).
+
+    All datasets are loaded (and validated) before any encoding, so bad data fails fast. Run files, indices
+    and exports are written atomically; nothing claims completeness before the results dict is returned.
+    """
+    from fles1_encoder import FLES1Encoder
+
+    datasets = [load_beir(source, split) for source in data]
+    names = dataset_names(datasets)
+    encoder = FLES1Encoder.from_pretrained(model, device=device)
+    threshold = encoder.threshold if threshold is None else float(threshold)
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    model_fp = model_fingerprint(model)
+    results = {
+        "model": {"path": model, "fingerprint": model_fp},
+        "threshold": threshold,
+        "query_max_length": encoder.max_lengths["query"],
+        "document_max_length": encoder.max_lengths["document"],
+        "environment": environment(encoder),
+        "datasets": {},
+    }
+    run_paths = run_file_paths(run_file, names) if run_file else {}
+    for name, dataset in zip(names, datasets):
+        log(f"[{name}] {len(dataset.corpus)} docs, {len(dataset.qrels)} {split} queries, threshold {threshold}")
+        start = time.perf_counter()
+        entry, run, artifacts = evaluate_dataset(
+            encoder, dataset, threshold, model_fp=model_fp, cache_dir=cache_dir, bm25=bm25, production=production,
+            index_path=os.path.join(index_dir, f"{name}.index.npz") if index_dir else None,
+            batch_size=batch_size, latency_queries=latency_queries, show_progress_bar=show_progress_bar,
+        )
+        if name in run_paths:
+            write_trec_run(run, run_paths[name], tag=f"fles1-t{threshold:g}")
+        if export_dir:
+            from fles1.exports import write_elasticsearch, write_pyserini
+
+            vocab = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.config.vocab_size)))
+            index = artifacts["index"]
+            write_elasticsearch(os.path.join(export_dir, name, "elasticsearch"), name, index.doc_ids,
+                                artifacts["doc_matrix"], vocab)
+            write_pyserini(os.path.join(export_dir, name, "pyserini", "docs.jsonl"), index.doc_ids,
+                           artifacts["doc_matrix"], vocab)
+        results["datasets"][name] = entry
+        cached = "cached" if artifacts["encode_info"]["cached"] else "encoded"
+        log(f"[{name}] NDCG@10 {entry['metrics']['ndcg@10']:.4f} ({cached} corpus, {time.perf_counter() - start:.1f}s)")
+    return results
+
+
+def write_results(results: dict, path: str) -> None:
+    with atomic_open(path) as handle:
+        json.dump(results, handle, indent=2)
+        handle.write("\n")
+
+
+# ---- Markdown for the model card -------------------------------------------------------------------------------
+def _fmt(value, digits=4):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_tables(results: dict) -> str:
+    """Retrieval table (one row per dataset, plus an average row when several: the zero-shot table) and the
+    production table, as Markdown."""
+    datasets = results["datasets"]
+    threshold = results["threshold"]
+    lines = [
+        f"Retrieval ({next(iter(datasets.values()))['split'] if datasets else 'test'} split, threshold {threshold:g}, "
+        f"doc max length {results['document_max_length']}, top-{TOP_K} exact dot product; BM25: bm25s)",
+        "",
+        "| Dataset | NDCG@10 | MRR@10 | Recall@100 | MAP@100 | Recall@1000 | NNZ doc | NNZ query | BM25 NDCG@10 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for name, entry in datasets.items():
+        metrics = entry["metrics"]
+        bm25 = entry["bm25"]["metrics"]["ndcg@10"] if entry.get("bm25") else None
+        rows.append([metrics[key] for key in METRIC_KEYS] + [metrics["nnz_doc"], metrics["nnz_query"], bm25])
+        lines.append(f"| {name} | " + " | ".join(_row(rows[-1])) + " |")
+    if len(rows) > 1:
+        average = [
+            None if any(row[i] is None for row in rows) else statistics.fmean(row[i] for row in rows)
+            for i in range(len(rows[0]))
+        ]
+        lines.append("| **Average** | " + " | ".join(_row(average)) + " |")
+    production = {name: entry["production"] for name, entry in datasets.items() if entry.get("production")}
+    if production:
+        lines += [
+            "",
+            f"Production ({results['environment']['device']}; latency = encode one query + top-{LATENCY_TOP_K} "
+            "search; index = compressed npz on disk, float16 weights)",
+            "",
+            "| Dataset | Docs/s (encode) | Query p50 (ms) | Query p95 (ms) | Index MB / 1k docs | vs dense 768-d |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, values in production.items():
+            lines.append(
+                f"| {name} | {values['docs_per_second']:.1f} | {values['query_latency_ms_p50']:.1f} | "
+                f"{values['query_latency_ms_p95']:.1f} | {values['index_bytes_per_1k_docs'] / 1e6:.3f} | "
+                f"{values['index_ratio_to_dense_768']:.3f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _row(values):
+    return [_fmt(v, 1) if i in (5, 6) else _fmt(v) for i, v in enumerate(values)]
+
+
+def write_markdown(results: dict, path: str) -> None:
+    with atomic_open(path) as handle:
+        handle.write(markdown_tables(results))
+
+
+__all__ = ["evaluate", "evaluate_dataset", "encode_corpus", "markdown_tables", "write_results", "model_fingerprint"]

@@ -1,0 +1,120 @@
+"""Exports of FLES-1 document vectors for inverted-index engines.
+
+Elasticsearch / OpenSearch: a ``rank_features`` field. A feature name is a map key under that field, and the
+engines reject keys containing ``.`` (an object path) and empty keys; WordPiece has tokens like ``.``, ``...``,
+``u.s``. :func:`feature_name` escapes ``%`` and ``.`` percent-style (``.`` -> ``%2E``), reversibly and without
+collisions; use the same function on the query side (:func:`elasticsearch_query` does).
+
+    >>> write_elasticsearch(out_dir, "nfcorpus", doc_ids, doc_matrix, vocab)   # mapping.json + bulk.ndjson
+    >>> elasticsearch_query({"machine": 1.39, "u.s": 0.8})                      # bool/should of rank_feature
+
+Pyserini / Anserini: ``JsonVectorCollection`` lines ``{"id", "contents", "vector": {token: int impact}}``,
+indexed with ``python -m pyserini.index.lucene --collection JsonVectorCollection --impact --pretokenized``.
+Impacts are ``round(weight * scale)`` (scale 100, SPLADE's convention); queries are quantized the same way
+(:func:`quantize`). Rounding to nearest bounds every score's error (:func:`impact_error_bound`), so the
+quantized top-10 differs from the exact one only between documents whose exact scores are within that bound
+of each other -- ties at the impact resolution (tests/test_eval_exports.py checks this on nfcorpus).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from scipy.sparse import csr_matrix
+
+from fles1.atomic import atomic_open
+
+IMPACT_SCALE = 100
+RANK_FEATURES_FIELD = "tokens"
+ES_WEIGHT_DECIMALS = 6  # rank_features keeps 9 significant bits anyway; more digits only cost bytes
+
+
+def feature_name(token: str) -> str:
+    """A vocabulary token as an Elasticsearch/OpenSearch ``rank_features`` key (no '.', never empty)."""
+    if not token:
+        raise ValueError("empty token: rank_features keys must be non-empty")
+    return token.replace("%", "%25").replace(".", "%2E")
+
+
+def token_from_feature_name(name: str) -> str:
+    return name.replace("%2E", ".").replace("%25", "%")
+
+
+def _rows(matrix: csr_matrix):
+    matrix = csr_matrix(matrix)
+    for row in range(matrix.shape[0]):
+        start, end = matrix.indptr[row], matrix.indptr[row + 1]
+        yield matrix.indices[start:end], matrix.data[start:end]
+
+
+def elasticsearch_mapping(field: str = RANK_FEATURES_FIELD) -> dict:
+    """Index body for ``PUT /<index>``: the vector in a ``rank_features`` field, the id as keyword."""
+    return {"mappings": {"properties": {"id": {"type": "keyword"}, field: {"type": "rank_features"}}}}
+
+
+def elasticsearch_query(vector: dict[str, float], field: str = RANK_FEATURES_FIELD) -> dict:
+    """Query body scoring sum_t q_t * d_t: one ``rank_feature`` clause per query term, linear, boosted by q_t."""
+    should = [
+        {"rank_feature": {"field": f"{field}.{feature_name(token)}", "linear": {}, "boost": float(weight)}}
+        for token, weight in vector.items()
+        if weight > 0
+    ]
+    return {"query": {"bool": {"should": should}}}
+
+
+def write_elasticsearch(
+    out_dir: str, index_name: str, doc_ids: Sequence[str], doc_matrix: csr_matrix, vocab: Sequence[str],
+    field: str = RANK_FEATURES_FIELD,
+) -> dict[str, str]:
+    """``mapping.json`` and ``bulk.ndjson`` (for ``POST /_bulk``) in out_dir, atomically; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"mapping": os.path.join(out_dir, "mapping.json"), "bulk": os.path.join(out_dir, "bulk.ndjson")}
+    with atomic_open(paths["mapping"]) as handle:
+        json.dump(elasticsearch_mapping(field), handle, indent=2)
+    names = [feature_name(token) for token in vocab]
+    with atomic_open(paths["bulk"]) as handle:
+        for doc_id, (ids, weights) in zip(doc_ids, _rows(doc_matrix)):
+            features = {}
+            for i, w in zip(ids.tolist(), np.round(weights.astype(np.float64), ES_WEIGHT_DECIMALS).tolist()):
+                if w > 0:  # rank_features accepts positive values only
+                    features[names[i]] = w
+            handle.write(json.dumps({"index": {"_index": index_name, "_id": doc_id}}) + "\n")
+            handle.write(json.dumps({"id": doc_id, field: features}, ensure_ascii=False) + "\n")
+    return paths
+
+
+def quantize(matrix: csr_matrix, scale: float = IMPACT_SCALE) -> csr_matrix:
+    """Integer impacts round(w * scale) (int32 CSR); weights rounding to 0 are dropped."""
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    matrix = csr_matrix(matrix, dtype=np.float64, copy=True)
+    matrix.data = np.rint(matrix.data * scale)
+    matrix.eliminate_zeros()
+    return matrix.astype(np.int32)
+
+
+def impact_error_bound(query_matrix: csr_matrix, doc_matrix: csr_matrix, scale: float = IMPACT_SCALE) -> np.ndarray:
+    """(queries, docs) dense bound on |quantized score / scale^2 - exact score| when both sides are rounded:
+    per shared term |q d - Q D / s^2| <= (q + d) / (2 s) + 1 / (4 s^2)."""
+    queries, docs = csr_matrix(query_matrix, dtype=np.float64), csr_matrix(doc_matrix, dtype=np.float64)
+    query_mask, doc_mask = queries.copy(), docs.copy()
+    query_mask.data[:], doc_mask.data[:] = 1.0, 1.0
+    query_side = (queries @ doc_mask.T).toarray()  # sum of q_t over shared terms
+    doc_side = (query_mask @ docs.T).toarray()  # sum of d_t over shared terms
+    shared = (query_mask @ doc_mask.T).toarray()
+    return (query_side + doc_side) / (2 * scale) + shared / (4 * scale**2)
+
+
+def write_pyserini(
+    path: str, doc_ids: Sequence[str], doc_matrix: csr_matrix, vocab: Sequence[str], scale: float = IMPACT_SCALE
+) -> str:
+    """``JsonVectorCollection`` JSONL with integer impacts, atomically; returns the path."""
+    impacts = quantize(doc_matrix, scale)
+    with atomic_open(path) as handle:
+        for doc_id, (ids, values) in zip(doc_ids, _rows(impacts)):
+            vector = {vocab[i]: int(v) for i, v in zip(ids.tolist(), values.tolist())}
+            handle.write(json.dumps({"id": doc_id, "contents": "", "vector": vector}, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,79 @@
+"""IR metrics with pytrec_eval (trec_eval's C code), averaged BEIR-style over every judged query.
+
+    >>> evaluate_run(qrels, run)   # {"ndcg@10": ..., "mrr@10": ..., "recall@100": ..., "map@100": ..., "recall@1000": ...}
+
+A judged query missing from the run, or with no hits, scores 0 (pytrec_eval would silently leave it out).
+MRR@10 is trec_eval's ``recip_rank`` over each ranking cut to its top 10.
+"""
+
+from __future__ import annotations
+
+import pytrec_eval
+
+from fles1.atomic import atomic_open
+
+# our key -> trec_eval measure (pytrec_eval result key)
+TREC_MEASURES = {
+    "ndcg@10": "ndcg_cut_10",
+    "recall@100": "recall_100",
+    "map@100": "map_cut_100",
+    "recall@1000": "recall_1000",
+}
+METRIC_KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100", "recall@1000")
+
+
+def trec_order(ranking: dict[str, float]) -> list[tuple[str, float]]:
+    """trec_eval's ranking order: score descending, ties by doc id descending."""
+    return sorted(ranking.items(), key=lambda item: (item[1], item[0]), reverse=True)
+
+
+def per_query_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """{qid: {metric: value}} for every query in qrels (0 where the run has nothing for it)."""
+    qrels = {qid: {did: int(rel) for did, rel in docs.items()} for qid, docs in qrels.items()}
+    run = {qid: {did: float(s) for did, s in docs.items()} for qid, docs in run.items() if qid in qrels and docs}
+    scores = {qid: dict.fromkeys(METRIC_KEYS, 0.0) for qid in qrels}
+    if run:
+        evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100,1000", "map_cut.100"})
+        for qid, values in evaluator.evaluate(run).items():
+            scores[qid].update({key: values[measure] for key, measure in TREC_MEASURES.items()})
+        top10 = {qid: dict(trec_order(docs)[:10]) for qid, docs in run.items()}
+        for qid, values in pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10).items():
+            scores[qid]["mrr@10"] = values["recip_rank"]
+    return scores
+
+
+def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over all judged queries."""
+    if not qrels:
+        raise ValueError("qrels are empty: nothing to evaluate")
+    scores = per_query_metrics(qrels, run)
+    return {key: sum(values[key] for values in scores.values()) / len(scores) for key in METRIC_KEYS}
+
+
+def format_score(score: float) -> str:
+    return f"{score:.6f}"
+
+
+def rounded_run(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The run as its TREC file stores it (6 decimals), so metrics from the dict and the file agree exactly."""
+    return {qid: {did: float(format_score(s)) for did, s in docs.items()} for qid, docs in run.items()}
+
+
+def write_trec_run(run: dict[str, dict[str, float]], path: str, tag: str = "fles1") -> None:
+    """TREC run file ``qid Q0 docid rank score tag``, atomically."""
+    with atomic_open(path) as handle:
+        for qid, docs in run.items():
+            for rank, (did, score) in enumerate(trec_order(docs), start=1):
+                handle.write(f"{qid} Q0 {did} {rank} {format_score(score)} {tag}\n")
+
+
+def read_trec_run(path: str) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if len(fields) != 6:
+                raise ValueError(f"{path}:{number}: expected 'qid Q0 docid rank score tag'")
+            run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
+    return run
+

@@ -1,0 +1,171 @@
+"""Exact sparse retrieval over an inverted index of document vectors (scipy.sparse), BEIR conventions.
+
+The index is the transposed document matrix in CSR form: row ``t`` is the posting list of vocabulary term ``t``
+(doc positions + weights). A query's scores are ``q @ postings``, which reads only the posting lists of the
+query's terms -- the same work an inverted-index engine does, with exact float32 dot products.
+
+    >>> index = InvertedIndex(doc_matrix, doc_ids)              # doc_matrix: csr (num_docs, vocab)
+    >>> hits = index.search(query_matrix, k=1000)               # [(doc positions, scores)] per query
+    >>> run = index.to_run(query_ids, hits, drop_self=True)     # {qid: {doc_id: score}}, BEIR's run dict
+    >>> index.save("nfcorpus.index.npz"); InvertedIndex.load("nfcorpus.index.npz")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from scipy.sparse import csr_matrix
+
+from fles1.atomic import atomic_open
+
+INDEX_FORMAT = "fles1-inverted-index/1"
+# float16 weights: |w16 - w| <= 2**-11 |w| (round to nearest), so any score moves by at most that fraction and
+# two documents can only swap when their exact scores are within ~2**-10 of each other (ties at that resolution).
+FLOAT16_RELATIVE_ERROR = 2.0**-11
+
+
+def apply_threshold(matrix: csr_matrix, threshold: float) -> csr_matrix:
+    """Keep entries >= threshold (> 0 when threshold is 0): FLES1Encoder's rule, applied to cached vectors."""
+    matrix = csr_matrix(matrix, dtype=np.float32, copy=True)
+    keep = matrix.data >= threshold if threshold > 0 else matrix.data > 0
+    matrix.data = np.where(keep, matrix.data, 0).astype(np.float32)
+    matrix.eliminate_zeros()
+    return matrix
+
+
+def average_nnz(matrix: csr_matrix) -> float:
+    return float(matrix.getnnz(axis=1).mean()) if matrix.shape[0] else 0.0
+
+
+def top_k_rows(scores: csr_matrix, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row of a sparse score matrix: the k highest stored entries, score descending then position
+    ascending (deterministic ties). Entries not stored (no shared term) are never hits."""
+    hits = []
+    for row in range(scores.shape[0]):
+        start, end = scores.indptr[row], scores.indptr[row + 1]
+        positions, values = scores.indices[start:end], scores.data[start:end]
+        keep = values > 0
+        positions, values = positions[keep], values[keep]
+        if len(values) > k:
+            part = np.argpartition(-values, k - 1)[:k]
+            # argpartition splits ties at the k-th score arbitrarily: keep every tied candidate, cut after sorting
+            part = np.flatnonzero(values >= values[part].min())
+            positions, values = positions[part], values[part]
+        order = np.lexsort((positions, -values))[:k]
+        hits.append((positions[order].astype(np.int64), values[order].astype(np.float32)))
+    return hits
+
+
+class InvertedIndex:
+    """Posting lists over a corpus of sparse vectors; exact dot-product top-k search.
+
+    Args:
+        doc_matrix: (num_docs, vocab) scipy CSR, e.g. ``FLES1Encoder.encode_batch(..., output="csr")``.
+        doc_ids: the corpus ids, one per row.
+    """
+
+    query_chunk_size = 256  # queries scored at once: bounds the (queries x docs) score matrix
+
+    def __init__(self, doc_matrix: csr_matrix, doc_ids: Sequence[str]):
+        if doc_matrix.shape[0] != len(doc_ids):
+            raise ValueError(f"doc_matrix has {doc_matrix.shape[0]} rows but {len(doc_ids)} doc_ids were given")
+        self.doc_ids = [str(doc_id) for doc_id in doc_ids]
+        self.vocab_size = doc_matrix.shape[1]
+        self.postings = csr_matrix(doc_matrix, dtype=np.float32).T.tocsr()  # (vocab, num_docs)
+        self.postings.sort_indices()
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_ids)
+
+    @property
+    def num_postings(self) -> int:
+        return int(self.postings.nnz)
+
+    def doc_matrix(self) -> csr_matrix:
+        return self.postings.T.tocsr()
+
+    def score(self, query_matrix: csr_matrix) -> csr_matrix:
+        """(num_queries, num_docs) sparse scores; a document sharing no term with the query has no entry."""
+        if query_matrix.shape[1] != self.vocab_size:
+            raise ValueError(f"query vectors have {query_matrix.shape[1]} dims, the index {self.vocab_size}")
+        return (csr_matrix(query_matrix, dtype=np.float32) @ self.postings).tocsr()
+
+    def search(self, query_matrix: csr_matrix, k: int = 1000) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Exact top-k per query row: [(doc positions, scores)], best first."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        hits = []
+        for start in range(0, query_matrix.shape[0], self.query_chunk_size):
+            hits += top_k_rows(self.score(query_matrix[start : start + self.query_chunk_size]), k)
+        return hits
+
+    def to_run(
+        self, query_ids: Sequence[str], hits, k: int | None = None, drop_self: bool = True
+    ) -> dict[str, dict[str, float]]:
+        """BEIR run dict {qid: {doc_id: score}}. BEIR drops a hit whose id equals the query id (search with
+        k + 1 to keep k hits). Every query gets an entry, possibly empty (it then scores 0)."""
+        run = {}
+        for query_id, (positions, scores) in zip(query_ids, hits):
+            ranked = {}
+            for position, score in zip(positions.tolist(), scores.tolist()):
+                doc_id = self.doc_ids[position]
+                if drop_self and doc_id == query_id:
+                    continue
+                ranked[doc_id] = score
+                if k is not None and len(ranked) == k:
+                    break
+            run[str(query_id)] = ranked
+        return run
+
+    # ---- on disk -----------------------------------------------------------------------------------------------
+    def save(self, path: str) -> int:
+        """Compact on-disk index (compressed npz): per term its posting list as doc-position gaps (uint16 when the
+        corpus has < 65,536 docs) and float16 weights, plus the doc ids. Written atomically; returns bytes."""
+        postings = self.postings
+        lengths = np.diff(postings.indptr)
+        terms = np.flatnonzero(lengths)
+        gaps = postings.indices.astype(np.int64).copy()
+        starts = postings.indptr[:-1][lengths > 0]
+        gaps[1:] -= postings.indices[:-1]
+        gaps[starts] = postings.indices[starts]  # first posting of each list is absolute
+        gap_dtype = np.uint16 if self.num_docs < 2**16 else np.uint32
+        term_dtype = np.uint16 if self.vocab_size < 2**16 else np.uint32
+        header = {"format": INDEX_FORMAT, "num_docs": self.num_docs, "vocab_size": self.vocab_size}
+        arrays = {
+            "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+            "doc_ids": np.frombuffer("\n".join(self.doc_ids).encode("utf-8"), dtype=np.uint8),
+            "terms": terms.astype(term_dtype),
+            "lengths": lengths[terms].astype(np.uint32),
+            "gaps": gaps.astype(gap_dtype),
+            "weights": postings.data.astype(np.float16),
+        }
+        with atomic_open(path, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        return os.path.getsize(path)
+
+    @classmethod
+    def load(cls, path: str) -> "InvertedIndex":
+        with np.load(path) as arrays:
+            header = json.loads(arrays["header"].tobytes().decode())
+            if header.get("format") != INDEX_FORMAT:
+                raise ValueError(f"{path}: not a {INDEX_FORMAT} file (format {header.get('format')!r})")
+            doc_ids = arrays["doc_ids"].tobytes().decode("utf-8").split("\n") if header["num_docs"] else []
+            lengths = arrays["lengths"].astype(np.int64)
+            gaps = arrays["gaps"].astype(np.int64)
+            weights = arrays["weights"].astype(np.float32)
+            terms = arrays["terms"].astype(np.int64)
+        indptr = np.zeros(header["vocab_size"] + 1, dtype=np.int64)
+        indptr[terms + 1] = lengths
+        indptr = np.cumsum(indptr)
+        # undo the gaps: cumulative sum restarted at every posting list
+        positions = np.cumsum(gaps)
+        list_starts = np.repeat(positions[indptr[terms]] - gaps[indptr[terms]], lengths)
+        positions -= list_starts
+        postings = csr_matrix((weights, positions, indptr), shape=(header["vocab_size"], header["num_docs"]))
+        index = cls.__new__(cls)
+        index.doc_ids, index.vocab_size, index.postings = doc_ids, header["vocab_size"], postings
+        return index

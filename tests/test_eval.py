@@ -1,0 +1,235 @@
+"""eval_fles1.py on a small BEIR fixture written here: data errors, BEIR conventions, metrics, cache, outputs."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy.sparse import csr_matrix, random as sparse_random
+
+import eval_fles1
+from fles1.beir import BEIRDataError, load_beir
+from fles1.evaluation import encode_corpus, evaluate, markdown_tables
+from fles1.metrics import evaluate_run, read_trec_run, write_trec_run
+from fles1.retrieval import InvertedIndex, apply_threshold
+
+CORPUS = [
+    {"_id": "d1", "title": "Vitamin D", "text": "Vitamin D deficiency and bone health in older adults."},
+    {"_id": "d2", "title": "Statins", "text": "Cholesterol lowering statin drugs and breast cancer risk."},
+    {"_id": "d3", "title": "Green tea", "text": "Green tea polyphenols in cancer prevention trials."},
+    {"_id": "d4", "title": "", "text": "Dietary fiber intake and colon cancer."},
+    {"_id": "q2", "title": "Same id as a query", "text": "Statin drugs cholesterol breast cancer."},
+    {"_id": "d6", "title": "Empty", "text": ""},
+]
+QUERIES = [
+    {"_id": "q1", "text": "vitamin D bones"},
+    {"_id": "q2", "text": "statin drugs breast cancer"},
+    {"_id": "q3", "text": "   "},  # encodes to an empty vector: no hits, still counted
+    {"_id": "q4", "text": "green tea cancer"},
+]
+QRELS = [("q1", "d1", 1), ("q2", "d2", 2), ("q2", "q2", 1), ("q3", "d4", 1), ("q4", "d3", 1)]
+
+
+def write_beir(folder, corpus=CORPUS, queries=QUERIES, qrels=QRELS, split="test"):
+    os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
+    with open(os.path.join(folder, "corpus.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in corpus)
+    with open(os.path.join(folder, "queries.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in queries)
+    with open(os.path.join(folder, "qrels", f"{split}.tsv"), "w") as handle:
+        handle.write("query-id\tcorpus-id\tscore\n")
+        handle.writelines(f"{q}\t{d}\t{s}\n" for q, d, s in qrels)
+    return str(folder)
+
+
+@pytest.fixture
+def beir_dir(tmp_path):
+    return write_beir(tmp_path / "toy")
+
+
+# ---- bad data: file and line named, nothing written ------------------------------------------------------------
+def test_bad_data_names_file_and_line(tmp_path):
+    folder = write_beir(tmp_path / "bad")
+    with open(os.path.join(folder, "corpus.jsonl"), "a") as handle:
+        handle.write('{"_id": "d7", "text": oops}\n')
+    with pytest.raises(BEIRDataError, match=r"corpus\.jsonl:7: malformed JSON"):
+        load_beir(folder)
+
+    folder = write_beir(tmp_path / "unknown", qrels=QRELS + [("q1", "nope", 1)])
+    with pytest.raises(BEIRDataError, match=r"test\.tsv:7: corpus id 'nope'"):
+        load_beir(folder)
+
+    with pytest.raises(BEIRDataError, match=r"qrels/dev\.tsv: file not found"):
+        load_beir(write_beir(tmp_path / "split"), split="dev")
+
+
+def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_random_checkpoint, capsys):
+    good = write_beir(tmp_path / "good")
+    bad = write_beir(tmp_path / "bad", qrels=QRELS + [("q9", "d1", 1)])
+    output, run_file = tmp_path / "results.json", tmp_path / "run.trec"
+    argv = ["--model", tiny_random_checkpoint, "--data", good, bad, "--output", str(output),
+            "--run-file", str(run_file), "--cache-dir", str(tmp_path / "cache")]
+    assert eval_fles1.main(argv) == 2
+    assert "test.tsv:7: query id 'q9'" in capsys.readouterr().err
+    # validated before any work: no results, no run file, no cache entry, no temporaries
+    assert sorted(os.listdir(tmp_path)) == ["bad", "good"]
+
+
+# ---- retrieval ---------------------------------------------------------------------------------------------------
+def test_inverted_index_exact_top_k_and_conventions():
+    docs = sparse_random(300, 500, density=0.03, format="csr", dtype=np.float32, random_state=0)
+    queries = sparse_random(40, 500, density=0.02, format="csr", dtype=np.float32, random_state=1)
+    doc_ids = [f"d{i}" for i in range(300)]
+    index = InvertedIndex(docs, doc_ids)
+    dense = (queries @ docs.T).toarray()
+    for row, (positions, scores) in enumerate(index.search(queries, k=7)):
+        nonzero = np.flatnonzero(dense[row] > 0)
+        expected = nonzero[np.lexsort((nonzero, -dense[row][nonzero]))][:7]
+        np.testing.assert_array_equal(positions, expected)  # only docs sharing a term are hits
+        np.testing.assert_allclose(scores, dense[row][expected], rtol=1e-5)
+    # a hit with the query's own id is dropped; k is still filled from the next hit
+    query_ids = ["d5"] + [f"q{i}" for i in range(1, 40)]
+    self_query = csr_matrix(docs[5])
+    hits = index.search(self_query, k=4)
+    assert index.doc_ids[hits[0][0][0]] == "d5"
+    run = index.to_run(["d5"], index.search(self_query, k=4), k=3)
+    assert "d5" not in run["d5"] and len(run["d5"]) == 3
+    assert set(index.to_run(query_ids, index.search(queries, k=5))) == set(query_ids)
+
+
+def test_saved_index_round_trip_keeps_top10_beyond_ties(tmp_path):
+    docs = sparse_random(2000, 3000, density=0.02, format="csr", dtype=np.float32, random_state=2)
+    docs.data = np.log1p(docs.data * 4)
+    queries = sparse_random(100, 3000, density=0.01, format="csr", dtype=np.float32, random_state=3)
+    index = InvertedIndex(docs, [f"doc-{i}" for i in range(2000)])
+    size = index.save(str(tmp_path / "index.npz"))
+    assert size == os.path.getsize(tmp_path / "index.npz") and not [p for p in os.listdir(tmp_path) if "tmp" in p]
+    loaded = InvertedIndex.load(str(tmp_path / "index.npz"))
+    assert loaded.doc_ids == index.doc_ids
+    np.testing.assert_array_equal(loaded.postings.indices, index.postings.indices)
+    np.testing.assert_allclose(loaded.postings.data, index.postings.data, rtol=2**-11)
+    exact, approximate = (queries @ docs.T).toarray(), loaded.score(queries).toarray()
+    for row, (positions, _) in enumerate(loaded.search(queries, k=10)):
+        expected = index.search(queries[row], k=10)[0][0]
+        for got, want in zip(positions, expected):
+            # float16: every score within 2**-11 relative, so only near-ties (<= 2**-10 apart) may swap
+            assert got == want or math.isclose(exact[row, got], exact[row, want], rel_tol=2**-10)
+        assert np.all(np.abs(approximate[row] - exact[row]) <= exact[row] * 2**-11 + 1e-7)
+
+
+def test_apply_threshold_matches_encoder_threshold(tiny_random_checkpoint, beir_dir):
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    texts = [f"{row['title']} {row['text']}".strip() for row in CORPUS]
+    raw = encoder.encode_batch(texts, kind="document", threshold=0.0, output="csr")
+    threshold = float(np.median(raw.data))  # the random model's weights are small; cut through the middle
+    direct = encoder.encode_batch(texts, kind="document", threshold=threshold, output="csr")
+    filtered = apply_threshold(raw, threshold)
+    assert 0 < filtered.nnz < raw.nnz
+    assert (filtered != direct).nnz == 0
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+def test_metrics_count_queries_without_hits_as_zero():
+    qrels = {"a": {"x": 1}, "b": {"y": 1}}
+    perfect = {"a": {"x": 2.0, "z": 1.0}, "b": {"y": 3.0}}
+    assert evaluate_run(qrels, perfect)["ndcg@10"] == pytest.approx(1.0)
+    for missing in ({"a": perfect["a"]}, {"a": perfect["a"], "b": {}}):
+        metrics = evaluate_run(qrels, missing)
+        assert metrics["ndcg@10"] == pytest.approx(0.5) and metrics["mrr@10"] == pytest.approx(0.5)
+    # relevant doc at rank 11: outside MRR@10, inside Recall@100
+    late = {"a": {f"n{i}": 100.0 - i for i in range(10)} | {"x": 1.0}, "b": {"y": 1.0}}
+    metrics = evaluate_run(qrels, late)
+    assert metrics["mrr@10"] == pytest.approx(0.5) and metrics["recall@100"] == pytest.approx(1.0)
+
+
+def test_trec_run_file_round_trip(tmp_path):
+    run = {"q1": {"d1": 1.25, "d2": 3.5}, "q2": {}}
+    write_trec_run(run, str(tmp_path / "run.trec"), tag="t")
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert lines[0] == "q1 Q0 d2 1 3.500000 t" and len(lines) == 2
+    assert read_trec_run(str(tmp_path / "run.trec")) == {"q1": {"d2": 3.5, "d1": 1.25}}
+
+
+# ---- the pipeline --------------------------------------------------------------------------------------------------
+def test_corpus_cache_is_reused_and_interrupts_leave_none(tiny_random_checkpoint, beir_dir, tmp_path, monkeypatch):
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    dataset, cache = load_beir(beir_dir), str(tmp_path / "cache")
+    original = encoder.encode_batch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encoder, "encode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(encoder, dataset, cache, model_fp="m")
+    assert not os.path.exists(cache) or os.listdir(cache) == []
+
+    monkeypatch.setattr(encoder, "encode_batch", original)
+    ids, first, info = encode_corpus(encoder, dataset, cache, model_fp="m")
+    assert not info["cached"] and len(os.listdir(cache)) == 1 and first.shape == (len(CORPUS), 30522)
+    monkeypatch.setattr(encoder, "encode_batch", interrupted)  # a cache hit must not encode
+    _, second, info = encode_corpus(encoder, dataset, cache, model_fp="m")
+    assert info["cached"] and (first != second).nnz == 0
+    with pytest.raises(KeyboardInterrupt):  # another model fingerprint is another key
+        encode_corpus(encoder, dataset, cache, model_fp="other")
+    dataset.corpus["d1"]["text"] += " changed"
+    with pytest.raises(KeyboardInterrupt):  # so is another corpus
+        encode_corpus(encoder, dataset, cache, model_fp="m")
+
+
+SHARED_KEYS = {
+    "top": {"model", "threshold", "query_max_length", "document_max_length", "environment", "datasets"},
+    "dataset": {"split", "num_queries", "num_docs", "data_fingerprint", "metrics", "bm25", "production"},
+    "metrics": {"ndcg@10", "mrr@10", "recall@100", "map@100", "recall@1000", "nnz_doc", "nnz_query"},
+    "production": {"docs_per_second", "query_latency_ms_p50", "query_latency_ms_p95", "index_bytes_per_1k_docs",
+                   "index_ratio_to_dense_768"},
+}
+
+
+def test_cli_writes_shared_format_run_files_and_zero_shot_table(tiny_random_checkpoint, tmp_path):
+    first = write_beir(tmp_path / "toy")
+    second = write_beir(tmp_path / "other" / "toy2", qrels=[("q1", "d1", 1), ("q4", "d3", 1)])
+    output, markdown = tmp_path / "out" / "results.json", tmp_path / "out" / "card.md"
+    argv = ["--model", tiny_random_checkpoint, "--data", first, second, "--threshold", "0", "--output", str(output),
+            "--run-file", str(tmp_path / "out" / "run.trec"), "--markdown", str(markdown),
+            "--cache-dir", str(tmp_path / "cache"), "--latency-queries", "3", "--export", str(tmp_path / "export")]
+    assert eval_fles1.main(argv) == 0
+    results = json.loads(output.read_text())
+    assert set(results) == SHARED_KEYS["top"] and set(results["model"]) == {"path", "fingerprint"}
+    assert set(results["environment"]) == {"packages", "device", "python"}
+    assert results["threshold"] == 0 and results["document_max_length"] == 48
+    assert list(results["datasets"]) == ["toy", "toy2"]
+    for name, entry in results["datasets"].items():
+        assert set(entry) == SHARED_KEYS["dataset"] and set(entry["metrics"]) == SHARED_KEYS["metrics"]
+        assert set(entry["production"]) == SHARED_KEYS["production"]
+        assert set(entry["bm25"]) == {"library", "metrics"}
+        assert set(entry["bm25"]["metrics"]) == SHARED_KEYS["metrics"] - {"nnz_doc", "nnz_query"}
+        run = read_trec_run(str(tmp_path / "out" / f"run.{name}.trec"))
+        dataset = load_beir(first if name == "toy" else second)
+        assert evaluate_run(dataset.qrels, run) == pytest.approx(
+            {key: entry["metrics"][key] for key in entry["bm25"]["metrics"]}, abs=1e-12
+        )
+    toy = results["datasets"]["toy"]
+    assert toy["num_queries"] == 4 and toy["num_docs"] == len(CORPUS)
+    run = read_trec_run(str(tmp_path / "out" / "run.toy.trec"))
+    assert "q3" not in run  # blank query: no hits, yet counted in num_queries (it scores 0)
+    assert "q2" not in run["q2"]  # the doc sharing the query's id is dropped
+    table = markdown.read_text()
+    assert "| toy |" in table and "| toy2 |" in table and "| **Average** |" in table
+    assert table == markdown_tables(results)
+    assert os.path.isfile(tmp_path / "export" / "toy2" / "pyserini" / "docs.jsonl")
+
+
+def test_evaluate_threshold_reduces_nnz(tiny_random_checkpoint, beir_dir, tmp_path):
+    cache = str(tmp_path / "cache")
+    low = evaluate(tiny_random_checkpoint, [beir_dir], threshold=0, cache_dir=cache, bm25=False, production=False,
+                   log=lambda *_: None)
+    high = evaluate(tiny_random_checkpoint, [beir_dir], threshold=0.5, cache_dir=cache, bm25=False, production=False,
+                    log=lambda *_: None)
+    low, high = low["datasets"]["toy"]["metrics"], high["datasets"]["toy"]["metrics"]
+    assert high["nnz_doc"] < low["nnz_doc"] and high["nnz_query"] <= low["nnz_query"]
