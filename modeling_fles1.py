@@ -26,9 +26,9 @@ except ImportError:  # imported from a checkout
 # is compute-bound; small tiles keep the logits in cache on CPU, large ones keep a GPU busy.
 CPU_CHUNK_TOKENS = 256
 ACCELERATOR_CHUNK_TOKENS = 65536
-# CPU inference projects one text at a time onto this many vocabulary rows at once: the (rows x tokens) logits
-# tile stays in a core's L2 cache, and no padding token is ever projected.
-CPU_VOCAB_BLOCK = 4096
+# CPU inference projects one text at a time onto a block of vocabulary rows at once, sized so that the
+# (rows x tokens) logits tile (about CPU_TILE_LOGITS values) stays in cache; no padding token is ever projected.
+CPU_TILE_LOGITS = 4096 * 256
 # bf16 screening bound (see `FLES1ForMaskedLM._cpu_max_logits`): a logit computed from bf16-rounded inputs
 # (u = 2^-8), with exact products accumulated in float32 and the result rounded to bf16, is within
 # (3u + 2^-24 * hidden_size) * |h| * |w| of the exact one; 2^-6 > 3.1u leaves slack.
@@ -125,9 +125,12 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def _tiled_max(tiles, hidden_t: torch.Tensor) -> torch.Tensor:
-    """max over tokens of weight @ hidden_t, tile by tile: (vocab,) in the tiles' dtype."""
-    return torch.cat([torch.matmul(tile, hidden_t).amax(dim=1) for tile in tiles])
+def _tiled_max(weight: torch.Tensor, hidden_t: torch.Tensor) -> torch.Tensor:
+    """max over tokens of weight @ hidden_t, one cache-sized block of vocabulary rows at a time: (vocab,)."""
+    rows = max(1024, CPU_TILE_LOGITS // hidden_t.shape[1])
+    if rows >= weight.shape[0]:  # short texts (queries): one call
+        return torch.matmul(weight, hidden_t).amax(dim=1)
+    return torch.cat([torch.matmul(block, hidden_t).amax(dim=1) for block in weight.split(rows)])
 
 
 class FLES1ForMaskedLM(BertForMaskedLM):
@@ -171,20 +174,18 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def sparse_chunk_tokens(self, device: torch.device) -> int:
         return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS
 
-    def _projection_tiles(self, dtype: torch.dtype):
-        """Decoder weight as (CPU_VOCAB_BLOCK x hidden) tiles in `dtype` and its row norms, cached per dtype.
+    def _projection_weight(self, dtype: torch.dtype):
+        """Decoder weight in `dtype` and its float32 row norms, cached per dtype.
 
         The cache key holds the weight's storage and version counter, so an optimizer step, `load_state_dict`
         or `.to()` invalidates it.
         """
         weight = self.cls.predictions.decoder.weight
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cache = self.__dict__.setdefault("_fles1_projection_tiles", {})
+        cache = self.__dict__.setdefault("_fles1_projection_weight", {})
         if dtype not in cache or cache[dtype][0] != key:
             with torch.no_grad():
-                rows = weight.detach().to(dtype)
-                tiles = [rows[start : start + CPU_VOCAB_BLOCK] for start in range(0, rows.shape[0], CPU_VOCAB_BLOCK)]
-                cache[dtype] = (key, tiles, weight.detach().float().norm(dim=1))
+                cache[dtype] = (key, weight.detach().to(dtype).contiguous(), weight.detach().float().norm(dim=1))
         return cache[dtype][1:]
 
     @torch.no_grad()
@@ -198,7 +199,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         bf16 estimate in `max_logits`.
         """
         dtype = projection_dtype or hidden.dtype
-        tiles, norms = self._projection_tiles(torch.bfloat16 if bf16_screening else dtype)
+        projection, norms = self._projection_weight(torch.bfloat16 if bf16_screening else dtype)
         weight = self.cls.predictions.decoder.weight.detach()
         bias = bias.detach().float()
         values = torch.empty((hidden.shape[0], weight.shape[0]), dtype=torch.float32)
@@ -206,9 +207,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         for row in range(hidden.shape[0]):
             states = hidden[row] if keep is None else hidden[row][keep[row]]
             if not bf16_screening:
-                values[row] = _tiled_max(tiles, states.to(dtype).t()).float().add_(bias)
+                values[row] = _tiled_max(projection, states.to(dtype).t()).float().add_(bias)
                 continue
-            estimate = _tiled_max(tiles, states.to(torch.bfloat16).t()).float().add_(bias)
+            estimate = _tiled_max(projection, states.to(torch.bfloat16).t()).float().add_(bias)
             bound = norms * (SCREEN_MARGIN * float(states.norm(dim=1).max()))
             candidates = (estimate + bound > 0).nonzero().squeeze(1)
             exact = torch.matmul(weight[candidates], states.t()).amax(dim=1).add_(bias[candidates])
@@ -238,7 +239,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
                 Defaults to on for float32 models on CPUs with native bf16.
 
         Under autograd the projection keeps only each entry's max and argmax (sparse backward); on CPU at
-        inference it runs per text over (CPU_VOCAB_BLOCK x tokens) tiles, skipping padding.
+        inference it runs per text over cache-sized (vocabulary block x tokens) tiles, skipping padding.
         """
         outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = self.cls.predictions.transform(outputs.last_hidden_state)

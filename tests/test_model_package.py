@@ -136,7 +136,7 @@ def test_model_config_rejects_bad_settings():
 
 
 def tiny_model(vocab_size=9000, seed=0):
-    """vocab > CPU_VOCAB_BLOCK so that the tiled CPU projection spans several tiles."""
+    """Random 1-layer model and a padded batch of 3 texts (11, 7 and 3 tokens)."""
     torch.manual_seed(seed)
     config = FLES1Config(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=64)
@@ -170,10 +170,15 @@ def test_model_encode_sparse_gradient_matches_naive_dense():
         assert (parameter.grad - grad).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("tile_logits", [None, 1024 * 8])  # 1024 * 8: several vocabulary blocks per text
 @pytest.mark.parametrize("options", [
     {"bf16_screening": True}, {"bf16_screening": False}, {"chunk_tokens": 8}, {"projection_dtype": torch.float32},
 ])
-def test_model_inference_projection_paths_match_naive(options):
+def test_model_inference_projection_paths_match_naive(options, tile_logits, monkeypatch):
+    import modeling_fles1
+
+    if tile_logits:
+        monkeypatch.setattr(modeling_fles1, "CPU_TILE_LOGITS", tile_logits)
     model, features = tiny_model()
     with torch.inference_mode():
         reference = naive_sparse(model, features)
