@@ -97,6 +97,7 @@ class CLFRCallback(TrainerCallback):
             raise ValueError(f"interval_steps must be an int >= 1 or None (one epoch), got {interval_steps!r}")
         self.controller = controller
         self.interval_steps = interval_steps
+        self._interval = interval_steps  # resolved at train begin when None
         self.resume_from: str | None = None  # set by the trainer when it resumes from a checkpoint
         self.reset()
 

@@ -7,6 +7,8 @@ import os
 import tempfile
 import time
 
+import torch
+
 HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse",
                 "lambda_d", "lambda_q", "nnz_doc", "nnz_query", "eff_reg")
 
@@ -35,10 +37,14 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
     trainer_class = trainer_class or FLES1Trainer
     data, loss, clfr_cfg, model_cfg = recipe["data"], recipe["loss"], recipe["clfr"], recipe["model"]
     dataset = load_training_examples(data["source"], data["split"], data["num_negatives"], data["seed"])
+    if data["max_examples"] is not None and data["max_examples"] < len(dataset):  # a seeded subset (card: 200K)
+        dataset = dataset.shuffle(seed=data["seed"]).select(range(data["max_examples"]))
     model, tokenizer = load_model_for_training(model_cfg["path"])
     training = dict(recipe["training"])
     if max_steps is not None:
         training["max_steps"] = max_steps
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        training.setdefault("use_cpu", True)  # accelerate only sets up CPU DDP (gloo) when told it is on CPU
     args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **training)
     clfr = None
     if clfr_cfg["enabled"]:

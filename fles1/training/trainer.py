@@ -12,10 +12,12 @@ Logged every ``logging_steps``, averaged over the window and over all ranks: ``l
 (= w_ac * AC(d)), ``nnz_doc`` / ``nnz_query`` (mean entries > 0 per vector), ``lambda_d``, ``lambda_q``,
 ``eff_reg`` (sum of lambda_d over steps).
 
-    >>> trainer = FLES1Trainer(model=model, args=TrainingArguments("out", per_device_train_batch_size=32),
-    ...                        train_dataset=load_training_examples("../shared/data/nfcorpus"),
-    ...                        processing_class=tokenizer, clfr=CLFRCallback(CLFRController(3e-5, 400, 0.1)))
-    >>> trainer.train()                                                                     # doctest: +SKIP
+Example::
+
+    trainer = FLES1Trainer(model=model, args=TrainingArguments("out", per_device_train_batch_size=32),
+                           train_dataset=load_training_examples("../shared/data/nfcorpus"),
+                           processing_class=tokenizer, clfr=CLFRCallback(CLFRController(3e-5, 400, 0.1)))
+    trainer.train()
 """
 
 from __future__ import annotations
@@ -183,7 +185,8 @@ class FLES1Trainer(Trainer):
         if self.clfr is not None:
             self.clfr.observe(nnz_doc, num_docs)
         self.crash_monitor.observe(parts[0], nnz_doc, num_docs)
-        self.nnz_trace.append({"step": self.state.global_step + 1, "nnz_sum": nnz_doc, "count": num_docs})
+        self.nnz_trace.append({"step": self.state.global_step + 1, "nnz_sum": nnz_doc, "count": num_docs,
+                               "ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel)})
         window = self._window
         for name, value in zip(("loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse"), parts[1:]):
             window[name] += value

@@ -1,0 +1,98 @@
+"""CLFR controller: simulated plant, update direction, state, and the sentence-transformers slot."""
+
+import math
+import random
+
+import pytest
+
+from fles1.training.clfr import CLFRCallback, CLFRController
+
+
+def simulate(gain, exponent, target=400.0, start_lambda=3e-5, steps=200, noise=0.0, seed=0):
+    """Plant: documents' nnz = c * lambda^-exponent, with c chosen so that nnz = 250 at the start lambda."""
+    rng = random.Random(seed)
+    c = 250.0 * start_lambda**exponent
+    controller = CLFRController(start_lambda, target, gain)
+    errors = []
+    for step in range(steps):
+        nnz = c * controller.lambda_d ** -exponent * (1 + noise * rng.uniform(-1, 1))
+        errors.append(abs(nnz - target) / target)
+        controller.update(nnz, step)
+    return controller, errors
+
+
+@pytest.mark.parametrize("gain", [0.05, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("exponent", [0.3, 1.0, 1.9])
+def test_converges_without_blow_up(gain, exponent):
+    controller, errors = simulate(gain, exponent, steps=400)
+    assert errors[-1] < 1e-3 * max(1.0, 1 / (gain * exponent)) or errors[-1] < errors[0] * 1e-2
+    assert max(errors) <= errors[0] + 1e-12  # never further from the target than at the start
+    assert all(math.isfinite(row["lambda_d_after"]) and row["lambda_d_after"] > 0 for row in controller.history)
+
+
+def test_noisy_plant_settles_near_target():
+    controller, errors = simulate(gain=0.1, exponent=0.8, steps=300, noise=0.05)
+    assert sum(errors[-50:]) / 50 < 0.05
+
+
+def test_update_direction_and_formula():
+    controller = CLFRController(lambda_d=1e-4, target_nnz=100, gain=0.5)
+    assert controller.update(150, step=1) == pytest.approx(1e-4 * math.exp(0.25))  # too dense -> stronger
+    before = controller.lambda_d
+    assert controller.update(50, step=2) == pytest.approx(before * math.exp(-0.25))  # too sparse -> weaker
+    assert controller.update(1e9, step=3) == pytest.approx(before * math.exp(-0.25) * math.e)  # clipped step
+    assert [row["step"] for row in controller.history] == [1, 2, 3]
+    assert set(controller.history[0]) == {"step", "measured_nnz", "target_nnz", "lambda_d_before", "lambda_d_after"}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target_nnz": 0}, "target_nnz must be > 0"),
+    ({"target_nnz": -1}, "target_nnz must be > 0"),
+    ({"gain": 0}, r"gain must be in \(0, 1\]"),
+    ({"gain": 1.01}, r"gain must be in \(0, 1\]"),
+    ({"lambda_d": 0}, "lambda_d must be > 0"),
+])
+def test_bad_controller_settings(kwargs, message):
+    settings = {"lambda_d": 3e-5, "target_nnz": 400, "gain": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        CLFRController(**settings)
+    with pytest.raises(ValueError, match="interval_steps"):
+        CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=0)
+
+
+def test_callback_state_round_trip():
+    callback = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=3)
+    callback._interval = 3
+    callback.observe(1000.0, 4)
+    callback.controller.update(300, 3)
+    callback.eff_reg = 1.5e-4
+    restored = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=3)
+    restored.load_state_dict(callback.state_dict())
+    assert restored.state_dict() == callback.state_dict()
+
+
+def test_splade_callback_takes_the_scheduler_slot_and_drives_lambda(tiny_random_checkpoint, tmp_path):
+    from datasets import Dataset
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
+    from sentence_transformers.sparse_encoder.callbacks import SpladeRegularizerWeightSchedulerCallback
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+
+    from fles1.training.clfr import SpladeCLFRCallback
+
+    model = SparseEncoder(tiny_random_checkpoint, trust_remote_code=True, device="cpu")
+    model.max_seq_length = 16
+    loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=3e-5,
+                      query_regularizer_weight=None)
+    clfr = SpladeCLFRCallback(loss, target_nnz=10, gain=1.0, interval_steps=1)  # random model: ~15k nnz
+    data = Dataset.from_dict({"query": [f"query {i}" for i in range(4)], "positive": [f"doc {i}" for i in range(4)]})
+    args = SparseEncoderTrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                          report_to="none", save_strategy="no", use_cpu=True)
+    trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=data, loss=loss, callbacks=[clfr])
+    schedulers = [cb for cb in trainer.callback_handler.callbacks
+                  if isinstance(cb, SpladeRegularizerWeightSchedulerCallback)]
+    assert schedulers == [clfr]  # no default warm-up scheduler was added next to it
+    trainer.train()
+    assert len(clfr.controller.history) == 2
+    assert clfr.controller.history[0]["measured_nnz"] > 1000
+    assert loss.document_regularizer_weight == clfr.controller.lambda_d == pytest.approx(3e-5 * math.e**2)

@@ -1,0 +1,175 @@
+"""End-to-end training runs on the tiny random checkpoint: outputs, crash handling, SIGKILL + resume, DDP."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fles1.training.recipe import load_recipe
+from fles1.training.run import HISTORY_KEYS, train
+from fles1.training.trainer import FLES1Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RECIPE = os.path.join(ROOT, "recipes", "fles1-tiny-nfcorpus.yaml")
+
+
+@pytest.fixture(scope="module")
+def sparse_tiny(tiny_random_checkpoint, tmp_path_factory):
+    """The tiny random model with a negative output bias: a few hundred active terms per text, like a trained
+    SPLADE model, instead of ~29k (which makes every step dense and slow)."""
+    from transformers import AutoTokenizer
+
+    from fles1.checkpoint import save_checkpoint
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    model = FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint)
+    with torch.no_grad():
+        model.cls.predictions.bias.fill_(-0.35)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_checkpoint)
+    return save_checkpoint(model, tokenizer, str(tmp_path_factory.mktemp("fles1-sparse-tiny")))
+
+
+def tiny_overrides(model_dir, data_dir, **extra):
+    return {
+        "model.path": model_dir, "data.source": data_dir, "model.query_max_length": 12,
+        "model.document_max_length": 24, "training.per_device_train_batch_size": 4, "training.logging_steps": 1,
+        "training.save_steps": 2, "training.save_total_limit": None, "clfr.interval_steps": 2,
+        "clfr.target_nnz_d": 50, "clfr.gain": 0.5, "training.disable_tqdm": True, **extra,
+    }
+
+
+def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir, tmp_path):
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    out = str(tmp_path / "run")
+    log = train(recipe, out, max_steps=4)
+    on_disk = json.load(open(os.path.join(out, "training_log.json")))
+    assert on_disk == json.loads(json.dumps(log))
+    assert set(on_disk) == {"recipe", "seed", "global_step", "train_runtime_s", "history", "clfr", "crashes", "eval"}
+    assert on_disk["global_step"] == 4 and [row["step"] for row in on_disk["history"]] == [1, 2, 3, 4]
+    assert all(set(row) == set(HISTORY_KEYS) and row["nnz_doc"] > 0 for row in on_disk["history"])
+    assert set(on_disk["crashes"]) == {"non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse", "total"}
+    assert [row["step"] for row in on_disk["clfr"]] == [2, 4]
+    # the model starts far denser than 50 non-zeros: lambda_d goes up at each adjustment
+    assert all(row["lambda_d_after"] > row["lambda_d_before"] for row in on_disk["clfr"])
+    assert on_disk["history"][-1]["lambda_d"] == on_disk["clfr"][-1]["lambda_d_after"]
+    for name in ("loss.png", "nnz.png", "lambda_d.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(out)
+    trained = load_file(os.path.join(out, "model.safetensors"))
+    start = load_file(os.path.join(sparse_tiny, "model.safetensors"))
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert isinstance(encoder.encode("a query about cells", kind="query"), dict)
+
+
+class NaNOnStep2(FLES1Trainer):
+    """Injects a non-finite loss into the second optimizer step."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.state.global_step == 1:
+            self.crash_monitor._loss_finite = False  # what observe() would see for this loss
+            return loss * float("nan")
+        return loss
+
+
+def test_non_finite_loss_is_skipped_counted_and_training_continues(sparse_tiny, msmarco_toy_dir, tmp_path):
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    out = str(tmp_path / "nan")
+    log = train(recipe, out, max_steps=4, trainer_class=NaNOnStep2)
+    assert log["crashes"]["non_finite_loss"] == 1 and log["crashes"]["total"] >= 1
+    assert log["global_step"] == 4
+    # the skipped step left the weights exactly as checkpoint-2's predecessor: compare step 1 -> step 2 states
+    weights = {step: load_file(os.path.join(out, f"checkpoint-{step}", "model.safetensors")) for step in (2, 4)}
+    assert all(torch.isfinite(t).all() for t in weights[4].values())
+    assert any(not torch.equal(weights[2][k], weights[4][k]) for k in weights[2])  # steps 3-4 did update
+
+
+def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_path):
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
+                                                     **{"training.save_steps": 1}))
+    out = str(tmp_path / "nan1")
+    train(recipe, out, max_steps=2, trainer_class=NaNOnStep2)
+    before = load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))
+    after = load_file(os.path.join(out, "checkpoint-2", "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _cli(out, recipe_path, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return [sys.executable, os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path, "--output-dir", out,
+            *extra], env
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(sparse_tiny, msmarco_toy_dir, tmp_path):
+    recipe_path = str(tmp_path / "recipe.yaml")
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    with open(recipe_path, "w") as handle:
+        yaml.safe_dump(recipe, handle)
+    steps = "12"
+    # uninterrupted reference
+    full = str(tmp_path / "full")
+    command, env = _cli(full, recipe_path, "--max-steps", steps)
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    # killed run: SIGKILL as soon as the step-4 checkpoint is complete (CLFR state is written last)
+    killed = str(tmp_path / "killed")
+    command, env = _cli(killed, recipe_path, "--max-steps", steps)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(killed, "checkpoint-4", "clfr_state.json")
+    deadline = time.time() + 240
+    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not os.path.exists(os.path.join(killed, "training_log.json"))
+    for later in os.listdir(killed):  # a checkpoint after step 4 may be half-written: resume from step 4
+        if later.startswith("checkpoint-") and later != "checkpoint-4" and int(later.split("-")[1]) > 4:
+            shutil.rmtree(os.path.join(killed, later))
+    command, env = _cli(killed, recipe_path, "--max-steps", steps, "--resume")
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+
+    reference, resumed = (load_file(os.path.join(d, "model.safetensors")) for d in (full, killed))
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    states = [json.load(open(os.path.join(d, f"checkpoint-{steps}", "clfr_state.json"))) for d in (full, killed)]
+    assert states[0] == states[1]
+    logs = [json.load(open(os.path.join(d, "training_log.json"))) for d in (full, killed)]
+    assert logs[0]["clfr"] == logs[1]["clfr"] and logs[0]["crashes"] == logs[1]["crashes"]
+    assert [r["nnz_doc"] for r in logs[0]["history"]] == [r["nnz_doc"] for r in logs[1]["history"]]
+
+
+def test_torchrun_two_ranks_log_the_global_nnz(sparse_tiny, msmarco_toy_dir, tmp_path):
+    recipe_path = str(tmp_path / "recipe.yaml")
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
+                                                     **{"training.save_steps": 100}))
+    with open(recipe_path, "w") as handle:
+        yaml.safe_dump(recipe, handle)
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path, "--output-dir", out,
+               "--max-steps", "4", "--trace-nnz"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = json.load(open(os.path.join(out, "training_log.json")))
+    traces = [json.load(open(os.path.join(out, f"nnz_trace_rank{rank}.json"))) for rank in (0, 1)]
+    assert traces[0] != traces[1]  # the ranks saw different documents
+    assert all(t["ddp"] for trace in traces for t in trace)  # the model ran under DistributedDataParallel
+    for row in log["history"]:
+        local = [t for trace in traces for t in trace if t["step"] == row["step"]]
+        assert len(local) == 2
+        expected = sum(t["nnz_sum"] for t in local) / sum(t["count"] for t in local)
+        assert row["nnz_doc"] == pytest.approx(expected, rel=1e-12)
+    for adjustment in log["clfr"]:  # the controller acted on the global mean of its interval
+        local = [t for trace in traces for t in trace if adjustment["step"] - 2 < t["step"] <= adjustment["step"]]
+        expected = sum(t["nnz_sum"] for t in local) / sum(t["count"] for t in local)
+        assert adjustment["measured_nnz"] == pytest.approx(expected, rel=1e-12)
