@@ -64,14 +64,59 @@ class _MaxPooledProjection(torch.autograd.Function):
     that reached it. Backward routes each vocabulary entry's gradient to that one token (the gradient of a
     max), touching only the entries whose gradient is non-zero: after ReLU that is the text's active terms,
     a few hundred out of 30,522.
+
+    On a CPU with native bf16 (AVX512-BF16/AMX) a float32 forward is *screened*: one bf16 pass gives every
+    logit within ``SCREEN_BOUND * |h_t| * |w_v|`` of its exact value (bf16 inputs u = 2^-8 each, float32
+    accumulation, bf16 output: < 3.1u; 2^-6 leaves slack), so an entry whose bf16 maximum is below minus that
+    bound has an exact maximum <= 0 -- zero weight and zero gradient after ReLU. Only the remaining candidates
+    are recomputed in float32 (exact values and arg-max); screened-out entries keep their negative bf16 estimate.
     """
+
+    SCREEN_BOUND = 2.0**-6
+    bf16_screening = None  # None: on when the CPU multiplies bf16 natively; True/False force it (tests)
+
+    @staticmethod
+    def _use_screening(hidden) -> bool:
+        if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
+            return False
+        if _MaxPooledProjection.bf16_screening is not None:
+            return _MaxPooledProjection.bf16_screening
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+    @staticmethod
+    def _screened_max(hidden, weight, bias, chunk_tokens, values, argmax):
+        batch, length, _ = hidden.shape
+        weight, bias = weight.detach(), bias.detach().float()
+        weight_bf16_t = weight.to(torch.bfloat16).t()
+        bound_per_entry = weight.norm(dim=1) * _MaxPooledProjection.SCREEN_BOUND
+        hidden = hidden.detach()
+        for start, end in _chunk_rows(batch, length, chunk_tokens):
+            chunk = hidden[start:end]
+            estimate = torch.matmul(chunk.to(torch.bfloat16), weight_bf16_t).amax(dim=1).float().add_(bias)
+            values[start:end] = estimate
+            bound = chunk.norm(dim=-1).amax(dim=1, keepdim=True) * bound_per_entry  # (rows, vocab)
+            if int((estimate + bound > 0).sum()) > estimate.numel() // 8:  # dense (e.g. untrained): no gain
+                logits = torch.matmul(chunk, weight.t()).add_(bias)
+                chunk_values, chunk_argmax = logits.max(dim=1)
+                values[start:end], argmax[start:end] = chunk_values, chunk_argmax
+                continue
+            for row in range(end - start):
+                candidates = (estimate[row] + bound[row] > 0).nonzero().squeeze(1)
+                exact, token = torch.matmul(chunk[row], weight[candidates].t()).max(dim=0)
+                values[start + row, candidates] = exact + bias[candidates]
+                argmax[start + row, candidates] = token.to(torch.int32)
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk_tokens):
         batch, length, _ = hidden.shape
         # float32 at least (bf16 logits are pooled into float32); float64 stays float64 so gradcheck can run.
         values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        argmax = torch.empty((batch, weight.shape[0]), dtype=torch.int32, device=hidden.device)
+        argmax = torch.zeros((batch, weight.shape[0]), dtype=torch.int32, device=hidden.device)
+        if _MaxPooledProjection._use_screening(hidden):
+            _MaxPooledProjection._screened_max(hidden, weight, bias, chunk_tokens, values, argmax)
+            ctx.save_for_backward(hidden, weight, argmax)
+            return values
         weight_t = weight.to(hidden.dtype).t()
         bias = bias.to(hidden.dtype)
         for start, end in _chunk_rows(batch, length, chunk_tokens):
