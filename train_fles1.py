@@ -27,7 +27,13 @@ def parse_set(items):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+        value = yaml.safe_load(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        overrides[key] = value
     return overrides
 
 

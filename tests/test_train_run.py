@@ -173,3 +173,28 @@ def test_torchrun_two_ranks_log_the_global_nnz(sparse_tiny, msmarco_toy_dir, tmp
         local = [t for trace in traces for t in trace if adjustment["step"] - 2 < t["step"] <= adjustment["step"]]
         expected = sum(t["nnz_sum"] for t in local) / sum(t["count"] for t in local)
         assert adjustment["measured_nnz"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
+    data = tmp_path / "mini-beir"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": f"d{i}", "title": f"title {i}", "text": f"document {i} about cells and vitamin"}) + "\n"
+        for i in range(12)))
+    (data / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": f"vitamin topic {i}"}) + "\n" for i in range(8)))
+    for split in ("train", "dev"):
+        (data / "qrels" / f"{split}.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8)))
+    import train_fles1
+
+    out = str(tmp_path / "out")
+    train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", out, "--model", sparse_tiny, "--data", str(data),
+                      "--max-steps", "2", "--eval-dev", "--set", "training.per_device_train_batch_size=4",
+                      "--set", "model.document_max_length=24", "--set", "training.save_steps=100",
+                      "--set", "loss.lambda_d=1e-3"])
+    log = json.load(open(os.path.join(out, "training_log.json")))
+    assert log["global_step"] == 2 and log["recipe"]["loss"]["lambda_d"] == 1e-3
+    assert log["eval"]["split"] == "dev" and 0.0 <= log["eval"]["ndcg@10"] <= 1.0
+    with pytest.raises(SystemExit, match="gain must be in"):
+        train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", out, "--set", "clfr.gain=2"])
