@@ -170,12 +170,17 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def _tiled_max(weight: torch.Tensor, hidden_t: torch.Tensor) -> torch.Tensor:
-    """max over tokens of weight @ hidden_t, one cache-sized block of vocabulary rows at a time: (vocab,)."""
-    rows = max(1024, CPU_TILE_LOGITS // hidden_t.shape[1])
-    if rows >= weight.shape[0]:  # short texts (queries): one call
-        return torch.matmul(weight, hidden_t).amax(dim=1)
-    return torch.cat([torch.matmul(block, hidden_t).amax(dim=1) for block in weight.split(rows)])
+def _tiled_max(weight: torch.Tensor, weight_t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """max over tokens of states @ weight.T, (vocab,) in weight's dtype.
+
+    Short texts (queries) take one (tokens x vocab) matmul against the contiguous transposed weight (the
+    faster orientation for a few rows); longer ones go one cache-sized block of vocabulary rows at a time.
+    """
+    rows = max(1024, CPU_TILE_LOGITS // states.shape[0])
+    if rows >= weight.shape[0]:
+        return torch.matmul(states, weight_t).amax(dim=0)
+    states_t = states.t()
+    return torch.cat([torch.matmul(block, states_t).amax(dim=1) for block in weight.split(rows)])
 
 
 class FLES1ForMaskedLM(BertForMaskedLM):
@@ -220,7 +225,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS
 
     def _projection_weight(self, dtype: torch.dtype):
-        """Decoder weight in `dtype` and its float32 row norms, cached per dtype.
+        """Decoder weight in `dtype`, as (vocab, hidden) and contiguous (hidden, vocab), and its float32 row norms,
+        cached per dtype.
 
         The cache key holds the weight's storage and version counter, so an optimizer step, `load_state_dict`
         or `.to()` invalidates it.
@@ -230,7 +236,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         cache = self.__dict__.setdefault("_fles1_projection_weight", {})
         if dtype not in cache or cache[dtype][0] != key:
             with torch.no_grad():
-                cache[dtype] = (key, weight.detach().to(dtype).contiguous(), weight.detach().float().norm(dim=1))
+                rows = weight.detach().to(dtype).contiguous()
+                cache[dtype] = (key, rows, rows.t().contiguous(), weight.detach().float().norm(dim=1))
         return cache[dtype][1:]
 
     @torch.no_grad()
@@ -244,7 +251,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         bf16 estimate in `max_logits`.
         """
         dtype = projection_dtype or hidden.dtype
-        projection, norms = self._projection_weight(torch.bfloat16 if bf16_screening else dtype)
+        projection, projection_t, norms = self._projection_weight(torch.bfloat16 if bf16_screening else dtype)
         weight = self.cls.predictions.decoder.weight.detach()
         bias = bias.detach().float()
         values = torch.empty((hidden.shape[0], weight.shape[0]), dtype=torch.float32)
@@ -252,9 +259,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         for row in range(hidden.shape[0]):
             states = hidden[row] if keep is None else hidden[row][keep[row]]
             if not bf16_screening:
-                values[row] = _tiled_max(projection, states.to(dtype).t()).float().add_(bias)
+                values[row] = _tiled_max(projection, projection_t, states.to(dtype)).float().add_(bias)
                 continue
-            estimate = _tiled_max(projection, states.to(torch.bfloat16).t()).float().add_(bias)
+            estimate = _tiled_max(projection, projection_t, states.to(torch.bfloat16)).float().add_(bias)
             bound = norms * (SCREEN_MARGIN * float(states.norm(dim=1).max()))
             candidates = (estimate + bound > 0).nonzero().squeeze(1)
             exact = torch.matmul(weight[candidates], states.t()).amax(dim=1).add_(bias[candidates])

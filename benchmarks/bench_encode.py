@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_encode.py                      # converts ../shared/models/splade-tiny
     HF_HUB_OFFLINE=1 python benchmarks/bench_encode.py --model DIR --num-docs 512 --output bench.json
+    HF_HUB_OFFLINE=1 python benchmarks/bench_encode.py --threads 1     # e.g. on a CPU shared with other jobs
 
 Prints docs/s of each (document max length 256), their ratio, single-query encode latency p50 of each, the max
 abs weight difference (float32, before threshold), the bf16 projection path separately (its docs/s, max abs
@@ -101,11 +102,14 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="timed passes over the documents, alternating")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
     from sentence_transformers import SparseEncoder
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = args.model
     if model_dir is None:
