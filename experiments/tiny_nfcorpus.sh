@@ -5,9 +5,15 @@
 #
 # CPU schedule (stated in the card): 60 optimizer steps of batch 32 x (1 positive + 7 negatives), training
 # documents truncated at 128 tokens (evaluation uses the model's 256), CLFR every 20 steps toward 160 document
-# non-zeros (the backbone's own density at 128 tokens is ~170), everything else the recipe's (tau 0.05,
-# L1 FLOPS lambda_d 3e-5, gain 0.1, AdamW lr 2e-5). Selection on dev, report on test; results/ keeps the JSONs,
-# training logs and plots (never weights).
+# non-zeros (the backbone's own density at 128 tokens is ~170), in-batch false negatives masked (nfcorpus
+# judges ~43 documents relevant per train query, so other queries' documents are often relevant to this one),
+# everything else the recipe's (tau 0.05, L1 FLOPS lambda_d 3e-5, gain 0.1, AdamW lr 2e-5). Selection on dev,
+# report on test; results/runs/RUN_NAME keeps the JSONs, training log and plots (never weights).
+#
+# The committed runs (experiments/study.sh runs them all):
+#   fnmask-seed{0,1,2}     the recipe above, three seeds
+#   fnmask-fixed-seed0     CLFR off: lambda_d fixed at 3e-5                (--set clfr.enabled=false)
+#   fnmask-flops-seed0     classic squared FLOPS instead of L1 FLOPS       (--set loss.regularizer=flops)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -16,7 +22,7 @@ out=outputs/$run
 mkdir -p results/runs/$run
 python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir "$out" --max-steps 60 \
   --set model.document_max_length=128 --set clfr.target_nnz_d=160 --set clfr.interval_steps=20 \
-  --set training.save_steps=20 --set training.logging_steps=5 \
+  --set training.save_steps=20 --set training.logging_steps=5 --set data.mask_false_negatives=true \
   --set training.seed="$seed" --set training.data_seed="$seed" --set data.seed="$seed" "$@"
 python eval_fles1.py --model "$out" --data ../shared/data/nfcorpus --split dev --threshold 0.3 \
   --no-bm25 --no-production --output results/runs/$run/eval_dev.json

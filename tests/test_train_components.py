@@ -41,6 +41,44 @@ def test_info_nce_matches_explicit_formula():
         info_nce(queries, documents[:-1], group_size=4)
 
 
+def test_false_negatives_are_left_out_of_the_denominator():
+    from fles1.training.trainer import FLES1Collator, false_negative_mask
+
+    relevance = [
+        {"documents": ["d1", "n1"], "relevant": ["d1", "d2"]},  # query 0 also finds query 1's positive relevant
+        {"documents": ["d2", "n2"], "relevant": ["d2"]},
+    ]
+    mask = false_negative_mask(relevance)
+    assert mask.tolist() == [[False, False, True, False], [False, False, False, False]]
+    torch.manual_seed(0)
+    queries, documents = torch.rand(2, 5), torch.rand(4, 5)
+    scores = queries @ documents.t() / 0.05
+    kept = [0, 1, 3]  # query 0 without d2
+    expected = (torch.logsumexp(scores[0, kept], 0) - scores[0, 0] + torch.logsumexp(scores[1], 0) - scores[1, 2]) / 2
+    torch.testing.assert_close(info_nce(queries, documents, 2, 0.05, false_negatives=mask), expected)
+    assert info_nce(queries, documents, 2, 0.05, false_negatives=mask) < info_nce(queries, documents, 2, 0.05)
+
+
+def test_beir_examples_with_ids_feed_the_mask(nfcorpus_dir, backbone_dir):
+    from transformers import AutoTokenizer
+
+    from fles1.beir import load_beir
+    from fles1.training.trainer import FLES1Collator
+
+    data = load_beir(nfcorpus_dir, "train")
+    examples = beir_examples(data, num_negatives=2, seed=0, with_ids=True)
+    assert "relevance" in examples.column_names and "relevance" not in beir_examples(data, 2, 0).column_names
+    row = examples[0]
+    query_id = sorted(data.qrels)[0]
+    assert row["relevance"]["documents"][0] in data.qrels[query_id]
+    assert set(row["relevance"]["relevant"]) == {d for d, rel in data.qrels[query_id].items() if rel > 0}
+    collator = FLES1Collator(AutoTokenizer.from_pretrained(backbone_dir), 16, 32)
+    rows = [examples[i] for i in range(8)]
+    batch = collator(rows)
+    assert batch["documents"]["input_ids"].shape[0] == 8 * 3  # the id column is not tokenized as a document
+    assert batch["false_negatives"].shape == (8, 24) and not batch["false_negatives"][:, ::3].diagonal().any()
+
+
 def test_regularizer_formulas():
     w = torch.rand(4, 9)
     torch.testing.assert_close(l1_flops(w), sum(w[:, v].mean() for v in range(9)))

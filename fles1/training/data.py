@@ -14,6 +14,10 @@ Sources (:func:`load_training_examples`):
   drawn from the other rows' passages (positives and negatives), excluding the row's own positive.
 
 Sampling uses ``random.Random(seed)``: the same seed gives the same dataset.
+
+``with_ids=True`` (BEIR sources) adds a ``relevance`` column: per row, the ids of its positive and negatives and
+of every document judged relevant to its query, so the trainer can mask in-batch false negatives (another
+query's document that is relevant to this one). Off by default so that the columns stay sentence-transformers'.
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ def _to_dataset(rows: list[list[str]], num_negatives: int, source: str) -> Datas
     return Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(columns)})
 
 
-def beir_examples(dataset: BEIRDataset, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0) -> Dataset:
+def beir_examples(
+    dataset: BEIRDataset, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0, with_ids: bool = False
+) -> Dataset:
     """One (query, positive, negatives) row per query of ``dataset.qrels`` that has a relevant document."""
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives!r}")
     rng = random.Random(seed)
     doc_ids = sorted(dataset.corpus)
-    rows = []
+    rows, relevance = [], []
     for query_id in sorted(dataset.qrels):
         judged = dataset.qrels[query_id]
         positives = sorted(doc_id for doc_id, rel in judged.items() if rel > 0)
@@ -61,7 +67,9 @@ def beir_examples(dataset: BEIRDataset, num_negatives: int = DEFAULT_NUM_NEGATIV
                 negatives.append(doc_id)
         positive = positives[rng.randrange(len(positives))]
         rows.append([dataset.queries[query_id]] + [dataset.document_text(d) for d in [positive] + negatives])
-    return _to_dataset(rows, num_negatives, f"{dataset.name} ({dataset.split})")
+        relevance.append({"documents": [positive] + negatives, "relevant": positives})
+    examples = _to_dataset(rows, num_negatives, f"{dataset.name} ({dataset.split})")
+    return examples.add_column("relevance", relevance) if with_ids else examples
 
 
 def read_triples(path: str) -> list[tuple[str, str, str]]:
@@ -100,7 +108,8 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
 
 
 def load_training_examples(
-    source: str, split: str = "train", num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0
+    source: str, split: str = "train", num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0,
+    with_ids: bool = False,
 ) -> Dataset:
     """BEIR folder / hub id, triples TSV or a folder with ``triplets/raw.tsv`` -> training ``Dataset``."""
     if os.path.isfile(source):
@@ -116,4 +125,4 @@ def load_training_examples(
         raise ValueError(
             f"{source!r}: not a BEIR folder, a triples TSV or a loadable hub dataset ({type(error).__name__}: {error})"
         ) from error
-    return beir_examples(dataset, num_negatives, seed)
+    return beir_examples(dataset, num_negatives, seed, with_ids=with_ids)

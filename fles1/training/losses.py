@@ -20,13 +20,23 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(queries: torch.Tensor, documents: torch.Tensor, group_size: int, temperature: float = 0.05):
-    """InfoNCE of ``queries`` (B, V) against ``documents`` (B * group_size, V), positive first in each group."""
+def info_nce(
+    queries: torch.Tensor, documents: torch.Tensor, group_size: int, temperature: float = 0.05,
+    false_negatives: torch.Tensor | None = None,
+):
+    """InfoNCE of ``queries`` (B, V) against ``documents`` (B * group_size, V), positive first in each group.
+
+    ``false_negatives`` (B, B * group_size) bool marks documents known to be relevant to a query other than as
+    its positive (e.g. another query's positive that the qrels also judge relevant to it): they are left out of
+    that query's denominator instead of being pushed away.
+    """
     if documents.shape[0] != queries.shape[0] * group_size:
         raise ValueError(
             f"expected {queries.shape[0]} x {group_size} documents for {queries.shape[0]} queries, "
             f"got {documents.shape[0]}"
         )
     scores = queries @ documents.t() / temperature
+    if false_negatives is not None:
+        scores = scores.masked_fill(false_negatives.to(scores.device), float("-inf"))
     labels = torch.arange(queries.shape[0], device=queries.device) * group_size
     return F.cross_entropy(scores, labels)

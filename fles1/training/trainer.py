@@ -49,16 +49,32 @@ class FLES1Collator:
         self.document_max_length = document_max_length
 
     def __call__(self, rows: list[dict]) -> dict:
-        document_columns = [key for key in rows[0] if key != "query"]  # positive first, then negative_1..n
+        # positive first, then negative_1..n
+        document_columns = [key for key in rows[0] if key == "positive" or key.startswith("negative_")]
         queries = [row["query"] for row in rows]
         documents = [row[key] for row in rows for key in document_columns]
         tokenize = lambda texts, length: self.tokenizer(  # noqa: E731
             texts, padding=True, truncation=True, max_length=length, return_tensors="pt"
         )
-        return {
+        batch = {
             "query": dict(tokenize(queries, self.query_max_length)),
             "documents": dict(tokenize(documents, self.document_max_length)),
         }
+        if "relevance" in rows[0]:
+            batch["false_negatives"] = false_negative_mask([row["relevance"] for row in rows])
+        return batch
+
+
+def false_negative_mask(relevance: list[dict]) -> torch.Tensor:
+    """(B, B * group) bool: document j is judged relevant to query i but is not i's own positive."""
+    documents = [doc_id for item in relevance for doc_id in item["documents"]]
+    group = len(relevance[0]["documents"])
+    mask = torch.zeros(len(relevance), len(documents), dtype=torch.bool)
+    for i, item in enumerate(relevance):
+        relevant = set(item["relevant"])
+        for j, doc_id in enumerate(documents):
+            mask[i, j] = doc_id in relevant and j != i * group
+    return mask
 
 
 def _encode_pair(model, query: dict, documents: dict):
@@ -169,7 +185,7 @@ class FLES1Trainer(Trainer):
         queries, documents = self.encode(model, inputs["query"], inputs["documents"])
         group_size = documents.shape[0] // queries.shape[0]
         lambda_d = self.current_lambda_d()
-        contrastive = info_nce(queries, documents, group_size, self.temperature)
+        contrastive = info_nce(queries, documents, group_size, self.temperature, inputs.get("false_negatives"))
         reg_d = lambda_d * self.regularizer(documents)
         reg_q = self.lambda_q * self.regularizer(queries) if self.lambda_q else queries.new_zeros(())
         anticollapse = (
