@@ -28,12 +28,13 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", help="recipe YAML (default: the training log's recipe)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG files (default: MODEL/*.png)")
     parser.add_argument("--base-model", help="Hub id of the backbone for the card's base_model")
+    parser.add_argument("--studies", help="Markdown study tables for the card (experiments/summarize.py)")
     args = parser.parse_args(argv)
     try:
         publish(
             args.model, args.repo_id, results=args.results, training_logs=args.training_log, plots=args.plots,
             recipe=args.recipe, base_model=args.base_model, private=args.private, revision=args.revision,
-            create_pr=args.create_pr, dry_run=args.dry_run,
+            create_pr=args.create_pr, dry_run=args.dry_run, studies=args.studies,
         )
     except PublishError as error:
         print(f"error: {error}", file=sys.stderr)

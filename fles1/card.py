@@ -368,9 +368,12 @@ def build_card(
     plots: Sequence[str] = (),
     template_path: str = TEMPLATE_PATH,
     result_names: Optional[dict] = None,
+    studies: Optional[str] = None,
 ) -> ModelCard:
     """Model card from result files. ``plots`` are paths relative to the card (they are linked, not read);
-    ``result_names`` maps a results path to the name the card shows for it (default: its file name)."""
+    ``result_names`` maps a results path to the name the card shows for it (default: its file name);
+    ``studies`` is a Markdown file of study tables generated from result files (experiments/summarize.py),
+    embedded as is."""
     name_of = lambda path: (result_names or {}).get(path) or os.path.basename(path)  # noqa: E731
     if not results:
         raise CardInputError("at least one eval results JSON is needed (eval_fles1.py --output)")
@@ -421,7 +424,16 @@ def build_card(
         runs_note=("Results come from one training run; seed-to-seed spread is unknown." if len(runs) < 2 else
                    f"The spread over {len(runs)} runs is in the reproducibility table; more seeds narrow it."),
         license=LICENSE_TEXT,
+        studies=_read_text(studies) if studies else "",
     )
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as error:
+        raise CardInputError(f"{path}: cannot read the studies file ({error.strerror})") from None
 
 
 __all__ = ["build_card", "CardInputError", "group_runs", "model_index", "MISSING", "METRICS"]

@@ -99,6 +99,7 @@ def assemble(
     plots: Sequence[str] = (),
     recipe: Optional[str] = None,
     base_model: Optional[str] = None,
+    studies: Optional[str] = None,
 ) -> str:
     """Write the Hub folder: checkpoint files + code files + results/ + plots/ + README.md (the card).
 
@@ -126,7 +127,8 @@ def assemble(
         relative = lambda path: os.path.relpath(path, out_dir).replace(os.sep, "/")  # noqa: E731
         # built from the original files: training logs pair with runs by their model folders
         card = build_card(results, training_logs, recipe, repo_id, base_model, [relative(p) for p in copied_plots],
-                          result_names={src: relative(dst) for src, dst in zip(results, copied_results)})
+                          result_names={src: relative(dst) for src, dst in zip(results, copied_results)},
+                          studies=studies)
         card.save(os.path.join(out_dir, "README.md"))
     return out_dir
 
@@ -242,6 +244,7 @@ def publish(
     revision: Optional[str] = None,
     create_pr: bool = False,
     dry_run: Optional[str] = None,
+    studies: Optional[str] = None,
     log=print,
 ):
     """Assemble, validate and (unless ``dry_run``) upload. Returns the dry-run folder or the CommitInfo."""
@@ -259,7 +262,7 @@ def publish(
             raise PublishError("HF_HUB_OFFLINE is set: uploading needs the network (unset it, or use --dry-run)")
     with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:
         folder = dry_run or os.path.join(scratch, "hub")
-        assemble(model_dir, folder, repo_id, results, training_logs, plots, recipe, base_model)
+        assemble(model_dir, folder, repo_id, results, training_logs, plots, recipe, base_model, studies)
         log(f"assembled {folder}; validating in a fresh offline process ...")
         checks = validate(folder)
         for check in checks:

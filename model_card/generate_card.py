@@ -25,10 +25,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repo-id", default="mindoval/fles1-v14")
     parser.add_argument("--base-model", help="Hub id of the backbone (default: from the recipe when it is a hub id)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG paths relative to the card, linked in it")
+    parser.add_argument("--studies", help="Markdown study tables made from result files (experiments/summarize.py)")
     parser.add_argument("--output", default="-", help="README path ('-': stdout)")
     args = parser.parse_args(argv)
     try:
-        card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots)
+        card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots,
+                          studies=args.studies)
     except CardInputError as error:
         parser.exit(2, f"error: {error}\n")
     if args.output == "-":

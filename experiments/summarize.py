@@ -1,0 +1,155 @@
+"""Issue-6 tables and plots, from the committed result files only (results/runs/*/).
+
+    python experiments/summarize.py            # writes results/STUDY.md and results/plots/*.png
+
+Every number printed here is read from a run's eval_test.json / eval_dev.json (eval_fles1.py output) or its
+training_log.json (train_fles1.py output); a number no file holds is shown as "—".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join(ROOT, "results", "runs")
+SEED_RUNS = ["fnmask-seed0", "fnmask-seed1", "fnmask-seed2"]
+BASELINE = "backbone"
+MISSING = "—"
+
+
+def load(run: str, name: str):
+    path = os.path.join(RUNS, run, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def metrics(run: str, split: str) -> dict:
+    data = load(run, f"eval_{split}.json")
+    return (data or {}).get("datasets", {}).get("nfcorpus", {}).get("metrics", {}) if data else {}
+
+
+def fmt(value, digits=4):
+    return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def final_nnz(log: dict, last: int = 2) -> float | None:
+    rows = [row["nnz_doc"] for row in (log or {}).get("history", []) if row.get("nnz_doc") is not None]
+    return statistics.fmean(rows[-last:]) if rows else None
+
+
+def seed_section() -> str:
+    rows, values = [], {"ndcg@10": [], "mrr@10": [], "recall@100": [], "nnz_doc": [], "nnz_query": [], "dev": []}
+    for run in [BASELINE] + SEED_RUNS:
+        test, dev = metrics(run, "test"), metrics(run, "dev")
+        rows.append([run, fmt(dev.get("ndcg@10")), fmt(test.get("ndcg@10")), fmt(test.get("mrr@10")),
+                     fmt(test.get("recall@100")), fmt(test.get("nnz_doc"), 1), fmt(test.get("nnz_query"), 1)])
+        if run != BASELINE and test:
+            for key in ("ndcg@10", "mrr@10", "recall@100", "nnz_doc", "nnz_query"):
+                values[key].append(test[key])
+            values["dev"].append(dev.get("ndcg@10"))
+    if len(values["ndcg@10"]) >= 2:
+        mean_std = lambda xs, d=4: f"{statistics.fmean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}"  # noqa: E731
+        rows.append([f"mean ± std ({len(values['ndcg@10'])} seeds)", mean_std([v for v in values["dev"] if v is not None]),
+                     mean_std(values["ndcg@10"]), mean_std(values["mrr@10"]), mean_std(values["recall@100"]),
+                     mean_std(values["nnz_doc"], 1), mean_std(values["nnz_query"], 1)])
+    header = ["run", "dev NDCG@10", "test NDCG@10", "test MRR@10", "test R@100", "NNZ doc", "NNZ query"]
+    return table(header, rows)
+
+
+def study_rows(runs: list[tuple[str, str]]) -> list[list[str]]:
+    rows = []
+    for label, run in runs:
+        log, test = load(run, "training_log.json") or {}, metrics(run, "test")
+        history = log.get("history", [])
+        crashes = log.get("crashes", {})
+        clfr = log.get("clfr", [])
+        recipe = log.get("recipe", {})
+        target = recipe.get("clfr", {}).get("target_nnz_d")
+        start = history[0]["nnz_doc"] if history else None
+        end = final_nnz(log)
+        rows.append([
+            label, run, fmt(start, 1), fmt(end, 1), fmt(target, 0) if recipe.get("clfr", {}).get("enabled") else "(off)",
+            f"{history[-1]['lambda_d']:.3g}" if history else MISSING, len(clfr),
+            crashes.get("non_finite_loss", MISSING), crashes.get("non_finite_grad", MISSING),
+            crashes.get("loss_spike", MISSING), crashes.get("nnz_collapse", MISSING),
+            fmt(test.get("ndcg@10")), fmt(test.get("nnz_doc"), 1),
+        ])
+    return rows
+
+
+STUDY_HEADER = ["variant", "run", "train NNZ doc, first log", "train NNZ doc, last 2 logs", "CLFR target",
+                "final λ_d", "CLFR updates", "crashes: non-finite loss", "non-finite grad", "loss spike",
+                "NNZ collapse", "test NDCG@10", "test NNZ doc"]
+
+
+def plot_nnz(runs: list[tuple[str, str]], path: str, title: str) -> None:
+    fig, (ax_nnz, ax_lambda) = plt.subplots(1, 2, figsize=(11, 4))
+    target = None
+    for label, run in runs:
+        log = load(run, "training_log.json")
+        if not log:
+            continue
+        steps = [row["step"] for row in log["history"]]
+        ax_nnz.plot(steps, [row["nnz_doc"] for row in log["history"]], marker=".", label=label)
+        ax_lambda.plot(steps, [row["lambda_d"] for row in log["history"]], marker=".", label=label)
+        if log["recipe"].get("clfr", {}).get("enabled"):
+            target = log["recipe"]["clfr"]["target_nnz_d"]
+    if target is not None:
+        ax_nnz.axhline(target, color="grey", linestyle="--", label=f"CLFR target {target}")
+    ax_nnz.set(xlabel="step", ylabel="documents' mean non-zeros (training batches)", title=title)
+    ax_lambda.set(xlabel="step", ylabel="λ_d", yscale="log", title="λ_d")
+    ax_nnz.legend()
+    ax_lambda.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    plots = os.path.join(ROOT, "results", "plots")
+    os.makedirs(plots, exist_ok=True)
+    clfr_runs = [("CLFR (L1 FLOPS)", "fnmask-seed0"), ("fixed λ_d (L1 FLOPS)", "fnmask-fixed-seed0")]
+    reg_runs = [("L1 FLOPS (CLFR)", "fnmask-seed0"), ("squared FLOPS (CLFR)", "fnmask-flops-seed0")]
+    explore_runs = [("no false-negative mask, τ 0.05", "clfr-l1-seed0"), ("no false-negative mask, τ 1.0", "tau1-seed0")]
+    plot_nnz(clfr_runs, os.path.join(plots, "clfr_vs_fixed_nnz.png"), "CLFR vs fixed λ_d")
+    plot_nnz(reg_runs, os.path.join(plots, "l1_vs_squared_nnz.png"), "L1 vs squared FLOPS")
+    plot_nnz([(label, run) for label, run in [("seed 0", SEED_RUNS[0]), ("seed 1", SEED_RUNS[1]),
+                                              ("seed 2", SEED_RUNS[2])]],
+             os.path.join(plots, "seeds_nnz.png"), "three seeds")
+    text = "\n\n".join([
+        "### Per seed (nfcorpus, threshold 0.3; `backbone` = the shipped SPLADE-tiny converted, untrained)",
+        seed_section(),
+        "### CLFR vs fixed λ_d",
+        table(STUDY_HEADER, study_rows(clfr_runs)),
+        "![CLFR vs fixed](plots/clfr_vs_fixed_nnz.png)",
+        "### L1 FLOPS vs squared FLOPS",
+        table(STUDY_HEADER, study_rows(reg_runs)),
+        "![L1 vs squared](plots/l1_vs_squared_nnz.png)",
+        "### Exploration runs (same schedule, before false-negative masking)",
+        table(STUDY_HEADER, study_rows(explore_runs)),
+    ])
+    out = os.path.join(ROOT, "results", "STUDY.md")
+    with open(out, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
