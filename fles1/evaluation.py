@@ -27,7 +27,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 
 from fles1.atomic import atomic_open
-from fles1.beir import BEIRDataset, load_beir
+from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.metrics import METRIC_KEYS, evaluate_run, rounded_run, write_trec_run
 from fles1.retrieval import InvertedIndex, apply_threshold, average_nnz
 
@@ -45,16 +45,6 @@ DEFAULT_CACHE_DIR = os.path.join(
 
 
 # ---- fingerprints ----------------------------------------------------------------------------------------------
-def _hash_files(paths: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(os.path.basename(path).encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def _model_file(model: str, name: str) -> str:
     if os.path.isdir(model):
         return os.path.join(model, name)
@@ -65,7 +55,7 @@ def _model_file(model: str, name: str) -> str:
 
 def model_fingerprint(model: str) -> str:
     """sha256 of model.safetensors + config.json (folder or hub id)."""
-    return _hash_files([_model_file(model, "model.safetensors"), _model_file(model, "config.json")])
+    return fingerprint_files([_model_file(model, "model.safetensors"), _model_file(model, "config.json")])
 
 
 def corpus_fingerprint(dataset: BEIRDataset) -> str:
