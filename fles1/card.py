@@ -21,7 +21,7 @@ import os
 import re
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData

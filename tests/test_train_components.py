@@ -42,7 +42,7 @@ def test_info_nce_matches_explicit_formula():
 
 
 def test_false_negatives_are_left_out_of_the_denominator():
-    from fles1.training.trainer import FLES1Collator, false_negative_mask
+    from fles1.training.trainer import false_negative_mask
 
     relevance = [
         {"documents": ["d1", "n1"], "relevant": ["d1", "d2"]},  # query 0 also finds query 1's positive relevant

@@ -27,13 +27,13 @@ inside every checkpoint folder and restore it when training resumes from that ch
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 from transformers import TrainerCallback
 
+from .checkpoint_state import CheckpointStateMixin
 from .distributed import all_reduce_sum
 
 STATE_FILE = "clfr_state.json"
@@ -81,7 +81,7 @@ class CLFRController:
         self.history = list(state["history"])
 
 
-class CLFRCallback(TrainerCallback):
+class CLFRCallback(CheckpointStateMixin, TrainerCallback):
     """Runs a :class:`CLFRController` inside a transformers ``Trainer``.
 
     The trainer (or a loss wrapper) calls :meth:`observe` with each batch's documents' non-zero sum and count;
@@ -91,6 +91,8 @@ class CLFRCallback(TrainerCallback):
         controller: the controller whose ``lambda_d`` the loss reads.
         interval_steps: optimizer steps between adjustments; ``None`` = one epoch of steps.
     """
+
+    STATE_FILE = STATE_FILE
 
     def __init__(self, controller: CLFRController, interval_steps: int | None = None):
         if interval_steps is not None and not (isinstance(interval_steps, int) and interval_steps >= 1):
@@ -129,14 +131,6 @@ class CLFRCallback(TrainerCallback):
         self.controller.load_state_dict(state)
         self.nnz_sum, self.nnz_count, self.eff_reg = state["nnz_sum"], state["nnz_count"], state["eff_reg"]
 
-    def load(self, checkpoint_dir: str) -> bool:
-        path = os.path.join(checkpoint_dir, STATE_FILE)
-        if not os.path.isfile(path):
-            return False
-        with open(path, encoding="utf-8") as handle:
-            self.load_state_dict(json.load(handle))
-        return True
-
     # --- trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self._interval = self.interval_steps
@@ -146,7 +140,7 @@ class CLFRCallback(TrainerCallback):
             self._interval = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
         self._device = args.device
         if state.global_step > 0:  # resuming: the trainer told us where from, else the standard layout
-            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            folder = self.checkpoint_folder(args, state)
             if not self.load(folder):
                 raise FileNotFoundError(f"{os.path.join(folder, STATE_FILE)}: missing; cannot resume CLFR state")
         self.apply(self.controller.lambda_d)
@@ -161,13 +155,6 @@ class CLFRCallback(TrainerCallback):
             if count > 0:
                 self.apply(self.controller.update(total / count, state.global_step))
             self.nnz_sum = self.nnz_count = 0.0
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
-                json.dump(self.state_dict(), handle, indent=1)
 
 
 def _splade_scheduler_base():

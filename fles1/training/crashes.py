@@ -15,21 +15,23 @@ all-reduced first, so a non-finite gradient on one rank makes every rank skip th
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 
 import torch
 from transformers import TrainerCallback
+
+from .checkpoint_state import CheckpointStateMixin
 
 KINDS = ("non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse")
 STATE_FILE = "crash_state.json"
 MIN_SPIKE_HISTORY = 5
 
 
-class CrashMonitor(TrainerCallback):
+class CrashMonitor(CheckpointStateMixin, TrainerCallback):
     """Counts crashes by kind and skips non-finite updates. The trainer calls :meth:`observe` per micro-batch."""
+
+    STATE_FILE = STATE_FILE
 
     def __init__(self, spike_factor: float = 3.0, spike_window: int = 100, nnz_floor: float = 1.0):
         if not spike_factor > 1:
@@ -86,15 +88,4 @@ class CrashMonitor(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:
-            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            path = os.path.join(folder, STATE_FILE)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as handle:
-                    self.load_state_dict(json.load(handle))
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as handle:
-                json.dump(self.state_dict(), handle, indent=1)
+            self.load(self.checkpoint_folder(args, state))
