@@ -120,6 +120,23 @@ def _beir_folder(tmp_path, qrels_rows):
     return str(tmp_path)
 
 
+def test_bm25_positive_is_the_relevant_document_bm25_ranks_first(tmp_path):
+    from fles1.beir import load_beir
+
+    folder = tmp_path / "bm25"
+    (folder / "qrels").mkdir(parents=True)
+    texts = ["vitamin d and bone health in older adults", "a cohort study of diet", "bone", "unrelated text"]
+    (folder / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "text": "{t}"}}\n' for i, t in enumerate(texts)))
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "vitamin d bone health"}\n')
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td0\t1\nq1\td2\t1\n")
+    data = load_beir(str(folder), "train")
+    for seed in range(5):
+        assert beir_examples(data, num_negatives=1, seed=seed, positive="bm25")[0]["positive"] == texts[0]
+    assert {beir_examples(data, 1, seed)[0]["positive"] for seed in range(20)} == set(texts[:3])  # uniform draw
+    with pytest.raises(ValueError, match=r"choose one of \['random', 'bm25'\]"):
+        beir_examples(data, 1, 0, positive="best")
+
+
 def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     with pytest.raises(BEIRDataError, match="'d99' is not in corpus"):
         load_training_examples(_beir_folder(tmp_path / "a", "q1\td99\t1\n"))

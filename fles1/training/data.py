@@ -15,6 +15,11 @@ Sources (:func:`load_training_examples`):
 
 Sampling uses ``random.Random(seed)``: the same seed gives the same dataset.
 
+``positive="bm25"`` (BEIR sources) takes as positive the query's relevant document that BM25 (fles1.bm25) ranks
+highest instead of a uniform draw -- for collections such as nfcorpus whose relevance-1 judgements include
+documents only indirectly linked to the query; a query whose relevant documents BM25 does not retrieve keeps a
+uniform draw.
+
 ``with_ids=True`` (BEIR sources) adds a ``relevance`` column: per row, the ids of its positive and negatives and
 of every document judged relevant to its query, so the trainer can mask in-batch false negatives (another
 query's document that is relevant to this one). Off by default so that the columns stay sentence-transformers'.
@@ -44,12 +49,23 @@ def _to_dataset(rows: list[list[str]], num_negatives: int, source: str) -> Datas
     return Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(columns)})
 
 
+POSITIVE_CHOICES = ("random", "bm25")
+
+
 def beir_examples(
-    dataset: BEIRDataset, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0, with_ids: bool = False
+    dataset: BEIRDataset, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0, with_ids: bool = False,
+    positive: str = "random",
 ) -> Dataset:
     """One (query, positive, negatives) row per query of ``dataset.qrels`` that has a relevant document."""
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives!r}")
+    if positive not in POSITIVE_CHOICES:
+        raise ValueError(f"positive={positive!r} is not supported; choose one of {list(POSITIVE_CHOICES)}")
+    bm25 = {}
+    if positive == "bm25":
+        from fles1.bm25 import bm25_run
+
+        bm25 = bm25_run(dataset, sorted(dataset.qrels), k=len(dataset.corpus), drop_self=False)
     rng = random.Random(seed)
     doc_ids = sorted(dataset.corpus)
     rows, relevance = [], []
@@ -65,7 +81,10 @@ def beir_examples(
             doc_id = doc_ids[rng.randrange(len(doc_ids))]
             if doc_id not in judged and doc_id not in negatives:
                 negatives.append(doc_id)
-        positive = positives[rng.randrange(len(positives))]
+        positive = positives[rng.randrange(len(positives))]  # drawn in both modes: same rng stream
+        scored = [doc_id for doc_id in positives if doc_id in bm25.get(query_id, {})]
+        if scored:
+            positive = max(scored, key=lambda doc_id: bm25[query_id][doc_id])
         rows.append([dataset.queries[query_id]] + [dataset.document_text(d) for d in [positive] + negatives])
         relevance.append({"documents": [positive] + negatives, "relevant": positives})
     examples = _to_dataset(rows, num_negatives, f"{dataset.name} ({dataset.split})")
@@ -109,7 +128,7 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
 
 def load_training_examples(
     source: str, split: str = "train", num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0,
-    with_ids: bool = False,
+    with_ids: bool = False, positive: str = "random",
 ) -> Dataset:
     """BEIR folder / hub id, triples TSV or a folder with ``triplets/raw.tsv`` -> training ``Dataset``."""
     if os.path.isfile(source):
@@ -125,4 +144,4 @@ def load_training_examples(
         raise ValueError(
             f"{source!r}: not a BEIR folder, a triples TSV or a loadable hub dataset ({type(error).__name__}: {error})"
         ) from error
-    return beir_examples(dataset, num_negatives, seed, with_ids=with_ids)
+    return beir_examples(dataset, num_negatives, seed, with_ids=with_ids, positive=positive)

@@ -11,7 +11,7 @@ import yaml
 DEFAULTS = {
     "model": {"path": None, "query_max_length": None, "document_max_length": None},
     "data": {"source": None, "split": "train", "num_negatives": 7, "seed": 0, "max_examples": None,
-             "mask_false_negatives": False},
+             "mask_false_negatives": False, "positive": "random"},
     "loss": {"temperature": 0.05, "regularizer": "l1_flops", "lambda_d": 3e-5, "lambda_q": 0.0,
              "anticollapse_weight": 1.0, "anticollapse_min_mass": 5.0},
     "clfr": {"enabled": True, "target_nnz_d": 400, "gain": 0.1, "interval_steps": None, "max_log_step": 1.0},

@@ -37,7 +37,7 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
     trainer_class = trainer_class or FLES1Trainer
     data, loss, clfr_cfg, model_cfg = recipe["data"], recipe["loss"], recipe["clfr"], recipe["model"]
     dataset = load_training_examples(data["source"], data["split"], data["num_negatives"], data["seed"],
-                                     with_ids=data["mask_false_negatives"])
+                                     with_ids=data["mask_false_negatives"], positive=data["positive"])
     if data["max_examples"] is not None and data["max_examples"] < len(dataset):  # a seeded subset (card: 200K)
         dataset = dataset.shuffle(seed=data["seed"]).select(range(data["max_examples"]))
     model, tokenizer = load_model_for_training(model_cfg["path"])
