@@ -14,6 +14,10 @@
 #   fnmask-seed{0,1,2}     the recipe above, three seeds
 #   fnmask-fixed-seed0     CLFR off: lambda_d fixed at 3e-5                (--set clfr.enabled=false)
 #   fnmask-flops-seed0     classic squared FLOPS instead of L1 FLOPS       (--set loss.regularizer=flops)
+# Exploration runs, seed 0 (committed too):
+#   clfr-l1-seed0          before false-negative masking (--set data.mask_false_negatives=false)
+#   tau1-seed0             before masking, tau 1.0       (--set data.mask_false_negatives=false --set loss.temperature=1.0)
+#   probe-bm25pos-seed0    positive = the relevant document BM25 ranks first (--set data.positive=bm25)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
