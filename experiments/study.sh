@@ -9,6 +9,9 @@ bash experiments/tiny_nfcorpus.sh fnmask-flops-seed0 0 --set loss.regularizer=fl
 bash experiments/tiny_nfcorpus.sh clfr-l1-seed0 0 --set data.mask_false_negatives=false
 bash experiments/tiny_nfcorpus.sh tau1-seed0 0 --set data.mask_false_negatives=false --set loss.temperature=1.0
 bash experiments/tiny_nfcorpus.sh probe-bm25pos-seed0 0 --set data.positive=bm25
+for seed in 0 1 2; do
+  bash experiments/tiny_nfcorpus.sh probe-bm25pos-tau1-seed$seed $seed --set data.positive=bm25 --set loss.temperature=1.0
+done
 # the untrained backbone, evaluated the same way
 python convert_fles1.py ../shared/models/splade-tiny outputs/backbone
 mkdir -p results/runs/backbone
