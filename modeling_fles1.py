@@ -66,13 +66,12 @@ class _MaxPooledProjection(torch.autograd.Function):
     a few hundred out of 30,522.
 
     On a CPU with native bf16 (AVX512-BF16/AMX) a float32 forward is *screened*: one bf16 pass gives every
-    logit within ``SCREEN_BOUND * |h_t| * |w_v|`` of its exact value (bf16 inputs u = 2^-8 each, float32
+    logit within ``SCREEN_MARGIN * |h_t| * |w_v|`` of its exact value (bf16 inputs u = 2^-8 each, float32
     accumulation, bf16 output: < 3.1u; 2^-6 leaves slack), so an entry whose bf16 maximum is below minus that
     bound has an exact maximum <= 0 -- zero weight and zero gradient after ReLU. Only the remaining candidates
     are recomputed in float32 (exact values and arg-max); screened-out entries keep their negative bf16 estimate.
     """
 
-    SCREEN_BOUND = 2.0**-6
     bf16_screening = None  # None: on when the CPU multiplies bf16 natively; True/False force it (tests)
 
     @staticmethod
@@ -81,15 +80,14 @@ class _MaxPooledProjection(torch.autograd.Function):
             return False
         if _MaxPooledProjection.bf16_screening is not None:
             return _MaxPooledProjection.bf16_screening
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+        return cpu_has_fast_bf16()
 
     @staticmethod
     def _screened_max(hidden, weight, bias, chunk_tokens, values, argmax):
         batch, length, _ = hidden.shape
         weight, bias = weight.detach(), bias.detach().float()
         weight_bf16_t = weight.to(torch.bfloat16).t()
-        bound_per_entry = weight.norm(dim=1) * _MaxPooledProjection.SCREEN_BOUND
+        bound_per_entry = weight.norm(dim=1) * SCREEN_MARGIN
         hidden = hidden.detach()
         for start, end in _chunk_rows(batch, length, chunk_tokens):
             chunk = hidden[start:end]
