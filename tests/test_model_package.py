@@ -170,23 +170,74 @@ def test_model_encode_sparse_gradient_matches_naive_dense():
         assert (parameter.grad - grad).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("tile_logits", [None, 1024 * 8])  # 1024 * 8: several vocabulary blocks per text
+@pytest.mark.parametrize("packed", [True, False])  # False: torch builds without oneDNN take a plain matmul
+@pytest.mark.parametrize("tile_tokens", [None, 4])  # 4: several token tiles per text
 @pytest.mark.parametrize("options", [
     {"bf16_screening": True}, {"bf16_screening": False}, {"chunk_tokens": 8}, {"projection_dtype": torch.float32},
 ])
-def test_model_inference_projection_paths_match_naive(options, tile_logits, monkeypatch):
+def test_model_inference_projection_paths_match_naive(options, tile_tokens, packed, monkeypatch):
     import modeling_fles1
 
-    if tile_logits:
-        monkeypatch.setattr(modeling_fles1, "CPU_TILE_LOGITS", tile_logits)
+    if tile_tokens:
+        monkeypatch.setattr(modeling_fles1, "CPU_TILE_TOKENS", tile_tokens)
+    if not packed:
+        monkeypatch.setattr(modeling_fles1, "_pack_for_onednn", lambda rows: None)
     model, features = tiny_model()
     with torch.inference_mode():
         reference = naive_sparse(model, features)
         output = model.encode_sparse(**features, **options)
+    if packed and "chunk_tokens" not in options and torch.backends.mkldnn.is_available():
+        assert all(entry[2] is not None for entry in model._fles1_projection_weight.values())  # oneDNN path ran
     assert (reference > 0).sum() > 10
     assert (output.sparse_embeddings - reference).abs().max().item() <= 1e-5
     positive = reference > 0  # max_logits is exact wherever the weight is non-zero
     assert (torch.log1p(output.max_logits[positive]) - reference[positive]).abs().max().item() <= 1e-5
+
+
+def _encode_one_by_one(model, texts):
+    with torch.inference_mode():
+        return [model.encode_sparse(input_ids=ids).sparse_embeddings for ids in texts]
+
+
+def test_model_traced_backbone_matches_eager_and_follows_the_model():
+    model, _ = tiny_model()
+    texts = [torch.randint(5, 9000, (1, length)) for length in (3, 11, 40)]  # the trace is built at length 3
+
+    def check_against_eager():
+        model.use_traced_backbone = False
+        eager = _encode_one_by_one(model, texts)
+        model.use_traced_backbone = True
+        traced = _encode_one_by_one(model, texts)
+        assert model._fles1_traced_hidden_states[1] is not None  # the traced path did run
+        for expected, actual in zip(eager, traced):
+            assert (expected > 0).sum() > 10
+            assert (actual - expected).abs().max().item() <= 1e-6
+
+    check_against_eager()
+    first_trace = model._fles1_traced_hidden_states[1]
+    with torch.no_grad():  # in place (an optimizer step): the trace shares the tensors and stays
+        model.bert.encoder.layer[0].output.dense.weight.mul_(3.0)
+    check_against_eager()
+    assert model._fles1_traced_hidden_states[1] is first_trace
+    model.bert.encoder.layer[0].output.dense = torch.nn.Linear(32, 16)  # a new module: traced again
+    check_against_eager()
+    assert model._fles1_traced_hidden_states[1] is not first_trace
+
+
+def test_model_backbone_falls_back_to_eager_when_tracing_fails(monkeypatch):
+    model, _ = tiny_model()
+    texts = [torch.randint(5, 9000, (1, length)) for length in (4, 9)]
+    model.use_traced_backbone = False
+    eager = _encode_one_by_one(model, texts)
+
+    def broken_trace(*args, **kwargs):
+        raise RuntimeError("tracing unsupported here")
+
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    model.use_traced_backbone = True
+    for expected, actual in zip(eager, _encode_one_by_one(model, texts)):
+        assert torch.equal(expected, actual)
+    assert model._fles1_traced_hidden_states[1] is None
 
 
 def test_model_bf16_projection_is_close_and_reported_as_approximate():
