@@ -207,12 +207,28 @@ class FLES1Encoder:
                 results[position] = pair
         return results
 
+    def _encode_one(self, text, kind: str, threshold: Optional[float]):
+        """One text -> (ids, weights), highest weight first: the single-query path, without batching work."""
+        if not isinstance(text, str):
+            raise TypeError(f"text is {type(text).__name__}, expected str")
+        self._check_kind(kind)
+        threshold = self.threshold if threshold is None else _validate_threshold(threshold)
+        if not text.strip():
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        input_ids = torch.tensor(self._tokenize([text], kind), device=self.device)
+        with torch.inference_mode():
+            vector = self.model.encode_sparse(
+                input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids), projection_dtype=self.projection_dtype
+            ).sparse_embeddings[0].cpu().numpy()
+        ids = np.flatnonzero(vector >= threshold if threshold > 0 else vector > 0)
+        order = np.argsort(-vector[ids], kind="stable")
+        return ids[order], vector[ids[order]]
+
     # ---- public API -------------------------------------------------------------------------------------------
     def encode(self, text: str, kind: Kind = "document", threshold: Optional[float] = None) -> dict[str, float]:
         """One text -> {term: weight}, highest weight first, weights >= threshold."""
-        if not isinstance(text, str):
-            raise TypeError(f"text is {type(text).__name__}, expected str")
-        return self.encode_batch([text], kind=kind, threshold=threshold)[0]
+        ids, weights = self._encode_one(text, kind, threshold)
+        return {self._vocab[i]: w for i, w in zip(ids.tolist(), weights.tolist())}
 
     def encode_batch(
         self,
@@ -242,9 +258,7 @@ class FLES1Encoder:
         self, text: str, kind: Kind = "document", threshold: Optional[float] = None
     ) -> tuple[list[int], list[float]]:
         """One text -> (vocabulary ids, weights), highest weight first: the form inverted indices ingest."""
-        if not isinstance(text, str):
-            raise TypeError(f"text is {type(text).__name__}, expected str")
-        ids, weights = self._encode_ids([text], kind, 1, False, threshold)[0]
+        ids, weights = self._encode_one(text, kind, threshold)
         return ids.tolist(), weights.tolist()
 
     def encode_queries(self, queries: Sequence[str], **kwargs):
