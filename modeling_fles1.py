@@ -26,7 +26,7 @@ except ImportError:  # imported from a checkout
 # Tokens whose (tokens x vocab) logits are materialised at once under autograd / on accelerators. The projection
 # is compute-bound; small tiles keep the logits in cache on CPU, large ones keep a GPU busy.
 CPU_CHUNK_TOKENS = 256
-ACCELERATOR_CHUNK_TOKENS = 65536
+ACCELERATOR_CHUNK_TOKENS = 16384  # 1 GB of bf16 logits: big enough to fill a GPU, small for its allocator
 # CPU inference projects one text at a time, CPU_TILE_TOKENS tokens at once, so that the (tokens x vocab) logits
 # tile stays in cache; no padding token is ever projected.
 CPU_TILE_TOKENS = 32
@@ -96,9 +96,8 @@ class _MaxPooledProjection(torch.autograd.Function):
             values[start:end] = estimate
             bound = chunk.norm(dim=-1).amax(dim=1, keepdim=True) * bound_per_entry  # (rows, vocab)
             if int((estimate + bound > 0).sum()) > estimate.numel() // 8:  # dense (e.g. untrained): no gain
-                logits = torch.matmul(chunk, weight.t()).add_(bias)
-                chunk_values, chunk_argmax = logits.max(dim=1)
-                values[start:end], argmax[start:end] = chunk_values, chunk_argmax
+                chunk_values, chunk_argmax = torch.matmul(chunk, weight.t()).max(dim=1)
+                values[start:end], argmax[start:end] = chunk_values + bias, chunk_argmax
                 continue
             for row in range(end - start):
                 candidates = (estimate[row] + bound[row] > 0).nonzero().squeeze(1)
@@ -117,12 +116,11 @@ class _MaxPooledProjection(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, argmax)
             return values
         weight_t = weight.to(hidden.dtype).t()
-        bias = bias.to(hidden.dtype)
         for start, end in _chunk_rows(batch, length, chunk_tokens):
-            logits = torch.matmul(hidden[start:end], weight_t).add_(bias)
-            chunk_values, chunk_argmax = logits.max(dim=1)
+            chunk_values, chunk_argmax = torch.matmul(hidden[start:end], weight_t).max(dim=1)
             values[start:end] = chunk_values
             argmax[start:end] = chunk_argmax
+        values.add_(bias.to(values.dtype))  # constant over tokens: added after the max, not to every logit
         ctx.save_for_backward(hidden, weight, argmax)
         return values
 
@@ -157,10 +155,9 @@ def max_pooled_logits(hidden, weight, bias, chunk_tokens):
     batch, length, _ = hidden.shape
     values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.float32)
     weight_t = weight.to(hidden.dtype).t()
-    bias = bias.to(hidden.dtype)
     for start, end in _chunk_rows(batch, length, chunk_tokens):
-        values[start:end] = torch.matmul(hidden[start:end], weight_t).add_(bias).amax(dim=1)
-    return values
+        values[start:end] = torch.matmul(hidden[start:end], weight_t).amax(dim=1)
+    return values.add_(bias.to(values.dtype))  # the bias is constant over tokens: add it after the max
 
 
 def cpu_has_fast_bf16() -> bool:
