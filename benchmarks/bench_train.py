@@ -37,10 +37,30 @@ class StepTimer(TrainerCallback):
 
 
 def steps_per_second(timer: StepTimer, warmup: int) -> dict:
-    """Steps per wall second, and per CPU second (robust when other jobs share the cores)."""
+    """Steps per wall second, and per CPU second (robust when other jobs share the cores), and each timed
+    step's wall seconds."""
     timed = timer.times[warmup - 1:]
     steps = len(timed) - 1
-    return {"wall": steps / (timed[-1][0] - timed[0][0]), "cpu": steps / (timed[-1][1] - timed[0][1])}
+    return {"wall": steps / (timed[-1][0] - timed[0][0]), "cpu": steps / (timed[-1][1] - timed[0][1]),
+            "step_seconds": [round(b[0] - a[0], 4) for a, b in zip(timed, timed[1:])]}
+
+
+def train_profiled(trainer, args, name: str) -> None:
+    """trainer.train(), under torch.profiler when --profile: prints the top operators by self CPU and device time."""
+    if not args.profile:
+        trainer.train()
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=activities) as profiler:
+        trainer.train()
+    table = profiler.key_averages()
+    print(f"== {name}: top operators by self CPU time")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    if len(activities) > 1:
+        print(f"== {name}: top operators by self device time")
+        print(table.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
 
 
 def bench_fles1(folder, dataset, args, out):
@@ -54,11 +74,11 @@ def bench_fles1(folder, dataset, args, out):
     training_args = TrainingArguments(
         out, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=2e-5,
         save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, seed=0,
-        bf16=args.bf16, use_cpu=args.device == "cpu",
+        bf16=args.bf16, use_cpu=args.device == "cpu", dataloader_num_workers=args.workers,
     )
     trainer = FLES1Trainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                            query_max_length=64, document_max_length=args.max_length, callbacks=[timer])
-    trainer.train()
+    train_profiled(trainer, args, "FLES1Trainer")
     return steps_per_second(timer, args.warmup)
 
 
@@ -75,11 +95,11 @@ def bench_sentence_transformers(folder, dataset, args, out):
     training_args = SparseEncoderTrainingArguments(
         out, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=2e-5,
         save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, seed=0,
-        bf16=args.bf16, use_cpu=args.device == "cpu",
+        bf16=args.bf16, use_cpu=args.device == "cpu", dataloader_num_workers=args.workers,
     )
     trainer = SparseEncoderTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss,
                                    callbacks=[timer])
-    trainer.train()
+    train_profiled(trainer, args, "SparseEncoderTrainer")
     return steps_per_second(timer, args.warmup)
 
 
@@ -97,9 +117,15 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", choices=["fles1", "sentence-transformers"], help="run one side only")
     parser.add_argument("--output", help="write the results JSON here")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="dataloader workers for both trainers (default: 8 on CUDA, where tokenizing on the "
+                             "main process starves the GPU; 0 on CPU)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per trainer")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
+    if args.workers is None:
+        args.workers = 8 if args.device.startswith("cuda") else 0
 
     from fles1.checkpoint import convert
     from fles1.training.data import load_training_examples
@@ -110,7 +136,7 @@ def main():
     dataset = dataset.select(range(args.batch_size * (args.warmup + args.steps)))
     results = {"device": args.device, "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
                "documents_per_query": 8, "max_length": args.max_length, "steps": args.steps,
-               "warmup": args.warmup, "bf16": args.bf16}
+               "warmup": args.warmup, "bf16": args.bf16, "dataloader_workers": args.workers}
     if args.only != "sentence-transformers":
         results["fles1_steps_per_s"] = bench_fles1(folder, dataset, args, os.path.join(work, "fles1"))
     if args.only != "fles1":

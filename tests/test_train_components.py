@@ -77,6 +77,14 @@ def test_beir_examples_with_ids_feed_the_mask(nfcorpus_dir, backbone_dir):
     batch = collator(rows)
     assert batch["documents"]["input_ids"].shape[0] == 8 * 3  # the id column is not tokenized as a document
     assert batch["false_negatives"].shape == (8, 24) and not batch["false_negatives"][:, ::3].diagonal().any()
+    rounded = FLES1Collator(collator.tokenizer, 16, 32, pad_to_multiple_of=8)(rows)  # GPU shape rounding
+    for name in ("query", "documents"):
+        length, natural = rounded[name]["input_ids"].shape[1], batch[name]["input_ids"].shape[1]
+        assert length % 8 == 0 and natural <= length < natural + 8
+        assert torch.equal(rounded[name]["input_ids"][:, :natural], batch[name]["input_ids"])
+        assert not rounded[name]["attention_mask"][:, natural:].any()
+    unrounded = FLES1Collator(collator.tokenizer, 16, 32, pad_to_multiple_of=12)(rows)  # 12 divides neither length
+    assert all(torch.equal(unrounded[name]["input_ids"], batch[name]["input_ids"]) for name in ("query", "documents"))
 
 
 def test_regularizer_formulas():

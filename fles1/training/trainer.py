@@ -40,13 +40,22 @@ from .losses import info_nce
 from .regularizers import anti_collapse, get_regularizer
 
 
-class FLES1Collator:
-    """Tokenizes (query, positive, negative_1..n) rows into a query batch and a query-major document batch."""
+# Padded lengths on CUDA are rounded up to this: <= 4 document shapes at 256 tokens (see FLES1Collator).
+GPU_PAD_TO_MULTIPLE_OF = 64
 
-    def __init__(self, tokenizer, query_max_length: int, document_max_length: int):
+
+class FLES1Collator:
+    """Tokenizes (query, positive, negative_1..n) rows into a query batch and a query-major document batch.
+
+    ``pad_to_multiple_of`` rounds each batch's padded length up: on a GPU a handful of distinct shapes lets kernel
+    plans (cuDNN attention graphs) and allocator blocks be reused instead of rebuilt for every new length.
+    """
+
+    def __init__(self, tokenizer, query_max_length: int, document_max_length: int, pad_to_multiple_of: int | None = None):
         self.tokenizer = tokenizer
         self.query_max_length = query_max_length
         self.document_max_length = document_max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict:
         # positive first, then negative_1..n
@@ -54,7 +63,9 @@ class FLES1Collator:
         queries = [row["query"] for row in rows]
         documents = [row[key] for row in rows for key in document_columns]
         tokenize = lambda texts, length: self.tokenizer(  # noqa: E731
-            texts, padding=True, truncation=True, max_length=length, return_tensors="pt"
+            texts, padding=True, truncation=True, max_length=length, return_tensors="pt",
+            # transformers refuses a max length that is not a multiple of it: then lengths stay as they are
+            pad_to_multiple_of=self.pad_to_multiple_of if length % (self.pad_to_multiple_of or length) == 0 else None,
         )
         batch = {
             "query": dict(tokenize(queries, self.query_max_length)),
@@ -157,6 +168,7 @@ class FLES1Trainer(Trainer):
             processing_class,
             query_max_length or config.query_max_length,
             document_max_length or config.document_max_length,
+            pad_to_multiple_of=GPU_PAD_TO_MULTIPLE_OF if args is not None and args.device.type == "cuda" else None,
         )
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
