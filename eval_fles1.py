@@ -15,8 +15,9 @@ qrels/<split>.tsv) or a BEIR hub dataset id. BEIR conventions: every judged quer
 whose id equals the query id is dropped, documents are "title text". Metrics come from pytrec_eval.
 
 Document vectors are cached at threshold 0 under --cache-dir (default ~/.cache/fles1/corpus), keyed by the model
-fingerprint (sha256 of model.safetensors + config.json), the corpus, the document max length and the
-projection dtype, so a rerun (any threshold) does not re-encode (use --no-cache after changing encoding code). With several datasets, --run-file run.trec writes
+fingerprint (sha256 of model.safetensors + config.json), the corpus, the document max length, the projection
+dtype and the encoding code in use (modeling + encoder files, torch version, device type), so a rerun (any
+threshold) does not re-encode and a code change does. With several datasets, --run-file run.trec writes
 run.<dataset>.trec per dataset. --export DIR writes DIR/<dataset>/elasticsearch/{mapping.json,bulk.ndjson}
 (rank_features) and DIR/<dataset>/pyserini/docs.jsonl (JsonVectorCollection, integer impacts = round(100 w)).
 Every output is written atomically; bad data stops the run with its file and line and writes nothing.

@@ -5,8 +5,8 @@
     >>> print(markdown_tables(results))
 
 Documents are encoded once at threshold 0 and cached on disk (keyed by model fingerprint, corpus fingerprint,
-document max length and projection dtype; after changing the encoding code, clear the cache or pass
-cache_dir=None); the evaluation threshold is applied afterwards with FLES1Encoder's own rule (weights >=
+document max length, projection dtype and `encoding_fingerprint`: the modeling and encoder code in use, torch
+version, device type); the evaluation threshold is applied afterwards with FLES1Encoder's own rule (weights >=
 threshold), so one cache serves every threshold. Queries are encoded per run with the threshold passed
 explicitly.
 """
@@ -66,6 +66,19 @@ def corpus_fingerprint(dataset: BEIRDataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def encoding_fingerprint(encoder) -> str:
+    """Hash of what turns text into vectors besides the weights: the model's modeling file (the checkpoint's own
+    copy when loaded as remote code), the encoder's file, the torch version and the device type."""
+    import inspect
+
+    import torch
+
+    files = [inspect.getsourcefile(type(encoder.model)), inspect.getsourcefile(type(encoder))]
+    digest = hashlib.sha256(fingerprint_files([f for f in files if f]).encode())
+    digest.update(f"{torch.__version__}|{encoder.device.type}".encode())
+    return digest.hexdigest()[:8]
+
+
 def environment(encoder) -> dict:
     packages = {}
     for name in REPORTED_PACKAGES:
@@ -104,6 +117,7 @@ def encode_corpus(
             corpus_fingerprint(dataset),
             f"L{encoder.max_lengths['document']}",
             projection,
+            encoding_fingerprint(encoder),
         ]
     )
     path = os.path.join(cache_dir, f"{key}.npz") if cache_dir else None

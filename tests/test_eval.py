@@ -177,6 +177,13 @@ def test_corpus_cache_is_reused_and_interrupts_leave_none(tiny_random_checkpoint
     assert info["cached"] and (first != second).nnz == 0
     with pytest.raises(KeyboardInterrupt):  # another model fingerprint is another key
         encode_corpus(encoder, dataset, cache, model_fp="other")
+    import fles1.evaluation
+
+    monkeypatch.setattr(fles1.evaluation, "fingerprint_files", lambda paths: "edited-code")
+    with pytest.raises(KeyboardInterrupt):  # so is other encoding code (modeling / encoder files)
+        encode_corpus(encoder, dataset, cache, model_fp="m")
+    monkeypatch.undo()
+    monkeypatch.setattr(encoder, "encode_batch", interrupted)
     dataset.corpus["d1"]["text"] += " changed"
     with pytest.raises(KeyboardInterrupt):  # so is another corpus
         encode_corpus(encoder, dataset, cache, model_fp="m")
