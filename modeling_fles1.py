@@ -66,11 +66,8 @@ class _MaxPooledProjection(torch.autograd.Function):
     max), touching only the entries whose gradient is non-zero: after ReLU that is the text's active terms,
     a few hundred out of 30,522.
 
-    On a CPU with native bf16 (AVX512-BF16/AMX) a float32 forward is *screened*: one bf16 pass gives every
-    logit within ``SCREEN_MARGIN * |h_t| * |w_v|`` of its exact value (bf16 inputs u = 2^-8 each, float32
-    accumulation, bf16 output: < 3.1u; 2^-6 leaves slack), so an entry whose bf16 maximum is below minus that
-    bound has an exact maximum <= 0 -- zero weight and zero gradient after ReLU. Only the remaining candidates
-    are recomputed in float32 (exact values and arg-max); screened-out entries keep their negative bf16 estimate.
+    On a CPU with native bf16 (AVX512-BF16/AMX) a float32 forward is *screened* text by text (`_screened_max`,
+    the same routine inference uses): exact values and arg-max wherever the weight can be non-zero.
     """
 
     bf16_screening = None  # None: on when the CPU multiplies bf16 natively; True/False force it (tests)
@@ -84,26 +81,12 @@ class _MaxPooledProjection(torch.autograd.Function):
         return cpu_has_fast_bf16()
 
     @staticmethod
-    def _screened_max(hidden, weight, bias, chunk_tokens, values, argmax):
-        batch, length, _ = hidden.shape
+    def _screened_forward(hidden, weight, bias, values, argmax):
         weight, bias = weight.detach(), bias.detach().float()
-        weight_bf16_t = weight.to(torch.bfloat16).t()
-        bound_per_entry = weight.norm(dim=1) * SCREEN_MARGIN
-        hidden = hidden.detach()
-        for start, end in _chunk_rows(batch, length, chunk_tokens):
-            chunk = hidden[start:end]
-            estimate = torch.matmul(chunk.to(torch.bfloat16), weight_bf16_t).amax(dim=1).float().add_(bias)
-            values[start:end] = estimate
-            bound = chunk.norm(dim=-1).amax(dim=1, keepdim=True) * bound_per_entry  # (rows, vocab)
-            if int((estimate + bound > 0).sum()) > estimate.numel() // 8:  # dense (e.g. untrained): no gain
-                chunk_values, chunk_argmax = torch.matmul(chunk, weight.t()).max(dim=1)
-                values[start:end], argmax[start:end] = chunk_values + bias, chunk_argmax
-                continue
-            for row in range(end - start):
-                candidates = (estimate[row] + bound[row] > 0).nonzero().squeeze(1)
-                exact, token = torch.matmul(chunk[row], weight[candidates].t()).max(dim=0)
-                values[start + row, candidates] = exact + bias[candidates]
-                argmax[start + row, candidates] = token.to(torch.int32)
+        rows = weight.to(torch.bfloat16).contiguous()  # packed per step: the weight changes every step
+        packed, norms = _pack_for_onednn(rows), weight.float().norm(dim=1)
+        for row, states in enumerate(hidden.detach()):
+            values[row] = _screened_max(states, rows, packed, norms, weight, bias, argmax[row])
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk_tokens):
@@ -112,7 +95,7 @@ class _MaxPooledProjection(torch.autograd.Function):
         values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.promote_types(hidden.dtype, torch.float32))
         argmax = torch.zeros((batch, weight.shape[0]), dtype=torch.int32, device=hidden.device)
         if _MaxPooledProjection._use_screening(hidden):
-            _MaxPooledProjection._screened_max(hidden, weight, bias, chunk_tokens, values, argmax)
+            _MaxPooledProjection._screened_forward(hidden, weight, bias, values, argmax)
             ctx.save_for_backward(hidden, weight, argmax)
             return values
         weight_t = weight.to(hidden.dtype).t()
@@ -193,6 +176,29 @@ def _max_over_tokens(states: torch.Tensor, rows: torch.Tensor, packed) -> torch.
         tile_max = logits.amax(dim=0)
         values = tile_max if values is None else torch.maximum(values, tile_max, out=values)
     return values
+
+
+def _screened_max(states, rows, packed, norms, weight, bias, argmax=None) -> torch.Tensor:
+    """One text's exact float32 max over tokens of ``states @ weight.T + bias``, at bf16 speed, (vocab,).
+
+    A bf16 pass (`rows`/`packed`: the weight in bf16) bounds every logit within SCREEN_MARGIN * |h_t| * |w_v|
+    (`norms` = |w_v|) of its exact value, so an entry whose bf16 maximum is below minus that bound has an exact
+    maximum <= 0: weight 0 and gradient 0 after ReLU. Only the other candidates are recomputed in float32; the
+    entries screened out keep their negative bf16 estimate. ``argmax`` (int32, (vocab,)), when given, receives
+    the arg-max token of every recomputed entry (what the sparse backward needs).
+    """
+    estimate = torch.add(_max_over_tokens(states.to(torch.bfloat16), rows, packed), bias)  # float32
+    upper = torch.add(estimate, norms, alpha=SCREEN_MARGIN * float(states.norm(dim=1).max()))
+    candidates = (upper > 0).nonzero().squeeze(1)
+    if candidates.numel() > estimate.numel() // 8:  # dense (e.g. an untrained model): one full float32 pass
+        exact, token = torch.matmul(states, weight.t()).max(dim=0)
+        if argmax is not None:
+            argmax.copy_(token)
+        return exact.add_(bias)
+    exact, token = torch.matmul(weight[candidates], states.t()).max(dim=1)
+    if argmax is not None:
+        argmax[candidates] = token.to(torch.int32)
+    return estimate.index_copy_(0, candidates, exact.add_(bias[candidates]))
 
 
 class _TransformedHiddenStates(torch.nn.Module):
@@ -329,11 +335,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def _cpu_max_logits(self, hidden, attention_mask, bias, projection_dtype, bf16_screening) -> torch.Tensor:
         """Inference-only CPU projection, one text at a time, padding skipped: (batch, vocab) float32.
 
-        With `bf16_screening`, the float32 result is obtained at bf16 speed: a bf16 pass bounds every logit
-        within SCREEN_MARGIN * max_t |h_t| * |w_v| of its exact value, so a vocabulary entry whose bf16 maximum
-        is below minus that bound has an exact maximum <= 0 and a weight of exactly 0; only the remaining
-        candidates (a few hundred) are recomputed in float32. Entries screened out keep their (negative)
-        bf16 estimate in `max_logits`.
+        With `bf16_screening`, the float32 result comes at bf16 speed through `_screened_max`; entries screened
+        out keep their (negative) bf16 estimate in `max_logits`.
         """
         dtype = projection_dtype or hidden.dtype
         rows, packed, norms = self._projection_weight(torch.bfloat16 if bf16_screening else dtype)
@@ -346,11 +349,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             if not bf16_screening:
                 values[row] = torch.add(_max_over_tokens(states.to(dtype), rows, packed), bias)
                 continue
-            estimate = torch.add(_max_over_tokens(states.to(torch.bfloat16), rows, packed), bias)  # float32
-            upper = torch.add(estimate, norms, alpha=SCREEN_MARGIN * float(states.norm(dim=1).max()))
-            candidates = (upper > 0).nonzero().squeeze(1)
-            exact = torch.matmul(weight[candidates], states.t()).amax(dim=1).add_(bias[candidates])
-            values[row] = estimate.index_copy_(0, candidates, exact)
+            values[row] = _screened_max(states, rows, packed, norms, weight, bias)
         return values
 
     def encode_sparse(

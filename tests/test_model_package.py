@@ -135,14 +135,18 @@ def test_model_config_rejects_bad_settings():
         FLES1Config(query_max_length=2)
 
 
-def tiny_model(vocab_size=9000, seed=0):
-    """Random 1-layer model and a padded batch of 3 texts (11, 7 and 3 tokens)."""
+def tiny_model(vocab_size=9000, seed=0, bias_mean=-2.0):
+    """Random 1-layer model and a padded batch of 3 texts (11, 7 and 3 tokens). ``bias_mean`` -2 leaves ~10% of the
+    vocabulary positive (bf16 screening recomputes those); +4 makes most of it positive (its dense fallback)."""
     torch.manual_seed(seed)
     config = FLES1Config(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=64)
     model = FLES1ForMaskedLM(config).eval()
     with torch.no_grad():  # a trained-like spread of logits: some strongly positive, most negative
-        model.cls.predictions.bias.normal_(-2.0, 1.5)
+        model.cls.predictions.bias.normal_(bias_mean, 1.5)
+        # [PAD]'s embedding row starts at exactly 0 (padding_idx): its logit then ties across all tokens, where autograd's
+        # amax splits the gradient and the sparse backward gives it to one token (both valid subgradients).
+        model.bert.embeddings.word_embeddings.weight[0].normal_(0.0, 0.02)
     input_ids = torch.randint(5, vocab_size, (3, 11))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 7:] = 0
@@ -150,7 +154,11 @@ def tiny_model(vocab_size=9000, seed=0):
     return model, {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
 
 
-def test_model_encode_sparse_gradient_matches_naive_dense():
+@pytest.mark.parametrize("screening", [True, False])  # forced: the default depends on the CPU
+def test_model_encode_sparse_gradient_matches_naive_dense(screening, monkeypatch):
+    import modeling_fles1
+
+    monkeypatch.setattr(modeling_fles1._MaxPooledProjection, "bf16_screening", screening)
     model, features = tiny_model()
     parameters = [p for p in model.parameters() if p.requires_grad]
     # Small upstream gradients keep the summed parameter gradients O(1), where float32 rounding is below 1e-5.
@@ -170,19 +178,46 @@ def test_model_encode_sparse_gradient_matches_naive_dense():
         assert (parameter.grad - grad).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("bias_mean", [-2.0, 4.0])  # 4.0: most entries can be positive -> screening's dense pass
+def test_model_screened_training_forward_keeps_values_and_arg_max(bias_mean):
+    """The backward needs the forward's max and arg-max; screening must not change either."""
+    from modeling_fles1 import _MaxPooledProjection
+
+    model, features = tiny_model(bias_mean=bias_mean)
+    with torch.no_grad():
+        hidden = model.cls.predictions.transform(model.bert(**features).last_hidden_state)
+        hidden = torch.where(features["attention_mask"].unsqueeze(-1).bool(), hidden, hidden[:, :1])  # as encode_sparse
+    weight, bias = model.cls.predictions.decoder.weight.detach(), model.cls.predictions.bias.detach()
+    values = torch.empty(3, weight.shape[0])
+    argmax = torch.zeros(3, weight.shape[0], dtype=torch.int32)
+    _MaxPooledProjection._screened_forward(hidden, weight, bias, values, argmax)
+    expected_values, expected_argmax = (hidden @ weight.t()).max(dim=1)
+    positive = expected_values + bias > 0
+    assert positive.float().mean() > (0.5 if bias_mean > 0 else 0.01)
+    assert (values - (expected_values + bias))[positive].abs().max().item() <= 1e-5
+    assert (values[~positive] <= 0).all()  # screened-out entries keep a non-positive estimate
+    top2 = (hidden @ weight.t()).topk(2, dim=1).values
+    clear = positive & (top2[:, 0] - top2[:, 1] > 1e-4)  # near-ties may flip with float summation order
+    rows = torch.arange(3).unsqueeze(1).expand_as(argmax)
+    chosen, expected = hidden[rows, argmax.long()], hidden[rows, expected_argmax]
+    assert clear.sum() > 0.5 * positive.sum()
+    assert torch.equal(chosen[clear], expected[clear])  # the same token (or an identical padding copy)
+
+
 @pytest.mark.parametrize("packed", [True, False])  # False: torch builds without oneDNN take a plain matmul
 @pytest.mark.parametrize("tile_tokens", [None, 4])  # 4: several token tiles per text
 @pytest.mark.parametrize("options", [
     {"bf16_screening": True}, {"bf16_screening": False}, {"chunk_tokens": 8}, {"projection_dtype": torch.float32},
 ])
-def test_model_inference_projection_paths_match_naive(options, tile_tokens, packed, monkeypatch):
+@pytest.mark.parametrize("bias_mean", [-2.0, 4.0])
+def test_model_inference_projection_paths_match_naive(options, tile_tokens, packed, bias_mean, monkeypatch):
     import modeling_fles1
 
     if tile_tokens:
         monkeypatch.setattr(modeling_fles1, "CPU_TILE_TOKENS", tile_tokens)
     if not packed:
         monkeypatch.setattr(modeling_fles1, "_pack_for_onednn", lambda rows: None)
-    model, features = tiny_model()
+    model, features = tiny_model(bias_mean=bias_mean)
     with torch.inference_mode():
         reference = naive_sparse(model, features)
         output = model.encode_sparse(**features, **options)
