@@ -12,7 +12,7 @@ The token comes from HF_TOKEN or a prior `hf auth login`; it is never printed.
 import argparse
 import sys
 
-from fles1.publish import PublishError, publish
+from fles1.publish import CardInputs, PublishError, publish
 
 
 def main(argv=None) -> int:
@@ -31,11 +31,10 @@ def main(argv=None) -> int:
     parser.add_argument("--studies", help="Markdown study tables for the card (experiments/summarize.py)")
     args = parser.parse_args(argv)
     try:
-        publish(
-            args.model, args.repo_id, results=args.results, training_logs=args.training_log, plots=args.plots,
-            recipe=args.recipe, base_model=args.base_model, private=args.private, revision=args.revision,
-            create_pr=args.create_pr, dry_run=args.dry_run, studies=args.studies,
-        )
+        card = CardInputs(results=args.results, training_logs=args.training_log, plots=args.plots,
+                          recipe=args.recipe, base_model=args.base_model, studies=args.studies)
+        publish(args.model, args.repo_id, card, private=args.private, revision=args.revision,
+                create_pr=args.create_pr, dry_run=args.dry_run)
     except PublishError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

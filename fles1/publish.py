@@ -5,8 +5,9 @@ Steps: find the token (before any work) -> assemble the Hub folder -> validate i
 the folder itself, as a user does after ``hf_hub_download``; a probe text's vectors must agree) -> refuse to upload
 when any check fails -> ``create_repo`` + ``upload_folder``.
 
-    >>> from fles1.publish import publish
-    >>> publish("outputs/fles1-tiny", "mindoval/fles1-v14", results=["results/eval_nfcorpus.json"], dry_run="hub_out")
+    >>> from fles1.publish import CardInputs, publish
+    >>> publish("outputs/fles1-tiny", "mindoval/fles1-v14", CardInputs(results=["results/eval_nfcorpus.json"]),
+    ...         dry_run="hub_out")
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from fles1.card import build_card
@@ -90,17 +91,24 @@ def _training_log_name(index: int, path: str) -> str:
     return "training_log.json" if seed is None else f"training_log_seed{seed}.json"
 
 
-def assemble(
-    model_dir: str,
-    out_dir: str,
-    repo_id: str,
-    results: Sequence[str] = (),
-    training_logs: Sequence[str] = (),
-    plots: Sequence[str] = (),
-    recipe: Optional[str] = None,
-    base_model: Optional[str] = None,
-    studies: Optional[str] = None,
-) -> str:
+@dataclass(frozen=True)
+class CardInputs:
+    """What the model card and the folder's results/ and plots/ are built from.
+
+    results: eval_fles1.py JSON files (at least one to publish); training_logs: training_log.json files (default:
+    the model folder's own); plots: PNG files (default: the model folder's); recipe: recipe YAML (default: the
+    training log's); base_model: Hub id of the backbone; studies: Markdown study tables (experiments/summarize.py).
+    """
+
+    results: Sequence[str] = ()
+    training_logs: Sequence[str] = ()
+    plots: Sequence[str] = ()
+    recipe: Optional[str] = None
+    base_model: Optional[str] = None
+    studies: Optional[str] = None
+
+
+def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs()) -> str:
     """Write the Hub folder: checkpoint files + code files + results/ + plots/ + README.md (the card).
 
     A training output folder's own ``training_log.json`` and ``*.png`` are used when none are given.
@@ -109,27 +117,29 @@ def assemble(
         raise PublishError(f"{model_dir}: model folder not found")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise PublishError(f"{out_dir}: exists and is not empty; choose a new output folder")
-    if not training_logs and os.path.isfile(os.path.join(model_dir, "training_log.json")):
-        training_logs = [os.path.join(model_dir, "training_log.json")]
-    if not plots:
-        plots = sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".png"))
+    if not card.training_logs and os.path.isfile(os.path.join(model_dir, "training_log.json")):
+        card = replace(card, training_logs=[os.path.join(model_dir, "training_log.json")])
+    if not card.plots:
+        card = replace(card, plots=sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".png")))
     shutil.copytree(model_dir, out_dir, ignore=_skip, dirs_exist_ok=True)
     for name in HUB_CODE_FILES:  # older checkpoints may lack the encoder file: ship the project's
         if not os.path.isfile(os.path.join(out_dir, name)):
             shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
     results_dir, plots_dir = os.path.join(out_dir, "results"), os.path.join(out_dir, "plots")
-    copied_results = _copy_unique(results, results_dir)
-    _copy_unique(training_logs, results_dir, rename=_training_log_name)
-    if recipe:
-        _copy_unique([recipe], results_dir)
-    copied_plots = _copy_unique(plots, plots_dir)
+    copied_results = _copy_unique(card.results, results_dir)
+    _copy_unique(card.training_logs, results_dir, rename=_training_log_name)
+    if card.recipe:
+        _copy_unique([card.recipe], results_dir)
+    copied_plots = _copy_unique(card.plots, plots_dir)
     if copied_results:
         relative = lambda path: os.path.relpath(path, out_dir).replace(os.sep, "/")  # noqa: E731
         # built from the original files: training logs pair with runs by their model folders
-        card = build_card(results, training_logs, recipe, repo_id, base_model, [relative(p) for p in copied_plots],
-                          result_names={src: relative(dst) for src, dst in zip(results, copied_results)},
-                          studies=studies)
-        card.save(os.path.join(out_dir, "README.md"))
+        model_card = build_card(
+            card.results, card.training_logs, card.recipe, repo_id, card.base_model,
+            [relative(p) for p in copied_plots],
+            result_names={src: relative(dst) for src, dst in zip(card.results, copied_results)}, studies=card.studies,
+        )
+        model_card.save(os.path.join(out_dir, "README.md"))
     return out_dir
 
 
@@ -235,23 +245,18 @@ def validate(folder: str, probe: str = PROBE_TEXT, timeout: int = VALIDATION_TIM
 def publish(
     model_dir: str,
     repo_id: str,
-    results: Sequence[str] = (),
-    training_logs: Sequence[str] = (),
-    plots: Sequence[str] = (),
-    recipe: Optional[str] = None,
-    base_model: Optional[str] = None,
+    card: CardInputs,
     private: bool = False,
     revision: Optional[str] = None,
     create_pr: bool = False,
     dry_run: Optional[str] = None,
-    studies: Optional[str] = None,
     log=print,
 ):
     """Assemble, validate and (unless ``dry_run``) upload. Returns the dry-run folder or the CommitInfo."""
     if create_pr and revision not in (None, "main"):
         raise PublishError("--create-pr opens a pull request against the default branch; drop --revision "
                            f"({revision!r}) or drop --create-pr to commit to that branch")
-    if not results:
+    if not card.results:
         raise PublishError("the model card needs at least one eval results JSON: pass --results (eval_fles1.py --output)")
     token = None
     if dry_run is None:
@@ -262,7 +267,7 @@ def publish(
             raise PublishError("HF_HUB_OFFLINE is set: uploading needs the network (unset it, or use --dry-run)")
     with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:
         folder = dry_run or os.path.join(scratch, "hub")
-        assemble(model_dir, folder, repo_id, results, training_logs, plots, recipe, base_model, studies)
+        assemble(model_dir, folder, repo_id, card)
         log(f"assembled {folder}; validating in a fresh offline process ...")
         checks = validate(folder)
         for check in checks:
@@ -287,4 +292,4 @@ def publish(
         return commit
 
 
-__all__ = ["publish", "assemble", "validate", "resolve_token", "PublishError", "Check", "PROBE_TEXT"]
+__all__ = ["publish", "assemble", "CardInputs", "validate", "resolve_token", "PublishError", "Check", "PROBE_TEXT"]
