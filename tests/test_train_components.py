@@ -206,3 +206,21 @@ def test_bf16_screened_forward_matches_float32():
     torch.testing.assert_close(screened, plain)
     for got, expected in zip(screened_grads, plain_grads):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("fraction, expected_steps", [(0.1, [4, 5]), (0.0, [5])])
+def test_crash_monitor_counts_collapse_below_a_fraction_of_the_first_steps_nnz(fraction, expected_steps):
+    from types import SimpleNamespace
+
+    from fles1.training.crashes import CrashMonitor
+
+    monitor, model = CrashMonitor(nnz_floor=1.0, nnz_collapse_fraction=fraction), torch.nn.Linear(2, 2)
+    for step, nnz in enumerate([200.0, 150.0, 30.0, 15.0, 0.5]):  # 15 < 10% of 200; 0.5 < the absolute floor
+        monitor.observe(loss=1.0, nnz_sum=nnz * 4, nnz_count=4)
+        monitor.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, model=model)
+    assert [event["step"] for event in monitor.events if event["kind"] == "nnz_collapse"] == expected_steps
+    restored = CrashMonitor(nnz_collapse_fraction=fraction)
+    restored.load_state_dict(monitor.state_dict())  # resume keeps the reference
+    assert restored.first_nnz == 200.0 and restored.counts == monitor.counts
+    with pytest.raises(ValueError, match="nnz_collapse_fraction"):
+        CrashMonitor(nnz_collapse_fraction=1.5)

@@ -6,7 +6,8 @@ Per optimizer step (all micro-batches of a gradient-accumulation step together):
     non_finite_grad  the loss is finite but a gradient is NaN/inf      -> update skipped (gradients dropped)
     loss_spike       loss > spike_factor x median of the last spike_window finite step losses (once at least
                      5 are known)                                      -> counted, update applied
-    nnz_collapse     the documents' mean non-zeros < nnz_floor         -> counted, update applied
+    nnz_collapse     the documents' mean non-zeros < max(nnz_floor, nnz_collapse_fraction x the first step's)
+                                                                       -> counted, update applied
 
 "Skipped" means the gradients are set to None before ``optimizer.step()``: AdamW then leaves every weight and its
 moments untouched (no weight decay either); only the learning-rate schedule advances. Under DDP gradients are
@@ -33,12 +34,18 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
 
     STATE_FILE = STATE_FILE
 
-    def __init__(self, spike_factor: float = 3.0, spike_window: int = 100, nnz_floor: float = 1.0):
+    def __init__(self, spike_factor: float = 3.0, spike_window: int = 100, nnz_floor: float = 1.0,
+                 nnz_collapse_fraction: float = 0.1):
         if not spike_factor > 1:
             raise ValueError(f"spike_factor must be > 1, got {spike_factor!r}")
         if not (isinstance(spike_window, int) and spike_window >= MIN_SPIKE_HISTORY):
             raise ValueError(f"spike_window must be an int >= {MIN_SPIKE_HISTORY}, got {spike_window!r}")
+        if not 0 <= nnz_collapse_fraction < 1:
+            raise ValueError(f"nnz_collapse_fraction must be in [0, 1), got {nnz_collapse_fraction!r}")
         self.spike_factor, self.spike_window, self.nnz_floor = float(spike_factor), spike_window, float(nnz_floor)
+        # relative to the first step: a model sliding from ~230 to ~6 non-zeros has collapsed though it is above 1
+        self.nnz_collapse_fraction = float(nnz_collapse_fraction)
+        self.first_nnz: float | None = None
         self.counts = {kind: 0 for kind in KINDS}
         self.recent_losses: list[float] = []
         self.events: list[dict] = []
@@ -73,18 +80,24 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
                 if self._loss > self.spike_factor * statistics.median(self.recent_losses):
                     self._count("loss_spike", step, self._loss)
             self.recent_losses = (self.recent_losses + [self._loss])[-self.spike_window:]
-        if self._nnz_count and self._nnz_sum / self._nnz_count < self.nnz_floor:
-            self._count("nnz_collapse", step, self._nnz_sum / self._nnz_count)
+        if self._nnz_count:
+            nnz = self._nnz_sum / self._nnz_count
+            if self.first_nnz is None:
+                self.first_nnz = nnz
+            if nnz < max(self.nnz_floor, self.nnz_collapse_fraction * self.first_nnz):
+                self._count("nnz_collapse", step, nnz)
         self._new_step()
 
     # --- checkpoint state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"counts": dict(self.counts), "recent_losses": list(self.recent_losses), "events": list(self.events)}
+        return {"counts": dict(self.counts), "recent_losses": list(self.recent_losses), "events": list(self.events),
+                "first_nnz": self.first_nnz}
 
     def load_state_dict(self, state: dict) -> None:
         self.counts = {kind: int(state["counts"].get(kind, 0)) for kind in KINDS}
         self.recent_losses = [float(v) for v in state["recent_losses"]]
         self.events = list(state["events"])
+        self.first_nnz = state.get("first_nnz")  # absent in checkpoints written before it existed
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:

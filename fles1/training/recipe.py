@@ -15,7 +15,7 @@ DEFAULTS = {
     "loss": {"temperature": 0.05, "regularizer": "l1_flops", "lambda_d": 3e-5, "lambda_q": 0.0,
              "anticollapse_weight": 1.0, "anticollapse_min_mass": 5.0},
     "clfr": {"enabled": True, "target_nnz_d": 400, "gain": 0.1, "interval_steps": None, "max_log_step": 1.0},
-    "crashes": {"spike_factor": 3.0, "spike_window": 100, "nnz_floor": 1.0},
+    "crashes": {"spike_factor": 3.0, "spike_window": 100, "nnz_floor": 1.0, "nnz_collapse_fraction": 0.1},
     "training": {"learning_rate": 2e-5, "per_device_train_batch_size": 32, "num_train_epochs": 2, "seed": 42,
                  "logging_steps": 10, "save_steps": 500, "report_to": "none"},
 }
