@@ -109,7 +109,7 @@ class CardInputs:
 
 
 def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs()) -> str:
-    """Write the Hub folder: checkpoint files + code files + results/ + plots/ + README.md (the card).
+    """Write the Hub folder: checkpoint files + the project's code files + results/ + plots/ + README.md (the card).
 
     A training output folder's own ``training_log.json`` and ``*.png`` are used when none are given.
     """
@@ -122,9 +122,8 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     if not card.plots:
         card = replace(card, plots=sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".png")))
     shutil.copytree(model_dir, out_dir, ignore=_skip, dirs_exist_ok=True)
-    for name in HUB_CODE_FILES:  # older checkpoints may lack the encoder file: ship the project's
-        if not os.path.isfile(os.path.join(out_dir, name)):
-            shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
+    for name in HUB_CODE_FILES:  # the project's current code, not the copy saved with the weights (maybe older)
+        shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
     results_dir, plots_dir = os.path.join(out_dir, "results"), os.path.join(out_dir, "plots")
     copied_results = _copy_unique(card.results, results_dir)
     _copy_unique(card.training_logs, results_dir, rename=_training_log_name)

@@ -144,8 +144,11 @@ def fake_hub(monkeypatch):
 
 
 def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys):
-    out = str(tmp_path / "hub")
-    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", out,
+    out, older = str(tmp_path / "hub"), tmp_path / "older"
+    shutil.copytree(source_checkpoint, older)  # weights saved next to an older copy of the code
+    with open(older / "modeling_fles1.py", "a", encoding="utf-8") as handle:
+        handle.write("\n# saved by an older FLES-1\n")
+    rc = push_fles1.main(["--model", str(older), "--repo-id", REPO_ID, "--dry-run", out,
                           "--results", result_files["results"], "--plots", result_files["plot"]])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
@@ -156,6 +159,10 @@ def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys):
                  "results/training_log_seed7.json", "plots/loss.png"):
         assert name in names
     assert not any(n.startswith("checkpoint-") or n == "training_args.bin" for n in names), names
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py"):  # the current code ships
+        with open(os.path.join(out, name), "rb") as shipped, open(os.path.join(project, name), "rb") as current:
+            assert shipped.read() == current.read(), name
 
     # the three loaders in a fresh offline process agree, and give the source folder's vectors
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
