@@ -67,6 +67,11 @@ def _validate_texts(texts) -> list[str]:
     return texts
 
 
+def passes_threshold(weights, threshold: float):
+    """The inference rule, for numpy arrays and torch tensors alike: weights >= threshold, and > 0 at threshold 0."""
+    return weights >= threshold if threshold > 0 else weights > 0
+
+
 def _validate_threshold(threshold: float) -> float:
     if threshold is None or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
@@ -187,7 +192,7 @@ class FLES1Encoder:
     def _sparsify(self, vectors: torch.Tensor, threshold: float):
         """Per row: (ids sorted by descending weight, weights) of the entries >= threshold (and > 0)."""
         vectors = vectors.float()
-        keep = vectors >= threshold if threshold > 0 else vectors > 0
+        keep = passes_threshold(vectors, threshold)
         rows, cols = keep.nonzero(as_tuple=True)
         weights = vectors[rows, cols]
         rows, cols, weights = rows.cpu().numpy(), cols.cpu().numpy(), weights.cpu().numpy()
@@ -220,7 +225,7 @@ class FLES1Encoder:
             vector = self.model.encode_sparse(
                 input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids), projection_dtype=self.projection_dtype
             ).sparse_embeddings[0].cpu().numpy()
-        ids = np.flatnonzero(vector >= threshold if threshold > 0 else vector > 0)
+        ids = np.flatnonzero(passes_threshold(vector, threshold))
         order = np.argsort(-vector[ids], kind="stable")
         return ids[order], vector[ids[order]]
 
@@ -304,4 +309,4 @@ class FLES1Encoder:
         )
 
 
-__all__ = ["FLES1Encoder", "CheckpointError"]
+__all__ = ["FLES1Encoder", "CheckpointError", "passes_threshold"]

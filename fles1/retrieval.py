@@ -20,6 +20,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 
 from fles1.atomic import atomic_open
+from fles1_encoder import passes_threshold
 
 INDEX_FORMAT = "fles1-inverted-index/1"
 # float16 weights: |w16 - w| <= 2**-11 |w| (round to nearest), so any score moves by at most that fraction and
@@ -30,7 +31,7 @@ FLOAT16_RELATIVE_ERROR = 2.0**-11
 def apply_threshold(matrix: csr_matrix, threshold: float) -> csr_matrix:
     """Keep entries >= threshold (> 0 when threshold is 0): FLES1Encoder's rule, applied to cached vectors."""
     matrix = csr_matrix(matrix, dtype=np.float32, copy=True)
-    keep = matrix.data >= threshold if threshold > 0 else matrix.data > 0
+    keep = passes_threshold(matrix.data, threshold)
     matrix.data = np.where(keep, matrix.data, 0).astype(np.float32)
     matrix.eliminate_zeros()
     return matrix
