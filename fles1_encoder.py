@@ -102,6 +102,7 @@ class FLES1Encoder:
             "query": int(getattr(self.config, "query_max_length", 64)),
         }
         self._vocab = self.tokenizer.convert_ids_to_tokens(list(range(self.config.vocab_size)))
+        self._embeddings = model.get_input_embeddings()
 
     @classmethod
     def from_pretrained(
@@ -138,7 +139,7 @@ class FLES1Encoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._embeddings.weight.device  # not next(parameters()): that walks the modules on every call
 
     # ---- core -------------------------------------------------------------------------------------------------
     def _check_kind(self, kind: str) -> None:
@@ -212,28 +213,41 @@ class FLES1Encoder:
                 results[position] = pair
         return results
 
-    def _encode_one(self, text, kind: str, threshold: Optional[float]):
+    def _token_ids_one(self, text: str, kind: str) -> list[int]:
+        """One text's ids, truncated like `_tokenize`, straight through the Rust tokenizer: half the time of the
+        transformers wrapper for a query, the same ids (tests)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow (Python) tokenizer
+            return self._tokenize([text], kind)[0]
+        backend.enable_truncation(self.max_lengths[kind])  # the wrapper re-sets both on each of its own calls
+        backend.no_padding()
+        return backend.encode(text).ids
+
+    def _encode_one(self, text, kind: str, threshold: Optional[float]) -> tuple[list[int], list[float]]:
         """One text -> (ids, weights), highest weight first: the single-query path, without batching work."""
         if not isinstance(text, str):
             raise TypeError(f"text is {type(text).__name__}, expected str")
         self._check_kind(kind)
         threshold = self.threshold if threshold is None else _validate_threshold(threshold)
         if not text.strip():
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        input_ids = torch.tensor(self._tokenize([text], kind), device=self.device)
-        with torch.inference_mode():
-            vector = self.model.encode_sparse(
-                input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids), projection_dtype=self.projection_dtype
-            ).sparse_embeddings[0].cpu().numpy()
-        ids = np.flatnonzero(passes_threshold(vector, threshold))
-        order = np.argsort(-vector[ids], kind="stable")
-        return ids[order], vector[ids[order]]
+            return [], []
+        input_ids = torch.tensor([self._token_ids_one(text, kind)], device=self.device)
+        with torch.inference_mode():  # the active terms only: no dense (vocab,) vector on the CPU path
+            ids, weights = self.model.encode_sparse_terms(
+                input_ids, token_type_ids=torch.zeros_like(input_ids), projection_dtype=self.projection_dtype
+            )
+        # a few dozen terms: plain Python beats a chain of small tensor ops; ties keep vocabulary order. The cut is
+        # compared in float32, as the batch path's tensors are.
+        cut = torch.tensor(threshold, dtype=torch.float32).item()
+        terms = [(i, w) for i, w in zip(ids.tolist(), weights.tolist()) if passes_threshold(w, cut)]
+        terms.sort(key=lambda term: -term[1])
+        return [i for i, _ in terms], [w for _, w in terms]
 
     # ---- public API -------------------------------------------------------------------------------------------
     def encode(self, text: str, kind: Kind = "document", threshold: Optional[float] = None) -> dict[str, float]:
         """One text -> {term: weight}, highest weight first, weights >= threshold."""
         ids, weights = self._encode_one(text, kind, threshold)
-        return {self._vocab[i]: w for i, w in zip(ids.tolist(), weights.tolist())}
+        return {self._vocab[i]: w for i, w in zip(ids, weights)}
 
     def encode_batch(
         self,
@@ -263,8 +277,7 @@ class FLES1Encoder:
         self, text: str, kind: Kind = "document", threshold: Optional[float] = None
     ) -> tuple[list[int], list[float]]:
         """One text -> (vocabulary ids, weights), highest weight first: the form inverted indices ingest."""
-        ids, weights = self._encode_one(text, kind, threshold)
-        return ids.tolist(), weights.tolist()
+        return self._encode_one(text, kind, threshold)
 
     def encode_queries(self, queries: Sequence[str], **kwargs):
         return self.encode_batch(queries, kind="query", **kwargs)

@@ -151,3 +151,16 @@ def test_encoder_batching_does_not_change_vectors(encoder):
 def test_encoder_progress_bar_for_long_inputs(encoder, capsys):
     encoder.encode_batch(["heart"] * 3, show_progress_bar=True)
     assert "Encoding documents" in capsys.readouterr().err
+
+
+def test_encoder_single_text_path_matches_the_batch_path(shipped):
+    texts = ["What is machine learning?", "statins " * 300, "🚀 naïve café Brustkrebs", "a"]
+    shipped.encode_batch(texts)  # the batch path re-sets the shared Rust tokenizer's truncation: no leak either way
+    for kind in ("query", "document"):
+        for text in texts:
+            assert shipped._token_ids_one(text, kind) == shipped._tokenize([text], kind)[0]
+        batch = shipped.encode_batch(texts, kind=kind, threshold=0.0, batch_size=1)
+        for text, expected in zip(texts, batch):
+            single = shipped.encode(text, kind=kind, threshold=0.0)
+            assert list(single) == list(expected)  # same terms in the same order
+            assert max(abs(single[t] - expected[t]) for t in single) <= 1e-6

@@ -229,6 +229,24 @@ def test_model_inference_projection_paths_match_naive(options, tile_tokens, pack
     assert (torch.log1p(output.max_logits[positive]) - reference[positive]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("screening", [True, False])  # forced: the default depends on the CPU
+@pytest.mark.parametrize("bias_mean", [-2.0, 4.0])  # 4.0: the screen's dense fallback
+def test_model_encode_sparse_terms_are_encode_sparse_nonzeros(screening, bias_mean, monkeypatch):
+    import modeling_fles1
+
+    monkeypatch.setattr(modeling_fles1, "cpu_has_fast_bf16", lambda: screening)
+    model, _ = tiny_model(bias_mean=bias_mean)
+    with torch.inference_mode():
+        for length in (3, 11, 40):
+            input_ids = torch.randint(5, 9000, (1, length))
+            dense = model.encode_sparse(input_ids=input_ids).sparse_embeddings[0]
+            ids, weights = model.encode_sparse_terms(input_ids)
+            assert torch.equal(ids, dense.nonzero().squeeze(1)) and len(ids) > 10
+            assert (weights - dense[ids]).abs().max().item() <= 1e-6
+        with pytest.raises(ValueError, match="one text"):
+            model.encode_sparse_terms(torch.randint(5, 9000, (2, 4)))
+
+
 def _encode_one_by_one(model, texts):
     with torch.inference_mode():
         return [model.encode_sparse(input_ids=ids).sparse_embeddings for ids in texts]
