@@ -183,7 +183,7 @@ def _max_over_tokens(states: torch.Tensor, rows: torch.Tensor, packed) -> torch.
 def _screen(states, rows, packed, norms, bias):
     """The bf16 pass of `_screened_max`: (float32 estimate of every max logit, ids of the entries that can be > 0)."""
     estimate = torch.add(_max_over_tokens(states.to(torch.bfloat16), rows, packed), bias)  # float32
-    upper = torch.add(estimate, norms, alpha=SCREEN_MARGIN * float(states.norm(dim=1).max()))
+    upper = torch.add(estimate, norms, alpha=SCREEN_MARGIN * torch.linalg.vector_norm(states, dim=1).max().item())
     # ndarray.nonzero is ~4x faster than torch's on 30k entries (a query's hot path; CPU tensors only)
     return estimate, torch.from_numpy((upper > 0).numpy().nonzero()[0])
 
