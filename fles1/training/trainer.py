@@ -119,6 +119,9 @@ class FLES1Trainer(Trainer):
         clfr: a :class:`~fles1.training.clfr.CLFRCallback` steering lambda_d (added to the callbacks).
         crash_monitor: a :class:`~fles1.training.crashes.CrashMonitor` (default one if None).
         query_max_length, document_max_length: default to the model config's.
+
+    On CUDA the default collator rounds padded lengths up to a multiple of ``GPU_PAD_TO_MULTIPLE_OF`` (64), so
+    that attention plans and allocator blocks are reused across steps; pass ``data_collator`` to choose otherwise.
     """
 
     def __init__(
