@@ -75,11 +75,10 @@ class _MaxPooledProjection(torch.autograd.Function):
 
     @staticmethod
     def _use_screening(hidden) -> bool:
-        if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
-            return False
-        if _MaxPooledProjection.bf16_screening is not None:
-            return _MaxPooledProjection.bf16_screening
-        return cpu_has_fast_bf16()
+        forced = _MaxPooledProjection.bf16_screening
+        if forced is not None and hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+            return forced
+        return _screens_by_default(hidden.device, hidden.dtype)
 
     @staticmethod
     def _screened_forward(hidden, weight, bias, values, argmax):
@@ -91,20 +90,14 @@ class _MaxPooledProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk_tokens):
-        batch, length, _ = hidden.shape
+        shape = (hidden.shape[0], weight.shape[0])
         # float32 at least (bf16 logits are pooled into float32); float64 stays float64 so gradcheck can run.
-        values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        argmax = torch.zeros((batch, weight.shape[0]), dtype=torch.int32, device=hidden.device)
+        values = hidden.new_empty(shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        argmax = torch.zeros(shape, dtype=torch.int32, device=hidden.device)
         if _MaxPooledProjection._use_screening(hidden):
             _MaxPooledProjection._screened_forward(hidden, weight, bias, values, argmax)
-            ctx.save_for_backward(hidden, weight, argmax)
-            return values
-        weight_t = weight.to(hidden.dtype).t()
-        for start, end in _chunk_rows(batch, length, chunk_tokens):
-            chunk_values, chunk_argmax = torch.matmul(hidden[start:end], weight_t).max(dim=1)
-            values[start:end] = chunk_values
-            argmax[start:end] = chunk_argmax
-        values.add_(bias.to(values.dtype))  # constant over tokens: added after the max, not to every logit
+        else:
+            _chunked_max(hidden, weight, bias, chunk_tokens, values, argmax)
         ctx.save_for_backward(hidden, weight, argmax)
         return values
 
@@ -136,12 +129,22 @@ def max_pooled_logits(hidden, weight, bias, chunk_tokens):
     """Per-text max over tokens of ``hidden @ weight.T + bias``; differentiable with a sparse backward."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or bias.requires_grad):
         return _MaxPooledProjection.apply(hidden, weight, bias, chunk_tokens)
+    values = hidden.new_empty((hidden.shape[0], weight.shape[0]), dtype=torch.float32)
+    return _chunked_max(hidden, weight, bias, chunk_tokens, values)
+
+
+def _chunked_max(hidden, weight, bias, chunk_tokens, values, argmax=None):
+    """values[b] = max_t hidden[b, t] @ weight.T + bias, a chunk of texts at a time (and the arg-max token when
+    ``argmax`` is given). The bias is constant over tokens: it is added after the max, not to every logit."""
     batch, length, _ = hidden.shape
-    values = hidden.new_empty((batch, weight.shape[0]), dtype=torch.float32)
     weight_t = weight.to(hidden.dtype).t()
     for start, end in _chunk_rows(batch, length, chunk_tokens):
-        values[start:end] = torch.matmul(hidden[start:end], weight_t).amax(dim=1)
-    return values.add_(bias.to(values.dtype))  # the bias is constant over tokens: add it after the max
+        logits = torch.matmul(hidden[start:end], weight_t)
+        if argmax is None:
+            values[start:end] = logits.amax(dim=1)
+        else:
+            values[start:end], argmax[start:end] = logits.max(dim=1)
+    return values.add_(bias.to(values.dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,6 +152,12 @@ def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 screening pays off."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def _screens_by_default(device: torch.device, dtype: torch.dtype, projection_dtype=None) -> bool:
+    """Whether a float32 projection goes through bf16 screening (`_screened_max`) unless told otherwise."""
+    return (device.type == "cpu" and dtype == torch.float32 and projection_dtype in (None, torch.float32)
+            and cpu_has_fast_bf16())
 
 
 def _pack_for_onednn(rows: torch.Tensor):
@@ -188,16 +197,17 @@ def _screen(states, rows, packed, norms, bias):
     return estimate, torch.from_numpy((upper > 0).numpy().nonzero()[0])
 
 
-def _screened_max(states, rows, packed, norms, weight, bias, argmax=None) -> torch.Tensor:
+def _screened_max(states, rows, packed, norms, weight, bias, argmax=None, screened=None) -> torch.Tensor:
     """One text's exact float32 max over tokens of ``states @ weight.T + bias``, at bf16 speed, (vocab,).
 
     A bf16 pass (`rows`/`packed`: the weight in bf16) bounds every logit within SCREEN_MARGIN * |h_t| * |w_v|
     (`norms` = |w_v|) of its exact value, so an entry whose bf16 maximum is below minus that bound has an exact
     maximum <= 0: weight 0 and gradient 0 after ReLU. Only the other candidates are recomputed in float32; the
     entries screened out keep their negative bf16 estimate. ``argmax`` (int32, (vocab,)), when given, receives
-    the arg-max token of every recomputed entry (what the sparse backward needs).
+    the arg-max token of every recomputed entry (what the sparse backward needs). ``screened``: `_screen`'s result,
+    when the caller already has it.
     """
-    estimate, candidates = _screen(states, rows, packed, norms, bias)
+    estimate, candidates = screened or _screen(states, rows, packed, norms, bias)
     if candidates.numel() > estimate.numel() // 8:  # dense (e.g. an untrained model): one full float32 pass
         exact, token = torch.matmul(states, weight.t()).max(dim=0)
         if argmax is not None:
@@ -392,8 +402,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad)
         if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None:
             if bf16_screening is None:
-                bf16_screening = projection_dtype in (None, torch.float32) and hidden.dtype == torch.float32
-                bf16_screening = bf16_screening and cpu_has_fast_bf16()
+                bf16_screening = _screens_by_default(hidden.device, hidden.dtype, projection_dtype)
             max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, bf16_screening)
             return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -430,9 +439,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"encode_sparse_terms takes one text: input_ids of shape (1, length), got "
                              f"{tuple(input_ids.shape)}; use encode_sparse for batches")
-        embeddings = self.bert.embeddings.word_embeddings.weight
-        if not (input_ids.device.type == "cpu" and embeddings.dtype == torch.float32
-                and projection_dtype in (None, torch.float32) and cpu_has_fast_bf16()):
+        if not _screens_by_default(input_ids.device, self.bert.embeddings.word_embeddings.weight.dtype, projection_dtype):
             vector = self.encode_sparse(input_ids, token_type_ids=token_type_ids, projection_dtype=projection_dtype)
             vector = vector.sparse_embeddings[0]
             ids = vector.nonzero().squeeze(1)
@@ -440,9 +447,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         states = self._hidden_states(input_ids, None, token_type_ids)[0]
         bias, weight = self._decoder_bias().detach().float(), self.cls.predictions.decoder.weight.detach()
         rows, packed, norms = self._projection_weight(torch.bfloat16)
-        estimate, candidates = _screen(states, rows, packed, norms, bias)
+        estimate, candidates = screened = _screen(states, rows, packed, norms, bias)
         if candidates.numel() > estimate.numel() // 8:  # dense (an untrained model): `_screened_max`'s full pass
-            vector = torch.log1p(torch.relu(_screened_max(states, rows, packed, norms, weight, bias)))
+            vector = torch.log1p(torch.relu(_screened_max(states, rows, packed, norms, weight, bias, screened=screened)))
             candidates = vector.nonzero().squeeze(1)
             return candidates, vector[candidates]
         exact = torch.matmul(weight[candidates], states.t()).amax(dim=1).add_(bias[candidates])
