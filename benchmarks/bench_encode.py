@@ -27,20 +27,11 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from fles1.beir import load_beir  # noqa: E402
 from fles1.checkpoint import DEFAULT_BACKBONE, convert  # noqa: E402
 from fles1_encoder import FLES1Encoder  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus")
-
-
-def read_jsonl(path: str, limit: int) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if len(rows) == limit:
-                break
-            rows.append(json.loads(line))
-    return rows
 
 
 def synchronize(device: torch.device) -> None:
@@ -114,9 +105,9 @@ def main(argv=None):
     model_dir = args.model
     if model_dir is None:
         model_dir = convert(DEFAULT_BACKBONE, os.path.join(tempfile.mkdtemp(prefix="fles1-bench-"), "fles1-tiny"))
-    corpus = read_jsonl(os.path.join(args.data, "corpus.jsonl"), args.num_docs)
-    docs = [f"{row.get('title', '')} {row['text']}".strip() for row in corpus]
-    queries = [row["text"] for row in read_jsonl(os.path.join(args.data, "queries.jsonl"), args.num_queries)]
+    data = load_beir(args.data, "test")  # first N documents ("title text") and queries, in file order
+    docs = [data.document_text(doc_id) for doc_id in list(data.corpus)[: args.num_docs]]
+    queries = list(data.queries.values())[: args.num_queries]
 
     fles1 = FLES1Encoder.from_pretrained(model_dir, device=device, threshold=0.0)
     fles1_bf16 = FLES1Encoder.from_pretrained(model_dir, device=device, threshold=0.0, projection_dtype=torch.bfloat16)

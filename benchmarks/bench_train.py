@@ -63,6 +63,13 @@ def train_profiled(trainer, args, name: str) -> None:
         print(table.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
 
 
+def trainer_settings(args) -> dict:
+    """The TrainingArguments both trainers share."""
+    return dict(per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=2e-5,
+                save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, seed=0,
+                bf16=args.bf16, use_cpu=args.device == "cpu", dataloader_num_workers=args.workers)
+
+
 def bench_fles1(folder, dataset, args, out):
     from transformers import TrainingArguments
 
@@ -71,11 +78,7 @@ def bench_fles1(folder, dataset, args, out):
 
     model, tokenizer = load_model_for_training(folder)
     timer = StepTimer()
-    training_args = TrainingArguments(
-        out, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=2e-5,
-        save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, seed=0,
-        bf16=args.bf16, use_cpu=args.device == "cpu", dataloader_num_workers=args.workers,
-    )
+    training_args = TrainingArguments(out, **trainer_settings(args))
     trainer = FLES1Trainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                            query_max_length=64, document_max_length=args.max_length, callbacks=[timer])
     train_profiled(trainer, args, "FLES1Trainer")
@@ -92,11 +95,7 @@ def bench_sentence_transformers(folder, dataset, args, out):
     loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model, scale=1 / 0.05),
                       document_regularizer_weight=3e-5, query_regularizer_weight=None)
     timer = StepTimer()
-    training_args = SparseEncoderTrainingArguments(
-        out, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=2e-5,
-        save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, seed=0,
-        bf16=args.bf16, use_cpu=args.device == "cpu", dataloader_num_workers=args.workers,
-    )
+    training_args = SparseEncoderTrainingArguments(out, **trainer_settings(args))
     trainer = SparseEncoderTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss,
                                    callbacks=[timer])
     train_profiled(trainer, args, "SparseEncoderTrainer")
