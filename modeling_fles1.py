@@ -11,6 +11,7 @@ transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head ar
 
 import functools
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -231,14 +232,18 @@ class _TransformedHiddenStates(torch.nn.Module):
         return self.transform(hidden)
 
 
-# Bumped whenever any module anywhere registers a parameter or submodule (e.g. `load_state_dict(assign=True)`,
-# `resize_token_embeddings`): a trace holds the parameter tensors it was built with, so it is rebuilt then.
-# In-place updates (optimizer steps, `load_state_dict`) reach the trace through the shared tensors.
+# The modules some trace was built from. A parameter or submodule registered on one of them (e.g.
+# `load_state_dict(assign=True)`, `resize_token_embeddings`) bumps the count, and traces are rebuilt then: a trace
+# holds the parameter tensors it was built with. In-place updates (optimizer steps, `load_state_dict`) reach it
+# through the shared tensors. Registrations elsewhere -- tracing itself, another model, any new module -- do not
+# count (they used to: two FLES-1 models in one process re-traced each other on every call).
+_TRACED_MODULES = weakref.WeakSet()
 _REGISTRATIONS = [0]
 
 
-def _count_registration(*_):
-    _REGISTRATIONS[0] += 1
+def _count_registration(module, *_):
+    if module in _TRACED_MODULES:
+        _REGISTRATIONS[0] += 1
 
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
@@ -342,7 +347,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             cached = self.__dict__.get("_fles1_traced_hidden_states")
             if cached is None or cached[0] != (_REGISTRATIONS[0], dtype):
                 traced = _trace_hidden_states(self, input_ids, token_type_ids)
-                cached = ((_REGISTRATIONS[0], dtype), traced)  # read after tracing, which registers modules itself
+                _TRACED_MODULES.update(self.modules())
+                cached = ((_REGISTRATIONS[0], dtype), traced)
                 self.__dict__["_fles1_traced_hidden_states"] = cached
             if cached[1] is not None:
                 return cached[1](input_ids, token_type_ids)

@@ -277,6 +277,21 @@ def test_model_traced_backbone_matches_eager_and_follows_the_model():
     assert model._fles1_traced_hidden_states[1] is not first_trace
 
 
+def test_model_traces_survive_other_models_and_new_modules():
+    """Two models in one process (say a query and a document encoder) keep their traces, and so does building a
+    module anywhere; they used to re-trace each other on every single-text call (~90 ms each)."""
+    first, _ = tiny_model()
+    second, _ = tiny_model(seed=1)
+    ids = torch.randint(5, 9000, (1, 6))
+    _encode_one_by_one(first, [ids]), _encode_one_by_one(second, [ids])
+    traces = (first._fles1_traced_hidden_states[1], second._fles1_traced_hidden_states[1])
+    for _ in range(2):
+        torch.nn.Linear(4, 4)
+        _encode_one_by_one(first, [ids]), _encode_one_by_one(second, [ids])
+    assert traces[0] is not None and traces[1] is not None
+    assert first._fles1_traced_hidden_states[1] is traces[0] and second._fles1_traced_hidden_states[1] is traces[1]
+
+
 def test_model_backbone_falls_back_to_eager_when_tracing_fails(monkeypatch):
     model, _ = tiny_model()
     texts = [torch.randint(5, 9000, (1, length)) for length in (4, 9)]
