@@ -233,12 +233,10 @@ class FLES1Encoder:
             return [], []
         input_ids = torch.tensor([self._token_ids_one(text, kind)], device=self.device)
         with torch.inference_mode():  # the active terms only: no dense (vocab,) vector on the CPU path
-            ids, weights = self.model.encode_sparse_terms(
-                input_ids, token_type_ids=torch.zeros_like(input_ids), projection_dtype=self.projection_dtype
-            )
+            ids, weights = self.model.encode_sparse_terms(input_ids, projection_dtype=self.projection_dtype)
         # a few dozen terms: plain Python beats a chain of small tensor ops; ties keep vocabulary order. The cut is
         # compared in float32, as the batch path's tensors are.
-        cut = torch.tensor(threshold, dtype=torch.float32).item()
+        cut = float(np.float32(threshold))
         terms = [(i, w) for i, w in zip(ids.tolist(), weights.tolist()) if passes_threshold(w, cut)]
         terms.sort(key=lambda term: -term[1])
         return [i for i, _ in terms], [w for _, w in terms]

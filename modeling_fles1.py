@@ -13,7 +13,7 @@ import functools
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from transformers import BertForMaskedLM
@@ -32,10 +32,10 @@ ACCELERATOR_CHUNK_TOKENS = 16384  # 1 GB of bf16 logits: big enough to fill a GP
 # CPU inference projects one text at a time, CPU_TILE_TOKENS tokens at once, so that the (tokens x vocab) logits
 # tile stays in cache; no padding token is ever projected.
 CPU_TILE_TOKENS = 32
-# bf16 screening bound (see `FLES1ForMaskedLM._cpu_max_logits`): a logit computed from bf16-rounded inputs
-# (u = 2^-8), with exact products accumulated in float32 and the result rounded to bf16, is within
-# (3u + 2^-24 * hidden_size) * |h| * |w| of the exact one; 2^-6 > 3.1u leaves slack.
-SCREEN_MARGIN = 2.0**-6
+# int8 screening (`_screen`): relative slack on the error bounds it sums, and the float32 rounding it allows for
+# (the kernel's output and the float32 reference's 128-term sums are within 2^-17 of |h| |w|; 2^-16 covers them).
+SCREEN_SLACK = 1 + 2.0**-8
+FLOAT32_ROUNDING = 2.0**-16
 
 
 @dataclass
@@ -68,26 +68,25 @@ class _MaxPooledProjection(torch.autograd.Function):
     max), touching only the entries whose gradient is non-zero: after ReLU that is the text's active terms,
     a few hundred out of 30,522.
 
-    On a CPU with native bf16 (AVX512-BF16/AMX) a float32 forward is *screened* text by text (`_screened_max`,
-    the same routine inference uses): exact values and arg-max wherever the weight can be non-zero.
+    On a CPU with exact int8 products (VNNI/AMX through oneDNN) a float32 forward is *screened* text by text
+    (`_screened_max`, the same routine inference uses): exact values and arg-max wherever the weight can be non-zero.
     """
 
-    bf16_screening = None  # None: on when the CPU multiplies bf16 natively; True/False force it (tests)
+    screening = None  # None: on where `int8_screening_available()`; True/False force it (tests)
 
     @staticmethod
     def _use_screening(hidden) -> bool:
-        forced = _MaxPooledProjection.bf16_screening
+        forced = _MaxPooledProjection.screening
         if forced is not None and hidden.device.type == "cpu" and hidden.dtype == torch.float32:
             return forced
         return _screens_by_default(hidden.device, hidden.dtype)
 
     @staticmethod
     def _screened_forward(hidden, weight, bias, values, argmax):
-        weight, bias = weight.detach(), bias.detach().float()
-        rows = weight.to(torch.bfloat16).contiguous()  # packed per step: the weight changes every step
-        packed, norms = _pack_for_onednn(rows), weight.float().norm(dim=1)
+        weight = weight.detach()
+        screen = _int8_screen(weight, bias)  # quantized per step: the weight changes every step
         for row, states in enumerate(hidden.detach()):
-            values[row] = _screened_max(states, rows, packed, norms, weight, bias, argmax[row])
+            values[row] = _screened_max(states, screen, argmax[row])
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, chunk_tokens):
@@ -149,16 +148,57 @@ def _chunked_max(hidden, weight, bias, chunk_tokens, values, argmax=None):
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 screening pays off."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+def int8_screening_available() -> bool:
+    """True where oneDNN's int8 linear runs on this CPU and accumulates exactly (VNNI/AMX), so that `_screen`'s
+    bound holds. The probe would overflow a CPU path that sums u8 x s8 pairs in int16 (pre-VNNI x86)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(torch.full((16, 128), 127, dtype=torch.int8), None)
+        logits = torch.ops.onednn.qlinear_pointwise(
+            torch.full((2, 128), 255, dtype=torch.uint8), 1.0, 0, packed, torch.ones(16),
+            torch.zeros(16, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):  # torch built without these ops, or refused here
+        return False
+    return bool((logits == 255 * 127 * 128).all())
 
 
 def _screens_by_default(device: torch.device, dtype: torch.dtype, projection_dtype=None) -> bool:
-    """Whether a float32 projection goes through bf16 screening (`_screened_max`) unless told otherwise."""
+    """Whether a float32 projection goes through int8 screening (`_screened_max`) unless told otherwise."""
     return (device.type == "cpu" and dtype == torch.float32 and projection_dtype in (None, torch.float32)
-            and cpu_has_fast_bf16())
+            and int8_screening_available())
+
+
+class _Int8Screen(NamedTuple):
+    """The decoder, quantized for `_screen`: row v is approximated by ``scales[v] * q_v`` (q_v int8), and
+    ``row_error[v]`` >= |w_v - scales[v] q_v| and ``row_l1[v]`` >= |scales[v] q_v|_1 bound what that costs."""
+
+    weight: torch.Tensor  # float32 (vocab, hidden): the exact recompute's
+    packed: torch.Tensor  # the int8 rows in oneDNN's layout
+    scales: torch.Tensor
+    zero_points: torch.Tensor  # zeros: the rows are symmetric
+    bias: torch.Tensor  # float32, added by the kernel
+    row_error: torch.Tensor
+    row_l1: torch.Tensor
+    largest_row_error: float
+    largest_row_l1: float
+    cut: float  # an entry is a candidate when its bound is above this (<= 0: float32 rounding of the bias add)
+
+
+def _int8_screen(weight: torch.Tensor, bias: torch.Tensor) -> _Int8Screen:
+    with torch.no_grad():
+        weight, bias = weight.detach().float(), bias.detach().float()
+        scales = weight.abs().amax(dim=1).div_(127).clamp_min_(torch.finfo(torch.float32).tiny)
+        rows = torch.round(weight / scales[:, None]).clamp_(-127, 127)
+        approx = rows * scales[:, None]
+        # float32 here is within 2^-23 |w| of the exact differences: FLOAT32_ROUNDING covers it too
+        row_error = (weight - approx).norm(dim=1).add_(weight.norm(dim=1), alpha=FLOAT32_ROUNDING).mul_(SCREEN_SLACK)
+        row_l1 = approx.abs().sum(dim=1).mul_(SCREEN_SLACK)
+        packed = torch.ops.onednn.qlinear_prepack(rows.to(torch.int8), None)
+        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+        cut = -FLOAT32_ROUNDING * bias.abs().max().item() if bias.numel() else 0.0
+    return _Int8Screen(weight, packed, scales, zero_points, bias, row_error, row_l1, row_error.max().item(),
+                       row_l1.max().item(), cut)
 
 
 def _pack_for_onednn(rows: torch.Tensor):
@@ -190,34 +230,57 @@ def _max_over_tokens(states: torch.Tensor, rows: torch.Tensor, packed) -> torch.
     return values
 
 
-def _screen(states, rows, packed, norms, bias):
-    """The bf16 pass of `_screened_max`: (float32 estimate of every max logit, ids of the entries that can be > 0)."""
-    estimate = torch.add(_max_over_tokens(states.to(torch.bfloat16), rows, packed), bias)  # float32
-    upper = torch.add(estimate, norms, alpha=SCREEN_MARGIN * torch.linalg.vector_norm(states, dim=1).max().item())
-    # ndarray.nonzero is ~4x faster than torch's on 30k entries (a query's hot path; CPU tensors only)
-    return estimate, torch.from_numpy((upper > 0).numpy().nonzero()[0])
+def _screen(states: torch.Tensor, screen: _Int8Screen):
+    """The int8 pass of `_screened_max`: (float32 estimate of every max logit, ids of the entries that can be > 0).
 
-
-def _screened_max(states, rows, packed, norms, weight, bias, argmax=None, screened=None) -> torch.Tensor:
-    """One text's exact float32 max over tokens of ``states @ weight.T + bias``, at bf16 speed, (vocab,).
-
-    A bf16 pass (`rows`/`packed`: the weight in bf16) bounds every logit within SCREEN_MARGIN * |h_t| * |w_v|
-    (`norms` = |w_v|) of its exact value, so an entry whose bf16 maximum is below minus that bound has an exact
-    maximum <= 0: weight 0 and gradient 0 after ReLU. Only the other candidates are recomputed in float32; the
-    entries screened out keep their negative bf16 estimate. ``argmax`` (int32, (vocab,)), when given, receives
-    the arg-max token of every recomputed entry (what the sparse backward needs). ``screened``: `_screen`'s result,
-    when the caller already has it.
+    The states are quantized to u8 with one step ``s`` (error <= s/2 per element) and multiplied against the int8
+    rows with exact integer sums, so each logit's estimate is within |h_t| row_error[v] + s/2 row_l1[v] of the
+    float32 one (|h_t| <= max_t |h_t|). Per-tensor activations and per-row weights: what oneDNN's kernel takes.
     """
-    estimate, candidates = screened or _screen(states, rows, packed, norms, bias)
+    # A query's hot path: ndarray methods on these few hundred values cost ~1 us each, torch ops ~5 (CPU only).
+    values = states.numpy()
+    largest, longest = float(abs(values).max()), float((values * values).sum(axis=1).max()) ** 0.5
+    step = float(values.dtype.type(largest / 127 if largest > 0 else 1.0))  # float32, as the kernel reads it
+    # h / s + 128 in [1, 255]: float32 puts it within 2^-15 of exact, far inside the bound's slack
+    quantized = torch.from_numpy((values * (1 / step) + 128).round().astype("uint8"))
+    estimate = None
+    for tile in quantized.split(CPU_TILE_TOKENS):
+        logits = torch.ops.onednn.qlinear_pointwise(
+            tile, step, 128, screen.packed, screen.scales, screen.zero_points, screen.bias, 1.0, 0, torch.float32,
+            "none", [], "")
+        tile_max = logits.amax(dim=0)
+        estimate = tile_max if estimate is None else torch.maximum(estimate, tile_max, out=estimate)
+    # candidates: estimate + longest * row_error + activation_error * row_l1 > cut. One comparison over the
+    # vocabulary against the largest bound first, then each survivor's own (ndarray: ~4x faster than torch here).
+    activation_error = step / 2 * SCREEN_SLACK
+    largest_bound = (longest * screen.largest_row_error + activation_error * screen.largest_row_l1) * SCREEN_SLACK
+    estimates = estimate.numpy()
+    survivors = (estimates > screen.cut - largest_bound).nonzero()[0]
+    upper = (estimates[survivors] + longest * screen.row_error.numpy()[survivors]
+             + activation_error * screen.row_l1.numpy()[survivors])
+    return estimate, torch.from_numpy(survivors[upper > screen.cut])
+
+
+def _screened_max(states, screen: _Int8Screen, argmax=None, screened=None) -> torch.Tensor:
+    """One text's exact float32 max over tokens of ``states @ weight.T + bias``, at int8 speed, (vocab,).
+
+    An int8 pass (`_screen`) bounds every logit's distance from its float32 value, so an entry whose bound stays
+    <= 0 has a float32 maximum <= 0: weight 0 and gradient 0 after ReLU. Only the other candidates (~30 of
+    30,522 for a query, ~500 for a document) are recomputed in float32; the entries screened out keep their
+    negative int8 estimate. ``argmax`` (int32, (vocab,)), when given, receives the arg-max token of every
+    recomputed entry (what the sparse backward needs). ``screened``: `_screen`'s result, when the caller has it.
+    """
+    estimate, candidates = screened or _screen(states, screen)
+    weight = screen.weight
     if candidates.numel() > estimate.numel() // 8:  # dense (e.g. an untrained model): one full float32 pass
         exact, token = torch.matmul(states, weight.t()).max(dim=0)
         if argmax is not None:
             argmax.copy_(token)
-        return exact.add_(bias)
+        return exact.add_(screen.bias)
     exact, token = torch.matmul(weight[candidates], states.t()).max(dim=1)
     if argmax is not None:
         argmax[candidates] = token.to(torch.int32)
-    return estimate.index_copy_(0, candidates, exact.add_(bias[candidates]))
+    return estimate.index_copy_(0, candidates, exact.add_(screen.bias[candidates]))
 
 
 class _TransformedHiddenStates(torch.nn.Module):
@@ -315,21 +378,33 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def sparse_chunk_tokens(self, device: torch.device) -> int:
         return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS
 
-    def _projection_weight(self, dtype: torch.dtype):
-        """Decoder weight in `dtype` (vocab, hidden), its oneDNN-packed form (or None) and its float32 row norms,
-        cached per dtype.
+    def _decoder_cache(self, name: str, build):
+        """``build(weight, bias)`` for the decoder, cached under `name` until the weight or bias changes.
 
-        The cache key holds the weight's storage and version counter, so an optimizer step, `load_state_dict`
-        or `.to()` invalidates it.
+        The key holds their storage and version counters, so an optimizer step, `load_state_dict` or `.to()`
+        invalidates it.
         """
-        weight = self.cls.predictions.decoder.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cache = self.__dict__.setdefault("_fles1_projection_weight", {})
-        if dtype not in cache or cache[dtype][0] != key:
+        predictions = self.cls.predictions
+        weight, bias = predictions.decoder.weight, predictions.decoder.bias
+        bias = predictions.bias if bias is None else bias
+        key = (weight.data_ptr(), weight._version, weight.dtype, bias.data_ptr(), bias._version)
+        cache = self.__dict__.setdefault("_fles1_decoder_cache", {})
+        entry = cache.get(name)
+        if entry is None or entry[0] != key:
             with torch.no_grad():
-                rows = weight.detach().to(dtype).contiguous()
-                cache[dtype] = (key, rows, _pack_for_onednn(rows), weight.detach().float().norm(dim=1))
-        return cache[dtype][1:]
+                entry = cache[name] = (key, build(weight.detach(), bias.detach()))
+        return entry[1]
+
+    def _projection_weight(self, dtype: torch.dtype):
+        """The decoder weight in `dtype` (vocab, hidden) and its oneDNN-packed form (or None), cached per dtype."""
+        def build(weight, _):
+            rows = weight.to(dtype).contiguous()
+            return rows, _pack_for_onednn(rows)
+
+        return self._decoder_cache(f"weight-{dtype}", build)
+
+    def _int8_screen(self) -> "_Int8Screen":
+        return self._decoder_cache("int8-screen", _int8_screen)
 
     def _hidden_states(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         """MLM-head-transformed hidden states (batch, length, hidden).
@@ -356,24 +431,26 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         return self.cls.predictions.transform(outputs.last_hidden_state)
 
     @torch.no_grad()
-    def _cpu_max_logits(self, hidden, attention_mask, bias, projection_dtype, bf16_screening) -> torch.Tensor:
+    def _cpu_max_logits(self, hidden, attention_mask, bias, projection_dtype, screening) -> torch.Tensor:
         """Inference-only CPU projection, one text at a time, padding skipped: (batch, vocab) float32.
 
-        With `bf16_screening`, the float32 result comes at bf16 speed through `_screened_max`; entries screened
-        out keep their (negative) bf16 estimate in `max_logits`.
+        With `screening`, the float32 result comes at int8 speed through `_screened_max`; entries screened out
+        keep their (negative) int8 estimate in `max_logits`.
         """
-        dtype = projection_dtype or hidden.dtype
-        rows, packed, norms = self._projection_weight(torch.bfloat16 if bf16_screening else dtype)
-        weight = self.cls.predictions.decoder.weight.detach()
-        bias = bias.detach().float()
-        values = torch.empty((hidden.shape[0], weight.shape[0]), dtype=torch.float32)
+        if screening:
+            screen = self._int8_screen()
+        else:
+            dtype = projection_dtype or hidden.dtype
+            rows, packed = self._projection_weight(dtype)
+            bias = bias.detach().float()
+        values = torch.empty((hidden.shape[0], bias.shape[0]), dtype=torch.float32)
         keep = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         for row in range(hidden.shape[0]):
             states = hidden[row] if keep is None else hidden[row][keep[row]]
-            if not bf16_screening:
+            if screening:
+                values[row] = _screened_max(states, screen)
+            else:
                 values[row] = torch.add(_max_over_tokens(states.to(dtype), rows, packed), bias)
-                continue
-            values[row] = _screened_max(states, rows, packed, norms, weight, bias)
         return values
 
     def encode_sparse(
@@ -383,7 +460,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         token_type_ids: Optional[torch.Tensor] = None,
         projection_dtype: Optional[torch.dtype] = None,
         chunk_tokens: Optional[int] = None,
-        bf16_screening: Optional[bool] = None,
+        screening: Optional[bool] = None,
     ) -> FLES1SparseOutput:
         """
         Sparse vectors log(1 + ReLU(max_t logits)) of shape (batch, vocab), float32, without thresholding.
@@ -394,9 +471,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
                 runs in the model's dtype. Defaults to the model's dtype.
             chunk_tokens: tokens projected onto the vocabulary at once (memory/speed trade-off). Setting it
                 on CPU selects the batched projection instead of the per-text tiled one.
-            bf16_screening: CPU inference only: find the float32 result through a bf16 pass plus an exact
-                float32 recompute of the few entries that can be positive (same vectors, about 2x faster).
-                Defaults to on for float32 models on CPUs with native bf16.
+            screening: CPU inference only: find the float32 result through an int8 pass that bounds every
+                logit, plus a float32 recompute of the few entries that can be positive (same vectors, about 3x
+                faster). Defaults to on for float32 models where `int8_screening_available()`.
 
         Under autograd the projection keeps only each entry's max and argmax (sparse backward); on CPU at
         inference it runs per text, a cache-sized tile of tokens at a time against a oneDNN-packed weight,
@@ -407,9 +484,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         bias = self._decoder_bias()
         differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad)
         if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None:
-            if bf16_screening is None:
-                bf16_screening = _screens_by_default(hidden.device, hidden.dtype, projection_dtype)
-            max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, bf16_screening)
+            if screening is None:
+                screening = _screens_by_default(hidden.device, hidden.dtype, projection_dtype)
+            max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, screening)
             return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
         if attention_mask is not None and not bool(attention_mask.all()):
             # Padding positions copy the text's first token: the max over tokens is then unchanged, no
@@ -431,7 +508,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
         """
         One text's active terms: (vocabulary ids, weights) of the entries of [`encode_sparse`] that are > 0, in
-        vocabulary order -- the same values, without the dense (vocab,) vector when the CPU screens in bf16 (the
+        vocabulary order -- the same values, without the dense (vocab,) vector when the CPU screens in int8 (the
         single-query path of `FLES1Encoder`).
 
         Example:
@@ -451,16 +528,16 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             ids = vector.nonzero().squeeze(1)
             return ids, vector[ids]
         states = self._hidden_states(input_ids, None, token_type_ids)[0]
-        bias, weight = self._decoder_bias().detach().float(), self.cls.predictions.decoder.weight.detach()
-        rows, packed, norms = self._projection_weight(torch.bfloat16)
-        estimate, candidates = screened = _screen(states, rows, packed, norms, bias)
+        screen = self._int8_screen()
+        estimate, candidates = screened = _screen(states, screen)
         if candidates.numel() > estimate.numel() // 8:  # dense (an untrained model): `_screened_max`'s full pass
-            vector = torch.log1p(torch.relu(_screened_max(states, rows, packed, norms, weight, bias, screened=screened)))
+            vector = torch.log1p(torch.relu(_screened_max(states, screen, screened=screened)))
             candidates = vector.nonzero().squeeze(1)
             return candidates, vector[candidates]
-        exact = torch.matmul(weight[candidates], states.t()).amax(dim=1).add_(bias[candidates])
-        positive = exact > 0
-        return candidates[positive], torch.log1p(exact[positive])
+        exact = torch.matmul(screen.weight.index_select(0, candidates), states.t()).amax(dim=1)
+        exact = exact.add_(screen.bias.index_select(0, candidates)).numpy()
+        positive = (exact > 0).nonzero()[0]  # ndarray indexing: a few us where torch's boolean masks take ~15
+        return torch.from_numpy(candidates.numpy()[positive]), torch.log1p(torch.from_numpy(exact[positive]))
 
     def _decoder_bias(self) -> torch.Tensor:
         decoder = self.cls.predictions.decoder
@@ -471,4 +548,4 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 FLES1Config.register_for_auto_class()
 FLES1ForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
-__all__ = ["FLES1ForMaskedLM", "FLES1SparseOutput", "max_pooled_logits", "cpu_has_fast_bf16"]
+__all__ = ["FLES1ForMaskedLM", "FLES1SparseOutput", "max_pooled_logits", "int8_screening_available"]

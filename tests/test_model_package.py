@@ -137,7 +137,7 @@ def test_model_config_rejects_bad_settings():
 
 def tiny_model(vocab_size=9000, seed=0, bias_mean=-2.0):
     """Random 1-layer model and a padded batch of 3 texts (11, 7 and 3 tokens). ``bias_mean`` -2 leaves ~10% of the
-    vocabulary positive (bf16 screening recomputes those); +4 makes most of it positive (its dense fallback)."""
+    vocabulary positive (int8 screening recomputes those); +4 makes most of it positive (its dense fallback)."""
     torch.manual_seed(seed)
     config = FLES1Config(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=64)
@@ -158,7 +158,7 @@ def tiny_model(vocab_size=9000, seed=0, bias_mean=-2.0):
 def test_model_encode_sparse_gradient_matches_naive_dense(screening, monkeypatch):
     import modeling_fles1
 
-    monkeypatch.setattr(modeling_fles1._MaxPooledProjection, "bf16_screening", screening)
+    monkeypatch.setattr(modeling_fles1._MaxPooledProjection, "screening", screening)
     model, features = tiny_model()
     parameters = [p for p in model.parameters() if p.requires_grad]
     # Small upstream gradients keep the summed parameter gradients O(1), where float32 rounding is below 1e-5.
@@ -204,10 +204,66 @@ def test_model_screened_training_forward_keeps_values_and_arg_max(bias_mean):
     assert torch.equal(chosen[clear], expected[clear])  # the same token (or an identical padding copy)
 
 
+@pytest.mark.parametrize("length, spread", [(1, 1.0), (9, 2.0), (40, 1.0), (70, 5.0)])  # 70 tokens: three tiles
+def test_int8_screen_keeps_every_entry_that_float32_makes_positive(length, spread):
+    """The screen's bound at its edge: the biases put every float32 max logit within 1e-5 of 0, about half of them
+    above, while the int8 estimates are off by up to ~1. Any error term missing from the bound (int8 rows, u8
+    states, an outlier that coarsens the step, rows of different norms) would drop positive entries."""
+    import modeling_fles1
+
+    assert modeling_fles1.int8_screening_available(), "needs oneDNN int8 with exact integer sums (x86 VNNI/AMX)"
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 128) * 0.05
+    weight[::7] *= 4
+    states = torch.randn(length, 128) * spread
+    states[0, 0] = 12 * spread
+    maxima = (states @ weight.t()).amax(dim=0)
+    bias = -maxima + torch.empty(4096).uniform_(-1e-5, 1e-5)
+    estimate, candidates = modeling_fles1._screen(states, modeling_fles1._int8_screen(weight, bias))
+    positive = torch.nonzero(maxima + bias > 0).squeeze(1)
+    assert 1500 < positive.numel() < 2500 and (estimate - maxima - bias).abs().max() > 0.1
+    assert torch.isin(positive, candidates).all()
+    far = modeling_fles1._screen(states, modeling_fles1._int8_screen(weight, -maxima - 2 * spread))[1]
+    assert far.numel() == 0  # and the bound is not vacuous
+
+
+def _worst_case_row_and_state(error_source):
+    """One int8 row and one token state on which `_screen`'s estimate is off by nearly the bound's error term for
+    ``error_source``."""
+    torch.manual_seed(3)
+    scale = 2.0**-7
+    if error_source == "row":  # an outlier coarsens the row's int8 grid; the state follows the rounding errors' signs
+        row = torch.randn(128) * 0.3 * scale
+        row[0] = 127 * scale
+        state = torch.where(row - torch.round(row / scale) * scale >= 0, 0.5, -0.5)  # on the u8 grid: exact
+    else:  # an exact int8 row; the state sits just inside half a u8 step off the grid, along the row's signs
+        row = torch.randint(-127, 128, (128,)).float() * scale
+        row[0] = 127 * scale
+        step = 2.0**-6
+        state = (torch.randint(-100, 101, (128,)).float() + 0.499 * torch.sign(row)) * step
+        state[0] = 127 * step  # sets the step
+    return row, state
+
+
+@pytest.mark.parametrize("error_source", ["row", "state"])
+def test_int8_screen_bound_holds_where_the_int8_error_is_largest(error_source):
+    """The float32 logit is a hair above 0 while the int8 estimate is well below it: only a full error term in the
+    bound keeps the entry (half of either term would drop it)."""
+    import modeling_fles1
+
+    row, state = _worst_case_row_and_state(error_source)
+    weight = torch.cat([row[None], torch.randn(255, 128) * 2.0**-7])
+    bias = torch.full((256,), -100.0)
+    bias[0] = -(state.double() @ row.double()).item() + 1e-5 * (state.norm() * row.norm()).item()
+    estimate, candidates = modeling_fles1._screen(state[None], modeling_fles1._int8_screen(weight, bias))
+    assert (state @ row + bias[0]).item() > 0 and estimate[0].item() < -0.05
+    assert 0 in candidates.tolist()
+
+
 @pytest.mark.parametrize("packed", [True, False])  # False: torch builds without oneDNN take a plain matmul
 @pytest.mark.parametrize("tile_tokens", [None, 4])  # 4: several token tiles per text
 @pytest.mark.parametrize("options", [
-    {"bf16_screening": True}, {"bf16_screening": False}, {"chunk_tokens": 8}, {"projection_dtype": torch.float32},
+    {"screening": True}, {"screening": False}, {"chunk_tokens": 8}, {"projection_dtype": torch.float32},
 ])
 @pytest.mark.parametrize("bias_mean", [-2.0, 4.0])
 def test_model_inference_projection_paths_match_naive(options, tile_tokens, packed, bias_mean, monkeypatch):
@@ -222,7 +278,8 @@ def test_model_inference_projection_paths_match_naive(options, tile_tokens, pack
         reference = naive_sparse(model, features)
         output = model.encode_sparse(**features, **options)
     if packed and "chunk_tokens" not in options and torch.backends.mkldnn.is_available():
-        assert all(entry[2] is not None for entry in model._fles1_projection_weight.values())  # oneDNN path ran
+        packed = [entry[1][1] for name, entry in model._fles1_decoder_cache.items() if name.startswith("weight-")]
+        assert all(weights is not None for weights in packed)  # oneDNN path ran
     assert (reference > 0).sum() > 10
     assert (output.sparse_embeddings - reference).abs().max().item() <= 1e-5
     positive = reference > 0  # max_logits is exact wherever the weight is non-zero
@@ -234,7 +291,7 @@ def test_model_inference_projection_paths_match_naive(options, tile_tokens, pack
 def test_model_encode_sparse_terms_are_encode_sparse_nonzeros(screening, bias_mean, monkeypatch):
     import modeling_fles1
 
-    monkeypatch.setattr(modeling_fles1, "cpu_has_fast_bf16", lambda: screening)
+    monkeypatch.setattr(modeling_fles1, "int8_screening_available", lambda: screening)
     model, _ = tiny_model(bias_mean=bias_mean)
     with torch.inference_mode():
         for length in (3, 11, 40):

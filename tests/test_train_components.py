@@ -185,7 +185,7 @@ def test_trainer_rejects_empty_dataset_and_oversized_batch(tiny_random_checkpoin
         FLES1Trainer(model=model, args=args, train_dataset=rows.select([]), processing_class=tokenizer)
 
 
-def test_bf16_screened_forward_matches_float32():
+def test_int8_screened_forward_matches_float32():
     torch.manual_seed(0)
     hidden = torch.randn(3, 12, 16, requires_grad=True)
     weight = torch.randn(3000, 16, requires_grad=True)
@@ -194,12 +194,12 @@ def test_bf16_screened_forward_matches_float32():
     results = []
     try:
         for screening in (False, True):
-            _MaxPooledProjection.bf16_screening = screening
+            _MaxPooledProjection.screening = screening
             values = _MaxPooledProjection.apply(hidden, weight, bias, 24)
             active = torch.relu(values)
             results.append((active.detach(), torch.autograd.grad((active * upstream).sum(), (hidden, weight, bias))))
     finally:
-        _MaxPooledProjection.bf16_screening = None
+        _MaxPooledProjection.screening = None
     (plain, plain_grads), (screened, screened_grads) = results
     assert 0 < int((plain > 0).sum()) < plain.numel() // 4
     assert torch.equal(plain > 0, screened > 0)
