@@ -47,7 +47,8 @@ class FLES1SparseOutput(ModelOutput):
         sparse_embeddings (`torch.FloatTensor` of shape `(batch_size, vocab_size)`):
             log(1 + ReLU(max-pooled logits)), before any inference threshold. Float32.
         max_logits (`torch.FloatTensor` of shape `(batch_size, vocab_size)`):
-            The raw max-pooled logits the embeddings were computed from.
+            The raw max-pooled logits the embeddings were computed from: exact wherever the embedding is non-zero;
+            where CPU screening ran, entries it proved <= 0 hold a non-positive int8 estimate instead.
     """
 
     sparse_embeddings: Optional[torch.FloatTensor] = None
