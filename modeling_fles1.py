@@ -151,17 +151,23 @@ def _chunked_max(hidden, weight, bias, chunk_tokens, values, argmax=None):
 @functools.lru_cache(maxsize=None)
 def int8_screening_available() -> bool:
     """True where oneDNN's int8 linear runs on this CPU and accumulates exactly (VNNI/AMX), so that `_screen`'s
-    bound holds. The probe would overflow a CPU path that sums u8 x s8 pairs in int16 (pre-VNNI x86)."""
+    bound holds. The probe would overflow a CPU path that sums u8 x s8 pairs in int16 (pre-VNNI x86), and checks
+    the zero-point compensation `_screen` relies on."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
         packed = torch.ops.onednn.qlinear_prepack(torch.full((16, 128), 127, dtype=torch.int8), None)
-        logits = torch.ops.onednn.qlinear_pointwise(
-            torch.full((2, 128), 255, dtype=torch.uint8), 1.0, 0, packed, torch.ones(16),
-            torch.zeros(16, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
-    except (AttributeError, RuntimeError, NotImplementedError):  # torch built without these ops, or refused here
+        states = torch.full((2, 128), 255, dtype=torch.uint8)
+        exact = [
+            torch.ops.onednn.qlinear_pointwise(states, 1.0, zero_point, packed, torch.ones(16),
+                                               torch.zeros(16, dtype=torch.long), None, 1.0, 0, torch.float32,
+                                               "none", [], "")
+            == (255 - zero_point) * 127 * 128
+            for zero_point in (0, 128)
+        ]
+    except Exception:  # torch built without these ops, or refused on this CPU: no screening, nothing else lost
         return False
-    return bool((logits == 255 * 127 * 128).all())
+    return all(bool(result.all()) for result in exact)
 
 
 def _screens_by_default(device: torch.device, dtype: torch.dtype, projection_dtype=None) -> bool:

@@ -227,6 +227,24 @@ def test_int8_screen_keeps_every_entry_that_float32_makes_positive(length, sprea
     assert far.numel() == 0  # and the bound is not vacuous
 
 
+def test_int8_screening_probe_says_no_without_onednn_and_encoding_still_works(monkeypatch):
+    import modeling_fles1
+
+    modeling_fles1.int8_screening_available.cache_clear()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    try:
+        assert modeling_fles1.int8_screening_available() is False
+        model, _ = tiny_model()
+        input_ids = torch.randint(5, 9000, (1, 7))
+        with torch.inference_mode():
+            ids, weights = model.encode_sparse_terms(input_ids)
+            dense = model.encode_sparse(input_ids=input_ids).sparse_embeddings[0]
+        assert "int8-screen" not in model.__dict__.get("_fles1_decoder_cache", {})  # the float32 path ran
+        assert torch.equal(ids, dense.nonzero().squeeze(1)) and len(ids) > 10
+    finally:
+        modeling_fles1.int8_screening_available.cache_clear()
+
+
 def _worst_case_row_and_state(error_source):
     """One int8 row and one token state on which `_screen`'s estimate is off by nearly the bound's error term for
     ``error_source``."""
