@@ -251,7 +251,7 @@ def _screen(states: torch.Tensor, screen: _Int8Screen):
     # h / s + 128 in [1, 255]: float32 puts it within 2^-15 of exact, far inside the bound's slack
     quantized = torch.from_numpy((values * (1 / step) + 128).round().astype("uint8"))
     estimate = None
-    for tile in quantized.split(CPU_TILE_TOKENS):
+    for tile in (quantized,) if len(quantized) <= CPU_TILE_TOKENS else quantized.split(CPU_TILE_TOKENS):
         logits = torch.ops.onednn.qlinear_pointwise(
             tile, step, 128, screen.packed, screen.scales, screen.zero_points, screen.bias, 1.0, 0, torch.float32,
             "none", [], "")
