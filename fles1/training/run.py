@@ -46,6 +46,8 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
         training["max_steps"] = max_steps
     if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
         training.setdefault("use_cpu", True)  # accelerate only sets up CPU DDP (gloo) when told it is on CPU
+    if not torch.cuda.is_available():
+        training.setdefault("dataloader_pin_memory", False)  # nothing to pin for; torch warns on every run
     args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **training)
     clfr = None
     if clfr_cfg["enabled"]:
