@@ -296,8 +296,8 @@ def test_model_inference_projection_paths_match_naive(options, tile_tokens, pack
         reference = naive_sparse(model, features)
         output = model.encode_sparse(**features, **options)
     if packed and "chunk_tokens" not in options and torch.backends.mkldnn.is_available():
-        packed = [entry[1][1] for name, entry in model._fles1_decoder_cache.items() if name.startswith("weight-")]
-        assert all(weights is not None for weights in packed)  # oneDNN path ran
+        layouts = [entry[1][1] for name, entry in model._fles1_decoder_cache.items() if name.startswith("weight-")]
+        assert all(layout is not None for layout in layouts)  # oneDNN path ran
     assert (reference > 0).sum() > 10
     assert (output.sparse_embeddings - reference).abs().max().item() <= 1e-5
     positive = reference > 0  # max_logits is exact wherever the weight is non-zero
