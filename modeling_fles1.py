@@ -224,17 +224,20 @@ def _pack_for_onednn(rows: torch.Tensor):
     return packed
 
 
-def _max_over_tokens(states: torch.Tensor, rows: torch.Tensor, packed) -> torch.Tensor:
-    """max over tokens of states @ rows.T, (vocab,) in rows' dtype, CPU_TILE_TOKENS tokens at a time."""
+def _max_over_tiles(states: torch.Tensor, project) -> torch.Tensor:
+    """max over tokens of ``project(tile)`` (tile x vocab), CPU_TILE_TOKENS tokens at a time: (vocab,)."""
     values = None
-    for tile in states.split(CPU_TILE_TOKENS):
-        if packed is None:
-            logits = torch.matmul(tile, rows.t())
-        else:
-            logits = torch.ops.mkldnn._linear_pointwise(tile, packed, None, "none", [], "")
-        tile_max = logits.amax(dim=0)
+    for tile in (states,) if len(states) <= CPU_TILE_TOKENS else states.split(CPU_TILE_TOKENS):
+        tile_max = project(tile).amax(dim=0)
         values = tile_max if values is None else torch.maximum(values, tile_max, out=values)
     return values
+
+
+def _max_over_tokens(states: torch.Tensor, rows: torch.Tensor, packed) -> torch.Tensor:
+    """max over tokens of states @ rows.T, (vocab,) in rows' dtype."""
+    if packed is None:
+        return _max_over_tiles(states, lambda tile: torch.matmul(tile, rows.t()))
+    return _max_over_tiles(states, lambda tile: torch.ops.mkldnn._linear_pointwise(tile, packed, None, "none", [], ""))
 
 
 def _screen(states: torch.Tensor, screen: _Int8Screen):
@@ -250,13 +253,9 @@ def _screen(states: torch.Tensor, screen: _Int8Screen):
     step = float(values.dtype.type(largest / 127 if largest > 0 else 1.0))  # float32, as the kernel reads it
     # h / s + 128 in [1, 255]: float32 puts it within 2^-15 of exact, far inside the bound's slack
     quantized = torch.from_numpy((values * (1 / step) + 128).round().astype("uint8"))
-    estimate = None
-    for tile in (quantized,) if len(quantized) <= CPU_TILE_TOKENS else quantized.split(CPU_TILE_TOKENS):
-        logits = torch.ops.onednn.qlinear_pointwise(
-            tile, step, 128, screen.packed, screen.scales, screen.zero_points, screen.bias, 1.0, 0, torch.float32,
-            "none", [], "")
-        tile_max = logits.amax(dim=0)
-        estimate = tile_max if estimate is None else torch.maximum(estimate, tile_max, out=estimate)
+    estimate = _max_over_tiles(quantized, lambda tile: torch.ops.onednn.qlinear_pointwise(
+        tile, step, 128, screen.packed, screen.scales, screen.zero_points, screen.bias, 1.0, 0, torch.float32,
+        "none", [], ""))
     # candidates: estimate + longest * row_error + activation_error * row_l1 > cut. One comparison over the
     # vocabulary against the largest bound first, then each survivor's own (ndarray: ~4x faster than torch here).
     activation_error = step / 2 * SCREEN_SLACK
