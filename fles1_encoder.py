@@ -233,7 +233,12 @@ class FLES1Encoder:
             return [], []
         input_ids = torch.tensor([self._token_ids_one(text, kind)], device=self.device)
         with torch.inference_mode():  # the active terms only: no dense (vocab,) vector on the CPU path
-            ids, weights = self.model.encode_sparse_terms(input_ids, projection_dtype=self.projection_dtype)
+            if hasattr(self.model, "encode_sparse_terms"):
+                ids, weights = self.model.encode_sparse_terms(input_ids, projection_dtype=self.projection_dtype)
+            else:  # a checkpoint whose modeling_fles1.py predates encode_sparse_terms: its dense vector
+                vector = self._encode_ids_batch(input_ids.tolist())[0]
+                ids = vector.nonzero().squeeze(1)
+                weights = vector[ids]
         # a few dozen terms: plain Python beats a chain of small tensor ops; ties keep vocabulary order. The cut is
         # compared in float32, as the batch path's tensors are.
         cut = float(np.float32(threshold))

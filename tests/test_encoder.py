@@ -164,3 +164,16 @@ def test_encoder_single_text_path_matches_the_batch_path(shipped):
             single = shipped.encode(text, kind=kind, threshold=0.0)
             assert list(single) == list(expected)  # same terms in the same order
             assert max(abs(single[t] - expected[t]) for t in single) <= 1e-6
+
+
+def test_encoder_single_text_path_on_a_checkpoint_without_encode_sparse_terms(tiny_random_checkpoint, monkeypatch):
+    """A checkpoint saved before `encode_sparse_terms` existed ships a modeling_fles1.py without it (the remote
+    code is the checkpoint's): single texts then take the dense vector, with the same terms and weights."""
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    text = "aspirin lowers the risk of heart attacks"
+    expected = encoder.encode(text, threshold=0.0)
+    monkeypatch.delattr(type(encoder.model), "encode_sparse_terms")
+    single = encoder.encode(text, threshold=0.0)
+    assert expected and list(single) == list(expected)
+    assert max(abs(single[t] - expected[t]) for t in single) <= 1e-6
+    assert encoder.encode_to_ids("") == ([], [])
