@@ -8,8 +8,9 @@ Self-contained (torch, transformers, numpy, tqdm; scipy for CSR output) so it ca
     >>> vectors = encoder.encode_batch(["query 1", "query 2"], batch_size=32)
     >>> ids, weights = encoder.encode_to_ids("What is machine learning?")
 
-Defined results: an empty or whitespace-only text encodes to an empty vector (no model call: BERT would
-otherwise give its [CLS]/[SEP] vector to "nothing"); texts longer than the configured max length
+Defined results: an empty or whitespace-only text -- or one the tokenizer turns into no tokens at all, e.g. only
+zero-width or control characters -- encodes to an empty vector (no model call: BERT would otherwise give its
+[CLS]/[SEP] vector to "nothing"); texts longer than the configured max length
 (``config.document_max_length`` / ``config.query_max_length`` tokens, special tokens included) are truncated.
 """
 
@@ -73,7 +74,7 @@ def passes_threshold(weights, threshold: float):
 
 
 def _validate_threshold(threshold: float) -> float:
-    if threshold is None or not isinstance(threshold, (int, float)) or not threshold >= 0:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
     return float(threshold)
 
@@ -102,6 +103,8 @@ class FLES1Encoder:
             "query": int(getattr(self.config, "query_max_length", 64)),
         }
         self._vocab = self.tokenizer.convert_ids_to_tokens(list(range(self.config.vocab_size)))
+        # a text whose ids are only these ([CLS] [SEP]) has nothing to encode: it is blank, like ""
+        self._special_token_count = self.tokenizer.num_special_tokens_to_add(pair=False)
         self._embeddings = model.get_input_embeddings()
 
     @classmethod
@@ -181,6 +184,10 @@ class FLES1Encoder:
         if not positions:
             return
         token_ids = self._tokenize([texts[index] for index in positions], kind)
+        words = [i for i, ids in enumerate(token_ids) if len(ids) > self._special_token_count]
+        positions, token_ids = [positions[i] for i in words], [token_ids[i] for i in words]
+        if not positions:
+            return
         order = sorted(range(len(positions)), key=lambda i: -len(token_ids[i]))
         if show_progress_bar is None:
             show_progress_bar = len(positions) >= PROGRESS_BAR_MIN_TEXTS
@@ -231,8 +238,11 @@ class FLES1Encoder:
         threshold = self.threshold if threshold is None else _validate_threshold(threshold)
         if not text.strip():
             return [], []
+        token_ids = self._token_ids_one(text, kind)
+        if len(token_ids) <= self._special_token_count:  # e.g. only zero-width or control characters
+            return [], []
         # via numpy: a quarter of torch.tensor's cost on a list of ints
-        input_ids = torch.from_numpy(np.array([self._token_ids_one(text, kind)], dtype=np.int64)).to(self.device)
+        input_ids = torch.from_numpy(np.array([token_ids], dtype=np.int64)).to(self.device)
         with torch.inference_mode():  # the active terms only: no dense (vocab,) vector on the CPU path
             if hasattr(self.model, "encode_sparse_terms"):
                 ids, weights = self.model.encode_sparse_terms(input_ids, projection_dtype=self.projection_dtype)

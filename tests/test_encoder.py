@@ -51,6 +51,16 @@ def test_encoder_blank_and_empty_inputs(encoder):
     assert mixed[0] == {} and mixed[2] == {} and mixed[1] == encoder.encode("heart disease")
 
 
+@pytest.mark.parametrize("tokenless", ["\u200b", "\u200b\u200d \ufeff", "\x00\x01"])
+def test_encoder_text_without_tokens_is_blank(encoder, tokenless):
+    """Not whitespace to str.strip(), but nothing to the tokenizer: only [CLS] [SEP] would reach the model."""
+    assert tokenless.strip() and encoder._tokenize([tokenless], "document")[0] == [101, 102]
+    assert encoder.encode(tokenless) == {} and encoder.encode_to_ids(tokenless, kind="query") == ([], [])
+    mixed = encoder.encode_batch([tokenless, "heart disease", tokenless], output="ids")
+    assert len(mixed[0][0]) == len(mixed[2][0]) == 0 and len(mixed[1][0]) > 0
+    assert encoder.encode_batch([tokenless]) == [{}] and encoder.encode_to_csr([tokenless]).nnz == 0
+
+
 @pytest.mark.parametrize("bad", [None, b"bytes", 42, 3.5, ["nested"]])
 def test_encoder_non_str_in_batch_names_the_index(encoder, bad):
     with pytest.raises(TypeError, match=r"texts\[2\]"):
@@ -84,6 +94,8 @@ def test_encoder_negative_threshold_is_rejected(tiny_random_checkpoint, encoder)
         encoder.encode("heart", threshold=-1)
     with pytest.raises(ValueError, match="threshold"):
         encoder.encode_batch(["heart"], threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold"):  # a bool is an int to Python, not a threshold
+        encoder.encode("heart", threshold=True)
 
 
 def test_encoder_bad_kind_and_output_list_the_choices(encoder):
