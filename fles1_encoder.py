@@ -79,6 +79,18 @@ def _validate_threshold(threshold: float) -> float:
     return float(threshold)
 
 
+def _resolve_device(device) -> torch.device:
+    """``device`` as a torch.device that can hold tensors here; None -> CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError, TypeError) as error:  # torch says "not compiled with CUDA" by assert
+        raise ValueError(f"device={device!r} is not usable here: {error}") from error
+    return resolved
+
+
 class FLES1Encoder:
     """Encode texts into sparse vocabulary-weight vectors with a FLES-1 model.
 
@@ -122,6 +134,7 @@ class FLES1Encoder:
         """
         if threshold is not None:
             _validate_threshold(threshold)
+        device = _resolve_device(device)  # before the load: a wrong device should not cost a download
         if os.path.isdir(path_or_hub_id):
             _check_local_checkpoint(path_or_hub_id)
         try:
@@ -137,7 +150,6 @@ class FLES1Encoder:
                 "(expected model_type 'fles1'; convert a BERT checkpoint with convert_fles1.py)"
             )
         tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
 
     @property

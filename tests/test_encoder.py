@@ -189,3 +189,9 @@ def test_encoder_single_text_path_on_a_checkpoint_without_encode_sparse_terms(ti
     assert expected and list(single) == list(expected)
     assert max(abs(single[t] - expected[t]) for t in single) <= 1e-6
     assert encoder.encode_to_ids("") == ([], [])
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "banana"])  # no 100th GPU on any machine this runs on
+def test_encoder_unusable_device_is_a_clear_error(tiny_random_checkpoint, device):
+    with pytest.raises(ValueError, match=f"device={device!r}"):
+        FLES1Encoder.from_pretrained(tiny_random_checkpoint, device=device)
