@@ -3,6 +3,8 @@
 Shipped to the Hub next to ``modeling_fles1.py``; imports transformers only.
 """
 
+from typing import Optional
+
 from transformers import BertConfig
 
 ACTIVATIONS = ("log1p_relu",)
@@ -25,9 +27,10 @@ class FLES1Config(BertConfig):
             Weights below this value are dropped by the encoders at inference (0 keeps every positive
             weight). Must be >= 0.
         query_max_length (`int`, *optional*, defaults to 64):
-            Queries are truncated to this many tokens (special tokens included).
+            Queries are truncated to this many tokens (special tokens included). At most
+            ``max_position_embeddings`` (the default is capped there for a model with fewer positions).
         document_max_length (`int`, *optional*, defaults to 256):
-            Documents are truncated to this many tokens (special tokens included).
+            Documents are truncated to this many tokens (special tokens included); same cap.
         pooling (`str`, *optional*, defaults to `"max"`): Token pooling. Only ``"max"`` is supported.
         activation (`str`, *optional*, defaults to `"log1p_relu"`): Logit activation. Only
             ``"log1p_relu"`` is supported.
@@ -47,8 +50,8 @@ class FLES1Config(BertConfig):
     def __init__(
         self,
         inference_threshold: float = 0.3,
-        query_max_length: int = 64,
-        document_max_length: int = 256,
+        query_max_length: Optional[int] = None,
+        document_max_length: Optional[int] = None,
         pooling: str = "max",
         activation: str = "log1p_relu",
         **kwargs,
@@ -59,15 +62,19 @@ class FLES1Config(BertConfig):
             raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
         if inference_threshold is None or inference_threshold < 0:
             raise ValueError(f"inference_threshold must be >= 0, got {inference_threshold!r}")
-        for name, value in (("query_max_length", query_max_length), ("document_max_length", document_max_length)):
-            if not isinstance(value, int) or value < 3:
-                raise ValueError(f"{name} must be an int >= 3 (room for [CLS], one token, [SEP]), got {value!r}")
         self.inference_threshold = float(inference_threshold)
-        self.query_max_length = query_max_length
-        self.document_max_length = document_max_length
         self.pooling = pooling
         self.activation = activation
         super().__init__(**kwargs)
+        lengths = (("query_max_length", query_max_length, 64), ("document_max_length", document_max_length, 256))
+        for name, value, default in lengths:
+            if value is None:
+                value = min(default, self.max_position_embeddings)
+            if not isinstance(value, int) or value < 3:
+                raise ValueError(f"{name} must be an int >= 3 (room for [CLS], one token, [SEP]), got {value!r}")
+            if value > self.max_position_embeddings:  # longer inputs would index past the position embeddings
+                raise ValueError(f"{name}={value} exceeds max_position_embeddings={self.max_position_embeddings}")
+            setattr(self, name, value)
 
 
 __all__ = ["FLES1Config"]

@@ -4,6 +4,7 @@
 """
 
 import argparse
+import sys
 
 from fles1.checkpoint import convert
 
@@ -16,15 +17,20 @@ def main(argv=None):
     parser.add_argument("--query-max-length", type=int, default=None, help="default 64")
     parser.add_argument("--document-max-length", type=int, default=None, help="default 256")
     args = parser.parse_args(argv)
-    out = convert(
-        args.source,
-        args.out,
-        inference_threshold=args.threshold,
-        query_max_length=args.query_max_length,
-        document_max_length=args.document_max_length,
-    )
+    try:
+        out = convert(
+            args.source,
+            args.out,
+            inference_threshold=args.threshold,
+            query_max_length=args.query_max_length,
+            document_max_length=args.document_max_length,
+        )
+    except (OSError, ValueError) as error:  # no such folder/repo, not a BERT masked-LM, a bad setting
+        print(f"error: {args.source}: {error}", file=sys.stderr)
+        return 1
     print(f"FLES-1 checkpoint written to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -65,6 +65,8 @@ def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None
 
 def convert(source: str, out_dir: str, **sparse_settings) -> str:
     """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder."""
+    if not os.path.isdir(source) and (os.path.isabs(source) or source.startswith((".", "~"))):
+        raise FileNotFoundError("no such folder")  # a path, not a hub id: transformers would say "bad repo id"
     source_model = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True)
     config = fles1_config_from(source_model.config, **sparse_settings)
     model = FLES1ForMaskedLM(config)

@@ -133,6 +133,23 @@ def test_model_config_rejects_bad_settings():
         FLES1Config(activation="relu")
     with pytest.raises(ValueError, match="query_max_length"):
         FLES1Config(query_max_length=2)
+    with pytest.raises(ValueError, match="document_max_length=1024 exceeds max_position_embeddings=512"):
+        FLES1Config(document_max_length=1024)
+    assert FLES1Config(document_max_length=1024, max_position_embeddings=1024).document_max_length == 1024
+    small = FLES1Config(max_position_embeddings=128)  # the defaults (64, 256) are capped, not an error
+    assert (small.query_max_length, small.document_max_length) == (64, 128)
+    assert FLES1Config().to_dict()["document_max_length"] == 256
+
+
+def test_model_convert_cli_bad_source_or_setting_is_one_error_line(backbone_dir, tmp_path, capsys):
+    import convert_fles1
+
+    assert convert_fles1.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert convert_fles1.main([backbone_dir, str(tmp_path / "out"), "--document-max-length", "4096"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors[0] == f"error: {tmp_path / 'missing'}: no such folder"
+    assert errors[1] == f"error: {backbone_dir}: document_max_length=4096 exceeds max_position_embeddings=512"
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def tiny_model(vocab_size=9000, seed=0, bias_mean=-2.0):
