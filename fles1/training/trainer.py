@@ -171,7 +171,9 @@ class FLES1Trainer(Trainer):
         document_max_length = document_max_length or config.document_max_length
         for name, value in (("query_max_length", query_max_length), ("document_max_length", document_max_length)):
             if value > config.max_position_embeddings:  # would fail at the first long batch, hours in
-                raise ValueError(f"{name}={value} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
+                raise ValueError(
+                    f"{name}={value} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+                )
         data_collator = kwargs.pop("data_collator", None) or FLES1Collator(
             processing_class,
             query_max_length,
