@@ -179,6 +179,8 @@ def evaluate_dataset(
 ) -> tuple[dict, dict, dict]:
     """(results entry in the shared format, run {qid: {doc_id: score}}, artifacts {index, doc_matrix,
     query_matrix, query_ids}) for one dataset."""
+    if production and not (isinstance(latency_queries, int) and latency_queries >= 1):
+        raise ValueError(f"latency_queries must be an int >= 1 (or production=False), got {latency_queries!r}")
     query_ids = list(dataset.qrels)  # every judged query counts, hits or not
     doc_ids, raw_docs, encode_info = encode_corpus(
         encoder, dataset, cache_dir, model_fp, batch_size=batch_size, show_progress_bar=show_progress_bar

@@ -76,6 +76,24 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_random_checkpoin
     assert sorted(os.listdir(tmp_path)) == ["bad", "good"]
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--threshold", "-1", "a number >= 0"), ("--threshold", "nan", "a number >= 0"),
+    ("--latency-queries", "0", "an int >= 1"), ("--latency-queries", "-5", "an int >= 1"),  # -5 sliced all but 5
+    ("--batch-size", "x", "an int >= 1"),
+])
+def test_cli_bad_numbers_are_usage_errors(tmp_path, tiny_random_checkpoint, capsys, option, value, message):
+    argv = ["--model", tiny_random_checkpoint, "--data", write_beir(tmp_path / "toy"), option, value]
+    with pytest.raises(SystemExit) as exit_:
+        eval_fles1.main(argv)
+    assert exit_.value.code == 2 and f"argument {option}: must be {message}, got {value!r}" in capsys.readouterr().err
+
+
+def test_cli_unusable_device_exits_2(tmp_path, tiny_random_checkpoint, capsys):
+    argv = ["--model", tiny_random_checkpoint, "--data", write_beir(tmp_path / "toy"), "--device", "cuda:99"]
+    assert eval_fles1.main(argv) == 2
+    assert "error: device='cuda:99' is not usable here" in capsys.readouterr().err
+
+
 # ---- retrieval ---------------------------------------------------------------------------------------------------
 def test_inverted_index_exact_top_k_and_conventions():
     docs = sparse_random(300, 500, density=0.03, format="csr", dtype=np.float32, random_state=0)
