@@ -37,13 +37,19 @@ def parse_set(items):
     return overrides
 
 
+def _positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="recipe YAML (recipes/)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--model", help="override model.path (FLES-1 folder or BERT masked-LM)")
     parser.add_argument("--data", help="override data.source (BEIR folder/hub id or triples TSV)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
     parser.add_argument("--target-nnz-d", type=float, help="override clfr.target_nnz_d")
     parser.add_argument("--clfr-interval-steps", type=int, help="override clfr.interval_steps")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
@@ -62,13 +68,16 @@ def main(argv=None):
             overrides[key] = value
     try:
         recipe = load_recipe(args.recipe, overrides)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: no such recipe file
         raise SystemExit(f"error: {error}")
 
-    from fles1.training.run import train
+    from fles1.training.run import TrainingSetupError, train
 
-    log = train(recipe, args.output_dir, resume_from_checkpoint=args.resume, max_steps=args.max_steps,
-                eval_dev=args.eval_dev, trace_nnz=args.trace_nnz)
+    try:
+        log = train(recipe, args.output_dir, resume_from_checkpoint=args.resume, max_steps=args.max_steps,
+                    eval_dev=args.eval_dev, trace_nnz=args.trace_nnz)
+    except TrainingSetupError as error:
+        raise SystemExit(f"error: {error}")
     if log is not None:
         print(json.dumps({"global_step": log["global_step"], "train_runtime_s": round(log["train_runtime_s"], 1),
                           "crashes": log["crashes"], "clfr": log["clfr"][-3:], "eval": log["eval"]}, indent=1))

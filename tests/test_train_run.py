@@ -197,3 +197,17 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
     assert log["eval"]["split"] == "dev" and 0.0 <= log["eval"]["ndcg@10"] <= 1.0
     with pytest.raises(SystemExit, match="gain must be in"):
         train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", out, "--set", "clfr.gain=2"])
+    # setup problems are one error line before any step, not a traceback
+    fresh = str(tmp_path / "fresh")
+    for argv, message in (
+        (["--model", str(tmp_path / "no-model"), "--data", str(data)], r"^error: model\.path='.*no-model': "),
+        (["--model", sparse_tiny, "--data", str(tmp_path / "no-data")], r"^error: .*no-data: not a BEIR folder"),
+        (["--model", sparse_tiny, "--data", str(data), "--set", "training.per_device_train_batch_size=4",
+          "--set", "model.document_max_length=4096"],
+         r"^error: document_max_length=4096 exceeds the model's max_position_embeddings"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, *argv])
+    with pytest.raises(SystemExit, match="error: .*No such file"):
+        train_fles1.main(["--recipe", str(tmp_path / "no-recipe.yaml"), "--output-dir", fresh])
+    assert not os.path.exists(os.path.join(fresh, "training_log.json"))

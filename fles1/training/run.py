@@ -13,6 +13,10 @@ HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss
                 "lambda_d", "lambda_q", "nnz_doc", "nnz_query", "eff_reg")
 
 
+class TrainingSetupError(ValueError):
+    """The recipe cannot run as given (bad model or data path, lengths, batch size): raised before any step."""
+
+
 def load_model_for_training(path: str):
     """A FLES-1 checkpoint folder, or any BERT masked-LM (converted on the fly, weights from safetensors only)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -105,7 +109,11 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     """Run the recipe; returns the training log (on the main process; None on other ranks)."""
     from .plots import write_plots
 
-    trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
+    try:
+        trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
+    except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
+        where = f"model.path={recipe['model']['path']!r}: " if isinstance(error, OSError) else ""
+        raise TrainingSetupError(f"{where}{error}") from error
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     runtime = time.perf_counter() - start
