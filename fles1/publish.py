@@ -111,12 +111,31 @@ class CardInputs:
 def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs()) -> str:
     """Write the Hub folder: checkpoint files + the project's code files + results/ + plots/ + README.md (the card).
 
-    A training output folder's own ``training_log.json`` and ``*.png`` are used when none are given.
+    A training output folder's own ``training_log.json`` and ``*.png`` are used when none are given. The folder is
+    built beside ``out_dir`` and renamed into place at the end: a missing input or an interruption leaves nothing.
     """
     if not os.path.isdir(model_dir):
         raise PublishError(f"{model_dir}: model folder not found")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise PublishError(f"{out_dir}: exists and is not empty; choose a new output folder")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".partial", dir=parent)
+    try:
+        _assemble_into(model_dir, staging, repo_id, card)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700; the result should look like any new folder
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.replace(staging, out_dir)
+    except BaseException:  # KeyboardInterrupt included: never leave a half-built folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs) -> None:
     if not card.training_logs and os.path.isfile(os.path.join(model_dir, "training_log.json")):
         card = replace(card, training_logs=[os.path.join(model_dir, "training_log.json")])
     if not card.plots:
@@ -139,7 +158,6 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
             result_names={src: relative(dst) for src, dst in zip(card.results, copied_results)}, studies=card.studies,
         )
         model_card.save(os.path.join(out_dir, "README.md"))
-    return out_dir
 
 
 # ---- validating -------------------------------------------------------------------------------------------------
@@ -257,6 +275,12 @@ def publish(
                            f"({revision!r}) or drop --create-pr to commit to that branch")
     if not card.results:
         raise PublishError("the model card needs at least one eval results JSON: pass --results (eval_fles1.py --output)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)  # a dry run too: its card and folder name the repo
+    except HFValidationError as error:
+        raise PublishError(f"--repo-id {repo_id!r} is not a Hub repo id: {error}") from None
     token = None
     if dry_run is None:
         token = resolve_token()  # before any work

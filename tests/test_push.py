@@ -278,3 +278,23 @@ def test_missing_results_refused(source_checkpoint, tmp_path, capsys):
     assert rc == 1
     assert "at least one eval results JSON: pass --results" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_bad_repo_id_refused_before_any_work(source_checkpoint, result_files, tmp_path, capsys):
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", "not a repo!", "--results",
+                          result_files["results"], "--dry-run", str(tmp_path / "o")])
+    assert rc == 1 and "--repo-id 'not a repo!' is not a Hub repo id" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_missing_input_file_leaves_no_half_built_folder(source_checkpoint, result_files, tmp_path, capsys):
+    """A plot that does not exist fails the assembly after the checkpoint was copied: the partial folder goes, so
+    the same command works once the path is fixed (it used to leave 'exists and is not empty')."""
+    out = tmp_path / "o"
+    argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+            "--dry-run", str(out), "--plots"]
+    assert push_fles1.main(argv + [str(tmp_path / "missing.png")]) == 1
+    assert "missing.png: file not found" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == sorted(["trained", "eval_nfcorpus.json", "loss.png"])  # no leftovers
+    assert push_fles1.main(argv + [result_files["plot"]]) == 0
+    assert os.path.isfile(out / "README.md") and os.path.isfile(out / "plots" / "loss.png")
