@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="FLES-1 checkpoint folder or hub id")
     parser.add_argument("--data", required=True, nargs="+", help="BEIR folder(s) or BEIR hub dataset id(s)")
     parser.add_argument("--split", default="test", help="qrels split (default: test)")
-    parser.add_argument("--threshold", type=_at_least(0, float), default=0.3, help="drop weights below it (default 0.3; 0: none)")
+    parser.add_argument("--threshold", type=_at_least(0, float), default=0.3,
+                        help="drop weights below it (default 0.3; 0: none)")
     parser.add_argument("--output", help="results JSON (shared format)")
     parser.add_argument("--run-file", help="TREC run file (run.<dataset>.trec per dataset when several)")
     parser.add_argument("--markdown", help="Markdown tables for the model card (also printed)")
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="encode the corpus without reading/writing a cache")
     parser.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
     parser.add_argument("--no-production", action="store_true", help="skip latency and index-size measurements")
-    parser.add_argument("--latency-queries", type=_at_least(1, int), default=LATENCY_QUERIES, help="queries timed one by one")
+    parser.add_argument("--latency-queries", type=_at_least(1, int), default=LATENCY_QUERIES,
+                        help="queries timed one by one")
     parser.add_argument("--batch-size", type=_at_least(1, int), default=32)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     return parser.parse_args(argv)
