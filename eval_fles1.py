@@ -33,21 +33,8 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _at_least(minimum, kind):
-    """argparse type: a `kind` number >= minimum, or a usage error naming the value."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value >= minimum:
-            what = "an int" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"must be {what} >= {minimum}, got {text!r}")
-        return value
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
+    from fles1.cli import at_least
     from fles1.evaluation import DEFAULT_CACHE_DIR, LATENCY_QUERIES
 
     parser = argparse.ArgumentParser(
@@ -57,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="FLES-1 checkpoint folder or hub id")
     parser.add_argument("--data", required=True, nargs="+", help="BEIR folder(s) or BEIR hub dataset id(s)")
     parser.add_argument("--split", default="test", help="qrels split (default: test)")
-    parser.add_argument("--threshold", type=_at_least(0, float), default=0.3,
+    parser.add_argument("--threshold", type=at_least(0, float), default=0.3,
                         help="drop weights below it (default 0.3; 0: none)")
     parser.add_argument("--output", help="results JSON (shared format)")
     parser.add_argument("--run-file", help="TREC run file (run.<dataset>.trec per dataset when several)")
@@ -68,9 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="encode the corpus without reading/writing a cache")
     parser.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
     parser.add_argument("--no-production", action="store_true", help="skip latency and index-size measurements")
-    parser.add_argument("--latency-queries", type=_at_least(1, int), default=LATENCY_QUERIES,
+    parser.add_argument("--latency-queries", type=at_least(1), default=LATENCY_QUERIES,
                         help="queries timed one by one")
-    parser.add_argument("--batch-size", type=_at_least(1, int), default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     return parser.parse_args(argv)
 

@@ -253,15 +253,15 @@ class FLES1Encoder:
         token_ids = self._token_ids_one(text, kind)
         if len(token_ids) <= self._special_token_count:  # e.g. only zero-width or control characters
             return [], []
-        # via numpy: a quarter of torch.tensor's cost on a list of ints
-        input_ids = torch.from_numpy(np.array([token_ids], dtype=np.int64)).to(self.device)
-        with torch.inference_mode():  # the active terms only: no dense (vocab,) vector on the CPU path
-            if hasattr(self.model, "encode_sparse_terms"):
+        if hasattr(self.model, "encode_sparse_terms"):
+            # via numpy: a quarter of torch.tensor's cost on a list of ints
+            input_ids = torch.from_numpy(np.array([token_ids], dtype=np.int64)).to(self.device)
+            with torch.inference_mode():  # the active terms only: no dense (vocab,) vector on the CPU path
                 ids, weights = self.model.encode_sparse_terms(input_ids, projection_dtype=self.projection_dtype)
-            else:  # a checkpoint whose modeling_fles1.py predates encode_sparse_terms: its dense vector
-                vector = self._encode_ids_batch(input_ids.tolist())[0]
-                ids = vector.nonzero().squeeze(1)
-                weights = vector[ids]
+        else:  # a checkpoint whose modeling_fles1.py predates encode_sparse_terms: its dense vector
+            vector = self._encode_ids_batch([token_ids])[0]
+            ids = vector.nonzero().squeeze(1)
+            weights = vector[ids]
         # a few dozen terms: plain Python beats a chain of small tensor ops; ties keep vocabulary order. The cut is
         # compared in float32, as the batch path's tensors are.
         cut = float(np.float32(threshold))

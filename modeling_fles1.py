@@ -277,16 +277,22 @@ def _screened_max(states, screen: _Int8Screen, argmax=None, screened=None) -> to
     recomputed entry (what the sparse backward needs). ``screened``: `_screen`'s result, when the caller has it.
     """
     estimate, candidates = screened or _screen(states, screen)
-    weight = screen.weight
     if candidates.numel() > estimate.numel() // 8:  # dense (e.g. an untrained model): one full float32 pass
-        exact, token = torch.matmul(states, weight.t()).max(dim=0)
+        exact, token = torch.matmul(states, screen.weight.t()).max(dim=0)
         if argmax is not None:
             argmax.copy_(token)
         return exact.add_(screen.bias)
-    exact, token = torch.matmul(weight.index_select(0, candidates), states.t()).max(dim=1)
+    exact, token = _exact_at(states, screen, candidates)
     if argmax is not None:
         argmax[candidates] = token.to(torch.int32)
-    return estimate.index_copy_(0, candidates, exact.add_(screen.bias.index_select(0, candidates)))
+    return estimate.index_copy_(0, candidates, exact)
+
+
+def _exact_at(states, screen: _Int8Screen, candidates):
+    """float32 max over tokens of ``states @ weight.T + bias`` at the vocabulary ids `candidates`, and the arg-max
+    token of each."""
+    exact, token = torch.matmul(screen.weight.index_select(0, candidates), states.t()).max(dim=1)
+    return exact.add_(screen.bias.index_select(0, candidates)), token
 
 
 class _TransformedHiddenStates(torch.nn.Module):
@@ -390,9 +396,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         The key holds their storage and version counters, so an optimizer step, `load_state_dict` or `.to()`
         invalidates it.
         """
-        predictions = self.cls.predictions
-        weight, bias = predictions.decoder.weight, predictions.decoder.bias
-        bias = predictions.bias if bias is None else bias
+        weight, bias = self.cls.predictions.decoder.weight, self._decoder_bias()
         key = (weight.data_ptr(), weight._version, weight.dtype, bias.data_ptr(), bias._version)
         cache = self.__dict__.setdefault("_fles1_decoder_cache", {})
         entry = cache.get(name)
@@ -540,8 +544,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             vector = torch.log1p(torch.relu(_screened_max(states, screen, screened=screened)))
             candidates = vector.nonzero().squeeze(1)
             return candidates, vector[candidates]
-        exact = torch.matmul(screen.weight.index_select(0, candidates), states.t()).amax(dim=1)
-        exact = exact.add_(screen.bias.index_select(0, candidates)).numpy()
+        exact = _exact_at(states, screen, candidates)[0].numpy()
         positive = (exact > 0).nonzero()[0]  # ndarray indexing: a few us where torch's boolean masks take ~15
         return torch.from_numpy(candidates.numpy()[positive]), torch.log1p(torch.from_numpy(exact[positive]))
 

@@ -37,19 +37,15 @@ def parse_set(items):
     return overrides
 
 
-def _positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return int(text)
-
-
 def main(argv=None):
+    from fles1.cli import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="recipe YAML (recipes/)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--model", help="override model.path (FLES-1 folder or BERT masked-LM)")
     parser.add_argument("--data", help="override data.source (BEIR folder/hub id or triples TSV)")
-    parser.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+    parser.add_argument("--max-steps", type=at_least(1), help="stop after this many optimizer steps")
     parser.add_argument("--target-nnz-d", type=float, help="override clfr.target_nnz_d")
     parser.add_argument("--clfr-interval-steps", type=int, help="override clfr.interval_steps")
     parser.add_argument("--resume", nargs="?", const=True, default=None,

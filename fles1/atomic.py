@@ -1,10 +1,11 @@
-"""Atomic file output: write to a temporary file beside the target, then ``os.replace`` it into place, so an
+"""Atomic output: write to a temporary file (or folder) beside the target, then ``os.replace`` it into place, so an
 interrupted run never leaves a partial file that looks complete."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 
@@ -19,11 +20,34 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; the result should look like any new file
+        _permissions_of_a_new(temporary, 0o666)  # mkstemp creates 0600
         os.replace(temporary, path)
     except BaseException:  # KeyboardInterrupt included: never leave the temporary behind
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """``with atomic_directory("out") as staging: <fill staging>`` -- ``out`` appears, complete, only if the block
+    succeeds (``out`` must not exist or be empty). The staging folder sits beside it, so the rename is atomic."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", suffix=".partial", dir=parent)
+    try:
+        yield staging
+        _permissions_of_a_new(staging, 0o777)  # mkdtemp creates 0700
+        if os.path.isdir(path):
+            os.rmdir(path)  # fails unless empty: an existing result is never replaced
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _permissions_of_a_new(path: str, mode: int) -> None:
+    """Give a temporary the permissions a plainly created file or folder would have (``mode`` minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
+from fles1.atomic import atomic_directory
 from fles1.card import build_card
 from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT
 
@@ -118,20 +119,8 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
         raise PublishError(f"{model_dir}: model folder not found")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise PublishError(f"{out_dir}: exists and is not empty; choose a new output folder")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".partial", dir=parent)
-    try:
+    with atomic_directory(out_dir) as staging:
         _assemble_into(model_dir, staging, repo_id, card)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700; the result should look like any new folder
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.replace(staging, out_dir)
-    except BaseException:  # KeyboardInterrupt included: never leave a half-built folder behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
