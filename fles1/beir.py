@@ -123,16 +123,25 @@ def load_beir(source: str, split: str = "test") -> BEIRDataset:
     )
 
 
-def load_beir_from_hub(dataset_id: str, split: str = "test") -> BEIRDataset:
+def _load_from_hub(dataset_id: str, *args, **kwargs):
+    """`datasets.load_dataset`, with its failures (offline, unknown id or split) as a BEIRDataError naming the id."""
     from datasets import load_dataset
 
+    try:
+        return load_dataset(dataset_id, *args, **kwargs)
+    except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError: OSErrors; unknown split: ValueError
+        raise BEIRDataError(f"{dataset_id}: could not load it from the Hugging Face Hub ({type(error).__name__}: "
+                            f"{error}); a local BEIR folder works offline") from error
+
+
+def load_beir_from_hub(dataset_id: str, split: str = "test") -> BEIRDataset:
     corpus = {
         str(row["_id"]): {"title": row.get("title") or "", "text": row.get("text") or ""}
-        for row in load_dataset(dataset_id, "corpus", split="corpus")
+        for row in _load_from_hub(dataset_id, "corpus", split="corpus")
     }
-    queries = {str(row["_id"]): row["text"] for row in load_dataset(dataset_id, "queries", split="queries")}
+    queries = {str(row["_id"]): row["text"] for row in _load_from_hub(dataset_id, "queries", split="queries")}
     qrels: dict[str, dict[str, int]] = {}
-    for row in load_dataset(f"{dataset_id}-qrels", split=split):
+    for row in _load_from_hub(f"{dataset_id}-qrels", split=split):
         qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
     fingerprint = hashlib.sha256(f"{dataset_id}:{split}:{len(corpus)}:{len(qrels)}".encode()).hexdigest()[:16]
     return BEIRDataset(dataset_id.split("/")[-1], corpus, queries, qrels, split, fingerprint)

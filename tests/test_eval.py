@@ -64,6 +64,16 @@ def test_bad_data_names_file_and_line(tmp_path):
         load_beir(write_beir(tmp_path / "split"), split="dev")
 
 
+def test_hub_dataset_that_cannot_load_is_named(tmp_path, tiny_random_checkpoint, capsys):
+    # offline (conftest: HF_HUB_OFFLINE=1, as on CI and here): datasets' ConnectionError becomes one error line
+    with pytest.raises(BEIRDataError, match=r"^BeIR/no-such-set: could not load it from the Hugging Face Hub"):
+        load_beir("BeIR/no-such-set")
+    argv = ["--model", tiny_random_checkpoint, "--data", "BeIR/no-such-set", "--output", str(tmp_path / "r.json")]
+    assert eval_fles1.main(argv) == 2
+    assert "error: BeIR/no-such-set: could not load it" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_random_checkpoint, capsys):
     good = write_beir(tmp_path / "good")
     bad = write_beir(tmp_path / "bad", qrels=QRELS + [("q9", "d1", 1)])
