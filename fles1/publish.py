@@ -290,18 +290,34 @@ def publish(
         if dry_run is not None:
             log(f"dry run: {folder} is the folder that would be uploaded to {repo_id}; nothing uploaded")
             return folder
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_url = api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
-        if revision and not create_pr:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision, create_pr=create_pr,
-            commit_message=f"Upload FLES-1 model, card and results ({os.path.basename(os.path.abspath(model_dir))})",
-        )
+        repo_url, commit = _upload(folder, repo_id, token, private, revision, create_pr, f"Upload FLES-1 model, card "
+                                   f"and results ({os.path.basename(os.path.abspath(model_dir))})")
         log(f"uploaded to {repo_url}: {commit.pr_url or commit.commit_url}")
         return commit
+
+
+def _upload(folder: str, repo_id: str, token: str, private: bool, revision, create_pr: bool, message: str):
+    """create_repo (+ create_branch) + upload_folder -> (repo url, CommitInfo); a refused or unreachable Hub is a
+    PublishError naming the step (the token never appears in it)."""
+    from huggingface_hub import HfApi, errors
+
+    # HfHubHTTPError: the Hub said no (bad token, no rights); HTTPError (the HTTP client's base, which it extends)
+    # and OSError: the network
+    refused = (errors.HfHubHTTPError, getattr(errors, "HTTPError", OSError), OSError)
+    api, step = HfApi(token=token), "create_repo"
+    try:
+        repo_url = api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
+        if revision and not create_pr:
+            step = "create_branch"
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        step = "upload_folder"
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                                   create_pr=create_pr, commit_message=message)
+    except refused as error:
+        reason = " ".join(str(error).split()).replace(token, "<token>")
+        raise PublishError(f"upload to {repo_id} failed at {step} ({type(error).__name__}: {reason}); no commit was "
+                           "made -- rerun once fixed (--dry-run OUT builds the folder without the Hub)") from None
+    return repo_url, commit
 
 
 __all__ = ["publish", "assemble", "CardInputs", "validate", "resolve_token", "PublishError", "Check", "PROBE_TEXT"]

@@ -240,6 +240,31 @@ def test_revision_without_pr_creates_the_branch(source_checkpoint, result_files,
     assert all("create_pr" not in params for _, _, params, _, _ in fake_hub.requests)
 
 
+@pytest.mark.parametrize("failure", ["rejected token", "no network"])
+def test_hub_failure_is_one_error_line_without_the_token(source_checkpoint, result_files, fake_hub, monkeypatch,
+                                                         capsys, failure):
+    reached = []
+
+    def refuse(request):
+        if request.url.path.startswith(("/api/repos/", "/api/models/")):  # not the client's telemetry
+            reached.append(request.url.path)
+        if failure == "no network":
+            raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
+        return httpx2.Response(401, json={"error": "Invalid credentials in Authorization header"})
+
+    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(refuse)))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    passing_validation(monkeypatch)
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]])
+    printed = capsys.readouterr()
+    assert rc == 1
+    (line,) = printed.err.strip().splitlines()
+    assert line.startswith(f"error: upload to {REPO_ID} failed at create_repo (")
+    assert ("401" in line) if failure == "rejected token" else ("Name or service not known" in line)
+    assert TOKEN not in printed.out + printed.err
+    assert reached[0] == "/api/repos/create" and not any("/preupload/" in p or "/commit/" in p for p in reached)
+
+
 def test_missing_token_refused_before_any_work(source_checkpoint, result_files, monkeypatch, capsys):
     import huggingface_hub
 
