@@ -16,6 +16,7 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=None, help="inference threshold (default 0.3)")
     parser.add_argument("--query-max-length", type=int, default=None, help="default 64")
     parser.add_argument("--document-max-length", type=int, default=None, help="default 256")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (once the new one is complete)")
     args = parser.parse_args(argv)
     try:
         out = convert(
@@ -24,7 +25,11 @@ def main(argv=None):
             inference_threshold=args.threshold,
             query_max_length=args.query_max_length,
             document_max_length=args.document_max_length,
+            overwrite=args.overwrite,
         )
+    except (FileExistsError, NotADirectoryError) as error:  # about OUT, and the message names it
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as error:  # no such folder/repo, not a BERT masked-LM, a bad setting
         print(f"error: {args.source}: {error}", file=sys.stderr)
         return 1

@@ -29,18 +29,25 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str):
+def atomic_directory(path: str, replace: bool = False):
     """``with atomic_directory("out") as staging: <fill staging>`` -- ``out`` appears, complete, only if the block
-    succeeds (``out`` must not exist or be empty). The staging folder sits beside it, so the rename is atomic."""
+    succeeds (``out`` must not exist or be empty, unless ``replace``: then the old folder is removed only after the
+    new one is complete). The staging folder sits beside it, so the rename is atomic."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", suffix=".partial", dir=parent)
     try:
         yield staging
         _permissions_of_a_new(staging, 0o777)  # mkdtemp creates 0700
-        if os.path.isdir(path):
+        retired = None
+        if replace and os.path.isdir(path) and os.listdir(path):
+            retired = f"{staging}.old"  # interrupted between the two renames: the old folder survives here
+            os.rename(path, retired)
+        elif os.path.isdir(path):
             os.rmdir(path)  # fails unless empty: an existing result is never replaced
         os.replace(staging, path)
+        if retired:
+            shutil.rmtree(retired, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from configuration_fles1 import FLES1Config
+from fles1.atomic import atomic_directory
 from modeling_fles1 import FLES1ForMaskedLM
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,8 +64,13 @@ def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None
     encoder.save_pretrained(out_dir, create_model_card=False)
 
 
-def convert(source: str, out_dir: str, **sparse_settings) -> str:
-    """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder."""
+def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_settings) -> str:
+    """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder. ``out_dir`` must be new or
+    empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir}: exists and is not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty (--overwrite / overwrite=True replaces it)")
     if not os.path.isdir(source) and (os.path.isabs(source) or source.startswith((".", "~"))):
         raise FileNotFoundError("no such folder")  # a path, not a hub id: transformers would say "bad repo id"
     source_model = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True)
@@ -76,4 +82,6 @@ def convert(source: str, out_dir: str, **sparse_settings) -> str:
         raise ValueError(f"{source}: not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
-    return save_checkpoint(model.to(torch.float32), tokenizer, out_dir)
+    with atomic_directory(out_dir, replace=overwrite) as staging:
+        save_checkpoint(model.to(torch.float32), tokenizer, staging)
+    return out_dir

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,39 @@ def test_model_convert_cli_bad_source_or_setting_is_one_error_line(backbone_dir,
     assert errors[0] == f"error: {tmp_path / 'missing'}: no such folder"
     assert errors[1] == f"error: {backbone_dir}: document_max_length=4096 exceeds max_position_embeddings=512"
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_model_convert_cli_never_overwrites_by_accident(backbone_dir, tmp_path, capsys, monkeypatch):
+    import convert_fles1
+    from fles1 import checkpoint
+    from fles1_encoder import FLES1Encoder
+
+    out = tmp_path / "trained"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"someone's trained weights")
+    (tmp_path / "a-file").write_text("x")
+    assert convert_fles1.main([backbone_dir, str(out)]) == 1
+    assert convert_fles1.main([backbone_dir, str(tmp_path / "a-file")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {out}: exists and is not empty (--overwrite / overwrite=True replaces it)",
+                      f"error: {tmp_path / 'a-file'}: exists and is not a folder"]
+    assert (out / "model.safetensors").read_bytes() == b"someone's trained weights"
+
+    # interrupted while writing: the old folder stays as it was, no staging folder is left behind
+    def interrupted(model, tokenizer, folder):
+        (Path(folder) / "config.json").write_text("{")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_checkpoint", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            convert_fles1.main([backbone_dir, str(out), "--overwrite"])
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "trained"]
+    assert os.listdir(out) == ["model.safetensors"]
+
+    assert convert_fles1.main([backbone_dir, str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "trained"]  # the old folder is gone, not kept beside
+    assert FLES1Encoder.from_pretrained(str(out)).encode("statins and cholesterol")
 
 
 def tiny_model(vocab_size=9000, seed=0, bias_mean=-2.0):
