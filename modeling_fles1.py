@@ -361,7 +361,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     >>> import torch
     >>> from transformers import AutoModelForMaskedLM, AutoTokenizer
     >>> model = AutoModelForMaskedLM.from_pretrained("mindoval/fles1-v14", trust_remote_code=True)
-    >>> tokenizer = AutoTokenizer.from_pretrained("mindoval/fles1-v14")
+    >>> tokenizer = AutoTokenizer.from_pretrained("mindoval/fles1-v14", trust_remote_code=True)  # reads config.json
     >>> batch = tokenizer(["What is machine learning?"], return_tensors="pt")
     >>> with torch.inference_mode():
     ...     vectors = model.encode_sparse(**batch).sparse_embeddings  # (1, 30522)

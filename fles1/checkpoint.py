@@ -3,6 +3,7 @@ SparseEncoder and an FLES1Encoder checkpoint at once."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -40,8 +41,22 @@ def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str) -> str:
     tokenizer.save_pretrained(out_dir)
     for name in HUB_CODE_FILES:  # save_pretrained copies the two model files; the encoder ships too
         shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
-    write_sentence_transformers_files(out_dir, model.config)
+    write_sentence_transformers_files(out_dir, model.config)  # re-saves the tokenizer
+    drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))
     return out_dir
+
+
+def drop_loader_flags(path: str) -> None:
+    """transformers saves the loading call's ``local_files_only`` into tokenizer_config.json (true when the tokenizer
+    came from an offline machine); it describes that machine, not the tokenizer, so it is not shipped."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        settings = json.load(handle)
+    if settings.pop("local_files_only", None) is not None:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
 
 
 def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None:

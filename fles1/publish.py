@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from fles1.atomic import atomic_directory
 from fles1.card import build_card
-from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT
+from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)
 # Training leftovers that do not belong in the published model.
@@ -130,6 +130,7 @@ def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs)
     if not card.plots:
         card = replace(card, plots=sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".png")))
     shutil.copytree(model_dir, out_dir, ignore=_skip, dirs_exist_ok=True)
+    drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))  # a folder saved before checkpoint.py did it
     for name in HUB_CODE_FILES:  # the project's current code, not the copy saved with the weights (maybe older)
         shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
     results_dir, plots_dir = os.path.join(out_dir, "results"), os.path.join(out_dir, "plots")
