@@ -160,6 +160,27 @@ def test_encoder_batching_does_not_change_vectors(encoder):
         assert (batched - alone).abs().max().item() <= 1e-5
 
 
+def test_encoder_tokenizes_like_the_wrapper_without_reconfiguring_it(shipped, fles1_checkpoint):
+    from transformers import AutoTokenizer
+
+    texts = ["heart " * 300 + "cancer " * 300, "What is machine learning?", "🚀 naïve café Brustkrebs"]
+    for side in ("right", "left"):
+        tokenizer = AutoTokenizer.from_pretrained(fles1_checkpoint, trust_remote_code=True, truncation_side=side)
+        encoder = FLES1Encoder(shipped.model, tokenizer)
+        tokenizer.backend_tokenizer.enable_truncation(7)  # the user's own setting on the shared tokenizer
+        before = tokenizer.backend_tokenizer.truncation
+        for kind in ("document", "query", "document"):
+            ours = encoder._tokenize(texts, kind)
+            assert [encoder._token_ids_one(text, kind) for text in texts] == ours
+            assert encoder.encode(texts[0], kind=kind)
+            assert tokenizer.backend_tokenizer.truncation == before  # never re-configured by the encoder
+            expected = tokenizer(texts, truncation=True, max_length=encoder.max_lengths[kind])["input_ids"]
+            assert ours == expected and len(ours[0]) == encoder.max_lengths[kind]
+            tokenizer.backend_tokenizer.enable_truncation(7)  # the wrapper re-configured it: back to the user's
+        kept = tokenizer.convert_ids_to_tokens(ours[0][1:-1])
+        assert set(kept) == {"heart" if side == "right" else "cancer"}
+
+
 def test_encoder_progress_bar_for_long_inputs(encoder, capsys):
     encoder.encode_batch(["heart"] * 3, show_progress_bar=True)
     assert "Encoding documents" in capsys.readouterr().err
@@ -167,7 +188,7 @@ def test_encoder_progress_bar_for_long_inputs(encoder, capsys):
 
 def test_encoder_single_text_path_matches_the_batch_path(shipped):
     texts = ["What is machine learning?", "statins " * 300, "🚀 naïve café Brustkrebs", "a"]
-    shipped.encode_batch(texts)  # the batch path re-sets the shared Rust tokenizer's truncation: no leak either way
+    shipped.encode_batch(texts)  # documents first: the query truncation must not depend on what ran before
     for kind in ("query", "document"):
         for text in texts:
             assert shipped._token_ids_one(text, kind) == shipped._tokenize([text], kind)[0]
