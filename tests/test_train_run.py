@@ -210,4 +210,9 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
             train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, *argv])
     with pytest.raises(SystemExit, match="error: .*No such file"):
         train_fles1.main(["--recipe", str(tmp_path / "no-recipe.yaml"), "--output-dir", fresh])
+    common = ["--recipe", TINY_RECIPE, "--model", sparse_tiny, "--data", str(data)]
+    with pytest.raises(SystemExit, match=r"^error: nothing to resume: .*fresh holds no checkpoint-\* folder"):
+        train_fles1.main([*common, "--output-dir", fresh, "--resume"])
+    with pytest.raises(SystemExit, match=r"^error: cannot resume from .*no-ckpt: not a training checkpoint folder"):
+        train_fles1.main([*common, "--output-dir", fresh, "--resume", str(tmp_path / "no-ckpt")])
     assert not os.path.exists(os.path.join(fresh, "training_log.json"))

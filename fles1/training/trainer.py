@@ -29,7 +29,6 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 from fles1.checkpoint import save_checkpoint
 
@@ -252,10 +251,9 @@ class FLES1Trainer(Trainer):
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-*")
+        from .run import resolve_resume  # True -> the last checkpoint-*; a ValueError naming the folder if none
+
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         for callback in (self.clfr, self.crash_monitor):
             if callback is not None:
                 callback.resume_from = resume_from_checkpoint or None
