@@ -161,6 +161,14 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("clfr.gain", 1.5, r"gain must be in \(0, 1\]"),
     ("loss.regularizer", "l2", "choose one of"),
     ("clfr.bogus", 1, "unknown key 'bogus'"),
+    # the training section goes to TrainingArguments: checked up front, naming the key
+    ("training.lerning_rate", 1e-5, "'lerning_rate' is not a TrainingArguments setting; did you mean 'learning_rate'"),
+    ("training.learning_rate", "2e-5", r"learning_rate: expected float, got '2e-5' \(YAML 1.1 reads 2e-5 as text"),
+    ("training.learning_rate", "fast", r"learning_rate: expected float, got 'fast'$"),
+    ("training.per_device_train_batch_size", 0, "per_device_train_batch_size must be >= 1, got 0"),
+    ("training.per_device_train_batch_size", 2.5, "per_device_train_batch_size: expected int, got 2.5"),
+    ("training.bf16", "yes", "bf16: expected bool, got 'yes'"),
+    ("training.output_dir", "x", "--output-dir"),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}

@@ -40,6 +40,41 @@ def set_value(recipe: dict, dotted: str, value) -> None:
     _merge(recipe, {section: {key: value}})
 
 
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_training_arguments(training: dict) -> None:
+    """``training`` goes to transformers.TrainingArguments as is: an unknown key or a value of the wrong type fails
+    here, naming the key, instead of as a TypeError inside transformers after the model has loaded."""
+    import difflib
+    import typing
+
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    for key, value in training.items():
+        if key == "output_dir":
+            raise ValueError("recipe.training.output_dir: the output folder is train_fles1.py's --output-dir")
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (see transformers.TrainingArguments)"
+            raise ValueError(f"recipe.training: {key!r} is not a TrainingArguments setting{hint}")
+        expected = hints[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (expected is bool and not isinstance(value, bool)) or (expected is float and not number) or \
+                (expected is int and not (number and isinstance(value, int))):
+            note = " (YAML 1.1 reads 2e-5 as text: write 2.0e-5)" if isinstance(value, str) and _numeric(value) else ""
+            raise ValueError(f"recipe.training.{key}: expected {expected.__name__}, got {value!r}{note}")
+    if training.get("per_device_train_batch_size", 1) < 1:
+        raise ValueError(f"recipe.training.per_device_train_batch_size must be >= 1, got "
+                         f"{training['per_device_train_batch_size']!r}")
+
+
 def validate(recipe: dict) -> dict:
     from .clfr import CLFRController
     from .regularizers import get_regularizer
@@ -48,6 +83,7 @@ def validate(recipe: dict) -> dict:
         raise ValueError("recipe.model.path is required (a FLES-1 checkpoint folder or a BERT masked-LM)")
     if not recipe["data"]["source"]:
         raise ValueError("recipe.data.source is required (BEIR folder, hub id or triples TSV)")
+    _check_training_arguments(recipe["training"])
     clfr, loss = recipe["clfr"], recipe["loss"]
     get_regularizer(loss["regularizer"])
     if not loss["temperature"] > 0:
