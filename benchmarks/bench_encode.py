@@ -29,6 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from fles1.beir import load_beir  # noqa: E402
 from fles1.checkpoint import DEFAULT_BACKBONE, convert  # noqa: E402
+from fles1.cli import at_least  # noqa: E402
 from fles1_encoder import FLES1Encoder  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus")
@@ -88,12 +89,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="FLES-1 checkpoint folder (default: convert the shipped backbone)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="BEIR folder with corpus.jsonl and queries.jsonl")
-    parser.add_argument("--num-docs", type=int, default=256, help="documents encoded by each encoder")
-    parser.add_argument("--num-queries", type=int, default=200, help="single queries timed for the p50")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="timed passes over the documents and queries, alternating")
+    parser.add_argument("--num-docs", type=at_least(1), default=256, help="documents encoded by each encoder")
+    parser.add_argument("--num-queries", type=at_least(1), default=200, help="single queries timed for the p50")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--rounds", type=at_least(1), default=2, help="timed passes over the documents and queries, alternating")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
 

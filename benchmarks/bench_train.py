@@ -25,6 +25,8 @@ sys.path.insert(0, ROOT)
 
 from transformers import TrainerCallback  # noqa: E402
 
+from fles1.cli import at_least  # noqa: E402
+
 
 class StepTimer(TrainerCallback):
     """Wall clock and this process's CPU time at each optimizer step's end."""
@@ -108,15 +110,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.path.join(os.path.dirname(ROOT), "shared", "models", "splade-tiny"))
     parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per trainer")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--max-length", type=at_least(3), default=256)
+    parser.add_argument("--steps", type=at_least(1), default=3, help="timed steps per trainer")
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps first")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", choices=["fles1", "sentence-transformers"], help="run one side only")
     parser.add_argument("--output", help="write the results JSON here")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=at_least(0), default=None,
                         help="dataloader workers for both trainers (default: 8 on CUDA, where tokenizing on the "
                              "main process starves the GPU; 0 on CPU)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per trainer")
