@@ -37,6 +37,11 @@ class CheckpointError(OSError):
     """A FLES-1 checkpoint folder is missing a file or holds a corrupt one; the message names the file."""
 
 
+def is_local_path(name: str) -> bool:
+    """Whether `name` is written as a path (absolute, ./, ../ or ~), never a Hub id (``owner/name``)."""
+    return os.path.isabs(name) or name.startswith((".", "~"))
+
+
 def _check_local_checkpoint(path: str) -> None:
     """Fail early, naming the file, instead of deep inside transformers."""
     config_path = os.path.join(path, "config.json")
@@ -139,6 +144,8 @@ class FLES1Encoder:
         device = _resolve_device(device)  # before the load: a wrong device should not cost a download
         if os.path.isdir(path_or_hub_id):
             _check_local_checkpoint(path_or_hub_id)
+        elif is_local_path(path_or_hub_id):  # transformers would call it an invalid repo id
+            raise CheckpointError(f"{path_or_hub_id}: no such folder")
         try:
             config = AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
             model = AutoModelForMaskedLM.from_pretrained(
@@ -365,4 +372,4 @@ class FLES1Encoder:
         )
 
 
-__all__ = ["FLES1Encoder", "CheckpointError", "passes_threshold"]
+__all__ = ["FLES1Encoder", "CheckpointError", "passes_threshold", "is_local_path"]

@@ -12,6 +12,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from configuration_fles1 import FLES1Config
 from fles1.atomic import atomic_directory
+from fles1_encoder import is_local_path
 from modeling_fles1 import FLES1ForMaskedLM
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +87,7 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
         raise NotADirectoryError(f"{out_dir}: exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty (--overwrite / overwrite=True replaces it)")
-    if not os.path.isdir(source) and (os.path.isabs(source) or source.startswith((".", "~"))):
+    if not os.path.isdir(source) and is_local_path(source):
         raise FileNotFoundError("no such folder")  # a path, not a hub id: transformers would say "bad repo id"
     source_model = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True)
     config = fles1_config_from(source_model.config, **sparse_settings)

@@ -1,6 +1,7 @@
 """FLES1Encoder: the seed snippet, outputs, thresholds and every bad input of the issue."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -117,6 +118,13 @@ def test_encoder_missing_or_corrupt_file_names_the_file(tiny_random_checkpoint, 
         (folder / name).write_bytes(b"\x00{not json, not safetensors")
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
         FLES1Encoder.from_pretrained(str(folder))
+
+
+def test_encoder_missing_folder_is_named_not_called_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "no-such-checkpoint"), "./no-such-checkpoint", "../no-such-checkpoint"):
+        with pytest.raises(CheckpointError, match=f"^{re.escape(path)}: no such folder$"):
+            FLES1Encoder.from_pretrained(path)
 
 
 def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
