@@ -200,7 +200,7 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
     # setup problems are one error line before any step, not a traceback
     fresh = str(tmp_path / "fresh")
     for argv, message in (
-        (["--model", str(tmp_path / "no-model"), "--data", str(data)], r"^error: model\.path='.*no-model': "),
+        (["--model", str(tmp_path / "no-model"), "--data", str(data)], r"^error: model\.path='.*no-model': no such folder$"),
         (["--model", sparse_tiny, "--data", str(tmp_path / "no-data")], r"^error: .*no-data: not a BEIR folder"),
         (["--model", sparse_tiny, "--data", str(data), "--set", "training.per_device_train_batch_size=4",
           "--set", "model.document_max_length=4096"],
