@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 import os
 import warnings
 from typing import Iterable, Literal, Optional, Sequence
@@ -359,11 +360,23 @@ class FLES1Encoder:
         return matrix
 
     def decode(self, ids: Iterable[int], weights: Optional[Iterable[float]] = None):
-        """Vocabulary ids -> terms; with weights, -> {term: weight}."""
-        terms = [self._vocab[int(i)] for i in ids]
+        """Vocabulary ids -> terms; with weights, -> {term: weight}. An id outside the vocabulary (negative ones
+        included) or a weights list of another length is a ValueError naming it."""
+        terms = []
+        for position, token_id in enumerate(ids):
+            try:
+                index = operator.index(token_id)  # ints and numpy/torch integers; not floats
+            except TypeError:
+                raise TypeError(f"ids[{position}] is {type(token_id).__name__}, expected an int") from None
+            if not 0 <= index < len(self._vocab):
+                raise ValueError(f"ids[{position}]={index} is not a vocabulary id (0..{len(self._vocab) - 1})")
+            terms.append(self._vocab[index])
         if weights is None:
             return terms
-        return dict(zip(terms, (float(w) for w in weights)))
+        weights = [float(w) for w in weights]
+        if len(weights) != len(terms):
+            raise ValueError(f"ids and weights differ in length ({len(terms)} vs {len(weights)})")
+        return dict(zip(terms, weights))
 
     def __repr__(self) -> str:
         return (

@@ -127,6 +127,20 @@ def test_encoder_missing_folder_is_named_not_called_a_repo_id(tmp_path, monkeypa
             FLES1Encoder.from_pretrained(path)
 
 
+def test_encoder_decode_refuses_ids_outside_the_vocabulary(encoder):
+    assert encoder.decode(np.array([0, encoder.config.vocab_size - 1])) == [encoder._vocab[0], encoder._vocab[-1]]
+    assert encoder.decode(torch.tensor([5]), torch.tensor([0.5])) == {encoder._vocab[5]: 0.5}
+    last = encoder.config.vocab_size - 1
+    for ids, message in (([3, -1], rf"ids\[1\]=-1 is not a vocabulary id \(0\.\.{last}\)"),
+                         ([last + 1], rf"ids\[0\]={last + 1} is not a vocabulary id")):
+        with pytest.raises(ValueError, match=message):
+            encoder.decode(ids)
+    with pytest.raises(TypeError, match=r"ids\[0\] is float, expected an int"):
+        encoder.decode([2.7])
+    with pytest.raises(ValueError, match=r"ids and weights differ in length \(2 vs 1\)"):
+        encoder.decode([1, 2], [0.5])
+
+
 def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
     text = "aspirin lowers the risk of heart attacks in older adults"
     everything = encoder.encode(text, threshold=0.0)
