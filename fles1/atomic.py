@@ -28,11 +28,21 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
         raise
 
 
+def require_new_folder(path: str, replace: bool = False, hint: str = "") -> None:
+    """What `atomic_directory` will write into: nothing there, an empty folder, or (``replace``) any folder.
+    Callers with expensive work before it check first, so the error comes before the work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path}: exists and is not a folder")
+    if not replace and os.path.isdir(path) and os.listdir(path):
+        raise FileExistsError(f"{path}: exists and is not empty{hint}")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, replace: bool = False):
     """``with atomic_directory("out") as staging: <fill staging>`` -- ``out`` appears, complete, only if the block
     succeeds (``out`` must not exist or be empty, unless ``replace``: then the old folder is removed only after the
     new one is complete). The staging folder sits beside it, so the rename is atomic."""
+    require_new_folder(path, replace)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", suffix=".partial", dir=parent)

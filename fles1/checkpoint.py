@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from configuration_fles1 import FLES1Config
-from fles1.atomic import atomic_directory
+from fles1.atomic import atomic_directory, require_new_folder
 from fles1_encoder import is_local_path
 from modeling_fles1 import FLES1ForMaskedLM
 
@@ -83,10 +83,7 @@ def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None
 def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_settings) -> str:
     """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder. ``out_dir`` must be new or
     empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise NotADirectoryError(f"{out_dir}: exists and is not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty (--overwrite / overwrite=True replaces it)")
+    require_new_folder(out_dir, overwrite, hint=" (--overwrite / overwrite=True replaces it)")  # before the load
     if not os.path.isdir(source) and is_local_path(source):
         raise FileNotFoundError("no such folder")  # a path, not a hub id: transformers would say "bad repo id"
     source_model = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True)

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from fles1.atomic import atomic_directory
+from fles1.atomic import atomic_directory, require_new_folder
 from fles1.card import build_card
 from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
@@ -117,8 +117,10 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     """
     if not os.path.isdir(model_dir):
         raise PublishError(f"{model_dir}: model folder not found")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise PublishError(f"{out_dir}: exists and is not empty; choose a new output folder")
+    try:
+        require_new_folder(out_dir, hint="; choose a new output folder")
+    except OSError as error:
+        raise PublishError(str(error)) from None
     with atomic_directory(out_dir) as staging:
         _assemble_into(model_dir, staging, repo_id, card)
     return out_dir

@@ -14,7 +14,8 @@ HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss
 
 
 class TrainingSetupError(ValueError):
-    """The recipe cannot run as given (bad model or data path, lengths, batch size): raised before any step."""
+    """The recipe cannot run as given (bad model or data path, lengths, batch size, nothing to resume): raised
+    before any step."""
 
 
 def load_model_for_training(path: str):
@@ -107,30 +108,14 @@ def evaluate_dev(output_dir: str, recipe: dict) -> dict:
     return {"split": "dev", "threshold": results["threshold"], **entry["metrics"]}
 
 
-def resolve_resume(resume_from_checkpoint, output_dir: str):
-    """``True`` -> the last checkpoint-* in output_dir; a folder -> itself. Either must hold a Trainer checkpoint
-    (trainer_state.json), else a TrainingSetupError before any data or model is loaded."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if resume_from_checkpoint is True:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise TrainingSetupError(f"nothing to resume: {output_dir} holds no checkpoint-* folder "
-                                     "(start without resuming, or name a checkpoint folder)")
-        return last
-    if resume_from_checkpoint and not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
-        raise TrainingSetupError(f"cannot resume from {resume_from_checkpoint}: not a training checkpoint folder "
-                                 "(no trainer_state.json)")
-    return resume_from_checkpoint
-
-
 def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps: int | None = None,
           eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None) -> dict | None:
     """Run the recipe; returns the training log (on the main process; None on other ranks)."""
     from .plots import write_plots
+    from .trainer import resolve_resume
 
-    resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir)
     try:
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir)  # before any loading
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
         where = f"model.path={recipe['model']['path']!r}: " if isinstance(error, OSError) else ""

@@ -29,6 +29,7 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from fles1.checkpoint import save_checkpoint
 
@@ -104,6 +105,21 @@ def _forward_as_encode_pair(module):
             del module.forward
         else:
             module.forward = saved
+
+
+def resolve_resume(resume_from_checkpoint, output_dir: str):
+    """``True`` -> the last checkpoint-* in output_dir; a folder -> itself. Either must hold a Trainer checkpoint
+    (trainer_state.json), else a ValueError naming the folder (train_fles1.py checks before loading anything)."""
+    if resume_from_checkpoint is True:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(f"nothing to resume: {output_dir} holds no checkpoint-* folder "
+                             "(start without resuming, or name a checkpoint folder)")
+        return last
+    if resume_from_checkpoint and not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+        raise ValueError(f"cannot resume from {resume_from_checkpoint}: not a training checkpoint folder "
+                         "(no trainer_state.json)")
+    return resume_from_checkpoint
 
 
 class FLES1Trainer(Trainer):
@@ -251,8 +267,6 @@ class FLES1Trainer(Trainer):
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        from .run import resolve_resume  # True -> the last checkpoint-*; a ValueError naming the folder if none
-
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         for callback in (self.clfr, self.crash_monitor):
             if callback is not None:
