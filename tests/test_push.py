@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import httpx2
 import pytest
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http
@@ -16,6 +15,10 @@ from huggingface_hub.utils import _http
 import push_fles1
 from fles1 import publish as publish_module
 from test_card import make_eval, make_training_log
+
+# The HTTP library huggingface_hub's own client is built on: httpx2 from huggingface_hub 2.0, httpx in 1.x
+# (requirements allow both; the GPU machine's image has 1.33).
+http = getattr(_http, "httpx2", None) or _http.httpx
 
 TOKEN = "hf_fakeTOKEN0123456789abcdefSECRET"
 REPO_ID = "mindoval/fles1-v14"
@@ -86,33 +89,33 @@ class FakeHub:
     def __init__(self):
         self.requests = []
 
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+    def __call__(self, request: http.Request) -> http.Response:
         path, body = request.url.path, request.read()
         self.requests.append((request.method, path, dict(request.url.params), dict(request.headers), body))
         if path == "/api/repos/create":
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO_ID}"})
+            return http.Response(200, json={"url": f"https://huggingface.co/{REPO_ID}"})
         if path == "/api/validate-yaml":  # upload_folder has the Hub check README.md's metadata
-            return httpx2.Response(200, json={"errors": [], "warnings": []})
+            return http.Response(200, json={"errors": [], "warnings": []})
         if path.endswith("/discussions") and request.method == "POST":  # create_pr: a draft PR first
-            return httpx2.Response(200, json={"num": 1})
+            return http.Response(200, json={"num": 1})
         if path.endswith("/discussions/1"):
-            return httpx2.Response(200, json={
+            return http.Response(200, json={
                 "title": "Upload FLES-1", "num": 1,
                 "createdAt": "2025-01-01T00:00:00.000Z", "status": "draft", "isPullRequest": True,
                 "repo": {"name": REPO_ID, "type": "model"}, "events": [], "filesWithConflicts": [],
                 "changes": {"base": "refs/heads/main"}})
         if "/branch/" in path:
-            return httpx2.Response(200, json={})
+            return http.Response(200, json={})
         if "/preupload/" in path:
             files = json.loads(body)["files"]
-            return httpx2.Response(200, json={"files": [
+            return http.Response(200, json={"files": [
                 {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
         if "/commit/" in path:
             pr = "refs/pr/" in path
-            return httpx2.Response(200, json={
+            return http.Response(200, json={
                 "commitUrl": f"https://huggingface.co/{REPO_ID}/commit/{'a' * 40}", "commitOid": "a" * 40,
                 "pullRequestUrl": f"https://huggingface.co/{REPO_ID}/discussions/1" if pr else None})
-        return httpx2.Response(404, json={"error": f"fake hub: unexpected {request.method} {path}"})
+        return http.Response(404, json={"error": f"fake hub: unexpected {request.method} {path}"})
 
     def repo_calls(self) -> list:
         """(method, path) of the calls that act on the repo (not metadata checks or client telemetry)."""
@@ -138,7 +141,7 @@ class FakeHub:
 def fake_hub(monkeypatch):
     hub = FakeHub()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the fake transport is the network
-    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
+    _http.set_client_factory(lambda: http.Client(transport=http.MockTransport(hub)))
     yield hub
     _http.set_client_factory(_http.default_client_factory)
 
@@ -253,10 +256,10 @@ def test_hub_failure_is_one_error_line_without_the_token(source_checkpoint, resu
         if request.url.path.startswith(("/api/repos/", "/api/models/")):  # not the client's telemetry
             reached.append(request.url.path)
         if failure == "no network":
-            raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
-        return httpx2.Response(401, json={"error": "Invalid credentials in Authorization header"})
+            raise http.ConnectError("[Errno -2] Name or service not known", request=request)
+        return http.Response(401, json={"error": "Invalid credentials in Authorization header"})
 
-    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(refuse)))
+    _http.set_client_factory(lambda: http.Client(transport=http.MockTransport(refuse)))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     passing_validation(monkeypatch)
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]])
