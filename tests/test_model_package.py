@@ -57,13 +57,17 @@ def test_model_three_loaders_agree_on_shipped_backbone(fles1_checkpoint):
     assert len(tokenizer(LONG_DOCUMENT)["input_ids"]) > 256  # the long text really gets truncated
     encoder = FLES1Encoder.from_pretrained(fles1_checkpoint, threshold=0.0)
     st = SparseEncoder(fles1_checkpoint, trust_remote_code=True)
-    masked_lm = AutoModelForMaskedLM.from_pretrained(fles1_checkpoint, trust_remote_code=True).eval()
-    auto_model = AutoModel.from_pretrained(fles1_checkpoint, trust_remote_code=True).eval()
+    # FLES1Encoder and SparseEncoder take a GPU where there is one: the transformers models follow them there
+    device = encoder.device
+    assert st.device.type == device.type
+    masked_lm = AutoModelForMaskedLM.from_pretrained(fles1_checkpoint, trust_remote_code=True).eval().to(device)
+    auto_model = AutoModel.from_pretrained(fles1_checkpoint, trust_remote_code=True).eval().to(device)
     assert type(auto_model).__name__ == type(masked_lm).__name__ == "FLES1ForMaskedLM"
 
     for kind, max_length in (("query", 64), ("document", 256)):
         features = tokenizer(TEXTS, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         assert not features["attention_mask"].all()  # the batch is padded
+        features = features.to(device)
         with torch.inference_mode():
             reference = naive_sparse(masked_lm, features)
             via_auto_model = auto_model.encode_sparse(**features).sparse_embeddings
@@ -74,7 +78,7 @@ def test_model_three_loaders_agree_on_shipped_backbone(fles1_checkpoint):
         assert (reference > 0).sum(dim=1).min() > 0
         for vectors in (via_auto_model, via_st, via_encoder, one_by_one):
             assert vectors.shape == reference.shape
-            assert (vectors - reference).abs().max().item() <= 1e-5
+            assert (vectors.to(device) - reference).abs().max().item() <= 1e-5
 
 
 def test_model_sparse_ir_evaluator_runs_on_sparse_encoder(fles1_checkpoint, nfcorpus_dir):

@@ -103,25 +103,41 @@ def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_pat
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def _cli(out, recipe_path, *extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# The CPU, even on a GPU machine (CUDA_VISIBLE_DEVICES=""): bitwise-equal results are a CPU property.
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def _cli(out, recipe_path, *extra, device_env=CPU_ONLY):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **device_env}
     return [sys.executable, os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path, "--output-dir", out,
             *extra], env
 
 
-def test_sigkill_and_resume_matches_uninterrupted_run(sparse_tiny, msmarco_toy_dir, tmp_path):
+def _run(command, env):
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    # On CUDA the sparse backward's index_add_ sums with atomics in no fixed order: bitwise-equal only with
+    # TrainingArguments' full_determinism (torch's deterministic algorithms).
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_sigkill_and_resume_matches_uninterrupted_run(sparse_tiny, msmarco_toy_dir, tmp_path, device):
     recipe_path = str(tmp_path / "recipe.yaml")
-    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    extra = {"training.full_determinism": True} if device == "cuda" else {}
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **extra))
+    device_env = CPU_ONLY if device == "cpu" else {}
     with open(recipe_path, "w") as handle:
         yaml.safe_dump(recipe, handle)
     steps = "12"
     # uninterrupted reference
     full = str(tmp_path / "full")
-    command, env = _cli(full, recipe_path, "--max-steps", steps)
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    _run(*_cli(full, recipe_path, "--max-steps", steps, device_env=device_env))
     # killed run: SIGKILL as soon as the step-4 checkpoint is complete (CLFR state is written last)
     killed = str(tmp_path / "killed")
-    command, env = _cli(killed, recipe_path, "--max-steps", steps)
+    command, env = _cli(killed, recipe_path, "--max-steps", steps, device_env=device_env)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = os.path.join(killed, "checkpoint-4", "clfr_state.json")
     deadline = time.time() + 240
@@ -133,8 +149,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(sparse_tiny, msmarco_toy_d
     for later in os.listdir(killed):  # a checkpoint after step 4 may be half-written: resume from step 4
         if later.startswith("checkpoint-") and later != "checkpoint-4" and int(later.split("-")[1]) > 4:
             shutil.rmtree(os.path.join(killed, later))
-    command, env = _cli(killed, recipe_path, "--max-steps", steps, "--resume")
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    _run(*_cli(killed, recipe_path, "--max-steps", steps, "--resume", device_env=device_env))
 
     reference, resumed = (load_file(os.path.join(d, "model.safetensors")) for d in (full, killed))
     assert reference.keys() == resumed.keys()
@@ -153,7 +168,8 @@ def test_torchrun_two_ranks_log_the_global_nnz(sparse_tiny, msmarco_toy_dir, tmp
     with open(recipe_path, "w") as handle:
         yaml.safe_dump(recipe, handle)
     out = str(tmp_path / "ddp")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # two ranks on one machine: gloo on the CPU, also where there is a GPU (NCCL refuses two ranks on one GPU)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **CPU_ONLY}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path, "--output-dir", out,
                "--max-steps", "4", "--trace-nnz"]
