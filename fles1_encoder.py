@@ -65,13 +65,23 @@ def _check_local_checkpoint(path: str) -> None:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from error
 
 
+def _validate_text(text, name: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{name} is {type(text).__name__}, expected str")
+    if not text.isascii():
+        try:  # a str can hold a lone surrogate (e.g. json.loads of a broken "\ud83d" escape); tokenizers refuse it
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{name} holds a lone surrogate {text[error.start]!r} at character {error.start}, which "
+                             "no tokenizer takes; text.encode('utf-8', 'replace').decode() turns it into '?'") from None
+
+
 def _validate_texts(texts) -> list[str]:
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"expected a list of str, got a single {type(texts).__name__}; use encode() for one text")
     texts = list(texts)
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str")
+        _validate_text(text, f"texts[{index}]")
     return texts
 
 
@@ -220,7 +230,7 @@ class FLES1Encoder:
     def _batches(self, texts: list[str], kind: str, batch_size: int, show_progress_bar: Optional[bool]):
         """Yield (positions, vectors) for non-blank texts, tokenized once and batched by token count so that
         padding is minimal."""
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         positions = [index for index, text in enumerate(texts) if text.strip()]
         if not positions:
@@ -269,8 +279,7 @@ class FLES1Encoder:
 
     def _encode_one(self, text, kind: str, threshold: Optional[float]) -> tuple[list[int], list[float]]:
         """One text -> (ids, weights), highest weight first: the single-query path, without batching work."""
-        if not isinstance(text, str):
-            raise TypeError(f"text is {type(text).__name__}, expected str")
+        _validate_text(text, "text")
         self._check_kind(kind)
         threshold = self.threshold if threshold is None else _validate_threshold(threshold)
         if not text.strip():

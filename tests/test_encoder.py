@@ -1,5 +1,6 @@
 """FLES1Encoder: the seed snippet, outputs, thresholds and every bad input of the issue."""
 
+import json
 import os
 import re
 import shutil
@@ -70,6 +71,17 @@ def test_encoder_non_str_in_batch_names_the_index(encoder, bad):
         encoder.encode(bad)
 
 
+def test_encoder_lone_surrogate_names_the_text_and_character(encoder):
+    """json.loads turns a broken escape ("\\ud83d" without its pair) into a str that no tokenizer takes."""
+    broken = json.loads('"caf\\u00e9 \\ud83d emoji"')
+    with pytest.raises(ValueError, match=r"^texts\[1\] holds a lone surrogate '\\ud83d' at character 5"):
+        encoder.encode_batch(["fine", broken, "fine"])
+    with pytest.raises(ValueError, match=r"^text holds a lone surrogate"):
+        encoder.encode(broken, kind="query")
+    repaired = broken.encode("utf-8", "replace").decode()  # the repair the message suggests
+    assert encoder.encode_batch([repaired]) == [encoder.encode(repaired)]
+
+
 def test_encoder_single_string_is_not_a_batch(encoder):
     with pytest.raises(TypeError, match="encode\\(\\)"):
         encoder.encode_batch("one text")
@@ -106,6 +118,8 @@ def test_encoder_bad_kind_and_output_list_the_choices(encoder):
         encoder.encode_batch(["heart"], output="numpy")
     with pytest.raises(ValueError, match="batch_size"):
         encoder.encode_batch(["heart"], batch_size=0)
+    with pytest.raises(ValueError, match="batch_size"):  # a bool is an int to Python, not a batch size
+        encoder.encode_batch(["heart"], batch_size=True)
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
