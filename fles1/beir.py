@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -33,12 +34,23 @@ class BEIRDataset:
         return f"{doc.get('title', '')} {doc.get('text', '')}".strip()
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def utf8_lines(path: str, handle, error=BEIRDataError) -> Iterator[str]:
+    """The lines of `handle` (`path` opened in binary mode) as str. A line that is not UTF-8 raises `error` naming
+    the file and line; a text-mode handle fails inside a buffer read and names neither."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise error(f"{path}:{number}: not UTF-8 (byte {raw[bad.start]:#04x} at {bad.start})") from None
+
+
+def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
+    """The file's JSON objects, each with an '_id' and its `text_fields` as str ("" where missing or null)."""
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, line in enumerate(utf8_lines(path, handle), start=1):
             if not line.strip():
                 continue
             try:
@@ -47,21 +59,37 @@ def _read_jsonl(path: str) -> list[dict]:
                 raise BEIRDataError(f"{path}:{number}: malformed JSON ({error.msg})") from None
             if not isinstance(row, dict) or "_id" not in row:
                 raise BEIRDataError(f"{path}:{number}: expected a JSON object with an '_id'")
+            for name in text_fields:
+                row[name] = _text_field(row.get(name), f"{path}:{number}: '{name}'")
             rows.append(row)
     return rows
 
 
+def _text_field(value, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BEIRDataError(f"{where} is {type(value).__name__}, expected a string")
+    if not value.isascii():
+        try:  # json.loads keeps a lone surrogate escape ("\ud83d" without its pair); no tokenizer takes one
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise BEIRDataError(f"{where} holds a lone surrogate {value[error.start]!r} at character {error.start} "
+                                "(a broken \\u escape)") from None
+    return value
+
+
 def load_corpus(path: str) -> dict[str, dict]:
     corpus = {}
-    for row in _read_jsonl(path):
-        corpus[str(row["_id"])] = {"title": row.get("title") or "", "text": row.get("text") or ""}
+    for row in _read_jsonl(path, ("title", "text")):
+        corpus[str(row["_id"])] = {"title": row["title"], "text": row["text"]}
     if not corpus:
         raise BEIRDataError(f"{path}: no documents")
     return corpus
 
 
 def load_queries(path: str) -> dict[str, str]:
-    return {str(row["_id"]): row.get("text") or "" for row in _read_jsonl(path)}
+    return {str(row["_id"]): row["text"] for row in _read_jsonl(path, ("text",))}
 
 
 def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = None) -> dict[str, dict[str, int]]:
@@ -69,8 +97,8 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
+    with open(path, "rb") as handle:
+        for number, row in enumerate(csv.reader(utf8_lines(path, handle), delimiter="\t"), start=1):
             if number == 1 and row[:1] == ["query-id"]:
                 continue
             if not row:

@@ -64,6 +64,26 @@ def test_bad_data_names_file_and_line(tmp_path):
         load_beir(write_beir(tmp_path / "split"), split="dev")
 
 
+@pytest.mark.parametrize("line, message", [
+    (b'{"_id": "d7", "text": "caf\xe9"}\n', r"corpus\.jsonl:7: not UTF-8 \(byte 0xe9 at 26\)"),  # Latin-1 bytes
+    (b'{"_id": "d7", "text": "broken \\ud83d escape"}\n', r"corpus\.jsonl:7: 'text' holds a lone surrogate"),
+    (b'{"_id": "d7", "title": ["a", "list"]}\n', r"corpus\.jsonl:7: 'title' is list, expected a string"),
+    (b'{"_id": "d7", "text": 42}\n', r"corpus\.jsonl:7: 'text' is int, expected a string"),
+])
+def test_bad_document_text_names_file_and_line(tmp_path, line, message):
+    """Each used to pass silently (a list encoded as "['a', 'list']") or fail later without naming the file."""
+    folder = write_beir(tmp_path / "bad")
+    with open(os.path.join(folder, "corpus.jsonl"), "ab") as handle:
+        handle.write(line)
+    with pytest.raises(BEIRDataError, match=message):
+        load_beir(folder)
+
+
+def test_null_or_missing_text_fields_are_empty(tmp_path):
+    data = load_beir(write_beir(tmp_path / "nulls", corpus=CORPUS + [{"_id": "d7", "title": None}]))
+    assert data.corpus["d7"] == {"title": "", "text": ""} and data.document_text("d7") == ""
+
+
 def test_hub_dataset_that_cannot_load_is_named(tmp_path, tiny_random_checkpoint, capsys):
     # offline (conftest: HF_HUB_OFFLINE=1, as on CI and here): datasets' ConnectionError becomes one error line
     with pytest.raises(BEIRDataError, match=r"^BeIR/no-such-set: could not load it from the Hugging Face Hub"):

@@ -119,6 +119,21 @@ def test_triples_examples_keep_own_negative(msmarco_toy_dir):
         assert row["positive"] not in negatives and len(set(negatives)) == 7
 
 
+def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
+    lines = open(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"), "rb").read().splitlines(keepends=True)
+    latin1 = tmp_path / "latin1.tsv"  # a Latin-1 byte used to be a bare "'utf-8' codec can't decode" from a buffer
+    latin1.write_bytes(b"".join(lines[:3]) + b"caf\xe9 au lait\tpositive\tnegative\n")
+    with pytest.raises(ValueError, match=r"latin1\.tsv:4: not UTF-8 \(byte 0xe9 at 3\)"):
+        triples_examples(str(latin1))
+    two_columns = tmp_path / "two.tsv"
+    two_columns.write_bytes(b"".join(lines[:5]) + b"query\tpositive only\n")
+    with pytest.raises(ValueError, match=r"two\.tsv:6: expected 3 tab-separated columns"):
+        triples_examples(str(two_columns))
+    crlf = tmp_path / "crlf.tsv"  # Windows line ends read as the same triples
+    crlf.write_bytes(b"".join(line.rstrip(b"\r\n") + b"\r\n" for line in lines))
+    assert triples_examples(str(crlf))[:5] == triples_examples(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"))[:5]
+
+
 def _beir_folder(tmp_path, qrels_rows):
     (tmp_path / "qrels").mkdir(parents=True)
     (tmp_path / "corpus.jsonl").write_text(

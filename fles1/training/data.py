@@ -33,7 +33,7 @@ import random
 
 from datasets import Dataset
 
-from fles1.beir import BEIRDataError, BEIRDataset, load_beir
+from fles1.beir import BEIRDataError, BEIRDataset, load_beir, utf8_lines
 
 DEFAULT_NUM_NEGATIVES = 7
 
@@ -95,8 +95,9 @@ def read_triples(path: str) -> list[tuple[str, str, str]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: triples file not found")
     triples = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+    with open(path, "rb") as handle:
+        lines = utf8_lines(path, handle, error=ValueError)
+        for number, row in enumerate(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             if not row:
                 continue
             if len(row) != 3:
