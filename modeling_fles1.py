@@ -373,9 +373,16 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     # Trace the backbone for single-text CPU inference (see `_hidden_states`); False keeps it eager.
     use_traced_backbone = True
 
+    # Derived caches (`_decoder_cache`, the single-text trace) live in __dict__ and are rebuilt on demand; copies,
+    # pickles and torch.save leave them out -- a TorchScript module and oneDNN's opaque packed tensors cannot be.
+    _fles1_caches = ("_fles1_decoder_cache", "_fles1_traced_hidden_states")
+
     def __init__(self, config: FLES1Config):
         super().__init__(config)
         self.post_init()
+
+    def __getstate__(self):
+        return {key: value for key, value in super().__getstate__().items() if key not in self._fles1_caches}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, plus `auto_map` for AutoModel too (both auto classes load this model)."""

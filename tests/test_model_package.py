@@ -385,6 +385,28 @@ def _encode_one_by_one(model, texts):
         return [model.encode_sparse(input_ids=ids).sparse_embeddings for ids in texts]
 
 
+def test_used_model_and_encoder_still_copy_and_pickle(fles1_checkpoint):
+    """After encoding, the model holds a TorchScript trace and oneDNN-packed weights: deepcopy, pickle and
+    torch.save of it used to fail ("Cannot access storage of OpaqueTensorImpl"). The copies rebuild them."""
+    import copy
+    import io
+    import pickle
+
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(fles1_checkpoint, device="cpu")
+    query, documents = "vitamin d deficiency", ["Statins and LDL cholesterol.", "Vitamin D in older adults."]
+    expected = encoder.encode(query, kind="query"), encoder.encode_batch(documents)
+    assert encoder.model.__dict__.get("_fles1_traced_hidden_states") and encoder.model.__dict__.get("_fles1_decoder_cache")
+    copied = FLES1Encoder(copy.deepcopy(encoder.model), encoder.tokenizer)
+    unpickled = pickle.loads(pickle.dumps(encoder))
+    torch.save(encoder.model, io.BytesIO())
+    for other in (copied, unpickled):
+        assert other.model.cls.predictions.decoder.weight is not encoder.model.cls.predictions.decoder.weight
+        assert (other.encode(query, kind="query"), other.encode_batch(documents)) == expected
+    assert encoder.model.__dict__.get("_fles1_traced_hidden_states")  # the original keeps its caches
+
+
 def test_model_traced_backbone_matches_eager_and_follows_the_model():
     model, _ = tiny_model()
     texts = [torch.randint(5, 9000, (1, length)) for length in (3, 11, 40)]  # the trace is built at length 3
