@@ -63,6 +63,9 @@ def _check_local_checkpoint(path: str) -> None:
             handle.keys()
     except Exception as error:  # safetensors raises its own error types
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from error
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "vocab.txt")):
+        raise CheckpointError(f"{os.path.join(path, 'tokenizer.json')}: missing (nor is there a vocab.txt); a FLES-1 "
+                              "checkpoint folder holds its tokenizer")
 
 
 def _validate_text(text, name: str) -> None:
@@ -169,7 +172,11 @@ class FLES1Encoder:
                 f"{path_or_hub_id}: config.json loads {type(model).__name__}, not a FLES-1 model "
                 "(expected model_type 'fles1'; convert a BERT checkpoint with convert_fles1.py)"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
+        except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
+            raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, tokenizer_config.json): "
+                                  f"{str(error).strip().splitlines()[0]}") from error
         return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
 
     @property

@@ -122,7 +122,7 @@ def test_encoder_bad_kind_and_output_list_the_choices(encoder):
         encoder.encode_batch(["heart"], batch_size=True)
 
 
-@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_encoder_missing_or_corrupt_file_names_the_file(tiny_random_checkpoint, tmp_path, name, damage):
     folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "checkpoint")
