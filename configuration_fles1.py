@@ -70,11 +70,16 @@ class FLES1Config(BertConfig):
         for name, value, default in lengths:
             if value is None:
                 value = min(default, self.max_position_embeddings)
-            if not isinstance(value, int) or value < 3:
-                raise ValueError(f"{name} must be an int >= 3 (room for [CLS], one token, [SEP]), got {value!r}")
-            if value > self.max_position_embeddings:  # longer inputs would index past the position embeddings
-                raise ValueError(f"{name}={value} exceeds max_position_embeddings={self.max_position_embeddings}")
-            setattr(self, name, value)
+            setattr(self, name, check_max_length(name, value, self.max_position_embeddings))
 
 
-__all__ = ["FLES1Config"]
+def check_max_length(name: str, value, max_position_embeddings: int) -> int:
+    """A query or document max length (special tokens included) that the model can take: `value`, or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 3:
+        raise ValueError(f"{name} must be an int >= 3 (room for [CLS], one token, [SEP]), got {value!r}")
+    if value > max_position_embeddings:  # longer inputs would index past the position embeddings
+        raise ValueError(f"{name}={value} exceeds max_position_embeddings={max_position_embeddings}")
+    return value
+
+
+__all__ = ["FLES1Config", "check_max_length"]

@@ -207,8 +207,11 @@ def test_trainer_rejects_empty_dataset_and_oversized_batch(tiny_random_checkpoin
     with pytest.raises(ValueError, match="empty"):
         FLES1Trainer(model=model, args=args, train_dataset=rows.select([]), processing_class=tokenizer)
     small = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, report_to="none")
-    with pytest.raises(ValueError, match="document_max_length=600 exceeds the model's max_position_embeddings=512"):
+    with pytest.raises(ValueError, match="document_max_length=600 exceeds max_position_embeddings=512"):
         FLES1Trainer(model=model, args=small, train_dataset=rows, processing_class=tokenizer, document_max_length=600)
+    for length in (0, 2):  # 0 used to fall back to the config's length silently, 1-2 to train on [CLS] [SEP] only
+        with pytest.raises(ValueError, match=rf"query_max_length must be an int >= 3 .*got {length}"):
+            FLES1Trainer(model=model, args=small, train_dataset=rows, processing_class=tokenizer, query_max_length=length)
 
 
 def test_int8_screened_forward_matches_float32():

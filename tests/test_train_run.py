@@ -220,7 +220,9 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
         (["--model", sparse_tiny, "--data", str(tmp_path / "no-data")], r"^error: .*no-data: not a BEIR folder"),
         (["--model", sparse_tiny, "--data", str(data), "--set", "training.per_device_train_batch_size=4",
           "--set", "model.document_max_length=4096"],
-         r"^error: document_max_length=4096 exceeds the model's max_position_embeddings"),
+         r"^error: document_max_length=4096 exceeds max_position_embeddings"),
+        (["--model", sparse_tiny, "--data", str(data), "--set", "training.per_device_train_batch_size=4",
+          "--set", "model.query_max_length=1"], r"^error: query_max_length must be an int >= 3"),
     ):
         with pytest.raises(SystemExit, match=message):
             train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, *argv])

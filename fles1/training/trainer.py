@@ -31,6 +31,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
 
 from .clfr import CLFRCallback
@@ -182,13 +183,13 @@ class FLES1Trainer(Trainer):
                     f"({len(train_dataset)} examples)"
                 )
         config = model.config
-        query_max_length = query_max_length or config.query_max_length
-        document_max_length = document_max_length or config.document_max_length
-        for name, value in (("query_max_length", query_max_length), ("document_max_length", document_max_length)):
-            if value > config.max_position_embeddings:  # would fail at the first long batch, hours in
-                raise ValueError(
-                    f"{name}={value} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
-                )
+        # a recipe's lengths override the config's; checked now, not at the first long batch hours in
+        query_max_length = check_max_length(
+            "query_max_length", config.query_max_length if query_max_length is None else query_max_length,
+            config.max_position_embeddings)
+        document_max_length = check_max_length(
+            "document_max_length", config.document_max_length if document_max_length is None else document_max_length,
+            config.max_position_embeddings)
         data_collator = kwargs.pop("data_collator", None) or FLES1Collator(
             processing_class,
             query_max_length,
