@@ -138,6 +138,10 @@ def load_beir(source: str, split: str = "test") -> BEIRDataset:
     corpus_path = os.path.join(source, "corpus.jsonl")
     queries_path = os.path.join(source, "queries.jsonl")
     qrels_path = os.path.join(source, "qrels", f"{split}.tsv")
+    if not os.path.isfile(qrels_path):  # before reading the corpus; name the splits there are
+        folder = os.path.join(source, "qrels")
+        splits = sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".tsv")) if os.path.isdir(folder) else []
+        raise BEIRDataError(f"{qrels_path}: file not found (splits here: {', '.join(splits) or 'none'})")
     corpus = load_corpus(corpus_path)
     queries = load_queries(queries_path)
     qrels = load_qrels(qrels_path, corpus=corpus, queries=queries)

@@ -60,7 +60,7 @@ def test_bad_data_names_file_and_line(tmp_path):
     with pytest.raises(BEIRDataError, match=r"test\.tsv:7: corpus id 'nope'"):
         load_beir(folder)
 
-    with pytest.raises(BEIRDataError, match=r"qrels/dev\.tsv: file not found"):
+    with pytest.raises(BEIRDataError, match=r"qrels/dev\.tsv: file not found \(splits here: test\)$"):
         load_beir(write_beir(tmp_path / "split"), split="dev")
 
 
