@@ -68,15 +68,25 @@ def _check_local_checkpoint(path: str) -> None:
                               "checkpoint folder holds its tokenizer")
 
 
+def lone_surrogate(text: str) -> Optional[int]:
+    """Where `text` holds a lone surrogate, or None. A str can (e.g. json.loads of a broken "\ud83d" escape); no
+    tokenizer takes one."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
 def _validate_text(text, name: str) -> None:
     if not isinstance(text, str):
         raise TypeError(f"{name} is {type(text).__name__}, expected str")
-    if not text.isascii():
-        try:  # a str can hold a lone surrogate (e.g. json.loads of a broken "\ud83d" escape); tokenizers refuse it
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ValueError(f"{name} holds a lone surrogate {text[error.start]!r} at character {error.start}, which "
-                             "no tokenizer takes; text.encode('utf-8', 'replace').decode() turns it into '?'") from None
+    position = lone_surrogate(text)
+    if position is not None:
+        raise ValueError(f"{name} holds a lone surrogate {text[position]!r} at character {position}, which no "
+                         "tokenizer takes; text.encode('utf-8', 'replace').decode() turns it into '?'")
 
 
 def _validate_texts(texts) -> list[str]:
@@ -175,8 +185,8 @@ class FLES1Encoder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
         except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
-            raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, tokenizer_config.json): "
-                                  f"{str(error).strip().splitlines()[0]}") from error
+            raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, "
+                                  f"tokenizer_config.json): {str(error).strip().splitlines()[0]}") from error
         return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
 
     @property

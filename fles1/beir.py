@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from fles1_encoder import lone_surrogate
+
 
 class BEIRDataError(ValueError):
     """Bad BEIR data; the message names the file (and line) at fault."""
@@ -70,12 +72,10 @@ def _text_field(value, where: str) -> str:
         return ""
     if not isinstance(value, str):
         raise BEIRDataError(f"{where} is {type(value).__name__}, expected a string")
-    if not value.isascii():
-        try:  # json.loads keeps a lone surrogate escape ("\ud83d" without its pair); no tokenizer takes one
-            value.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise BEIRDataError(f"{where} holds a lone surrogate {value[error.start]!r} at character {error.start} "
-                                "(a broken \\u escape)") from None
+    position = lone_surrogate(value)
+    if position is not None:
+        raise BEIRDataError(f"{where} holds a lone surrogate {value[position]!r} at character {position} "
+                            "(a broken \\u escape)")
     return value
 
 
@@ -140,7 +140,8 @@ def load_beir(source: str, split: str = "test") -> BEIRDataset:
     qrels_path = os.path.join(source, "qrels", f"{split}.tsv")
     if not os.path.isfile(qrels_path):  # before reading the corpus; name the splits there are
         folder = os.path.join(source, "qrels")
-        splits = sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".tsv")) if os.path.isdir(folder) else []
+        splits = sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".tsv")) \
+            if os.path.isdir(folder) else []
         raise BEIRDataError(f"{qrels_path}: file not found (splits here: {', '.join(splits) or 'none'})")
     corpus = load_corpus(corpus_path)
     queries = load_queries(queries_path)
