@@ -411,4 +411,4 @@ class FLES1Encoder:
         )
 
 
-__all__ = ["FLES1Encoder", "CheckpointError", "passes_threshold", "is_local_path"]
+__all__ = ["FLES1Encoder", "CheckpointError", "passes_threshold", "is_local_path", "lone_surrogate"]

@@ -9,7 +9,6 @@ uv venv -q --allow-existing "$VENV"
 # every "name>=floor" pinned to "name==floor" (torch is pinned already)
 sed -n 's/^\([A-Za-z0-9_.-]*\)>=\([^,]*\).*/\1==\2/p' requirements.txt > "$VENV/floors.txt"
 uv pip install -q -p "$VENV/bin/python" ${FIND_LINKS:+--find-links "$FIND_LINKS"} -r requirements.txt -c "$VENV/floors.txt"
-"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || true
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as m
 names = ["torch", "transformers", "sentence-transformers", "huggingface-hub", "safetensors", "datasets", "accelerate",

@@ -173,8 +173,7 @@ def test_torchrun_two_ranks_log_the_global_nnz(sparse_tiny, msmarco_toy_dir, tmp
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path, "--output-dir", out,
                "--max-steps", "4", "--trace-nnz"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run(command, env)
     log = json.load(open(os.path.join(out, "training_log.json")))
     traces = [json.load(open(os.path.join(out, f"nnz_trace_rank{rank}.json"))) for rank in (0, 1)]
     assert traces[0] != traces[1]  # the ranks saw different documents
