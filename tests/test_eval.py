@@ -237,6 +237,48 @@ def test_corpus_cache_is_reused_and_interrupts_leave_none(tiny_random_checkpoint
         encode_corpus(encoder, dataset, cache, model_fp="m")
 
 
+
+def test_corpus_encoding_resumes_from_its_finished_shards(tiny_random_checkpoint, beir_dir, tmp_path, monkeypatch):
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    dataset, cache = load_beir(beir_dir), tmp_path / "cache"
+    shards = -(-len(CORPUS) // 2)
+    assert shards >= 3
+    _, reference, _ = encode_corpus(encoder, dataset, None, model_fp="m", shard_docs=2)  # no cache: nothing saved
+    assert reference.shape == (len(CORPUS), 30522) and not cache.exists()
+    original, encoded = encoder.encode_batch, []
+
+    def interrupted_after_one_shard(texts, **kwargs):
+        if encoded:
+            raise KeyboardInterrupt
+        encoded.append(list(texts))
+        return original(texts, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode_batch", interrupted_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(encoder, dataset, str(cache), model_fp="m", shard_docs=2)
+    (parts,) = cache.iterdir()  # the finished shard is saved, no cache entry claims the corpus
+    assert parts.name.endswith(".parts") and sorted(p.name for p in parts.iterdir()) == ["000000.npz"]
+    (parts / "000001.npz").write_bytes(b"not an npz")  # an unreadable shard is encoded again, not trusted
+
+    def counted(texts, **kwargs):
+        encoded.append(list(texts))
+        return original(texts, **kwargs)
+
+    encoded.clear()
+    monkeypatch.setattr(encoder, "encode_batch", counted)
+    ids, resumed, info = encode_corpus(encoder, dataset, str(cache), model_fp="m", shard_docs=2)
+    first_shard = [dataset.document_text(doc_id) for doc_id in ids[:2]]
+    assert len(encoded) == shards - 1 and first_shard not in encoded  # resumed after the saved shard
+    assert (resumed != reference).nnz == 0 and not info["cached"] and info["docs_per_second"] > 0
+    assert [p.name for p in cache.iterdir()] == [parts.name[: -len(".parts")] + ".npz"]  # shards folded into it
+    encoded.clear()
+    _, cached, info = encode_corpus(encoder, dataset, str(cache), model_fp="m", shard_docs=2)
+    assert info["cached"] and not encoded and (cached != reference).nnz == 0
+    with pytest.raises(ValueError, match="shard_docs must be an int >= 1, got 0"):
+        encode_corpus(encoder, dataset, str(cache), model_fp="m", shard_docs=0)
+
 SHARED_KEYS = {
     "top": {"model", "threshold", "query_max_length", "document_max_length", "environment", "datasets"},
     "dataset": {"split", "num_queries", "num_docs", "data_fingerprint", "metrics", "bm25", "production"},
