@@ -32,6 +32,11 @@ Kind = Literal["document", "query"]
 KINDS = ("document", "query")
 OUTPUTS = ("dict", "ids", "csr", "torch")
 PROGRESS_BAR_MIN_TEXTS = 256  # below this a bar is noise
+# Texts tokenized and sorted by length together, then batched: bounds memory on corpora of any size (a batch never
+# spans two windows; up to this many texts are batched exactly as if all were sorted at once).
+SORT_WINDOW_TEXTS = 8192
+# Texts per call of the Rust tokenizer: its Encoding objects (~60 KB for a 256-token text) live only that long.
+TOKENIZE_CHUNK_TEXTS = 1024
 
 
 class CheckpointError(OSError):
@@ -202,7 +207,8 @@ class FLES1Encoder:
         """Token ids per text, truncated at the kind's max length (special tokens included)."""
         rust = self._rust_tokenizer(kind)
         if rust is not None:
-            return [encoding.ids for encoding in rust.encode_batch(texts)]
+            return [encoding.ids for begin in range(0, len(texts), TOKENIZE_CHUNK_TEXTS)
+                    for encoding in rust.encode_batch(texts[begin : begin + TOKENIZE_CHUNK_TEXTS])]
         return self.tokenizer(  # a slow (Python) tokenizer
             texts, truncation=True, max_length=self.max_lengths[kind], add_special_tokens=True,
             return_attention_mask=False, return_token_type_ids=False,
@@ -245,26 +251,24 @@ class FLES1Encoder:
         return self._encode_ids_batch(self._tokenize(texts, kind))
 
     def _batches(self, texts: list[str], kind: str, batch_size: int, show_progress_bar: Optional[bool]):
-        """Yield (positions, vectors) for non-blank texts, tokenized once and batched by token count so that
-        padding is minimal."""
+        """Yield (positions, vectors) for the texts that have tokens. A window of texts at a time is tokenized and
+        sorted by token count, then batched, so that padding is minimal and memory stays bounded."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         positions = [index for index, text in enumerate(texts) if text.strip()]
-        if not positions:
-            return
-        token_ids = self._tokenize([texts[index] for index in positions], kind)
-        words = [i for i, ids in enumerate(token_ids) if len(ids) > self._special_token_count]
-        positions, token_ids = [positions[i] for i in words], [token_ids[i] for i in words]
-        if not positions:
-            return
-        order = sorted(range(len(positions)), key=lambda i: -len(token_ids[i]))
         if show_progress_bar is None:
             show_progress_bar = len(positions) >= PROGRESS_BAR_MIN_TEXTS
         with tqdm(total=len(positions), disable=not show_progress_bar, desc=f"Encoding {kind}s", unit=kind) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                yield [positions[i] for i in chunk], self._encode_ids_batch([token_ids[i] for i in chunk])
-                bar.update(len(chunk))
+            for begin in range(0, len(positions), SORT_WINDOW_TEXTS):
+                window = positions[begin : begin + SORT_WINDOW_TEXTS]
+                token_ids = self._tokenize([texts[index] for index in window], kind)
+                words = [i for i, ids in enumerate(token_ids) if len(ids) > self._special_token_count]
+                bar.update(len(window) - len(words))  # no tokens (e.g. only zero-width characters): empty vectors
+                order = sorted(words, key=lambda i: -len(token_ids[i]))
+                for start in range(0, len(order), batch_size):
+                    chunk = order[start : start + batch_size]
+                    yield [window[i] for i in chunk], self._encode_ids_batch([token_ids[i] for i in chunk])
+                    bar.update(len(chunk))
 
     def _sparsify(self, vectors: torch.Tensor, threshold: float):
         """Per row: (ids sorted by descending weight, weights) of the entries >= threshold (and > 0)."""

@@ -196,6 +196,30 @@ def test_encoder_batching_does_not_change_vectors(encoder):
         assert (batched - alone).abs().max().item() <= 1e-5
 
 
+
+def test_encoder_large_inputs_go_in_windows_with_bounded_tokenizer_calls(encoder, monkeypatch):
+    import fles1_encoder
+
+    texts = [f"{'long ' * (i % 7 * 5)}text number {i}" for i in range(23)]
+    texts[4], texts[11], texts[17] = "", "\u200b", "  "  # blank, no tokens, blank: empty vectors, in place
+    expected = encoder.encode_batch(texts, batch_size=4, output="torch").to_dense()
+    backend = encoder._rust_tokenizer("document")
+    calls = []
+
+    class CountingTokenizer:  # the encoder's own Rust tokenizer, each call's size recorded
+        def encode_batch(self, batch):
+            calls.append(len(batch))
+            return backend.encode_batch(batch)
+
+    monkeypatch.setattr(fles1_encoder, "SORT_WINDOW_TEXTS", 6)
+    monkeypatch.setattr(fles1_encoder, "TOKENIZE_CHUNK_TEXTS", 4)
+    monkeypatch.setattr(encoder, "_rust_tokenizer", lambda kind: CountingTokenizer())
+    windowed = encoder.encode_batch(texts, batch_size=4, output="torch").to_dense()
+    # the 21 non-blank texts (the zero-width space too), windows of 6 (6+6+6+3), at most a chunk of 4 per call
+    assert calls == [4, 2, 4, 2, 4, 2, 3]
+    assert windowed[[4, 11, 17]].count_nonzero() == 0 and windowed.count_nonzero(dim=1).gt(0).sum() == 20
+    assert (windowed - expected).abs().max().item() <= 1e-5  # other batch partners: same vectors
+
 def test_encoder_tokenizes_like_the_wrapper_without_reconfiguring_it(shipped, fles1_checkpoint):
     from transformers import AutoTokenizer
 
