@@ -48,13 +48,14 @@ def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str) -> str:
 
 
 def drop_loader_flags(path: str) -> None:
-    """transformers saves the loading call's ``local_files_only`` into tokenizer_config.json (true when the tokenizer
-    came from an offline machine); it describes that machine, not the tokenizer, so it is not shipped."""
+    """transformers saves the loading call's ``local_files_only`` and ``is_local`` into tokenizer_config.json (true
+    on an offline machine, for a folder); they describe that machine and load, not the tokenizer (transformers
+    sets both anew at every load), so they are not shipped."""
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as handle:
         settings = json.load(handle)
-    if settings.pop("local_files_only", None) is not None:
+    if any([settings.pop(flag, None) is not None for flag in ("local_files_only", "is_local")]):
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(settings, handle, indent=2, ensure_ascii=False)
             handle.write("\n")

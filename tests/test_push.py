@@ -152,7 +152,9 @@ def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys):
     with open(older / "modeling_fles1.py", "a", encoding="utf-8") as handle:
         handle.write("\n# saved by an older FLES-1\n")
     settings = json.loads((older / "tokenizer_config.json").read_text())
-    (older / "tokenizer_config.json").write_text(json.dumps({**settings, "local_files_only": True}))  # an offline save
+    settings.pop("is_local", None)
+    (older / "tokenizer_config.json").write_text(  # an offline save of a folder
+        json.dumps({**settings, "local_files_only": True, "is_local": True}))
     rc = push_fles1.main(["--model", str(older), "--repo-id", REPO_ID, "--dry-run", out,
                           "--results", result_files["results"], "--plots", result_files["plot"]])
     printed = capsys.readouterr()
@@ -169,7 +171,7 @@ def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys):
         with open(os.path.join(out, name), "rb") as shipped, open(os.path.join(project, name), "rb") as current:
             assert shipped.read() == current.read(), name
     with open(os.path.join(out, "tokenizer_config.json")) as handle:
-        assert json.load(handle) == settings  # without the saving machine's local_files_only
+        assert json.load(handle) == settings  # without the saving machine's local_files_only / is_local
 
     # the three loaders in a fresh offline process agree, and give the source folder's vectors
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
