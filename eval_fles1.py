@@ -66,11 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from fles1.atomic import require_writable
     from fles1.beir import BEIRDataError
     from fles1.evaluation import evaluate, markdown_tables, write_markdown, write_results
     from fles1_encoder import CheckpointError
 
     try:
+        for option, path in (("--output", args.output), ("--markdown", args.markdown)):
+            if path:
+                require_writable(path, option)
         results = evaluate(
             args.model, args.data, split=args.split, threshold=args.threshold,
             cache_dir=None if args.no_cache else args.cache_dir, bm25=not args.no_bm25,

@@ -37,6 +37,21 @@ def require_new_folder(path: str, replace: bool = False, hint: str = "") -> None
         raise FileExistsError(f"{path}: exists and is not empty{hint}")
 
 
+def require_writable(path: str, what: str, folder: bool = False) -> None:
+    """Fail before the work, not after it: ``path`` (a file, or with ``folder`` a folder) can be written, i.e. its
+    nearest existing ancestor is a writable folder. Creates nothing. ``what`` names the option in the error."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{what} {path}: exists and is {'not ' if folder else ''}a folder")
+    ancestor = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"{what} {path}: cannot be written, {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot be written, {ancestor} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, replace: bool = False):
     """``with atomic_directory("out") as staging: <fill staging>`` -- ``out`` appears, complete, only if the block

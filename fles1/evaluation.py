@@ -30,7 +30,7 @@ import scipy.sparse
 from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
-from fles1.atomic import atomic_open
+from fles1.atomic import atomic_open, require_writable
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1_encoder import PROGRESS_BAR_MIN_TEXTS
 from fles1.metrics import METRIC_KEYS, evaluate_run, rounded_run, write_trec_run
@@ -323,11 +323,16 @@ def evaluate(
 ) -> dict:
     """Evaluate a FLES-1 folder/hub id on BEIR datasets; returns the results dict (shared format).
 
-    All datasets are loaded (and validated) before any encoding, so bad data fails fast. Run files, indices
-    and exports are written atomically; nothing claims completeness before the results dict is returned.
+    All datasets are loaded (and validated), and every output location checked, before any encoding, so bad data
+    or a path that cannot be written fails fast. Run files, indices and exports are written atomically; nothing
+    claims completeness before the results dict is returned.
     """
     from fles1_encoder import FLES1Encoder
 
+    for option, path, folder in (("cache_dir", cache_dir, True), ("run_file", run_file, False),
+                                 ("index_dir", index_dir, True), ("export_dir", export_dir, True)):
+        if path:  # a typo here should not cost the corpus encoding
+            require_writable(path, option, folder=folder)
     datasets = [load_beir(source, split) for source in data]
     names = dataset_names(datasets)
     encoder = FLES1Encoder.from_pretrained(model, device=device)

@@ -106,6 +106,30 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_random_checkpoin
     assert sorted(os.listdir(tmp_path)) == ["bad", "good"]
 
 
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--cache-dir", "afile/cache", "cache_dir {}/afile/cache: cannot be written, {}/afile is a file"),
+    ("--output", "afile/deeper/results.json", "--output {}/afile/deeper/results.json: cannot be written, {}/afile is a file"),
+    ("--markdown", ".", "--markdown {}: exists and is a folder"),
+    ("--run-file", "good", "run_file {}/good: exists and is a folder"),
+    ("--index-dir", "afile", "index_dir {}/afile: exists and is not a folder"),
+    ("--export", "afile/x", "export_dir {}/afile/x: cannot be written, {}/afile is a file"),
+])
+def test_cli_unwritable_outputs_fail_before_any_work(tmp_path, tiny_random_checkpoint, capsys, monkeypatch, option,
+                                                     value, message):
+    from fles1_encoder import FLES1Encoder
+
+    good = write_beir(tmp_path / "good")
+    (tmp_path / "afile").write_text("a file where a folder is needed")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(FLES1Encoder, "encode_batch", lambda *a, **k: pytest.fail("encoded before the check"))
+    argv = ["--model", tiny_random_checkpoint, "--data", good, option, value]
+    if option != "--cache-dir":
+        argv += ["--cache-dir", str(tmp_path / "cache")]
+    assert eval_fles1.main(argv) == 2
+    assert f"error: {message.format(tmp_path, tmp_path)}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "good"]  # nothing created
+
 @pytest.mark.parametrize("option, value, message", [
     ("--threshold", "-1", "a number >= 0"), ("--threshold", "nan", "a number >= 0"),
     ("--latency-queries", "0", "an int >= 1"), ("--latency-queries", "-5", "an int >= 1"),  # -5 sliced all but 5

@@ -232,4 +232,7 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
         train_fles1.main([*common, "--output-dir", fresh, "--resume"])
     with pytest.raises(SystemExit, match=r"^error: cannot resume from .*no-ckpt: not a training checkpoint folder"):
         train_fles1.main([*common, "--output-dir", fresh, "--resume", str(tmp_path / "no-ckpt")])
+    (tmp_path / "afile").write_text("a file where the output folder should go")
+    with pytest.raises(SystemExit, match=r"^error: output_dir .*afile/out: cannot be written, .*afile is a file$"):
+        train_fles1.main([*common, "--output-dir", str(tmp_path / "afile" / "out")])  # before loading, not at step 1
     assert not os.path.exists(os.path.join(fresh, "training_log.json"))

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from fles1.atomic import require_writable
+
 HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse",
                 "lambda_d", "lambda_q", "nnz_doc", "nnz_query", "eff_reg")
 
@@ -115,7 +117,8 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     from .trainer import resolve_resume
 
     try:
-        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir)  # before any loading
+        require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir)
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
         where = f"model.path={recipe['model']['path']!r}: " if isinstance(error, OSError) else ""
