@@ -60,8 +60,9 @@ class FLES1Config(BertConfig):
             raise ValueError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
-        if inference_threshold is None or inference_threshold < 0:
-            raise ValueError(f"inference_threshold must be >= 0, got {inference_threshold!r}")
+        if isinstance(inference_threshold, bool) or not isinstance(inference_threshold, (int, float)) \
+                or not inference_threshold >= 0:  # NaN too: a NaN cut would keep no weight and say nothing
+            raise ValueError(f"inference_threshold must be a number >= 0, got {inference_threshold!r}")
         self.inference_threshold = float(inference_threshold)
         self.pooling = pooling
         self.activation = activation

@@ -133,8 +133,9 @@ def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):
 
 
 def test_model_config_rejects_bad_settings():
-    with pytest.raises(ValueError, match="inference_threshold"):
-        FLES1Config(inference_threshold=-0.1)
+    for threshold in (-0.1, float("nan"), "0.3", None, True):  # NaN was written into config.json as {"__float__": "NaN"}
+        with pytest.raises(ValueError, match=f"inference_threshold must be a number >= 0, got {threshold!r}"):
+            FLES1Config(inference_threshold=threshold)
     with pytest.raises(ValueError, match=r"\['max'\]"):
         FLES1Config(pooling="mean")
     with pytest.raises(ValueError, match=r"\['log1p_relu'\]"):
@@ -158,6 +159,11 @@ def test_model_convert_cli_bad_source_or_setting_is_one_error_line(backbone_dir,
     assert errors[0] == f"error: {tmp_path / 'missing'}: no such folder"
     assert errors[1] == f"error: {backbone_dir}: document_max_length=4096 exceeds max_position_embeddings=512"
     assert not (tmp_path / "out").exists()  # nothing half-written
+    for option, value in (("--threshold", "nan"), ("--threshold", "-1"), ("--query-max-length", "2")):
+        with pytest.raises(SystemExit) as exit_info:  # a usage error naming the option, before any loading
+            convert_fles1.main([backbone_dir, str(tmp_path / "out"), option, value])
+        assert exit_info.value.code == 2 and f"{option}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_model_convert_cli_never_overwrites_by_accident(backbone_dir, tmp_path, capsys, monkeypatch):
