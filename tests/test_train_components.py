@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fles1.beir import BEIRDataError
+from fles1.beir import BEIRDataError, load_beir
 from fles1.training.data import beir_examples, load_training_examples, triples_examples
 from fles1.training.losses import info_nce
 from fles1.training.recipe import load_recipe
@@ -167,6 +167,12 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
         load_training_examples(_beir_folder(tmp_path / "b", "q1\td1\t0\n"))
     with pytest.raises(ValueError, match="not a BEIR folder"):
         load_training_examples(str(tmp_path / "missing-folder"))
+    data = load_beir(_beir_folder(tmp_path / "c", "q1\td1\t1\n"), "train")
+    for num_negatives, seed, message in ((1.5, 0, "num_negatives must be an int >= 0, got 1.5"),
+                                         (-1, 0, "num_negatives must be an int >= 0, got -1"),
+                                         (1, "x", "seed must be an int, got 'x'")):
+        with pytest.raises(ValueError, match=message):  # 1.5 was a TypeError from random.sample
+            beir_examples(data, num_negatives, seed)
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -184,6 +190,14 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.per_device_train_batch_size", 2.5, "per_device_train_batch_size: expected int, got 2.5"),
     ("training.bf16", "yes", "bf16: expected bool, got 'yes'"),
     ("training.output_dir", "x", "--output-dir"),
+    # NaN and out-of-range numbers that used to reach the loss, the crash monitor or the optimizer
+    ("loss.temperature", float("nan"), "loss.temperature must be a number > 0, got nan"),
+    ("loss.lambda_q", -1, "loss.lambda_q must be a number >= 0, got -1"),
+    ("loss.anticollapse_min_mass", 0, "loss.anticollapse_min_mass must be a number > 0, got 0"),
+    ("crashes.nnz_floor", float("nan"), r"crashes.nnz_floor must be >= 0, got nan"),
+    ("crashes.spike_window", 0, r"crashes.spike_window must be an int >= 5, got 0"),
+    ("training.learning_rate", -2.0e-5, "learning_rate must be >= 0, got -2e-05"),
+    ("training.learning_rate", float("nan"), "learning_rate must be >= 0, got nan"),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}

@@ -40,6 +40,8 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
             raise ValueError(f"spike_factor must be > 1, got {spike_factor!r}")
         if not (isinstance(spike_window, int) and spike_window >= MIN_SPIKE_HISTORY):
             raise ValueError(f"spike_window must be an int >= {MIN_SPIKE_HISTORY}, got {spike_window!r}")
+        if not nnz_floor >= 0:  # NaN or below 0 would never count a collapse
+            raise ValueError(f"nnz_floor must be >= 0, got {nnz_floor!r}")
         if not 0 <= nnz_collapse_fraction < 1:
             raise ValueError(f"nnz_collapse_fraction must be in [0, 1), got {nnz_collapse_fraction!r}")
         self.spike_factor, self.spike_window, self.nnz_floor = float(spike_factor), spike_window, float(nnz_floor)

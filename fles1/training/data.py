@@ -52,13 +52,19 @@ def _to_dataset(rows: list[list[str]], num_negatives: int, source: str) -> Datas
 POSITIVE_CHOICES = ("random", "bm25")
 
 
+def _check_sampling(num_negatives, seed, minimum: int, why: str = "") -> None:
+    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < minimum:
+        raise ValueError(f"num_negatives must be an int >= {minimum}{why}, got {num_negatives!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
 def beir_examples(
     dataset: BEIRDataset, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0, with_ids: bool = False,
     positive: str = "random",
 ) -> Dataset:
     """One (query, positive, negatives) row per query of ``dataset.qrels`` that has a relevant document."""
-    if num_negatives < 0:
-        raise ValueError(f"num_negatives must be >= 0, got {num_negatives!r}")
+    _check_sampling(num_negatives, seed, minimum=0)
     if positive not in POSITIVE_CHOICES:
         raise ValueError(f"positive={positive!r} is not supported; choose one of {list(POSITIVE_CHOICES)}")
     bm25 = {}
@@ -109,8 +115,7 @@ def read_triples(path: str) -> list[tuple[str, str, str]]:
 
 def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0) -> Dataset:
     """One row per triple; negatives beyond the triple's own are drawn from the other triples' passages."""
-    if num_negatives < 1:
-        raise ValueError(f"num_negatives must be >= 1 for triples (each row brings one), got {num_negatives!r}")
+    _check_sampling(num_negatives, seed, minimum=1, why=" for triples (each row brings one)")
     triples = read_triples(path)
     pool = sorted({text for _, positive, negative in triples for text in (positive, negative)})
     rng = random.Random(seed)

@@ -70,6 +70,8 @@ def _check_training_arguments(training: dict) -> None:
                 (expected is int and not (number and isinstance(value, int))):
             note = " (YAML 1.1 reads 2e-5 as text: write 2.0e-5)" if isinstance(value, str) and _numeric(value) else ""
             raise ValueError(f"recipe.training.{key}: expected {expected.__name__}, got {value!r}{note}")
+    if not training.get("learning_rate", 0.0) >= 0:  # TrainingArguments takes NaN, and a negative rate ascends
+        raise ValueError(f"recipe.training.learning_rate must be >= 0, got {training['learning_rate']!r}")
     if training.get("per_device_train_batch_size", 1) < 1:
         raise ValueError(f"recipe.training.per_device_train_batch_size must be >= 1, got "
                          f"{training['per_device_train_batch_size']!r}")
@@ -77,7 +79,9 @@ def _check_training_arguments(training: dict) -> None:
 
 def validate(recipe: dict) -> dict:
     from .clfr import CLFRController
+    from .crashes import CrashMonitor
     from .regularizers import get_regularizer
+    from .trainer import check_loss_settings
 
     if not recipe["model"]["path"]:
         raise ValueError("recipe.model.path is required (a FLES-1 checkpoint folder or a BERT masked-LM)")
@@ -86,8 +90,15 @@ def validate(recipe: dict) -> dict:
     _check_training_arguments(recipe["training"])
     clfr, loss = recipe["clfr"], recipe["loss"]
     get_regularizer(loss["regularizer"])
-    if not loss["temperature"] > 0:
-        raise ValueError(f"loss.temperature must be > 0, got {loss['temperature']!r}")
+    try:  # the components' own checks, before any data or model is loaded
+        check_loss_settings(loss["temperature"], loss["lambda_d"], loss["lambda_q"], loss["anticollapse_weight"],
+                            loss["anticollapse_min_mass"])
+    except ValueError as error:
+        raise ValueError(f"loss.{error}") from None
+    try:
+        CrashMonitor(**recipe["crashes"])
+    except ValueError as error:
+        raise ValueError(f"crashes.{error}") from None
     if clfr["enabled"]:
         CLFRController(loss["lambda_d"], clfr["target_nnz_d"], clfr["gain"], clfr["max_log_step"])
         interval = clfr["interval_steps"]

@@ -34,7 +34,7 @@ def squared_flops(reps: torch.Tensor) -> torch.Tensor:
 
 def anti_collapse(reps: torch.Tensor, min_mass: float = 5.0) -> torch.Tensor:
     """mean_b ReLU(1 - ||w_b||_1 / min_mass)^2: zero unless a vector's total weight falls below ``min_mass``."""
-    if min_mass <= 0:
+    if not min_mass > 0:  # NaN too
         raise ValueError(f"min_mass must be > 0, got {min_mass!r}")
     mass = reps.abs().sum(dim=-1)
     return torch.relu(1.0 - mass / min_mass).pow(2).mean()

@@ -123,6 +123,16 @@ def resolve_resume(resume_from_checkpoint, output_dir: str):
     return resume_from_checkpoint
 
 
+def check_loss_settings(temperature, lambda_d, lambda_q, anticollapse_weight, anticollapse_min_mass) -> None:
+    """The loss's numbers as FLES1Trainer takes them (NaN and non-numbers refused): ValueError naming the first bad one."""
+    for name, value, positive in (("temperature", temperature, True), ("lambda_d", lambda_d, False),
+                                  ("lambda_q", lambda_q, False), ("anticollapse_weight", anticollapse_weight, False),
+                                  ("anticollapse_min_mass", anticollapse_min_mass, True)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (value > 0 if positive else value >= 0):
+            raise ValueError(f"{name} must be a number {'>' if positive else '>='} 0, got {value!r}")
+
+
 class FLES1Trainer(Trainer):
     """Trainer for FLES-1 sparse encoders; ``model`` is a ``FLES1ForMaskedLM``.
 
@@ -163,11 +173,7 @@ class FLES1Trainer(Trainer):
             raise ValueError("train_dataset is empty: FLES1Trainer needs (query, positive, negatives...) rows")
         if not hasattr(model, "encode_sparse"):
             raise TypeError(f"model must be a FLES1ForMaskedLM (with encode_sparse), got {type(model).__name__}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        for name, value in (("lambda_d", lambda_d), ("lambda_q", lambda_q), ("anticollapse_weight", anticollapse_weight)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        check_loss_settings(temperature, lambda_d, lambda_q, anticollapse_weight, anticollapse_min_mass)
         self.regularizer = get_regularizer(regularizer)
         self.lambda_d, self.lambda_q, self.temperature = float(lambda_d), float(lambda_q), float(temperature)
         self.anticollapse_weight, self.anticollapse_min_mass = float(anticollapse_weight), float(anticollapse_min_mass)
