@@ -198,6 +198,10 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("crashes.spike_window", 0, r"crashes.spike_window must be an int >= 5, got 0"),
     ("training.learning_rate", -2.0e-5, "learning_rate must be >= 0, got -2e-05"),
     ("training.learning_rate", float("nan"), "learning_rate must be >= 0, got nan"),
+    ("clfr.enabled", "no", "clfr.enabled must be true or false, got 'no'"),  # a quoted "no" was truthy: CLFR on
+    ("data.mask_false_negatives", 1, "data.mask_false_negatives must be true or false, got 1"),
+    ("data.max_examples", -1, r"data.max_examples must be an int >= 1 or null \(every example\), got -1"),
+    ("data.max_examples", float("nan"), "data.max_examples must be an int >= 1 or null"),  # NaN kept every example
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}

@@ -99,6 +99,12 @@ def validate(recipe: dict) -> dict:
         CrashMonitor(**recipe["crashes"])
     except ValueError as error:
         raise ValueError(f"crashes.{error}") from None
+    for section, key in (("data", "mask_false_negatives"), ("clfr", "enabled")):
+        if not isinstance(recipe[section][key], bool):  # a quoted "no" is truthy
+            raise ValueError(f"{section}.{key} must be true or false, got {recipe[section][key]!r}")
+    limit = recipe["data"]["max_examples"]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"data.max_examples must be an int >= 1 or null (every example), got {limit!r}")
     if clfr["enabled"]:
         CLFRController(loss["lambda_d"], clfr["target_nnz_d"], clfr["gain"], clfr["max_log_step"])
         interval = clfr["interval_steps"]
