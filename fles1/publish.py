@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from fles1.atomic import atomic_directory, require_new_folder
-from fles1.card import build_card
+from fles1.card import CardInputError, build_card
 from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)
@@ -122,7 +122,10 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     except OSError as error:
         raise PublishError(str(error)) from None
     with atomic_directory(out_dir) as staging:
-        _assemble_into(model_dir, staging, repo_id, card)
+        try:
+            _assemble_into(model_dir, staging, repo_id, card)
+        except CardInputError as error:  # a results/log/recipe file that is not what the card reads: one line
+            raise PublishError(str(error)) from None
     return out_dir
 
 

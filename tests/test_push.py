@@ -339,3 +339,15 @@ def test_missing_input_file_leaves_no_half_built_folder(source_checkpoint, resul
     assert sorted(os.listdir(tmp_path)) == sorted(["trained", "eval_nfcorpus.json", "loss.png"])  # no leftovers
     assert push_fles1.main(argv + [result_files["plot"]]) == 0
     assert os.path.isfile(out / "README.md") and os.path.isfile(out / "plots" / "loss.png")
+
+
+def test_results_file_the_card_cannot_read_is_one_error_line(source_checkpoint, result_files, tmp_path, capsys):
+    """A results file that is not eval_fles1.py JSON (e.g. its --markdown table) was a CardInputError traceback."""
+    out, table = tmp_path / "o", tmp_path / "eval.md"
+    table.write_text("| model | NDCG@10 |\n")
+    for bad, message in ((table, "not valid JSON"), (tmp_path / "trained" / "config.json", "no 'datasets' object")):
+        rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", str(bad),
+                              "--dry-run", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 1 and f"error: {bad}: {message}" in err and "Traceback" not in err
+        assert not out.exists()  # nothing half-built
