@@ -48,6 +48,11 @@ def is_local_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~"))
 
 
+def not_a_folder(path: str) -> str:
+    """Why a local ``path`` that is not a folder cannot be a checkpoint, for error messages."""
+    return "a file, not a folder" if os.path.exists(path) else "no such folder"
+
+
 def _check_local_checkpoint(path: str) -> None:
     """Fail early, naming the file, instead of deep inside transformers."""
     config_path = os.path.join(path, "config.json")
@@ -174,7 +179,7 @@ class FLES1Encoder:
         if os.path.isdir(path_or_hub_id):
             _check_local_checkpoint(path_or_hub_id)
         elif is_local_path(path_or_hub_id):  # transformers would call it an invalid repo id
-            raise CheckpointError(f"{path_or_hub_id}: no such folder")
+            raise CheckpointError(f"{path_or_hub_id}: {not_a_folder(path_or_hub_id)}")
         try:
             config = AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
             model = AutoModelForMaskedLM.from_pretrained(
@@ -415,4 +420,4 @@ class FLES1Encoder:
         )
 
 
-__all__ = ["FLES1Encoder", "CheckpointError", "passes_threshold", "is_local_path", "lone_surrogate"]
+__all__ = ["FLES1Encoder", "CheckpointError", "passes_threshold", "is_local_path", "not_a_folder", "lone_surrogate"]

@@ -12,7 +12,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from configuration_fles1 import FLES1Config
 from fles1.atomic import atomic_directory, require_new_folder
-from fles1_encoder import is_local_path
+from fles1_encoder import is_local_path, not_a_folder
 from modeling_fles1 import FLES1ForMaskedLM
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +86,7 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place)."""
     require_new_folder(out_dir, overwrite, hint=" (--overwrite / overwrite=True replaces it)")  # before the load
     if not os.path.isdir(source) and is_local_path(source):
-        raise FileNotFoundError("no such folder")  # a path, not a hub id: transformers would say "bad repo id"
+        raise FileNotFoundError(not_a_folder(source))  # a path, not a hub id: transformers would say "bad repo id"
     source_model = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True)
     config = fles1_config_from(source_model.config, **sparse_settings)
     model = FLES1ForMaskedLM(config)

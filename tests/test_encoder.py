@@ -139,6 +139,9 @@ def test_encoder_missing_folder_is_named_not_called_a_repo_id(tmp_path, monkeypa
     for path in (str(tmp_path / "no-such-checkpoint"), "./no-such-checkpoint", "../no-such-checkpoint"):
         with pytest.raises(CheckpointError, match=f"^{re.escape(path)}: no such folder$"):
             FLES1Encoder.from_pretrained(path)
+    (tmp_path / "weights.safetensors").write_bytes(b"")  # a file given where the folder goes
+    with pytest.raises(CheckpointError, match=r": a file, not a folder$"):
+        FLES1Encoder.from_pretrained(str(tmp_path / "weights.safetensors"))
 
 
 def test_encoder_decode_refuses_ids_outside_the_vocabulary(encoder):

@@ -25,11 +25,11 @@ def load_model_for_training(path: str):
     from transformers import AutoConfig, AutoTokenizer
 
     from fles1.checkpoint import convert
-    from fles1_encoder import is_local_path
+    from fles1_encoder import is_local_path, not_a_folder
     from modeling_fles1 import FLES1ForMaskedLM
 
     if not os.path.isdir(path) and is_local_path(path):
-        raise FileNotFoundError("no such folder")  # transformers would call the path an invalid repo id
+        raise FileNotFoundError(not_a_folder(path))  # transformers would call the path an invalid repo id
     if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type != "fles1":
         path = convert(path, tempfile.mkdtemp(prefix="fles1-backbone-"))
     model = FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True)
