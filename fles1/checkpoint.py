@@ -55,7 +55,8 @@ def drop_loader_flags(path: str) -> None:
         return
     with open(path, encoding="utf-8") as handle:
         settings = json.load(handle)
-    if any([settings.pop(flag, None) is not None for flag in ("local_files_only", "is_local")]):
+    dropped = [flag for flag in ("local_files_only", "is_local") if settings.pop(flag, None) is not None]
+    if dropped:
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(settings, handle, indent=2, ensure_ascii=False)
             handle.write("\n")

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from fles1.atomic import atomic_open, require_writable
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
-from fles1_encoder import PROGRESS_BAR_MIN_TEXTS
 from fles1.metrics import METRIC_KEYS, evaluate_run, rounded_run, write_trec_run
 from fles1.retrieval import InvertedIndex, apply_threshold, average_nnz
+from fles1_encoder import PROGRESS_BAR_MIN_TEXTS
 
 TOP_K = 1000
 DENSE_768_BYTES_PER_DOC = 768 * 4  # float32 768-d vector: 3.07 MB per 1,000 docs
@@ -122,6 +122,20 @@ def _load_csr(path: str) -> tuple[csr_matrix, dict]:
     return matrix, info
 
 
+def _load_part(path: str, rows: int) -> Optional[tuple[csr_matrix, dict]]:
+    """A finished shard saved by an earlier, interrupted run; None when there is none (or it cannot be read:
+    then the shard is encoded again)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        matrix, info = _load_csr(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    if matrix.shape[0] != rows or not isinstance(info.get("encode_seconds"), (int, float)):
+        return None
+    return matrix, info
+
+
 def encode_corpus(
     encoder,
     dataset: BEIRDataset,
@@ -189,20 +203,6 @@ def encode_corpus(
         _save_csr(path, matrix, info)
         shutil.rmtree(parts, ignore_errors=True)
     return doc_ids, matrix, {**info, "cached": False}
-
-
-def _load_part(path: str, rows: int) -> Optional[tuple[csr_matrix, dict]]:
-    """A finished shard saved by an earlier, interrupted run; None when there is none (or it cannot be read:
-    then the shard is encoded again)."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        matrix, info = _load_csr(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None
-    if matrix.shape[0] != rows or not isinstance(info.get("encode_seconds"), (int, float)):
-        return None
-    return matrix, info
 
 
 # ---- one dataset -----------------------------------------------------------------------------------------------
