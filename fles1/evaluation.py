@@ -118,7 +118,8 @@ def _save_csr(path: str, matrix: csr_matrix, info: dict) -> None:
 def _load_csr(path: str) -> tuple[csr_matrix, dict]:
     with np.load(path) as arrays:
         info = json.loads(arrays["info"].tobytes().decode())
-        matrix = csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"].tolist()))
+        matrix = csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
+                            shape=tuple(arrays["shape"].tolist()))
     return matrix, info
 
 

@@ -109,7 +109,8 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_random_checkpoin
 
 @pytest.mark.parametrize("option, value, message", [
     ("--cache-dir", "afile/cache", "cache_dir {}/afile/cache: cannot be written, {}/afile is a file"),
-    ("--output", "afile/deeper/results.json", "--output {}/afile/deeper/results.json: cannot be written, {}/afile is a file"),
+    ("--output", "afile/deeper/results.json",
+     "--output {}/afile/deeper/results.json: cannot be written, {}/afile is a file"),
     ("--markdown", ".", "--markdown {}: exists and is a folder"),
     ("--run-file", "good", "run_file {}/good: exists and is a folder"),
     ("--index-dir", "afile", "index_dir {}/afile: exists and is not a folder"),

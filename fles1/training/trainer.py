@@ -124,7 +124,8 @@ def resolve_resume(resume_from_checkpoint, output_dir: str):
 
 
 def check_loss_settings(temperature, lambda_d, lambda_q, anticollapse_weight, anticollapse_min_mass) -> None:
-    """The loss's numbers as FLES1Trainer takes them (NaN and non-numbers refused): ValueError naming the first bad one."""
+    """The loss's numbers as FLES1Trainer takes them (NaN and non-numbers refused); ValueError naming the first bad
+    one."""
     for name, value, positive in (("temperature", temperature, True), ("lambda_d", lambda_d, False),
                                   ("lambda_q", lambda_q, False), ("anticollapse_weight", anticollapse_weight, False),
                                   ("anticollapse_min_mass", anticollapse_min_mass, True)):
