@@ -37,11 +37,12 @@ class BEIRDataset:
 
 
 def utf8_lines(path: str, handle, error=BEIRDataError) -> Iterator[str]:
-    """The lines of `handle` (`path` opened in binary mode) as str. A line that is not UTF-8 raises `error` naming
-    the file and line; a text-mode handle fails inside a buffer read and names neither."""
+    """The lines of `handle` (`path` opened in binary mode) as str, without a leading byte-order mark. A line that is
+    not UTF-8 raises `error` naming the file and line; a text-mode handle fails inside a buffer read and names
+    neither."""
     for number, raw in enumerate(handle, start=1):
-        try:
-            yield raw.decode("utf-8")
+        try:  # a byte-order mark (Windows editors write one) opens the file; it is not part of the first line
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as bad:
             raise error(f"{path}:{number}: not UTF-8 (byte {raw[bad.start]:#04x} at {bad.start})") from None
 

@@ -48,6 +48,20 @@ def beir_dir(tmp_path):
     return write_beir(tmp_path / "toy")
 
 
+
+def test_windows_files_read_the_same(tmp_path):
+    """A byte-order mark (was 'corpus.jsonl:1: malformed JSON (Unexpected UTF-8 BOM ...)') and CRLF line ends."""
+    plain = load_beir(write_beir(tmp_path / "plain"))
+    folder = write_beir(tmp_path / "windows")
+    for name in ("corpus.jsonl", "queries.jsonl", os.path.join("qrels", "test.tsv")):
+        path = os.path.join(folder, name)
+        with open(path, "rb") as handle:
+            lines = handle.read().splitlines()
+        with open(path, "wb") as handle:
+            handle.write(b"\xef\xbb\xbf" + b"".join(line + b"\r\n" for line in lines))
+    windows = load_beir(folder)
+    assert (windows.corpus, windows.queries, windows.qrels) == (plain.corpus, plain.queries, plain.qrels)
+
 # ---- bad data: file and line named, nothing written ------------------------------------------------------------
 def test_bad_data_names_file_and_line(tmp_path):
     folder = write_beir(tmp_path / "bad")
