@@ -71,6 +71,21 @@ def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir,
     assert isinstance(encoder.encode("a query about cells", kind="query"), dict)
 
 
+
+def test_failing_dev_evaluation_keeps_the_training_log_and_plots(sparse_tiny, msmarco_toy_dir, tmp_path, monkeypatch):
+    import fles1.training.run as run
+
+    def broken(output_dir, recipe):
+        raise MemoryError("the dev corpus did not fit")
+
+    monkeypatch.setattr(run, "evaluate_dev", broken)
+    out = str(tmp_path / "run")
+    with pytest.raises(MemoryError):
+        train(load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir)), out, max_steps=2, eval_dev=True)
+    on_disk = json.load(open(os.path.join(out, "training_log.json")))  # written before the evaluation started
+    assert on_disk["global_step"] == 2 and on_disk["eval"] == {}
+    assert all(os.path.isfile(os.path.join(out, name)) for name in ("loss.png", "nnz.png", "lambda_d.png"))
+
 class NaNOnStep2(FLES1Trainer):
     """Injects non-finite query vectors (hence a NaN loss) into the second optimizer step."""
 
@@ -210,6 +225,14 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
     log = json.load(open(os.path.join(out, "training_log.json")))
     assert log["global_step"] == 2 and log["recipe"]["loss"]["lambda_d"] == 1e-3
     assert log["eval"]["split"] == "dev" and 0.0 <= log["eval"]["ndcg@10"] <= 1.0
+    # bad dev data fails at setup, with its file and line, not after training
+    with open(data / "qrels" / "dev.tsv", "a") as handle:
+        handle.write("q1\td1\tnot-a-grade\n")
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(SystemExit, match=r"^error: .*dev\.tsv:10: "):
+        train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, "--model", sparse_tiny, "--data", str(data),
+                          "--max-steps", "2", "--eval-dev", "--set", "training.per_device_train_batch_size=4"])
+    assert not os.path.exists(os.path.join(fresh, "checkpoint-2"))
     with pytest.raises(SystemExit, match="gain must be in"):
         train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", out, "--set", "clfr.gain=2"])
     # setup problems are one error line before any step, not a traceback

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from fles1.atomic import atomic_open
+
 
 def write_plots(log: dict, out_dir: str) -> list[str]:
     import matplotlib
@@ -32,7 +34,8 @@ def write_plots(log: dict, out_dir: str) -> list[str]:
         axis.legend()
         figure.tight_layout()
         path = os.path.join(out_dir, name)
-        figure.savefig(path, dpi=100)
+        with atomic_open(path, "wb") as handle:  # a kill mid-write leaves the previous plot, not half a PNG
+            figure.savefig(handle, format="png", dpi=100)
         plt.close(figure)
         paths.append(path)
     return paths

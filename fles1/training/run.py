@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from fles1.atomic import require_writable
+from fles1.atomic import atomic_open, require_writable
 
 HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse",
                 "lambda_d", "lambda_q", "nnz_doc", "nnz_query", "eff_reg")
@@ -96,10 +96,14 @@ def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
     }
 
 
+def _has_dev_split(source: str) -> bool:
+    return os.path.isfile(os.path.join(source, "qrels", "dev.tsv"))
+
+
 def evaluate_dev(output_dir: str, recipe: dict) -> dict:
     """Dev NDCG@10 & co. of the trained folder via fles1.evaluation (BEIR sources only)."""
     source = recipe["data"]["source"]
-    if not os.path.isdir(os.path.join(source, "qrels")) or not os.path.isfile(os.path.join(source, "qrels", "dev.tsv")):
+    if not _has_dev_split(source):
         return {"note": f"{source}: no BEIR dev split; dev evaluation skipped"}
     try:
         from fles1.evaluation import evaluate
@@ -119,6 +123,10 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir)
+        if eval_dev and _has_dev_split(recipe["data"]["source"]):
+            from fles1.beir import load_beir
+
+            load_beir(recipe["data"]["source"], "dev")  # bad dev data fails now, with its file and line
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
         where = f"model.path={recipe['model']['path']!r}: " if isinstance(error, OSError) else ""
@@ -127,16 +135,21 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     runtime = time.perf_counter() - start
     if trace_nnz:
-        with open(os.path.join(output_dir, f"nnz_trace_rank{trainer.args.process_index}.json"), "w") as handle:
+        with atomic_open(os.path.join(output_dir, f"nnz_trace_rank{trainer.args.process_index}.json")) as handle:
             json.dump(trainer.nnz_trace, handle)
     trainer.save_model(output_dir)
     if not trainer.is_world_process_zero():
         return None
     log = training_log(trainer, recipe, runtime)
-    if eval_dev:
-        log["eval"] = evaluate_dev(output_dir, recipe)
-    with open(os.path.join(output_dir, "training_log.json"), "w", encoding="utf-8") as handle:
-        json.dump(log, handle, indent=1)
+    _write_log(log, output_dir)  # before the dev evaluation: a failure there leaves the run's log and plots
     if log["history"]:
         write_plots(log, output_dir)
+    if eval_dev:
+        log["eval"] = evaluate_dev(output_dir, recipe)
+        _write_log(log, output_dir)
     return log
+
+
+def _write_log(log: dict, output_dir: str) -> None:
+    with atomic_open(os.path.join(output_dir, "training_log.json")) as handle:
+        json.dump(log, handle, indent=1)
