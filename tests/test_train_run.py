@@ -118,6 +118,30 @@ def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_pat
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    from fles1.training.trainer import resolve_resume
+
+    out = tmp_path / "run"
+    contents = {2: ["trainer_state.json", "crash_state.json", "clfr_state.json"],
+                4: ["trainer_state.json", "crash_state.json"],  # killed before the CLFR state was written
+                6: ["model.safetensors"]}  # killed while saving the optimizer
+    for step, names in contents.items():
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        for name in names:
+            (out / f"checkpoint-{step}" / name).write_text("{}")
+    with pytest.warns(UserWarning) as caught:
+        assert resolve_resume(True, str(out), ["crash_state.json", "clfr_state.json"]) == str(out / "checkpoint-2")
+    assert [str(w.message).split(" is incomplete")[0] for w in caught] == [str(out / "checkpoint-6"),
+                                                                          str(out / "checkpoint-4")]
+    assert "no clfr_state.json: interrupted while saving" in str(caught[1].message)
+    assert resolve_resume(True, str(out), ["crash_state.json"]) == str(out / "checkpoint-4")  # CLFR off
+    with pytest.raises(ValueError, match=r"checkpoint-4: not a training checkpoint folder \(no clfr_state.json\)"):
+        resolve_resume(str(out / "checkpoint-4"), str(out), ["crash_state.json", "clfr_state.json"])
+    (out / "checkpoint-2" / "clfr_state.json").unlink()
+    with pytest.raises(ValueError, match="nothing to resume: no checkpoint-\\* folder in .* is complete"):
+        resolve_resume(True, str(out), ["crash_state.json", "clfr_state.json"])
+
 # The CPU, even on a GPU machine (CUDA_VISIBLE_DEVICES=""): bitwise-equal results are a CPU property.
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 
@@ -161,9 +185,10 @@ def test_sigkill_and_resume_matches_uninterrupted_run(sparse_tiny, msmarco_toy_d
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     assert not os.path.exists(os.path.join(killed, "training_log.json"))
-    for later in os.listdir(killed):  # a checkpoint after step 4 may be half-written: resume from step 4
-        if later.startswith("checkpoint-") and later != "checkpoint-4" and int(later.split("-")[1]) > 4:
-            shutil.rmtree(os.path.join(killed, later))
+    # later checkpoints stay as the kill left them (complete, or half-written: skipped), plus one cut off right
+    # after the model was written: --resume picks the newest complete one by itself
+    os.makedirs(os.path.join(killed, "checkpoint-99"))
+    shutil.copy(os.path.join(killed, "checkpoint-4", "model.safetensors"), os.path.join(killed, "checkpoint-99"))
     _run(*_cli(killed, recipe_path, "--max-steps", steps, "--resume", device_env=device_env))
 
     reference, resumed = (load_file(os.path.join(d, "model.safetensors")) for d in (full, killed))

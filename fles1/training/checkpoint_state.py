@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from fles1.atomic import atomic_open
+
 
 class CheckpointStateMixin:
     """For a TrainerCallback with ``state_dict()`` / ``load_state_dict()``: saved in every checkpoint folder,
@@ -28,5 +30,6 @@ class CheckpointStateMixin:
         if args.should_save:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, self.STATE_FILE), "w", encoding="utf-8") as handle:
+            # atomic: its presence marks the checkpoint complete (fles1.training.trainer.resolve_resume)
+            with atomic_open(os.path.join(folder, self.STATE_FILE)) as handle:
                 json.dump(self.state_dict(), handle, indent=1)

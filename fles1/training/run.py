@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -122,12 +123,15 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
 
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
-        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir)
+        with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
+            warnings.simplefilter("ignore")
+            resolve_resume(resume_from_checkpoint, output_dir)
         if eval_dev and _has_dev_split(recipe["data"]["source"]):
             from fles1.beir import load_beir
 
             load_beir(recipe["data"]["source"], "dev")  # bad dev data fails now, with its file and line
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files)
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
         where = f"model.path={recipe['model']['path']!r}: " if isinstance(error, OSError) else ""
         raise TrainingSetupError(f"{where}{error}") from error

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import types
+import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
 
 from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
@@ -108,18 +111,37 @@ def _forward_as_encode_pair(module):
             module.forward = saved
 
 
-def resolve_resume(resume_from_checkpoint, output_dir: str):
-    """``True`` -> the last checkpoint-* in output_dir; a folder -> itself. Either must hold a Trainer checkpoint
-    (trainer_state.json), else a ValueError naming the folder (train_fles1.py checks before loading anything)."""
+def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequence[str] = ()):
+    """``True`` -> the newest complete checkpoint-* in output_dir; a folder -> itself, if complete. Complete: it holds
+    trainer_state.json and `state_files` (the callbacks' states, written after it). A newer checkpoint that a kill
+    interrupted while saving is skipped, with a warning. Else a ValueError naming the folder (train_fles1.py checks
+    before loading anything)."""
+    required = (TRAINER_STATE_NAME, *state_files)
+
+    def missing(folder: str) -> list[str]:
+        return [name for name in required if not os.path.isfile(os.path.join(folder, name))]
+
     if resume_from_checkpoint is True:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
+        steps = {}
+        for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+            match = re.fullmatch(r"checkpoint-(\d+)", name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                steps[os.path.join(output_dir, name)] = int(match.group(1))
+        if not steps:
             raise ValueError(f"nothing to resume: {output_dir} holds no checkpoint-* folder "
                              "(start without resuming, or name a checkpoint folder)")
-        return last
-    if resume_from_checkpoint and not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+        newest_first = sorted(steps, key=steps.get, reverse=True)
+        for position, folder in enumerate(newest_first):
+            if not missing(folder):
+                for skipped in newest_first[:position]:
+                    warnings.warn(f"{skipped} is incomplete (no {', '.join(missing(skipped))}: interrupted while "
+                                  f"saving); resuming from {folder}", stacklevel=2)
+                return folder
+        raise ValueError(f"nothing to resume: no checkpoint-* folder in {output_dir} is complete (each lacks one of "
+                         f"{', '.join(required)})")
+    if resume_from_checkpoint and missing(resume_from_checkpoint):
         raise ValueError(f"cannot resume from {resume_from_checkpoint}: not a training checkpoint folder "
-                         "(no trainer_state.json)")
+                         f"(no {', '.join(missing(resume_from_checkpoint))})")
     return resume_from_checkpoint
 
 
@@ -274,8 +296,14 @@ class FLES1Trainer(Trainer):
             self._window = defaultdict(float)
         super().log(logs, start_time)
 
+    @property
+    def checkpoint_state_files(self) -> list[str]:
+        """What the callbacks add to each checkpoint (after trainer_state.json): a complete checkpoint holds them."""
+        return [callback.STATE_FILE for callback in (self.crash_monitor, self.clfr) if callback is not None]
+
     def train(self, resume_from_checkpoint=None, **kwargs):
-        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir,
+                                                self.checkpoint_state_files)
         for callback in (self.clfr, self.crash_monitor):
             if callback is not None:
                 callback.resume_from = resume_from_checkpoint or None
