@@ -98,14 +98,16 @@ def main(argv=None):
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from sentence_transformers import SparseEncoder
-
     if args.threads:
         torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="fles1-bench-") as scratch:  # the converted backbone, removed after
+        return run(args, args.model or convert(DEFAULT_BACKBONE, os.path.join(scratch, "fles1-tiny")))
+
+
+def run(args, model_dir: str) -> dict:
+    from sentence_transformers import SparseEncoder
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = convert(DEFAULT_BACKBONE, os.path.join(tempfile.mkdtemp(prefix="fles1-bench-"), "fles1-tiny"))
     data = load_beir(args.data, "test")  # first N documents ("title text") and queries, in file order
     docs = [data.document_text(doc_id) for doc_id in list(data.corpus)[: args.num_docs]]
     queries = list(data.queries.values())[: args.num_queries]

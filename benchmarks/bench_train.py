@@ -127,11 +127,16 @@ def main():
         parser.error("--warmup and --steps must be >= 1")
     if args.workers is None:
         args.workers = 8 if args.device.startswith("cuda") else 0
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as work:  # models and trainer outputs, removed after
+        run(args, work)
+
+
+def run(args, work: str) -> None:
+    import torch
 
     from fles1.checkpoint import convert
     from fles1.training.data import load_training_examples
 
-    work = tempfile.mkdtemp(prefix="bench-train-")
     folder = convert(args.model, os.path.join(work, "model"), document_max_length=args.max_length)
     dataset = load_training_examples(args.data, "train", num_negatives=7, seed=0)
     dataset = dataset.select(range(args.batch_size * (args.warmup + args.steps)))

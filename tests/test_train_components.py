@@ -271,3 +271,17 @@ def test_crash_monitor_counts_collapse_below_a_fraction_of_the_first_steps_nnz(f
     assert restored.first_nnz == 200.0 and restored.counts == monitor.counts
     with pytest.raises(ValueError, match="nnz_collapse_fraction"):
         CrashMonitor(nnz_collapse_fraction=1.5)
+
+
+def test_training_from_a_bert_backbone_leaves_no_temporary_copy(backbone_dir, tmp_path, monkeypatch):
+    """Every run from a BERT masked-LM used to leave its converted copy (~17 MB) in /tmp."""
+    import tempfile
+
+    from fles1.training.run import load_model_for_training
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model, tokenizer = load_model_for_training(backbone_dir)
+    assert os.listdir(tmp_path) == []
+    with torch.no_grad():  # the weights outlive the deleted copy
+        vector = model.encode_sparse(**tokenizer(["vitamin d and bone health"], return_tensors="pt")).sparse_embeddings
+    assert model.config.model_type == "fles1" and vector.shape == (1, 30522) and vector.count_nonzero() > 0

@@ -31,10 +31,13 @@ def load_model_for_training(path: str):
 
     if not os.path.isdir(path) and is_local_path(path):
         raise FileNotFoundError(not_a_folder(path))  # transformers would call the path an invalid repo id
-    if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type != "fles1":
-        path = convert(path, tempfile.mkdtemp(prefix="fles1-backbone-"))
-    model = FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True)
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == "fles1":
+        return FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True), \
+            AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    with tempfile.TemporaryDirectory(prefix="fles1-backbone-") as scratch:  # every run used to leave its copy
+        converted = convert(path, os.path.join(scratch, "fles1"))
+        model = FLES1ForMaskedLM.from_pretrained(converted, use_safetensors=True)
+        return model, AutoTokenizer.from_pretrained(converted, trust_remote_code=True)
 
 
 def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, trainer_class=None):
