@@ -23,6 +23,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
+if [ $# -lt 2 ]; then
+  echo "usage: bash experiments/tiny_nfcorpus.sh RUN_NAME SEED [train_fles1.py args]  (e.g. main 0)" >&2
+  exit 2
+fi
 run=$1; seed=$2; shift 2
 out=outputs/$run
 mkdir -p results/runs/$run
