@@ -154,11 +154,21 @@ class FLES1Encoder:
             "document": int(getattr(self.config, "document_max_length", 256)),
             "query": int(getattr(self.config, "query_max_length", 64)),
         }
+        self._synced_with = None
+        self._sync()
+
+    def _sync(self) -> None:
+        """Derive what the encoder caches from the tokenizer and the model, again whenever tokens were added
+        (``tokenizer.add_tokens``) or the vocabulary resized (``model.resize_token_embeddings``): ~1 us a call."""
+        key = (len(self.tokenizer), self.config.vocab_size)
+        if key == self._synced_with:
+            return
         self._vocab = self.tokenizer.convert_ids_to_tokens(list(range(self.config.vocab_size)))
         # a text whose ids are only these ([CLS] [SEP]) has nothing to encode: it is blank, like ""
         self._special_token_count = self.tokenizer.num_special_tokens_to_add(pair=False)
-        self._embeddings = model.get_input_embeddings()
+        self._embeddings = self.model.get_input_embeddings()
         self._rust_tokenizers = {}  # max length -> configured copy (`_rust_tokenizer`)
+        self._synced_with = key
 
     @classmethod
     def from_pretrained(
@@ -224,6 +234,7 @@ class FLES1Encoder:
         max_length=<kind's max length>)``; None for a slow tokenizer. transformers' wrapper re-configures its one
         Rust tokenizer on every call, so threads encoding queries and documents through it at once could truncate
         each other's texts; a copy per max length is configured once and never changed."""
+        self._sync()  # every tokenization passes here
         length = self.max_lengths[kind]
         rust = self._rust_tokenizers.get(length)
         if rust is None:
@@ -397,6 +408,7 @@ class FLES1Encoder:
     def decode(self, ids: Iterable[int], weights: Optional[Iterable[float]] = None):
         """Vocabulary ids -> terms; with weights, -> {term: weight}. An id outside the vocabulary (negative ones
         included) or a weights list of another length is a ValueError naming it."""
+        self._sync()
         terms = []
         for position, token_id in enumerate(ids):
             try:

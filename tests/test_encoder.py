@@ -279,3 +279,23 @@ def test_encoder_single_text_path_on_a_checkpoint_without_encode_sparse_terms(ti
 def test_encoder_unusable_device_is_a_clear_error(tiny_random_checkpoint, device):
     with pytest.raises(ValueError, match=f"device={device!r}"):
         FLES1Encoder.from_pretrained(tiny_random_checkpoint, device=device)
+
+
+def test_encoder_follows_added_tokens_and_a_resized_vocabulary(tiny_random_checkpoint):
+    """Tokens added after the first encode were ignored (the encoder's tokenizer copies and id -> term list were
+    built then), and an id of the resized vocabulary raised IndexError."""
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    encoder.encode("a first text builds the caches")
+    assert encoder.tokenizer.add_tokens(["covid19"]) == 1
+    encoder.model.resize_token_embeddings(len(encoder.tokenizer))
+    new_id = len(encoder.tokenizer) - 1
+    assert new_id in encoder._token_ids_one("covid19 vaccine trials", "document")
+    assert encoder.decode([new_id]) == ["covid19"]
+    one = encoder.encode("covid19 vaccine trials", threshold=0.0)
+    assert one == pytest.approx(encoder.encode_batch(["covid19 vaccine trials"], threshold=0.0)[0], abs=1e-5)
+    assert encoder.encode_to_csr(["covid19"]).shape == (1, new_id + 1)
+    with torch.no_grad():  # make the new term fire: its decoder row along a hidden state of the text
+        ids = torch.tensor([encoder._token_ids_one("covid19", "document")])
+        state = encoder.model._hidden_states(ids, None, None)[0].mean(dim=0)
+        encoder.model.cls.predictions.decoder.weight[new_id] = state / state.norm() * 2
+    assert "covid19" in encoder.encode("covid19", threshold=0.0)
