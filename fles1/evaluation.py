@@ -271,9 +271,11 @@ def evaluate_dataset(
         from fles1.bm25 import bm25_library, bm25_run
 
         entry["bm25"] = {"library": bm25_library(), "metrics": evaluate_run(dataset.qrels, bm25_run(dataset, query_ids))}
+    index_bytes = index.save(index_path) if index_path else None  # asked for: saved with or without production
     if production:
-        with tempfile.TemporaryDirectory() as scratch:
-            index_bytes = index.save(index_path or os.path.join(scratch, "index.npz"))
+        if index_bytes is None:
+            with tempfile.TemporaryDirectory() as scratch:
+                index_bytes = index.save(os.path.join(scratch, "index.npz"))
         sample = [dataset.queries[qid] for qid in query_ids[:latency_queries]]
         timings = query_latencies_ms(encoder, index, sample, threshold)
         entry["production"] = {

@@ -276,7 +276,6 @@ def test_corpus_cache_is_reused_and_interrupts_leave_none(tiny_random_checkpoint
         encode_corpus(encoder, dataset, cache, model_fp="m")
 
 
-
 def test_corpus_encoding_resumes_from_its_finished_shards(tiny_random_checkpoint, beir_dir, tmp_path, monkeypatch):
     from fles1_encoder import FLES1Encoder
 
@@ -359,6 +358,15 @@ def test_cli_writes_shared_format_run_files_and_zero_shot_table(tiny_random_chec
     assert "| toy |" in table and "| toy2 |" in table and "| **Average** |" in table
     assert table == markdown_tables(results)
     assert os.path.isfile(tmp_path / "export" / "toy2" / "pyserini" / "docs.jsonl")
+
+
+def test_cli_index_dir_is_written_without_production_numbers(tiny_random_checkpoint, beir_dir, tmp_path):
+    """--index-dir with --no-production wrote nothing (the index was saved only to measure its size)."""
+    argv = ["--model", tiny_random_checkpoint, "--data", beir_dir, "--threshold", "0", "--no-production", "--no-bm25",
+            "--cache-dir", str(tmp_path / "cache"), "--index-dir", str(tmp_path / "index")]
+    assert eval_fles1.main(argv) == 0
+    loaded = InvertedIndex.load(str(tmp_path / "index" / "toy.index.npz"))
+    assert loaded.num_docs == len(CORPUS)
 
 
 def test_evaluate_threshold_reduces_nnz(tiny_random_checkpoint, beir_dir, tmp_path):
