@@ -135,10 +135,11 @@ class InvertedIndex:
         gaps[starts] = postings.indices[starts]  # first posting of each list is absolute
         gap_dtype = np.uint16 if self.num_docs < 2**16 else np.uint32
         term_dtype = np.uint16 if self.vocab_size < 2**16 else np.uint32
-        header = {"format": INDEX_FORMAT, "num_docs": self.num_docs, "vocab_size": self.vocab_size}
+        # doc ids as a JSON list: BEIR ids are any string (one holding a newline split the older "\n"-joined list)
+        header = {"format": INDEX_FORMAT, "num_docs": self.num_docs, "vocab_size": self.vocab_size, "doc_ids": "json"}
         arrays = {
             "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-            "doc_ids": np.frombuffer("\n".join(self.doc_ids).encode("utf-8"), dtype=np.uint8),
+            "doc_ids": np.frombuffer(json.dumps(self.doc_ids, ensure_ascii=False).encode("utf-8"), dtype=np.uint8),
             "terms": terms.astype(term_dtype),
             "lengths": lengths[terms].astype(np.uint32),
             "gaps": gaps.astype(gap_dtype),
@@ -154,11 +155,17 @@ class InvertedIndex:
             header = json.loads(arrays["header"].tobytes().decode())
             if header.get("format") != INDEX_FORMAT:
                 raise ValueError(f"{path}: not a {INDEX_FORMAT} file (format {header.get('format')!r})")
-            doc_ids = arrays["doc_ids"].tobytes().decode("utf-8").split("\n") if header["num_docs"] else []
+            text = arrays["doc_ids"].tobytes().decode("utf-8")
+            if header.get("doc_ids") == "json":
+                doc_ids = json.loads(text)
+            else:  # written before the JSON list
+                doc_ids = text.split("\n") if header["num_docs"] else []
             lengths = arrays["lengths"].astype(np.int64)
             gaps = arrays["gaps"].astype(np.int64)
             weights = arrays["weights"].astype(np.float32)
             terms = arrays["terms"].astype(np.int64)
+        if len(doc_ids) != header["num_docs"]:
+            raise ValueError(f"{path}: {len(doc_ids)} doc ids for {header['num_docs']} documents")
         indptr = np.zeros(header["vocab_size"] + 1, dtype=np.int64)
         indptr[terms + 1] = lengths
         indptr = np.cumsum(indptr)

@@ -189,7 +189,7 @@ def test_saved_index_round_trip_keeps_top10_beyond_ties(tmp_path):
     docs = sparse_random(2000, 3000, density=0.02, format="csr", dtype=np.float32, random_state=2)
     docs.data = np.log1p(docs.data * 4)
     queries = sparse_random(100, 3000, density=0.01, format="csr", dtype=np.float32, random_state=3)
-    index = InvertedIndex(docs, [f"doc-{i}" for i in range(2000)])
+    index = InvertedIndex(docs, [f"doc-{i}" for i in range(1998)] + ["two\nlines", "naïve 文"])  # any string
     size = index.save(str(tmp_path / "index.npz"))
     assert size == os.path.getsize(tmp_path / "index.npz") and not [p for p in os.listdir(tmp_path) if "tmp" in p]
     loaded = InvertedIndex.load(str(tmp_path / "index.npz"))
