@@ -51,7 +51,7 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
     """The file's JSON objects, each with an '_id' and its `text_fields` as str ("" where missing or null)."""
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
-    rows = []
+    rows, seen = {}, {}  # id -> row, id -> its line
     with open(path, "rb") as handle:
         for number, line in enumerate(utf8_lines(path, handle), start=1):
             if not line.strip():
@@ -64,8 +64,14 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
                 raise BEIRDataError(f"{path}:{number}: expected a JSON object with an '_id'")
             for name in text_fields:
                 row[name] = _text_field(row.get(name), f"{path}:{number}: '{name}'")
-            rows.append(row)
-    return rows
+            row_id = str(row["_id"])
+            if row_id in rows and any(rows[row_id][name] != row[name] for name in text_fields):
+                # a repeated identical row is harmless; two texts for one id would keep the last one silently
+                raise BEIRDataError(f"{path}:{number}: _id {row_id!r} again, with another text (first at line "
+                                    f"{seen[row_id]})")
+            rows.setdefault(row_id, row)
+            seen.setdefault(row_id, number)
+    return list(rows.values())
 
 
 def _text_field(value, where: str) -> str:
@@ -115,7 +121,11 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
                 raise BEIRDataError(f"{path}:{number}: query id {query_id!r} is not in queries.jsonl")
             if corpus is not None and doc_id not in corpus:
                 raise BEIRDataError(f"{path}:{number}: corpus id {doc_id!r} is not in corpus.jsonl")
-            qrels.setdefault(query_id, {})[doc_id] = relevance
+            judged = qrels.setdefault(query_id, {})
+            if judged.get(doc_id, relevance) != relevance:
+                raise BEIRDataError(f"{path}:{number}: ({query_id!r}, {doc_id!r}) judged again with another score "
+                                    f"({judged[doc_id]} before, {relevance} here)")
+            judged[doc_id] = relevance
     return qrels
 
 

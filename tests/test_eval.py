@@ -77,6 +77,17 @@ def test_bad_data_names_file_and_line(tmp_path):
     with pytest.raises(BEIRDataError, match=r"qrels/dev\.tsv: file not found \(splits here: test\)$"):
         load_beir(write_beir(tmp_path / "split"), split="dev")
 
+    # the same id or pair twice, differently: the last one used to win silently; identical repeats are harmless
+    repeated = CORPUS + [dict(CORPUS[0])]
+    same, plain = load_beir(write_beir(tmp_path / "same", corpus=repeated)), load_beir(write_beir(tmp_path / "ok"))
+    assert same.corpus == plain.corpus
+    folder = write_beir(tmp_path / "dup", corpus=CORPUS + [{**CORPUS[0], "text": "another text"}])
+    with pytest.raises(BEIRDataError, match=r"corpus\.jsonl:7: _id 'd1' again, with another text \(first at line 1"):
+        load_beir(folder)
+    folder = write_beir(tmp_path / "rejudged", qrels=QRELS + [(QRELS[0][0], QRELS[0][1], QRELS[0][2] + 1)])
+    with pytest.raises(BEIRDataError, match=r"test\.tsv:7: .* judged again with another score"):
+        load_beir(folder)
+
 
 @pytest.mark.parametrize("line, message", [
     (b'{"_id": "d7", "text": "caf\xe9"}\n', r"corpus\.jsonl:7: not UTF-8 \(byte 0xe9 at 26\)"),  # Latin-1 bytes
