@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from fles1.atomic import atomic_directory, require_new_folder
-from fles1.card import CardInputError, build_card
+from fles1.card import CardInputError, build_card, read_json
 from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)
@@ -117,6 +117,8 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     """
     if not os.path.isdir(model_dir):
         raise PublishError(f"{model_dir}: model folder not found")
+    if card.results:
+        _check_results_are_of(model_dir, card.results[0])
     try:
         require_new_folder(out_dir, hint="; choose a new output folder")
     except OSError as error:
@@ -127,6 +129,23 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
         except CardInputError as error:  # a results/log/recipe file that is not what the card reads: one line
             raise PublishError(str(error)) from None
     return out_dir
+
+
+def _check_results_are_of(model_dir: str, results: str) -> None:
+    """The first results file is the published model's (the card's metrics); its model fingerprint must be the
+    folder's, or the card would show another model's numbers."""
+    from fles1.evaluation import model_fingerprint
+
+    try:
+        recorded = (read_json(results, "eval results").get("model") or {}).get("fingerprint")
+    except CardInputError as error:
+        raise PublishError(str(error)) from None
+    if recorded and os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        actual = model_fingerprint(model_dir)
+        if recorded != actual:
+            raise PublishError(f"{results}: evaluated the model with fingerprint {recorded}, not {model_dir} "
+                               f"({actual}); evaluate it (eval_fles1.py --model {model_dir}) and pass that file "
+                               "first -- further --results files (other seeds) may be other models")
 
 
 def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs) -> None:

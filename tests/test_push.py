@@ -67,7 +67,10 @@ def source_checkpoint(fles1_checkpoint, tmp_path):
 
 @pytest.fixture
 def result_files(tmp_path, source_checkpoint):
+    from fles1.evaluation import model_fingerprint
+
     results = make_eval(tmp_path / "eval_nfcorpus.json", model_path=source_checkpoint,
+                        fingerprint=model_fingerprint(source_checkpoint),
                         datasets={"nfcorpus": 0.30587123, "scifact": 0.60112})
     log = make_training_log(os.path.join(source_checkpoint, "training_log.json"), seed=7)
     import matplotlib
@@ -351,3 +354,14 @@ def test_results_file_the_card_cannot_read_is_one_error_line(source_checkpoint, 
         err = capsys.readouterr().err
         assert rc == 1 and f"error: {bad}: {message}" in err and "Traceback" not in err
         assert not out.exists()  # nothing half-built
+
+
+def test_results_of_another_model_refused(source_checkpoint, result_files, tmp_path, capsys):
+    """The card showed the first results file's metrics whatever model folder was published."""
+    other = make_eval(tmp_path / "other.json", model_path="outputs/other", fingerprint="e50026c1d5cc3488")
+    argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "o"), "--results"]
+    assert push_fles1.main(argv + [other, result_files["results"]]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {other}: evaluated the model with fingerprint e50026c1d5cc3488, not {source_checkpoint}" in err
+    assert not os.path.exists(tmp_path / "o")
+    assert push_fles1.main(argv + [result_files["results"], other]) == 0  # another model later: a reproducibility run
