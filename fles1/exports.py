@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -65,11 +66,21 @@ def elasticsearch_query(vector: dict[str, float], field: str = RANK_FEATURES_FIE
     return {"query": {"bool": {"should": should}}}
 
 
+def elasticsearch_index_name(name: str) -> str:
+    """``name`` as Elasticsearch accepts an index name: lowercase, none of ``\\ / * ? " < > | , # :`` or spaces
+    (each becomes ``-``), not starting with ``- _ +``, not ``.`` / ``..``, at most 255 bytes."""
+    cleaned = re.sub(r'[\\/*?"<>|,#: ]', "-", name.lower()).lstrip("-_+")
+    cleaned = cleaned.encode("utf-8")[:255].decode("utf-8", "ignore")
+    return cleaned if cleaned.strip(".") else "fles1"
+
+
 def write_elasticsearch(
     out_dir: str, index_name: str, doc_ids: Sequence[str], doc_matrix: csr_matrix, vocab: Sequence[str],
     field: str = RANK_FEATURES_FIELD,
 ) -> dict[str, str]:
-    """``mapping.json`` and ``bulk.ndjson`` (for ``POST /_bulk``) in out_dir, atomically; returns their paths."""
+    """``mapping.json`` and ``bulk.ndjson`` (for ``POST /_bulk``) in out_dir, atomically; returns their paths. The
+    actions name the index ``elasticsearch_index_name(index_name)`` (a dataset folder may be "NFCorpus Tiny")."""
+    index_name = elasticsearch_index_name(index_name)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"mapping": os.path.join(out_dir, "mapping.json"), "bulk": os.path.join(out_dir, "bulk.ndjson")}
     with atomic_open(paths["mapping"]) as handle:

@@ -26,11 +26,13 @@ def test_feature_names_follow_engine_rules_and_round_trip():
 def test_elasticsearch_bulk_and_mapping(tmp_path):
     matrix = csr_matrix(np.array([[0, 1.5, 0.25, 0, 0, 2.0, 0, 0, 0], [0] * 9, [0, 0, 0, 1e-9, 0.5, 0, 0, 0.75, 1.0]],
                                  dtype=np.float32))
-    paths = write_elasticsearch(str(tmp_path), "toy", ["a", "b", "c"], matrix, VOCAB)
+    paths = write_elasticsearch(str(tmp_path), "NFCorpus Tiny", ["a", "b", "c"], matrix, VOCAB)
     assert json.load(open(paths["mapping"])) == elasticsearch_mapping()
     assert elasticsearch_mapping()["mappings"]["properties"]["tokens"] == {"type": "rank_features"}
     lines = [json.loads(line) for line in open(paths["bulk"], encoding="utf-8")]
     assert [line["index"]["_id"] for line in lines[::2]] == ["a", "b", "c"]
+    # Elasticsearch refuses uppercase and spaces in index names: the dataset folder's name is made one it takes
+    assert {line["index"]["_index"] for line in lines[::2]} == {"nfcorpus-tiny"}
     assert lines[1]["tokens"] == {"%2E": 1.5, "u%2Es": 0.25, "machine": 2.0}
     assert lines[3]["tokens"] == {}  # an empty vector is still a document
     assert lines[5]["tokens"] == {"%252E": 0.5, "%2E%2E%2E": 0.75, "café": 1.0}  # 1e-9 rounds to 0: dropped
