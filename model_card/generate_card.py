@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fles1.atomic import atomic_open, require_writable  # noqa: E402
 from fles1.card import CardInputError, build_card  # noqa: E402
 
 
@@ -29,14 +30,17 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="-", help="README path ('-': stdout)")
     args = parser.parse_args(argv)
     try:
+        if args.output != "-":
+            require_writable(args.output, "--output")  # before reading anything
         card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots,
                           studies=args.studies)
-    except CardInputError as error:
+    except (CardInputError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     if args.output == "-":
         sys.stdout.write(str(card))
     else:
-        card.save(args.output)
+        with atomic_open(args.output) as handle:
+            handle.write(str(card))
         print(f"model card written to {args.output}")
     return 0
 

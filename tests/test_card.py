@@ -190,3 +190,6 @@ def test_generate_card_cli(tmp_path):
     process = subprocess.run([sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"), "--results",
                               str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=120)
     assert process.returncode == 2 and "nope.json: eval results file not found" in process.stderr
+    process = subprocess.run([sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"), "--results",
+                              results, "--output", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2 and f"error: --output {tmp_path}: exists and is a folder" in process.stderr
