@@ -75,9 +75,10 @@ def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
     for index, path in enumerate(paths):
         if not os.path.isfile(path):
             raise PublishError(f"{path}: file not found")
-        name = rename(index, path) if rename else os.path.basename(path)
-        if os.path.exists(os.path.join(folder, name)):
-            name = f"{index}_{name}"
+        name = base = rename(index, path) if rename else os.path.basename(path)
+        prefix = index
+        while os.path.exists(os.path.join(folder, name)):  # a prefixed name may be taken too ("2_eval.json")
+            name, prefix = f"{prefix}_{base}", prefix + len(paths)
         shutil.copyfile(path, os.path.join(folder, name))
         copied.append(os.path.join(folder, name))
     return copied

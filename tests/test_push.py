@@ -365,3 +365,15 @@ def test_results_of_another_model_refused(source_checkpoint, result_files, tmp_p
     assert f"error: {other}: evaluated the model with fingerprint e50026c1d5cc3488, not {source_checkpoint}" in err
     assert not os.path.exists(tmp_path / "o")
     assert push_fles1.main(argv + [result_files["results"], other]) == 0  # another model later: a reproducibility run
+
+
+def test_copies_with_clashing_names_never_overwrite_each_other(tmp_path):
+    from fles1.publish import _copy_unique
+
+    sources = []
+    for folder, name in (("a", "eval.json"), ("b", "2_eval.json"), ("c", "eval.json")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(folder)
+        sources.append(str(tmp_path / folder / name))
+    copied = _copy_unique(sources, str(tmp_path / "out"))  # c's "2_eval.json" used to overwrite b's copy
+    assert len(set(copied)) == 3 and [open(path).read() for path in copied] == ["a", "b", "c"]
