@@ -312,7 +312,8 @@ def publish(
             log(str(check))
         failed = [check for check in checks if not check.ok]
         if failed:
-            raise PublishError("refusing to upload, failed checks: " + "; ".join(str(c) for c in failed))
+            kept = f" ({folder} is left for inspection: remove it before running again)" if dry_run else ""
+            raise PublishError("refusing to upload, failed checks: " + "; ".join(str(c) for c in failed) + kept)
         if dry_run is not None:
             log(f"dry run: {folder} is the folder that would be uploaded to {repo_id}; nothing uploaded")
             return folder

@@ -377,3 +377,12 @@ def test_copies_with_clashing_names_never_overwrite_each_other(tmp_path):
         sources.append(str(tmp_path / folder / name))
     copied = _copy_unique(sources, str(tmp_path / "out"))  # c's "2_eval.json" used to overwrite b's copy
     assert len(set(copied)) == 3 and [open(path).read() for path in copied] == ["a", "b", "c"]
+
+
+def test_dry_run_that_fails_validation_says_where_its_folder_is(source_checkpoint, result_files, tmp_path, capsys):
+    os.remove(os.path.join(source_checkpoint, "model.safetensors"))
+    out = tmp_path / "o"
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                          "--dry-run", str(out)])
+    assert rc == 1 and f"({out} is left for inspection: remove it before running again)" in capsys.readouterr().err
+    assert out.is_dir()  # what failed stays there to look at
