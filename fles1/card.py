@@ -127,12 +127,24 @@ def group_runs(evals: Sequence[tuple[str, dict]]) -> list[Run]:
         model = data.get("model") or {}
         key = str(model.get("fingerprint") or model.get("path") or path)
         run = runs.setdefault(key, Run(key=key, model_path=model.get("path"), header=data))
+        _check_same_settings(path, data, run.header, next(iter(run.sources.values()), path))
         for name, entry in data["datasets"].items():
             if name in run.datasets:
                 raise CardInputError(f"{path}: dataset {name!r} of model {key!r} also in {run.sources[name]}")
             run.datasets[name] = entry
             run.sources[name] = path
     return list(runs.values())
+
+
+SETTINGS = ("threshold", "query_max_length", "document_max_length")
+
+
+def _check_same_settings(path: str, data: dict, reference: dict, reference_path: str) -> None:
+    """The card states one threshold and one pair of max lengths: every file must have been evaluated with them."""
+    for key in SETTINGS:
+        if data.get(key) != reference.get(key):
+            raise CardInputError(f"{path}: {key} {data.get(key)!r}, but {reference_path} has {reference.get(key)!r}; "
+                                 "the card's tables share one setting (evaluate again with the same one)")
 
 
 def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -143,8 +155,7 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
         output_dir = (log.get("recipe") or {}).get("output_dir")
         if isinstance(output_dir, str):
             folders.add(os.path.realpath(output_dir))
-        match = next((r for r in runs if r.training_log is None and r.model_path
-                      and os.path.realpath(r.model_path) in folders), None)
+        match = next((r for r in runs if r.training_log is None and folders & _run_folders(r)), None)
         if match is None:
             unpaired.append((path, log))
         else:
@@ -153,6 +164,12 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
     if len(runs) == 1 and runs[0].training_log is None and len(unpaired) == 1:
         (runs[0].training_log_path, runs[0].training_log), unpaired = unpaired[0], []
     return unpaired
+
+
+def _run_folders(run: Run) -> set:
+    """Where a run's training log may sit: its model folder, or beside one of its results files."""
+    folders = {os.path.realpath(os.path.dirname(os.path.abspath(path))) for path in run.sources.values()}
+    return folders | ({os.path.realpath(run.model_path)} if run.model_path else set())
 
 
 # ---- formatting -------------------------------------------------------------------------------------------------
@@ -381,6 +398,13 @@ def build_card(
     extra_logs = attach_training_logs(runs, [(path, read_training_log(path)) for path in training_logs])
     recipe_values = read_recipe(recipe) if recipe else None
     primary = runs[0]
+    primary_dataset = next(iter(primary.datasets))
+    for run in runs[1:]:  # further runs feed the reproducibility table, on the published model's first dataset
+        first = next(iter(run.sources.values()))
+        _check_same_settings(first, run.header, primary.header, next(iter(primary.sources.values())))
+        if primary_dataset not in run.datasets:
+            raise CardInputError(f"{first}: no {primary_dataset} result, the dataset the reproducibility table "
+                                 f"compares runs on; pass that run's {primary_dataset} results, or leave it out")
     train_recipe = flatten(recipe_values or (primary.training_log or {}).get("recipe") or {})
     base_model = base_model or next(
         (hub_id_or_none(train_recipe.get(k)) for k in BASE_MODEL_KEYS if hub_id_or_none(train_recipe.get(k))), None)
@@ -396,7 +420,6 @@ def build_card(
         language="en", eval_results=model_index(primary),
     )
     header = primary.header
-    primary_dataset = next(iter(primary.datasets))
     splits = {entry.get("split") for entry in primary.datasets.values()}
     environment = header.get("environment") or {}
     return ModelCard.from_template(

@@ -193,3 +193,35 @@ def test_generate_card_cli(tmp_path):
     process = subprocess.run([sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"), "--results",
                               results, "--output", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert process.returncode == 2 and f"error: --output {tmp_path}: exists and is a folder" in process.stderr
+
+
+def test_runs_pair_with_logs_beside_their_results_and_must_share_the_setting(tmp_path):
+    """results/runs/<run>/ holds eval_test.json and training_log.json side by side, while the eval JSON names the
+    model folder outputs/<run>: those logs never paired (Seed —). Files at other thresholds were shown under the
+    first file's, and a run without the compared dataset dropped out of the table the text still counted."""
+    results, logs = [], []
+    for seed in (0, 1, 2):
+        folder = tmp_path / "runs" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        results.append(make_eval(folder / "eval_test.json", model_path=f"outputs/seed{seed}", fingerprint=f"fp{seed}",
+                                 datasets={"nfcorpus": 0.3 + seed / 100}))
+        logs.append(make_training_log(folder / "training_log.json", seed=seed))
+    card = card_from(tmp_path, results, logs)
+    assert [table_row(card.text, [label])[1] for label in ("published", "run 2", "run 3")] == ["0", "1", "2"]
+    assert "The spread over 3 runs" in card.text
+
+    with open(results[2]) as handle:
+        payload = json.load(handle)
+    at_zero = tmp_path / "at-zero.json"
+    at_zero.write_text(json.dumps({**payload, "threshold": 0.0}))
+    with pytest.raises(CardInputError, match=r"at-zero\.json: threshold 0\.0, but .*eval_test\.json has 0\.3"):
+        build_card(results[:2] + [str(at_zero)])
+    same_model = make_eval(tmp_path / "scifact.json", model_path="outputs/seed0", fingerprint="fp0",
+                           datasets={"scifact": 0.6})
+    at_zero.write_text(json.dumps({**json.load(open(same_model)), "threshold": 0.0}))
+    with pytest.raises(CardInputError, match=r"at-zero\.json: threshold 0\.0"):  # the published model's own files
+        build_card(results[:1] + [str(at_zero)])
+    other_dataset = make_eval(tmp_path / "other.json", model_path="outputs/x", fingerprint="fpx",
+                              datasets={"scifact": 0.6})
+    with pytest.raises(CardInputError, match=r"other\.json: no nfcorpus result, the dataset the reproducibility"):
+        build_card(results + [other_dataset])
