@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,30 @@ def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs)
             result_names={src: relative(dst) for src, dst in zip(card.results, copied_results)}, studies=card.studies,
         )
         model_card.save(os.path.join(out_dir, "README.md"))
+        if card.studies:
+            _copy_linked_images(card.studies, out_dir)
+
+
+STUDY_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")  # ![alt](path)
+
+
+def _copy_linked_images(studies: str, out_dir: str) -> None:
+    """The images the studies text links (paths relative to that file) go where the card's links find them: the
+    card embeds the text at the folder's root."""
+    with open(studies, encoding="utf-8") as handle:
+        links = dict.fromkeys(STUDY_IMAGE.findall(handle.read()))
+    root = os.path.abspath(out_dir)
+    for link in links:
+        if "://" in link or os.path.isabs(link):
+            continue  # served from elsewhere
+        source = os.path.join(os.path.dirname(os.path.abspath(studies)), link)
+        target = os.path.normpath(os.path.join(root, link))
+        if not target.startswith(root + os.sep):
+            raise PublishError(f"{studies}: links {link}, outside the published folder")
+        if not os.path.isfile(source):
+            raise PublishError(f"{studies}: links {link}, which is not at {source}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(source, target)
 
 
 # ---- validating -------------------------------------------------------------------------------------------------

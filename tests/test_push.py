@@ -386,3 +386,20 @@ def test_dry_run_that_fails_validation_says_where_its_folder_is(source_checkpoin
                           "--dry-run", str(out)])
     assert rc == 1 and f"({out} is left for inspection: remove it before running again)" in capsys.readouterr().err
     assert out.is_dir()  # what failed stays there to look at
+
+
+def test_images_the_studies_link_are_published(source_checkpoint, result_files, tmp_path, capsys):
+    """The card embeds the studies text with its ![...](plots/...) links; the images were not copied."""
+    studies = tmp_path / "study" / "STUDY.md"
+    (studies.parent / "plots").mkdir(parents=True)
+    shutil.copy(result_files["plot"], studies.parent / "plots" / "nnz_study.png")
+    studies.write_text("## A study\n\n![nnz](plots/nnz_study.png)\n")
+    argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+            "--studies", str(studies), "--dry-run"]
+    assert push_fles1.main(argv + [str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "plots" / "nnz_study.png").read_bytes() == open(result_files["plot"], "rb").read()
+    assert "![nnz](plots/nnz_study.png)" in (tmp_path / "o" / "README.md").read_text()
+    studies.write_text("![gone](plots/missing.png)\n")
+    assert push_fles1.main(argv + [str(tmp_path / "o2")]) == 1
+    assert "STUDY.md: links plots/missing.png, which is not at" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
