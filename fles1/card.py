@@ -148,14 +148,19 @@ def _check_same_settings(path: str, data: dict, reference: dict, reference_path:
 
 
 def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    """Pair each run with the training log written into its model folder; returns the logs left unpaired."""
+    """Pair each run with the training log written into its model folder (else the one beside its results file);
+    returns the logs left unpaired."""
     unpaired = []
     for path, log in logs:
         folders = {os.path.realpath(os.path.dirname(os.path.abspath(path)))}
         output_dir = (log.get("recipe") or {}).get("output_dir")
         if isinstance(output_dir, str):
             folders.add(os.path.realpath(output_dir))
-        match = next((r for r in runs if r.training_log is None and folders & _run_folders(r)), None)
+        match = next((r for r in runs if r.training_log is None and r.model_path
+                      and os.path.realpath(r.model_path) in folders), None)
+        if match is None:  # else beside the run's results file (results/runs/<run>/), if no other run is there
+            beside = [r for r in runs if r.training_log is None and folders & _results_folders(r)]
+            match = beside[0] if len(beside) == 1 else None
         if match is None:
             unpaired.append((path, log))
         else:
@@ -166,10 +171,8 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
     return unpaired
 
 
-def _run_folders(run: Run) -> set:
-    """Where a run's training log may sit: its model folder, or beside one of its results files."""
-    folders = {os.path.realpath(os.path.dirname(os.path.abspath(path))) for path in run.sources.values()}
-    return folders | ({os.path.realpath(run.model_path)} if run.model_path else set())
+def _results_folders(run: Run) -> set:
+    return {os.path.realpath(os.path.dirname(os.path.abspath(path))) for path in run.sources.values()}
 
 
 # ---- formatting -------------------------------------------------------------------------------------------------
