@@ -51,7 +51,7 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
     """The file's JSON objects, each with an '_id' and its `text_fields` as str ("" where missing or null)."""
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
-    rows, seen = {}, {}  # id -> row, id -> its line
+    rows = {}  # id -> (its first line, row)
     with open(path, "rb") as handle:
         for number, line in enumerate(utf8_lines(path, handle), start=1):
             if not line.strip():
@@ -64,14 +64,12 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
                 raise BEIRDataError(f"{path}:{number}: expected a JSON object with an '_id'")
             for name in text_fields:
                 row[name] = _text_field(row.get(name), f"{path}:{number}: '{name}'")
-            row_id = str(row["_id"])
-            if row_id in rows and any(rows[row_id][name] != row[name] for name in text_fields):
+            first_line, first = rows.setdefault(str(row["_id"]), (number, row))
+            if any(first[name] != row[name] for name in text_fields):
                 # a repeated identical row is harmless; two texts for one id would keep the last one silently
-                raise BEIRDataError(f"{path}:{number}: _id {row_id!r} again, with another text (first at line "
-                                    f"{seen[row_id]})")
-            rows.setdefault(row_id, row)
-            seen.setdefault(row_id, number)
-    return list(rows.values())
+                raise BEIRDataError(f"{path}:{number}: _id {str(row['_id'])!r} again, with another text (first at "
+                                    f"line {first_line})")
+    return [row for _, row in rows.values()]
 
 
 def _text_field(value, where: str) -> str:

@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fles1.atomic import atomic_open, require_writable  # noqa: E402
-from fles1.card import CardInputError, build_card  # noqa: E402
+from fles1.card import build_card  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
             require_writable(args.output, "--output")  # before reading anything
         card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots,
                           studies=args.studies)
-    except (CardInputError, ValueError) as error:
+    except ValueError as error:  # CardInputError, or an --output that cannot be written
         parser.exit(2, f"error: {error}\n")
     if args.output == "-":
         sys.stdout.write(str(card))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import types
 import warnings
 from collections import defaultdict
@@ -33,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import sort_checkpoints
 
 from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
@@ -122,15 +122,10 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
         return [name for name in required if not os.path.isfile(os.path.join(folder, name))]
 
     if resume_from_checkpoint is True:
-        steps = {}
-        for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-            match = re.fullmatch(r"checkpoint-(\d+)", name)
-            if match and os.path.isdir(os.path.join(output_dir, name)):
-                steps[os.path.join(output_dir, name)] = int(match.group(1))
-        if not steps:
+        newest_first = sort_checkpoints(output_dir)[::-1]  # transformers' own order (by step)
+        if not newest_first:
             raise ValueError(f"nothing to resume: {output_dir} holds no checkpoint-* folder "
                              "(start without resuming, or name a checkpoint folder)")
-        newest_first = sorted(steps, key=steps.get, reverse=True)
         for position, folder in enumerate(newest_first):
             if not missing(folder):
                 for skipped in newest_first[:position]:
