@@ -3,6 +3,7 @@
 Shipped to the Hub next to ``modeling_fles1.py``; imports transformers only.
 """
 
+import numbers
 from typing import Optional
 
 from transformers import BertConfig
@@ -60,7 +61,7 @@ class FLES1Config(BertConfig):
             raise ValueError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
-        if isinstance(inference_threshold, bool) or not isinstance(inference_threshold, (int, float)) \
+        if isinstance(inference_threshold, bool) or not isinstance(inference_threshold, numbers.Real) \
                 or not inference_threshold >= 0:  # NaN too: a NaN cut would keep no weight and say nothing
             raise ValueError(f"inference_threshold must be a number >= 0, got {inference_threshold!r}")
         self.inference_threshold = float(inference_threshold)
@@ -76,11 +77,11 @@ class FLES1Config(BertConfig):
 
 def check_max_length(name: str, value, max_position_embeddings: int) -> int:
     """A query or document max length (special tokens included) that the model can take: `value`, or ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 3:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 3:  # numpy ints too
         raise ValueError(f"{name} must be an int >= 3 (room for [CLS], one token, [SEP]), got {value!r}")
     if value > max_position_embeddings:  # longer inputs would index past the position embeddings
         raise ValueError(f"{name}={value} exceeds max_position_embeddings={max_position_embeddings}")
-    return value
+    return int(value)
 
 
 __all__ = ["FLES1Config", "check_max_length"]

@@ -10,6 +10,8 @@ transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head ar
 """
 
 import functools
+import math
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -190,6 +192,7 @@ class _Int8Screen(NamedTuple):
     largest_row_error: float
     largest_row_l1: float
     cut: float  # an entry is a candidate when its bound is above this (<= 0: float32 rounding of the bias add)
+    finite: bool  # weight and bias hold no NaN/inf; else nothing can be bounded and `_screen` passes every entry
 
 
 def _int8_screen(weight: torch.Tensor, bias: torch.Tensor) -> _Int8Screen:
@@ -204,8 +207,9 @@ def _int8_screen(weight: torch.Tensor, bias: torch.Tensor) -> _Int8Screen:
         packed = torch.ops.onednn.qlinear_prepack(rows.to(torch.int8), None)
         zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
         cut = -FLOAT32_ROUNDING * bias.abs().max().item() if bias.numel() else 0.0
+        finite = bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())
     return _Int8Screen(weight, packed, scales, zero_points, bias, row_error, row_l1, row_error.max().item(),
-                       row_l1.max().item(), cut)
+                       row_l1.max().item(), cut, finite)
 
 
 def _pack_for_onednn(rows: torch.Tensor):
@@ -250,6 +254,10 @@ def _screen(states: torch.Tensor, screen: _Int8Screen):
     # A query's hot path: ndarray methods on these few hundred values cost ~1 us each, torch ops ~5 (CPU only).
     values = states.numpy()
     largest, longest = float(abs(values).max()), float((values * values).sum(axis=1).max()) ** 0.5
+    if not (math.isfinite(longest) and screen.finite):
+        # NaN/inf (a diverged or corrupt model) would make every bound False and screen everything out: hand every
+        # entry to the float32 pass instead, which gives the reference's NaN
+        return torch.empty(screen.bias.shape[0]), torch.arange(screen.bias.shape[0])
     step = float(values.dtype.type(largest / 127 if largest > 0 else 1.0))  # float32, as the kernel reads it
     # h / s + 128 in [1, 255]: float32 puts it within 2^-15 of exact, far inside the bound's slack
     quantized = torch.from_numpy((values * (1 / step) + 128).round().astype("uint8"))
@@ -295,6 +303,31 @@ def _exact_at(states, screen: _Int8Screen, candidates):
     return exact.add_(screen.bias.index_select(0, candidates)), token
 
 
+class _ElementSample:
+    """The bits of SAMPLED_ELEMENTS evenly spaced elements of each contiguous CPU tensor given, taken again in ~1 us
+    by `changed()` through numpy views of their storage. It catches writes the version counter misses (``.data``)
+    when they change many elements -- an averaged or merged weight -- not an edit of a few rows."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.views = []
+        for tensor in tensors:
+            bits = _INTEGER_OF_SIZE.get(tensor.element_size())
+            if tensor.device.type == "cpu" and tensor.is_contiguous() and bits is not None and tensor.numel():
+                view = tensor.detach().reshape(-1).view(bits).numpy()  # shares the storage: sees every write
+                self.views.append((view, max(1, view.size // SAMPLED_ELEMENTS)))
+        self.taken = self.take()
+
+    def take(self) -> bytes:
+        return b"".join(view[::stride].tobytes() for view, stride in self.views)
+
+    def changed(self) -> bool:
+        return self.take() != self.taken
+
+
+SAMPLED_ELEMENTS = 257
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bits compared, NaN included
+
+
 class _TransformedHiddenStates(torch.nn.Module):
     """Backbone + MLM-head transform of one unpadded text: the part of `encode_sparse` that gets traced."""
 
@@ -314,6 +347,9 @@ class _TransformedHiddenStates(torch.nn.Module):
 # count (they used to: two FLES-1 models in one process re-traced each other on every call).
 _TRACED_MODULES = weakref.WeakSet()
 _REGISTRATIONS = [0]
+# One trace at a time: tracing mutes transformers' logging and Python's warnings process-wide and restores them
+# after; two threads doing that at once (a server's first queries) could leave them muted for good.
+_TRACE_LOCK = threading.Lock()
 
 
 def _count_registration(module, *_):
@@ -401,16 +437,17 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """``build(weight, bias)`` for the decoder, cached under `name` until the weight or bias changes.
 
         The key holds their storage and version counters, so an optimizer step, `load_state_dict` or `.to()`
-        invalidates it.
+        invalidates it. Writes through ``.data`` (some EMA and weight-averaging code) bump no version counter: a
+        sample of evenly spaced elements (`_ElementSample`) catches those that change the whole weight.
         """
         weight, bias = self.cls.predictions.decoder.weight, self._decoder_bias()
         key = (weight.data_ptr(), weight._version, weight.dtype, bias.data_ptr(), bias._version)
         cache = self.__dict__.setdefault("_fles1_decoder_cache", {})
         entry = cache.get(name)
-        if entry is None or entry[0] != key:
+        if entry is None or entry[0] != key or entry[1].changed():
             with torch.no_grad():
-                entry = cache[name] = (key, build(weight.detach(), bias.detach()))
-        return entry[1]
+                entry = cache[name] = (key, _ElementSample(weight, bias), build(weight.detach(), bias.detach()))
+        return entry[2]
 
     def _projection_weight(self, dtype: torch.dtype):
         """The decoder weight in `dtype` (vocab, hidden) and its oneDNN-packed form (or None), cached per dtype."""
@@ -438,10 +475,13 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             dtype = self.bert.embeddings.word_embeddings.weight.dtype
             cached = self.__dict__.get("_fles1_traced_hidden_states")
             if cached is None or cached[0] != (_REGISTRATIONS[0], dtype):
-                traced = _trace_hidden_states(self, input_ids, token_type_ids)
-                _TRACED_MODULES.update(self.modules())
-                cached = ((_REGISTRATIONS[0], dtype), traced)
-                self.__dict__["_fles1_traced_hidden_states"] = cached
+                with _TRACE_LOCK:
+                    cached = self.__dict__.get("_fles1_traced_hidden_states")  # another thread's, maybe
+                    if cached is None or cached[0] != (_REGISTRATIONS[0], dtype):
+                        traced = _trace_hidden_states(self, input_ids, token_type_ids)
+                        _TRACED_MODULES.update(self.modules())
+                        cached = ((_REGISTRATIONS[0], dtype), traced)
+                        self.__dict__["_fles1_traced_hidden_states"] = cached
             if cached[1] is not None:
                 return cached[1](input_ids, token_type_ids)
         outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)

@@ -148,6 +148,11 @@ def test_model_config_rejects_bad_settings():
     small = FLES1Config(max_position_embeddings=128)  # the defaults (64, 256) are capped, not an error
     assert (small.query_max_length, small.document_max_length) == (64, 128)
     assert FLES1Config().to_dict()["document_max_length"] == 256
+    import numpy as np  # numpy scalars (a sweep's values) are numbers; config.json gets plain ones
+
+    numpy_config = FLES1Config(inference_threshold=np.float32(0.5), query_max_length=np.int64(32))
+    assert json.loads(numpy_config.to_json_string())["query_max_length"] == 32
+    assert type(numpy_config.inference_threshold) is float and type(numpy_config.query_max_length) is int
 
 
 def test_model_convert_cli_bad_source_or_setting_is_one_error_line(backbone_dir, tmp_path, capsys):
@@ -360,7 +365,7 @@ def test_model_inference_projection_paths_match_naive(options, tile_tokens, pack
         reference = naive_sparse(model, features)
         output = model.encode_sparse(**features, **options)
     if packed and "chunk_tokens" not in options and torch.backends.mkldnn.is_available():
-        layouts = [entry[1][1] for name, entry in model._fles1_decoder_cache.items() if name.startswith("weight-")]
+        layouts = [entry[-1][1] for name, entry in model._fles1_decoder_cache.items() if name.startswith("weight-")]
         assert all(layout is not None for layout in layouts)  # oneDNN path ran
     assert (reference > 0).sum() > 10
     assert (output.sparse_embeddings - reference).abs().max().item() <= 1e-5
@@ -489,3 +494,89 @@ def test_model_projection_cache_follows_weight_updates():
         reference = naive_sparse(model, features)
     assert not torch.allclose(before, after)
     assert (after - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("path", ["int8-screen", "float32", "bf16"])
+def test_model_projection_cache_follows_writes_through_data(path, monkeypatch):
+    """EMA / weight-averaging code that writes through `.data` bumps no version counter; the cached int8 screen
+    (or packed weight) kept the old decoder and dropped the terms the new one makes positive."""
+    import modeling_fles1
+
+    monkeypatch.setattr(modeling_fles1, "int8_screening_available", lambda: path == "int8-screen")
+    model, features = tiny_model()
+    dtype = torch.bfloat16 if path == "bf16" else None
+    single = features["input_ids"][:1]
+
+    def encoded():
+        with torch.inference_mode():
+            return (model.encode_sparse(**features, projection_dtype=dtype).sparse_embeddings,
+                    model.encode_sparse_terms(single, projection_dtype=dtype))
+
+    encoded()  # builds the caches
+    decoder, bias = model.cls.predictions.decoder, model.cls.predictions.bias
+    decoder.weight.data.copy_(-decoder.weight.detach())  # as sparse as before, other entries positive
+    bias.data.copy_(bias.detach().flip(0))
+    vectors, (ids, weights) = encoded()
+    with torch.inference_mode():
+        reference = naive_sparse(model, features)
+    assert 10 < (reference > 0).sum(dim=1).min() and (reference > 0).sum(dim=1).max() < 9000 // 8  # screened
+    assert (vectors - reference).abs().max().item() <= (0.1 if path == "bf16" else 1e-5)
+    if path != "bf16":
+        assert torch.equal(ids, reference[0].nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("where", ["decoder-row", "backbone"])
+def test_model_int8_screen_passes_nan_through_like_float32(where, monkeypatch):
+    """A NaN in the weights made every screening bound NaN, so nothing was a candidate: int8 estimates (or
+    nothing) came out instead of the float32 path's NaN, and a diverged model looked like a quiet one."""
+    import modeling_fles1
+
+    model, features = tiny_model()
+    with torch.no_grad():
+        if where == "decoder-row":  # a vocabulary entry no text uses
+            model.cls.predictions.decoder.weight[8999] = float("nan")
+        else:
+            model.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    results = {}
+    for screening in (False, True):
+        monkeypatch.setattr(modeling_fles1, "int8_screening_available", lambda: screening)
+        with torch.inference_mode():
+            vectors = model.encode_sparse(**features).sparse_embeddings
+            terms = model.encode_sparse_terms(features["input_ids"][:1])
+        with torch.enable_grad():  # training's forward screens too
+            model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+            trained = model.encode_sparse(**features).sparse_embeddings.detach()
+        results[screening] = vectors, terms, trained
+    (vectors, (ids, weights), trained), (reference, _, _) = results[True], results[False]
+    nan_columns = reference.isnan().any(dim=0)
+    assert nan_columns.sum().item() == (1 if where == "decoder-row" else reference.shape[1])
+    for screened in (vectors, trained):
+        assert torch.allclose(screened, reference, atol=1e-5, equal_nan=True)
+    assert torch.equal(ids, reference[0].nonzero().squeeze(1))
+    assert torch.allclose(weights, reference[0][ids], atol=1e-5, equal_nan=True) and weights.isnan().any()
+
+
+def test_model_first_calls_from_threads_leave_logging_and_warnings_as_they_were():
+    """Tracing mutes transformers' logging and Python's warnings and restores them; threads tracing at once (a
+    server's first queries) restored each other's muted state and left every later warning hidden."""
+    import threading
+    import warnings
+
+    from transformers.utils import logging
+
+    model, _ = tiny_model()
+    filters, verbosity = list(warnings.filters), logging.get_verbosity()
+    texts = [torch.randint(5, 9000, (1, length)) for length in (3, 5, 7, 9, 11, 13)]
+    start = threading.Barrier(len(texts))
+
+    def first_call(ids):
+        start.wait()
+        _encode_one_by_one(model, [ids])
+
+    threads = [threading.Thread(target=first_call, args=(ids,)) for ids in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert model._fles1_traced_hidden_states[1] is not None
+    assert warnings.filters == filters and logging.get_verbosity() == verbosity
