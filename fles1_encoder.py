@@ -16,8 +16,10 @@ zero-width or control characters -- encodes to an empty vector (no model call: B
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import numbers
 import operator
 import os
 import warnings
@@ -37,6 +39,7 @@ PROGRESS_BAR_MIN_TEXTS = 256  # below this a bar is noise
 SORT_WINDOW_TEXTS = 8192
 # Texts per call of the Rust tokenizer: its Encoding objects (~60 KB for a 256-token text) live only that long.
 TOKENIZE_CHUNK_TEXTS = 1024
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class CheckpointError(OSError):
@@ -108,15 +111,27 @@ def _validate_texts(texts) -> list[str]:
     return texts
 
 
+def _not_finite(name: str) -> FloatingPointError:
+    return FloatingPointError(f"{name}: the model's output is NaN -- its parameters hold NaN or inf (a diverged "
+                              "run or a corrupt checkpoint?), or a half-precision model overflowed; nothing encoded")
+
+
 def passes_threshold(weights, threshold: float):
     """The inference rule, for numpy arrays and torch tensors alike: weights >= threshold, and > 0 at threshold 0."""
     return weights >= threshold if threshold > 0 else weights > 0
 
 
 def _validate_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+    # numbers.Real: Python and numpy ints and floats (np.float32 is not a float subclass); not bools
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
     return float(threshold)
+
+
+def _validate_batch_size(batch_size) -> int:
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 def _resolve_device(device) -> torch.device:
@@ -143,7 +158,7 @@ class FLES1Encoder:
     """
 
     def __init__(self, model, tokenizer, threshold: Optional[float] = None, projection_dtype=None):
-        self.model = model.eval()
+        self.model = model  # encoded in eval mode always; a model that is training is left training (`_eval_mode`)
         self.tokenizer = tokenizer
         self.config = model.config
         self.threshold = _validate_threshold(
@@ -159,8 +174,9 @@ class FLES1Encoder:
 
     def _sync(self) -> None:
         """Derive what the encoder caches from the tokenizer and the model, again whenever tokens were added
-        (``tokenizer.add_tokens``) or the vocabulary resized (``model.resize_token_embeddings``): ~1 us a call."""
-        key = (len(self.tokenizer), self.config.vocab_size)
+        (``tokenizer.add_tokens``), the vocabulary resized (``model.resize_token_embeddings``), the tokenizer
+        replaced or its truncation side changed: ~1 us a call."""
+        key = (id(self.tokenizer), len(self.tokenizer), self.tokenizer.truncation_side, self.config.vocab_size)
         if key == self._synced_with:
             return
         self._vocab = self.tokenizer.convert_ids_to_tokens(list(range(self.config.vocab_size)))
@@ -247,6 +263,19 @@ class FLES1Encoder:
             self._rust_tokenizers[length] = rust
         return rust
 
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Dropout off while encoding, also for a model that is training (an encoder evaluating between training
+        steps); its mode is restored after."""
+        training = self.model.training
+        if training:
+            self.model.eval()
+        try:
+            yield
+        finally:
+            if training:
+                self.model.train()
+
     @torch.inference_mode()
     def _encode_ids_batch(self, token_ids: list[list[int]]) -> torch.Tensor:
         """(len(token_ids), vocab) float32 on the model's device, before threshold."""
@@ -260,7 +289,8 @@ class FLES1Encoder:
         if not bool(attention_mask.all()):  # without padding, attention can skip the mask
             features["attention_mask"] = attention_mask
         features = {name: tensor.to(self.device) for name, tensor in features.items()}
-        return self.model.encode_sparse(**features, projection_dtype=self.projection_dtype).sparse_embeddings
+        with self._eval_mode():
+            return self.model.encode_sparse(**features, projection_dtype=self.projection_dtype).sparse_embeddings
 
     def _encode_dense(self, texts: list[str], kind: str) -> torch.Tensor:
         """(len(texts), vocab) float32 before threshold; texts must be non-blank."""
@@ -269,8 +299,7 @@ class FLES1Encoder:
     def _batches(self, texts: list[str], kind: str, batch_size: int, show_progress_bar: Optional[bool]):
         """Yield (positions, vectors) for the texts that have tokens. A window of texts at a time is tokenized and
         sorted by token count, then batched, so that padding is minimal and memory stays bounded."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch_size = _validate_batch_size(batch_size)
         positions = [index for index, text in enumerate(texts) if text.strip()]
         if show_progress_bar is None:
             show_progress_bar = len(positions) >= PROGRESS_BAR_MIN_TEXTS
@@ -305,6 +334,9 @@ class FLES1Encoder:
         empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
         results = [empty] * len(texts)
         for positions, vectors in self._batches(texts, kind, batch_size, show_progress_bar):
+            not_finite = vectors.isnan().any(dim=1)  # a threshold would drop NaN silently: ~1 us per text
+            if bool(not_finite.any()):
+                raise _not_finite(f"texts[{positions[int(not_finite.nonzero()[0])]}]")
             for position, pair in zip(positions, self._sparsify(vectors, threshold)):
                 results[position] = pair
         return results
@@ -327,7 +359,7 @@ class FLES1Encoder:
         if hasattr(self.model, "encode_sparse_terms"):
             # via numpy: a quarter of torch.tensor's cost on a list of ints
             input_ids = torch.from_numpy(np.array([token_ids], dtype=np.int64)).to(self.device)
-            with torch.inference_mode():  # the active terms only: no dense (vocab,) vector on the CPU path
+            with torch.inference_mode(), self._eval_mode():  # the active terms only: no dense (vocab,) vector
                 ids, weights = self.model.encode_sparse_terms(input_ids, projection_dtype=self.projection_dtype)
         else:  # a checkpoint whose modeling_fles1.py predates encode_sparse_terms: its dense vector
             vector = self._encode_ids_batch([token_ids])[0]
@@ -335,8 +367,11 @@ class FLES1Encoder:
             weights = vector[ids]
         # a few dozen terms: plain Python beats a chain of small tensor ops; ties keep vocabulary order. The cut is
         # compared in float32, as the batch path's tensors are.
-        cut = float(np.float32(threshold))
-        terms = [(i, w) for i, w in zip(ids.tolist(), weights.tolist()) if passes_threshold(w, cut)]
+        weights = weights.tolist()
+        if any(weight != weight for weight in weights):  # NaN, which the threshold would drop silently
+            raise _not_finite("text")
+        cut = float(np.float32(min(threshold, FLOAT32_MAX)))
+        terms = [(i, w) for i, w in zip(ids.tolist(), weights) if passes_threshold(w, cut)]
         terms.sort(key=lambda term: -term[1])
         return [i for i, _ in terms], [w for _, w in terms]
 

@@ -299,3 +299,59 @@ def test_encoder_follows_added_tokens_and_a_resized_vocabulary(tiny_random_check
         state = encoder.model._hidden_states(ids, None, None)[0].mean(dim=0)
         encoder.model.cls.predictions.decoder.weight[new_id] = state / state.norm() * 2
     assert "covid19" in encoder.encode("covid19", threshold=0.0)
+
+
+def test_encoder_encodes_in_eval_mode_and_leaves_a_training_model_training(tiny_random_checkpoint):
+    """A model put back in training (an encoder evaluating between training steps) gave dropout-noisy vectors,
+    different on every call; and wrapping a training model in an encoder switched its dropout off for good."""
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    texts = ["statins lower ldl cholesterol", "vitamin d and breast cancer risk in older women"]
+    expected = encoder.encode(texts[1], threshold=0.0), encoder.encode_batch(texts, threshold=0.0)
+    encoder.model.train()
+    for _ in range(2):
+        single, batch = encoder.encode(texts[1], threshold=0.0), encoder.encode_batch(texts, threshold=0.0)
+        assert single == pytest.approx(expected[0], abs=1e-6) and list(single) == list(expected[0])
+        assert all(got == pytest.approx(want, abs=1e-6) for got, want in zip(batch, expected[1]))
+        assert encoder.model.training
+    rewrapped = FLES1Encoder(encoder.model, encoder.tokenizer)
+    assert encoder.model.training and rewrapped.encode(texts[1], threshold=0.0) == pytest.approx(expected[0], abs=1e-6)
+
+
+def test_encoder_follows_a_truncation_side_set_after_first_use(shipped):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shipped.config.name_or_path, trust_remote_code=True)
+    encoder = FLES1Encoder(shipped.model, tokenizer)
+    text = "heart " * 100 + "cancer"
+    assert "cancer" not in encoder.encode(text, kind="query", threshold=0.0)  # cut at 64 tokens from the right
+    tokenizer.truncation_side = "left"
+    assert "cancer" in encoder.encode(text, kind="query", threshold=0.0)
+    assert "cancer" in encoder.encode_batch([text], kind="query", threshold=0.0)[0]
+    encoder.tokenizer = AutoTokenizer.from_pretrained(shipped.config.name_or_path, trust_remote_code=True)
+    assert "cancer" not in encoder.encode(text, kind="query", threshold=0.0)  # a replaced tokenizer is followed
+
+
+def test_encoder_takes_numpy_scalars_for_threshold_and_batch_size(encoder):
+    text = "aspirin lowers the risk of heart attacks"
+    expected = encoder.encode(text, threshold=0.3)
+    assert encoder.encode(text, threshold=np.float32(0.3)) == expected
+    batch = encoder.encode_batch([text] * 3, batch_size=2, threshold=0.3)
+    assert encoder.encode_batch([text] * 3, batch_size=np.int64(2), threshold=np.float32(0.3)) == batch
+    for bad in (np.bool_(True), True):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            encoder.encode_batch([text], batch_size=bad)
+        with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+            encoder.encode(text, threshold=bad)
+
+
+def test_encoder_nan_model_output_is_an_error_not_an_empty_vector(tiny_random_checkpoint):
+    """NaN weights fail every threshold comparison: a diverged checkpoint encoded every text to {} (or to int8
+    estimates), which an index takes silently."""
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    with torch.no_grad():
+        encoder.model.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^text: the model's output is NaN"):
+        encoder.encode("statins lower ldl cholesterol")
+    with pytest.raises(FloatingPointError, match=r"^texts\[1\]: the model's output is NaN"):
+        encoder.encode_batch(["", "statins lower ldl cholesterol"])
+    assert encoder.encode_batch(["", " "]) == [{}, {}]  # blank texts never reach the model
