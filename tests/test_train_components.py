@@ -202,6 +202,12 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("data.mask_false_negatives", 1, "data.mask_false_negatives must be true or false, got 1"),
     ("data.max_examples", -1, r"data.max_examples must be an int >= 1 or null \(every example\), got -1"),
     ("data.max_examples", float("nan"), "data.max_examples must be an int >= 1 or null"),  # NaN kept every example
+    # these failed after the model had loaded: ZeroDivisionError, "cannot convert float NaN", a late length check
+    ("training.gradient_accumulation_steps", 0, "gradient_accumulation_steps must be >= 1, got 0"),
+    ("training.num_train_epochs", float("nan"), "num_train_epochs must be a number > 0, got nan"),
+    ("training.num_train_epochs", 0, "num_train_epochs must be a number > 0, got 0"),
+    ("model.query_max_length", 64.0, r"model.query_max_length must be an int >= 3 .* got 64.0"),
+    ("model.document_max_length", 2, r"model.document_max_length must be an int >= 3 .* got 2"),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}

@@ -5,6 +5,7 @@ a bad value fails before any model is loaded."""
 from __future__ import annotations
 
 import copy
+import math
 
 import yaml
 
@@ -72,9 +73,12 @@ def _check_training_arguments(training: dict) -> None:
             raise ValueError(f"recipe.training.{key}: expected {expected.__name__}, got {value!r}{note}")
     if not training.get("learning_rate", 0.0) >= 0:  # TrainingArguments takes NaN, and a negative rate ascends
         raise ValueError(f"recipe.training.learning_rate must be >= 0, got {training['learning_rate']!r}")
-    if training.get("per_device_train_batch_size", 1) < 1:
-        raise ValueError(f"recipe.training.per_device_train_batch_size must be >= 1, got "
-                         f"{training['per_device_train_batch_size']!r}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):  # 0: ZeroDivisionError at step 1
+        if training.get(key, 1) < 1:
+            raise ValueError(f"recipe.training.{key} must be >= 1, got {training[key]!r}")
+    epochs = training.get("num_train_epochs", 1.0)
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"recipe.training.num_train_epochs must be a number > 0, got {epochs!r}")
 
 
 def validate(recipe: dict) -> dict:
@@ -87,6 +91,11 @@ def validate(recipe: dict) -> dict:
         raise ValueError("recipe.model.path is required (a FLES-1 checkpoint folder or a BERT masked-LM)")
     if not recipe["data"]["source"]:
         raise ValueError("recipe.data.source is required (BEIR folder, hub id or triples TSV)")
+    for key in ("query_max_length", "document_max_length"):  # the model's position limit is checked once it loads
+        length = recipe["model"][key]
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 3):
+            raise ValueError(f"model.{key} must be an int >= 3 (room for [CLS], one token, [SEP]) or null (the "
+                             f"model's), got {length!r}")
     _check_training_arguments(recipe["training"])
     clfr, loss = recipe["clfr"], recipe["loss"]
     get_regularizer(loss["regularizer"])
