@@ -87,12 +87,22 @@ def test_splade_callback_takes_the_scheduler_slot_and_drives_lambda(tiny_random_
     clfr = SpladeCLFRCallback(loss, target_nnz=10, gain=1.0, interval_steps=1)  # random model: ~15k nnz
     data = Dataset.from_dict({"query": [f"query {i}" for i in range(4)], "positive": [f"doc {i}" for i in range(4)]})
     args = SparseEncoderTrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2,
-                                          report_to="none", save_strategy="no", use_cpu=True)
-    trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=data, loss=loss, callbacks=[clfr])
+                                          report_to="none", save_strategy="no", use_cpu=True, logging_steps=1,
+                                          eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2)
+    trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(2)),
+                                   loss=loss, callbacks=[clfr])
+    observed = []
+    observe = clfr.observe
+    clfr.observe = lambda nnz_sum, count: (observed.append(count), observe(nnz_sum, count))
     schedulers = [cb for cb in trainer.callback_handler.callbacks
                   if isinstance(cb, SpladeRegularizerWeightSchedulerCallback)]
     assert schedulers == [clfr]  # no default warm-up scheduler was added next to it
     trainer.train()
+    assert observed == [2, 2]  # the two training batches' documents; the evaluation batches are not counted
+    training_rows = [row for row in trainer.state.log_history if "loss" in row]
+    # each row: the lambda_d its step used, before that step's adjustment
+    assert [row["lambda_d"] for row in training_rows] == [h["lambda_d_before"] for h in clfr.controller.history]
+    assert all("eff_reg" in row for row in training_rows)  # recorded, not only printed
     assert len(clfr.controller.history) == 2
     assert clfr.controller.history[0]["measured_nnz"] > 1000
     assert loss.document_regularizer_weight == clfr.controller.lambda_d == pytest.approx(3e-5 * math.e**2)

@@ -59,7 +59,11 @@ def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir,
     assert [row["step"] for row in on_disk["clfr"]] == [2, 4]
     # the model starts far denser than 50 non-zeros: lambda_d goes up at each adjustment
     assert all(row["lambda_d_after"] > row["lambda_d_before"] for row in on_disk["clfr"])
-    assert on_disk["history"][-1]["lambda_d"] == on_disk["clfr"][-1]["lambda_d_after"]
+    # each row shows the lambda_d its step trained with: an adjustment shows from the next step on
+    rows = {row["step"]: row for row in on_disk["history"]}
+    assert [rows[step]["lambda_d"] for step in (2, 3, 4)] == [on_disk["clfr"][0]["lambda_d_before"],
+                                                               on_disk["clfr"][0]["lambda_d_after"],
+                                                               on_disk["clfr"][1]["lambda_d_before"]]
     for name in ("loss.png", "nnz.png", "lambda_d.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000
     from fles1_encoder import FLES1Encoder
@@ -102,10 +106,37 @@ def test_non_finite_loss_is_skipped_counted_and_training_continues(sparse_tiny, 
     log = train(recipe, out, max_steps=4, trainer_class=NaNOnStep2)
     assert log["crashes"]["non_finite_loss"] == 1 and log["crashes"]["total"] >= 1
     assert log["global_step"] == 4
+
+    def no_bare_nan(name):
+        raise ValueError(f"training_log.json holds a bare {name}")
+
+    with open(os.path.join(out, "training_log.json")) as handle:  # strict JSON: NaN is null
+        on_disk = json.loads(handle.read(), parse_constant=no_bare_nan)
+    rows = {row["step"]: row for row in on_disk["history"]}
+    # the NaN step's loss is logged as what it was (transformers would show the window's finite mean, here 0.0)
+    assert rows[2]["loss"] is None and rows[1]["loss"] > 0 and rows[3]["loss"] > 0
+    # CLFR's measurement over steps 1-2 leaves the NaN batch out: it is step 1's documents alone
+    assert on_disk["clfr"][0]["measured_nnz"] == pytest.approx(rows[1]["nnz_doc"], rel=1e-12)
     # the skipped step left the weights exactly as checkpoint-2's predecessor: compare step 1 -> step 2 states
     weights = {step: load_file(os.path.join(out, f"checkpoint-{step}", "model.safetensors")) for step in (2, 4)}
     assert all(torch.isfinite(t).all() for t in weights[4].values())
     assert any(not torch.equal(weights[2][k], weights[4][k]) for k in weights[2])  # steps 3-4 did update
+
+
+def test_evaluation_batches_leave_clfr_crashes_and_the_log_window_alone(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """Trainer's evaluation loss goes through compute_loss too: its batches counted as training non-zeros for
+    CLFR, as losses for the crash monitor and in the logged window."""
+    from fles1.training.run import build_trainer
+
+    trainer = build_trainer(load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir)), str(tmp_path))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+    assert trainer.clfr.nnz_count == 0 and trainer.crash_monitor._nnz_count == 0 and not trainer._window
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    assert trainer.clfr.nnz_count == 4 * 8 and trainer.crash_monitor._nnz_count == 4 * 8 and trainer._window
 
 
 def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_path):

@@ -172,8 +172,10 @@ class _NNZRecorder(torch.nn.Module):
         self._callback = [callback]  # a list, so the callback is not registered as a submodule
 
     def compute_loss_from_embeddings(self, embeddings, *args, **kwargs):
-        with torch.no_grad():
-            self._callback[0].observe(float((embeddings > 0).sum()), embeddings.shape[0])
+        # training batches only: the trainer's evaluation loss runs under no_grad (prediction_step)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self._callback[0].observe(float((embeddings > 0).sum()), embeddings.shape[0])
         return self.regularizer.compute_loss_from_embeddings(embeddings, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -213,9 +215,16 @@ class SpladeCLFRCallback(CLFRCallback, _splade_scheduler_base()):
         self.loss.document_regularizer_weight = lambda_d
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.apply(self.controller.lambda_d)
+        self._lambda_d_used = self.controller.lambda_d  # the log shows it, not the value CLFR may set at step end
+        self.apply(self._lambda_d_used)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """lambda_d and eff_reg into the log: the console, callbacks after this one, and ``state.log_history``
+        (trainer_state.json), which transformers appended to before any callback ran. Integrations (``report_to``)
+        run before user callbacks and miss them unless this callback comes first:
+        ``trainer.callback_handler.callbacks.insert(0, clfr)``."""
         if logs is not None:
-            logs["lambda_d"] = self.controller.lambda_d
-            logs["eff_reg"] = self.eff_reg
+            values = {"lambda_d": getattr(self, "_lambda_d_used", self.controller.lambda_d), "eff_reg": self.eff_reg}
+            logs.update(values)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(values)

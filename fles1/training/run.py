@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -159,4 +160,15 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
 
 def _write_log(log: dict, output_dir: str) -> None:
     with atomic_open(os.path.join(output_dir, "training_log.json")) as handle:
-        json.dump(log, handle, indent=1)
+        json.dump(_finite_or_null(log), handle, indent=1, allow_nan=False)  # bare NaN is not JSON
+
+
+def _finite_or_null(value):
+    """`value` with every NaN/inf float (a diverged step's loss) as None: JSON null, which strict parsers take."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value

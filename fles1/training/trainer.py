@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import types
 import warnings
@@ -260,7 +261,10 @@ class FLES1Trainer(Trainer):
             nnz_query = float((queries > 0).sum())
             parts = torch.stack([loss, contrastive, reg_d, reg_q, anticollapse]).float().tolist()
         num_docs, num_queries = documents.shape[0], queries.shape[0]
-        if self.clfr is not None:
+        if not model.training:  # an evaluation batch (Trainer's prediction_step): no training bookkeeping
+            return (loss, {"queries": queries, "documents": documents}) if return_outputs else loss
+        self._lambda_d_used = lambda_d  # CLFR may change lambda_d at this step's end; the log row shows this one
+        if self.clfr is not None and math.isfinite(parts[0]):  # NaN documents have no entry > 0: not a density
             self.clfr.observe(nnz_doc, num_docs)
         self.crash_monitor.observe(parts[0], nnz_doc, num_docs)
         self.nnz_trace.append({"step": self.state.global_step + 1, "nnz_sum": nnz_doc, "count": num_docs,
@@ -269,6 +273,7 @@ class FLES1Trainer(Trainer):
         for name, value in zip(("loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse"), parts[1:]):
             window[name] += value
         window["batches"] += 1
+        window["non_finite_batches"] += not math.isfinite(parts[0])
         window["nnz_doc_sum"] += nnz_doc
         window["docs"] += num_docs
         window["nnz_query_sum"] += nnz_query
@@ -278,14 +283,18 @@ class FLES1Trainer(Trainer):
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs:  # a training log (not the end-of-training summary): add the window's FLES-1 metrics
             keys = ["loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse", "batches",
-                    "nnz_doc_sum", "docs", "nnz_query_sum", "queries"]
+                    "nnz_doc_sum", "docs", "nnz_query_sum", "queries", "non_finite_batches"]
             totals = dict(zip(keys, all_reduce_sum([self._window[k] for k in keys], self.args.device)))
+            if totals["non_finite_batches"]:
+                # transformers' logging_nan_inf_filter logs a NaN/inf loss as the window's finite mean (0.0 when
+                # none): a diverged window would look perfect. The crash monitor skipped those updates.
+                logs["loss"] = float("nan")
             batches = max(totals["batches"], 1.0)
             for name in keys[:4]:
                 logs[name] = totals[name] / batches
             logs["nnz_doc"] = totals["nnz_doc_sum"] / max(totals["docs"], 1.0)
             logs["nnz_query"] = totals["nnz_query_sum"] / max(totals["queries"], 1.0)
-            logs["lambda_d"] = self.current_lambda_d()
+            logs["lambda_d"] = getattr(self, "_lambda_d_used", self.current_lambda_d())
             logs["lambda_q"] = self.lambda_q
             logs["eff_reg"] = self.clfr.eff_reg if self.clfr is not None else self.lambda_d * self.state.global_step
             self._window = defaultdict(float)
