@@ -3,6 +3,7 @@
 
     python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir outputs/tiny
     python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir outputs/tiny --resume  # last ckpt
+    python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir outputs/tiny --overwrite  # anew
     python train_fles1.py --recipe ... --output-dir ... --max-steps 20 --set clfr.target_nnz_d=120 --eval-dev
     torchrun --nproc_per_node 2 train_fles1.py --recipe ... --output-dir ...                           # DDP
 
@@ -50,6 +51,9 @@ def main(argv=None):
     parser.add_argument("--clfr-interval-steps", type=int, help="override clfr.interval_steps")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
                         help="resume from the last checkpoint in --output-dir, or from the given checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --output-dir that holds an earlier run (its checkpoint-*, "
+                             "training_log.json, plots and weights are removed)")
     parser.add_argument("--eval-dev", action="store_true", help="evaluate dev NDCG@10 at the end (BEIR data)")
     parser.add_argument("--trace-nnz", action="store_true", help="write each rank's per-batch doc non-zeros")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any recipe value")
@@ -71,7 +75,7 @@ def main(argv=None):
 
     try:
         log = train(recipe, args.output_dir, resume_from_checkpoint=args.resume, max_steps=args.max_steps,
-                    eval_dev=args.eval_dev, trace_nnz=args.trace_nnz)
+                    eval_dev=args.eval_dev, trace_nnz=args.trace_nnz, overwrite=args.overwrite)
     except TrainingSetupError as error:
         raise SystemExit(f"error: {error}")
     if log is not None:

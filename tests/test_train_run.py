@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from fles1.training.recipe import load_recipe
-from fles1.training.run import HISTORY_KEYS, train
+from fles1.training.run import HISTORY_KEYS, TrainingSetupError, train
 from fles1.training.trainer import FLES1Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +140,46 @@ def test_evaluation_batches_leave_clfr_crashes_and_the_log_window_alone(sparse_t
     assert trainer.clfr.nnz_count == 4 * 8 and trainer.crash_monitor._nnz_count == 4 * 8 and trainer._window
 
 
+class _InterruptedWhileSaving(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            raise KeyboardInterrupt  # after transformers' save and rotation, before the FLES-1 callbacks' on_save
+
+
+class InterruptedWhileSavingStep4(FLES1Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, callbacks=[_InterruptedWhileSaving()], **kwargs)
+
+
+def test_interrupted_save_with_save_total_limit_still_resumes(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """save_total_limit=1: transformers deletes checkpoint-2 as soon as checkpoint-4's trainer_state.json is
+    written; the CLFR and crash states came after (on_save), so a kill there left nothing to resume."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
+                                                     **{"training.save_total_limit": 1}))
+    out = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, out, max_steps=6, trainer_class=InterruptedWhileSavingStep4)
+    assert sorted(os.listdir(out)) == ["checkpoint-4"]
+    log = train(recipe, out, resume_from_checkpoint=True, max_steps=6)
+    assert log["global_step"] == 6 and [row["step"] for row in log["clfr"]] == [2, 4, 6]
+
+
+def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """A fresh run in a used folder kept the old run's checkpoints (which --resume then picked up: another run's
+    weights) and its plots beside the new log."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    out = str(tmp_path / "run")
+    train(recipe, out, max_steps=4)
+    with pytest.raises(TrainingSetupError, match=r"holds an earlier run \(checkpoint-2, checkpoint-4, lambda_d.png, "
+                                                 r"loss.png, \.\.\.\); .*--resume continues it, --overwrite"):
+        train(recipe, out, max_steps=2)
+    with pytest.raises(TrainingSetupError, match="choose one"):
+        train(recipe, out, resume_from_checkpoint=True, overwrite=True)
+    log = train(recipe, out, max_steps=2, overwrite=True)
+    assert log["global_step"] == 2 and not os.path.exists(os.path.join(out, "checkpoint-4"))
+    assert json.load(open(os.path.join(out, "training_log.json")))["global_step"] == 2
+
+
 def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_path):
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
                                                      **{"training.save_steps": 1}))
@@ -206,11 +247,11 @@ def test_sigkill_and_resume_matches_uninterrupted_run(sparse_tiny, msmarco_toy_d
     # uninterrupted reference
     full = str(tmp_path / "full")
     _run(*_cli(full, recipe_path, "--max-steps", steps, device_env=device_env))
-    # killed run: SIGKILL as soon as the step-4 checkpoint is complete (CLFR state is written last)
+    # killed run: SIGKILL as soon as the step-4 checkpoint is complete (transformers writes trainer_state.json last)
     killed = str(tmp_path / "killed")
     command, env = _cli(killed, recipe_path, "--max-steps", steps, device_env=device_env)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = os.path.join(killed, "checkpoint-4", "clfr_state.json")
+    marker = os.path.join(killed, "checkpoint-4", "trainer_state.json")
     deadline = time.time() + 240
     while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -301,7 +342,7 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
           "--set", "model.document_max_length=4096"],
          r"^error: document_max_length=4096 exceeds max_position_embeddings"),
         (["--model", sparse_tiny, "--data", str(data), "--set", "training.per_device_train_batch_size=4",
-          "--set", "model.query_max_length=1"], r"^error: query_max_length must be an int >= 3"),
+          "--set", "model.query_max_length=1"], r"^error: model\.query_max_length must be an int >= 3"),
     ):
         with pytest.raises(SystemExit, match=message):
             train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, *argv])

@@ -155,6 +155,7 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
             if count > 0:
                 self.apply(self.controller.update(total / count, state.global_step))
             self.nnz_sum = self.nnz_count = 0.0
+        self.save_ahead(args, state, control)  # after the update: the state a resumed run continues from
 
 
 def _splade_scheduler_base():

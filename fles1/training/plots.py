@@ -6,6 +6,8 @@ import os
 
 from fles1.atomic import atomic_open
 
+PLOT_FILES = ("loss.png", "nnz.png", "lambda_d.png")
+
 
 def write_plots(log: dict, out_dir: str) -> list[str]:
     import matplotlib
@@ -15,11 +17,11 @@ def write_plots(log: dict, out_dir: str) -> list[str]:
 
     history = log["history"]
     steps = [row["step"] for row in history]
-    panels = {
-        "loss.png": ("loss", [("loss", "total"), ("loss_contrastive", "InfoNCE")], False),
-        "nnz.png": ("mean non-zeros per vector", [("nnz_doc", "documents"), ("nnz_query", "queries")], False),
-        "lambda_d.png": ("lambda_d", [("lambda_d", "lambda_d")], True),
-    }
+    panels = dict(zip(PLOT_FILES, [
+        ("loss", [("loss", "total"), ("loss_contrastive", "InfoNCE")], False),
+        ("mean non-zeros per vector", [("nnz_doc", "documents"), ("nnz_query", "queries")], False),
+        ("lambda_d", [("lambda_d", "lambda_d")], True),
+    ]))
     paths = []
     for name, (ylabel, series, log_scale) in panels.items():
         figure, axis = plt.subplots(figsize=(6, 3.5))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -13,8 +15,29 @@ import torch
 
 from fles1.atomic import atomic_open, require_writable
 
+from .plots import PLOT_FILES
+
 HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse",
                 "lambda_d", "lambda_q", "nnz_doc", "nnz_query", "eff_reg")
+
+
+# What a run leaves in its output folder (besides the FLES-1 files its final save rewrites).
+PREVIOUS_RUN = re.compile(r"checkpoint-\d+|training_log\.json|model\.safetensors|nnz_trace_rank\d+\.json|"
+                          + "|".join(re.escape(name) for name in PLOT_FILES))
+
+
+def previous_run(output_dir: str) -> list[str]:
+    """What an earlier run (finished or interrupted) left in `output_dir`: a fresh run there would mix with it --
+    keep its checkpoints for `--resume` to pick up, and its plots next to the new log."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if PREVIOUS_RUN.fullmatch(name))
+
+
+def remove_previous_run(output_dir: str) -> None:
+    for name in previous_run(output_dir):
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 class TrainingSetupError(ValueError):
@@ -120,16 +143,28 @@ def evaluate_dev(output_dir: str, recipe: dict) -> dict:
 
 
 def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps: int | None = None,
-          eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None) -> dict | None:
-    """Run the recipe; returns the training log (on the main process; None on other ranks)."""
+          eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None, overwrite: bool = False) -> dict | None:
+    """Run the recipe; returns the training log (on the main process; None on other ranks). An `output_dir` that
+    holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log, plots and weights are
+    removed once the model has loaded)."""
+    from .crashes import STATE_FILE as CRASH_STATE
+    from .clfr import STATE_FILE as CLFR_STATE
     from .plots import write_plots
     from .trainer import resolve_resume
 
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
+        if resume_from_checkpoint and overwrite:
+            raise ValueError("--resume continues the run in output_dir, --overwrite replaces it: choose one")
+        earlier = previous_run(output_dir) if not resume_from_checkpoint else []
+        if earlier and not overwrite:
+            shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            raise ValueError(f"output_dir {output_dir} holds an earlier run ({shown}); a new run there would mix "
+                             "with it: --resume continues it, --overwrite replaces it, or choose another folder")
+        state_files = [CRASH_STATE] + ([CLFR_STATE] if recipe["clfr"]["enabled"] else [])
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
             warnings.simplefilter("ignore")
-            resolve_resume(resume_from_checkpoint, output_dir)
+            resolve_resume(resume_from_checkpoint, output_dir, state_files)
         if eval_dev and _has_dev_split(recipe["data"]["source"]):
             from fles1.beir import load_beir
 
@@ -139,6 +174,10 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
         where = f"model.path={recipe['model']['path']!r}: " if isinstance(error, OSError) else ""
         raise TrainingSetupError(f"{where}{error}") from error
+    if earlier:  # --overwrite: after the load, which may read this very folder
+        if trainer.is_world_process_zero():
+            remove_previous_run(output_dir)
+        trainer.accelerator.wait_for_everyone()
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     runtime = time.perf_counter() - start
