@@ -46,8 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="FLES-1 checkpoint folder or hub id")
     parser.add_argument("--data", required=True, nargs="+", help="BEIR folder(s) or BEIR hub dataset id(s)")
     parser.add_argument("--split", default="test", help="qrels split (default: test)")
-    parser.add_argument("--threshold", type=at_least(0, float), default=0.3,
-                        help="drop weights below it (default 0.3; 0: none)")
+    parser.add_argument("--threshold", type=at_least(0, float), default=None,
+                        help="drop weights below it (default: the model's config.inference_threshold, 0.3 as "
+                             "shipped; 0: none)")
     parser.add_argument("--output", help="results JSON (shared format)")
     parser.add_argument("--run-file", help="TREC run file (run.<dataset>.trec per dataset when several)")
     parser.add_argument("--markdown", help="Markdown tables for the model card (also printed)")

@@ -138,16 +138,26 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
     folder's, or the card would show another model's numbers."""
     from fles1.evaluation import model_fingerprint
 
+    config_path = os.path.join(model_dir, "config.json")
     try:
-        recorded = (read_json(results, "eval results").get("model") or {}).get("fingerprint")
+        evaluated = read_json(results, "eval results")
+        config = read_json(config_path, "model config") if os.path.isfile(config_path) else {}
     except CardInputError as error:
         raise PublishError(str(error)) from None
+    recorded = (evaluated.get("model") or {}).get("fingerprint")
     if recorded and os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         actual = model_fingerprint(model_dir)
         if recorded != actual:
             raise PublishError(f"{results}: evaluated the model with fingerprint {recorded}, not {model_dir} "
                                f"({actual}); evaluate it (eval_fles1.py --model {model_dir}) and pass that file "
                                "first -- further --results files (other seeds) may be other models")
+    # The card states the results' threshold as the model's inference threshold: it must be the one users get.
+    shipped = config.get("inference_threshold")
+    threshold = evaluated.get("threshold")
+    if isinstance(shipped, (int, float)) and isinstance(threshold, (int, float)) and float(threshold) != float(shipped):
+        raise PublishError(f"{results}: evaluated at threshold {threshold}, but the model's inference threshold "
+                           f"(config.json) is {shipped}, which users get: evaluate at it (eval_fles1.py without "
+                           f"--threshold) or convert the model with --threshold {threshold}")
 
 
 def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs) -> None:

@@ -380,6 +380,21 @@ def test_cli_index_dir_is_written_without_production_numbers(tiny_random_checkpo
     assert loaded.num_docs == len(CORPUS)
 
 
+def test_cli_default_threshold_is_the_models(tiny_random_checkpoint, beir_dir, tmp_path):
+    """The CLI evaluated at 0.3 whatever the model's config.inference_threshold (what FLES1Encoder applies)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_random_checkpoint, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "inference_threshold": 0.5}))
+    output = tmp_path / "results.json"
+    argv = ["--model", str(model), "--data", beir_dir, "--no-production", "--no-bm25", "--no-cache",
+            "--output", str(output)]
+    assert eval_fles1.main(argv) == 0
+    assert json.loads(output.read_text())["threshold"] == 0.5
+
+
 def test_evaluate_threshold_reduces_nnz(tiny_random_checkpoint, beir_dir, tmp_path):
     cache = str(tmp_path / "cache")
     low = evaluate(tiny_random_checkpoint, [beir_dir], threshold=0, cache_dir=cache, bm25=False, production=False,

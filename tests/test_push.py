@@ -367,6 +367,19 @@ def test_results_of_another_model_refused(source_checkpoint, result_files, tmp_p
     assert push_fles1.main(argv + [result_files["results"], other]) == 0  # another model later: a reproducibility run
 
 
+def test_results_at_another_threshold_than_the_models_refused(source_checkpoint, result_files, tmp_path, capsys):
+    """The card says "weights below the inference threshold (X) are dropped" with X from the results file: the
+    parity run at 0, or a model converted with --threshold 0.5 and evaluated at 0.3, stated the wrong one."""
+    at_zero = tmp_path / "at-zero.json"
+    at_zero.write_text(json.dumps({**json.load(open(result_files["results"])), "threshold": 0.0}))
+    argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "o"), "--results"]
+    assert push_fles1.main(argv + [str(at_zero)]) == 1
+    err = capsys.readouterr().err
+    assert (f"error: {at_zero}: evaluated at threshold 0.0, but the model's inference threshold (config.json) is 0.3"
+            in err) and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_copies_with_clashing_names_never_overwrite_each_other(tmp_path):
     from fles1.publish import _copy_unique
 
