@@ -11,6 +11,8 @@ transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head ar
 
 import functools
 import math
+import os
+import shutil
 import threading
 import warnings
 import weakref
@@ -31,6 +33,7 @@ except ImportError:  # imported from a checkout
 # is compute-bound; small tiles keep the logits in cache on CPU, large ones keep a GPU busy.
 CPU_CHUNK_TOKENS = 256
 ACCELERATOR_CHUNK_TOKENS = 16384  # 1 GB of bf16 logits: big enough to fill a GPU, small for its allocator
+ENCODER_FILE = "fles1_encoder.py"  # ships beside the model files; see `FLES1ForMaskedLM._copy_encoder_file`
 # CPU inference projects one text at a time, CPU_TILE_TOKENS tokens at once, so that the (tokens x vocab) logits
 # tile stays in cache; no padding token is ever projected.
 CPU_TILE_TOKENS = 32
@@ -421,14 +424,28 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         return {key: value for key, value in super().__getstate__().items() if key not in self._fles1_caches}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save, plus `auto_map` for AutoModel too (both auto classes load this model)."""
+        """transformers' save, plus `auto_map` for AutoModel too (both auto classes load this model), plus the
+        `FLES1Encoder` file that came with the checkpoint (sentence-transformers' save goes through here too)."""
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoConfig": "configuration_fles1.FLES1Config",
             "AutoModel": "modeling_fles1.FLES1ForMaskedLM",
             "AutoModelForMaskedLM": "modeling_fles1.FLES1ForMaskedLM",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        self._copy_encoder_file(save_directory)
+        return saved
+
+    def _copy_encoder_file(self, save_directory) -> None:
+        """transformers copies only the code it imports; fles1_encoder.py (users fetch it with
+        ``hf_hub_download``) comes from the local folder the model was loaded from, else from beside this file."""
+        target = os.path.join(save_directory, ENCODER_FILE)
+        for folder in (self.name_or_path, os.path.dirname(os.path.abspath(__file__))):
+            source = os.path.join(folder, ENCODER_FILE) if folder and os.path.isdir(folder) else ""
+            if os.path.isfile(source):
+                if not os.path.exists(target) or not os.path.samefile(source, target):
+                    shutil.copyfile(source, target)
+                return
 
     def sparse_chunk_tokens(self, device: torch.device) -> int:
         return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS

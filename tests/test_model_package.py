@@ -121,6 +121,23 @@ def test_model_save_load_round_trip(tiny_random_checkpoint, tmp_path):
         assert torch.equal(before, after)
 
 
+def test_saves_through_transformers_and_sentence_transformers_keep_the_encoder_file(tiny_random_checkpoint, tmp_path):
+    """transformers copies only the code it imports: a folder saved by AutoModel or by sentence-transformers
+    lacked fles1_encoder.py, the file the README has users fetch from the Hub repo."""
+    from sentence_transformers import SparseEncoder
+    from transformers import AutoModelForMaskedLM
+
+    shipped = (Path(tiny_random_checkpoint) / "fles1_encoder.py").read_bytes()
+    model = AutoModelForMaskedLM.from_pretrained(tiny_random_checkpoint, trust_remote_code=True)  # remote code
+    model.save_pretrained(tmp_path / "auto")
+    SparseEncoder(tiny_random_checkpoint, trust_remote_code=True, device="cpu").save_pretrained(str(tmp_path / "st"))
+    for folder in ("auto", "st"):
+        assert (tmp_path / folder / "fles1_encoder.py").read_bytes() == shipped
+    model.save_pretrained(tmp_path / "auto")  # again, onto itself's folder: nothing breaks
+    AutoModelForMaskedLM.from_pretrained(tmp_path / "auto", trust_remote_code=True).save_pretrained(tmp_path / "auto")
+    assert (tmp_path / "auto" / "fles1_encoder.py").read_bytes() == shipped
+
+
 def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):
     import convert_fles1
     from fles1_encoder import FLES1Encoder
