@@ -154,7 +154,8 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
     # The card states the results' threshold as the model's inference threshold: it must be the one users get.
     shipped = config.get("inference_threshold")
     threshold = evaluated.get("threshold")
-    if isinstance(shipped, (int, float)) and isinstance(threshold, (int, float)) and float(threshold) != float(shipped):
+    numbers = isinstance(shipped, (int, float)) and isinstance(threshold, (int, float))
+    if numbers and float(threshold) != float(shipped):
         raise PublishError(f"{results}: evaluated at threshold {threshold}, but the model's inference threshold "
                            f"(config.json) is {shipped}, which users get: evaluate at it (eval_fles1.py without "
                            f"--threshold) or convert the model with --threshold {threshold}")

@@ -114,9 +114,9 @@ def _forward_as_encode_pair(module):
 
 def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequence[str] = ()):
     """``True`` -> the newest complete checkpoint-* in output_dir; a folder -> itself, if complete. Complete: it holds
-    `state_files` (the callbacks' states, written first) and trainer_state.json (transformers' last file). A newer checkpoint that a kill
-    interrupted while saving is skipped, with a warning. Else a ValueError naming the folder (train_fles1.py checks
-    before loading anything)."""
+    `state_files` (the callbacks' states, written first) and trainer_state.json (transformers' last file). A newer
+    checkpoint that a kill interrupted while saving is skipped, with a warning. Else a ValueError naming the folder
+    (train_fles1.py checks before loading anything)."""
     required = (TRAINER_STATE_NAME, *state_files)
 
     def missing(folder: str) -> list[str]:
