@@ -137,9 +137,16 @@ def run(args, work: str) -> None:
     from fles1.checkpoint import convert
     from fles1.training.data import load_training_examples
 
-    folder = convert(args.model, os.path.join(work, "model"), document_max_length=args.max_length)
     dataset = load_training_examples(args.data, "train", num_negatives=7, seed=0)
-    dataset = dataset.select(range(args.batch_size * (args.warmup + args.steps)))
+    needed = args.batch_size * (args.warmup + args.steps)
+    if needed > len(dataset):  # before the conversion, not an IndexError after it
+        raise SystemExit(f"error: --batch-size {args.batch_size} x (--warmup {args.warmup} + --steps {args.steps}) = "
+                         f"{needed} examples, but {args.data} has {len(dataset)}")
+    dataset = dataset.select(range(needed))
+    try:
+        folder = convert(args.model, os.path.join(work, "model"), document_max_length=args.max_length)
+    except ValueError as error:  # e.g. --max-length above the model's positions
+        raise SystemExit(f"error: {args.model}: {error}") from None
     results = {"device": args.device, "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
                "documents_per_query": 8, "max_length": args.max_length, "steps": args.steps,
                "warmup": args.warmup, "bf16": args.bf16, "dataloader_workers": args.workers}

@@ -88,13 +88,18 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     require_new_folder(out_dir, overwrite, hint=" (--overwrite / overwrite=True replaces it)")  # before the load
     if not os.path.isdir(source) and is_local_path(source):
         raise FileNotFoundError(not_a_folder(source))  # a path, not a hub id: transformers would say "bad repo id"
-    source_model = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True)
+    source_model, loading = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True,
+                                                                 output_loading_info=True)
+    missing = [key for key in loading["missing_keys"] if "position_ids" not in key]
+    if missing:  # transformers initialised them at random: a BertModel's missing MLM head would be a random projection
+        raise ValueError(f"not a BERT masked-LM checkpoint: its weights lack {', '.join(sorted(missing))} "
+                         "(a model without the masked-LM head? FLES-1 needs the head's vocabulary projection)")
     config = fles1_config_from(source_model.config, **sparse_settings)
     model = FLES1ForMaskedLM(config)
     missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False)
     missing = [key for key in missing if "position_ids" not in key and "token_type_ids" not in key]
     if missing or unexpected:
-        raise ValueError(f"{source}: not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
     with atomic_directory(out_dir, replace=overwrite) as staging:

@@ -188,6 +188,22 @@ def test_model_convert_cli_bad_source_or_setting_is_one_error_line(backbone_dir,
     assert not (tmp_path / "out").exists()
 
 
+def test_model_convert_refuses_a_bert_without_its_masked_lm_head(backbone_dir, tmp_path, capsys):
+    """transformers initialises a missing head at random: a BertModel became a 'checkpoint' whose vocabulary
+    projection was noise, with no error."""
+    import convert_fles1
+    from transformers import AutoTokenizer, BertModel
+
+    source = tmp_path / "bert-without-head"
+    BertModel.from_pretrained(backbone_dir).save_pretrained(source)
+    AutoTokenizer.from_pretrained(backbone_dir).save_pretrained(source)
+    assert convert_fles1.main([str(source), str(tmp_path / "out")]) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert error and error[0].startswith(f"error: {source}: not a BERT masked-LM checkpoint: its weights lack "
+                                         "cls.predictions.bias")
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_convert_cli_never_overwrites_by_accident(backbone_dir, tmp_path, capsys, monkeypatch):
     import convert_fles1
     from fles1 import checkpoint

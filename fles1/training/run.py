@@ -59,7 +59,10 @@ def load_model_for_training(path: str):
         return FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True), \
             AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     with tempfile.TemporaryDirectory(prefix="fles1-backbone-") as scratch:  # every run used to leave its copy
-        converted = convert(path, os.path.join(scratch, "fles1"))
+        try:
+            converted = convert(path, os.path.join(scratch, "fles1"))
+        except ValueError as error:  # e.g. a BERT without its masked-LM head
+            raise ValueError(f"model.path={path!r}: {error}") from error
         model = FLES1ForMaskedLM.from_pretrained(converted, use_safetensors=True)
         return model, AutoTokenizer.from_pretrained(converted, trust_remote_code=True)
 
