@@ -590,7 +590,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         ```python
         >>> ids = tokenizer("What is machine learning?", return_tensors="pt")["input_ids"]
         >>> term_ids, weights = model.encode_sparse_terms(ids)
-        >>> tokenizer.convert_ids_to_tokens(term_ids[weights.argmax()])
+        >>> tokenizer.convert_ids_to_tokens(int(term_ids[weights.argmax()]))
         ```
         """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:

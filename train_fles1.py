@@ -8,7 +8,9 @@
     torchrun --nproc_per_node 2 train_fles1.py --recipe ... --output-dir ...                           # DDP
 
 Writes OUTPUT_DIR/: the trained FLES-1 checkpoint folder, checkpoint-<step>/ folders (each also one, plus the
-Trainer, CLFR and crash states), training_log.json and loss.png, nnz.png, lambda_d.png.
+Trainer, CLFR and crash states), training_log.json and loss.png, nnz.png, lambda_d.png (the log's history and
+the plots need at least training.logging_steps steps). An --output-dir holding an earlier run is refused unless
+--resume (continue it) or --overwrite (replace it).
 """
 
 import argparse
