@@ -31,7 +31,9 @@ run=$1; seed=$2; shift 2
 out=outputs/$run
 mkdir -p results/runs/$run
 fresh=--overwrite  # a rerun starts over in outputs/RUN_NAME; pass --resume to continue an interrupted one instead
-for arg in "$@"; do [[ $arg == --resume* ]] && fresh=; done
+for arg in "$@"; do
+  if [[ $arg == --resume* ]]; then fresh=; fi
+done
 python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir "$out" --max-steps 60 $fresh \
   --set model.document_max_length=128 --set clfr.target_nnz_d=160 --set clfr.interval_steps=20 \
   --set training.save_steps=20 --set training.logging_steps=5 --set data.mask_false_negatives=true \
