@@ -42,4 +42,8 @@ python eval_fles1.py --model "$out" --data ../shared/data/nfcorpus --split dev -
   --no-bm25 --no-production --output results/runs/$run/eval_dev.json
 python eval_fles1.py --model "$out" --data ../shared/data/nfcorpus --split test --threshold 0.3 \
   --latency-queries 50 --output results/runs/$run/eval_test.json --markdown results/runs/$run/eval_test.md
-cp "$out"/training_log.json "$out"/*.png results/runs/$run/
+rm -f results/runs/$run/*.png  # an earlier run's plots must not stay beside this run's log
+cp "$out"/training_log.json results/runs/$run/
+for plot in "$out"/*.png; do  # none when the run logged no row (fewer steps than training.logging_steps)
+  if [ -e "$plot" ]; then cp "$plot" results/runs/$run/; fi
+done
