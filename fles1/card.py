@@ -129,8 +129,11 @@ def group_runs(evals: Sequence[tuple[str, dict]]) -> list[Run]:
         run = runs.setdefault(key, Run(key=key, model_path=model.get("path"), header=data))
         _check_same_settings(path, data, run.header, next(iter(run.sources.values()), path))
         for name, entry in data["datasets"].items():
-            if name in run.datasets:
-                raise CardInputError(f"{path}: dataset {name!r} of model {key!r} also in {run.sources[name]}")
+            if name in run.datasets:  # the card has one row per dataset: one split of it
+                here, there = entry.get("split"), run.datasets[name].get("split")
+                splits = f" (split {here!r} here, {there!r} there)" if here != there else ""
+                raise CardInputError(f"{path}: dataset {name!r} of model {key!r} is already in {run.sources[name]}"
+                                     f"{splits}; the card shows one split per dataset")
             run.datasets[name] = entry
             run.sources[name] = path
     return list(runs.values())

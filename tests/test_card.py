@@ -177,6 +177,17 @@ def test_bad_result_files_name_the_file(tmp_path):
         build_card([])
 
 
+def test_one_split_per_dataset_and_the_error_names_both(tmp_path):
+    test = make_eval(tmp_path / "eval_test.json")
+    payload = json.load(open(test))
+    payload["datasets"]["nfcorpus"]["split"] = "dev"
+    dev = tmp_path / "eval_dev.json"
+    dev.write_text(json.dumps(payload))
+    with pytest.raises(CardInputError, match=rf"eval_dev\.json: dataset 'nfcorpus' of model 'fp-seed1' is already in "
+                                             rf".*eval_test\.json \(split 'dev' here, 'test' there\); the card shows one"):
+        build_card([test, str(dev)])
+
+
 def test_generate_card_cli(tmp_path):
     results = make_eval(tmp_path / "eval.json")
     log = make_training_log(tmp_path / "run" / "training_log.json")
