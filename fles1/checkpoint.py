@@ -13,10 +13,10 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 from configuration_fles1 import FLES1Config
 from fles1.atomic import atomic_directory, require_new_folder
 from fles1_encoder import is_local_path, not_a_folder
-from modeling_fles1 import FLES1ForMaskedLM
+from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py")
+HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
 DEFAULT_BACKBONE = os.path.join(os.path.dirname(PROJECT_ROOT), "shared", "models", "splade-tiny")
 SPARSE_SETTINGS = ("inference_threshold", "query_max_length", "document_max_length")
 
@@ -40,7 +40,7 @@ def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str) -> str:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.model_max_length = model.config.document_max_length
     tokenizer.save_pretrained(out_dir)
-    for name in HUB_CODE_FILES:  # save_pretrained copies the two model files; the encoder ships too
+    for name in HUB_CODE_FILES:  # save_pretrained copied the checkpoint's own (maybe older) files: ship this code
         shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
     write_sentence_transformers_files(out_dir, model.config)  # re-saves the tokenizer
     drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))

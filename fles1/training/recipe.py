@@ -82,6 +82,8 @@ def _check_training_arguments(training: dict) -> None:
 
 
 def validate(recipe: dict) -> dict:
+    from configuration_fles1 import check_max_length
+
     from .clfr import CLFRController
     from .crashes import CrashMonitor
     from .regularizers import get_regularizer
@@ -92,10 +94,8 @@ def validate(recipe: dict) -> dict:
     if not recipe["data"]["source"]:
         raise ValueError("recipe.data.source is required (BEIR folder, hub id or triples TSV)")
     for key in ("query_max_length", "document_max_length"):  # the model's position limit is checked once it loads
-        length = recipe["model"][key]
-        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 3):
-            raise ValueError(f"model.{key} must be an int >= 3 (room for [CLS], one token, [SEP]) or null (the "
-                             f"model's), got {length!r}")
+        if recipe["model"][key] is not None:
+            check_max_length(f"model.{key}", recipe["model"][key], math.inf)
     _check_training_arguments(recipe["training"])
     clfr, loss = recipe["clfr"], recipe["loss"]
     get_regularizer(loss["regularizer"])

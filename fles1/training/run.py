@@ -150,10 +150,8 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     """Run the recipe; returns the training log (on the main process; None on other ranks). An `output_dir` that
     holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log, plots and weights are
     removed once the model has loaded)."""
-    from .crashes import STATE_FILE as CRASH_STATE
-    from .clfr import STATE_FILE as CLFR_STATE
     from .plots import write_plots
-    from .trainer import resolve_resume
+    from .trainer import checkpoint_state_files, resolve_resume
 
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
@@ -164,10 +162,9 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
             shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
             raise ValueError(f"output_dir {output_dir} holds an earlier run ({shown}); a new run there would mix "
                              "with it: --resume continues it, --overwrite replaces it, or choose another folder")
-        state_files = [CRASH_STATE] + ([CLFR_STATE] if recipe["clfr"]["enabled"] else [])
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
             warnings.simplefilter("ignore")
-            resolve_resume(resume_from_checkpoint, output_dir, state_files)
+            resolve_resume(resume_from_checkpoint, output_dir, checkpoint_state_files(recipe["clfr"]["enabled"]))
         if eval_dev and _has_dev_split(recipe["data"]["source"]):
             from fles1.beir import load_beir
 

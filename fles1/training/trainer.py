@@ -38,7 +38,9 @@ from transformers.trainer_utils import sort_checkpoints
 from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
 
+from .clfr import STATE_FILE as CLFR_STATE_FILE
 from .clfr import CLFRCallback
+from .crashes import STATE_FILE as CRASH_STATE_FILE
 from .crashes import CrashMonitor
 from .distributed import all_reduce_sum
 from .losses import info_nce
@@ -139,6 +141,11 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
         raise ValueError(f"cannot resume from {resume_from_checkpoint}: not a training checkpoint folder "
                          f"(no {', '.join(missing(resume_from_checkpoint))})")
     return resume_from_checkpoint
+
+
+def checkpoint_state_files(clfr: bool) -> list[str]:
+    """What the callbacks add to each checkpoint (before trainer_state.json): a complete checkpoint holds them."""
+    return [CRASH_STATE_FILE] + ([CLFR_STATE_FILE] if clfr else [])
 
 
 def check_loss_settings(temperature, lambda_d, lambda_q, anticollapse_weight, anticollapse_min_mass) -> None:
@@ -302,8 +309,7 @@ class FLES1Trainer(Trainer):
 
     @property
     def checkpoint_state_files(self) -> list[str]:
-        """What the callbacks add to each checkpoint (after trainer_state.json): a complete checkpoint holds them."""
-        return [callback.STATE_FILE for callback in (self.crash_monitor, self.clfr) if callback is not None]
+        return checkpoint_state_files(self.clfr is not None)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir,
