@@ -295,7 +295,7 @@ def test_encoder_follows_added_tokens_and_a_resized_vocabulary(tiny_random_check
     assert one == pytest.approx(encoder.encode_batch(["covid19 vaccine trials"], threshold=0.0)[0], abs=1e-5)
     assert encoder.encode_to_csr(["covid19"]).shape == (1, new_id + 1)
     with torch.no_grad():  # make the new term fire: its decoder row along a hidden state of the text
-        ids = torch.tensor([encoder._token_ids_one("covid19", "document")])
+        ids = torch.tensor([encoder._token_ids_one("covid19", "document")], device=encoder.model.device)
         state = encoder.model._hidden_states(ids, None, None)[0].mean(dim=0)
         encoder.model.cls.predictions.decoder.weight[new_id] = state / state.norm() * 2
     assert "covid19" in encoder.encode("covid19", threshold=0.0)
