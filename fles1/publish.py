@@ -12,6 +12,7 @@ when any check fails -> ``create_repo`` + ``upload_folder``.
 
 from __future__ import annotations
 
+import filecmp
 import fnmatch
 import json
 import os
@@ -31,7 +32,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "modules.json", "tokenizer
 # Training leftovers that do not belong in the published model.
 SKIP_PATTERNS = ("checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
                  "training_args.bin", "runs", "__pycache__", ".git", ".cache", "*.png", "training_log.json",
-                 "README.md", "results", "plots")
+                 "README.md", "results", "plots", ".*.partial")  # the last: an interrupted assembly's staging
 PROBE_TEXT = "What is machine learning? Sparse retrieval with FLES-1 and BM25 baselines."
 TOLERANCE = 1e-5
 VALIDATION_TIMEOUT_S = 600
@@ -111,14 +112,19 @@ class CardInputs:
     studies: Optional[str] = None
 
 
-def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs()) -> str:
+def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs(), check=None) -> str:
     """Write the Hub folder: checkpoint files + the project's code files + results/ + plots/ + README.md (the card).
 
     A training output folder's own ``training_log.json`` and ``*.png`` are used when none are given. The folder is
-    built beside ``out_dir`` and renamed into place at the end: a missing input or an interruption leaves nothing.
+    built beside ``out_dir`` and renamed into place at the end, after ``check(staging_folder)`` (if given) returns:
+    a missing input, a failed check or an interruption leaves nothing at ``out_dir``.
     """
     if not os.path.isdir(model_dir):
         raise PublishError(f"{model_dir}: model folder not found")
+    inside = os.path.realpath(out_dir), os.path.realpath(model_dir)
+    if os.path.commonpath(inside) == inside[1]:  # it would be copied into itself, and into every later folder
+        raise PublishError(f"{out_dir}: inside the model folder {model_dir}, which the Hub folder copies; choose an "
+                           "output folder outside it")
     if card.results:
         _check_results_are_of(model_dir, card.results[0])
     try:
@@ -130,6 +136,8 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
             _assemble_into(model_dir, staging, repo_id, card)
         except CardInputError as error:  # a results/log/recipe file that is not what the card reads: one line
             raise PublishError(str(error)) from None
+        if check is not None:
+            check(staging)
     return out_dir
 
 
@@ -197,7 +205,7 @@ def _copy_linked_images(studies: str, out_dir: str) -> None:
     card embeds the text at the folder's root."""
     with open(studies, encoding="utf-8") as handle:
         links = dict.fromkeys(STUDY_IMAGE.findall(handle.read()))
-    root = os.path.abspath(out_dir)
+    root, written = os.path.abspath(out_dir), set()
     for link in links:
         if "://" in link or os.path.isabs(link):
             continue  # served from elsewhere
@@ -207,8 +215,14 @@ def _copy_linked_images(studies: str, out_dir: str) -> None:
             raise PublishError(f"{studies}: links {link}, outside the published folder")
         if not os.path.isfile(source):
             raise PublishError(f"{studies}: links {link}, which is not at {source}")
+        # a file the folder already holds (the model's own plots/loss.png, config.json) is never replaced by
+        # another: the card would show the wrong image
+        if os.path.exists(target) and target not in written and not filecmp.cmp(source, target, shallow=False):
+            raise PublishError(f"{studies}: links {link}, but the published folder has another file there (the "
+                               "model's own); rename the study's image")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(source, target)
+        written.add(target)
 
 
 # ---- validating -------------------------------------------------------------------------------------------------
@@ -291,7 +305,8 @@ def validate(folder: str, probe: str = PROBE_TEXT, timeout: int = VALIDATION_TIM
     """Every check on the assembled folder; the three loaders run in a fresh offline process."""
     checks = [check_files(folder), check_card(folder)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # no __pycache__ written into the folder by importing its fles1_encoder.py: it would be uploaded
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONDONTWRITEBYTECODE="1")
     folder = os.path.abspath(folder)
     with tempfile.TemporaryDirectory(prefix="fles1-validate-") as scratch:
         report = os.path.join(scratch, "checks.json")
@@ -339,17 +354,24 @@ def publish(
 
         if constants.is_offline_mode():
             raise PublishError("HF_HUB_OFFLINE is set: uploading needs the network (unset it, or use --dry-run)")
-    with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:
-        folder = dry_run or os.path.join(scratch, "hub")
-        assemble(model_dir, folder, repo_id, card)
-        log(f"assembled {folder}; validating in a fresh offline process ...")
-        checks = validate(folder)
+    def validated(staging: str) -> None:
+        log(f"assembled {staging}; validating in a fresh offline process ...")
+        checks = validate(staging)
         for check in checks:
             log(str(check))
         failed = [check for check in checks if not check.ok]
         if failed:
-            kept = f" ({folder} is left for inspection: remove it before running again)" if dry_run else ""
+            kept = ""
+            if dry_run:  # kept for inspection under a name that does not pass for the finished folder
+                rejected = f"{os.path.abspath(dry_run)}.rejected"
+                shutil.rmtree(rejected, ignore_errors=True)
+                os.rename(staging, rejected)
+                kept = f" (the folder is left at {rejected} for inspection)"
             raise PublishError("refusing to upload, failed checks: " + "; ".join(str(c) for c in failed) + kept)
+
+    with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:
+        folder = dry_run or os.path.join(scratch, "hub")
+        assemble(model_dir, folder, repo_id, card, check=validated)  # the folder appears only once it passed
         if dry_run is not None:
             log(f"dry run: {folder} is the folder that would be uploaded to {repo_id}; nothing uploaded")
             return folder

@@ -149,7 +149,8 @@ def fake_hub(monkeypatch):
     _http.set_client_factory(_http.default_client_factory)
 
 
-def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys):
+def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # the validating import wrote __pycache__/ in OUT
     out, older = str(tmp_path / "hub"), tmp_path / "older"
     shutil.copytree(source_checkpoint, older)  # weights saved next to an older copy of the code
     with open(older / "modeling_fles1.py", "a", encoding="utf-8") as handle:
@@ -168,7 +169,7 @@ def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys):
                  "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py", "results/eval_nfcorpus.json",
                  "results/training_log_seed7.json", "plots/loss.png"):
         assert name in names
-    assert not any(n.startswith("checkpoint-") or n == "training_args.bin" for n in names), names
+    assert not any(n.startswith(("checkpoint-", "__pycache__")) or n == "training_args.bin" for n in names), names
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in ("configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py"):  # the current code ships
         with open(os.path.join(out, name), "rb") as shipped, open(os.path.join(project, name), "rb") as current:
@@ -392,13 +393,38 @@ def test_copies_with_clashing_names_never_overwrite_each_other(tmp_path):
     assert len(set(copied)) == 3 and [open(path).read() for path in copied] == ["a", "b", "c"]
 
 
-def test_dry_run_that_fails_validation_says_where_its_folder_is(source_checkpoint, result_files, tmp_path, capsys):
+def test_dry_run_that_fails_validation_is_kept_aside_not_in_place(source_checkpoint, result_files, tmp_path, capsys):
     os.remove(os.path.join(source_checkpoint, "model.safetensors"))
     out = tmp_path / "o"
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
                           "--dry-run", str(out)])
-    assert rc == 1 and f"({out} is left for inspection: remove it before running again)" in capsys.readouterr().err
-    assert out.is_dir()  # what failed stays there to look at
+    assert rc == 1 and f"(the folder is left at {out}.rejected for inspection)" in capsys.readouterr().err
+    # it was renamed into place before the checks ran: a failed (or interrupted) dry run looked complete
+    assert not out.exists() and (tmp_path / "o.rejected" / "config.json").is_file()
+    assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                            "--dry-run", str(out)]) == 1  # again: the earlier .rejected is replaced
+    assert not out.exists() and (tmp_path / "o.rejected").is_dir()
+
+
+def test_an_interrupted_check_leaves_no_folder(source_checkpoint, result_files, tmp_path):
+    def interrupted(staging):
+        assert os.path.isfile(os.path.join(staging, "README.md"))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_module.assemble(source_checkpoint, str(tmp_path / "o"), REPO_ID,
+                                publish_module.CardInputs(results=[result_files["results"]]), check=interrupted)
+    assert not (tmp_path / "o").exists()
+    assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
+
+
+def test_output_inside_the_model_folder_refused(source_checkpoint, result_files, capsys):
+    """The folder copied itself (its staging folder) into the Hub folder, and a later dry run copied the earlier."""
+    out = os.path.join(source_checkpoint, "hub")
+    assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                            "--dry-run", out]) == 1
+    assert f"{out}: inside the model folder {source_checkpoint}" in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
 def test_images_the_studies_link_are_published(source_checkpoint, result_files, tmp_path, capsys):
@@ -412,6 +438,12 @@ def test_images_the_studies_link_are_published(source_checkpoint, result_files, 
     assert push_fles1.main(argv + [str(tmp_path / "o")]) == 0, capsys.readouterr().err
     assert (tmp_path / "o" / "plots" / "nnz_study.png").read_bytes() == open(result_files["plot"], "rb").read()
     assert "![nnz](plots/nnz_study.png)" in (tmp_path / "o" / "README.md").read_text()
+    # a study image at the path of the model's own plot replaced it: the card's training plot showed the study's
+    (studies.parent / "plots" / "loss.png").write_bytes(b"\x89PNG another run's loss curve")
+    studies.write_text("![nnz](plots/nnz_study.png) ![loss](plots/loss.png)\n")
+    assert push_fles1.main(argv + [str(tmp_path / "o1"), "--plots", result_files["plot"]]) == 1
+    assert "STUDY.md: links plots/loss.png, but the published folder has another file there" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists()
     studies.write_text("![gone](plots/missing.png)\n")
     assert push_fles1.main(argv + [str(tmp_path / "o2")]) == 1
     assert "STUDY.md: links plots/missing.png, which is not at" in capsys.readouterr().err
