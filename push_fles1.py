@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", metavar="OUT_DIR", help="write the folder exactly as it would be uploaded; no upload")
     parser.add_argument("--results", nargs="*", default=[], help="eval_fles1.py JSON file(s) for the card")
     parser.add_argument("--training-log", nargs="*", default=[], help="training_log.json file(s) (default: MODEL's)")
-    parser.add_argument("--recipe", help="recipe YAML (default: the training log's recipe)")
+    parser.add_argument("--recipe", help="recipe YAML, for a card without a training log (default: the training "
+                        "log's recipe, --set overrides included; a file that differs from it is refused)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG files (default: MODEL/*.png)")
     parser.add_argument("--base-model", help="Hub id of the backbone for the card's base_model")
     parser.add_argument("--studies", help="Markdown study tables for the card (experiments/summarize.py)")

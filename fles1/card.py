@@ -159,8 +159,12 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
         output_dir = (log.get("recipe") or {}).get("output_dir")
         if isinstance(output_dir, str):
             folders.add(os.path.realpath(output_dir))
-        match = next((r for r in runs if r.training_log is None and r.model_path
-                      and os.path.realpath(r.model_path) in folders), None)
+        # the model its folder holds (by fingerprint: a results file's model path is relative to where it was
+        # evaluated), else the model path
+        held = {_fingerprint_of(folder) for folder in folders} - {None}
+        match = next((r for r in runs if r.training_log is None and r.key in held), None) or next(
+            (r for r in runs if r.training_log is None and r.model_path and os.path.realpath(r.model_path) in folders),
+            None)
         if match is None:  # else beside the run's results file (results/runs/<run>/), if no other run is there
             beside = [r for r in runs if r.training_log is None and folders & _results_folders(r)]
             match = beside[0] if len(beside) == 1 else None
@@ -172,6 +176,15 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
     if len(runs) == 1 and runs[0].training_log is None and len(unpaired) == 1:
         (runs[0].training_log_path, runs[0].training_log), unpaired = unpaired[0], []
     return unpaired
+
+
+def _fingerprint_of(folder: str) -> Optional[str]:
+    """`fles1.evaluation.model_fingerprint` of a FLES-1 folder, None where it holds no model."""
+    if not all(os.path.isfile(os.path.join(folder, name)) for name in ("model.safetensors", "config.json")):
+        return None
+    from fles1.evaluation import model_fingerprint  # here: it imports the encoder (torch)
+
+    return model_fingerprint(folder)
 
 
 def _results_folders(run: Run) -> set:
@@ -257,7 +270,7 @@ def reproducibility_section(runs: list[Run], primary_dataset: str, name_of) -> s
     for index, run in enumerate(runs):
         metrics = run.datasets[primary_dataset]["metrics"]
         label = "published" if index == 0 else f"run {index + 1}"
-        rows.append([label, cell(run.seed), f"`{name_of(run.sources[primary_dataset])}`"]
+        rows.append([label, cell(run.seed), f"`{cell(name_of(run.sources[primary_dataset]))}`"]
                     + [fmt_metric(k, metrics.get(k)) for k in keys])
     text = f"{primary_dataset}, one row per evaluated run:\n\n"
     values = {k: [number(run.datasets[primary_dataset]["metrics"].get(k)) for run in runs] for k in keys}
@@ -411,6 +424,13 @@ def build_card(
         if primary_dataset not in run.datasets:
             raise CardInputError(f"{first}: no {primary_dataset} result, the dataset the reproducibility table "
                                  f"compares runs on; pass that run's {primary_dataset} results, or leave it out")
+        here, published = run.datasets[primary_dataset].get("split"), primary.datasets[primary_dataset].get("split")
+        if here != published:  # the table's mean and std would mix splits
+            raise CardInputError(f"{run.sources[primary_dataset]}: {primary_dataset} split {here!r}, but the published "
+                                 f"run's ({primary.sources[primary_dataset]}) is {published!r}; the reproducibility "
+                                 "table compares runs on one split: pass every run's results on that split")
+    if recipe_values is not None:
+        _check_recipe_is_the_logs(recipe, recipe_values, runs, extra_logs)
     train_recipe = flatten(recipe_values or (primary.training_log or {}).get("recipe") or {})
     base_model = base_model or next(
         (hub_id_or_none(train_recipe.get(k)) for k in BASE_MODEL_KEYS if hub_id_or_none(train_recipe.get(k))), None)
@@ -448,13 +468,36 @@ def build_card(
         production=production_section(primary),
         device=environment.get("device") or MISSING,
         training=training_section(runs, extra_logs, recipe_values),
-        plots=list(plots),
+        plots=[_image_link(path) for path in plots],
         evaluated_on=", ".join(f"{name} ({entry.get('split', MISSING)})" for name, entry in primary.datasets.items()),
         runs_note=("Results come from one training run; seed-to-seed spread is unknown." if len(runs) < 2 else
                    f"The spread over {len(runs)} runs is in the reproducibility table; more seeds narrow it."),
         license=LICENSE_TEXT,
         studies=_read_text(studies) if studies else "",
     )
+
+
+def _check_recipe_is_the_logs(path: str, values: dict, runs: list[Run], extra_logs) -> None:
+    """A recipe file given beside a training log must be the recipe the run was trained with (the log's records
+    the CLI overrides): else the card's recipe tables contradict the run's own CLFR table."""
+    logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
+    if not logs or not isinstance(logs[0][1].get("recipe"), dict):
+        return
+    log_path, trained = logs[0][0], flatten(logs[0][1]["recipe"])
+    differ = [f"{key} ({value!r} here, {trained[key]!r} there)" for key, value in flatten(values).items()
+              if key in trained and value != trained[key]]
+    if differ:
+        raise CardInputError(f"{path}: not the recipe {log_path} was trained with: {'; '.join(differ[:6])}"
+                             f"{' ...' if len(differ) > 6 else ''}; leave the recipe out (the card then shows the "
+                             "training log's)")
+
+
+def _image_link(path: str) -> dict:
+    """A relative image path as Markdown link parts: the URL percent-encoded (a space or parenthesis ends a bare
+    link), brackets in the alt text escaped."""
+    from urllib.parse import quote
+
+    return {"alt": re.sub(r"([\[\]\\])", r"\\\1", path), "url": quote(path)}
 
 
 def _read_text(path: str) -> str:

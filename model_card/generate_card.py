@@ -1,8 +1,7 @@
 """Write the FLES-1 model card (README.md) from result files only.
 
     python model_card/generate_card.py --results results/eval_nfcorpus.json \
-        --training-log outputs/fles1-tiny/training_log.json --recipe recipes/fles1-tiny-nfcorpus.yaml \
-        --repo-id mindoval/fles1-v14 --output README_card.md
+        --training-log outputs/fles1-tiny/training_log.json --repo-id mindoval/fles1-v14 --output README_card.md
 
 Several --results files: files of the same model merge (one per dataset); files of other models (e.g. other seeds)
 fill the reproducibility table. The first file's model is the published one.
@@ -22,7 +21,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", required=True, help="eval_fles1.py --output JSON file(s)")
     parser.add_argument("--training-log", nargs="*", default=[], help="training_log.json file(s)")
-    parser.add_argument("--recipe", help="recipe YAML (default: the training log's recipe)")
+    parser.add_argument("--recipe", help="recipe YAML, for a card without a training log (default: the training "
+                        "log's recipe, --set overrides included; a file that differs from it is refused)")
     parser.add_argument("--repo-id", default="mindoval/fles1-v14")
     parser.add_argument("--base-model", help="Hub id of the backbone (default: from the recipe when it is a hub id)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG paths relative to the card, linked in it")

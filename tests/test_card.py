@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -236,3 +237,54 @@ def test_runs_pair_with_logs_beside_their_results_and_must_share_the_setting(tmp
                               datasets={"scifact": 0.6})
     with pytest.raises(CardInputError, match=r"other\.json: no nfcorpus result, the dataset the reproducibility"):
         build_card(results + [other_dataset])
+
+
+def test_further_runs_on_another_split_refused(tmp_path):
+    """The reproducibility table averaged one run's test NDCG@10 with another's dev NDCG@10, no split shown."""
+    test = make_eval(tmp_path / "seed0_test.json", model_path="outputs/seed0", fingerprint="fp0")
+    dev = make_eval(tmp_path / "seed1_dev.json", model_path="outputs/seed1", fingerprint="fp1")
+    payload = json.load(open(dev))
+    payload["datasets"]["nfcorpus"]["split"] = "dev"
+    open(dev, "w").write(json.dumps(payload))
+    with pytest.raises(CardInputError, match=r"seed1_dev\.json: nfcorpus split 'dev', but the published run's "
+                                             r"\(.*seed0_test\.json\) is 'test'"):
+        build_card([test, dev])
+
+
+def test_a_recipe_file_must_be_the_one_the_log_was_trained_with(tmp_path):
+    """The documented command passed the recipe YAML beside a log of a run trained with --set overrides: the card's
+    recipe table showed the file's values, its CLFR table the run's."""
+    results = make_eval(tmp_path / "eval.json")
+    log = make_training_log(tmp_path / "run" / "training_log.json")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 2.0e-5\ntemperature: 1.0\nclfr:\n  target_nnz_d: 400\n  gain: 0.5\n")
+    with pytest.raises(CardInputError, match=r"recipe\.yaml: not the recipe .*training_log\.json was trained with: "
+                                             r"temperature \(1\.0 here, 0\.05 there\); clfr\.gain \(0\.5 here, 0\.1"):
+        build_card([results], [log], str(recipe))
+    recipe.write_text("learning_rate: 2.0e-5\ntemperature: 0.05\nclfr:\n  target_nnz_d: 400\n")  # same values
+    assert "| `temperature` | 0.05 |" in card_from(tmp_path, [results], [log], recipe=str(recipe)).text
+
+
+def test_logs_pair_with_the_model_their_folder_holds_wherever_it_was_evaluated(tmp_path, fles1_checkpoint):
+    """An eval JSON's model path is relative to where eval_fles1.py ran: from another directory the published
+    model's own training log did not pair (Seed —)."""
+    from fles1.evaluation import model_fingerprint
+
+    model = tmp_path / "models" / "published"
+    os.makedirs(model)
+    for name in ("model.safetensors", "config.json"):
+        os.symlink(os.path.join(fles1_checkpoint, name), model / name)
+    published = make_eval(tmp_path / "eval.json", model_path="published", fingerprint=model_fingerprint(str(model)))
+    other = make_eval(tmp_path / "b.json", model_path="elsewhere/seed1", fingerprint="fp1")
+    log = make_training_log(model / "training_log.json", seed=5)
+    card = card_from(tmp_path, [published, other], [log])
+    assert table_row(card.text, ["published"])[1] == "5"
+
+
+def test_odd_file_names_keep_links_and_tables_intact(tmp_path):
+    results = make_eval(tmp_path / "eval|test.json")
+    other = make_eval(tmp_path / "other.json", model_path="outputs/x", fingerprint="fpx")
+    card = card_from(tmp_path, [results, other], plots=["plots/my loss (v2).png"])
+    assert "![plots/my loss (v2).png](plots/my%20loss%20%28v2%29.png)" in card.text
+    (row,) = [line for line in card.text.splitlines() if line.startswith("| published |")]
+    assert "`eval\\|test.json`" in row and len(re.split(r"(?<!\\)\|", row.strip("|"))) == 8  # one cell
