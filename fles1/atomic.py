@@ -35,6 +35,9 @@ def require_new_folder(path: str, replace: bool = False, hint: str = "") -> None
         raise NotADirectoryError(f"{path}: exists and is not a folder")
     if not replace and os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"{path}: exists and is not empty{hint}")
+    ancestor = _nearest_existing(os.path.abspath(path))
+    if not os.path.isdir(ancestor):
+        raise NotADirectoryError(f"{path}: cannot be created, {ancestor} is a file")
 
 
 def require_writable(path: str, what: str, folder: bool = False) -> None:
@@ -43,9 +46,7 @@ def require_writable(path: str, what: str, folder: bool = False) -> None:
     path = os.path.abspath(path)
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise ValueError(f"{what} {path}: exists and is {'not ' if folder else ''}a folder")
-    ancestor = path if folder and os.path.isdir(path) else os.path.dirname(path)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
+    ancestor = path if folder and os.path.isdir(path) else _nearest_existing(os.path.dirname(path))
     if not os.path.isdir(ancestor):
         raise ValueError(f"{what} {path}: cannot be written, {ancestor} is a file")
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -76,6 +77,12 @@ def atomic_directory(path: str, replace: bool = False):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def _permissions_of_a_new(path: str, mode: int) -> None:

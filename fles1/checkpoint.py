@@ -8,7 +8,7 @@ import os
 import shutil
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
 
 from configuration_fles1 import FLES1Config
 from fles1.atomic import atomic_directory, require_new_folder
@@ -88,8 +88,11 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     require_new_folder(out_dir, overwrite, hint=" (--overwrite / overwrite=True replaces it)")  # before the load
     if not os.path.isdir(source) and is_local_path(source):
         raise FileNotFoundError(not_a_folder(source))  # a path, not a hub id: transformers would say "bad repo id"
-    source_model, loading = AutoModelForMaskedLM.from_pretrained(source, use_safetensors=True,
-                                                                 output_loading_info=True)
+    # A FLES-1 source (to change its settings) loads through this project's class: through the Auto classes its
+    # config's auto_map would make it remote code, and transformers would stop to ask whether to run it.
+    is_fles1 = PreTrainedConfig.get_config_dict(source)[0].get("model_type") == FLES1Config.model_type
+    source_model, loading = (FLES1ForMaskedLM if is_fles1 else AutoModelForMaskedLM).from_pretrained(
+        source, use_safetensors=True, output_loading_info=True)
     missing = [key for key in loading["missing_keys"] if "position_ids" not in key]
     if missing:  # transformers initialised them at random: a BertModel's missing MLM head would be a random projection
         raise ValueError(f"not a BERT masked-LM checkpoint: its weights lack {', '.join(sorted(missing))} "

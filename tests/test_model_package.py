@@ -149,6 +149,26 @@ def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):
     assert min(encoder.encode("statins and cholesterol").values()) >= 0.5
 
 
+def test_model_convert_a_fles1_folder_changes_its_settings_without_remote_code(fles1_checkpoint, tmp_path, capsys):
+    """A FLES-1 source went through AutoModelForMaskedLM, whose auto_map made it remote code: transformers asked
+    whether to run it (and, without a terminal, refused). OUT under a file failed only after the load."""
+    import convert_fles1
+    from fles1_encoder import FLES1Encoder
+
+    out, again = str(tmp_path / "strict"), str(tmp_path / "again")
+    assert convert_fles1.main([fles1_checkpoint, out, "--threshold", "0.5"]) == 0, capsys.readouterr().err
+    assert convert_fles1.main([out, again]) == 0, capsys.readouterr().err  # no option: the source's settings stay
+    text = "statins and cholesterol in older adults"
+    reference = FLES1Encoder.from_pretrained(fles1_checkpoint).encode(text, threshold=0.0)
+    for folder in (out, again):
+        encoder = FLES1Encoder.from_pretrained(folder)
+        assert encoder.threshold == 0.5 and encoder.encode(text, threshold=0.0) == reference
+    (tmp_path / "a-file").write_text("x")
+    assert convert_fles1.main([fles1_checkpoint, str(tmp_path / "a-file" / "out")]) == 1
+    assert f"error: {tmp_path / 'a-file' / 'out'}: cannot be created, {tmp_path / 'a-file'} is a file" \
+        in capsys.readouterr().err
+
+
 def test_model_config_rejects_bad_settings():
     for threshold in (-0.1, float("nan"), "0.3", None, True):  # NaN was written into config.json as {"__float__": "NaN"}
         with pytest.raises(ValueError, match=f"inference_threshold must be a number >= 0, got {threshold!r}"):
