@@ -27,10 +27,11 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fles1.beir import load_beir  # noqa: E402
+from fles1.atomic import atomic_open, require_writable  # noqa: E402
+from fles1.beir import BEIRDataError, load_beir  # noqa: E402
 from fles1.checkpoint import DEFAULT_BACKBONE, convert  # noqa: E402
 from fles1.cli import at_least  # noqa: E402
-from fles1_encoder import FLES1Encoder  # noqa: E402
+from fles1_encoder import CheckpointError, FLES1Encoder, _resolve_device  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus")
 
@@ -100,14 +101,20 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="fles1-bench-") as scratch:  # the converted backbone, removed after
-        return run(args, args.model or convert(DEFAULT_BACKBONE, os.path.join(scratch, "fles1-tiny")))
+    try:
+        if args.output:
+            require_writable(args.output, "--output")  # before the run, not after it
+        args.device = _resolve_device(args.device)
+        with tempfile.TemporaryDirectory(prefix="fles1-bench-") as scratch:  # the converted backbone, removed after
+            return run(args, args.model or convert(DEFAULT_BACKBONE, os.path.join(scratch, "fles1-tiny")))
+    except (CheckpointError, BEIRDataError, ValueError) as error:  # a model, data folder or device that will not do
+        parser.exit(2, f"error: {error}\n")
 
 
 def run(args, model_dir: str) -> dict:
     from sentence_transformers import SparseEncoder
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     data = load_beir(args.data, "test")  # first N documents ("title text") and queries, in file order
     docs = [data.document_text(doc_id) for doc_id in list(data.corpus)[: args.num_docs]]
     queries = list(data.queries.values())[: args.num_queries]
@@ -192,7 +199,7 @@ def run(args, model_dir: str) -> dict:
     print("rounds, docs/s:", {name: [round(v, 1) for v in values] for name, values in rates.items()})
     print("rounds, query p50 ms:", {name: [round(v, 3) for v in values] for name, values in p50_rounds.items()})
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
+        with atomic_open(args.output) as handle:
             json.dump(results, handle, indent=2)
     return results
 

@@ -25,7 +25,10 @@ sys.path.insert(0, ROOT)
 
 from transformers import TrainerCallback  # noqa: E402
 
+from fles1.atomic import atomic_open, require_writable  # noqa: E402
+from fles1.beir import BEIRDataError  # noqa: E402
 from fles1.cli import at_least  # noqa: E402
+from fles1_encoder import _resolve_device  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -54,7 +57,7 @@ def train_profiled(trainer, args, name: str) -> None:
         return
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         trainer.train()
     table = profiler.key_averages()
@@ -69,7 +72,7 @@ def trainer_settings(args) -> dict:
     """The TrainingArguments both trainers share."""
     return dict(per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=2e-5,
                 save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, seed=0,
-                bf16=args.bf16, use_cpu=args.device == "cpu", dataloader_num_workers=args.workers)
+                bf16=args.bf16, use_cpu=args.device.type == "cpu", dataloader_num_workers=args.workers)
 
 
 def bench_fles1(folder, dataset, args, out):
@@ -92,7 +95,7 @@ def bench_sentence_transformers(folder, dataset, args, out):
     from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
     from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
 
-    model = SparseEncoder(folder, trust_remote_code=True, device=args.device)
+    model = SparseEncoder(folder, trust_remote_code=True, device=str(args.device))
     model.max_seq_length = args.max_length
     loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model, scale=1 / 0.05),
                       document_regularizer_weight=3e-5, query_regularizer_weight=None)
@@ -104,7 +107,7 @@ def bench_sentence_transformers(folder, dataset, args, out):
     return steps_per_second(timer, args.warmup)
 
 
-def main():
+def main(argv=None):
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,22 +116,27 @@ def main():
     parser.add_argument("--batch-size", type=at_least(1), default=32)
     parser.add_argument("--max-length", type=at_least(3), default=256)
     parser.add_argument("--steps", type=at_least(1), default=3, help="timed steps per trainer")
-    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps first")
+    parser.add_argument("--warmup", type=at_least(1), default=1, help="untimed steps first (the first step builds "
+                        "the optimizer state)")
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--only", choices=["fles1", "sentence-transformers"], help="run one side only")
     parser.add_argument("--output", help="write the results JSON here")
     parser.add_argument("--workers", type=at_least(0), default=None,
                         help="dataloader workers for both trainers (default: 8 on CUDA, where tokenizing on the "
                              "main process starves the GPU; 0 on CPU)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per trainer")
-    args = parser.parse_args()
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1")
-    if args.workers is None:
-        args.workers = 8 if args.device.startswith("cuda") else 0
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as work:  # models and trainer outputs, removed after
-        run(args, work)
+    args = parser.parse_args(argv)
+    try:
+        if args.output:
+            require_writable(args.output, "--output")  # before the run, not after it
+        args.device = _resolve_device(args.device)  # a device that is not here was run on the CPU and labelled
+        if args.workers is None:
+            args.workers = 8 if args.device.type == "cuda" else 0
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as work:  # models and trainer outputs, removed after
+            run(args, work)
+    except (BEIRDataError, ValueError) as error:  # a data folder or device that will not do
+        parser.exit(2, f"error: {error}\n")
 
 
 def run(args, work: str) -> None:
@@ -145,9 +153,9 @@ def run(args, work: str) -> None:
     dataset = dataset.select(range(needed))
     try:
         folder = convert(args.model, os.path.join(work, "model"), document_max_length=args.max_length)
-    except ValueError as error:  # e.g. --max-length above the model's positions
+    except (OSError, ValueError) as error:  # no such model, not a BERT masked-LM, --max-length above its positions
         raise SystemExit(f"error: {args.model}: {error}") from None
-    results = {"device": args.device, "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
+    results = {"device": str(args.device), "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
                "documents_per_query": 8, "max_length": args.max_length, "steps": args.steps,
                "warmup": args.warmup, "bf16": args.bf16, "dataloader_workers": args.workers}
     if args.only != "sentence-transformers":
@@ -161,7 +169,7 @@ def run(args, work: str) -> None:
         results["speedup_cpu_time"] = fles1["cpu"] / peer["cpu"]
     print(json.dumps(results, indent=1))
     if args.output:
-        with open(args.output, "w") as handle:
+        with atomic_open(args.output) as handle:
             json.dump(results, handle, indent=1)
 
 

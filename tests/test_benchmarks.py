@@ -1,0 +1,49 @@
+"""The benchmark scripts' argument handling: a model, data folder, device or --output that will not do is one error
+line before the run (the runs themselves are measurements, not tests)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def error_line(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", ["bench_encode", "bench_train"])
+def test_a_device_or_output_that_will_not_do_is_refused_before_the_run(script, tmp_path, capsys):
+    """bench_train ran on the CPU for any --device and labelled its JSON with it; both wrote --output only after the
+    whole run (a path under a file: a traceback, the numbers lost)."""
+    main = load(script).main
+    assert error_line(main, ["--device", "cuda:99"], capsys).startswith("error: device='cuda:99' is not usable here")
+    (tmp_path / "a-file").write_text("x")
+    output = str(tmp_path / "a-file" / "bench.json")
+    assert error_line(main, ["--output", output], capsys) == \
+        f"error: --output {output}: cannot be written, {tmp_path / 'a-file'} is a file"
+
+
+def test_a_model_or_data_folder_that_will_not_do_is_one_error_line(backbone_dir, tmp_path, capsys):
+    """Each was a traceback (CheckpointError, BEIRDataError, FileNotFoundError without the path)."""
+    encode, train = load("bench_encode").main, load("bench_train").main
+    missing = str(tmp_path / "missing")
+    assert error_line(encode, ["--model", missing], capsys).startswith(f"error: {missing}")
+    assert error_line(encode, ["--model", backbone_dir], capsys).startswith(f"error: {backbone_dir}")  # plain BERT
+    assert error_line(encode, ["--data", missing], capsys).startswith(f"error: {missing}")
+    assert error_line(train, ["--data", missing], capsys).startswith(f"error: {missing}")
+    with pytest.raises(SystemExit) as exit_info:  # raised as SystemExit("error: ..."): printed by the interpreter
+        train(["--model", missing, "--batch-size", "1", "--steps", "1"])
+    assert str(exit_info.value.code) == f"error: {missing}: no such folder"
