@@ -57,6 +57,14 @@ def final_nnz(log: dict, last: int = 2) -> float | None:
     return statistics.fmean(rows[-last:]) if rows else None
 
 
+def final_lambda_d(log: dict) -> str:
+    """λ_d after the run: the last CLFR update's result (a log row can precede it), else the logged value."""
+    if log.get("clfr"):
+        return f"{log['clfr'][-1]['lambda_d_after']:.3g}"
+    history = log.get("history", [])
+    return f"{history[-1]['lambda_d']:.3g}" if history else MISSING
+
+
 def seed_section(seed_runs: list[str]) -> str:
     rows, values = [], {"ndcg@10": [], "mrr@10": [], "recall@100": [], "nnz_doc": [], "nnz_query": [], "dev": []}
     for run in [BASELINE] + seed_runs:
@@ -89,7 +97,7 @@ def study_rows(runs: list[tuple[str, str]]) -> list[list[str]]:
         end = final_nnz(log)
         rows.append([
             label, run, fmt(start, 1), fmt(end, 1), fmt(target, 0) if recipe.get("clfr", {}).get("enabled") else "(off)",
-            f"{history[-1]['lambda_d']:.3g}" if history else MISSING, len(clfr),
+            final_lambda_d(log), len(clfr),
             crashes.get("non_finite_loss", MISSING), crashes.get("non_finite_grad", MISSING),
             crashes.get("loss_spike", MISSING), crashes.get("nnz_collapse", MISSING),
             fmt(test.get("ndcg@10")), fmt(test.get("nnz_doc"), 1),
@@ -159,8 +167,9 @@ def main() -> int:
         "tokens, CLFR every epoch (81 steps) toward 400 — the recipe file as committed",
         table(STUDY_HEADER, study_rows(GPU_RUNS)),
         "The recipe as written collapses (its NNZ-collapse count is 0 because the monitor then had only an absolute "
-        "floor of 1 non-zero; it now also counts a fall below 10% of the first step's). Dev NDCG@10: 0.0409 and "
-        "0.2935. See `results/gpu-h200-2026-11-26/README.md`.",
+        "floor of 1 non-zero; it now also counts a fall below 10% of the first step's). Dev NDCG@10: "
+        + " and ".join(fmt(metrics(run, "dev").get("ndcg@10")) for _, run in GPU_RUNS)
+        + ". See `results/gpu-h200-2026-11-26/README.md`.",
         "![full schedule on an H200](plots/gpu_full_schedule_nnz.png)",
     ])
     out = os.path.join(ROOT, "results", "STUDY.md")
