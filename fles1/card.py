@@ -478,8 +478,8 @@ def build_card(
 
 
 def _check_recipe_is_the_logs(path: str, values: dict, runs: list[Run], extra_logs) -> None:
-    """A recipe file given beside a training log must be the recipe the run was trained with (the log's records
-    the CLI overrides): else the card's recipe tables contradict the run's own CLFR table."""
+    """A recipe file given beside a training log must be the recipe the run was trained with (the log's includes
+    the --set overrides): else the card's recipe tables contradict the run's own CLFR table."""
     logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
     if not logs or not isinstance(logs[0][1].get("recipe"), dict):
         return
