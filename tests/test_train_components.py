@@ -176,10 +176,10 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("clfr.target_nnz_d", 0, "target_nnz must be > 0"),
-    ("clfr.target_nnz_d", -5, "target_nnz must be > 0"),
-    ("clfr.gain", 0.0, r"gain must be in \(0, 1\]"),
-    ("clfr.gain", 1.5, r"gain must be in \(0, 1\]"),
+    ("clfr.target_nnz_d", 0, "clfr.target_nnz_d must be a finite number > 0"),
+    ("clfr.target_nnz_d", -5, "clfr.target_nnz_d must be a finite number > 0"),
+    ("clfr.gain", 0.0, r"clfr.gain must be a number in \(0, 1\]"),
+    ("clfr.gain", 1.5, r"clfr.gain must be a number in \(0, 1\]"),
     ("loss.regularizer", "l2", "choose one of"),
     ("clfr.bogus", 1, "unknown key 'bogus'"),
     # the training section goes to TrainingArguments: checked up front, naming the key
@@ -191,10 +191,10 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.bf16", "yes", "bf16: expected bool, got 'yes'"),
     ("training.output_dir", "x", "--output-dir"),
     # NaN and out-of-range numbers that used to reach the loss, the crash monitor or the optimizer
-    ("loss.temperature", float("nan"), "loss.temperature must be a number > 0, got nan"),
-    ("loss.lambda_q", -1, "loss.lambda_q must be a number >= 0, got -1"),
-    ("loss.anticollapse_min_mass", 0, "loss.anticollapse_min_mass must be a number > 0, got 0"),
-    ("crashes.nnz_floor", float("nan"), r"crashes.nnz_floor must be >= 0, got nan"),
+    ("loss.temperature", float("nan"), "loss.temperature must be a finite number > 0, got nan"),
+    ("loss.lambda_q", -1, "loss.lambda_q must be a finite number >= 0, got -1"),
+    ("loss.anticollapse_min_mass", 0, "loss.anticollapse_min_mass must be a finite number > 0, got 0"),
+    ("crashes.nnz_floor", float("nan"), r"crashes.nnz_floor must be a number >= 0, got nan"),
     ("crashes.spike_window", 0, r"crashes.spike_window must be an int >= 5, got 0"),
     ("training.learning_rate", -2.0e-5, "learning_rate must be >= 0, got -2e-05"),
     ("training.learning_rate", float("nan"), "learning_rate must be >= 0, got nan"),
@@ -208,6 +208,19 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.num_train_epochs", 0, "num_train_epochs must be a number > 0, got 0"),
     ("model.query_max_length", 64.0, r"model.query_max_length must be an int >= 3 .* got 64.0"),
     ("model.document_max_length", 2, r"model.document_max_length must be an int >= 3 .* got 2"),
+    # text or None reached a comparison: TypeError tracebacks
+    ("clfr.max_log_step", "abc", r"clfr.max_log_step must be a number > 0 \(inf: no limit\), got 'abc'"),
+    ("crashes.spike_factor", None, "crashes.spike_factor must be a number > 1, got None"),
+    ("crashes.nnz_floor", "abc", "crashes.nnz_floor must be a number >= 0, got 'abc'"),
+    ("crashes.nnz_collapse_fraction", "x", r"crashes.nnz_collapse_fraction must be a number in \[0, 1\), got 'x'"),
+    # a bool passed as 1, an inf temperature flattened the loss
+    ("clfr.interval_steps", True, "clfr.interval_steps must be an int >= 1 or null"),
+    ("clfr.gain", True, r"clfr.gain must be a number in \(0, 1\], got True"),
+    ("clfr.target_nnz_d", True, "clfr.target_nnz_d must be a finite number > 0 .*got True"),
+    ("clfr.target_nnz_d", float("inf"), "clfr.target_nnz_d must be a finite number > 0 .*got inf"),
+    ("crashes.nnz_floor", True, "crashes.nnz_floor must be a number >= 0, got True"),
+    ("loss.temperature", float("inf"), "loss.temperature must be a finite number > 0, got inf"),
+    ("loss.lambda_d", 0, "loss.lambda_d must be a finite number > 0 for a multiplicative controller"),  # CLFR on
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}

@@ -331,7 +331,7 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
         train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, "--model", sparse_tiny, "--data", str(data),
                           "--max-steps", "2", "--eval-dev", "--set", "training.per_device_train_batch_size=4"])
     assert not os.path.exists(os.path.join(fresh, "checkpoint-2"))
-    with pytest.raises(SystemExit, match="gain must be in"):
+    with pytest.raises(SystemExit, match=r"clfr\.gain must be a number in \(0, 1\]"):
         train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", out, "--set", "clfr.gain=2"])
     # setup problems are one error line before any step, not a traceback
     fresh = str(tmp_path / "fresh")

@@ -9,6 +9,8 @@ import math
 
 import yaml
 
+from .checks import is_int
+
 DEFAULTS = {
     "model": {"path": None, "query_max_length": None, "document_max_length": None},
     "data": {"source": None, "split": "train", "num_negatives": 7, "seed": 0, "max_examples": None,
@@ -20,6 +22,11 @@ DEFAULTS = {
     "training": {"learning_rate": 2e-5, "per_device_train_batch_size": 32, "num_train_epochs": 2, "seed": 42,
                  "logging_steps": 10, "save_steps": 500, "report_to": "none"},
 }
+
+
+# CLFRController's arguments -> the recipe keys they come from
+CLFR_KEYS = {"lambda_d": "loss.lambda_d", "target_nnz": "clfr.target_nnz_d", "gain": "clfr.gain",
+             "max_log_step": "clfr.max_log_step"}
 
 
 def _merge(base: dict, update: dict, where: str = "recipe") -> dict:
@@ -112,12 +119,16 @@ def validate(recipe: dict) -> dict:
         if not isinstance(recipe[section][key], bool):  # a quoted "no" is truthy
             raise ValueError(f"{section}.{key} must be true or false, got {recipe[section][key]!r}")
     limit = recipe["data"]["max_examples"]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and not (is_int(limit) and limit >= 1):
         raise ValueError(f"data.max_examples must be an int >= 1 or null (every example), got {limit!r}")
     if clfr["enabled"]:
-        CLFRController(loss["lambda_d"], clfr["target_nnz_d"], clfr["gain"], clfr["max_log_step"])
+        try:
+            CLFRController(loss["lambda_d"], clfr["target_nnz_d"], clfr["gain"], clfr["max_log_step"])
+        except ValueError as error:  # named as the recipe's key, not the controller's argument
+            argument, _, rest = str(error).partition(" ")
+            raise ValueError(f"{CLFR_KEYS[argument]} {rest}") from None
         interval = clfr["interval_steps"]
-        if interval is not None and not (isinstance(interval, int) and interval >= 1):
+        if interval is not None and not (is_int(interval) and interval >= 1):
             raise ValueError(f"clfr.interval_steps must be an int >= 1 or null (one epoch), got {interval!r}")
     return recipe
 
