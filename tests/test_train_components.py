@@ -221,10 +221,36 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("crashes.nnz_floor", True, "crashes.nnz_floor must be a number >= 0, got True"),
     ("loss.temperature", float("inf"), "loss.temperature must be a finite number > 0, got inf"),
     ("loss.lambda_d", 0, "loss.lambda_d must be a finite number > 0 for a multiplicative controller"),  # CLFR on
+    # training values TrainingArguments lets through (or refuses only once built): once failed, or were ignored,
+    # after the model had loaded
+    ("training.logging_steps", 0, "training.logging_steps must be > 0"),
+    ("training.logging_steps", -1, "training.logging_steps must be > 0"),
+    ("training.save_steps", 0, "training.save_steps must be > 0"),
+    ("training.save_steps", -2, "training.save_steps must be > 0"),
+    ("training.save_total_limit", 0, r"training.save_total_limit must be >= 1, or null \(every checkpoint is kept\)"),
+    ("training.save_total_limit", "2", "training.save_total_limit: expected int, got '2'"),
+    ("training.max_steps", -5, r"training.max_steps must be >= 1, or -1 \(num_train_epochs decides\), got -5"),
+    ("training.dataloader_num_workers", -1, "training.dataloader_num_workers must be >= 0, got -1"),
+    ("training.warmup_steps", -1, r"recipe.training.warmup_steps: .*warmup_steps >= 0"),
+    ("training.lr_scheduler_type", "foo", "recipe.training.lr_scheduler_type: foo is not a valid SchedulerType"),
+    ("training.optim", "foo", "recipe.training.optim: foo is not a valid OptimizerNames"),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}
     with pytest.raises(ValueError, match=message):
+        load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml"), overrides)
+
+
+def test_an_uninstalled_report_to_integration_fails_with_the_recipe():
+    """It was a RuntimeError traceback ("WandbCallback requires wandb") once the model had loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    missing = sorted(set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()))
+    if not missing:
+        pytest.skip("every reporting integration is installed")
+    overrides = {"model.path": "m", "data.source": "d", "training.report_to": missing[0]}
+    with pytest.raises(ValueError, match=rf"training.report_to: {missing[0]} is not an installed reporting integration"):
         load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml"), overrides)
 
 

@@ -11,8 +11,6 @@ import tempfile
 import time
 import warnings
 
-import torch
-
 from fles1.atomic import atomic_open, require_writable
 
 from .plots import PLOT_FILES
@@ -68,11 +66,10 @@ def load_model_for_training(path: str):
 
 
 def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, trainer_class=None):
-    from transformers import TrainingArguments
-
     from .clfr import CLFRCallback, CLFRController
     from .crashes import CrashMonitor
     from .data import load_training_examples
+    from .recipe import training_arguments
     from .trainer import FLES1Trainer
 
     trainer_class = trainer_class or FLES1Trainer
@@ -85,11 +82,7 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
     training = dict(recipe["training"])
     if max_steps is not None:
         training["max_steps"] = max_steps
-    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
-        training.setdefault("use_cpu", True)  # accelerate only sets up CPU DDP (gloo) when told it is on CPU
-    if not torch.cuda.is_available():
-        training.setdefault("dataloader_pin_memory", False)  # nothing to pin for; torch warns on every run
-    args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **training)
+    args = training_arguments(training, output_dir)
     clfr = None
     if clfr_cfg["enabled"]:
         controller = CLFRController(loss["lambda_d"], clfr_cfg["target_nnz_d"], clfr_cfg["gain"],
