@@ -132,6 +132,20 @@ def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
     crlf = tmp_path / "crlf.tsv"  # Windows line ends read as the same triples
     crlf.write_bytes(b"".join(line.rstrip(b"\r\n") + b"\r\n" for line in lines))
     assert triples_examples(str(crlf))[:5] == triples_examples(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"))[:5]
+    blank = tmp_path / "blank.tsv"  # was "no query has a relevant document": BEIR's wording
+    blank.write_bytes(b"\n\n")
+    with pytest.raises(ValueError, match=r"blank\.tsv: no training examples \(no query <tab> positive <tab> negative"):
+        triples_examples(str(blank))
+
+
+@pytest.mark.parametrize("options,named", [
+    ({"positive": "bm25"}, r"positive='bm25' \(data.positive\) need"),
+    ({"with_ids": True}, r"with_ids \(data.mask_false_negatives\) need"),
+])
+def test_triples_refuse_settings_that_need_relevance_judgements(msmarco_toy_dir, options, named):
+    """A triples source used to drop data.positive=bm25 and data.mask_false_negatives=true silently."""
+    with pytest.raises(ValueError, match=rf"raw\.tsv: a triples TSV has no relevance judgements, which {named}"):
+        load_training_examples(msmarco_toy_dir, **options)
 
 
 def _beir_folder(tmp_path, qrels_rows):
@@ -221,6 +235,7 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("crashes.nnz_floor", True, "crashes.nnz_floor must be a number >= 0, got True"),
     ("loss.temperature", float("inf"), "loss.temperature must be a finite number > 0, got inf"),
     ("loss.lambda_d", 0, "loss.lambda_d must be a finite number > 0 for a multiplicative controller"),  # CLFR on
+    ("data.positive", "bm26", r"data.positive must be one of \['random', 'bm25'\], got 'bm26'"),
     # training values TrainingArguments lets through (or refuses only once built): once failed, or were ignored,
     # after the model had loaded
     ("training.logging_steps", 0, "training.logging_steps must be > 0"),

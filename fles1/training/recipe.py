@@ -143,6 +143,7 @@ def validate(recipe: dict) -> dict:
 
     from .clfr import CLFRController
     from .crashes import CrashMonitor
+    from .data import POSITIVE_CHOICES
     from .regularizers import get_regularizer
     from .trainer import check_loss_settings
 
@@ -168,6 +169,8 @@ def validate(recipe: dict) -> dict:
     for section, key in (("data", "mask_false_negatives"), ("clfr", "enabled")):
         if not isinstance(recipe[section][key], bool):  # a quoted "no" is truthy
             raise ValueError(f"{section}.{key} must be true or false, got {recipe[section][key]!r}")
+    if recipe["data"]["positive"] not in POSITIVE_CHOICES:  # else only checked once the data loads
+        raise ValueError(f"data.positive must be one of {list(POSITIVE_CHOICES)}, got {recipe['data']['positive']!r}")
     limit = recipe["data"]["max_examples"]
     if limit is not None and not (is_int(limit) and limit >= 1):
         raise ValueError(f"data.max_examples must be an int >= 1 or null (every example), got {limit!r}")
