@@ -180,6 +180,37 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
     assert json.load(open(os.path.join(out, "training_log.json")))["global_step"] == 2
 
 
+def _listing(folder):
+    return {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+def test_resuming_another_runs_checkpoint_into_a_used_folder_needs_overwrite(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """--resume PATH of run A with an --output-dir holding run B replaced B's log, weights and plots and rotated its
+    checkpoints away: a mix of two runs."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    first, used = str(tmp_path / "first"), tmp_path / "used"
+    train(recipe, first, max_steps=2)
+    (used / "checkpoint-9").mkdir(parents=True)  # what an earlier run leaves, as far as the check looks
+    (used / "training_log.json").write_text("{}")
+    (used / "notes.txt").write_text("not the run's")
+    before = _listing(used)
+    checkpoint = os.path.join(first, "checkpoint-2")
+    with pytest.raises(TrainingSetupError, match=r"output_dir .*used holds an earlier run \(checkpoint-9, "
+                                                 r"training_log.json\); --resume .*first/checkpoint-2 is another "
+                                                 r"run's checkpoint.*--overwrite replaces the folder's run"):
+        train(recipe, str(used), resume_from_checkpoint=checkpoint, max_steps=4)
+    assert _listing(used) == before
+    # --overwrite: the folder's run goes, the continuation of the other run takes its place
+    log = train(recipe, str(used), resume_from_checkpoint=checkpoint, max_steps=4, overwrite=True)
+    assert log["global_step"] == 4 and [row["step"] for row in log["clfr"]] == [2, 4]
+    assert sorted(name for name in os.listdir(used) if name.startswith("checkpoint-")) == ["checkpoint-4"]
+    assert (used / "notes.txt").exists() and os.path.isdir(checkpoint)
+    # its own checkpoint: --overwrite would remove what it continues from
+    with pytest.raises(TrainingSetupError, match="choose one"):
+        train(recipe, str(used), resume_from_checkpoint=str(used / "checkpoint-4"), max_steps=6, overwrite=True)
+    assert (used / "checkpoint-4" / "trainer_state.json").exists()
+
+
 def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_path):
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
                                                      **{"training.save_steps": 1}))

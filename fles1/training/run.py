@@ -38,6 +38,18 @@ def remove_previous_run(output_dir: str) -> None:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def _inside(path, output_dir: str, names: list[str]) -> bool:
+    """`path` (a --resume folder) is, or lies in, one of `output_dir`'s `names`."""
+    if not isinstance(path, str):
+        return False
+    path = os.path.realpath(path)
+    for name in names:
+        folder = os.path.realpath(os.path.join(output_dir, name))
+        if path == folder or path.startswith(folder + os.sep):
+            return True
+    return False
+
+
 class TrainingSetupError(ValueError):
     """The recipe cannot run as given (bad model or data path, lengths, batch size, nothing to resume): raised
     before any step."""
@@ -142,17 +154,26 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
           eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None, overwrite: bool = False) -> dict | None:
     """Run the recipe; returns the training log (on the main process; None on other ranks). An `output_dir` that
     holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log, plots and weights are
-    removed once the model has loaded)."""
+    removed once the model has loaded). Resuming from a checkpoint of another run (a folder that is not one of
+    `output_dir`'s checkpoints) into an `output_dir` holding a run is refused unless `overwrite`: the folder's run is
+    then replaced by the continuation."""
     from .plots import write_plots
     from .trainer import checkpoint_state_files, resolve_resume
 
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
-        if resume_from_checkpoint and overwrite:
-            raise ValueError("--resume continues the run in output_dir, --overwrite replaces it: choose one")
-        earlier = previous_run(output_dir) if not resume_from_checkpoint else []
-        if earlier and not overwrite:
+        earlier = previous_run(output_dir)
+        if resume_from_checkpoint is True or _inside(resume_from_checkpoint, output_dir, earlier):
+            if overwrite:  # it would remove the very checkpoint it continues from
+                raise ValueError("--resume continues the run in output_dir, --overwrite replaces it: choose one")
+            earlier = []  # continued, not replaced
+        elif earlier and not overwrite:
             shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            if resume_from_checkpoint:  # another run's checkpoint
+                raise ValueError(f"output_dir {output_dir} holds an earlier run ({shown}); --resume "
+                                 f"{resume_from_checkpoint} is another run's checkpoint, and continuing it there would "
+                                 "mix the two runs: --overwrite replaces the folder's run with the continuation, or "
+                                 "choose another --output-dir")
             raise ValueError(f"output_dir {output_dir} holds an earlier run ({shown}); a new run there would mix "
                              "with it: --resume continues it, --overwrite replaces it, or choose another folder")
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
