@@ -211,6 +211,40 @@ def test_resuming_another_runs_checkpoint_into_a_used_folder_needs_overwrite(spa
     assert (used / "checkpoint-4" / "trainer_state.json").exists()
 
 
+def test_resume_refuses_a_finished_run_and_another_models_checkpoint(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """A finished run resumed trained one step more (global step past max_steps); one resumed with a lower
+    --max-steps trained nothing but logged a global step past it; another model size's checkpoint was a
+    size-mismatch RuntimeError traceback inside trainer.train(), leaving an empty output folder."""
+    from transformers import AutoTokenizer
+
+    from configuration_fles1 import FLES1Config
+    from fles1.checkpoint import save_checkpoint
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    # 8 examples, batch 4, 2 epochs: the schedule ends at step 4 without any max_steps
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"data.max_examples": 8}))
+    out = str(tmp_path / "run")
+    assert train(recipe, out)["global_step"] == 4
+    before = _listing(out)
+    for max_steps, message in ((None, "it is at step 4 and this run ends at step 4"),
+                               (3, "it is at step 4 and this run ends at step 3")):
+        with pytest.raises(TrainingSetupError, match=rf"cannot resume from .*checkpoint-4: {message} .*nothing to "
+                                                     "train; a larger --max-steps continues it"):
+            train(recipe, out, resume_from_checkpoint=True, max_steps=max_steps)
+    assert _listing(out) == before
+
+    wider = FLES1ForMaskedLM(FLES1Config(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=512))
+    other_model = save_checkpoint(wider, AutoTokenizer.from_pretrained(sparse_tiny), str(tmp_path / "other-model"))
+    other = load_recipe(TINY_RECIPE, tiny_overrides(other_model, msmarco_toy_dir))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: its weights do not fit "
+                                                 r"model\.path='.*other-model' \(\d+ tensors differ, e.g. "
+                                                 r"\S+: \[\d+(, \d+)?\] there, \[\d+(, \d+)?\] here\)"):
+        train(other, str(fresh), resume_from_checkpoint=os.path.join(out, "checkpoint-2"), max_steps=6)
+    assert not fresh.exists()
+
+
 def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_path):
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
                                                      **{"training.save_steps": 1}))

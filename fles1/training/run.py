@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,6 +11,8 @@ import shutil
 import tempfile
 import time
 import warnings
+
+import torch
 
 from fles1.atomic import atomic_open, require_writable
 
@@ -110,6 +113,54 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
     )
 
 
+def last_step(trainer) -> int:
+    """The step the run ends at, as transformers computes it: max_steps, else num_train_epochs x optimizer steps per
+    epoch."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    with torch.random.fork_rng(devices=[]):  # accelerate seeds a DDP sampler from the global RNG: leave it as it was
+        batches = len(trainer.get_train_dataloader())
+    return math.ceil(args.num_train_epochs * max(math.ceil(batches / args.gradient_accumulation_steps), 1))
+
+
+def check_resumable(checkpoint: str, trainer, model_path: str) -> None:
+    """ValueError unless resuming from `checkpoint` trains something: transformers reports weights of another model
+    size as a RuntimeError inside trainer.train() (and, strict=False, loads a model of other depth partly), trains
+    one step past a finished run, and none before a lower max_steps, logging a global step past it."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    wrong = _misfitting_weights(os.path.join(checkpoint, "model.safetensors"), trainer.model)
+    if wrong:
+        name, found, expected = wrong[0]
+        raise ValueError(f"cannot resume from {checkpoint}: its weights do not fit model.path={model_path!r} "
+                         f"({len(wrong)} tensors differ, e.g. {name}: {found} there, {expected} here); resume with "
+                         "the model the checkpoint was trained from")
+    with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as handle:
+        step = json.load(handle)["global_step"]
+    end = last_step(trainer)
+    if step >= end:
+        raise ValueError(f"cannot resume from {checkpoint}: it is at step {step} and this run ends at step {end} "
+                         "(--max-steps, else the recipe's training.max_steps or num_train_epochs): nothing to "
+                         "train; a larger --max-steps continues it")
+
+
+def _misfitting_weights(weights: str, model) -> list[tuple]:
+    """(name, shape in `weights`, shape in `model`) per tensor that differs or is only in one ("absent"); reads the
+    safetensors header only. No file (another format): [] -- transformers reports what it finds."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(weights):
+        return []
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    for tied in getattr(model, "_tied_weights_keys", None) or ():  # not saved: they share another tensor
+        expected.pop(tied, None)
+    with safe_open(weights, "pt") as handle:
+        found = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    return [(name, found.get(name, "absent"), expected.get(name, "absent"))
+            for name in sorted(found.keys() | expected.keys()) if found.get(name) != expected.get(name)]
+
+
 def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
     history = [
         {key: row.get(key) for key in HISTORY_KEYS}
@@ -156,10 +207,12 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log, plots and weights are
     removed once the model has loaded). Resuming from a checkpoint of another run (a folder that is not one of
     `output_dir`'s checkpoints) into an `output_dir` holding a run is refused unless `overwrite`: the folder's run is
-    then replaced by the continuation."""
+    then replaced by the continuation. A checkpoint at or past the run's last step, or whose weights do not fit
+    the model, is refused before any step."""
     from .plots import write_plots
     from .trainer import checkpoint_state_files, resolve_resume
 
+    created = not os.path.exists(output_dir)
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
         earlier = previous_run(output_dir)
@@ -185,7 +238,12 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
             load_beir(recipe["data"]["source"], "dev")  # bad dev data fails now, with its file and line
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files)
+        if resume_from_checkpoint:
+            check_resumable(resume_from_checkpoint, trainer, recipe["model"]["path"])
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
+        if created and os.path.isdir(output_dir) and not os.listdir(output_dir):  # the Trainer made it
+            with contextlib.suppress(OSError):  # another rank removed it first
+                os.rmdir(output_dir)
         where = f"model.path={recipe['model']['path']!r}: " if isinstance(error, OSError) else ""
         raise TrainingSetupError(f"{where}{error}") from error
     if earlier:  # --overwrite: after the load, which may read this very folder
