@@ -10,7 +10,12 @@
 Writes OUTPUT_DIR/: the trained FLES-1 checkpoint folder, checkpoint-<step>/ folders (each also one, plus the
 Trainer, CLFR and crash states), training_log.json and loss.png, nnz.png, lambda_d.png (the log's history and
 the plots need at least training.logging_steps steps). An --output-dir holding an earlier run is refused unless
---resume (continue it) or --overwrite (replace it).
+--resume (continue it) or --overwrite (replace it); --resume CHECKPOINT of another run into such a folder needs
+--overwrite too (the folder's run is replaced by the continuation). --max-steps is not remembered: a resumed run
+ends at this command's --max-steps, else at the recipe's training.max_steps or num_train_epochs. Resuming from a
+checkpoint already at (or past) that step is refused (exit status 1) and leaves the run as it is, as is one whose
+weights do not fit --model / model.path. A triples TSV has no relevance judgements: data.positive=bm25 and
+data.mask_false_negatives=true need a BEIR source.
 """
 
 import argparse
@@ -48,11 +53,13 @@ def main(argv=None):
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--model", help="override model.path (FLES-1 folder or BERT masked-LM)")
     parser.add_argument("--data", help="override data.source (BEIR folder/hub id or triples TSV)")
-    parser.add_argument("--max-steps", type=at_least(1), help="stop after this many optimizer steps")
+    parser.add_argument("--max-steps", type=at_least(1),
+                        help="stop after this many optimizer steps (not remembered by --resume: give it again)")
     parser.add_argument("--target-nnz-d", type=float, help="override clfr.target_nnz_d")
     parser.add_argument("--clfr-interval-steps", type=int, help="override clfr.interval_steps")
     parser.add_argument("--resume", nargs="?", const=True, default=None,
-                        help="resume from the last checkpoint in --output-dir, or from the given checkpoint folder")
+                        help="resume from the last checkpoint in --output-dir, or from the given checkpoint folder "
+                             "(one at or past the run's last step is refused: nothing to train)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --output-dir that holds an earlier run (its checkpoint-*, "
                              "training_log.json, plots and weights are removed)")

@@ -46,18 +46,27 @@ def test_update_direction_and_formula():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"target_nnz": 0}, "target_nnz must be > 0"),
-    ({"target_nnz": -1}, "target_nnz must be > 0"),
-    ({"gain": 0}, r"gain must be in \(0, 1\]"),
-    ({"gain": 1.01}, r"gain must be in \(0, 1\]"),
-    ({"lambda_d": 0}, "lambda_d must be > 0"),
+    ({"target_nnz": 0}, "target_nnz must be a finite number > 0"),
+    ({"target_nnz": -1}, "target_nnz must be a finite number > 0"),
+    ({"target_nnz": True}, "target_nnz must be a finite number > 0"),  # a bool passed as 1
+    ({"target_nnz": math.inf}, "target_nnz must be a finite number > 0"),
+    ({"gain": 0}, r"gain must be a number in \(0, 1\]"),
+    ({"gain": 1.01}, r"gain must be a number in \(0, 1\]"),
+    ({"gain": True}, r"gain must be a number in \(0, 1\]"),
+    ({"lambda_d": 0}, "lambda_d must be a finite number > 0"),
+    ({"max_log_step": "abc"}, "max_log_step must be a number > 0"),  # was a TypeError from the comparison
+    ({"max_log_step": None}, "max_log_step must be a number > 0"),
 ])
 def test_bad_controller_settings(kwargs, message):
     settings = {"lambda_d": 3e-5, "target_nnz": 400, "gain": 0.1, **kwargs}
     with pytest.raises(ValueError, match=message):
         CLFRController(**settings)
-    with pytest.raises(ValueError, match="interval_steps"):
-        CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=0)
+
+
+@pytest.mark.parametrize("interval", [0, True, 2.0])
+def test_bad_interval_steps(interval):
+    with pytest.raises(ValueError, match="interval_steps must be an int >= 1 or None"):
+        CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=interval)
 
 
 def test_callback_state_round_trip():

@@ -132,6 +132,20 @@ def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
     crlf = tmp_path / "crlf.tsv"  # Windows line ends read as the same triples
     crlf.write_bytes(b"".join(line.rstrip(b"\r\n") + b"\r\n" for line in lines))
     assert triples_examples(str(crlf))[:5] == triples_examples(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"))[:5]
+    blank = tmp_path / "blank.tsv"  # was "no query has a relevant document": BEIR's wording
+    blank.write_bytes(b"\n\n")
+    with pytest.raises(ValueError, match=r"blank\.tsv: no training examples \(no query <tab> positive <tab> negative"):
+        triples_examples(str(blank))
+
+
+@pytest.mark.parametrize("options,named", [
+    ({"positive": "bm25"}, r"positive='bm25' \(data.positive\) need"),
+    ({"with_ids": True}, r"with_ids \(data.mask_false_negatives\) need"),
+])
+def test_triples_refuse_settings_that_need_relevance_judgements(msmarco_toy_dir, options, named):
+    """A triples source used to drop data.positive=bm25 and data.mask_false_negatives=true silently."""
+    with pytest.raises(ValueError, match=rf"raw\.tsv: a triples TSV has no relevance judgements, which {named}"):
+        load_training_examples(msmarco_toy_dir, **options)
 
 
 def _beir_folder(tmp_path, qrels_rows):
@@ -176,10 +190,10 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("clfr.target_nnz_d", 0, "target_nnz must be > 0"),
-    ("clfr.target_nnz_d", -5, "target_nnz must be > 0"),
-    ("clfr.gain", 0.0, r"gain must be in \(0, 1\]"),
-    ("clfr.gain", 1.5, r"gain must be in \(0, 1\]"),
+    ("clfr.target_nnz_d", 0, "clfr.target_nnz_d must be a finite number > 0"),
+    ("clfr.target_nnz_d", -5, "clfr.target_nnz_d must be a finite number > 0"),
+    ("clfr.gain", 0.0, r"clfr.gain must be a number in \(0, 1\]"),
+    ("clfr.gain", 1.5, r"clfr.gain must be a number in \(0, 1\]"),
     ("loss.regularizer", "l2", "choose one of"),
     ("clfr.bogus", 1, "unknown key 'bogus'"),
     # the training section goes to TrainingArguments: checked up front, naming the key
@@ -191,10 +205,10 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.bf16", "yes", "bf16: expected bool, got 'yes'"),
     ("training.output_dir", "x", "--output-dir"),
     # NaN and out-of-range numbers that used to reach the loss, the crash monitor or the optimizer
-    ("loss.temperature", float("nan"), "loss.temperature must be a number > 0, got nan"),
-    ("loss.lambda_q", -1, "loss.lambda_q must be a number >= 0, got -1"),
-    ("loss.anticollapse_min_mass", 0, "loss.anticollapse_min_mass must be a number > 0, got 0"),
-    ("crashes.nnz_floor", float("nan"), r"crashes.nnz_floor must be >= 0, got nan"),
+    ("loss.temperature", float("nan"), "loss.temperature must be a finite number > 0, got nan"),
+    ("loss.lambda_q", -1, "loss.lambda_q must be a finite number >= 0, got -1"),
+    ("loss.anticollapse_min_mass", 0, "loss.anticollapse_min_mass must be a finite number > 0, got 0"),
+    ("crashes.nnz_floor", float("nan"), r"crashes.nnz_floor must be a number >= 0, got nan"),
     ("crashes.spike_window", 0, r"crashes.spike_window must be an int >= 5, got 0"),
     ("training.learning_rate", -2.0e-5, "learning_rate must be >= 0, got -2e-05"),
     ("training.learning_rate", float("nan"), "learning_rate must be >= 0, got nan"),
@@ -208,10 +222,50 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.num_train_epochs", 0, "num_train_epochs must be a number > 0, got 0"),
     ("model.query_max_length", 64.0, r"model.query_max_length must be an int >= 3 .* got 64.0"),
     ("model.document_max_length", 2, r"model.document_max_length must be an int >= 3 .* got 2"),
+    # text or None reached a comparison: TypeError tracebacks
+    ("clfr.max_log_step", "abc", r"clfr.max_log_step must be a number > 0 \(inf: no limit\), got 'abc'"),
+    ("crashes.spike_factor", None, "crashes.spike_factor must be a number > 1, got None"),
+    ("crashes.nnz_floor", "abc", "crashes.nnz_floor must be a number >= 0, got 'abc'"),
+    ("crashes.nnz_collapse_fraction", "x", r"crashes.nnz_collapse_fraction must be a number in \[0, 1\), got 'x'"),
+    # a bool passed as 1, an inf temperature flattened the loss
+    ("clfr.interval_steps", True, "clfr.interval_steps must be an int >= 1 or null"),
+    ("clfr.gain", True, r"clfr.gain must be a number in \(0, 1\], got True"),
+    ("clfr.target_nnz_d", True, "clfr.target_nnz_d must be a finite number > 0 .*got True"),
+    ("clfr.target_nnz_d", float("inf"), "clfr.target_nnz_d must be a finite number > 0 .*got inf"),
+    ("crashes.nnz_floor", True, "crashes.nnz_floor must be a number >= 0, got True"),
+    ("loss.temperature", float("inf"), "loss.temperature must be a finite number > 0, got inf"),
+    ("loss.lambda_d", 0, "loss.lambda_d must be a finite number > 0 for a multiplicative controller"),  # CLFR on
+    ("data.positive", "bm26", r"data.positive must be one of \['random', 'bm25'\], got 'bm26'"),
+    # training values TrainingArguments lets through (or refuses only once built): once failed, or were ignored,
+    # after the model had loaded
+    ("training.logging_steps", 0, "training.logging_steps must be > 0"),
+    ("training.logging_steps", -1, "training.logging_steps must be > 0"),
+    ("training.save_steps", 0, "training.save_steps must be > 0"),
+    ("training.save_steps", -2, "training.save_steps must be > 0"),
+    ("training.save_total_limit", 0, r"training.save_total_limit must be >= 1, or null \(every checkpoint is kept\)"),
+    ("training.save_total_limit", "2", "training.save_total_limit: expected int, got '2'"),
+    ("training.max_steps", -5, r"training.max_steps must be >= 1, or -1 \(num_train_epochs decides\), got -5"),
+    ("training.dataloader_num_workers", -1, "training.dataloader_num_workers must be >= 0, got -1"),
+    ("training.warmup_steps", -1, r"recipe.training.warmup_steps: .*warmup_steps >= 0"),
+    ("training.lr_scheduler_type", "foo", "recipe.training.lr_scheduler_type: foo is not a valid SchedulerType"),
+    ("training.optim", "foo", "recipe.training.optim: foo is not a valid OptimizerNames"),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}
     with pytest.raises(ValueError, match=message):
+        load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml"), overrides)
+
+
+def test_an_uninstalled_report_to_integration_fails_with_the_recipe():
+    """It was a RuntimeError traceback ("WandbCallback requires wandb") once the model had loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    missing = sorted(set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()))
+    if not missing:
+        pytest.skip("every reporting integration is installed")
+    overrides = {"model.path": "m", "data.source": "d", "training.report_to": missing[0]}
+    with pytest.raises(ValueError, match=rf"training.report_to: {missing[0]} is not an installed reporting integration"):
         load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml"), overrides)
 
 

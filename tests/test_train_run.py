@@ -180,6 +180,71 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
     assert json.load(open(os.path.join(out, "training_log.json")))["global_step"] == 2
 
 
+def _listing(folder):
+    return {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+def test_resuming_another_runs_checkpoint_into_a_used_folder_needs_overwrite(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """--resume PATH of run A with an --output-dir holding run B replaced B's log, weights and plots and rotated its
+    checkpoints away: a mix of two runs."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    first, used = str(tmp_path / "first"), tmp_path / "used"
+    train(recipe, first, max_steps=2)
+    (used / "checkpoint-9").mkdir(parents=True)  # what an earlier run leaves, as far as the check looks
+    (used / "training_log.json").write_text("{}")
+    (used / "notes.txt").write_text("not the run's")
+    before = _listing(used)
+    checkpoint = os.path.join(first, "checkpoint-2")
+    with pytest.raises(TrainingSetupError, match=r"output_dir .*used holds an earlier run \(checkpoint-9, "
+                                                 r"training_log.json\); --resume .*first/checkpoint-2 is another "
+                                                 r"run's checkpoint.*--overwrite replaces the folder's run"):
+        train(recipe, str(used), resume_from_checkpoint=checkpoint, max_steps=4)
+    assert _listing(used) == before
+    # --overwrite: the folder's run goes, the continuation of the other run takes its place
+    log = train(recipe, str(used), resume_from_checkpoint=checkpoint, max_steps=4, overwrite=True)
+    assert log["global_step"] == 4 and [row["step"] for row in log["clfr"]] == [2, 4]
+    assert sorted(name for name in os.listdir(used) if name.startswith("checkpoint-")) == ["checkpoint-4"]
+    assert (used / "notes.txt").exists() and os.path.isdir(checkpoint)
+    # its own checkpoint: --overwrite would remove what it continues from
+    with pytest.raises(TrainingSetupError, match="choose one"):
+        train(recipe, str(used), resume_from_checkpoint=str(used / "checkpoint-4"), max_steps=6, overwrite=True)
+    assert (used / "checkpoint-4" / "trainer_state.json").exists()
+
+
+def test_resume_refuses_a_finished_run_and_another_models_checkpoint(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """A finished run resumed trained one step more (global step past max_steps); one resumed with a lower
+    --max-steps trained nothing but logged a global step past it; another model size's checkpoint was a
+    size-mismatch RuntimeError traceback inside trainer.train(), leaving an empty output folder."""
+    from transformers import AutoTokenizer
+
+    from configuration_fles1 import FLES1Config
+    from fles1.checkpoint import save_checkpoint
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    # 8 examples, batch 4, 2 epochs: the schedule ends at step 4 without any max_steps
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"data.max_examples": 8}))
+    out = str(tmp_path / "run")
+    assert train(recipe, out)["global_step"] == 4
+    before = _listing(out)
+    for max_steps, message in ((None, "it is at step 4 and this run ends at step 4"),
+                               (3, "it is at step 4 and this run ends at step 3")):
+        with pytest.raises(TrainingSetupError, match=rf"cannot resume from .*checkpoint-4: {message} .*nothing to "
+                                                     "train; a larger --max-steps continues it"):
+            train(recipe, out, resume_from_checkpoint=True, max_steps=max_steps)
+    assert _listing(out) == before
+
+    wider = FLES1ForMaskedLM(FLES1Config(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=512))
+    other_model = save_checkpoint(wider, AutoTokenizer.from_pretrained(sparse_tiny), str(tmp_path / "other-model"))
+    other = load_recipe(TINY_RECIPE, tiny_overrides(other_model, msmarco_toy_dir))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: its weights do not fit "
+                                                 r"model\.path='.*other-model' \(\d+ tensors differ, e.g. "
+                                                 r"\S+: \[\d+(, \d+)?\] there, \[\d+(, \d+)?\] here\)"):
+        train(other, str(fresh), resume_from_checkpoint=os.path.join(out, "checkpoint-2"), max_steps=6)
+    assert not fresh.exists()
+
+
 def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_path):
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
                                                      **{"training.save_steps": 1}))
@@ -331,7 +396,7 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
         train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, "--model", sparse_tiny, "--data", str(data),
                           "--max-steps", "2", "--eval-dev", "--set", "training.per_device_train_batch_size=4"])
     assert not os.path.exists(os.path.join(fresh, "checkpoint-2"))
-    with pytest.raises(SystemExit, match="gain must be in"):
+    with pytest.raises(SystemExit, match=r"clfr\.gain must be a number in \(0, 1\]"):
         train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", out, "--set", "clfr.gain=2"])
     # setup problems are one error line before any step, not a traceback
     fresh = str(tmp_path / "fresh")

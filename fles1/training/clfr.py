@@ -34,6 +34,7 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
+from .checks import is_int, is_number
 from .distributed import all_reduce_sum
 
 STATE_FILE = "clfr_state.json"
@@ -43,14 +44,15 @@ class CLFRController:
     """The multiplicative lambda_d update (module docstring); plain Python, no trainer needed."""
 
     def __init__(self, lambda_d: float, target_nnz: float, gain: float = 0.1, max_log_step: float = 1.0):
-        if not (isinstance(target_nnz, (int, float)) and target_nnz > 0):
-            raise ValueError(f"target_nnz must be > 0 (documents' mean non-zeros), got {target_nnz!r}")
-        if not (isinstance(gain, (int, float)) and 0 < gain <= 1):
-            raise ValueError(f"gain must be in (0, 1], got {gain!r}")
-        if not (isinstance(lambda_d, (int, float)) and lambda_d > 0):
-            raise ValueError(f"lambda_d must be > 0 for a multiplicative controller, got {lambda_d!r}")
-        if not max_log_step > 0:
-            raise ValueError(f"max_log_step must be > 0, got {max_log_step!r}")
+        # checked before compared: "abc" or None would be a TypeError, True would pass as 1
+        if not (is_number(target_nnz, finite=True) and target_nnz > 0):
+            raise ValueError(f"target_nnz must be a finite number > 0 (documents' mean non-zeros), got {target_nnz!r}")
+        if not (is_number(gain) and 0 < gain <= 1):
+            raise ValueError(f"gain must be a number in (0, 1], got {gain!r}")
+        if not (is_number(lambda_d, finite=True) and lambda_d > 0):
+            raise ValueError(f"lambda_d must be a finite number > 0 for a multiplicative controller, got {lambda_d!r}")
+        if not (is_number(max_log_step) and max_log_step > 0):  # inf: no clipping
+            raise ValueError(f"max_log_step must be a number > 0 (inf: no limit), got {max_log_step!r}")
         self.lambda_d = float(lambda_d)
         self.target_nnz = float(target_nnz)
         self.gain = float(gain)
@@ -95,7 +97,7 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
     STATE_FILE = STATE_FILE
 
     def __init__(self, controller: CLFRController, interval_steps: int | None = None):
-        if interval_steps is not None and not (isinstance(interval_steps, int) and interval_steps >= 1):
+        if interval_steps is not None and not (is_int(interval_steps) and interval_steps >= 1):
             raise ValueError(f"interval_steps must be an int >= 1 or None (one epoch), got {interval_steps!r}")
         self.controller = controller
         self.interval_steps = interval_steps

@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
+from .checks import is_int, is_number
 
 KINDS = ("non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse")
 STATE_FILE = "crash_state.json"
@@ -36,14 +37,15 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
 
     def __init__(self, spike_factor: float = 3.0, spike_window: int = 100, nnz_floor: float = 1.0,
                  nnz_collapse_fraction: float = 0.1):
-        if not spike_factor > 1:
-            raise ValueError(f"spike_factor must be > 1, got {spike_factor!r}")
-        if not (isinstance(spike_window, int) and spike_window >= MIN_SPIKE_HISTORY):
+        # checked before compared: "abc" or None would be a TypeError, True would pass as 1
+        if not (is_number(spike_factor) and spike_factor > 1):
+            raise ValueError(f"spike_factor must be a number > 1, got {spike_factor!r}")
+        if not (is_int(spike_window) and spike_window >= MIN_SPIKE_HISTORY):
             raise ValueError(f"spike_window must be an int >= {MIN_SPIKE_HISTORY}, got {spike_window!r}")
-        if not nnz_floor >= 0:  # NaN or below 0 would never count a collapse
-            raise ValueError(f"nnz_floor must be >= 0, got {nnz_floor!r}")
-        if not 0 <= nnz_collapse_fraction < 1:
-            raise ValueError(f"nnz_collapse_fraction must be in [0, 1), got {nnz_collapse_fraction!r}")
+        if not (is_number(nnz_floor) and nnz_floor >= 0):  # NaN or below 0 would never count a collapse
+            raise ValueError(f"nnz_floor must be a number >= 0, got {nnz_floor!r}")
+        if not (is_number(nnz_collapse_fraction) and 0 <= nnz_collapse_fraction < 1):
+            raise ValueError(f"nnz_collapse_fraction must be a number in [0, 1), got {nnz_collapse_fraction!r}")
         self.spike_factor, self.spike_window, self.nnz_floor = float(spike_factor), spike_window, float(nnz_floor)
         # relative to the first step: a model sliding from ~230 to ~6 non-zeros has collapsed though it is above 1
         self.nnz_collapse_fraction = float(nnz_collapse_fraction)

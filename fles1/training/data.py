@@ -117,6 +117,8 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
     """One row per triple; negatives beyond the triple's own are drawn from the other triples' passages."""
     _check_sampling(num_negatives, seed, minimum=1, why=" for triples (each row brings one)")
     triples = read_triples(path)
+    if not triples:
+        raise ValueError(f"{path}: no training examples (no query <tab> positive <tab> negative row)")
     pool = sorted({text for _, positive, negative in triples for text in (positive, negative)})
     rng = random.Random(seed)
     rows = []
@@ -136,11 +138,18 @@ def load_training_examples(
     source: str, split: str = "train", num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0,
     with_ids: bool = False, positive: str = "random",
 ) -> Dataset:
-    """BEIR folder / hub id, triples TSV or a folder with ``triplets/raw.tsv`` -> training ``Dataset``."""
-    if os.path.isfile(source):
-        return triples_examples(source, num_negatives, seed)
-    triples = os.path.join(source, "triplets", "raw.tsv")
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "corpus.jsonl")) and os.path.isfile(triples):
+    """BEIR folder / hub id, triples TSV or a folder with ``triplets/raw.tsv`` -> training ``Dataset``. ``with_ids``
+    and ``positive="bm25"`` need a BEIR source's judgements: refused for triples, not silently dropped."""
+    folder_triples = os.path.join(source, "triplets", "raw.tsv")
+    triples = source if os.path.isfile(source) else folder_triples if (
+        os.path.isdir(source) and not os.path.isfile(os.path.join(source, "corpus.jsonl"))
+        and os.path.isfile(folder_triples)) else None
+    if triples is not None:
+        unusable = [f"positive={positive!r} (data.positive)"] * (positive != "random") + \
+            ["with_ids (data.mask_false_negatives)"] * bool(with_ids)
+        if unusable:
+            raise ValueError(f"{triples}: a triples TSV has no relevance judgements, which {' and '.join(unusable)} "
+                             "need: use a BEIR source, or leave them at their defaults")
         return triples_examples(triples, num_negatives, seed)
     try:
         dataset = load_beir(source, split)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import yaml
+
+from .checks import is_int, is_number
 
 DEFAULTS = {
     "model": {"path": None, "query_max_length": None, "document_max_length": None},
@@ -20,6 +23,11 @@ DEFAULTS = {
     "training": {"learning_rate": 2e-5, "per_device_train_batch_size": 32, "num_train_epochs": 2, "seed": 42,
                  "logging_steps": 10, "save_steps": 500, "report_to": "none"},
 }
+
+
+# CLFRController's arguments -> the recipe keys they come from
+CLFR_KEYS = {"lambda_d": "loss.lambda_d", "target_nnz": "clfr.target_nnz_d", "gain": "clfr.gain",
+             "max_log_step": "clfr.max_log_step"}
 
 
 def _merge(base: dict, update: dict, where: str = "recipe") -> dict:
@@ -49,13 +57,43 @@ def _numeric(text: str) -> bool:
     return True
 
 
+def training_arguments(training: dict, output_dir: str | None = None):
+    """transformers.TrainingArguments from a recipe's training section (as is, plus this machine's defaults)."""
+    import torch
+    from transformers import TrainingArguments
+
+    training = dict(training)
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        training.setdefault("use_cpu", True)  # accelerate only sets up CPU DDP (gloo) when told it is on CPU
+    if not torch.cuda.is_available():
+        training.setdefault("dataloader_pin_memory", False)  # nothing to pin for; torch warns on every run
+    return TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **training)
+
+
+# Counts TrainingArguments lets through: -1 logging/save steps, 0 save steps (saves never), -1 workers (a ValueError
+# inside trainer.train()), save_total_limit 0 (keeps every checkpoint), max_steps -5 (as -1: the epochs decide).
+_TRAINING_RANGES = {
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),  # 0: ZeroDivisionError at step 1
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "logging_steps": (lambda v: v > 0, "> 0 (below 1: a fraction of the run's steps)"),
+    "save_steps": (lambda v: v > 0, "> 0 (below 1: a fraction of the run's steps)"),
+    "save_total_limit": (lambda v: v is None or v >= 1, ">= 1, or null (every checkpoint is kept)"),
+    "max_steps": (lambda v: v == -1 or v >= 1, ">= 1, or -1 (num_train_epochs decides)"),
+    "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
+    "learning_rate": (lambda v: v >= 0, ">= 0"),  # TrainingArguments takes NaN, and a negative rate ascends
+    "num_train_epochs": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+}
+
+
 def _check_training_arguments(training: dict) -> None:
-    """``training`` goes to transformers.TrainingArguments as is: an unknown key or a value of the wrong type fails
-    here, naming the key, instead of as a TypeError inside transformers after the model has loaded."""
+    """``training`` goes to transformers.TrainingArguments as is: an unknown key, a value of the wrong type or out
+    of range, or one TrainingArguments refuses fails here, naming the key, instead of inside transformers after the
+    model has loaded."""
     import difflib
     import typing
 
     from transformers import TrainingArguments
+    from transformers.integrations import get_available_reporting_integrations
 
     hints = typing.get_type_hints(TrainingArguments)
     for key, value in training.items():
@@ -65,20 +103,39 @@ def _check_training_arguments(training: dict) -> None:
             close = difflib.get_close_matches(key, hints, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else " (see transformers.TrainingArguments)"
             raise ValueError(f"recipe.training: {key!r} is not a TrainingArguments setting{hint}")
-        expected = hints[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if (expected is bool and not isinstance(value, bool)) or (expected is float and not number) or \
-                (expected is int and not (number and isinstance(value, int))):
+        options = typing.get_args(hints[key]) or (hints[key],)  # "int | None" -> (int, NoneType)
+        if value is None and type(None) in options:
+            continue
+        kinds = [kind for kind in options if kind is not type(None)]
+        expected = kinds[0] if len(kinds) == 1 else None  # "str | bool" takes either
+        if (expected is bool and not isinstance(value, bool)) or (expected is float and not is_number(value)) or \
+                (expected is int and not is_int(value)):
             note = " (YAML 1.1 reads 2e-5 as text: write 2.0e-5)" if isinstance(value, str) and _numeric(value) else ""
             raise ValueError(f"recipe.training.{key}: expected {expected.__name__}, got {value!r}{note}")
-    if not training.get("learning_rate", 0.0) >= 0:  # TrainingArguments takes NaN, and a negative rate ascends
-        raise ValueError(f"recipe.training.learning_rate must be >= 0, got {training['learning_rate']!r}")
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):  # 0: ZeroDivisionError at step 1
-        if training.get(key, 1) < 1:
-            raise ValueError(f"recipe.training.{key} must be >= 1, got {training[key]!r}")
-    epochs = training.get("num_train_epochs", 1.0)
-    if not (math.isfinite(epochs) and epochs > 0):
-        raise ValueError(f"recipe.training.num_train_epochs must be a number > 0, got {epochs!r}")
+    for key, (allowed, wording) in _TRAINING_RANGES.items():
+        if key in training and not allowed(training[key]):
+            raise ValueError(f"recipe.training.{key} must be {wording}, got {training[key]!r}")
+    try:
+        args = training_arguments(training)
+    except (ValueError, RuntimeError, ImportError) as error:
+        raise ValueError(f"recipe.training{_culprit(training)}: {error}") from None
+    available = get_available_reporting_integrations()
+    missing = [name for name in args.report_to if name not in available]
+    if missing:  # else a RuntimeError (e.g. "WandbCallback requires wandb") once the model has loaded
+        raise ValueError(f"recipe.training.report_to: {', '.join(missing)} is not an installed reporting integration "
+                         f"(installed: {', '.join(available) or 'none'}); none reports to training_log.json only")
+
+
+def _culprit(training: dict) -> str:
+    """".KEY" of the first setting TrainingArguments refuses on its own ("" when only a combination fails)."""
+    from transformers import TrainingArguments
+
+    for key, value in training.items():
+        try:
+            TrainingArguments(**{key: value})
+        except (ValueError, RuntimeError, ImportError):
+            return f".{key}"
+    return ""
 
 
 def validate(recipe: dict) -> dict:
@@ -86,6 +143,7 @@ def validate(recipe: dict) -> dict:
 
     from .clfr import CLFRController
     from .crashes import CrashMonitor
+    from .data import POSITIVE_CHOICES
     from .regularizers import get_regularizer
     from .trainer import check_loss_settings
 
@@ -111,13 +169,19 @@ def validate(recipe: dict) -> dict:
     for section, key in (("data", "mask_false_negatives"), ("clfr", "enabled")):
         if not isinstance(recipe[section][key], bool):  # a quoted "no" is truthy
             raise ValueError(f"{section}.{key} must be true or false, got {recipe[section][key]!r}")
+    if recipe["data"]["positive"] not in POSITIVE_CHOICES:  # else only checked once the data loads
+        raise ValueError(f"data.positive must be one of {list(POSITIVE_CHOICES)}, got {recipe['data']['positive']!r}")
     limit = recipe["data"]["max_examples"]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and not (is_int(limit) and limit >= 1):
         raise ValueError(f"data.max_examples must be an int >= 1 or null (every example), got {limit!r}")
     if clfr["enabled"]:
-        CLFRController(loss["lambda_d"], clfr["target_nnz_d"], clfr["gain"], clfr["max_log_step"])
+        try:
+            CLFRController(loss["lambda_d"], clfr["target_nnz_d"], clfr["gain"], clfr["max_log_step"])
+        except ValueError as error:  # named as the recipe's key, not the controller's argument
+            argument, _, rest = str(error).partition(" ")
+            raise ValueError(f"{CLFR_KEYS[argument]} {rest}") from None
         interval = clfr["interval_steps"]
-        if interval is not None and not (isinstance(interval, int) and interval >= 1):
+        if interval is not None and not (is_int(interval) and interval >= 1):
             raise ValueError(f"clfr.interval_steps must be an int >= 1 or null (one epoch), got {interval!r}")
     return recipe
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,18 @@ def remove_previous_run(output_dir: str) -> None:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def _inside(path, output_dir: str, names: list[str]) -> bool:
+    """`path` (a --resume folder) is, or lies in, one of `output_dir`'s `names`."""
+    if not isinstance(path, str):
+        return False
+    path = os.path.realpath(path)
+    for name in names:
+        folder = os.path.realpath(os.path.join(output_dir, name))
+        if path == folder or path.startswith(folder + os.sep):
+            return True
+    return False
+
+
 class TrainingSetupError(ValueError):
     """The recipe cannot run as given (bad model or data path, lengths, batch size, nothing to resume): raised
     before any step."""
@@ -68,11 +81,10 @@ def load_model_for_training(path: str):
 
 
 def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, trainer_class=None):
-    from transformers import TrainingArguments
-
     from .clfr import CLFRCallback, CLFRController
     from .crashes import CrashMonitor
     from .data import load_training_examples
+    from .recipe import training_arguments
     from .trainer import FLES1Trainer
 
     trainer_class = trainer_class or FLES1Trainer
@@ -85,11 +97,7 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
     training = dict(recipe["training"])
     if max_steps is not None:
         training["max_steps"] = max_steps
-    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
-        training.setdefault("use_cpu", True)  # accelerate only sets up CPU DDP (gloo) when told it is on CPU
-    if not torch.cuda.is_available():
-        training.setdefault("dataloader_pin_memory", False)  # nothing to pin for; torch warns on every run
-    args = TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **training)
+    args = training_arguments(training, output_dir)
     clfr = None
     if clfr_cfg["enabled"]:
         controller = CLFRController(loss["lambda_d"], clfr_cfg["target_nnz_d"], clfr_cfg["gain"],
@@ -103,6 +111,54 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
         crash_monitor=CrashMonitor(**recipe["crashes"]),
         query_max_length=model_cfg["query_max_length"], document_max_length=model_cfg["document_max_length"],
     )
+
+
+def last_step(trainer) -> int:
+    """The step the run ends at, as transformers computes it: max_steps, else num_train_epochs x optimizer steps per
+    epoch."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    with torch.random.fork_rng(devices=[]):  # accelerate seeds a DDP sampler from the global RNG: leave it as it was
+        batches = len(trainer.get_train_dataloader())
+    return math.ceil(args.num_train_epochs * max(math.ceil(batches / args.gradient_accumulation_steps), 1))
+
+
+def check_resumable(checkpoint: str, trainer, model_path: str) -> None:
+    """ValueError unless resuming from `checkpoint` trains something: transformers reports weights of another model
+    size as a RuntimeError inside trainer.train() (and, strict=False, loads a model of other depth partly), trains
+    one step past a finished run, and none before a lower max_steps, logging a global step past it."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    wrong = _misfitting_weights(os.path.join(checkpoint, "model.safetensors"), trainer.model)
+    if wrong:
+        name, found, expected = wrong[0]
+        raise ValueError(f"cannot resume from {checkpoint}: its weights do not fit model.path={model_path!r} "
+                         f"({len(wrong)} tensors differ, e.g. {name}: {found} there, {expected} here); resume with "
+                         "the model the checkpoint was trained from")
+    with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as handle:
+        step = json.load(handle)["global_step"]
+    end = last_step(trainer)
+    if step >= end:
+        raise ValueError(f"cannot resume from {checkpoint}: it is at step {step} and this run ends at step {end} "
+                         "(--max-steps, else the recipe's training.max_steps or num_train_epochs): nothing to "
+                         "train; a larger --max-steps continues it")
+
+
+def _misfitting_weights(weights: str, model) -> list[tuple]:
+    """(name, shape in `weights`, shape in `model`) per tensor that differs or is only in one ("absent"); reads the
+    safetensors header only. No file (another format): [] -- transformers reports what it finds."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(weights):
+        return []
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    for tied in getattr(model, "_tied_weights_keys", None) or ():  # not saved: they share another tensor
+        expected.pop(tied, None)
+    with safe_open(weights, "pt") as handle:
+        found = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    return [(name, found.get(name, "absent"), expected.get(name, "absent"))
+            for name in sorted(found.keys() | expected.keys()) if found.get(name) != expected.get(name)]
 
 
 def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
@@ -149,17 +205,28 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
           eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None, overwrite: bool = False) -> dict | None:
     """Run the recipe; returns the training log (on the main process; None on other ranks). An `output_dir` that
     holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log, plots and weights are
-    removed once the model has loaded)."""
+    removed once the model has loaded). Resuming from a checkpoint of another run (a folder that is not one of
+    `output_dir`'s checkpoints) into an `output_dir` holding a run is refused unless `overwrite`: the folder's run is
+    then replaced by the continuation. A checkpoint at or past the run's last step, or whose weights do not fit
+    the model, is refused before any step."""
     from .plots import write_plots
     from .trainer import checkpoint_state_files, resolve_resume
 
+    created = not os.path.exists(output_dir)
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
-        if resume_from_checkpoint and overwrite:
-            raise ValueError("--resume continues the run in output_dir, --overwrite replaces it: choose one")
-        earlier = previous_run(output_dir) if not resume_from_checkpoint else []
-        if earlier and not overwrite:
+        earlier = previous_run(output_dir)
+        if resume_from_checkpoint is True or _inside(resume_from_checkpoint, output_dir, earlier):
+            if overwrite:  # it would remove the very checkpoint it continues from
+                raise ValueError("--resume continues the run in output_dir, --overwrite replaces it: choose one")
+            earlier = []  # continued, not replaced
+        elif earlier and not overwrite:
             shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            if resume_from_checkpoint:  # another run's checkpoint
+                raise ValueError(f"output_dir {output_dir} holds an earlier run ({shown}); --resume "
+                                 f"{resume_from_checkpoint} is another run's checkpoint, and continuing it there would "
+                                 "mix the two runs: --overwrite replaces the folder's run with the continuation, or "
+                                 "choose another --output-dir")
             raise ValueError(f"output_dir {output_dir} holds an earlier run ({shown}); a new run there would mix "
                              "with it: --resume continues it, --overwrite replaces it, or choose another folder")
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
@@ -171,7 +238,12 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
             load_beir(recipe["data"]["source"], "dev")  # bad dev data fails now, with its file and line
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files)
+        if resume_from_checkpoint:
+            check_resumable(resume_from_checkpoint, trainer, recipe["model"]["path"])
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
+        if created and os.path.isdir(output_dir) and not os.listdir(output_dir):  # the Trainer made it
+            with contextlib.suppress(OSError):  # another rank removed it first
+                os.rmdir(output_dir)
         where = f"model.path={recipe['model']['path']!r}: " if isinstance(error, OSError) else ""
         raise TrainingSetupError(f"{where}{error}") from error
     if earlier:  # --overwrite: after the load, which may read this very folder

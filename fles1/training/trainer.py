@@ -38,6 +38,7 @@ from transformers.trainer_utils import sort_checkpoints
 from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
 
+from .checks import is_number
 from .clfr import STATE_FILE as CLFR_STATE_FILE
 from .clfr import CLFRCallback
 from .crashes import STATE_FILE as CRASH_STATE_FILE
@@ -149,14 +150,13 @@ def checkpoint_state_files(clfr: bool) -> list[str]:
 
 
 def check_loss_settings(temperature, lambda_d, lambda_q, anticollapse_weight, anticollapse_min_mass) -> None:
-    """The loss's numbers as FLES1Trainer takes them (NaN and non-numbers refused); ValueError naming the first bad
-    one."""
+    """The loss's numbers as FLES1Trainer takes them (NaN, inf, bools and non-numbers refused: an inf temperature
+    flattens the loss, an inf weight makes every step's loss inf); ValueError naming the first bad one."""
     for name, value, positive in (("temperature", temperature, True), ("lambda_d", lambda_d, False),
                                   ("lambda_q", lambda_q, False), ("anticollapse_weight", anticollapse_weight, False),
                                   ("anticollapse_min_mass", anticollapse_min_mass, True)):
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or not (value > 0 if positive else value >= 0):
-            raise ValueError(f"{name} must be a number {'>' if positive else '>='} 0, got {value!r}")
+        if not is_number(value, finite=True) or not (value > 0 if positive else value >= 0):
+            raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
 class FLES1Trainer(Trainer):

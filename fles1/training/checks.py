@@ -1,0 +1,15 @@
+"""Type tests the training settings share. A bool is not a number here, though Python's bool is an int: YAML reads
+``true`` as True, which would otherwise pass as 1."""
+
+from __future__ import annotations
+
+import math
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value, finite: bool = False) -> bool:
+    """An int or float, not a bool; NaN passes (callers' range checks refuse it), inf only unless ``finite``."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and (not finite or math.isfinite(value))
