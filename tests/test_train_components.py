@@ -246,7 +246,7 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.save_total_limit", "2", "training.save_total_limit: expected int, got '2'"),
     ("training.max_steps", -5, r"training.max_steps must be >= 1, or -1 \(num_train_epochs decides\), got -5"),
     ("training.dataloader_num_workers", -1, "training.dataloader_num_workers must be >= 0, got -1"),
-    ("training.warmup_steps", -1, r"recipe.training.warmup_steps: .*warmup_steps >= 0"),
+    ("training.warmup_steps", -1, r"recipe.training.warmup_steps: .*warmup_steps"),
     ("training.lr_scheduler_type", "foo", "recipe.training.lr_scheduler_type: foo is not a valid SchedulerType"),
     ("training.optim", "foo", "recipe.training.optim: foo is not a valid OptimizerNames"),
 ])
