@@ -98,7 +98,8 @@ def load_queries(path: str) -> dict[str, str]:
 
 
 def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = None) -> dict[str, dict[str, int]]:
-    """TREC-style BEIR qrels TSV (header ``query-id corpus-id score``). Unknown ids are an error."""
+    """TREC-style BEIR qrels TSV (header ``query-id corpus-id score``). Unknown ids are an error; a score must be
+    an integer grade ("1" or "1.0"), an empty file (or a header alone) is an error."""
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     qrels: dict[str, dict[str, int]] = {}
@@ -112,9 +113,12 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
                 raise BEIRDataError(f"{path}:{number}: expected 3 tab-separated columns, got {len(row)}")
             query_id, doc_id, score = row
             try:
-                relevance = int(float(score))
+                grade = float(score)
             except ValueError:
                 raise BEIRDataError(f"{path}:{number}: score {score!r} is not a number") from None
+            if not grade.is_integer():  # 0.5 became 0 (a relevant document judged non-relevant), inf a traceback
+                raise BEIRDataError(f"{path}:{number}: score {score!r} is not an integer relevance grade")
+            relevance = int(grade)
             if queries is not None and query_id not in queries:
                 raise BEIRDataError(f"{path}:{number}: query id {query_id!r} is not in queries.jsonl")
             if corpus is not None and doc_id not in corpus:
@@ -124,6 +128,8 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
                 raise BEIRDataError(f"{path}:{number}: ({query_id!r}, {doc_id!r}) judged again with another score "
                                     f"({judged[doc_id]} before, {relevance} here)")
             judged[doc_id] = relevance
+    if not qrels:  # found now, not after the corpus has been encoded
+        raise BEIRDataError(f"{path}: no judgements (an empty file, or a header alone)")
     return qrels
 
 

@@ -30,9 +30,10 @@ import scipy.sparse
 from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
-from fles1.atomic import atomic_open, require_writable
+from fles1.atomic import atomic_directory, atomic_open, require_writable
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
-from fles1.metrics import METRIC_KEYS, evaluate_run, rounded_run, write_trec_run
+from fles1.exports import check_elasticsearch_ids
+from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
 from fles1.retrieval import InvertedIndex, apply_threshold, average_nnz
 from fles1_encoder import PROGRESS_BAR_MIN_TEXTS
 
@@ -73,15 +74,29 @@ def corpus_fingerprint(dataset: BEIRDataset) -> str:
 
 def encoding_fingerprint(encoder) -> str:
     """Hash of what turns text into vectors besides the weights: the model's modeling file (the checkpoint's own
-    copy when loaded as remote code), the encoder's file, the torch version and the device type."""
+    copy when loaded as remote code), the encoder's file, the tokenizer (its vocabulary, normalizer -- lowercasing --
+    and truncation side), the torch version and the device type."""
     import inspect
 
     import torch
 
     files = [inspect.getsourcefile(type(encoder.model)), inspect.getsourcefile(type(encoder))]
     digest = hashlib.sha256(fingerprint_files([f for f in files if f]).encode())
-    digest.update(f"{torch.__version__}|{encoder.device.type}".encode())
+    digest.update(f"{torch.__version__}|{encoder.device.type}|{encoder.tokenizer.truncation_side}".encode())
+    digest.update(tokenizer_fingerprint(encoder.tokenizer).encode())
     return digest.hexdigest()[:8]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's definition: the Rust tokenizer's JSON without its per-call truncation/padding state, else
+    (a Python tokenizer) its vocabulary and settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None), definition.pop("padding", None)
+    else:
+        definition = {"vocab": sorted(tokenizer.get_vocab().items()), "settings": tokenizer.init_kwargs}
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def environment(encoder) -> dict:
@@ -300,10 +315,16 @@ def run_file_paths(run_file: str, names: Sequence[str]) -> dict[str, str]:
 
 
 def dataset_names(datasets: Sequence[BEIRDataset]) -> list[str]:
-    names, seen = [], {}
+    """One name per dataset (results, run files and exports are keyed by it): its folder name, a repeated one
+    numbered "-2", "-3", ... past any name another dataset has (folders nf, nf, nf-2 -> nf, nf-3, nf-2)."""
+    taken = {dataset.name for dataset in datasets}
+    names = []
     for dataset in datasets:
-        seen[dataset.name] = seen.get(dataset.name, 0) + 1
-        names.append(dataset.name if seen[dataset.name] == 1 else f"{dataset.name}-{seen[dataset.name]}")
+        name, number = dataset.name, 1
+        while name in names or (name != dataset.name and name in taken):
+            number += 1
+            name = f"{dataset.name}-{number}"
+        names.append(name)
     return names
 
 
@@ -338,6 +359,12 @@ def evaluate(
             require_writable(path, option, folder=folder)
     datasets = [load_beir(source, split) for source in data]
     names = dataset_names(datasets)
+    for dataset in datasets:  # ids the requested outputs cannot carry fail now, not after the encoding
+        if run_file:
+            check_trec_ids(dataset.qrels, f"{dataset.name}: query")
+            check_trec_ids(dataset.corpus, f"{dataset.name}: corpus")
+        if export_dir:
+            check_elasticsearch_ids(dataset.corpus, dataset.name)
     encoder = FLES1Encoder.from_pretrained(model, device=device)
     threshold = encoder.threshold if threshold is None else float(threshold)
     if threshold < 0:
@@ -367,10 +394,13 @@ def evaluate(
 
             vocab = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.config.vocab_size)))
             index = artifacts["index"]
-            write_elasticsearch(os.path.join(export_dir, name, "elasticsearch"), name, index.doc_ids,
-                                artifacts["doc_matrix"], vocab)
-            write_pyserini(os.path.join(export_dir, name, "pyserini", "docs.jsonl"), index.doc_ids,
-                           artifacts["doc_matrix"], vocab)
+            # the dataset's exports replace an earlier run's together: never one engine's at one threshold and
+            # the other's at another
+            with atomic_directory(os.path.join(export_dir, name), replace=True) as folder:
+                write_elasticsearch(os.path.join(folder, "elasticsearch"), name, index.doc_ids,
+                                    artifacts["doc_matrix"], vocab)
+                write_pyserini(os.path.join(folder, "pyserini", "docs.jsonl"), index.doc_ids,
+                               artifacts["doc_matrix"], vocab)
         results["datasets"][name] = entry
         cached = "cached" if artifacts["encode_info"]["cached"] else "encoded"
         log(f"[{name}] NDCG@10 {entry['metrics']['ndcg@10']:.4f} ({cached} corpus, {time.perf_counter() - start:.1f}s)")

@@ -31,6 +31,7 @@ from fles1.atomic import atomic_open
 IMPACT_SCALE = 100
 RANK_FEATURES_FIELD = "tokens"
 ES_WEIGHT_DECIMALS = 6  # rank_features keeps 9 significant bits anyway; more digits only cost bytes
+ES_MAX_ID_BYTES = 512  # Elasticsearch / OpenSearch refuse a longer _id (that bulk item fails)
 
 
 def feature_name(token: str) -> str:
@@ -74,12 +75,24 @@ def elasticsearch_index_name(name: str) -> str:
     return cleaned if cleaned.strip(".") else "fles1"
 
 
+def check_elasticsearch_ids(doc_ids, what: str) -> None:
+    """Every id can be an Elasticsearch/OpenSearch ``_id`` (1 to 512 UTF-8 bytes): else its bulk item would fail
+    and the index would be short of documents."""
+    for doc_id in doc_ids:
+        size = len(doc_id.encode("utf-8"))
+        if not 0 < size <= ES_MAX_ID_BYTES:
+            raise ValueError(f"{what}: corpus id {doc_id[:40]!r}{'...' if len(doc_id) > 40 else ''} is {size} bytes; "
+                             f"an Elasticsearch/OpenSearch _id takes 1 to {ES_MAX_ID_BYTES}: shorten it, or leave "
+                             "out the export")
+
+
 def write_elasticsearch(
     out_dir: str, index_name: str, doc_ids: Sequence[str], doc_matrix: csr_matrix, vocab: Sequence[str],
     field: str = RANK_FEATURES_FIELD,
 ) -> dict[str, str]:
     """``mapping.json`` and ``bulk.ndjson`` (for ``POST /_bulk``) in out_dir, atomically; returns their paths. The
     actions name the index ``elasticsearch_index_name(index_name)`` (a dataset folder may be "NFCorpus Tiny")."""
+    check_elasticsearch_ids(doc_ids, index_name)
     index_name = elasticsearch_index_name(index_name)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"mapping": os.path.join(out_dir, "mapping.json"), "bulk": os.path.join(out_dir, "bulk.ndjson")}

@@ -59,8 +59,18 @@ def rounded_run(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
     return {qid: {did: float(format_score(s)) for did, s in docs.items()} for qid, docs in run.items()}
 
 
+def check_trec_ids(ids, what: str) -> None:
+    """A TREC run line is split on whitespace: an id holding any (or an empty id) would shift its fields."""
+    for value in ids:
+        if not value or any(character.isspace() for character in value):
+            raise ValueError(f"{what} id {value!r} cannot go into a TREC run file (its fields are separated by "
+                             "whitespace): rename it, or leave out the run file")
+
+
 def write_trec_run(run: dict[str, dict[str, float]], path: str, tag: str = "fles1") -> None:
     """TREC run file ``qid Q0 docid rank score tag``, atomically."""
+    check_trec_ids(run, "query")
+    check_trec_ids({did for docs in run.values() for did in docs}, "corpus")
     with atomic_open(path) as handle:
         for qid, docs in run.items():
             for rank, (did, score) in enumerate(trec_order(docs), start=1):

@@ -403,3 +403,66 @@ def test_evaluate_threshold_reduces_nnz(tiny_random_checkpoint, beir_dir, tmp_pa
                     log=lambda *_: None)
     low, high = low["datasets"]["toy"]["metrics"], high["datasets"]["toy"]["metrics"]
     assert high["nnz_doc"] < low["nnz_doc"] and high["nnz_query"] <= low["nnz_query"]
+
+
+@pytest.mark.parametrize("score, message", [
+    ("0.5", r"test\.tsv:2: score '0\.5' is not an integer relevance grade"),  # was truncated to 0: not relevant
+    ("inf", r"test\.tsv:2: score 'inf' is not an integer relevance grade"),  # was an OverflowError traceback
+])
+def test_qrels_scores_are_integer_grades(tmp_path, score, message):
+    folder = write_beir(tmp_path / "graded", qrels=[("q1", "d1", score)] + QRELS[1:])
+    with pytest.raises(BEIRDataError, match=message):
+        load_beir(folder)
+    assert load_beir(write_beir(tmp_path / "float", qrels=[("q1", "d1", "1.0")] + QRELS[1:])).qrels["q1"] == {"d1": 1}
+
+
+def test_qrels_with_a_header_alone_fail_before_any_encoding(tmp_path):
+    """Found only after the dataset's corpus was encoded, by a message naming no file."""
+    with pytest.raises(BEIRDataError, match=r"qrels/test\.tsv: no judgements"):
+        load_beir(write_beir(tmp_path / "none", qrels=[]))
+
+
+def test_repeated_dataset_names_never_take_another_datasets_name(tmp_path):
+    """Folders nf, nf, nf-2 were named nf, nf-2, nf-2: one dataset's results, run file and export replaced
+    another's."""
+    from fles1.evaluation import dataset_names
+
+    datasets = [load_beir(write_beir(tmp_path / where / name)) for where, name in (("a", "nf"), ("b", "nf"),
+                                                                                    ("c", "nf-2"))]
+    assert dataset_names(datasets) == ["nf", "nf-3", "nf-2"]
+
+
+def test_ids_the_outputs_cannot_carry_fail_before_the_encoding(tiny_random_checkpoint, tmp_path, monkeypatch):
+    """A TREC run line is split on whitespace ("PLAIN 2 Q0 MED 10 ..."); Elasticsearch refuses an _id over 512
+    bytes. Both were written anyway, after the whole evaluation."""
+    import fles1.evaluation
+
+    monkeypatch.setattr(fles1.evaluation, "encode_corpus", lambda *a, **k: pytest.fail("encoded first"))
+    spaced = write_beir(tmp_path / "spaced", corpus=CORPUS + [{"_id": "MED 10", "text": "x"}])
+    with pytest.raises(ValueError, match=r"spaced: corpus id 'MED 10' cannot go into a TREC run file"):
+        evaluate(tiny_random_checkpoint, [spaced], run_file=str(tmp_path / "run.trec"), cache_dir=None)
+    long_id = "d" * 600
+    long = write_beir(tmp_path / "long", corpus=CORPUS + [{"_id": long_id, "text": "x"}])
+    with pytest.raises(ValueError, match=r"long: corpus id 'd{40}'\.\.\. is 600 bytes; an Elasticsearch/OpenSearch"):
+        evaluate(tiny_random_checkpoint, [long], export_dir=str(tmp_path / "export"), cache_dir=None)
+    with pytest.raises(ValueError, match=r"query id 'PLAIN 2' cannot go into a TREC run file"):
+        write_trec_run({"PLAIN 2": {"d1": 1.0}}, str(tmp_path / "direct.trec"))
+    assert not (tmp_path / "direct.trec").exists()
+
+
+def test_corpus_cache_is_not_reused_for_another_tokenizer(tiny_random_checkpoint, beir_dir, tmp_path, monkeypatch):
+    """The key covered the weights and the code, not the tokenizer: documents stayed encoded by the old one."""
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    dataset, cache = load_beir(beir_dir), str(tmp_path / "cache")
+    encode_corpus(encoder, dataset, cache, model_fp="m")
+    monkeypatch.setattr(encoder, "encode_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert encode_corpus(encoder, dataset, cache, model_fp="m")[2]["cached"]
+    encoder.tokenizer.backend_tokenizer.normalizer = __import__("tokenizers").normalizers.BertNormalizer(
+        lowercase=False)
+    with pytest.raises(KeyboardInterrupt):  # not a cache hit: the documents are encoded again
+        encode_corpus(encoder, dataset, cache, model_fp="m")
+    monkeypatch.setattr(encoder.tokenizer, "truncation_side", "left")
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(encoder, dataset, cache, model_fp="m")

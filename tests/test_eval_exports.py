@@ -65,3 +65,27 @@ def test_impact_error_bound_holds():
         assert error.max() > bound.max() / 20  # the bound is not vacuous
     with pytest.raises(ValueError, match="scale"):
         quantize(docs, 0)
+
+
+def test_an_interrupted_reexport_leaves_the_earlier_export_whole(tiny_random_checkpoint, tmp_path, monkeypatch):
+    """Each file was replaced on its own: interrupted after the Elasticsearch files, the folder held those at the
+    new threshold beside Pyserini's at the old one."""
+    import fles1.exports
+    from fles1.evaluation import evaluate
+    from test_eval import write_beir
+
+    data, export = write_beir(tmp_path / "toy"), tmp_path / "export"
+    evaluate(tiny_random_checkpoint, [data], threshold=0.0, export_dir=str(export), cache_dir=None, bm25=False,
+             production=False)
+    before = {path: path.read_bytes() for path in export.rglob("*") if path.is_file()}
+    assert len(before) == 3
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fles1.exports, "write_pyserini", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_random_checkpoint, [data], threshold=1.0, export_dir=str(export), cache_dir=None, bm25=False,
+                 production=False)
+    assert {path: path.read_bytes() for path in export.rglob("*") if path.is_file()} == before
+    assert [path.name for path in export.iterdir()] == ["toy"]  # no staging folder left
