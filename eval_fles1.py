@@ -16,13 +16,15 @@ whose id equals the query id is dropped, documents are "title text". Metrics com
 
 Document vectors are cached at threshold 0 under --cache-dir (default ~/.cache/fles1/corpus), keyed by the model
 fingerprint (sha256 of model.safetensors + config.json), the corpus, the document max length, the projection
-dtype and the encoding code in use (modeling + encoder files, torch version, device type), so a rerun (any
+dtype and the encoding code in use (modeling + encoder files, tokenizer, torch version, device type), so a rerun (any
 threshold) does not re-encode and a code change does. A corpus larger than 8,192 documents is encoded a shard
 of 8,192 at a time, each finished shard saved under the cache entry's name + .parts/, so an interrupted run
 resumes from its last finished shard. With several datasets, --run-file run.trec writes
 run.<dataset>.trec per dataset. --export DIR writes DIR/<dataset>/elasticsearch/{mapping.json,bulk.ndjson}
-(rank_features) and DIR/<dataset>/pyserini/docs.jsonl (JsonVectorCollection, integer impacts = round(100 w)).
-Every output is written atomically; bad data stops the run with its file and line and writes nothing.
+(rank_features) and DIR/<dataset>/pyserini/docs.jsonl (JsonVectorCollection, integer impacts = round(100 w)),
+replacing an earlier export of that dataset as a whole. Every output is written atomically; bad data (qrels
+scores must be integer grades) stops the run with its file and line and writes nothing, as do ids the requested
+outputs cannot carry (whitespace in a TREC run file, an Elasticsearch _id over 512 bytes).
 Exit status: 0 ok, 2 bad input (data or checkpoint).
 """
 

@@ -5,8 +5,8 @@
     >>> print(markdown_tables(results))
 
 Documents are encoded once at threshold 0 and cached on disk (keyed by model fingerprint, corpus fingerprint,
-document max length, projection dtype and `encoding_fingerprint`: the modeling and encoder code in use, torch
-version, device type); the evaluation threshold is applied afterwards with FLES1Encoder's own rule (weights >=
+document max length, projection dtype and `encoding_fingerprint`: the modeling and encoder code in use, the
+tokenizer, torch version, device type); the evaluation threshold is applied afterwards with FLES1Encoder's own rule (weights >=
 threshold), so one cache serves every threshold. Queries are encoded per run with the threshold passed
 explicitly.
 """
