@@ -160,7 +160,8 @@ def main() -> int:
         "### L1 FLOPS vs squared FLOPS",
         table(STUDY_HEADER, study_rows(reg_runs)),
         "![L1 vs squared](plots/l1_vs_squared_nnz.png)",
-        "### Exploration runs (same schedule and seed 0, one change each against `fnmask-seed0`)",
+        "### Exploration runs (same schedule and seed 0; each row names its settings, against the recipe as "
+        "written, `fnmask-seed0`: in-batch false negatives masked, τ 0.05, random positive)",
         table(STUDY_HEADER, study_rows(explore_runs)),
         "![exploration](plots/exploration_nnz.png)",
         "### Full schedule on a GPU (one H200 session, seed 42; fp32): 2 epochs = 162 steps, documents at 256 "
