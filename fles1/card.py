@@ -430,7 +430,7 @@ def build_card(
                                  f"run's ({primary.sources[primary_dataset]}) is {published!r}; the reproducibility "
                                  "table compares runs on one split: pass every run's results on that split")
     if recipe_values is not None:
-        _check_recipe_is_the_logs(recipe, recipe_values, runs, extra_logs)
+        _check_recipe_is_the_logs(recipe, recipe_values, primary)
     train_recipe = flatten(recipe_values or (primary.training_log or {}).get("recipe") or {})
     base_model = base_model or next(
         (hub_id_or_none(train_recipe.get(k)) for k in BASE_MODEL_KEYS if hub_id_or_none(train_recipe.get(k))), None)
@@ -477,13 +477,13 @@ def build_card(
     )
 
 
-def _check_recipe_is_the_logs(path: str, values: dict, runs: list[Run], extra_logs) -> None:
-    """A recipe file given beside a training log must be the recipe the run was trained with (the log's includes
-    the --set overrides): else the card's recipe tables contradict the run's own CLFR table."""
-    logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
-    if not logs or not isinstance(logs[0][1].get("recipe"), dict):
+def _check_recipe_is_the_logs(path: str, values: dict, published: Run) -> None:
+    """A recipe file given beside the published run's training log must be the recipe it was trained with (the
+    log's includes the --set overrides): else the card's recipe tables contradict the run's own CLFR table. Other
+    seeds' logs differ in their seeds; without the published run's log the file is the card's only recipe."""
+    if not isinstance((published.training_log or {}).get("recipe"), dict):
         return
-    log_path, trained = logs[0][0], flatten(logs[0][1]["recipe"])
+    log_path, trained = published.training_log_path, flatten(published.training_log["recipe"])
     differ = [f"{key} ({value!r} here, {trained[key]!r} there)" for key, value in flatten(values).items()
               if key in trained and value != trained[key]]
     if differ:

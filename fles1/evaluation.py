@@ -30,7 +30,7 @@ import scipy.sparse
 from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
-from fles1.atomic import atomic_directory, atomic_open, require_writable
+from fles1.atomic import atomic_open, require_writable
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
@@ -390,21 +390,33 @@ def evaluate(
         if name in run_paths:
             write_trec_run(run, run_paths[name], tag=f"fles1-t{threshold:g}")
         if export_dir:
-            from fles1.exports import write_elasticsearch, write_pyserini
-
             vocab = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.config.vocab_size)))
             index = artifacts["index"]
-            # the dataset's exports replace an earlier run's together: never one engine's at one threshold and
-            # the other's at another
-            with atomic_directory(os.path.join(export_dir, name), replace=True) as folder:
-                write_elasticsearch(os.path.join(folder, "elasticsearch"), name, index.doc_ids,
-                                    artifacts["doc_matrix"], vocab)
-                write_pyserini(os.path.join(folder, "pyserini", "docs.jsonl"), index.doc_ids,
-                               artifacts["doc_matrix"], vocab)
+            _export_dataset(os.path.join(export_dir, name), name, index.doc_ids, artifacts["doc_matrix"], vocab)
         results["datasets"][name] = entry
         cached = "cached" if artifacts["encode_info"]["cached"] else "encoded"
         log(f"[{name}] NDCG@10 {entry['metrics']['ndcg@10']:.4f} ({cached} corpus, {time.perf_counter() - start:.1f}s)")
     return results
+
+
+def _export_dataset(folder: str, name: str, doc_ids, doc_matrix, vocab) -> None:
+    """folder/elasticsearch/ and folder/pyserini/, both written beside them before either replaces an earlier
+    export (never one engine's files at one threshold and the other's at another); anything else in the folder (a
+    run file, say) stays."""
+    from fles1.exports import write_elasticsearch, write_pyserini
+
+    os.makedirs(folder, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=".export.", suffix=".partial", dir=folder)
+    try:
+        write_elasticsearch(os.path.join(staged, "elasticsearch"), name, doc_ids, doc_matrix, vocab)
+        write_pyserini(os.path.join(staged, "pyserini", "docs.jsonl"), doc_ids, doc_matrix, vocab)
+        for part in ("elasticsearch", "pyserini"):  # two renames apart
+            target = os.path.join(folder, part)
+            if os.path.isdir(target):
+                os.rename(target, os.path.join(staged, f"{part}.old"))
+            os.rename(os.path.join(staged, part), target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def write_results(results: dict, path: str) -> None:

@@ -263,6 +263,17 @@ def test_a_recipe_file_must_be_the_one_the_log_was_trained_with(tmp_path):
         build_card([results], [log], str(recipe))
     recipe.write_text("learning_rate: 2.0e-5\ntemperature: 0.05\nclfr:\n  target_nnz_d: 400\n")  # same values
     assert "| `temperature` | 0.05 |" in card_from(tmp_path, [results], [log], recipe=str(recipe)).text
+    # another seed's log beside a published run without one: its seed differs, and the file is the card's recipe
+    other = make_eval(tmp_path / "seed2.json", model_path="outputs/seed2", fingerprint="fp2")
+    seed2_log = make_training_log(tmp_path / "seed2" / "training_log.json", seed=2)
+    with open(seed2_log) as handle:
+        payload = json.load(handle)
+    payload["recipe"]["seed"] = 2
+    with open(seed2_log, "w") as handle:
+        json.dump(payload, handle)
+    recipe.write_text("seed: 0\ntemperature: 0.05\n")
+    card = card_from(tmp_path, [results, other], [seed2_log], recipe=str(recipe))
+    assert "| `seed` | 0 |" in card.text
 
 
 def test_logs_pair_with_the_model_their_folder_holds_wherever_it_was_evaluated(tmp_path, fles1_checkpoint):

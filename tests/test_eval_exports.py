@@ -88,4 +88,18 @@ def test_an_interrupted_reexport_leaves_the_earlier_export_whole(tiny_random_che
         evaluate(tiny_random_checkpoint, [data], threshold=1.0, export_dir=str(export), cache_dir=None, bm25=False,
                  production=False)
     assert {path: path.read_bytes() for path in export.rglob("*") if path.is_file()} == before
-    assert [path.name for path in export.iterdir()] == ["toy"]  # no staging folder left
+    assert sorted(path.name for path in (export / "toy").iterdir()) == ["elasticsearch", "pyserini"]  # no staging
+
+
+def test_an_export_keeps_what_else_its_dataset_folder_holds(tiny_random_checkpoint, tmp_path):
+    """Replacing the dataset's export folder as a whole deleted the run file the same run had written into it."""
+    from fles1.evaluation import evaluate
+    from test_eval import write_beir
+
+    data, export = write_beir(tmp_path / "toy"), tmp_path / "export"
+    for threshold in (0.0, 1.0):  # a first export, then a replacing one
+        evaluate(tiny_random_checkpoint, [data], threshold=threshold, export_dir=str(export), cache_dir=None,
+                 bm25=False, production=False, run_file=str(export / "toy" / "run.trec"))
+        assert sorted(path.name for path in (export / "toy").iterdir()) == ["elasticsearch", "pyserini", "run.trec"]
+    assert all(weight >= 1.0 for line in (export / "toy" / "elasticsearch" / "bulk.ndjson").read_text().splitlines()[1::2]
+               for weight in json.loads(line)["tokens"].values())

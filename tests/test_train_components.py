@@ -249,6 +249,7 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.warmup_steps", -1, r"recipe.training.warmup_steps: .*warmup_steps"),
     ("training.lr_scheduler_type", "foo", "recipe.training.lr_scheduler_type: foo is not a valid SchedulerType"),
     ("training.optim", "foo", "recipe.training.optim: foo is not a valid OptimizerNames"),
+    ("training.report_to", None, "recipe.training.report_to: None is not an installed"),  # was a TypeError
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}

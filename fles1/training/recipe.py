@@ -122,7 +122,7 @@ def _check_training_arguments(training: dict) -> None:
     available = get_available_reporting_integrations()
     missing = [name for name in args.report_to if name not in available]
     if missing:  # else a RuntimeError (e.g. "WandbCallback requires wandb") once the model has loaded
-        raise ValueError(f"recipe.training.report_to: {', '.join(missing)} is not an installed reporting integration "
+        raise ValueError(f"recipe.training.report_to: {', '.join(map(str, missing))} is not an installed reporting integration "
                          f"(installed: {', '.join(available) or 'none'}); none reports to training_log.json only")
 
 
