@@ -22,7 +22,7 @@ of 8,192 at a time, each finished shard saved under the cache entry's name + .pa
 resumes from its last finished shard. With several datasets, --run-file run.trec writes
 run.<dataset>.trec per dataset. --export DIR writes DIR/<dataset>/elasticsearch/{mapping.json,bulk.ndjson}
 (rank_features) and DIR/<dataset>/pyserini/docs.jsonl (JsonVectorCollection, integer impacts = round(100 w)),
-replacing an earlier export of that dataset as a whole. Every output is written atomically; bad data (qrels
+replacing an earlier export's two folders together. Every output is written atomically; bad data (qrels
 scores must be integer grades) stops the run with its file and line and writes nothing, as do ids the requested
 outputs cannot carry (whitespace in a TREC run file, an Elasticsearch _id over 512 bytes).
 Exit status: 0 ok, 2 bad input (data or checkpoint).
