@@ -364,9 +364,15 @@ def publish(
             kept = ""
             if dry_run:  # kept for inspection under a name that does not pass for the finished folder
                 rejected = f"{os.path.abspath(dry_run)}.rejected"
-                shutil.rmtree(rejected, ignore_errors=True)
-                os.rename(staging, rejected)
-                kept = f" (the folder is left at {rejected} for inspection)"
+                try:
+                    if os.path.isdir(rejected) and not os.path.islink(rejected):
+                        shutil.rmtree(rejected)
+                    elif os.path.lexists(rejected):
+                        os.remove(rejected)
+                    os.rename(staging, rejected)
+                    kept = f" (the folder is left at {rejected} for inspection)"
+                except OSError as error:  # the checks' verdict is what to report
+                    kept = f" (the folder could not be kept at {rejected}: {error.strerror})"
             raise PublishError("refusing to upload, failed checks: " + "; ".join(str(c) for c in failed) + kept)
 
     with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:

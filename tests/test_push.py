@@ -404,6 +404,12 @@ def test_dry_run_that_fails_validation_is_kept_aside_not_in_place(source_checkpo
     assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
                             "--dry-run", str(out)]) == 1  # again: the earlier .rejected is replaced
     assert not out.exists() and (tmp_path / "o.rejected").is_dir()
+    shutil.rmtree(tmp_path / "o.rejected")
+    capsys.readouterr()
+    (tmp_path / "o.rejected").write_text("a file of that name")  # replaced too; the checks are still what is said
+    assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                            "--dry-run", str(out)]) == 1
+    assert "refusing to upload, failed checks" in capsys.readouterr().err and (tmp_path / "o.rejected").is_dir()
 
 
 def test_an_interrupted_check_leaves_no_folder(source_checkpoint, result_files, tmp_path):
