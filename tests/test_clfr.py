@@ -54,8 +54,9 @@ def test_update_direction_and_formula():
     ({"gain": 1.01}, r"gain must be a number in \(0, 1\]"),
     ({"gain": True}, r"gain must be a number in \(0, 1\]"),
     ({"lambda_d": 0}, "lambda_d must be a finite number > 0"),
-    ({"max_log_step": "abc"}, "max_log_step must be a number > 0"),  # was a TypeError from the comparison
-    ({"max_log_step": None}, "max_log_step must be a number > 0"),
+    ({"max_log_step": "abc"}, "max_log_step must be a finite number > 0"),  # was a TypeError from the comparison
+    ({"max_log_step": None}, "max_log_step must be a finite number > 0"),
+    ({"max_log_step": math.inf}, "max_log_step must be a finite number > 0"),  # exp() overflowed on a big error
 ])
 def test_bad_controller_settings(kwargs, message):
     settings = {"lambda_d": 3e-5, "target_nnz": 400, "gain": 0.1, **kwargs}
@@ -67,6 +68,17 @@ def test_bad_controller_settings(kwargs, message):
 def test_bad_interval_steps(interval):
     with pytest.raises(ValueError, match="interval_steps must be an int >= 1 or None"):
         CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=interval)
+
+
+def test_the_default_interval_is_one_epoch_of_optimizer_steps():
+    """10 batches at gradient accumulation 4 are 3 optimizer steps an epoch (transformers' count): the interval was
+    10 // 4 = 2, so lambda_d moved at steps 2, 4, 6 instead of at each epoch's end."""
+    from types import SimpleNamespace
+
+    callback = CLFRCallback(CLFRController(3e-5, 400, 0.1))
+    args = SimpleNamespace(gradient_accumulation_steps=4, device="cpu")
+    callback.on_train_begin(args, SimpleNamespace(global_step=0), None, train_dataloader=[None] * 10)
+    assert callback._interval == 3
 
 
 def test_callback_state_round_trip():

@@ -223,7 +223,7 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("model.query_max_length", 64.0, r"model.query_max_length must be an int >= 3 .* got 64.0"),
     ("model.document_max_length", 2, r"model.document_max_length must be an int >= 3 .* got 2"),
     # text or None reached a comparison: TypeError tracebacks
-    ("clfr.max_log_step", "abc", r"clfr.max_log_step must be a number > 0 \(inf: no limit\), got 'abc'"),
+    ("clfr.max_log_step", "abc", r"clfr.max_log_step must be a finite number > 0, got 'abc'"),
     ("crashes.spike_factor", None, "crashes.spike_factor must be a number > 1, got None"),
     ("crashes.nnz_floor", "abc", "crashes.nnz_floor must be a number >= 0, got 'abc'"),
     ("crashes.nnz_collapse_fraction", "x", r"crashes.nnz_collapse_fraction must be a number in \[0, 1\), got 'x'"),
@@ -332,6 +332,24 @@ def test_crash_monitor_counts_collapse_below_a_fraction_of_the_first_steps_nnz(f
     assert restored.first_nnz == 200.0 and restored.counts == monitor.counts
     with pytest.raises(ValueError, match="nnz_collapse_fraction"):
         CrashMonitor(nnz_collapse_fraction=1.5)
+
+
+def test_a_non_finite_step_is_one_crash_and_never_the_collapse_baseline():
+    """A NaN batch's vectors hold no entry > 0: it was also counted as an NNZ collapse, and as the first step it set
+    the baseline to 0, switching the 10%-of-the-first-step rule off for the whole run."""
+    from types import SimpleNamespace
+
+    from fles1.training.crashes import CrashMonitor
+
+    monitor, model = CrashMonitor(nnz_floor=1.0, nnz_collapse_fraction=0.1), torch.nn.Linear(2, 2)
+    for step, (loss, nnz) in enumerate([(float("nan"), 0.0), (1.0, 200.0), (1.0, 150.0), (float("nan"), 0.0),
+                                        (1.0, 15.0)]):
+        monitor.observe(loss=loss, nnz_sum=nnz * 4, nnz_count=4)
+        monitor.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, model=model)
+    assert monitor.first_nnz == 200.0
+    assert monitor.totals() == {"non_finite_loss": 2, "non_finite_grad": 0, "loss_spike": 0, "nnz_collapse": 1,
+                                "total": 3}
+    assert [event["step"] for event in monitor.events if event["kind"] == "nnz_collapse"] == [5]
 
 
 def test_training_from_a_bert_backbone_leaves_no_temporary_copy(backbone_dir, tmp_path, monkeypatch):

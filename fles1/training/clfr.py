@@ -51,8 +51,8 @@ class CLFRController:
             raise ValueError(f"gain must be a number in (0, 1], got {gain!r}")
         if not (is_number(lambda_d, finite=True) and lambda_d > 0):
             raise ValueError(f"lambda_d must be a finite number > 0 for a multiplicative controller, got {lambda_d!r}")
-        if not (is_number(max_log_step) and max_log_step > 0):  # inf: no clipping
-            raise ValueError(f"max_log_step must be a number > 0 (inf: no limit), got {max_log_step!r}")
+        if not (is_number(max_log_step, finite=True) and max_log_step > 0):  # inf overflowed exp() on a big error
+            raise ValueError(f"max_log_step must be a finite number > 0, got {max_log_step!r}")
         self.lambda_d = float(lambda_d)
         self.target_nnz = float(target_nnz)
         self.gain = float(gain)
@@ -139,7 +139,8 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
         if self._interval is None:
             if train_dataloader is None:
                 raise ValueError("interval_steps=None (one epoch) needs the trainer's train_dataloader")
-            self._interval = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
+            # optimizer steps per epoch as transformers counts them (a short last accumulation is a step)
+            self._interval = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
         self._device = args.device
         if state.global_step > 0:  # resuming: the trainer told us where from, else the standard layout
             folder = self.checkpoint_folder(args, state)

@@ -60,10 +60,12 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
         self._loss, self._nnz_sum, self._nnz_count, self._loss_finite = 0.0, 0.0, 0, True
 
     def observe(self, loss: float, nnz_sum: float, nnz_count: int) -> None:
-        self._loss_finite &= math.isfinite(loss)
+        finite = math.isfinite(loss)
+        self._loss_finite &= finite
         self._loss += loss
-        self._nnz_sum += nnz_sum
-        self._nnz_count += nnz_count
+        if finite:  # a NaN batch's vectors hold no entry > 0: not also a collapse, nor the baseline (as for CLFR)
+            self._nnz_sum += nnz_sum
+            self._nnz_count += nnz_count
 
     def totals(self) -> dict:
         return {**self.counts, "total": sum(self.counts.values())}
