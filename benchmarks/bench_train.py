@@ -108,8 +108,6 @@ def bench_sentence_transformers(folder, dataset, args, out):
 
 
 def main(argv=None):
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.path.join(os.path.dirname(ROOT), "shared", "models", "splade-tiny"))
     parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus"))

@@ -79,6 +79,12 @@ def atomic_directory(path: str, replace: bool = False):
         raise
 
 
+def path_within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies inside it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def _nearest_existing(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)

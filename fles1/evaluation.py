@@ -30,7 +30,7 @@ import scipy.sparse
 from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
-from fles1.atomic import atomic_open, require_writable
+from fles1.atomic import atomic_directory, atomic_open, require_writable
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
@@ -405,18 +405,11 @@ def _export_dataset(folder: str, name: str, doc_ids, doc_matrix, vocab) -> None:
     run file, say) stays."""
     from fles1.exports import write_elasticsearch, write_pyserini
 
-    os.makedirs(folder, exist_ok=True)
-    staged = tempfile.mkdtemp(prefix=".export.", suffix=".partial", dir=folder)
-    try:
-        write_elasticsearch(os.path.join(staged, "elasticsearch"), name, doc_ids, doc_matrix, vocab)
-        write_pyserini(os.path.join(staged, "pyserini", "docs.jsonl"), doc_ids, doc_matrix, vocab)
-        for part in ("elasticsearch", "pyserini"):  # two renames apart
-            target = os.path.join(folder, part)
-            if os.path.isdir(target):
-                os.rename(target, os.path.join(staged, f"{part}.old"))
-            os.rename(os.path.join(staged, part), target)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+    # both written in their staging folders before either replaces its earlier export (two renames apart)
+    with atomic_directory(os.path.join(folder, "elasticsearch"), replace=True) as elasticsearch, \
+            atomic_directory(os.path.join(folder, "pyserini"), replace=True) as pyserini:
+        write_elasticsearch(elasticsearch, name, doc_ids, doc_matrix, vocab)
+        write_pyserini(os.path.join(pyserini, "docs.jsonl"), doc_ids, doc_matrix, vocab)
 
 
 def write_results(results: dict, path: str) -> None:

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from fles1.atomic import atomic_directory, require_new_folder
+from fles1.atomic import atomic_directory, path_within, require_new_folder
 from fles1.card import CardInputError, build_card, read_json
 from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
@@ -121,8 +121,7 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     """
     if not os.path.isdir(model_dir):
         raise PublishError(f"{model_dir}: model folder not found")
-    inside = os.path.realpath(out_dir), os.path.realpath(model_dir)
-    if os.path.commonpath(inside) == inside[1]:  # it would be copied into itself, and into every later folder
+    if path_within(out_dir, model_dir):  # it would be copied into itself, and into every later folder
         raise PublishError(f"{out_dir}: inside the model folder {model_dir}, which the Hub folder copies; choose an "
                            "output folder outside it")
     if card.results:
@@ -205,24 +204,23 @@ def _copy_linked_images(studies: str, out_dir: str) -> None:
     card embeds the text at the folder's root."""
     with open(studies, encoding="utf-8") as handle:
         links = dict.fromkeys(STUDY_IMAGE.findall(handle.read()))
-    root, written = os.path.abspath(out_dir), set()
+    root = os.path.abspath(out_dir)
     for link in links:
         if "://" in link or os.path.isabs(link):
             continue  # served from elsewhere
         source = os.path.join(os.path.dirname(os.path.abspath(studies)), link)
         target = os.path.normpath(os.path.join(root, link))
-        if not target.startswith(root + os.sep):
+        if not path_within(target, root):
             raise PublishError(f"{studies}: links {link}, outside the published folder")
         if not os.path.isfile(source):
             raise PublishError(f"{studies}: links {link}, which is not at {source}")
         # a file the folder already holds (the model's own plots/loss.png, config.json) is never replaced by
         # another: the card would show the wrong image
-        if os.path.exists(target) and target not in written and not filecmp.cmp(source, target, shallow=False):
+        if os.path.exists(target) and not filecmp.cmp(source, target, shallow=False):
             raise PublishError(f"{studies}: links {link}, but the published folder has another file there (the "
                                "model's own); rename the study's image")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(source, target)
-        written.add(target)
 
 
 # ---- validating -------------------------------------------------------------------------------------------------

@@ -40,6 +40,11 @@ from .distributed import all_reduce_sum
 STATE_FILE = "clfr_state.json"
 
 
+def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
+    """As transformers counts them: a short last accumulation is a step too (at least one step)."""
+    return max(math.ceil(batches / accumulation), 1)
+
+
 class CLFRController:
     """The multiplicative lambda_d update (module docstring); plain Python, no trainer needed."""
 
@@ -139,8 +144,7 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
         if self._interval is None:
             if train_dataloader is None:
                 raise ValueError("interval_steps=None (one epoch) needs the trainer's train_dataloader")
-            # optimizer steps per epoch as transformers counts them (a short last accumulation is a step)
-            self._interval = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
+            self._interval = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
         self._device = args.device
         if state.global_step > 0:  # resuming: the trainer told us where from, else the standard layout
             folder = self.checkpoint_folder(args, state)

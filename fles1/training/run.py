@@ -14,8 +14,9 @@ import warnings
 
 import torch
 
-from fles1.atomic import atomic_open, require_writable
+from fles1.atomic import atomic_open, path_within, require_writable
 
+from .clfr import optimizer_steps_per_epoch
 from .plots import PLOT_FILES
 
 HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse",
@@ -39,18 +40,6 @@ def remove_previous_run(output_dir: str) -> None:
     for name in previous_run(output_dir):
         path = os.path.join(output_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def _inside(path, output_dir: str, names: list[str]) -> bool:
-    """`path` (a --resume folder) is, or lies in, one of `output_dir`'s `names`."""
-    if not isinstance(path, str):
-        return False
-    path = os.path.realpath(path)
-    for name in names:
-        folder = os.path.realpath(os.path.join(output_dir, name))
-        if path == folder or path.startswith(folder + os.sep):
-            return True
-    return False
 
 
 class TrainingSetupError(ValueError):
@@ -121,7 +110,7 @@ def last_step(trainer) -> int:
         return args.max_steps
     with torch.random.fork_rng(devices=[]):  # accelerate seeds a DDP sampler from the global RNG: leave it as it was
         batches = len(trainer.get_train_dataloader())
-    return math.ceil(args.num_train_epochs * max(math.ceil(batches / args.gradient_accumulation_steps), 1))
+    return math.ceil(args.num_train_epochs * optimizer_steps_per_epoch(batches, args.gradient_accumulation_steps))
 
 
 def check_resumable(checkpoint: str, trainer, model_path: str) -> None:
@@ -216,7 +205,9 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
         earlier = previous_run(output_dir)
-        if resume_from_checkpoint is True or _inside(resume_from_checkpoint, output_dir, earlier):
+        own = resume_from_checkpoint is True or isinstance(resume_from_checkpoint, str) and any(
+            path_within(resume_from_checkpoint, os.path.join(output_dir, name)) for name in earlier)
+        if own:  # one of this folder's checkpoints
             if overwrite:  # it would remove the very checkpoint it continues from
                 raise ValueError("--resume continues the run in output_dir, --overwrite replaces it: choose one")
             earlier = []  # continued, not replaced
