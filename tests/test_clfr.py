@@ -81,6 +81,23 @@ def test_the_default_interval_is_one_epoch_of_optimizer_steps():
     assert callback._interval == 3
 
 
+def test_the_sentence_transformers_path_does_not_measure_a_nan_batch():
+    """SpladeCLFRCallback's recorder counted a diverged batch as 0 non-zeros, pulling lambda_d down."""
+    import torch
+
+    from fles1.training.clfr import _NNZRecorder
+
+    class Regularizer(torch.nn.Module):
+        def compute_loss_from_embeddings(self, embeddings):
+            return embeddings.sum()
+
+    callback = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=1)
+    recorder = _NNZRecorder(Regularizer(), callback)
+    recorder.compute_loss_from_embeddings(torch.tensor([[1.0, 0.0, 2.0]], requires_grad=True))
+    recorder.compute_loss_from_embeddings(torch.full((2, 3), float("nan"), requires_grad=True))
+    assert (callback.nnz_sum, callback.nnz_count) == (2.0, 1)
+
+
 def test_callback_state_round_trip():
     callback = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=3)
     callback._interval = 3

@@ -180,10 +180,12 @@ class _NNZRecorder(torch.nn.Module):
         self._callback = [callback]  # a list, so the callback is not registered as a submodule
 
     def compute_loss_from_embeddings(self, embeddings, *args, **kwargs):
-        # training batches only: the trainer's evaluation loss runs under no_grad (prediction_step)
+        # training batches only: the trainer's evaluation loss runs under no_grad (prediction_step); a diverged
+        # batch's NaN vectors hold no entry > 0 and are no density (as in FLES1Trainer)
         if torch.is_grad_enabled():
             with torch.no_grad():
-                self._callback[0].observe(float((embeddings > 0).sum()), embeddings.shape[0])
+                if bool(torch.isfinite(embeddings).all()):
+                    self._callback[0].observe(float((embeddings > 0).sum()), embeddings.shape[0])
         return self.regularizer.compute_loss_from_embeddings(embeddings, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
