@@ -8,6 +8,7 @@ a name that is not a folder is treated as a Hugging Face hub dataset id (``BeIR/
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import os
@@ -47,12 +48,18 @@ def utf8_lines(path: str, handle, error=BEIRDataError) -> Iterator[str]:
             raise error(f"{path}:{number}: not UTF-8 (byte {raw[bad.start]:#04x} at {bad.start})") from None
 
 
+def jsonl_path(path: str) -> str:
+    """``path``, or ``path.gz`` when only that exists (how the BeIR hub repos store corpus and queries)."""
+    return path if os.path.isfile(path) or not os.path.isfile(f"{path}.gz") else f"{path}.gz"
+
+
 def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
-    """The file's JSON objects, each with an '_id' and its `text_fields` as str ("" where missing or null)."""
+    """The file's JSON objects, each with an '_id' and its `text_fields` as str ("" where missing or null).
+    A ``.gz`` path is read through gzip."""
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     rows = {}  # id -> (its first line, row)
-    with open(path, "rb") as handle:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as handle:
         for number, line in enumerate(utf8_lines(path, handle), start=1):
             if not line.strip():
                 continue
@@ -111,26 +118,32 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
                 continue
             if len(row) != 3:
                 raise BEIRDataError(f"{path}:{number}: expected 3 tab-separated columns, got {len(row)}")
-            query_id, doc_id, score = row
-            try:
-                grade = float(score)
-            except ValueError:
-                raise BEIRDataError(f"{path}:{number}: score {score!r} is not a number") from None
-            if not grade.is_integer():  # 0.5 became 0 (a relevant document judged non-relevant), inf a traceback
-                raise BEIRDataError(f"{path}:{number}: score {score!r} is not an integer relevance grade")
-            relevance = int(grade)
-            if queries is not None and query_id not in queries:
-                raise BEIRDataError(f"{path}:{number}: query id {query_id!r} is not in queries.jsonl")
-            if corpus is not None and doc_id not in corpus:
-                raise BEIRDataError(f"{path}:{number}: corpus id {doc_id!r} is not in corpus.jsonl")
-            judged = qrels.setdefault(query_id, {})
-            if judged.get(doc_id, relevance) != relevance:
-                raise BEIRDataError(f"{path}:{number}: ({query_id!r}, {doc_id!r}) judged again with another score "
-                                    f"({judged[doc_id]} before, {relevance} here)")
-            judged[doc_id] = relevance
+            _add_judgement(qrels, *row, f"{path}:{number}", corpus, queries)
     if not qrels:  # found now, not after the corpus has been encoded
         raise BEIRDataError(f"{path}: no judgements (an empty file, or a header alone)")
     return qrels
+
+
+def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=None, queries=None,
+                   sources=("queries.jsonl", "corpus.jsonl")) -> None:
+    """qrels[query_id][doc_id] = score as an int grade, after the checks every qrels source gets; ``where`` (file
+    and line, or hub row) starts each error, ``sources`` name where the queries and the corpus came from."""
+    try:
+        grade = float(score)
+    except (TypeError, ValueError):
+        raise BEIRDataError(f"{where}: score {score!r} is not a number") from None
+    if not grade.is_integer():  # 0.5 became 0 (a relevant document judged non-relevant), inf a traceback
+        raise BEIRDataError(f"{where}: score {score!r} is not an integer relevance grade")
+    relevance = int(grade)
+    if queries is not None and query_id not in queries:
+        raise BEIRDataError(f"{where}: query id {query_id!r} is not in {sources[0]}")
+    if corpus is not None and doc_id not in corpus:
+        raise BEIRDataError(f"{where}: corpus id {doc_id!r} is not in {sources[1]}")
+    judged = qrels.setdefault(query_id, {})
+    if judged.get(doc_id, relevance) != relevance:
+        raise BEIRDataError(f"{where}: ({query_id!r}, {doc_id!r}) judged again with another score "
+                            f"({judged[doc_id]} before, {relevance} here)")
+    judged[doc_id] = relevance
 
 
 def fingerprint_files(paths: list[str]) -> str:
@@ -150,8 +163,8 @@ def load_beir(source: str, split: str = "test") -> BEIRDataset:
         if os.path.exists(source) or source.startswith((".", "/")):
             raise BEIRDataError(f"{source}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
         return load_beir_from_hub(source, split)
-    corpus_path = os.path.join(source, "corpus.jsonl")
-    queries_path = os.path.join(source, "queries.jsonl")
+    corpus_path = jsonl_path(os.path.join(source, "corpus.jsonl"))
+    queries_path = jsonl_path(os.path.join(source, "queries.jsonl"))
     qrels_path = os.path.join(source, "qrels", f"{split}.tsv")
     if not os.path.isfile(qrels_path):  # before reading the corpus; name the splits there are
         folder = os.path.join(source, "qrels")
@@ -183,13 +196,23 @@ def _load_from_hub(dataset_id: str, *args, **kwargs):
 
 
 def load_beir_from_hub(dataset_id: str, split: str = "test") -> BEIRDataset:
-    corpus = {
-        str(row["_id"]): {"title": row.get("title") or "", "text": row.get("text") or ""}
-        for row in _load_from_hub(dataset_id, "corpus", split="corpus")
+    """The same checks as a local folder's, each error naming the hub dataset, config and row."""
+    corpus = {}
+    for number, row in enumerate(_load_from_hub(dataset_id, "corpus", split="corpus")):
+        where = f"{dataset_id} corpus row {number}"
+        corpus[str(row["_id"])] = {name: _text_field(row.get(name), f"{where}: '{name}'") for name in ("title", "text")}
+    if not corpus:
+        raise BEIRDataError(f"{dataset_id}: no documents in its corpus")
+    queries = {
+        str(row["_id"]): _text_field(row.get("text"), f"{dataset_id} queries row {number}: 'text'")
+        for number, row in enumerate(_load_from_hub(dataset_id, "queries", split="queries"))
     }
-    queries = {str(row["_id"]): row["text"] for row in _load_from_hub(dataset_id, "queries", split="queries")}
     qrels: dict[str, dict[str, int]] = {}
-    for row in _load_from_hub(f"{dataset_id}-qrels", split=split):
-        qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
+    for number, row in enumerate(_load_from_hub(f"{dataset_id}-qrels", split=split)):
+        _add_judgement(qrels, str(row["query-id"]), str(row["corpus-id"]), row["score"],
+                       f"{dataset_id}-qrels {split} row {number}", corpus, queries,
+                       (f"{dataset_id} queries", f"{dataset_id} corpus"))
+    if not qrels:
+        raise BEIRDataError(f"{dataset_id}-qrels {split}: no judgements")
     fingerprint = hashlib.sha256(f"{dataset_id}:{split}:{len(corpus)}:{len(qrels)}".encode()).hexdigest()[:16]
     return BEIRDataset(dataset_id.split("/")[-1], corpus, queries, qrels, split, fingerprint)

@@ -21,6 +21,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 import zipfile
 from importlib import metadata
 from typing import Optional, Sequence
@@ -138,9 +139,9 @@ def _load_csr(path: str) -> tuple[csr_matrix, dict]:
     return matrix, info
 
 
-def _load_part(path: str, rows: int) -> Optional[tuple[csr_matrix, dict]]:
-    """A finished shard saved by an earlier, interrupted run; None when there is none (or it cannot be read:
-    then the shard is encoded again)."""
+def _load_saved(path: str, rows: int) -> Optional[tuple[csr_matrix, dict]]:
+    """A cache entry, or a finished shard saved by an earlier, interrupted run; None when there is none (or it cannot
+    be read -- truncated by a full disk, say: then it is encoded again and replaced)."""
     if not os.path.isfile(path):
         return None
     try:
@@ -185,10 +186,12 @@ def encode_corpus(
     starts = range(0, max(len(doc_ids), 1), shard_docs)  # an empty corpus: one empty shard, a (0, vocab) matrix
     path = os.path.join(cache_dir, f"{key}.npz") if cache_dir else None
     parts = os.path.join(cache_dir, f"{key}.parts") if cache_dir else None  # finished shards of an unfinished run
-    if path and os.path.isfile(path):
-        matrix, info = _load_csr(path)
+    cached = _load_saved(path, len(doc_ids)) if path else None
+    if cached is not None:
         shutil.rmtree(parts, ignore_errors=True)  # left by an interrupt between the entry's write and this cleanup
-        return doc_ids, matrix, {**info, "cached": True}
+        return doc_ids, cached[0], {**cached[1], "cached": True}
+    if path and os.path.isfile(path):
+        warnings.warn(f"{path}: unreadable corpus cache entry; encoding the corpus again to replace it")
     texts = [dataset.document_text(doc_id) for doc_id in doc_ids]
     if show_progress_bar is None:
         show_progress_bar = len(texts) >= PROGRESS_BAR_MIN_TEXTS
@@ -199,7 +202,7 @@ def encode_corpus(
         for number, begin in enumerate(starts):
             shard_texts = texts[begin : begin + shard_docs]
             part = os.path.join(parts, f"{number:06d}.npz") if parts and len(starts) > 1 else None
-            finished = _load_part(part, len(shard_texts)) if part else None
+            finished = _load_saved(part, len(shard_texts)) if part else None
             if finished is None:
                 start = time.perf_counter()
                 shard = encoder.encode_batch(

@@ -466,3 +466,70 @@ def test_corpus_cache_is_not_reused_for_another_tokenizer(tiny_random_checkpoint
     monkeypatch.setattr(encoder.tokenizer, "truncation_side", "left")
     with pytest.raises(KeyboardInterrupt):
         encode_corpus(encoder, dataset, cache, model_fp="m")
+
+
+def test_a_corrupt_cache_entry_is_encoded_again(tiny_random_checkpoint, beir_dir, tmp_path):
+    """A truncated entry (a full disk, a copy cut short) was a BadZipFile traceback naming no file, on every run."""
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    dataset, cache = load_beir(beir_dir), tmp_path / "cache"
+    _, reference, _ = encode_corpus(encoder, dataset, str(cache), model_fp="m")
+    (entry,) = cache.iterdir()
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=rf"{entry.name}: unreadable corpus cache entry"):
+        _, again, info = encode_corpus(encoder, dataset, str(cache), model_fp="m")
+    assert not info["cached"] and (again != reference).nnz == 0
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # replaced by a readable one
+    assert encode_corpus(encoder, dataset, str(cache), model_fp="m")[2]["cached"]
+
+
+def test_gzipped_beir_files_read_the_same(tmp_path):
+    """corpus.jsonl.gz / queries.jsonl.gz, as the BeIR hub repos store them, were 'corpus.jsonl: file not found'."""
+    import gzip
+
+    plain = load_beir(write_beir(tmp_path / "plain"))
+    folder = write_beir(tmp_path / "gz")
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        path = os.path.join(folder, name)
+        with open(path, "rb") as source, gzip.open(path + ".gz", "wb") as target:
+            target.write(source.read())
+        os.remove(path)
+    zipped = load_beir(folder)
+    assert (zipped.corpus, zipped.queries, zipped.qrels) == (plain.corpus, plain.queries, plain.qrels)
+    with open(os.path.join(folder, "queries.jsonl.gz"), "wb") as handle:
+        handle.write(gzip.compress(b'{"_id": "q1", "text": "ok"}\n{"_id": \n'))
+    with pytest.raises(BEIRDataError, match=r"queries\.jsonl\.gz:2: malformed JSON"):
+        load_beir(folder)
+
+
+def _fake_hub(monkeypatch, qrels_rows, corpus=CORPUS, queries=QUERIES):
+    import fles1.beir
+
+    tables = {"corpus": corpus, "queries": queries}
+    monkeypatch.setattr(fles1.beir, "_load_from_hub", lambda name, config=None, split=None: (
+        qrels_rows if name.endswith("-qrels") else tables[config]))
+
+
+def test_hub_datasets_get_the_checks_a_folder_gets(tmp_path, monkeypatch):
+    """Hub rows skipped every qrels check: a 0.5 grade became 0, an unknown query id a KeyError after the whole
+    corpus was encoded."""
+    rows = [{"query-id": q, "corpus-id": d, "score": s} for q, d, s in QRELS]
+    _fake_hub(monkeypatch, rows)
+    hub, local = load_beir("BeIR/toy"), load_beir(write_beir(tmp_path / "toy"))
+    assert (hub.corpus, hub.queries, hub.qrels) == (local.corpus, local.queries, local.qrels)
+    for bad, message in [
+        ({"query-id": "q1", "corpus-id": "d1", "score": 0.5}, r"BeIR/toy-qrels test row 5: score 0\.5 is not an integer"),
+        ({"query-id": "q9", "corpus-id": "d1", "score": 1}, r"row 5: query id 'q9' is not in BeIR/toy queries"),
+        ({"query-id": "q1", "corpus-id": "d9", "score": 1}, r"row 5: corpus id 'd9' is not in BeIR/toy corpus"),
+        ({"query-id": "q1", "corpus-id": "d1", "score": 2}, r"row 5: \('q1', 'd1'\) judged again with another score"),
+    ]:
+        _fake_hub(monkeypatch, rows + [bad])
+        with pytest.raises(BEIRDataError, match=message):
+            load_beir("BeIR/toy")
+    _fake_hub(monkeypatch, rows, corpus=CORPUS + [{"_id": "d9", "title": 3, "text": ""}])
+    with pytest.raises(BEIRDataError, match=r"BeIR/toy corpus row 6: 'title' is int, expected a string"):
+        load_beir("BeIR/toy")
+    _fake_hub(monkeypatch, [])
+    with pytest.raises(BEIRDataError, match=r"BeIR/toy-qrels test: no judgements"):
+        load_beir("BeIR/toy")
