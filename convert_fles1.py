@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from fles1.checkpoint import convert
-from fles1.cli import at_least
+from fles1.cli import at_least, sigterm_unwinds
 
 
 def main(argv=None):
@@ -20,6 +20,11 @@ def main(argv=None):
     parser.add_argument("--document-max-length", type=at_least(3), default=None, help="default 256")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (once the new one is complete)")
     args = parser.parse_args(argv)
+    with sigterm_unwinds():
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         out = convert(
             args.source,

@@ -68,7 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from fles1.cli import sigterm_unwinds
+
     args = parse_args(argv)
+    with sigterm_unwinds():
+        return _run(args)
+
+
+def _run(args) -> int:
     from fles1.atomic import require_writable
     from fles1.beir import BEIRDataError
     from fles1.evaluation import evaluate, markdown_tables, write_markdown, write_results

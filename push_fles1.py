@@ -12,6 +12,7 @@ The token comes from HF_TOKEN or a prior `hf auth login`; it is never printed.
 import argparse
 import sys
 
+from fles1.cli import sigterm_unwinds
 from fles1.publish import CardInputs, PublishError, publish
 
 
@@ -31,6 +32,11 @@ def main(argv=None) -> int:
     parser.add_argument("--base-model", help="Hub id of the backbone for the card's base_model")
     parser.add_argument("--studies", help="Markdown study tables for the card (experiments/summarize.py)")
     args = parser.parse_args(argv)
+    with sigterm_unwinds():
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         card = CardInputs(results=args.results, training_logs=args.training_log, plots=args.plots,
                           recipe=args.recipe, base_model=args.base_model, studies=args.studies)

@@ -1,8 +1,11 @@
-"""Argument types the CLIs share."""
+"""What the CLIs share: argument types, and SIGTERM handling."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
 
 
 def at_least(minimum, kind=int):
@@ -17,3 +20,22 @@ def at_least(minimum, kind=int):
             raise argparse.ArgumentTypeError(f"must be {what} >= {minimum}, got {text!r}")
         return value
     return parse
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """Within the block, SIGTERM (`timeout`, Slurm, Docker, `kill`) raises SystemExit(143) in the main thread, so the
+    cleanups Ctrl-C runs run too (staging folders, temporaries, a validation subprocess) instead of the process
+    dying mid-write. The previous handler comes back afterwards (a test calling ``main()`` keeps pytest's)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_143)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_143(signum, frame):
+    raise SystemExit(128 + signum)
