@@ -521,7 +521,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         keep = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         for row in range(hidden.shape[0]):
             states = hidden[row] if keep is None else hidden[row][keep[row]]
-            if screening:
+            if len(states) == 0:  # no token attended: the max over none, as the batched path gives it
+                values[row] = -math.inf
+            elif screening:
                 values[row] = _screened_max(states, screen)
             else:
                 values[row] = torch.add(_max_over_tokens(states.to(dtype), rows, packed), bias)
@@ -562,15 +564,20 @@ class FLES1ForMaskedLM(BertForMaskedLM):
                 screening = _screens_by_default(hidden.device, hidden.dtype, projection_dtype)
             max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, screening)
             return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            # Padding positions copy the text's first token: the max over tokens is then unchanged, no
-            # (batch x length x vocab) mask is needed, and autograd routes their gradient to that token.
-            hidden = torch.where(attention_mask.unsqueeze(-1).bool(), hidden, hidden[:, :1])
+        attended = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        if attended is not None:
+            # Padding positions copy the text's first attended token (not position 0: left padding puts [PAD]
+            # there): the max over tokens is then unchanged, no (batch x length x vocab) mask is needed, and
+            # autograd routes their gradient to that token.
+            first = attended.int().argmax(dim=1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+            hidden = torch.where(attended.unsqueeze(-1), hidden, hidden.gather(1, first))
         if projection_dtype is not None:
             hidden = hidden.to(projection_dtype)
         max_logits = max_pooled_logits(
             hidden, decoder.weight, bias, chunk_tokens or self.sparse_chunk_tokens(hidden.device)
         )
+        if attended is not None and not bool(attended.any(dim=1).all()):  # a row attends to nothing: max over none
+            max_logits = max_logits.masked_fill(~attended.any(dim=1, keepdim=True), -math.inf)
         return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
 
     @torch.no_grad()

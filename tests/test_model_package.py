@@ -426,6 +426,35 @@ def test_model_inference_projection_paths_match_naive(options, tile_tokens, pack
     assert (torch.log1p(output.max_logits[positive]) - reference[positive]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("path", ["cpu-screened", "cpu-float32", "batched", "autograd-screened", "autograd-float32"])
+def test_model_left_padding_and_rows_attending_nothing_on_every_path(path, monkeypatch):
+    """Padding copied position 0 into the max: under left padding a [PAD] token (batched and training paths, 0.07
+    off). A row whose mask is all zeros crashed the CPU path (a zero-size reduction) and got a term on the batched
+    one; like sentence-transformers' pooling, it is the empty vector on every path."""
+    import modeling_fles1
+
+    model, features = tiny_model()
+    left = {name: value.clone() for name, value in features.items()}
+    for row, mask in enumerate(features["attention_mask"]):  # the same texts, their padding moved to the front
+        for name in left:
+            left[name][row] = features[name][row].roll(int((mask == 0).sum()))
+    left = {name: torch.cat([value, value[:1]]) for name, value in left.items()}
+    left["attention_mask"][-1] = 0  # a fourth row that attends to nothing
+    options = {"cpu-screened": {"screening": True}, "cpu-float32": {"screening": False},
+               "batched": {"chunk_tokens": 8}}.get(path, {})
+    if path.startswith("autograd"):
+        monkeypatch.setattr(modeling_fles1._MaxPooledProjection, "screening", path.endswith("screened"))
+    with torch.no_grad():
+        reference = naive_sparse(model, left)
+    assert left["attention_mask"][1, 0] == 0 and (reference[:3] > 0).sum() > 10 and not reference[3].any()
+    with torch.set_grad_enabled(path.startswith("autograd")):
+        sparse = model.encode_sparse(**left, **options).sparse_embeddings
+    assert (sparse - reference).abs().max().item() <= 1e-5
+    if path.startswith("autograd"):
+        sparse.sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("screening", [True, False])  # forced: the default depends on the CPU
 @pytest.mark.parametrize("bias_mean", [-2.0, 4.0])  # 4.0: the screen's dense fallback
 def test_model_encode_sparse_terms_are_encode_sparse_nonzeros(screening, bias_mean, monkeypatch):
