@@ -67,19 +67,37 @@ def _check_local_checkpoint(path: str) -> None:
             json.load(handle)
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
-    weights_path = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights_path):
-        raise CheckpointError(f"{weights_path}: missing; FLES-1 loads weights from safetensors only")
-    try:
-        from safetensors import safe_open
+    for weights_path in safetensors_files(path):
+        try:
+            from safetensors import safe_open
 
-        with safe_open(weights_path, framework="pt") as handle:
-            handle.keys()
-    except Exception as error:  # safetensors raises its own error types
-        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from error
+            with safe_open(weights_path, framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from error
     if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "vocab.txt")):
         raise CheckpointError(f"{os.path.join(path, 'tokenizer.json')}: missing (nor is there a vocab.txt); a FLES-1 "
                               "checkpoint folder holds its tokenizer")
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The folder's weight files: model.safetensors, or the shards its index lists (``save_pretrained(...,
+    max_shard_size=...)``); a missing one, or a broken index, is a CheckpointError naming it."""
+    weights_path = os.path.join(path, "model.safetensors")
+    index_path = f"{weights_path}.index.json"
+    if os.path.isfile(weights_path) or not os.path.isfile(index_path):
+        if not os.path.isfile(weights_path):
+            raise CheckpointError(f"{weights_path}: missing; FLES-1 loads weights from safetensors only")
+        return [weights_path]
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{index_path}: not a safetensors index (JSON with a 'weight_map': {error!r})") from error
+    for shard in shards:
+        if not isinstance(shard, str) or not os.path.isfile(os.path.join(path, shard)):
+            raise CheckpointError(f"{os.path.join(path, str(shard))}: missing (listed in {index_path})")
+    return [os.path.join(path, shard) for shard in shards]
 
 
 def lone_surrogate(text: str) -> Optional[int]:

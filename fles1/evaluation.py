@@ -36,7 +36,7 @@ from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
 from fles1.retrieval import InvertedIndex, apply_threshold, average_nnz
-from fles1_encoder import PROGRESS_BAR_MIN_TEXTS
+from fles1_encoder import PROGRESS_BAR_MIN_TEXTS, safetensors_files
 
 TOP_K = 1000
 DENSE_768_BYTES_PER_DOC = 768 * 4  # float32 768-d vector: 3.07 MB per 1,000 docs
@@ -61,8 +61,9 @@ def _model_file(model: str, name: str) -> str:
 
 
 def model_fingerprint(model: str) -> str:
-    """sha256 of model.safetensors + config.json (folder or hub id)."""
-    return fingerprint_files([_model_file(model, "model.safetensors"), _model_file(model, "config.json")])
+    """sha256 of model.safetensors (a folder's shards, when sharded) + config.json (folder or hub id)."""
+    weights = safetensors_files(model) if os.path.isdir(model) else [_model_file(model, "model.safetensors")]
+    return fingerprint_files([*weights, _model_file(model, "config.json")])
 
 
 def corpus_fingerprint(dataset: BEIRDataset) -> str:

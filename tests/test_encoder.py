@@ -134,6 +134,31 @@ def test_encoder_missing_or_corrupt_file_names_the_file(tiny_random_checkpoint, 
         FLES1Encoder.from_pretrained(str(folder))
 
 
+def test_encoder_loads_sharded_safetensors_and_names_a_missing_shard(tiny_random_checkpoint, tmp_path):
+    """A folder saved with ``save_pretrained(..., max_shard_size=...)`` loads in transformers and
+    sentence-transformers; FLES1Encoder refused it ("model.safetensors: missing")."""
+    from transformers import AutoModelForMaskedLM
+
+    from fles1.evaluation import model_fingerprint
+
+    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "sharded")
+    os.remove(folder / "model.safetensors")
+    AutoModelForMaskedLM.from_pretrained(tiny_random_checkpoint, trust_remote_code=True).save_pretrained(
+        folder, max_shard_size="300KB")
+    shards = sorted(name for name in os.listdir(folder) if name.startswith("model-"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    texts = ["statins and breast cancer", "vitamin d"]
+    expected = FLES1Encoder.from_pretrained(tiny_random_checkpoint).encode_batch(texts, threshold=0)
+    assert FLES1Encoder.from_pretrained(str(folder)).encode_batch(texts, threshold=0) == expected
+    assert model_fingerprint(str(folder)) != model_fingerprint(tiny_random_checkpoint)
+    os.remove(folder / shards[1])
+    with pytest.raises(CheckpointError, match=rf"{shards[1]}: missing \(listed in .*model\.safetensors\.index\.json\)"):
+        FLES1Encoder.from_pretrained(str(folder))
+    (folder / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a safetensors index"):
+        FLES1Encoder.from_pretrained(str(folder))
+
+
 def test_encoder_missing_folder_is_named_not_called_a_repo_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for path in (str(tmp_path / "no-such-checkpoint"), "./no-such-checkpoint", "../no-such-checkpoint"):
