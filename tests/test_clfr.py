@@ -1,7 +1,9 @@
 """CLFR controller: simulated plant, update direction, state, and the sentence-transformers slot."""
 
 import math
+import os
 import random
+import shutil
 
 import pytest
 
@@ -144,3 +146,39 @@ def test_splade_callback_takes_the_scheduler_slot_and_drives_lambda(tiny_random_
     assert len(clfr.controller.history) == 2
     assert clfr.controller.history[0]["measured_nnz"] > 1000
     assert loss.document_regularizer_weight == clfr.controller.lambda_d == pytest.approx(3e-5 * math.e**2)
+
+
+def test_splade_callback_resumes_from_a_checkpoint_folder_anywhere(tiny_random_checkpoint, tmp_path):
+    """sentence-transformers' trainer does not tell callbacks which folder ``train(resume_from_checkpoint=PATH)``
+    names: CLFR looked in OUTPUT_DIR/checkpoint-N only ("clfr_state.json: missing") for a checkpoint moved or copied
+    elsewhere. Its state now also travels inside the checkpoint's trainer_state.json."""
+    from datasets import Dataset
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder import SparseEncoderTrainer, SparseEncoderTrainingArguments
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+
+    from fles1.training.clfr import SpladeCLFRCallback
+
+    data = Dataset.from_dict({"query": [f"query {i}" for i in range(8)], "positive": [f"doc {i}" for i in range(8)]})
+
+    def run(output_dir, resume=None):
+        model = SparseEncoder(tiny_random_checkpoint, trust_remote_code=True, device="cpu")
+        model.max_seq_length = 16
+        loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=3e-5,
+                          query_regularizer_weight=None)
+        clfr = SpladeCLFRCallback(loss, target_nnz=10, gain=0.5, interval_steps=2)
+        args = SparseEncoderTrainingArguments(str(output_dir), per_device_train_batch_size=2, max_steps=4,
+                                              report_to="none", save_steps=2, use_cpu=True, seed=3)
+        SparseEncoderTrainer(model=model, args=args, train_dataset=data, loss=loss, callbacks=[clfr]).train(
+            resume_from_checkpoint=resume)
+        return clfr
+
+    straight = run(tmp_path / "straight")
+    moved = shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "moved" / "step-2")
+    os.remove(moved / "clfr_state.json")  # the copy inside trainer_state.json is what a moved folder resumes from
+    resumed = run(tmp_path / "elsewhere", resume=str(moved))
+    assert len(straight.controller.history) == 2 and straight.controller.lambda_d != 3e-5
+    assert [h["step"] for h in resumed.controller.history] == [2, 4]  # step 2's adjustment came from the checkpoint
+    assert resumed.controller.history[0] == straight.controller.history[0]
+    assert resumed.controller.lambda_d == pytest.approx(straight.controller.lambda_d, rel=1e-4)
+    assert resumed.eff_reg == pytest.approx(straight.eff_reg, rel=1e-4)

@@ -9,14 +9,33 @@ from fles1.atomic import atomic_open
 
 
 class CheckpointStateMixin:
-    """For a TrainerCallback with ``state_dict()`` / ``load_state_dict()``: saved in every checkpoint folder,
-    read back from the one training resumes from (``resume_from``, else the standard layout)."""
+    """For a TrainerCallback with ``state_dict()`` / ``load_state_dict()``: saved in every checkpoint folder (and
+    a copy inside its trainer_state.json), read back from the one training resumes from (`restore`)."""
 
     STATE_FILE: str = "callback_state.json"
     resume_from: str | None = None
 
     def checkpoint_folder(self, args, state) -> str:
         return self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+    @property
+    def state_key(self) -> str:
+        """The copy's key in ``TrainerState.stateful_callbacks`` (no callback class is named so: transformers'
+        ``restore_callback_states_from_checkpoint`` leaves it alone, with a warning)."""
+        return f"fles1/{self.STATE_FILE}"
+
+    def restore(self, args, state) -> bool:
+        """Load the state of the checkpoint a resumed run starts from: ``resume_from``'s file (FLES1Trainer sets
+        it), else the copy in the trainer_state.json just resumed from -- sentence-transformers' trainer does not
+        tell callbacks which folder ``train(resume_from_checkpoint=...)`` named -- else the standard layout's file.
+        False when there is none."""
+        if self.resume_from:
+            return self.load(self.resume_from)
+        saved = (state.stateful_callbacks or {}).get(self.state_key)
+        if isinstance(saved, dict) and saved.get("global_step") == state.global_step:  # written with that checkpoint
+            self.load_state_dict(saved["state"])
+            return True
+        return self.load(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     def load(self, checkpoint_dir: str) -> bool:
         path = os.path.join(checkpoint_dir, self.STATE_FILE)
@@ -27,6 +46,9 @@ class CheckpointStateMixin:
         return True
 
     def write_state(self, args, state) -> None:
+        # the copy: transformers writes trainer_state.json after on_step_end (after on_save: then the copy's step
+        # is older than the checkpoint's, and `restore` reads the file instead)
+        state.stateful_callbacks[self.state_key] = {"global_step": state.global_step, "state": self.state_dict()}
         if args.should_save:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)

@@ -146,10 +146,9 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
                 raise ValueError("interval_steps=None (one epoch) needs the trainer's train_dataloader")
             self._interval = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
         self._device = args.device
-        if state.global_step > 0:  # resuming: the trainer told us where from, else the standard layout
-            folder = self.checkpoint_folder(args, state)
-            if not self.load(folder):
-                raise FileNotFoundError(f"{os.path.join(folder, STATE_FILE)}: missing; cannot resume CLFR state")
+        if state.global_step > 0 and not self.restore(args, state):  # resuming
+            raise FileNotFoundError(f"{os.path.join(self.checkpoint_folder(args, state), STATE_FILE)}: missing (nor is "
+                                    "a copy in the trainer state resumed from); cannot resume CLFR state")
         self.apply(self.controller.lambda_d)
 
     def apply(self, lambda_d: float) -> None:

@@ -107,4 +107,4 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:
-            self.load(self.checkpoint_folder(args, state))
+            self.restore(args, state)
