@@ -119,6 +119,21 @@ def test_triples_examples_keep_own_negative(msmarco_toy_dir):
         assert row["positive"] not in negatives and len(set(negatives)) == 7
 
 
+def test_triples_never_draw_another_positive_of_the_same_query(tmp_path):
+    """Only the row's own positive was excluded: with rows (q1, A, n1) and (q1, B, n2), B was drawn as a negative of
+    the row whose positive is A (MS MARCO triples repeat queries) for 33 of 50 seeds."""
+    path = tmp_path / "repeated.tsv"
+    rows = [("q1", "A", "n1"), ("q1", "B", "n2")] + [(f"q{i}", f"p{i}", f"m{i}") for i in range(2, 6)]
+    path.write_text("".join(f"{q}\t{p}\t{n}\n" for q, p, n in rows))
+    for seed in range(50):
+        examples = triples_examples(str(path), num_negatives=7, seed=seed)
+        for row in examples.select(range(2)):
+            negatives = {row[f"negative_{i}"] for i in range(1, 8)}
+            assert not negatives & {"A", "B"}, (seed, row)
+    with pytest.raises(ValueError, match=r"row 1's query has 9 passages left to draw from \(of 12 distinct"):
+        triples_examples(str(path), num_negatives=11)
+
+
 def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
     lines = open(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"), "rb").read().splitlines(keepends=True)
     latin1 = tmp_path / "latin1.tsv"  # a Latin-1 byte used to be a bare "'utf-8' codec can't decode" from a buffer

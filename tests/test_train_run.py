@@ -77,6 +77,19 @@ def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir,
 
 
 
+def test_logged_loss_parts_add_up_to_the_loss_under_gradient_accumulation(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """The parts were averaged per micro-batch, transformers' loss per optimizer step: in an epoch's short last step
+    (100 rows, batches of 8, 2 per step: step 7 has one) loss_contrastive came out above the loss itself."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{
+        "training.per_device_train_batch_size": 8, "training.gradient_accumulation_steps": 2,
+        "training.logging_steps": 2, "training.save_steps": 100, "clfr.interval_steps": 100}))
+    history = train(recipe, str(tmp_path / "run"), max_steps=8)["history"]
+    assert [row["step"] for row in history] == [2, 4, 6, 8]
+    for row in history:
+        parts = row["loss_contrastive"] + row["loss_reg_d"] + row["loss_reg_q"] + row["loss_anticollapse"]
+        assert parts == pytest.approx(row["loss"], rel=1e-5), row
+
+
 def test_failing_dev_evaluation_keeps_the_training_log_and_plots(sparse_tiny, msmarco_toy_dir, tmp_path, monkeypatch):
     import fles1.training.run as run
 

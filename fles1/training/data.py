@@ -81,7 +81,8 @@ def beir_examples(
         if not positives:
             continue
         if len(doc_ids) - len(judged) < num_negatives:
-            raise ValueError(f"{dataset.name}: too few unjudged documents for {num_negatives} negatives")
+            raise ValueError(f"{dataset.name}: query {query_id!r} leaves {len(doc_ids) - len(judged)} unjudged "
+                             f"documents, too few for {num_negatives} negatives")
         negatives = []
         while len(negatives) < num_negatives:
             doc_id = doc_ids[rng.randrange(len(doc_ids))]
@@ -120,15 +121,21 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
     if not triples:
         raise ValueError(f"{path}: no training examples (no query <tab> positive <tab> negative row)")
     pool = sorted({text for _, positive, negative in triples for text in (positive, negative)})
+    positives_of = {}  # query -> every passage a triple calls relevant to it: none is drawn as its negative
+    for query, positive, _ in triples:
+        positives_of.setdefault(query, set()).add(positive)
     rng = random.Random(seed)
     rows = []
-    for query, positive, negative in triples:
-        if len(pool) < num_negatives + 1:
-            raise ValueError(f"{path}: {len(pool)} distinct passages, too few for {num_negatives} negatives")
+    for number, (query, positive, negative) in enumerate(triples, start=1):
+        excluded = positives_of[query] | {negative}
+        if len(pool) - len(excluded) < num_negatives - 1:
+            raise ValueError(f"{path}: row {number}'s query has {len(pool) - len(excluded)} passages left to draw from "
+                             f"(of {len(pool)} distinct, less its positives and its own negative), too few for "
+                             f"{num_negatives} negatives")
         negatives = [negative]
         while len(negatives) < num_negatives:
             text = pool[rng.randrange(len(pool))]
-            if text != positive and text not in negatives:
+            if text not in excluded and text not in negatives:
                 negatives.append(text)
         rows.append([query, positive] + negatives)
     return _to_dataset(rows, num_negatives, path)

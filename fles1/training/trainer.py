@@ -277,9 +277,13 @@ class FLES1Trainer(Trainer):
         self.nnz_trace.append({"step": self.state.global_step + 1, "nnz_sum": nnz_doc, "count": num_docs,
                                "ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel)})
         window = self._window
+        # weighted as transformers weights "loss": each micro-batch by 1 / the micro-batches of its optimizer step
+        # (fewer in an epoch's last step), the sum then divided by the steps; a plain mean over micro-batches made
+        # the logged parts disagree with the logged loss (loss_contrastive above loss)
+        weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         for name, value in zip(("loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse"), parts[1:]):
-            window[name] += value
-        window["batches"] += 1
+            window[name] += value * weight
+        window["steps"] += weight
         window["non_finite_batches"] += not math.isfinite(parts[0])
         window["nnz_doc_sum"] += nnz_doc
         window["docs"] += num_docs
@@ -289,16 +293,16 @@ class FLES1Trainer(Trainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs:  # a training log (not the end-of-training summary): add the window's FLES-1 metrics
-            keys = ["loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse", "batches",
+            keys = ["loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse", "steps",
                     "nnz_doc_sum", "docs", "nnz_query_sum", "queries", "non_finite_batches"]
             totals = dict(zip(keys, all_reduce_sum([self._window[k] for k in keys], self.args.device)))
             if totals["non_finite_batches"]:
                 # transformers' logging_nan_inf_filter logs a NaN/inf loss as the window's finite mean (0.0 when
                 # none): a diverged window would look perfect. The crash monitor skipped those updates.
                 logs["loss"] = float("nan")
-            batches = max(totals["batches"], 1.0)
+            steps = totals["steps"] or 1.0
             for name in keys[:4]:
-                logs[name] = totals[name] / batches
+                logs[name] = totals[name] / steps
             logs["nnz_doc"] = totals["nnz_doc_sum"] / max(totals["docs"], 1.0)
             logs["nnz_query"] = totals["nnz_query_sum"] / max(totals["queries"], 1.0)
             logs["lambda_d"] = getattr(self, "_lambda_d_used", self.current_lambda_d())
