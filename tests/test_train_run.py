@@ -275,16 +275,21 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
     contents = {2: ["trainer_state.json", "crash_state.json", "clfr_state.json"],
                 4: ["trainer_state.json", "crash_state.json"],  # killed before the CLFR state was written
-                6: ["model.safetensors"]}  # killed while saving the optimizer
+                6: ["model.safetensors"],  # killed while saving the optimizer
+                8: ["trainer_state.json", "crash_state.json", "clfr_state.json"]}
     for step, names in contents.items():
         (out / f"checkpoint-{step}").mkdir(parents=True)
         for name in names:
             (out / f"checkpoint-{step}" / name).write_text("{}")
+    # transformers writes trainer_state.json in place: killed mid-write (a bare JSON error stopped --resume)
+    (out / "checkpoint-8" / "trainer_state.json").write_text('{"best_global_step": null, "best_metric')
     with pytest.warns(UserWarning) as caught:
         assert resolve_resume(True, str(out), ["crash_state.json", "clfr_state.json"]) == str(out / "checkpoint-2")
-    assert [str(w.message).split(" is incomplete")[0] for w in caught] == [str(out / "checkpoint-6"),
-                                                                          str(out / "checkpoint-4")]
-    assert "no clfr_state.json: interrupted while saving" in str(caught[1].message)
+    assert [str(w.message).split(" is incomplete")[0] for w in caught] == [
+        str(out / f"checkpoint-{step}") for step in (8, 6, 4)]
+    assert "no readable trainer_state.json: interrupted while saving" in str(caught[0].message)
+    assert "no clfr_state.json: interrupted while saving" in str(caught[2].message)
+    shutil.rmtree(out / "checkpoint-8")
     with pytest.warns(UserWarning, match="checkpoint-6 is incomplete"):  # CLFR off: checkpoint-4 is complete
         assert resolve_resume(True, str(out), ["crash_state.json"]) == str(out / "checkpoint-4")
     with pytest.raises(ValueError, match=r"checkpoint-4: not a training checkpoint folder \(no clfr_state.json\)"):

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import types
@@ -123,7 +124,10 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
     required = (TRAINER_STATE_NAME, *state_files)
 
     def missing(folder: str) -> list[str]:
-        return [name for name in required if not os.path.isfile(os.path.join(folder, name))]
+        absent = [name for name in required if not os.path.isfile(os.path.join(folder, name))]
+        if not absent and not _holds_json(os.path.join(folder, TRAINER_STATE_NAME)):
+            absent.append(f"readable {TRAINER_STATE_NAME}")  # transformers writes it in place: a kill cuts it short
+        return absent
 
     if resume_from_checkpoint is True:
         newest_first = sort_checkpoints(output_dir)[::-1]  # transformers' own order (by step)
@@ -142,6 +146,15 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
         raise ValueError(f"cannot resume from {resume_from_checkpoint}: not a training checkpoint folder "
                          f"(no {', '.join(missing(resume_from_checkpoint))})")
     return resume_from_checkpoint
+
+
+def _holds_json(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
+    return True
 
 
 def checkpoint_state_files(clfr: bool) -> list[str]:
