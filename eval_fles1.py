@@ -16,8 +16,8 @@ whose id equals the query id is dropped, documents are "title text". Metrics com
 
 Document vectors are cached at threshold 0 under --cache-dir (default ~/.cache/fles1/corpus), keyed by the model
 fingerprint (sha256 of model.safetensors + config.json), the corpus, the document max length, the projection
-dtype and the encoding code in use (modeling + encoder files, tokenizer, torch version, device type), so a rerun (any
-threshold) does not re-encode and a code change does. A corpus larger than 8,192 documents is encoded a shard
+dtype and the encoding code in use (modeling, encoder and evaluation files, tokenizer, torch and transformers
+versions, device type), so a rerun (any threshold) does not re-encode and a code change does. A corpus larger than 8,192 documents is encoded a shard
 of 8,192 at a time, each finished shard saved under the cache entry's name + .parts/, so an interrupted run
 resumes from its last finished shard. With several datasets, --run-file run.trec writes
 run.<dataset>.trec per dataset. --export DIR writes DIR/<dataset>/elasticsearch/{mapping.json,bulk.ndjson}

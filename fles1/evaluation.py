@@ -76,15 +76,18 @@ def corpus_fingerprint(dataset: BEIRDataset) -> str:
 
 def encoding_fingerprint(encoder) -> str:
     """Hash of what turns text into vectors besides the weights: the model's modeling file (the checkpoint's own
-    copy when loaded as remote code), the encoder's file, the tokenizer (its vocabulary, normalizer -- lowercasing --
-    and truncation side), the torch version and the device type."""
+    copy when loaded as remote code), the encoder's file, this file (`encode_corpus`), the tokenizer (its
+    vocabulary, normalizer -- lowercasing -- and truncation side), the torch and transformers versions (BERT's
+    arithmetic) and the device type."""
     import inspect
 
     import torch
+    import transformers
 
-    files = [inspect.getsourcefile(type(encoder.model)), inspect.getsourcefile(type(encoder))]
+    files = [inspect.getsourcefile(type(encoder.model)), inspect.getsourcefile(type(encoder)), __file__]
     digest = hashlib.sha256(fingerprint_files([f for f in files if f]).encode())
-    digest.update(f"{torch.__version__}|{encoder.device.type}|{encoder.tokenizer.truncation_side}".encode())
+    digest.update(f"{torch.__version__}|{transformers.__version__}|{encoder.device.type}|"
+                  f"{encoder.tokenizer.truncation_side}".encode())
     digest.update(tokenizer_fingerprint(encoder.tokenizer).encode())
     return digest.hexdigest()[:8]
 

@@ -2,8 +2,8 @@
 (sentence-transformers' evaluator: NDCG@10 0.3059), reproduced independently from the written TREC run file.
 
 One module-scoped evaluation serves every test here (the Pyserini impact check included). Its corpus encoding goes to
-the default cache (~/.cache/fles1/corpus, keyed by model and corpus fingerprints): cold it takes a few minutes
-on 2 cores, warm seconds.
+a cache of its own, cold on every run (~1-2 minutes on 2 cores): a warm ~/.cache left by an earlier run would let a
+regression in the document path pass here and fail on a fresh machine.
 """
 
 import csv
@@ -15,7 +15,7 @@ import pytrec_eval
 
 from fles1.beir import load_beir
 from fles1.exports import impact_error_bound, quantize
-from fles1.evaluation import DEFAULT_CACHE_DIR, evaluate_dataset, model_fingerprint
+from fles1.evaluation import evaluate_dataset, model_fingerprint
 from fles1.metrics import write_trec_run
 from fles1.retrieval import apply_threshold
 
@@ -30,7 +30,8 @@ def nfcorpus_eval(fles1_checkpoint, nfcorpus_dir, tmp_path_factory):
     assert encoder.max_lengths["document"] == 256
     dataset = load_beir(nfcorpus_dir, "test")
     entry, run, artifacts = evaluate_dataset(
-        encoder, dataset, threshold=0.0, model_fp=model_fingerprint(fles1_checkpoint), cache_dir=DEFAULT_CACHE_DIR,
+        encoder, dataset, threshold=0.0, model_fp=model_fingerprint(fles1_checkpoint),
+        cache_dir=str(tmp_path_factory.mktemp("corpus-cache")),
         latency_queries=20, show_progress_bar=False,
     )
     run_file = str(tmp_path_factory.mktemp("nfcorpus-run") / "run.trec")

@@ -417,9 +417,12 @@ def test_model_inference_projection_paths_match_naive(options, tile_tokens, pack
     with torch.inference_mode():
         reference = naive_sparse(model, features)
         output = model.encode_sparse(**features, **options)
-    if packed and "chunk_tokens" not in options and torch.backends.mkldnn.is_available():
-        layouts = [entry[-1][1] for name, entry in model._fles1_decoder_cache.items() if name.startswith("weight-")]
-        assert all(layout is not None for layout in layouts)  # oneDNN path ran
+    cache = getattr(model, "_fles1_decoder_cache", {})
+    if packed and options == {"screening": False} and torch.backends.mkldnn.is_available():
+        layouts = [entry[-1][1] for name, entry in cache.items() if name.startswith("weight-")]
+        assert layouts and all(layout is not None for layout in layouts)  # the packed oneDNN path ran
+    if options == {"screening": True}:
+        assert "int8-screen" in cache  # the screened path ran
     assert (reference > 0).sum() > 10
     assert (output.sparse_embeddings - reference).abs().max().item() <= 1e-5
     positive = reference > 0  # max_logits is exact wherever the weight is non-zero
