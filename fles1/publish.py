@@ -2,7 +2,8 @@
 
 Steps: find the token (before any work) -> assemble the Hub folder -> validate it in a fresh, offline subprocess
 (AutoModel with trust_remote_code, SparseEncoder with trust_remote_code, FLES1Encoder.from_pretrained imported from
-the folder itself, as a user does after ``hf_hub_download``; a probe text's vectors must agree) -> refuse to upload
+the folder itself, as a user does after ``hf_hub_download``; a probe text's query and document vectors must agree,
+the probe long enough to be cut at both max lengths) -> refuse to upload
 when any check fails -> ``create_repo`` + ``upload_folder``.
 
     >>> from fles1.publish import CardInputs, publish
@@ -229,13 +230,17 @@ def _copy_linked_images(studies: str, out_dir: str) -> None:
 _VALIDATION_SCRIPT = r"""
 import json, sys, traceback
 folder, probe = sys.argv[1], sys.argv[2]
+# long enough to be cut at both max lengths: a folder whose sentence-transformers files cut queries or documents
+# elsewhere than config.json says must not pass on a probe too short to reach either cut
+probe = " ".join([probe] * 64)
 checks, vectors = [], {}
 
 def check(name, load):
     try:
-        vector = load().detach().float().cpu().reshape(-1)
-        vectors[name] = vector
-        checks.append({"name": name, "ok": True, "detail": f"{int((vector > 0).sum())} non-zeros"})
+        for kind, vector in load().items():
+            vectors[name, kind] = vector.detach().float().cpu().reshape(-1)
+        detail = ", ".join(f"{kind} {int((vectors[name, kind] > 0).sum())} non-zeros" for kind in ("query", "document"))
+        checks.append({"name": name, "ok": True, "detail": detail})
     except Exception as error:
         checks.append({"name": name, "ok": False, "detail": f"{type(error).__name__}: {error}"[-1500:]})
 
@@ -245,14 +250,19 @@ def auto_model():
     from transformers import AutoModel, AutoTokenizer
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    features = tokenizer([probe], return_tensors="pt", truncation=True, max_length=model.config.document_max_length)
-    with torch.inference_mode():
-        return model.encode_sparse(**features).sparse_embeddings[0]
+    vectors = {}
+    for kind in ("query", "document"):
+        max_length = getattr(model.config, f"{kind}_max_length")
+        features = tokenizer([probe], return_tensors="pt", truncation=True, max_length=max_length)
+        with torch.inference_mode():
+            vectors[kind] = model.encode_sparse(**features).sparse_embeddings[0]
+    return vectors
 
 def sparse_encoder():
     from sentence_transformers import SparseEncoder
     model = SparseEncoder(folder, trust_remote_code=True, device="cpu")
-    return model.encode_document([probe], convert_to_tensor=True)[0].to_dense()
+    return {"query": model.encode_query([probe], convert_to_tensor=True)[0].to_dense(),
+            "document": model.encode_document([probe], convert_to_tensor=True)[0].to_dense()}
 
 def fles1_encoder():
     from fles1_encoder import FLES1Encoder
@@ -260,18 +270,22 @@ def fles1_encoder():
     if os.path.dirname(os.path.abspath(fles1_encoder.__file__)) != os.path.abspath(folder):
         raise ImportError(f"imported {fles1_encoder.__file__}, not the folder's fles1_encoder.py")
     encoder = FLES1Encoder.from_pretrained(folder, device="cpu")
-    return encoder.encode_batch([probe], threshold=0, output="torch").to_dense()[0]
+    return {kind: encoder.encode_batch([probe], kind=kind, threshold=0, output="torch").to_dense()[0]
+            for kind in ("query", "document")}
 
-check("AutoModel.from_pretrained(trust_remote_code=True)", auto_model)
-check("SparseEncoder(trust_remote_code=True)", sparse_encoder)
-check("FLES1Encoder.from_pretrained", fles1_encoder)
-if len(vectors) == 3:
-    reference = vectors["FLES1Encoder.from_pretrained"]
-    diff = max(float((v - reference).abs().max()) for v in vectors.values())
-    ok = diff <= float(sys.argv[3]) and int((reference > 0).sum()) > 0
+loaders = ["AutoModel.from_pretrained(trust_remote_code=True)", "SparseEncoder(trust_remote_code=True)",
+           "FLES1Encoder.from_pretrained"]
+for name, load in zip(loaders, (auto_model, sparse_encoder, fles1_encoder)):
+    check(name, load)
+if len(vectors) == 6:
+    details, ok = [], True
+    for kind in ("query", "document"):
+        reference = vectors["FLES1Encoder.from_pretrained", kind]
+        diff = max(float((vectors[name, kind] - reference).abs().max()) for name in loaders)
+        ok &= diff <= float(sys.argv[3]) and int((reference > 0).sum()) > 0
+        details.append(f"{kind}: max abs difference {diff:.2e}, {int((reference > 0).sum())} non-zeros")
     checks.append({"name": "vectors agree", "ok": ok,
-                   "detail": f"max abs difference {diff:.2e} (tolerance {sys.argv[3]}), "
-                             f"{int((reference > 0).sum())} non-zeros"})
+                   "detail": "; ".join(details) + f" (tolerance {sys.argv[3]}; a probe cut at both max lengths)"})
 else:
     checks.append({"name": "vectors agree", "ok": False, "detail": "not every loader produced a vector"})
 with open(sys.argv[4], "w") as handle:

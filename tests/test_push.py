@@ -4,6 +4,7 @@ refusals (no token, broken folder), and the token never reaching the output."""
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -309,6 +310,25 @@ def test_broken_folder_refused_naming_the_checks(source_checkpoint, result_files
         assert f"[FAILED] {loader}" in printed.err
     assert fake_hub.requests == []  # nothing reached the Hub
     assert TOKEN not in printed.out + printed.err
+
+
+@pytest.mark.parametrize("key", ["query_length", "document_length"])
+def test_folder_whose_loaders_cut_texts_elsewhere_is_refused(source_checkpoint, result_files, tmp_path, capsys, key):
+    """sentence_bert_config.json cutting queries at 8 tokens (config.json: 64) passed: the probe (one short text,
+    encoded as a document only) reached neither cut, while SparseEncoder.encode_query and FLES1Encoder then differed
+    by 1.78 on a 16-word query."""
+    path = os.path.join(source_checkpoint, "sentence_bert_config.json")
+    with open(path) as handle:
+        settings = json.load(handle)
+    settings[key] = 8
+    with open(path, "w") as handle:
+        json.dump(settings, handle)
+    out = tmp_path / "hub"
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                          "--dry-run", str(out)])
+    kind = key.split("_")[0]
+    assert rc == 1 and not out.exists()
+    assert re.search(rf"\[FAILED\] vectors agree: .*{kind}: max abs difference [1-9]", capsys.readouterr().err)
 
 
 def test_revision_with_create_pr_refused_early(source_checkpoint, result_files, tmp_path, capsys):
