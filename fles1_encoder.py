@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 Kind = Literal["document", "query"]
+PLURALS = {"document": "documents", "query": "queries"}  # progress-bar labels
 KINDS = ("document", "query")
 OUTPUTS = ("dict", "ids", "csr", "torch")
 PROGRESS_BAR_MIN_TEXTS = 256  # below this a bar is noise
@@ -322,7 +323,7 @@ class FLES1Encoder:
         positions = [index for index, text in enumerate(texts) if text.strip()]
         if show_progress_bar is None:
             show_progress_bar = len(positions) >= PROGRESS_BAR_MIN_TEXTS
-        with tqdm(total=len(positions), disable=not show_progress_bar, desc=f"Encoding {kind}s", unit=kind) as bar:
+        with tqdm(total=len(positions), disable=not show_progress_bar, desc=f"Encoding {PLURALS[kind]}", unit=kind) as bar:
             for begin in range(0, len(positions), SORT_WINDOW_TEXTS):
                 window = positions[begin : begin + SORT_WINDOW_TEXTS]
                 token_ids = self._tokenize([texts[index] for index in window], kind)

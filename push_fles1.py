@@ -1,4 +1,4 @@
-"""Publish a FLES-1 checkpoint folder to the Hugging Face Hub with its generated model card.
+r"""Publish a FLES-1 checkpoint folder to the Hugging Face Hub with its generated model card.
 
     python push_fles1.py --model outputs/fles1-tiny --repo-id mindoval/fles1-v14 \
         --results results/eval_nfcorpus.json --training-log outputs/fles1-tiny/training_log.json --dry-run hub_out

@@ -96,7 +96,7 @@ def study_rows(runs: list[tuple[str, str]]) -> list[list[str]]:
         start = history[0]["nnz_doc"] if history else None
         end = final_nnz(log)
         rows.append([
-            label, run, fmt(start, 1), fmt(end, 1), fmt(target, 0) if recipe.get("clfr", {}).get("enabled") else "(off)",
+            label, os.path.basename(run), fmt(start, 1), fmt(end, 1), fmt(target, 0) if recipe.get("clfr", {}).get("enabled") else "(off)",
             final_lambda_d(log), len(clfr),
             crashes.get("non_finite_loss", MISSING), crashes.get("non_finite_grad", MISSING),
             crashes.get("loss_spike", MISSING), crashes.get("nnz_collapse", MISSING),
@@ -170,7 +170,7 @@ def main() -> int:
         "The recipe as written collapses (its NNZ-collapse count is 0 because the monitor then had only an absolute "
         "floor of 1 non-zero; it now also counts a fall below 10% of the first step's). Dev NDCG@10: "
         + " and ".join(fmt(metrics(run, "dev").get("ndcg@10")) for _, run in GPU_RUNS)
-        + ". See `results/gpu-h200-2026-11-26/README.md`.",
+        + ". The GPU runs' logs and commands are in the FLES-1 source repository, `results/gpu-h200-2026-11-26/`.",
         "![full schedule on an H200](plots/gpu_full_schedule_nnz.png)",
     ])
     out = os.path.join(ROOT, "results", "STUDY.md")

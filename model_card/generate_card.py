@@ -1,4 +1,4 @@
-"""Write the FLES-1 model card (README.md) from result files only.
+r"""Write the FLES-1 model card (README.md) from result files only.
 
     python model_card/generate_card.py --results results/eval_nfcorpus.json \
         --training-log outputs/fles1-tiny/training_log.json --repo-id mindoval/fles1-v14 --output README_card.md

@@ -155,7 +155,7 @@ def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
 
 @pytest.mark.parametrize("options,named", [
     ({"positive": "bm25"}, r"positive='bm25' \(data.positive\) need"),
-    ({"with_ids": True}, r"with_ids \(data.mask_false_negatives\) need"),
+    ({"with_ids": True}, r"mask_false_negatives=True \(data.mask_false_negatives\) need"),
 ])
 def test_triples_refuse_settings_that_need_relevance_judgements(msmarco_toy_dir, options, named):
     """A triples source used to drop data.positive=bm25 and data.mask_false_negatives=true silently."""

@@ -153,7 +153,7 @@ def load_training_examples(
         and os.path.isfile(folder_triples)) else None
     if triples is not None:
         unusable = [f"positive={positive!r} (data.positive)"] * (positive != "random") + \
-            ["with_ids (data.mask_false_negatives)"] * bool(with_ids)
+            ["mask_false_negatives=True (data.mask_false_negatives)"] * bool(with_ids)
         if unusable:
             raise ValueError(f"{triples}: a triples TSV has no relevance judgements, which {' and '.join(unusable)} "
                              "need: use a BEIR source, or leave them at their defaults")
