@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import numbers
 import operator
 import os
@@ -132,8 +133,9 @@ def _validate_texts(texts) -> list[str]:
 
 
 def _not_finite(name: str) -> FloatingPointError:
-    return FloatingPointError(f"{name}: the model's output is NaN -- its parameters hold NaN or inf (a diverged "
-                              "run or a corrupt checkpoint?), or a half-precision model overflowed; nothing encoded")
+    return FloatingPointError(f"{name}: the model's output is NaN or infinite -- its parameters hold NaN or inf (a "
+                              "diverged run or a corrupt checkpoint?), or a half-precision model overflowed; nothing "
+                              "encoded")
 
 
 def passes_threshold(weights, threshold: float):
@@ -354,7 +356,8 @@ class FLES1Encoder:
         empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
         results = [empty] * len(texts)
         for positions, vectors in self._batches(texts, kind, batch_size, show_progress_bar):
-            not_finite = vectors.isnan().any(dim=1)  # a threshold would drop NaN silently: ~1 us per text
+            # a threshold would drop NaN silently, and an inf weight makes an index's scores inf or NaN
+            not_finite = ~torch.isfinite(vectors).all(dim=1)
             if bool(not_finite.any()):
                 raise _not_finite(f"texts[{positions[int(not_finite.nonzero()[0])]}]")
             for position, pair in zip(positions, self._sparsify(vectors, threshold)):
@@ -388,7 +391,7 @@ class FLES1Encoder:
         # a few dozen terms: plain Python beats a chain of small tensor ops; ties keep vocabulary order. The cut is
         # compared in float32, as the batch path's tensors are.
         weights = weights.tolist()
-        if any(weight != weight for weight in weights):  # NaN, which the threshold would drop silently
+        if not all(math.isfinite(weight) for weight in weights):  # NaN the threshold would drop silently, or inf
             raise _not_finite("text")
         cut = float(np.float32(min(threshold, FLOAT32_MAX)))
         terms = [(i, w) for i, w in zip(ids.tolist(), weights) if passes_threshold(w, cut)]

@@ -380,3 +380,15 @@ def test_encoder_nan_model_output_is_an_error_not_an_empty_vector(tiny_random_ch
     with pytest.raises(FloatingPointError, match=r"^texts\[1\]: the model's output is NaN"):
         encoder.encode_batch(["", "statins lower ldl cholesterol"])
     assert encoder.encode_batch(["", " "]) == [{}, {}]  # blank texts never reach the model
+
+
+def test_encoder_infinite_model_output_is_an_error(tiny_random_checkpoint):
+    """An inf output bias (or a half-precision overflow) encoded to {'[PAD]': inf, ...}: an index's scores then
+    become inf, or NaN where a query weight is 0."""
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    with torch.no_grad():
+        encoder.model.cls.predictions.bias[1000] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"^text: the model's output is NaN or infinite"):
+        encoder.encode("statins lower ldl cholesterol")
+    with pytest.raises(FloatingPointError, match=r"^texts\[0\]: the model's output is NaN or infinite"):
+        encoder.encode_batch(["statins lower ldl cholesterol", "vitamin d"], output="csr")
