@@ -372,6 +372,9 @@ def evaluate(
             check_trec_ids(dataset.corpus, f"{dataset.name}: corpus")
         if export_dir:
             check_elasticsearch_ids(dataset.corpus, dataset.name)
+            # Anserini writes TREC runs and reads whitespace-separated topics
+            check_trec_ids(dataset.qrels, f"{dataset.name}: query", remedy="leave out --export")
+            check_trec_ids(dataset.corpus, f"{dataset.name}: corpus", remedy="leave out --export")
     encoder = FLES1Encoder.from_pretrained(model, device=device)
     threshold = encoder.threshold if threshold is None else float(threshold)
     if threshold < 0:
@@ -398,31 +401,51 @@ def evaluate(
             write_trec_run(run, run_paths[name], tag=f"fles1-t{threshold:g}")
         if export_dir:
             vocab = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.config.vocab_size)))
-            index = artifacts["index"]
-            _export_dataset(os.path.join(export_dir, name), name, index.doc_ids, artifacts["doc_matrix"], vocab)
+            settings = {key: results[key] for key in ("threshold", "query_max_length", "document_max_length")}
+            _export_dataset(os.path.join(export_dir, name), name, artifacts, vocab,
+                            {"model_fingerprint": model_fp, "split": split, **settings})
         results["datasets"][name] = entry
         cached = "cached" if artifacts["encode_info"]["cached"] else "encoded"
         log(f"[{name}] NDCG@10 {entry['metrics']['ndcg@10']:.4f} ({cached} corpus, {time.perf_counter() - start:.1f}s)")
     return results
 
 
-def _export_dataset(folder: str, name: str, doc_ids, doc_matrix, vocab) -> None:
-    """folder/elasticsearch/ and folder/pyserini/, both written beside them before either replaces an earlier
-    export (never one engine's files at one threshold and the other's at another); anything else in the folder (a
-    run file, say) stays."""
-    from fles1.exports import write_elasticsearch, write_pyserini
+def _export_dataset(folder: str, name: str, artifacts: dict, vocab, settings: dict) -> None:
+    """folder/elasticsearch/ and folder/pyserini/: documents, the split's queries (thresholded as eval's) and an
+    ``export.json`` saying what they were made with and how to run them. Both are written beside them before
+    either replaces an earlier export (never one engine's files at one threshold and the other's at another);
+    anything else in the folder (a run file, say) stays."""
+    from fles1 import exports
 
+    doc_ids, doc_matrix = artifacts["index"].doc_ids, artifacts["doc_matrix"]
+    query_ids, query_matrix = artifacts["query_ids"], artifacts["query_matrix"]
+    manifest = {**settings, "documents": len(doc_ids), "queries": len(query_ids), "top_k": TOP_K}
     # both written in their staging folders before either replaces its earlier export (two renames apart)
     with atomic_directory(os.path.join(folder, "elasticsearch"), replace=True) as elasticsearch, \
             atomic_directory(os.path.join(folder, "pyserini"), replace=True) as pyserini:
-        write_elasticsearch(elasticsearch, name, doc_ids, doc_matrix, vocab)
-        write_pyserini(os.path.join(pyserini, "docs.jsonl"), doc_ids, doc_matrix, vocab)
+        paths = exports.write_elasticsearch(elasticsearch, name, doc_ids, doc_matrix, vocab)
+        exports.write_elasticsearch_queries(os.path.join(elasticsearch, "queries.jsonl"), query_ids, query_matrix,
+                                            vocab, size=TOP_K)
+        write_json(os.path.join(elasticsearch, "export.json"), {**manifest, "elasticsearch": {
+            "index": exports.elasticsearch_index_name(name), "field": exports.RANK_FEATURES_FIELD,
+            "bulk_files": [os.path.basename(path) for path in paths["bulk"]],
+            "feature_names": "vocabulary tokens with '%' -> '%25' and '.' -> '%2E' (fles1.exports.feature_name)",
+            "precision": "rank_features keeps 9 significant bits: document weights within 2^-8 relative"}})
+        exports.write_pyserini(os.path.join(pyserini, "docs.jsonl"), doc_ids, doc_matrix, vocab)
+        exports.write_anserini_queries(os.path.join(pyserini, "queries.tsv"), query_ids, query_matrix, vocab)
+        write_json(os.path.join(pyserini, "export.json"), {**manifest, "pyserini": {
+            "impact_scale": exports.IMPACT_SCALE, "index_command": exports.ANSERINI_INDEX_COMMAND,
+            "search_command": exports.ANSERINI_SEARCH_COMMAND}})
+
+
+def write_json(path: str, value: dict) -> None:
+    with atomic_open(path) as handle:
+        json.dump(value, handle, indent=2)
+        handle.write("\n")
 
 
 def write_results(results: dict, path: str) -> None:
-    with atomic_open(path) as handle:
-        json.dump(results, handle, indent=2)
-        handle.write("\n")
+    write_json(path, results)
 
 
 # ---- Markdown for the model card -------------------------------------------------------------------------------

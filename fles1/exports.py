@@ -5,15 +5,21 @@ engines reject keys containing ``.`` (an object path) and empty keys; WordPiece 
 ``u.s``. :func:`feature_name` escapes ``%`` and ``.`` percent-style (``.`` -> ``%2E``), reversibly and without
 collisions; use the same function on the query side (:func:`elasticsearch_query` does).
 
-    >>> write_elasticsearch(out_dir, "nfcorpus", doc_ids, doc_matrix, vocab)   # mapping.json + bulk.ndjson
+    >>> write_elasticsearch(out_dir, "nfcorpus", doc_ids, doc_matrix, vocab)   # mapping.json + bulk-00001.ndjson ...
     >>> elasticsearch_query({"machine": 1.39, "u.s": 0.8})                      # bool/should of rank_feature
+
+``rank_features`` stores each value with 9 significant bits (Lucene's FeatureField), so every document weight the
+engine scores is within 2^-8 relative of the exported one (queries' boosts are exact): near-ties can swap. The
+bulk body is cut into parts of at most ES_BULK_PART_BYTES: one request each (the engines refuse a request over
+``http.max_content_length``, 100 MB by default, and advise far smaller bulks).
 
 Pyserini / Anserini: ``JsonVectorCollection`` lines ``{"id", "contents", "vector": {token: int impact}}``,
 indexed with ``python -m pyserini.index.lucene --collection JsonVectorCollection --impact --pretokenized``.
 Impacts are ``round(weight * scale)`` (scale 100, SPLADE's convention); queries are quantized the same way
-(:func:`quantize`). Rounding to nearest bounds every score's error (:func:`impact_error_bound`), so the
-quantized top-10 differs from the exact one only between documents whose exact scores are within that bound
-of each other -- ties at the impact resolution (tests/test_eval_exports.py checks this on nfcorpus).
+(:func:`quantize`) and written as Anserini's impact topics (:func:`write_anserini_queries`). Rounding to
+nearest bounds every score's error (:func:`impact_error_bound`), so the quantized top-10 differs from the exact
+one only between documents whose exact scores are within that bound of each other -- ties at the impact
+resolution (tests/test_eval_exports.py checks this on nfcorpus).
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ IMPACT_SCALE = 100
 RANK_FEATURES_FIELD = "tokens"
 ES_WEIGHT_DECIMALS = 6  # rank_features keeps 9 significant bits anyway; more digits only cost bytes
 ES_MAX_ID_BYTES = 512  # Elasticsearch / OpenSearch refuse a longer _id (that bulk item fails)
+ES_BULK_PART_BYTES = 16 * 1024 * 1024  # per bulk request: a tenth of the default http.max_content_length
+ANSERINI_INDEX_COMMAND = ("python -m pyserini.index.lucene --collection JsonVectorCollection --input pyserini "
+                          "--index INDEX --generator DefaultLuceneDocumentGenerator --impact --pretokenized")
+# -removeQuery drops a document whose id is the query's, as eval does (BEIR's convention)
+ANSERINI_SEARCH_COMMAND = ("bin/run.sh io.anserini.search.SearchCollection -index INDEX -topics pyserini/queries.tsv "
+                           "-topicReader TsvString -output run.trec -impact -pretokenized -removeQuery -hits 1000")
 
 
 def feature_name(token: str) -> str:
@@ -88,26 +100,54 @@ def check_elasticsearch_ids(doc_ids, what: str) -> None:
 
 def write_elasticsearch(
     out_dir: str, index_name: str, doc_ids: Sequence[str], doc_matrix: csr_matrix, vocab: Sequence[str],
-    field: str = RANK_FEATURES_FIELD,
-) -> dict[str, str]:
-    """``mapping.json`` and ``bulk.ndjson`` (for ``POST /_bulk``) in out_dir, atomically; returns their paths. The
-    actions name the index ``elasticsearch_index_name(index_name)`` (a dataset folder may be "NFCorpus Tiny")."""
+    field: str = RANK_FEATURES_FIELD, part_bytes: int = ES_BULK_PART_BYTES,
+) -> dict:
+    """``mapping.json`` and ``bulk-00001.ndjson``, ``bulk-00002.ndjson``, ... (one ``POST /_bulk`` each, at most
+    `part_bytes`) in out_dir, each file atomically; returns {"mapping": path, "bulk": [paths]}. The actions name
+    the index ``elasticsearch_index_name(index_name)`` (a dataset folder may be "NFCorpus Tiny")."""
     check_elasticsearch_ids(doc_ids, index_name)
     index_name = elasticsearch_index_name(index_name)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"mapping": os.path.join(out_dir, "mapping.json"), "bulk": os.path.join(out_dir, "bulk.ndjson")}
+    paths = {"mapping": os.path.join(out_dir, "mapping.json"), "bulk": []}
     with atomic_open(paths["mapping"]) as handle:
         json.dump(elasticsearch_mapping(field), handle, indent=2)
     names = [feature_name(token) for token in vocab]
-    with atomic_open(paths["bulk"]) as handle:
-        for doc_id, (ids, weights) in zip(doc_ids, _rows(doc_matrix)):
-            features = {}
-            for i, w in zip(ids.tolist(), np.round(weights.astype(np.float64), ES_WEIGHT_DECIMALS).tolist()):
-                if w > 0:  # rank_features accepts positive values only
-                    features[names[i]] = w
-            handle.write(json.dumps({"index": {"_index": index_name, "_id": doc_id}}) + "\n")
-            handle.write(json.dumps({"id": doc_id, field: features}, ensure_ascii=False) + "\n")
+    part, size = [], 0
+
+    def write_part():
+        paths["bulk"].append(os.path.join(out_dir, f"bulk-{len(paths['bulk']) + 1:05d}.ndjson"))
+        with atomic_open(paths["bulk"][-1], "wb") as handle:
+            handle.writelines(part)
+
+    for doc_id, (ids, weights) in zip(doc_ids, _rows(doc_matrix)):
+        features = {}
+        for i, w in zip(ids.tolist(), np.round(weights.astype(np.float64), ES_WEIGHT_DECIMALS).tolist()):
+            if w > 0:  # rank_features accepts positive values only
+                features[names[i]] = w
+        item = (json.dumps({"index": {"_index": index_name, "_id": doc_id}}) + "\n"
+                + json.dumps({"id": doc_id, field: features}, ensure_ascii=False) + "\n").encode("utf-8")
+        if part and size + len(item) > part_bytes:
+            write_part()
+            part, size = [], 0
+        part.append(item)
+        size += len(item)
+    if part or not paths["bulk"]:  # an empty corpus: one empty part, so that the files say "nothing to index"
+        write_part()
     return paths
+
+
+def write_elasticsearch_queries(
+    path: str, query_ids: Sequence[str], query_matrix: csr_matrix, vocab: Sequence[str], size: int = 1000,
+    field: str = RANK_FEATURES_FIELD,
+) -> str:
+    """JSONL, one line per query: ``{"id": query id, "body": ...}``, the body for ``POST /<index>/_search`` (the
+    top `size` by `elasticsearch_query` of the query's vector), atomically; returns the path."""
+    with atomic_open(path) as handle:
+        for query_id, (ids, weights) in zip(query_ids, _rows(query_matrix)):
+            vector = {vocab[i]: w for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist())}
+            body = {"size": size, **elasticsearch_query(vector, field)}
+            handle.write(json.dumps({"id": query_id, "body": body}, ensure_ascii=False) + "\n")
+    return path
 
 
 def quantize(matrix: csr_matrix, scale: float = IMPACT_SCALE) -> csr_matrix:
@@ -141,4 +181,18 @@ def write_pyserini(
         for doc_id, (ids, values) in zip(doc_ids, _rows(impacts)):
             vector = {vocab[i]: int(v) for i, v in zip(ids.tolist(), values.tolist())}
             handle.write(json.dumps({"id": doc_id, "contents": "", "vector": vector}, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_anserini_queries(
+    path: str, query_ids: Sequence[str], query_matrix: csr_matrix, vocab: Sequence[str], scale: float = IMPACT_SCALE
+) -> str:
+    """Anserini's impact topics, as its SPLADE regressions ship them: ``<query id>\\t<token> <token> ...``, each
+    token repeated round(w * scale) times (``-topicReader TsvString -impact -pretokenized``; ANSERINI_SEARCH_COMMAND),
+    atomically; returns the path. Query ids must hold no whitespace (`fles1.metrics.check_trec_ids`)."""
+    impacts = quantize(query_matrix, scale)
+    with atomic_open(path) as handle:
+        for query_id, (ids, values) in zip(query_ids, _rows(impacts)):
+            handle.write(query_id + "\t" + " ".join(" ".join([vocab[i]] * int(v)) for i, v in
+                                                     zip(ids.tolist(), values.tolist())) + "\n")
     return path

@@ -59,12 +59,12 @@ def rounded_run(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
     return {qid: {did: float(format_score(s)) for did, s in docs.items()} for qid, docs in run.items()}
 
 
-def check_trec_ids(ids, what: str) -> None:
+def check_trec_ids(ids, what: str, remedy: str = "leave out the run file") -> None:
     """A TREC run line is split on whitespace: an id holding any (or an empty id) would shift its fields."""
     for value in ids:
         if not value or any(character.isspace() for character in value):
             raise ValueError(f"{what} id {value!r} cannot go into a TREC run file (its fields are separated by "
-                             "whitespace): rename it, or leave out the run file")
+                             f"whitespace): rename it, or {remedy}")
 
 
 def write_trec_run(run: dict[str, dict[str, float]], path: str, tag: str = "fles1") -> None:

@@ -441,6 +441,9 @@ def test_ids_the_outputs_cannot_carry_fail_before_the_encoding(tiny_random_check
     spaced = write_beir(tmp_path / "spaced", corpus=CORPUS + [{"_id": "MED 10", "text": "x"}])
     with pytest.raises(ValueError, match=r"spaced: corpus id 'MED 10' cannot go into a TREC run file"):
         evaluate(tiny_random_checkpoint, [spaced], run_file=str(tmp_path / "run.trec"), cache_dir=None)
+    # Anserini's runs from the Pyserini export are TREC runs too (was exported, the runs then broken)
+    with pytest.raises(ValueError, match=r"spaced: corpus id 'MED 10' cannot go .* or leave out --export"):
+        evaluate(tiny_random_checkpoint, [spaced], export_dir=str(tmp_path / "export"), cache_dir=None)
     long_id = "d" * 600
     long = write_beir(tmp_path / "long", corpus=CORPUS + [{"_id": long_id, "text": "x"}])
     with pytest.raises(ValueError, match=r"long: corpus id 'd{40}'\.\.\. is 600 bytes; an Elasticsearch/OpenSearch"):

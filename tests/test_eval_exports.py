@@ -1,6 +1,8 @@
 """Engine exports: Elasticsearch/OpenSearch rank_features (field-name rules) and Pyserini JsonVectorCollection."""
 
+import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -29,7 +31,8 @@ def test_elasticsearch_bulk_and_mapping(tmp_path):
     paths = write_elasticsearch(str(tmp_path), "NFCorpus Tiny", ["a", "b", "c"], matrix, VOCAB)
     assert json.load(open(paths["mapping"])) == elasticsearch_mapping()
     assert elasticsearch_mapping()["mappings"]["properties"]["tokens"] == {"type": "rank_features"}
-    lines = [json.loads(line) for line in open(paths["bulk"], encoding="utf-8")]
+    assert paths["bulk"] == [str(tmp_path / "bulk-00001.ndjson")]
+    lines = [json.loads(line) for line in open(paths["bulk"][0], encoding="utf-8")]
     assert [line["index"]["_id"] for line in lines[::2]] == ["a", "b", "c"]
     # Elasticsearch refuses uppercase and spaces in index names: the dataset folder's name is made one it takes
     assert {line["index"]["_index"] for line in lines[::2]} == {"nfcorpus-tiny"}
@@ -38,6 +41,64 @@ def test_elasticsearch_bulk_and_mapping(tmp_path):
     assert lines[5]["tokens"] == {"%252E": 0.5, "%2E%2E%2E": 0.75, "café": 1.0}  # 1e-9 rounds to 0: dropped
     clauses = elasticsearch_query({"u.s": 0.5, "machine": 1.0})["query"]["bool"]["should"]
     assert clauses[0]["rank_feature"] == {"field": "tokens.u%2Es", "linear": {}, "boost": 0.5}
+
+
+def test_elasticsearch_bulk_is_cut_into_requests_the_engines_take(tmp_path):
+    """One bulk.ndjson for the whole corpus: ~3.5 KB a document, so past ~28k documents a file no POST /_bulk takes
+    (http.max_content_length, 100 MB by default)."""
+    docs = sparse_random(40, len(VOCAB), density=0.6, format="csr", dtype=np.float32, random_state=0) + 0.0
+    ids = [f"d{i}" for i in range(40)]
+    whole = write_elasticsearch(str(tmp_path / "whole"), "toy", ids, docs, VOCAB)["bulk"]
+    parts = write_elasticsearch(str(tmp_path / "parts"), "toy", ids, docs, VOCAB, part_bytes=1000)["bulk"]
+    assert len(whole) == 1 and len(parts) > 3
+    assert [os.path.basename(path) for path in parts] == [f"bulk-{n:05d}.ndjson" for n in range(1, len(parts) + 1)]
+    sizes = [os.path.getsize(path) for path in parts]
+    assert max(sizes) <= 1000 and sum(sizes) == os.path.getsize(whole[0])
+    joined = b"".join(open(path, "rb").read() for path in parts)
+    assert joined == open(whole[0], "rb").read()  # cut between documents, never inside an action/source pair
+    assert all(len(open(path, encoding="utf-8").read().splitlines()) % 2 == 0 for path in parts)
+
+
+def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
+    """Only documents were exported: a user had to re-encode the queries at the same threshold and quantize them
+    to search the exported index as eval did, and nothing said which threshold or model the files came from."""
+    from fles1.evaluation import evaluate
+    from fles1.metrics import read_trec_run
+    from test_eval import write_beir
+
+    data, export = write_beir(tmp_path / "toy"), tmp_path / "export"
+    results = evaluate(tiny_random_checkpoint, [data], threshold=0.3, export_dir=str(export), cache_dir=None,
+                       bm25=False, production=False, run_file=str(tmp_path / "run.trec"))
+    run = read_trec_run(str(tmp_path / "run.trec"))
+    elasticsearch, pyserini = export / "toy" / "elasticsearch", export / "toy" / "pyserini"
+    for folder in (elasticsearch, pyserini):
+        manifest = json.loads((folder / "export.json").read_text())
+        assert manifest["threshold"] == 0.3 and manifest["model_fingerprint"] == results["model"]["fingerprint"]
+        assert (manifest["documents"], manifest["queries"], manifest["split"]) == (6, 4, "test")
+    assert json.loads((pyserini / "export.json").read_text())["pyserini"]["impact_scale"] == 100
+    # Elasticsearch: sum over the query's clauses of boost * the document's rank_features value (linear)
+    bulk = [json.loads(line) for line in (elasticsearch / "bulk-00001.ndjson").read_text().splitlines()[1::2]]
+    documents = {doc["id"]: doc["tokens"] for doc in bulk}
+    queries = [json.loads(line) for line in (elasticsearch / "queries.jsonl").read_text().splitlines()]
+    assert [query["id"] for query in queries] == ["q1", "q2", "q3", "q4"] and queries[0]["body"]["size"] == 1000
+    for query in queries:
+        clauses = query["body"]["query"]["bool"]["should"]
+        scores = {doc_id: sum(clause["rank_feature"]["boost"] * features.get(
+            clause["rank_feature"]["field"].split(".", 1)[1], 0.0) for clause in clauses)
+            for doc_id, features in documents.items() if doc_id != query["id"]}
+        expected = run.get(query["id"], {})
+        assert {d for d, score in scores.items() if score > 0} == set(expected)
+        for doc_id, score in expected.items():
+            assert scores[doc_id] == pytest.approx(score, abs=1e-4)
+    # Anserini: a token repeated n times is an impact of n, the documents' impacts are round(100 w)
+    lines = (pyserini / "queries.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["q1", "q2", "q3", "q4"]
+    impacts = {line.split("\t")[0]: collections.Counter(line.split("\t")[1].split()) for line in lines}
+    assert impacts["q3"] == {}  # a blank query: no terms
+    for query in queries:
+        clauses = query["body"]["query"]["bool"]["should"]
+        assert impacts[query["id"]] == {token_from_feature_name(c["rank_feature"]["field"].split(".", 1)[1]):
+                                        round(100 * c["rank_feature"]["boost"]) for c in clauses}
 
 
 def test_pyserini_json_vector_collection_integer_impacts(tmp_path):
@@ -78,7 +139,7 @@ def test_an_interrupted_reexport_leaves_the_earlier_export_whole(tiny_random_che
     evaluate(tiny_random_checkpoint, [data], threshold=0.0, export_dir=str(export), cache_dir=None, bm25=False,
              production=False)
     before = {path: path.read_bytes() for path in export.rglob("*") if path.is_file()}
-    assert len(before) == 3
+    assert len(before) == 7  # per engine: documents, queries, export.json (+ Elasticsearch's mapping)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -101,5 +162,5 @@ def test_an_export_keeps_what_else_its_dataset_folder_holds(tiny_random_checkpoi
         evaluate(tiny_random_checkpoint, [data], threshold=threshold, export_dir=str(export), cache_dir=None,
                  bm25=False, production=False, run_file=str(export / "toy" / "run.trec"))
         assert sorted(path.name for path in (export / "toy").iterdir()) == ["elasticsearch", "pyserini", "run.trec"]
-    assert all(weight >= 1.0 for line in (export / "toy" / "elasticsearch" / "bulk.ndjson").read_text().splitlines()[1::2]
+    assert all(weight >= 1.0 for line in (export / "toy" / "elasticsearch" / "bulk-00001.ndjson").read_text().splitlines()[1::2]
                for weight in json.loads(line)["tokens"].values())
