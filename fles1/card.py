@@ -297,8 +297,9 @@ def environment_section(run: Run) -> str:
     lines = [f"- Model fingerprint: `{model.get('fingerprint') or MISSING}`",
              f"- Device: {environment.get('device') or MISSING}; Python {environment.get('python') or MISSING}",
              "- Packages: " + (", ".join(f"{k} {v}" for k, v in sorted(packages.items())) or MISSING)]
-    lines += [f"- Data fingerprint ({name}): `{entry.get('data_fingerprint') or MISSING}`"
-              for name, entry in run.datasets.items()]
+    lines += [f"- Data fingerprint ({name}): `{entry.get('data_fingerprint') or MISSING}` (sha256 of the BEIR folder's "
+              f"corpus.jsonl, queries.jsonl and qrels/{entry.get('split') or 'SPLIT'}.tsv; a dataset loaded by hub id "
+              "is fingerprinted by its id and sizes instead)" for name, entry in run.datasets.items()]
     return "\n".join(lines)
 
 
@@ -312,14 +313,26 @@ def baselines_section(run: Run) -> str:
     return table(["Dataset", "System", *IR_METRICS.values()], rows)
 
 
-def cross_domain_section(run: Run) -> str:
+def training_corpora(train_recipe: dict) -> Optional[set[str]]:
+    """Lower-cased names of the corpora the recipe trained on (a folder's name, a hub id's last part), None when no
+    recipe says."""
+    sources = [train_recipe.get(key) for key in TRAIN_DATA_KEYS if isinstance(train_recipe.get(key), str)]
+    if not sources:
+        return None
+    return {os.path.basename(os.path.normpath(source)).lower() for source in sources}
+
+
+def cross_domain_section(run: Run, trained_on: Optional[set[str]]) -> str:
+    """One row per dataset, each marked in-domain (its corpus is the training data's) or zero-shot."""
     rows = []
     for name, entry in run.datasets.items():
         metrics, bm25 = entry["metrics"], (entry.get("bm25") or {}).get("metrics") or {}
-        rows.append([name, cell(entry.get("split")), cell(entry.get("num_queries")), cell(entry.get("num_docs")),
-                     fmt(metrics.get("ndcg@10")), fmt(metrics.get("recall@100")), fmt(bm25.get("ndcg@10")),
-                     fmt_metric("nnz_doc", metrics.get("nnz_doc"))])
-    return table(["Dataset", "Split", "Queries", "Docs", "NDCG@10", "Recall@100", "BM25 NDCG@10", "NNZ doc"], rows)
+        relation = MISSING if trained_on is None else "in-domain" if name.lower() in trained_on else "zero-shot"
+        rows.append([name, relation, cell(entry.get("split")), cell(entry.get("num_queries")),
+                     cell(entry.get("num_docs")), fmt(metrics.get("ndcg@10")), fmt(metrics.get("recall@100")),
+                     fmt(bm25.get("ndcg@10")), fmt_metric("nnz_doc", metrics.get("nnz_doc"))])
+    return table(["Dataset", "Training data", "Split", "Queries", "Docs", "NDCG@10", "Recall@100", "BM25 NDCG@10",
+                  "NNZ doc"], rows)
 
 
 def production_section(run: Run) -> str:
@@ -464,7 +477,7 @@ def build_card(
         eval_data=" ".join(dataset_id(name) for name in primary.datasets),
         eval_split=splits.pop() if len(splits) == 1 else MISSING,
         baselines=baselines_section(primary),
-        cross_domain=cross_domain_section(primary),
+        cross_domain=cross_domain_section(primary, training_corpora(train_recipe)),
         production=production_section(primary),
         device=environment.get("device") or MISSING,
         training=training_section(runs, extra_logs, recipe_values),
