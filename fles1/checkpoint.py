@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from typing import Optional
 
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
@@ -32,10 +34,16 @@ def fles1_config_from(backbone_config, **sparse_settings) -> FLES1Config:
     return config
 
 
-def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str) -> str:
+LICENSE_FILES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING)([.-].*)?$", re.IGNORECASE)
+
+
+def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str, license_from: Optional[str] = None) -> str:
     """Write the weights (safetensors), config with auto_map, code files, tokenizer and the
-    sentence-transformers files, so that all three loaders read the folder."""
+    sentence-transformers files, so that all three loaders read the folder -- and the license files (LICENSE,
+    NOTICE, ...) of the folder the weights came from (`license_from`, default the model's own ``name_or_path``):
+    a derived checkpoint is a redistribution of them (Apache-2.0 section 4)."""
     os.makedirs(out_dir, exist_ok=True)
+    copy_license_files(license_from or getattr(model, "name_or_path", None), out_dir)
     model.config.architectures = ["FLES1ForMaskedLM"]
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.model_max_length = model.config.document_max_length
@@ -45,6 +53,17 @@ def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str) -> str:
     write_sentence_transformers_files(out_dir, model.config)  # re-saves the tokenizer
     drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))
     return out_dir
+
+
+def copy_license_files(source: Optional[str], out_dir: str) -> list[str]:
+    """The license files of a local folder `source` into out_dir (nothing for a hub id or an unknown source)."""
+    if not source or not os.path.isdir(source) or os.path.realpath(source) == os.path.realpath(out_dir):
+        return []
+    names = sorted(name for name in os.listdir(source)
+                   if LICENSE_FILES.match(name) and os.path.isfile(os.path.join(source, name)))
+    for name in names:
+        shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+    return names
 
 
 def drop_loader_flags(path: str) -> None:
@@ -106,5 +125,5 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
     with atomic_directory(out_dir, replace=overwrite) as staging:
-        save_checkpoint(model.to(torch.float32), tokenizer, staging)
+        save_checkpoint(model.to(torch.float32), tokenizer, staging, license_from=source)
     return out_dir

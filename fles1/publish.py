@@ -33,7 +33,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "modules.json", "tokenizer
 # Training leftovers that do not belong in the published model.
 SKIP_PATTERNS = ("checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
                  "training_args.bin", "runs", "__pycache__", ".git", ".cache", "*.png", "training_log.json",
-                 "README.md", "results", "plots", ".*.partial")  # the last: an interrupted assembly's staging
+                 "README.md", "results", "plots", ".*.partial", "nnz_trace_rank*.json")  # the last: an interrupted assembly's staging
 PROBE_TEXT = "What is machine learning? Sparse retrieval with FLES-1 and BM25 baselines."
 TOLERANCE = 1e-5
 VALIDATION_TIMEOUT_S = 600

@@ -47,6 +47,23 @@ def test_model_checkpoint_folder_layout(fles1_checkpoint):
     assert not {"local_files_only", "is_local"} & set(tokenizer_config) and tokenizer_config["model_max_length"] == 256
 
 
+def test_checkpoints_carry_the_backbones_license_files(fles1_checkpoint, backbone_dir, tmp_path):
+    """Converted and trained folders (and so the Hub repo) held no LICENSE, though the card puts the weights under
+    Apache-2.0, which asks a redistribution to include it."""
+    from transformers import AutoTokenizer
+
+    from fles1.checkpoint import save_checkpoint
+    from fles1.training.run import load_model_for_training
+
+    license_text = open(os.path.join(backbone_dir, "LICENSE"), "rb").read()
+    assert open(os.path.join(fles1_checkpoint, "LICENSE"), "rb").read() == license_text  # convert_fles1.py
+    model = FLES1ForMaskedLM.from_pretrained(fles1_checkpoint)  # a trained model saves from where it was loaded
+    save_checkpoint(model, AutoTokenizer.from_pretrained(fles1_checkpoint), str(tmp_path / "trained"))
+    assert open(tmp_path / "trained" / "LICENSE", "rb").read() == license_text
+    model, _ = load_model_for_training(backbone_dir)  # a BERT backbone, converted on the fly into a temporary
+    assert model.name_or_path == backbone_dir
+
+
 def test_model_three_loaders_agree_on_shipped_backbone(fles1_checkpoint):
     from sentence_transformers import SparseEncoder
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer

@@ -63,6 +63,7 @@ def source_checkpoint(fles1_checkpoint, tmp_path):
     (folder / "checkpoint-10").mkdir()
     (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"not for the hub")
     (folder / "training_args.bin").write_bytes(b"not for the hub")
+    (folder / "nnz_trace_rank0.json").write_text("[]")  # train_fles1.py --trace-nnz
     return str(folder)
 
 
@@ -168,9 +169,10 @@ def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys, m
     names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     for name in ("README.md", "model.safetensors", "config.json", "modules.json", "tokenizer.json",
                  "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py", "results/eval_nfcorpus.json",
-                 "results/training_log_seed7.json", "plots/loss.png"):
+                 "results/training_log_seed7.json", "plots/loss.png", "LICENSE"):  # the backbone's, as Apache-2.0 asks
         assert name in names
-    assert not any(n.startswith(("checkpoint-", "__pycache__")) or n == "training_args.bin" for n in names), names
+    assert not any(n.startswith(("checkpoint-", "__pycache__", "nnz_trace_rank")) or n == "training_args.bin"
+                   for n in names), names
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in ("configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py"):  # the current code ships
         with open(os.path.join(out, name), "rb") as shipped, open(os.path.join(project, name), "rb") as current:

@@ -66,6 +66,7 @@ def load_model_for_training(path: str):
         except ValueError as error:  # e.g. a BERT without its masked-LM head
             raise ValueError(f"model.path={path!r}: {error}") from error
         model = FLES1ForMaskedLM.from_pretrained(converted, use_safetensors=True)
+        model.name_or_path = path  # where the weights came from (its license files go with every checkpoint)
         return model, AutoTokenizer.from_pretrained(converted, trust_remote_code=True)
 
 
