@@ -129,10 +129,12 @@ class InvertedIndex:
         postings = self.postings
         lengths = np.diff(postings.indptr)
         terms = np.flatnonzero(lengths)
-        gaps = postings.indices.astype(np.int64).copy()
+        positions = postings.indices
+        gaps = np.empty(len(positions), dtype=np.int32)  # doc positions < 2**31: int32 deltas, no int64 copy
+        np.subtract(positions[1:], positions[:-1], out=gaps[1:])
+        gaps[:1] = positions[:1]
         starts = postings.indptr[:-1][lengths > 0]
-        gaps[1:] -= postings.indices[:-1]
-        gaps[starts] = postings.indices[starts]  # first posting of each list is absolute
+        gaps[starts] = positions[starts]  # first posting of each list is absolute
         gap_dtype = np.uint16 if self.num_docs < 2**16 else np.uint32
         term_dtype = np.uint16 if self.vocab_size < 2**16 else np.uint32
         # doc ids as a JSON list: BEIR ids are any string (one holding a newline split the older "\n"-joined list)
@@ -161,19 +163,24 @@ class InvertedIndex:
             else:  # written before the JSON list
                 doc_ids = text.split("\n") if header["num_docs"] else []
             lengths = arrays["lengths"].astype(np.int64)
-            gaps = arrays["gaps"].astype(np.int64)
+            positions = arrays["gaps"].astype(np.int32)  # decoded in place below: peak ~2x the loaded postings
             weights = arrays["weights"].astype(np.float32)
             terms = arrays["terms"].astype(np.int64)
         if len(doc_ids) != header["num_docs"]:
             raise ValueError(f"{path}: {len(doc_ids)} doc ids for {header['num_docs']} documents")
+        index_dtype = np.int32 if len(positions) < 2**31 else np.int64  # scipy's own choice: no conversion copy
         indptr = np.zeros(header["vocab_size"] + 1, dtype=np.int64)
         indptr[terms + 1] = lengths
-        indptr = np.cumsum(indptr)
-        # undo the gaps: cumulative sum restarted at every posting list
-        positions = np.cumsum(gaps)
-        list_starts = np.repeat(positions[indptr[terms]] - gaps[indptr[terms]], lengths)
-        positions -= list_starts
-        postings = csr_matrix((weights, positions, indptr), shape=(header["vocab_size"], header["num_docs"]))
+        indptr = np.cumsum(indptr).astype(index_dtype)
+        if len(positions):
+            # undo the gaps with one running sum over all lists: each list's absolute first position becomes its
+            # step from the previous list's last one (a list's sum of gaps is its last position)
+            starts = indptr[terms]
+            last = np.add.reduceat(positions, starts)
+            positions[starts[1:]] -= last[:-1]
+            np.cumsum(positions, out=positions)
+        postings = csr_matrix((weights, positions.astype(index_dtype, copy=False), indptr),
+                              shape=(header["vocab_size"], header["num_docs"]), copy=False)
         index = cls.__new__(cls)
         index.doc_ids, index.vocab_size, index.postings = doc_ids, header["vocab_size"], postings
         return index
