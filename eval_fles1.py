@@ -15,19 +15,19 @@ qrels/<split>.tsv) or a BEIR hub dataset id. BEIR conventions: every judged quer
 whose id equals the query id is dropped, documents are "title text". Metrics come from pytrec_eval.
 
 Document vectors are cached at threshold 0 under --cache-dir (default ~/.cache/fles1/corpus), keyed by the model
-fingerprint (sha256 of model.safetensors + config.json), the corpus, the document max length, the projection
-dtype and the encoding code in use (modeling, encoder and evaluation files, tokenizer, torch and transformers
-versions, device type), so a rerun (any threshold) does not re-encode and a code change does. A corpus larger
-than 8,192 documents is encoded a shard of 8,192 at a time, each finished shard saved under the cache entry's
-name + .parts/, so an interrupted run resumes from its last finished shard. With several datasets, --run-file
-run.trec writes run.<dataset>.trec per dataset. --export DIR writes, per dataset, DIR/<dataset>/elasticsearch/
-(mapping.json, bulk-00001.ndjson ... of at most 16 MiB each for POST /_bulk -- rank_features, 9 significant bits
-per stored weight -- and queries.jsonl, one _search body per query) and DIR/<dataset>/pyserini/ (docs.jsonl:
-JsonVectorCollection, integer impacts = round(100 w); queries.tsv: Anserini impact topics, each token repeated
-by its impact), each with an export.json naming the model, threshold, split and the commands to index and search;
-an earlier export's two folders are replaced together. Every output is written atomically; bad data (qrels
-scores must be integer grades) stops the run with its file and line and writes nothing, as do ids the requested
-outputs cannot carry (whitespace in a TREC run file or an export, an Elasticsearch _id over 512 bytes).
+fingerprint (sha256 of model.safetensors + config.json), the corpus, the document max length, the projection dtype
+and the encoding code in use (modeling, encoder and evaluation files, tokenizer, torch and transformers versions,
+device type), so a rerun (any threshold) does not re-encode and a code change does. A corpus larger than 8,192
+documents is encoded a shard of 8,192 at a time, each finished shard saved under the cache entry's name + .parts/,
+so an interrupted run resumes from its last finished shard. With several datasets, --run-file run.trec writes
+run.<dataset>.trec per dataset. --export DIR writes, per dataset, DIR/<dataset>/elasticsearch/ (mapping.json,
+bulk-00001.ndjson ... of at most 16 MiB each for POST /_bulk -- rank_features, 9 significant bits per stored weight
+-- and queries.jsonl, one _search body per query) and DIR/<dataset>/pyserini/ (collection/docs.jsonl:
+JsonVectorCollection, integer impacts = round(100 w); queries.tsv: Anserini impact topics, each token repeated by
+its impact), each with an export.json naming the model, threshold, split and the commands to index and search; an
+earlier export's two folders are replaced together. Every output is written atomically; bad data (qrels scores must
+be integer grades) stops the run with its file and line and writes nothing, as do ids the requested outputs cannot
+carry (whitespace in a TREC run file or an export, an Elasticsearch _id over 512 bytes).
 Exit status: 0 ok, 2 bad input (data or checkpoint).
 """
 

@@ -31,7 +31,7 @@ import scipy.sparse
 from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
-from fles1.atomic import atomic_directory, atomic_open, require_writable
+from fles1.atomic import atomic_directory, atomic_open, atomic_write_json, require_writable
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
@@ -426,26 +426,23 @@ def _export_dataset(folder: str, name: str, artifacts: dict, vocab, settings: di
         paths = exports.write_elasticsearch(elasticsearch, name, doc_ids, doc_matrix, vocab)
         exports.write_elasticsearch_queries(os.path.join(elasticsearch, "queries.jsonl"), query_ids, query_matrix,
                                             vocab, size=TOP_K)
-        write_json(os.path.join(elasticsearch, "export.json"), {**manifest, "elasticsearch": {
+        atomic_write_json(os.path.join(elasticsearch, "export.json"), {**manifest, "elasticsearch": {
             "index": exports.elasticsearch_index_name(name), "field": exports.RANK_FEATURES_FIELD,
             "bulk_files": [os.path.basename(path) for path in paths["bulk"]],
             "feature_names": "vocabulary tokens with '%' -> '%25' and '.' -> '%2E' (fles1.exports.feature_name)",
             "precision": "rank_features keeps 9 significant bits: document weights within 2^-8 relative"}})
-        exports.write_pyserini(os.path.join(pyserini, "docs.jsonl"), doc_ids, doc_matrix, vocab)
+        os.makedirs(os.path.join(pyserini, "collection"))
+        exports.write_pyserini(os.path.join(pyserini, "collection", "docs.jsonl"), doc_ids, doc_matrix, vocab)
         exports.write_anserini_queries(os.path.join(pyserini, "queries.tsv"), query_ids, query_matrix, vocab)
-        write_json(os.path.join(pyserini, "export.json"), {**manifest, "pyserini": {
+        atomic_write_json(os.path.join(pyserini, "export.json"), {**manifest, "pyserini": {
             "impact_scale": exports.IMPACT_SCALE, "index_command": exports.ANSERINI_INDEX_COMMAND,
             "search_command": exports.ANSERINI_SEARCH_COMMAND}})
 
 
-def write_json(path: str, value: dict) -> None:
-    with atomic_open(path) as handle:
-        json.dump(value, handle, indent=2)
-        handle.write("\n")
 
 
 def write_results(results: dict, path: str) -> None:
-    write_json(path, results)
+    atomic_write_json(path, results)
 
 
 # ---- Markdown for the model card -------------------------------------------------------------------------------

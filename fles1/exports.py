@@ -32,15 +32,17 @@ from typing import Sequence
 import numpy as np
 from scipy.sparse import csr_matrix
 
-from fles1.atomic import atomic_open
+from fles1.atomic import atomic_open, atomic_write_json
 
 IMPACT_SCALE = 100
 RANK_FEATURES_FIELD = "tokens"
 ES_WEIGHT_DECIMALS = 6  # rank_features keeps 9 significant bits anyway; more digits only cost bytes
 ES_MAX_ID_BYTES = 512  # Elasticsearch / OpenSearch refuse a longer _id (that bulk item fails)
 ES_BULK_PART_BYTES = 16 * 1024 * 1024  # per bulk request: a tenth of the default http.max_content_length
-ANSERINI_INDEX_COMMAND = ("python -m pyserini.index.lucene --collection JsonVectorCollection --input pyserini "
-                          "--index INDEX --generator DefaultLuceneDocumentGenerator --impact --pretokenized")
+# the collection has a folder of its own: Anserini reads every file of --input as documents
+ANSERINI_INDEX_COMMAND = ("python -m pyserini.index.lucene --collection JsonVectorCollection --input "
+                          "pyserini/collection --index INDEX --generator DefaultLuceneDocumentGenerator --impact "
+                          "--pretokenized")
 # -removeQuery drops a document whose id is the query's, as eval does (BEIR's convention)
 ANSERINI_SEARCH_COMMAND = ("bin/run.sh io.anserini.search.SearchCollection -index INDEX -topics pyserini/queries.tsv "
                            "-topicReader TsvString -output run.trec -impact -pretokenized -removeQuery -hits 1000")
@@ -69,14 +71,22 @@ def elasticsearch_mapping(field: str = RANK_FEATURES_FIELD) -> dict:
     return {"mappings": {"properties": {"id": {"type": "keyword"}, field: {"type": "rank_features"}}}}
 
 
-def elasticsearch_query(vector: dict[str, float], field: str = RANK_FEATURES_FIELD) -> dict:
-    """Query body scoring sum_t q_t * d_t: one ``rank_feature`` clause per query term, linear, boosted by q_t."""
+def elasticsearch_query(vector: dict[str, float], field: str = RANK_FEATURES_FIELD,
+                        exclude_id: str | None = None) -> dict:
+    """Query body scoring sum_t q_t * d_t: one ``rank_feature`` clause per query term, linear, boosted by q_t. An
+    empty vector matches nothing (a ``bool`` without clauses would match every document); ``exclude_id`` leaves
+    out the document of that id (BEIR's convention: a query never retrieves itself)."""
     should = [
         {"rank_feature": {"field": f"{field}.{feature_name(token)}", "linear": {}, "boost": float(weight)}}
         for token, weight in vector.items()
         if weight > 0
     ]
-    return {"query": {"bool": {"should": should}}}
+    if not should:
+        return {"query": {"match_none": {}}}
+    query = {"should": should}
+    if exclude_id is not None:
+        query["must_not"] = [{"ids": {"values": [exclude_id]}}]
+    return {"query": {"bool": query}}
 
 
 def elasticsearch_index_name(name: str) -> str:
@@ -109,8 +119,7 @@ def write_elasticsearch(
     index_name = elasticsearch_index_name(index_name)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"mapping": os.path.join(out_dir, "mapping.json"), "bulk": []}
-    with atomic_open(paths["mapping"]) as handle:
-        json.dump(elasticsearch_mapping(field), handle, indent=2)
+    atomic_write_json(paths["mapping"], elasticsearch_mapping(field))
     names = [feature_name(token) for token in vocab]
     part, size = [], 0
 
@@ -141,11 +150,12 @@ def write_elasticsearch_queries(
     field: str = RANK_FEATURES_FIELD,
 ) -> str:
     """JSONL, one line per query: ``{"id": query id, "body": ...}``, the body for ``POST /<index>/_search`` (the
-    top `size` by `elasticsearch_query` of the query's vector), atomically; returns the path."""
+    top `size` by `elasticsearch_query` of the query's vector, the query's own id left out as eval does),
+    atomically; returns the path."""
     with atomic_open(path) as handle:
         for query_id, (ids, weights) in zip(query_ids, _rows(query_matrix)):
             vector = {vocab[i]: w for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist())}
-            body = {"size": size, **elasticsearch_query(vector, field)}
+            body = {"size": size, **elasticsearch_query(vector, field, exclude_id=query_id)}
             handle.write(json.dumps({"id": query_id, "body": body}, ensure_ascii=False) + "\n")
     return path
 

@@ -382,7 +382,7 @@ def test_cli_writes_shared_format_run_files_and_zero_shot_table(tiny_random_chec
     table = markdown.read_text()
     assert "| toy |" in table and "| toy2 |" in table and "| **Average** |" in table
     assert table == markdown_tables(results)
-    assert os.path.isfile(tmp_path / "export" / "toy2" / "pyserini" / "docs.jsonl")
+    assert os.path.isfile(tmp_path / "export" / "toy2" / "pyserini" / "collection" / "docs.jsonl")
 
 
 def test_cli_index_dir_is_written_without_production_numbers(tiny_random_checkpoint, beir_dir, tmp_path):
@@ -518,6 +518,10 @@ def test_gzipped_beir_files_read_the_same(tmp_path):
         handle.write(gzip.compress(b'{"_id": "q1", "text": "ok"}\n{"_id": \n'))
     with pytest.raises(BEIRDataError, match=r"queries\.jsonl\.gz:2: malformed JSON"):
         load_beir(folder)
+    with open(os.path.join(folder, "queries.jsonl.gz"), "wb") as handle:  # a download cut short
+        handle.write(gzip.compress(b'{"_id": "q1", "text": "ok"}\n' * 50)[:40])
+    with pytest.raises(BEIRDataError, match=r"queries\.jsonl\.gz: not a readable gzip file"):
+        load_beir(folder)
 
 
 def _fake_hub(monkeypatch, qrels_rows, corpus=CORPUS, queries=QUERIES):
@@ -544,6 +548,9 @@ def test_hub_datasets_get_the_checks_a_folder_gets(tmp_path, monkeypatch):
         _fake_hub(monkeypatch, rows + [bad])
         with pytest.raises(BEIRDataError, match=message):
             load_beir("BeIR/toy")
+    _fake_hub(monkeypatch, rows, corpus=CORPUS + [{"_id": "d1", "title": "", "text": "another text"}])
+    with pytest.raises(BEIRDataError, match=r"BeIR/toy corpus row 6: _id 'd1' again, with another text \(first at row 0"):
+        load_beir("BeIR/toy")
     _fake_hub(monkeypatch, rows, corpus=CORPUS + [{"_id": "d9", "title": 3, "text": ""}])
     with pytest.raises(BEIRDataError, match=r"BeIR/toy corpus row 6: 'title' is int, expected a string"):
         load_beir("BeIR/toy")

@@ -76,12 +76,19 @@ def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
         assert manifest["threshold"] == 0.3 and manifest["model_fingerprint"] == results["model"]["fingerprint"]
         assert (manifest["documents"], manifest["queries"], manifest["split"]) == (6, 4, "test")
     assert json.loads((pyserini / "export.json").read_text())["pyserini"]["impact_scale"] == 100
+    # Anserini indexes every file of --input: the collection has a folder of its own
+    assert os.listdir(pyserini / "collection") == ["docs.jsonl"]
+    assert "--input pyserini/collection " in json.loads((pyserini / "export.json").read_text())["pyserini"][
+        "index_command"]
     # Elasticsearch: sum over the query's clauses of boost * the document's rank_features value (linear)
     bulk = [json.loads(line) for line in (elasticsearch / "bulk-00001.ndjson").read_text().splitlines()[1::2]]
     documents = {doc["id"]: doc["tokens"] for doc in bulk}
     queries = [json.loads(line) for line in (elasticsearch / "queries.jsonl").read_text().splitlines()]
     assert [query["id"] for query in queries] == ["q1", "q2", "q3", "q4"] and queries[0]["body"]["size"] == 1000
-    for query in queries:
+    # a blank query matches nothing (a bool without clauses matches every document)
+    assert queries[2]["body"]["query"] == {"match_none": {}} and run.get("q3", {}) == {}
+    for query in queries[:2] + queries[3:]:
+        assert query["body"]["query"]["bool"]["must_not"] == [{"ids": {"values": [query["id"]]}}]  # no self-hit
         clauses = query["body"]["query"]["bool"]["should"]
         scores = {doc_id: sum(clause["rank_feature"]["boost"] * features.get(
             clause["rank_feature"]["field"].split(".", 1)[1], 0.0) for clause in clauses)
@@ -95,7 +102,7 @@ def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
     assert [line.split("\t")[0] for line in lines] == ["q1", "q2", "q3", "q4"]
     impacts = {line.split("\t")[0]: collections.Counter(line.split("\t")[1].split()) for line in lines}
     assert impacts["q3"] == {}  # a blank query: no terms
-    for query in queries:
+    for query in queries[:2] + queries[3:]:
         clauses = query["body"]["query"]["bool"]["should"]
         assert impacts[query["id"]] == {token_from_feature_name(c["rank_feature"]["field"].split(".", 1)[1]):
                                         round(100 * c["rank_feature"]["boost"]) for c in clauses}
