@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -59,24 +60,36 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     rows = {}  # id -> (its first line, row)
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as handle:
-        for number, line in enumerate(utf8_lines(path, handle), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BEIRDataError(f"{path}:{number}: malformed JSON ({error.msg})") from None
-            if not isinstance(row, dict) or "_id" not in row:
-                raise BEIRDataError(f"{path}:{number}: expected a JSON object with an '_id'")
-            for name in text_fields:
-                row[name] = _text_field(row.get(name), f"{path}:{number}: '{name}'")
-            first_line, first = rows.setdefault(str(row["_id"]), (number, row))
-            if any(first[name] != row[name] for name in text_fields):
-                # a repeated identical row is harmless; two texts for one id would keep the last one silently
-                raise BEIRDataError(f"{path}:{number}: _id {str(row['_id'])!r} again, with another text (first at "
-                                    f"line {first_line})")
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as handle:
+            _read_rows(path, handle, text_fields, rows)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a .gz cut short, or not gzip at all
+        raise BEIRDataError(f"{path}: not a readable gzip file ({error})") from None
     return [row for _, row in rows.values()]
+
+
+def _read_rows(path: str, handle, text_fields: tuple[str, ...], rows: dict) -> None:
+    """Each JSON line of `handle` into `rows` (id -> (its first line, row)), its errors naming file and line."""
+    for number, line in enumerate(utf8_lines(path, handle), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BEIRDataError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+        if not isinstance(row, dict) or "_id" not in row:
+            raise BEIRDataError(f"{path}:{number}: expected a JSON object with an '_id'")
+        for name in text_fields:
+            row[name] = _text_field(row.get(name), f"{path}:{number}: '{name}'")
+        _add_row(rows, str(row["_id"]), row, text_fields, f"{path}:{number}", f"line {number}")
+
+
+def _add_row(rows: dict, row_id: str, row: dict, text_fields, where: str, position: str) -> None:
+    """rows[row_id] = (position, row) unless already there with the same texts; two texts for one id would keep
+    the last one silently (a repeated identical row is harmless)."""
+    first_position, first = rows.setdefault(row_id, (position, row))
+    if any(first[name] != row[name] for name in text_fields):
+        raise BEIRDataError(f"{where}: _id {row_id!r} again, with another text (first at {first_position})")
 
 
 def _text_field(value, where: str) -> str:
@@ -197,16 +210,17 @@ def _load_from_hub(dataset_id: str, *args, **kwargs):
 
 def load_beir_from_hub(dataset_id: str, split: str = "test") -> BEIRDataset:
     """The same checks as a local folder's, each error naming the hub dataset, config and row."""
-    corpus = {}
-    for number, row in enumerate(_load_from_hub(dataset_id, "corpus", split="corpus")):
-        where = f"{dataset_id} corpus row {number}"
-        corpus[str(row["_id"])] = {name: _text_field(row.get(name), f"{where}: '{name}'") for name in ("title", "text")}
+    tables = {}
+    for config, fields in (("corpus", ("title", "text")), ("queries", ("text",))):
+        rows = tables[config] = {}
+        for number, row in enumerate(_load_from_hub(dataset_id, config, split=config)):
+            where = f"{dataset_id} {config} row {number}"
+            texts = {name: _text_field(row.get(name), f"{where}: '{name}'") for name in fields}
+            _add_row(rows, str(row["_id"]), texts, fields, where, f"row {number}")
+    corpus = {row_id: row for row_id, (_, row) in tables["corpus"].items()}
+    queries = {row_id: row["text"] for row_id, (_, row) in tables["queries"].items()}
     if not corpus:
         raise BEIRDataError(f"{dataset_id}: no documents in its corpus")
-    queries = {
-        str(row["_id"]): _text_field(row.get("text"), f"{dataset_id} queries row {number}: 'text'")
-        for number, row in enumerate(_load_from_hub(dataset_id, "queries", split="queries"))
-    }
     qrels: dict[str, dict[str, int]] = {}
     for number, row in enumerate(_load_from_hub(f"{dataset_id}-qrels", split=split)):
         _add_judgement(qrels, str(row["query-id"]), str(row["corpus-id"]), row["score"],
