@@ -315,9 +315,9 @@ def baselines_section(run: Run) -> str:
 
 def training_corpora(train_recipe: dict) -> Optional[set[str]]:
     """Lower-cased names of the corpora the recipe trained on (a folder's name, a hub id's last part), None when no
-    recipe says."""
+    recipe says -- or when one is a file (a triples TSV names no corpus: its rows may come from any)."""
     sources = [train_recipe.get(key) for key in TRAIN_DATA_KEYS if isinstance(train_recipe.get(key), str)]
-    if not sources:
+    if not sources or any(os.path.splitext(source.rstrip("/"))[1] for source in sources):
         return None
     return {os.path.basename(os.path.normpath(source)).lower() for source in sources}
 

@@ -149,6 +149,10 @@ def test_several_runs_per_seed_table_and_mean_std(tmp_path):
     # the card called every dataset zero-shot, the training corpus too (trained on nfcorpus train, tested on test)
     assert table_row(card.text, ["scifact", "zero-shot", "test", "323"], "Per-dataset results")
     assert table_row(card.text, ["nfcorpus", "in-domain", "test", "323"], "Per-dataset results")
+    from fles1.card import training_corpora
+
+    assert training_corpora({"data.source": "../data/msmarco/triples.train.small.tsv"}) is None  # names no corpus
+    assert training_corpora({"data.source": "BeIR/nfcorpus"}) == {"nfcorpus"} and training_corpora({}) is None
     for seed, crashes in ((11, "1 | 0 | 1 | 0 | 2"), (22, "0 | 0 | 1 | 0 | 1")):
         assert f"| {seed} | 12500 | 2590 | 0.4321 | 402.5 | 31.5 | {crashes} |" in card.text
 
