@@ -29,11 +29,12 @@ from fles1.atomic import atomic_directory, path_within, require_new_folder
 from fles1.card import CardInputError, build_card, read_json
 from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
-REQUIRED_FILES = ("config.json", "model.safetensors", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)
+REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights
 # Training leftovers that do not belong in the published model.
 SKIP_PATTERNS = ("checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
                  "training_args.bin", "runs", "__pycache__", ".git", ".cache", "*.png", "training_log.json",
-                 "README.md", "results", "plots", ".*.partial", "nnz_trace_rank*.json")  # the last: an interrupted assembly's staging
+                 "README.md", "results", "plots", "nnz_trace_rank*.json",
+                 ".*.partial")  # the last: an interrupted assembly's staging
 PROBE_TEXT = "What is machine learning? Sparse retrieval with FLES-1 and BM25 baselines."
 TOLERANCE = 1e-5
 VALIDATION_TIMEOUT_S = 600
@@ -145,6 +146,7 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
     """The first results file is the published model's (the card's metrics); its model fingerprint must be the
     folder's, or the card would show another model's numbers."""
     from fles1.evaluation import model_fingerprint
+    from fles1_encoder import CheckpointError, safetensors_files
 
     config_path = os.path.join(model_dir, "config.json")
     try:
@@ -153,7 +155,11 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
     except CardInputError as error:
         raise PublishError(str(error)) from None
     recorded = (evaluated.get("model") or {}).get("fingerprint")
-    if recorded and os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+    try:
+        has_weights = bool(safetensors_files(model_dir))
+    except CheckpointError:  # no (complete) weights: the checks say so, naming the file
+        has_weights = False
+    if recorded and has_weights:
         actual = model_fingerprint(model_dir)
         if recorded != actual:
             raise PublishError(f"{results}: evaluated the model with fingerprint {recorded}, not {model_dir} "
@@ -294,7 +300,13 @@ with open(sys.argv[4], "w") as handle:
 
 
 def check_files(folder: str) -> Check:
+    from fles1_encoder import CheckpointError, safetensors_files
+
     missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, name))]
+    try:
+        safetensors_files(folder)  # model.safetensors, or the shards its index lists
+    except CheckpointError as error:
+        missing.append(f"weights ({error})")
     return Check("required files", not missing, f"missing {', '.join(missing)}" if missing else "")
 
 

@@ -307,7 +307,7 @@ def test_broken_folder_refused_naming_the_checks(source_checkpoint, result_files
     printed = capsys.readouterr()
     assert rc == 1
     assert "refusing to upload" in printed.err
-    assert "[FAILED] required files: missing model.safetensors" in printed.err
+    assert "[FAILED] required files: missing weights (" in printed.err and "model.safetensors: missing" in printed.err
     for loader in ("AutoModel.from_pretrained", "SparseEncoder", "FLES1Encoder.from_pretrained"):
         assert f"[FAILED] {loader}" in printed.err
     assert fake_hub.requests == []  # nothing reached the Hub
@@ -331,6 +331,23 @@ def test_folder_whose_loaders_cut_texts_elsewhere_is_refused(source_checkpoint, 
     kind = key.split("_")[0]
     assert rc == 1 and not out.exists()
     assert re.search(rf"\[FAILED\] vectors agree: .*{kind}: max abs difference [1-9]", capsys.readouterr().err)
+
+
+def test_sharded_weights_count_as_the_weights(tiny_random_checkpoint, tmp_path):
+    """A sharded folder loads and evaluates, but 'required files: missing model.safetensors' refused to publish it."""
+    from transformers import AutoModelForMaskedLM
+
+    from fles1.publish import check_files
+
+    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "sharded")
+    os.remove(folder / "model.safetensors")
+    AutoModelForMaskedLM.from_pretrained(tiny_random_checkpoint, trust_remote_code=True).save_pretrained(
+        folder, max_shard_size="300KB")
+    assert check_files(str(folder)).ok
+    shard = sorted(name for name in os.listdir(folder) if name.startswith("model-"))[0]
+    os.remove(folder / shard)
+    check = check_files(str(folder))
+    assert not check.ok and f"{shard}: missing (listed in" in check.detail
 
 
 def test_revision_with_create_pr_refused_early(source_checkpoint, result_files, tmp_path, capsys):
