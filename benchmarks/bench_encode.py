@@ -13,7 +13,6 @@ Runs on CUDA when present. Absolute numbers depend on the machine's load; compar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fles1.atomic import atomic_open, require_writable  # noqa: E402
+from fles1.atomic import atomic_write_json, require_writable  # noqa: E402
 from fles1.beir import BEIRDataError, load_beir  # noqa: E402
 from fles1.checkpoint import DEFAULT_BACKBONE, convert  # noqa: E402
 from fles1.cli import at_least  # noqa: E402
@@ -199,8 +198,7 @@ def run(args, model_dir: str) -> dict:
     print("rounds, docs/s:", {name: [round(v, 1) for v in values] for name, values in rates.items()})
     print("rounds, query p50 ms:", {name: [round(v, 3) for v in values] for name, values in p50_rounds.items()})
     if args.output:
-        with atomic_open(args.output) as handle:
-            json.dump(results, handle, indent=2)
+        atomic_write_json(args.output, results)
     return results
 
 

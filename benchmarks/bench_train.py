@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 from transformers import TrainerCallback  # noqa: E402
 
-from fles1.atomic import atomic_open, require_writable  # noqa: E402
+from fles1.atomic import atomic_write_json, require_writable  # noqa: E402
 from fles1.beir import BEIRDataError  # noqa: E402
 from fles1.cli import at_least  # noqa: E402
 from fles1_encoder import _resolve_device  # noqa: E402
@@ -167,8 +167,7 @@ def run(args, work: str) -> None:
         results["speedup_cpu_time"] = fles1["cpu"] / peer["cpu"]
     print(json.dumps(results, indent=1))
     if args.output:
-        with atomic_open(args.output) as handle:
-            json.dump(results, handle, indent=1)
+        atomic_write_json(args.output, results, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ interrupted run never leaves a partial file that looks complete."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +27,13 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def atomic_write_json(path: str, value, indent: int | None = 2, **dump_options) -> None:
+    """``value`` as a JSON file (newline-terminated) that appears only once complete."""
+    with atomic_open(path) as handle:
+        json.dump(value, handle, indent=indent, **dump_options)
+        handle.write("\n")
 
 
 def require_new_folder(path: str, replace: bool = False, hint: str = "") -> None:

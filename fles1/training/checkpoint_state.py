@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from fles1.atomic import atomic_open
+from fles1.atomic import atomic_write_json
 
 
 class CheckpointStateMixin:
@@ -53,8 +53,7 @@ class CheckpointStateMixin:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             # atomic: with trainer_state.json, its presence marks the checkpoint complete (trainer.resolve_resume)
-            with atomic_open(os.path.join(folder, self.STATE_FILE)) as handle:
-                json.dump(self.state_dict(), handle, indent=1)
+            atomic_write_json(os.path.join(folder, self.STATE_FILE), self.state_dict(), indent=1)
 
     def save_ahead(self, args, state, control) -> None:
         """Write the state into the checkpoint the trainer is about to save. transformers writes

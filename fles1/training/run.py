@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from fles1.atomic import atomic_open, path_within, require_writable
+from fles1.atomic import atomic_write_json, path_within, require_writable
 
 from .clfr import optimizer_steps_per_epoch
 from .plots import PLOT_FILES
@@ -246,8 +246,8 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     runtime = time.perf_counter() - start
     if trace_nnz:
-        with atomic_open(os.path.join(output_dir, f"nnz_trace_rank{trainer.args.process_index}.json")) as handle:
-            json.dump(trainer.nnz_trace, handle)
+        atomic_write_json(os.path.join(output_dir, f"nnz_trace_rank{trainer.args.process_index}.json"),
+                          trainer.nnz_trace, indent=None)
     trainer.save_model(output_dir)
     if not trainer.is_world_process_zero():
         return None
@@ -262,8 +262,8 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
 
 
 def _write_log(log: dict, output_dir: str) -> None:
-    with atomic_open(os.path.join(output_dir, "training_log.json")) as handle:
-        json.dump(_finite_or_null(log), handle, indent=1, allow_nan=False)  # bare NaN is not JSON
+    # bare NaN is not JSON
+    atomic_write_json(os.path.join(output_dir, "training_log.json"), _finite_or_null(log), indent=1, allow_nan=False)
 
 
 def _finite_or_null(value):
