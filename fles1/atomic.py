@@ -12,7 +12,14 @@ import tempfile
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
-    """``with atomic_open("results.json") as handle: ...`` -- the file appears only if the block succeeds."""
+    """``with atomic_open("results.json") as handle: ...`` -- the file appears only if the block succeeds. A link
+    is followed (its target is replaced, the link stays); a target that is not a regular file (``/dev/null``,
+    ``/dev/stdout``, a pipe) is written to directly: renaming a file over it would replace the device itself."""
+    path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)

@@ -258,7 +258,7 @@ def test_model_convert_cli_never_overwrites_by_accident(backbone_dir, tmp_path, 
     assert (out / "model.safetensors").read_bytes() == b"someone's trained weights"
 
     # interrupted while writing: the old folder stays as it was, no staging folder is left behind
-    def interrupted(model, tokenizer, folder):
+    def interrupted(model, tokenizer, folder, **options):
         (Path(folder) / "config.json").write_text("{")
         raise KeyboardInterrupt
 

@@ -1,0 +1,38 @@
+"""fles1.atomic: outputs appear complete or not at all -- and never replace what is not a regular file."""
+
+import json
+import os
+import stat
+import threading
+
+import pytest
+
+from fles1.atomic import atomic_write_json
+
+
+def test_a_link_is_followed_and_kept(tmp_path):
+    (tmp_path / "real.json").write_text("{}")
+    os.symlink(tmp_path / "real.json", tmp_path / "link.json")
+    atomic_write_json(str(tmp_path / "link.json"), {"a": 1})
+    assert os.path.islink(tmp_path / "link.json") and json.loads((tmp_path / "real.json").read_text()) == {"a": 1}
+
+
+def test_a_pipe_or_device_receives_the_data_and_stays(tmp_path):
+    """--output /dev/stdout (a link to a pipe or terminal) or /dev/null: a temporary file renamed over it replaced
+    the device itself (as root, /dev/null became a regular file)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo).read()))
+    reader.start()
+    atomic_write_json(str(fifo), {"a": 1})
+    reader.join(timeout=30)
+    assert json.loads(received[0]) == {"a": 1} and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["fifo"]  # no temporary left beside it
+
+
+def test_a_write_failing_halfway_leaves_nothing(tmp_path):
+    (tmp_path / "out.json").write_text('{"earlier": true}')
+    with pytest.raises(TypeError):  # json.dump fails after writing the first key
+        atomic_write_json(str(tmp_path / "out.json"), {"a": 1, "b": object()})
+    assert os.listdir(tmp_path) == ["out.json"] and json.loads((tmp_path / "out.json").read_text()) == {"earlier": True}
