@@ -105,6 +105,7 @@ def main(argv=None):
             require_writable(args.output, "--output")  # before the run, not after it
         args.device = _resolve_device(args.device)
         with tempfile.TemporaryDirectory(prefix="fles1-bench-") as scratch:  # the converted backbone, removed after
+            args.source = args.model or f"{DEFAULT_BACKBONE} (converted)"
             return run(args, args.model or convert(DEFAULT_BACKBONE, os.path.join(scratch, "fles1-tiny")))
     except (CheckpointError, BEIRDataError, ValueError) as error:  # a model, data folder or device that will not do
         parser.exit(2, f"error: {error}\n")
@@ -132,7 +133,7 @@ def run(args, model_dir: str) -> dict:
 
     # Warm up every path (weights cached per dtype, allocator, oneDNN kernels).
     st_docs(docs[:batch]), fles1_docs(docs[:batch]), fles1_docs(docs[:batch], fles1_bf16)
-    st.encode_query(queries[0]), fles1.encode(queries[0], kind="query")
+    st.encode_query(queries[0]), fles1.encode(queries[0], kind="query"), fles1_bf16.encode(queries[0], kind="query")
 
     rates = {"sentence_transformers": [], "fles1": [], "fles1_bf16": []}
     for _ in range(args.rounds):  # alternate so that load changes hit every encoder alike
@@ -170,11 +171,15 @@ def run(args, model_dir: str) -> dict:
         "bfloat16": projection_floor(config.hidden_size, config.vocab_size, torch.bfloat16, device),
     }
     results = {
-        "model": model_dir,
+        "model": getattr(args, "source", model_dir),  # not the temporary folder a default run converts into
+        "data": args.data,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "num_docs": len(docs),
+        "num_queries": len(queries),
+        "rounds": args.rounds,
         "document_max_length": fles1.max_lengths["document"],
+        "query_max_length": fles1.max_lengths["query"],
         "batch_size": batch,
         "docs_per_second": best,
         "docs_per_second_rounds": rates,
@@ -187,7 +192,8 @@ def run(args, model_dir: str) -> dict:
         "bf16_top10_unchanged": f"{unchanged}/{len(queries)}",
         "projection_floor_docs_per_second_at_256_tokens": floor,
     }
-    print(f"device {device} ({torch.get_num_threads()} threads), {len(docs)} nfcorpus docs at <= 256 tokens, batch {batch}")
+    print(f"device {device} ({torch.get_num_threads()} threads), {len(docs)} {data.name} docs at <= "
+          f"{fles1.max_lengths['document']} tokens, {len(queries)} queries, batch {batch}")
     print(f"SparseEncoder      {best['sentence_transformers']:8.1f} docs/s   query p50 {p50['sentence_transformers']:.3f} ms")
     print(f"FLES1Encoder fp32  {best['fles1']:8.1f} docs/s   query p50 {p50['fles1']:.3f} ms   "
           f"ratio {results['ratio_fles1_vs_st']:.2f}x   max abs diff {diff:.2e}")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Training steps/s: FLES1Trainer (sparse max-pool backward) vs sentence-transformers' SparseEncoderTrainer with
 SpladeLoss(SparseMultipleNegativesRankingLoss) (materialises batch x length x vocab logits), same model, same data,
-same process, one after the other. Reports steps per wall second and per CPU second of this process (the
-latter is what to compare on a machine whose cores other jobs share: wall time there swings several-fold).
+same process, one after the other. Reports steps per wall second and per CPU second of this process. On a machine
+whose cores other jobs share, both swing (wall time several-fold; CPU time less, but threads spinning while they
+wait for a busy core count too): compare ratios from the same run, and repeat it.
 
     python benchmarks/bench_train.py                                   # batch 32 x (1 + 7), max length 256
     python benchmarks/bench_train.py --batch-size 4 --steps 3 --warmup 1   # fits a small shared CPU box
@@ -42,8 +43,8 @@ class StepTimer(TrainerCallback):
 
 
 def steps_per_second(timer: StepTimer, warmup: int) -> dict:
-    """Steps per wall second, and per CPU second (robust when other jobs share the cores), and each timed
-    step's wall seconds."""
+    """Steps per wall second, and per CPU second (less sensitive to other jobs than wall time, not immune), and
+    each timed step's wall seconds."""
     timed = timer.times[warmup - 1:]
     steps = len(timed) - 1
     return {"wall": steps / (timed[-1][0] - timed[0][0]), "cpu": steps / (timed[-1][1] - timed[0][1]),
@@ -85,9 +86,15 @@ def bench_fles1(folder, dataset, args, out):
     timer = StepTimer()
     training_args = TrainingArguments(out, **trainer_settings(args))
     trainer = FLES1Trainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                           query_max_length=64, document_max_length=args.max_length, callbacks=[timer])
+                           query_max_length=query_max_length(args), document_max_length=args.max_length,
+                           callbacks=[timer])
     train_profiled(trainer, args, "FLES1Trainer")
     return steps_per_second(timer, args.warmup)
+
+
+def query_max_length(args) -> int:
+    """Queries' max length for both trainers: the FLES-1 default (64), or the documents' when that is shorter."""
+    return min(64, args.max_length)
 
 
 def bench_sentence_transformers(folder, dataset, args, out):
@@ -97,6 +104,11 @@ def bench_sentence_transformers(folder, dataset, args, out):
 
     model = SparseEncoder(folder, trust_remote_code=True, device=str(args.device))
     model.max_seq_length = args.max_length
+    # its trainer cuts every column at max_seq_length: queries are cut to FLES1Trainer's query length beforehand
+    limit = query_max_length(args)
+    tokenizer = model.tokenizer
+    dataset = dataset.map(lambda row: {"query": tokenizer.convert_tokens_to_string(
+        tokenizer.tokenize(row["query"])[: limit - 2])})
     loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model, scale=1 / 0.05),
                       document_regularizer_weight=3e-5, query_regularizer_weight=None)
     timer = StepTimer()
@@ -146,15 +158,16 @@ def run(args, work: str) -> None:
     dataset = load_training_examples(args.data, "train", num_negatives=7, seed=0)
     needed = args.batch_size * (args.warmup + args.steps)
     if needed > len(dataset):  # before the conversion, not an IndexError after it
-        raise SystemExit(f"error: --batch-size {args.batch_size} x (--warmup {args.warmup} + --steps {args.steps}) = "
+        raise ValueError(f"--batch-size {args.batch_size} x (--warmup {args.warmup} + --steps {args.steps}) = "
                          f"{needed} examples, but {args.data} has {len(dataset)}")
     dataset = dataset.select(range(needed))
     try:
         folder = convert(args.model, os.path.join(work, "model"), document_max_length=args.max_length)
     except (OSError, ValueError) as error:  # no such model, not a BERT masked-LM, --max-length above its positions
-        raise SystemExit(f"error: {args.model}: {error}") from None
-    results = {"device": str(args.device), "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size,
-               "documents_per_query": 8, "max_length": args.max_length, "steps": args.steps,
+        raise ValueError(f"{args.model}: {error}") from None
+    results = {"model": args.model, "data": args.data, "device": str(args.device),
+               "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size, "documents_per_query": 8,
+               "max_length": args.max_length, "query_max_length": query_max_length(args), "steps": args.steps,
                "warmup": args.warmup, "bf16": args.bf16, "dataloader_workers": args.workers}
     if args.only != "sentence-transformers":
         results["fles1_steps_per_s"] = bench_fles1(folder, dataset, args, os.path.join(work, "fles1"))

@@ -44,6 +44,7 @@ def test_a_model_or_data_folder_that_will_not_do_is_one_error_line(backbone_dir,
     assert error_line(encode, ["--model", backbone_dir], capsys).startswith(f"error: {backbone_dir}")  # plain BERT
     assert error_line(encode, ["--data", missing], capsys).startswith(f"error: {missing}")
     assert error_line(train, ["--data", missing], capsys).startswith(f"error: {missing}")
-    with pytest.raises(SystemExit) as exit_info:  # raised as SystemExit("error: ..."): printed by the interpreter
-        train(["--model", missing, "--batch-size", "1", "--steps", "1"])
-    assert str(exit_info.value.code) == f"error: {missing}: no such folder"
+    # exit status 2 like every other bad input (was 1: raised as SystemExit("error: ..."))
+    assert error_line(train, ["--model", missing, "--batch-size", "1", "--steps", "1"], capsys) == \
+        f"error: {missing}: no such folder"
+    assert "examples, but" in error_line(train, ["--batch-size", "100000", "--steps", "1"], capsys)
