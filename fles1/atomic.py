@@ -15,11 +15,16 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     """``with atomic_open("results.json") as handle: ...`` -- the file appears only if the block succeeds. A link
     is followed (its target is replaced, the link stays); a target that is not a regular file (``/dev/null``,
     ``/dev/stdout``, a pipe) is written to directly: renaming a file over it would replace the device itself."""
-    path = os.path.realpath(path)
-    if os.path.exists(path) and not os.path.isfile(path):
-        with open(path, mode, encoding=None if "b" in mode else encoding) as handle:
+    resolved = os.path.realpath(path)
+    # /dev/stdout -> /proc/self/fd/1 -> a pipe (resolves to no real path) or the file a shell redirected to (which
+    # must be appended to through the descriptor, not replaced): anything under /dev or /proc is written directly
+    if (os.path.exists(path) and not os.path.isfile(path)) or any(
+            candidate.startswith(("/dev/", "/proc/")) for candidate in (os.path.abspath(path), resolved)):
+        # append: opening /proc/self/fd/1 for writing truncates the file a shell redirected to, even with >>
+        with open(path, mode.replace("w", "a"), encoding=None if "b" in mode else encoding) as handle:
             yield handle
         return
+    path = resolved
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -28,7 +33,10 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        _permissions_of_a_new(temporary, 0o666)  # mkstemp creates 0600
+        if os.path.isfile(path):
+            shutil.copymode(path, temporary)  # a replaced file keeps its permissions
+        else:
+            _permissions_of_a_new(temporary, 0o666)  # mkstemp creates 0600
         os.replace(temporary, path)
     except BaseException:  # KeyboardInterrupt included: never leave the temporary behind
         with contextlib.suppress(FileNotFoundError):

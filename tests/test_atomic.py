@@ -3,10 +3,13 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
 
+from conftest import ROOT
 from fles1.atomic import atomic_write_json
 
 
@@ -36,3 +39,30 @@ def test_a_write_failing_halfway_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):  # json.dump fails after writing the first key
         atomic_write_json(str(tmp_path / "out.json"), {"a": 1, "b": object()})
     assert os.listdir(tmp_path) == ["out.json"] and json.loads((tmp_path / "out.json").read_text()) == {"earlier": True}
+
+
+WRITE_TO_STDOUT = ("import sys; from fles1.atomic import atomic_write_json; print('before', flush=True); "
+                   "atomic_write_json('/dev/stdout', {'a': 1}); print('after')")
+
+
+def test_dev_stdout_is_written_through_a_pipe_or_a_redirect(tmp_path):
+    """/dev/stdout resolves through /proc/self/fd/1: into a pipe it was a FileNotFoundError (no real path), into a
+    file a shell redirected to (even with >>) that file was replaced, losing what was written before."""
+    piped = subprocess.run([sys.executable, "-c", WRITE_TO_STDOUT], cwd=ROOT, capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr
+    first, rest = piped.stdout.split("\n", 1)
+    assert first == "before" and json.loads(rest.rsplit("after", 1)[0]) == {"a": 1}
+    log = tmp_path / "log.txt"
+    log.write_text("earlier line\n")
+    with open(log, "a") as handle:  # python ... >> log.txt
+        assert subprocess.run([sys.executable, "-c", WRITE_TO_STDOUT], cwd=ROOT, stdout=handle).returncode == 0
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["earlier line", "before"] and lines[-1] == "after"
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    os.chmod(secret, 0o600)
+    atomic_write_json(str(secret), {"a": 1})
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600 and json.loads(secret.read_text()) == {"a": 1}
