@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from typing import Optional
 
 import torch
@@ -56,7 +57,10 @@ def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str, license_fr
 
 
 def copy_license_files(source: Optional[str], out_dir: str) -> list[str]:
-    """The license files of a local folder `source` into out_dir (nothing for a hub id or an unknown source)."""
+    """The license files of `source` into out_dir: a local folder's, or a hub repo's (downloaded alone, from the
+    cache when offline; nothing when it cannot be reached)."""
+    if source and not os.path.isdir(source) and not is_local_path(source):
+        source = _hub_license_folder(source)
     if not source or not os.path.isdir(source) or os.path.realpath(source) == os.path.realpath(out_dir):
         return []
     names = sorted(name for name in os.listdir(source)
@@ -64,6 +68,17 @@ def copy_license_files(source: Optional[str], out_dir: str) -> list[str]:
     for name in names:
         shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
     return names
+
+
+def _hub_license_folder(repo_id: str) -> Optional[str]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["LICEN[CS]E*", "licen[cs]e*", "NOTICE*", "COPYING*"])
+    except Exception as error:  # offline without a cached copy, no such repo, no network: say so, go on
+        warnings.warn(f"{repo_id}: its license files could not be fetched ({type(error).__name__}); a checkpoint "
+                      "derived from it should carry them: copy them into the folder")
+        return None
 
 
 def drop_loader_flags(path: str) -> None:

@@ -64,6 +64,26 @@ def test_checkpoints_carry_the_backbones_license_files(fles1_checkpoint, backbon
     assert model.name_or_path == backbone_dir
 
 
+def test_a_hub_backbones_license_files_come_from_the_hub_cache(backbone_dir, tmp_path, monkeypatch):
+    """Only a local folder's were copied: recipes/fles1-v14.yaml trains from google-bert/bert-base-uncased."""
+    import huggingface_hub.constants
+
+    from fles1.checkpoint import copy_license_files
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--backbone" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "LICENSE").write_bytes(open(os.path.join(backbone_dir, "LICENSE"), "rb").read())
+    (cache / "models--org--backbone" / "refs").mkdir()
+    (cache / "models--org--backbone" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # offline: the cache answers
+    (tmp_path / "out").mkdir()
+    assert copy_license_files("org/backbone", str(tmp_path / "out")) == ["LICENSE"]
+    assert (tmp_path / "out" / "LICENSE").read_bytes() == (snapshot / "LICENSE").read_bytes()
+    with pytest.warns(UserWarning, match=r"org/elsewhere: its license files could not be fetched"):
+        assert copy_license_files("org/elsewhere", str(tmp_path / "out")) == []
+
+
 def test_model_three_loaders_agree_on_shipped_backbone(fles1_checkpoint):
     from sentence_transformers import SparseEncoder
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
