@@ -315,11 +315,20 @@ def baselines_section(run: Run) -> str:
 
 def training_corpora(train_recipe: dict) -> Optional[set[str]]:
     """Lower-cased names of the corpora the recipe trained on (a folder's name, a hub id's last part), None when no
-    recipe says -- or when one is a file (a triples TSV names no corpus: its rows may come from any)."""
+    recipe says -- or when one is triples (a TSV names no corpus: its rows may come from any)."""
     sources = [train_recipe.get(key) for key in TRAIN_DATA_KEYS if isinstance(train_recipe.get(key), str)]
-    if not sources or any(os.path.splitext(source.rstrip("/"))[1] for source in sources):
+    if not sources or any(_is_triples(source) for source in sources):
         return None
     return {os.path.basename(os.path.normpath(source)).lower() for source in sources}
+
+
+def _is_triples(source: str) -> bool:
+    """The training loader's own rule where the path is here; else (a card built elsewhere) a TSV-like name."""
+    if os.path.exists(source):
+        from fles1.training.data import triples_file
+
+        return triples_file(source) is not None
+    return source.lower().endswith((".tsv", ".tsv.gz", ".csv", ".txt"))
 
 
 def cross_domain_section(run: Run, trained_on: Optional[set[str]]) -> str:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+from conftest import MSMARCO_TOY
 from fles1.card import MISSING, CardInputError, build_card
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +153,8 @@ def test_several_runs_per_seed_table_and_mean_std(tmp_path):
     from fles1.card import training_corpora
 
     assert training_corpora({"data.source": "../data/msmarco/triples.train.small.tsv"}) is None  # names no corpus
+    assert training_corpora({"data.source": MSMARCO_TOY}) is None  # a folder of triples (triplets/raw.tsv) neither
+    assert training_corpora({"data.source": "/data/beir/nfcorpus-v1.0"}) == {"nfcorpus-v1.0"}  # a dot, not a file
     assert training_corpora({"data.source": "BeIR/nfcorpus"}) == {"nfcorpus"} and training_corpora({}) is None
     for seed, crashes in ((11, "1 | 0 | 1 | 0 | 2"), (22, "0 | 0 | 1 | 0 | 1")):
         assert f"| {seed} | 12500 | 2590 | 0.4321 | 402.5 | 31.5 | {crashes} |" in card.text

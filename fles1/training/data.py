@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+from typing import Optional
 
 from datasets import Dataset
 
@@ -141,16 +142,25 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
     return _to_dataset(rows, num_negatives, path)
 
 
+def triples_file(source: str) -> Optional[str]:
+    """The triples TSV `source` names (a file, or a folder holding triplets/raw.tsv and no BEIR corpus), else None:
+    a BEIR folder or hub id."""
+    folder_triples = os.path.join(source, "triplets", "raw.tsv")
+    if os.path.isfile(source):
+        return source
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "corpus.jsonl")) \
+            and os.path.isfile(folder_triples):
+        return folder_triples
+    return None
+
+
 def load_training_examples(
     source: str, split: str = "train", num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0,
     with_ids: bool = False, positive: str = "random",
 ) -> Dataset:
     """BEIR folder / hub id, triples TSV or a folder with ``triplets/raw.tsv`` -> training ``Dataset``. ``with_ids``
     and ``positive="bm25"`` need a BEIR source's judgements: refused for triples, not silently dropped."""
-    folder_triples = os.path.join(source, "triplets", "raw.tsv")
-    triples = source if os.path.isfile(source) else folder_triples if (
-        os.path.isdir(source) and not os.path.isfile(os.path.join(source, "corpus.jsonl"))
-        and os.path.isfile(folder_triples)) else None
+    triples = triples_file(source)
     if triples is not None:
         unusable = [f"positive={positive!r} (data.positive)"] * (positive != "random") + \
             ["mask_false_negatives=True (data.mask_false_negatives)"] * bool(with_ids)
