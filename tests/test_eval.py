@@ -230,6 +230,26 @@ def test_saved_index_round_trip_edge_cases(tmp_path, num_docs, density):
     np.testing.assert_allclose(loaded.postings.data, index.postings.data, rtol=2**-11)
 
 
+def test_loading_an_index_peaks_near_its_own_size(tmp_path):
+    """The loader made int64 copies, a cumulative sum and a repeat array of every posting: its peak was ~4x the
+    loaded index (30M postings: 925 MB for 228 MB); it now decodes the gaps in place (~2.2x)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    docs = csr_matrix((rng.random(1_000_000, dtype=np.float32) + 0.01, rng.integers(0, 30522, 1_000_000),
+                       np.arange(10_001) * 100), shape=(10_000, 30522))
+    docs.sum_duplicates()
+    InvertedIndex(docs, [f"d{i}" for i in range(10_000)]).save(str(tmp_path / "index.npz"))
+    tracemalloc.start()
+    try:
+        loaded = InvertedIndex.load(str(tmp_path / "index.npz"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = loaded.postings.data.nbytes + loaded.postings.indices.nbytes + loaded.postings.indptr.nbytes
+    assert peak < 3 * size, peak / size
+
+
 def test_apply_threshold_matches_encoder_threshold(tiny_random_checkpoint, beir_dir):
     from fles1_encoder import FLES1Encoder
 
