@@ -314,23 +314,21 @@ def test_broken_folder_refused_naming_the_checks(source_checkpoint, result_files
     assert TOKEN not in printed.out + printed.err
 
 
-@pytest.mark.parametrize("key", ["query_length", "document_length"])
-def test_folder_whose_loaders_cut_texts_elsewhere_is_refused(source_checkpoint, result_files, tmp_path, capsys, key):
+def test_folder_whose_loaders_cut_queries_elsewhere_is_refused(source_checkpoint, result_files, tmp_path, capsys):
     """sentence_bert_config.json cutting queries at 8 tokens (config.json: 64) passed: the probe (one short text,
     encoded as a document only) reached neither cut, while SparseEncoder.encode_query and FLES1Encoder then differed
     by 1.78 on a 16-word query."""
     path = os.path.join(source_checkpoint, "sentence_bert_config.json")
     with open(path) as handle:
         settings = json.load(handle)
-    settings[key] = 8
+    settings["query_length"] = 8  # (a document_length of 8 cut the old probe too: it was refused already)
     with open(path, "w") as handle:
         json.dump(settings, handle)
     out = tmp_path / "hub"
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
                           "--dry-run", str(out)])
-    kind = key.split("_")[0]
     assert rc == 1 and not out.exists()
-    assert re.search(rf"\[FAILED\] vectors agree: .*{kind}: max abs difference [1-9]", capsys.readouterr().err)
+    assert re.search(r"\[FAILED\] vectors agree: query: max abs difference [1-9]", capsys.readouterr().err)
 
 
 def test_sharded_weights_count_as_the_weights(tiny_random_checkpoint, tmp_path):
