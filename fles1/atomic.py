@@ -15,16 +15,12 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     """``with atomic_open("results.json") as handle: ...`` -- the file appears only if the block succeeds. A link
     is followed (its target is replaced, the link stays); a target that is not a regular file (``/dev/null``,
     ``/dev/stdout``, a pipe) is written to directly: renaming a file over it would replace the device itself."""
-    resolved = os.path.realpath(path)
-    # /dev/stdout -> /proc/self/fd/1 -> a pipe (resolves to no real path) or the file a shell redirected to (which
-    # must be appended to through the descriptor, not replaced): anything under /dev or /proc is written directly
-    if (os.path.exists(path) and not os.path.isfile(path)) or any(
-            candidate.startswith(("/dev/", "/proc/")) for candidate in (os.path.abspath(path), resolved)):
+    if (os.path.exists(path) and not os.path.isfile(path)) or _through_a_descriptor(path):
         # append: opening /proc/self/fd/1 for writing truncates the file a shell redirected to, even with >>
         with open(path, mode.replace("w", "a"), encoding=None if "b" in mode else encoding) as handle:
             yield handle
         return
-    path = resolved
+    path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -42,6 +38,20 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def _through_a_descriptor(path: str) -> bool:
+    """Whether ``path`` is, or links through, an open file descriptor (/dev/stdout -> /proc/self/fd/1, /dev/fd/N):
+    behind it a pipe (resolving to no real path) or the file a shell redirected to, which must be written through
+    the descriptor, never replaced. (/dev/shm/results.json is a plain file and is written atomically.)"""
+    current = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        if current.startswith(("/proc/", "/dev/fd/")):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.normpath(os.path.join(os.path.dirname(current), os.readlink(current)))
+    return False
 
 
 def atomic_write_json(path: str, value, indent: int | None = 2, **dump_options) -> None:

@@ -66,3 +66,16 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path):
     os.chmod(secret, 0o600)
     atomic_write_json(str(secret), {"a": 1})
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600 and json.loads(secret.read_text()) == {"a": 1}
+
+
+def test_only_descriptors_are_written_through(tmp_path):
+    """Every /dev and /proc path was appended to: a results file in /dev/shm got each run's JSON after the last."""
+    from fles1.atomic import _through_a_descriptor
+
+    os.symlink("/proc/self/fd/1", tmp_path / "out-link")
+    os.symlink(tmp_path / "plain.json", tmp_path / "plain-link")
+    assert _through_a_descriptor(str(tmp_path / "out-link")) and _through_a_descriptor("/dev/stdout")
+    assert not _through_a_descriptor(str(tmp_path / "plain-link")) and not _through_a_descriptor("/dev/shm/r.json")
+    for value in ({"run": 1}, {"run": 2}):
+        atomic_write_json(str(tmp_path / "plain-link"), value)
+    assert json.loads((tmp_path / "plain.json").read_text()) == {"run": 2}
