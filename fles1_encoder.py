@@ -69,10 +69,10 @@ def _check_local_checkpoint(path: str) -> None:
             json.load(handle)
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+    from safetensors import safe_open
+
     for weights_path in safetensors_files(path):
         try:
-            from safetensors import safe_open
-
             with safe_open(weights_path, framework="pt") as handle:
                 handle.keys()
         except Exception as error:  # safetensors raises its own error types

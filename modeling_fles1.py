@@ -576,7 +576,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         max_logits = max_pooled_logits(
             hidden, decoder.weight, bias, chunk_tokens or self.sparse_chunk_tokens(hidden.device)
         )
-        if attended is not None and not bool(attended.any(dim=1).all()):  # a row attends to nothing: max over none
+        if attended is not None:  # a row that attends to nothing: the max over none (no host sync to test for one)
             max_logits = max_logits.masked_fill(~attended.any(dim=1, keepdim=True), -math.inf)
         return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
 
