@@ -105,7 +105,6 @@ def main(argv=None):
             require_writable(args.output, "--output")  # before the run, not after it
         args.device = _resolve_device(args.device)
         with tempfile.TemporaryDirectory(prefix="fles1-bench-") as scratch:  # the converted backbone, removed after
-            args.source = args.model or f"{DEFAULT_BACKBONE} (converted)"
             return run(args, args.model or convert(DEFAULT_BACKBONE, os.path.join(scratch, "fles1-tiny")))
     except (CheckpointError, BEIRDataError, ValueError) as error:  # a model, data folder or device that will not do
         parser.exit(2, f"error: {error}\n")
@@ -171,7 +170,7 @@ def run(args, model_dir: str) -> dict:
         "bfloat16": projection_floor(config.hidden_size, config.vocab_size, torch.bfloat16, device),
     }
     results = {
-        "model": getattr(args, "source", model_dir),  # not the temporary folder a default run converts into
+        "model": args.model or f"{DEFAULT_BACKBONE} (converted)",  # not the temporary folder it converts into
         "data": args.data,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),

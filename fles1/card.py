@@ -179,12 +179,16 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
 
 
 def _fingerprint_of(folder: str) -> Optional[str]:
-    """`fles1.evaluation.model_fingerprint` of a FLES-1 folder, None where it holds no model."""
-    if not all(os.path.isfile(os.path.join(folder, name)) for name in ("model.safetensors", "config.json")):
+    """`fles1.evaluation.model_fingerprint` of a FLES-1 folder (sharded too), None where it holds no model."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         return None
     from fles1.evaluation import model_fingerprint  # here: it imports the encoder (torch)
+    from fles1_encoder import CheckpointError
 
-    return model_fingerprint(folder)
+    try:
+        return model_fingerprint(folder)
+    except CheckpointError:  # no weights there
+        return None
 
 
 def _results_folders(run: Run) -> set:

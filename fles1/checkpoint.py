@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
 
 from configuration_fles1 import FLES1Config
-from fles1.atomic import atomic_directory, require_new_folder
+from fles1.atomic import atomic_directory, atomic_write_json, require_new_folder
 from fles1_encoder import is_local_path, not_a_folder
 from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM
 
@@ -91,9 +91,7 @@ def drop_loader_flags(path: str) -> None:
         settings = json.load(handle)
     dropped = [flag for flag in ("local_files_only", "is_local") if settings.pop(flag, None) is not None]
     if dropped:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(settings, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
+        atomic_write_json(path, settings, ensure_ascii=False)
 
 
 def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None:
@@ -116,6 +114,11 @@ def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None
     encoder.save_pretrained(out_dir, create_model_card=False)
 
 
+def is_fles1_source(source: str) -> bool:
+    """Whether a folder or hub id holds a FLES-1 checkpoint, read from its config.json without running its code."""
+    return PreTrainedConfig.get_config_dict(source)[0].get("model_type") == FLES1Config.model_type
+
+
 def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_settings) -> str:
     """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder. ``out_dir`` must be new or
     empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place)."""
@@ -124,7 +127,7 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
         raise FileNotFoundError(not_a_folder(source))  # a path, not a hub id: transformers would say "bad repo id"
     # A FLES-1 source (to change its settings) loads through this project's class: through the Auto classes its
     # config's auto_map would make it remote code, and transformers would stop to ask whether to run it.
-    is_fles1 = PreTrainedConfig.get_config_dict(source)[0].get("model_type") == FLES1Config.model_type
+    is_fles1 = is_fles1_source(source)
     source_model, loading = (FLES1ForMaskedLM if is_fles1 else AutoModelForMaskedLM).from_pretrained(
         source, use_safetensors=True, output_loading_info=True)
     missing = [key for key in loading["missing_keys"] if "position_ids" not in key]

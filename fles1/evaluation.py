@@ -31,6 +31,7 @@ import scipy.sparse
 from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
+from fles1 import exports
 from fles1.atomic import atomic_directory, atomic_open, atomic_write_json, require_writable
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.exports import check_elasticsearch_ids
@@ -61,9 +62,18 @@ def _model_file(model: str, name: str) -> str:
 
 
 def model_fingerprint(model: str) -> str:
-    """sha256 of model.safetensors (a folder's shards, when sharded) + config.json (folder or hub id)."""
+    """sha256 of model.safetensors (a folder's shards, when sharded) + config.json (folder or hub id). Hashed once
+    per process for the same files (path, size, modification time): publishing checks a folder's fingerprint, then
+    the card pairs training logs by it."""
     weights = safetensors_files(model) if os.path.isdir(model) else [_model_file(model, "model.safetensors")]
-    return fingerprint_files([*weights, _model_file(model, "config.json")])
+    files = [*weights, _model_file(model, "config.json")]
+    key = tuple((os.path.realpath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files)
+    if key not in _MODEL_FINGERPRINTS:
+        _MODEL_FINGERPRINTS[key] = fingerprint_files(files)
+    return _MODEL_FINGERPRINTS[key]
+
+
+_MODEL_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def corpus_fingerprint(dataset: BEIRDataset) -> str:
@@ -367,14 +377,12 @@ def evaluate(
     datasets = [load_beir(source, split) for source in data]
     names = dataset_names(datasets)
     for dataset in datasets:  # ids the requested outputs cannot carry fail now, not after the encoding
-        if run_file:
-            check_trec_ids(dataset.qrels, f"{dataset.name}: query")
-            check_trec_ids(dataset.corpus, f"{dataset.name}: corpus")
+        if run_file or export_dir:  # the export too: Anserini writes TREC runs, reads whitespace-separated topics
+            remedy = "leave out the run file" if run_file else "leave out --export"
+            check_trec_ids(dataset.qrels, f"{dataset.name}: query", remedy=remedy)
+            check_trec_ids(dataset.corpus, f"{dataset.name}: corpus", remedy=remedy)
         if export_dir:
             check_elasticsearch_ids(dataset.corpus, dataset.name)
-            # Anserini writes TREC runs and reads whitespace-separated topics
-            check_trec_ids(dataset.qrels, f"{dataset.name}: query", remedy="leave out --export")
-            check_trec_ids(dataset.corpus, f"{dataset.name}: corpus", remedy="leave out --export")
     encoder = FLES1Encoder.from_pretrained(model, device=device)
     threshold = encoder.threshold if threshold is None else float(threshold)
     if threshold < 0:
@@ -389,6 +397,10 @@ def evaluate(
         "datasets": {},
     }
     run_paths = run_file_paths(run_file, names) if run_file else {}
+    if export_dir:
+        vocab = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.config.vocab_size)))
+        export_settings = {"model_fingerprint": model_fp, "split": split,
+                           **{key: results[key] for key in ("threshold", "query_max_length", "document_max_length")}}
     for name, dataset in zip(names, datasets):
         log(f"[{name}] {len(dataset.corpus)} docs, {len(dataset.qrels)} {split} queries, threshold {threshold}")
         start = time.perf_counter()
@@ -400,10 +412,7 @@ def evaluate(
         if name in run_paths:
             write_trec_run(run, run_paths[name], tag=f"fles1-t{threshold:g}")
         if export_dir:
-            vocab = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.config.vocab_size)))
-            settings = {key: results[key] for key in ("threshold", "query_max_length", "document_max_length")}
-            _export_dataset(os.path.join(export_dir, name), name, artifacts, vocab,
-                            {"model_fingerprint": model_fp, "split": split, **settings})
+            _export_dataset(os.path.join(export_dir, name), name, artifacts, vocab, export_settings)
         results["datasets"][name] = entry
         cached = "cached" if artifacts["encode_info"]["cached"] else "encoded"
         log(f"[{name}] NDCG@10 {entry['metrics']['ndcg@10']:.4f} ({cached} corpus, {time.perf_counter() - start:.1f}s)")
@@ -415,8 +424,6 @@ def _export_dataset(folder: str, name: str, artifacts: dict, vocab, settings: di
     ``export.json`` saying what they were made with and how to run them. Both are written beside them before
     either replaces an earlier export (never one engine's files at one threshold and the other's at another);
     anything else in the folder (a run file, say) stays."""
-    from fles1 import exports
-
     doc_ids, doc_matrix = artifacts["index"].doc_ids, artifacts["doc_matrix"]
     query_ids, query_matrix = artifacts["query_ids"], artifacts["query_matrix"]
     manifest = {**settings, "documents": len(doc_ids), "queries": len(query_ids), "top_k": TOP_K}
@@ -437,8 +444,6 @@ def _export_dataset(folder: str, name: str, artifacts: dict, vocab, settings: di
         atomic_write_json(os.path.join(pyserini, "export.json"), {**manifest, "pyserini": {
             "impact_scale": exports.IMPACT_SCALE, "index_command": exports.ANSERINI_INDEX_COMMAND,
             "search_command": exports.ANSERINI_SEARCH_COMMAND}})
-
-
 
 
 def write_results(results: dict, path: str) -> None:

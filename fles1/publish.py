@@ -146,7 +146,7 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
     """The first results file is the published model's (the card's metrics); its model fingerprint must be the
     folder's, or the card would show another model's numbers."""
     from fles1.evaluation import model_fingerprint
-    from fles1_encoder import CheckpointError, safetensors_files
+    from fles1_encoder import CheckpointError
 
     config_path = os.path.join(model_dir, "config.json")
     try:
@@ -156,15 +156,13 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
         raise PublishError(str(error)) from None
     recorded = (evaluated.get("model") or {}).get("fingerprint")
     try:
-        has_weights = bool(safetensors_files(model_dir))
+        actual = model_fingerprint(model_dir) if recorded else None
     except CheckpointError:  # no (complete) weights: the checks say so, naming the file
-        has_weights = False
-    if recorded and has_weights:
-        actual = model_fingerprint(model_dir)
-        if recorded != actual:
-            raise PublishError(f"{results}: evaluated the model with fingerprint {recorded}, not {model_dir} "
-                               f"({actual}); evaluate it (eval_fles1.py --model {model_dir}) and pass that file "
-                               "first -- further --results files (other seeds) may be other models")
+        actual = None
+    if actual and recorded != actual:
+        raise PublishError(f"{results}: evaluated the model with fingerprint {recorded}, not {model_dir} "
+                           f"({actual}); evaluate it (eval_fles1.py --model {model_dir}) and pass that file "
+                           "first -- further --results files (other seeds) may be other models")
     # The card states the results' threshold as the model's inference threshold: it must be the one users get.
     shipped = config.get("inference_threshold")
     threshold = evaluated.get("threshold")

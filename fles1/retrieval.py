@@ -132,7 +132,6 @@ class InvertedIndex:
         positions = postings.indices
         gaps = np.empty(len(positions), dtype=np.int32)  # doc positions < 2**31: int32 deltas, no int64 copy
         np.subtract(positions[1:], positions[:-1], out=gaps[1:])
-        gaps[:1] = positions[:1]
         starts = postings.indptr[:-1][lengths > 0]
         gaps[starts] = positions[starts]  # first posting of each list is absolute
         gap_dtype = np.uint16 if self.num_docs < 2**16 else np.uint32

@@ -60,3 +60,16 @@ def tiny_random_checkpoint(tmp_path_factory, backbone_dir):
     model = FLES1ForMaskedLM(config)
     tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
     return save_checkpoint(model, tokenizer, str(tmp_path_factory.mktemp("fles1-random")))
+
+
+def sharded_copy(checkpoint: str, folder) -> str:
+    """A copy of `checkpoint` whose weights are saved in 300 KB shards (model.safetensors.index.json)."""
+    import shutil
+
+    from transformers import AutoModelForMaskedLM
+
+    shutil.copytree(checkpoint, folder)
+    os.remove(os.path.join(folder, "model.safetensors"))
+    AutoModelForMaskedLM.from_pretrained(checkpoint, trust_remote_code=True).save_pretrained(
+        folder, max_shard_size="300KB")
+    return str(folder)

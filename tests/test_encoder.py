@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,14 +138,10 @@ def test_encoder_missing_or_corrupt_file_names_the_file(tiny_random_checkpoint, 
 def test_encoder_loads_sharded_safetensors_and_names_a_missing_shard(tiny_random_checkpoint, tmp_path):
     """A folder saved with ``save_pretrained(..., max_shard_size=...)`` loads in transformers and
     sentence-transformers; FLES1Encoder refused it ("model.safetensors: missing")."""
-    from transformers import AutoModelForMaskedLM
-
+    from conftest import sharded_copy
     from fles1.evaluation import model_fingerprint
 
-    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "sharded")
-    os.remove(folder / "model.safetensors")
-    AutoModelForMaskedLM.from_pretrained(tiny_random_checkpoint, trust_remote_code=True).save_pretrained(
-        folder, max_shard_size="300KB")
+    folder = Path(sharded_copy(tiny_random_checkpoint, tmp_path / "sharded"))
     shards = sorted(name for name in os.listdir(folder) if name.startswith("model-"))
     assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
     texts = ["statins and breast cancer", "vitamin d"]

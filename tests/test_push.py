@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, constants
@@ -333,14 +334,10 @@ def test_folder_whose_loaders_cut_queries_elsewhere_is_refused(source_checkpoint
 
 def test_sharded_weights_count_as_the_weights(tiny_random_checkpoint, tmp_path):
     """A sharded folder loads and evaluates, but 'required files: missing model.safetensors' refused to publish it."""
-    from transformers import AutoModelForMaskedLM
-
+    from conftest import sharded_copy
     from fles1.publish import check_files
 
-    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "sharded")
-    os.remove(folder / "model.safetensors")
-    AutoModelForMaskedLM.from_pretrained(tiny_random_checkpoint, trust_remote_code=True).save_pretrained(
-        folder, max_shard_size="300KB")
+    folder = Path(sharded_copy(tiny_random_checkpoint, tmp_path / "sharded"))
     assert check_files(str(folder)).ok
     shard = sorted(name for name in os.listdir(folder) if name.startswith("model-"))[0]
     os.remove(folder / shard)

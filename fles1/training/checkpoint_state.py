@@ -35,7 +35,7 @@ class CheckpointStateMixin:
         if isinstance(saved, dict) and saved.get("global_step") == state.global_step:  # written with that checkpoint
             self.load_state_dict(saved["state"])
             return True
-        return self.load(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        return self.load(self.checkpoint_folder(args, state))  # the standard layout: resume_from is unset here
 
     def load(self, checkpoint_dir: str) -> bool:
         path = os.path.join(checkpoint_dir, self.STATE_FILE)

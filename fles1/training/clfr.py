@@ -182,9 +182,10 @@ class _NNZRecorder(torch.nn.Module):
         # training batches only: the trainer's evaluation loss runs under no_grad (prediction_step); a diverged
         # batch's NaN vectors hold no entry > 0 and are no density (as in FLES1Trainer)
         if torch.is_grad_enabled():
-            with torch.no_grad():
-                if bool(torch.isfinite(embeddings).all()):
-                    self._callback[0].observe(float((embeddings > 0).sum()), embeddings.shape[0])
+            with torch.no_grad():  # one device-to-host copy for both numbers
+                nnz, not_finite = torch.stack([(embeddings > 0).sum(), (~torch.isfinite(embeddings)).sum()]).tolist()
+                if not not_finite:
+                    self._callback[0].observe(float(nnz), embeddings.shape[0])
         return self.regularizer.compute_loss_from_embeddings(embeddings, *args, **kwargs)
 
     def forward(self, *args, **kwargs):

@@ -49,15 +49,15 @@ class TrainingSetupError(ValueError):
 
 def load_model_for_training(path: str):
     """A FLES-1 checkpoint folder, or any BERT masked-LM (converted on the fly, weights from safetensors only)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from fles1.checkpoint import convert
+    from fles1.checkpoint import convert, is_fles1_source
     from fles1_encoder import is_local_path, not_a_folder
     from modeling_fles1 import FLES1ForMaskedLM
 
     if not os.path.isdir(path) and is_local_path(path):
         raise FileNotFoundError(not_a_folder(path))  # transformers would call the path an invalid repo id
-    if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == "fles1":
+    if is_fles1_source(path):
         return FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True), \
             AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     with tempfile.TemporaryDirectory(prefix="fles1-backbone-") as scratch:  # every run used to leave its copy
