@@ -25,6 +25,7 @@ import numbers
 import operator
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Iterable, Literal, Optional, Sequence
 
 import numpy as np
@@ -126,6 +127,9 @@ def _validate_text(text, name: str) -> None:
 def _validate_texts(texts) -> list[str]:
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"expected a list of str, got a single {type(texts).__name__}; use encode() for one text")
+    if isinstance(texts, Mapping) or hasattr(texts, "columns"):  # iterating would encode the keys / column names
+        raise TypeError(f"expected a list of str, got a {type(texts).__name__}; pass its texts, e.g. "
+                        "list(mapping.values()) or frame['text']")
     texts = list(texts)
     for index, text in enumerate(texts):
         _validate_text(text, f"texts[{index}]")
@@ -139,8 +143,17 @@ def _not_finite(name: str) -> FloatingPointError:
 
 
 def passes_threshold(weights, threshold: float):
-    """The inference rule, for numpy arrays and torch tensors alike: weights >= threshold, and > 0 at threshold 0."""
-    return weights >= threshold if threshold > 0 else weights > 0
+    """The inference rule, for numpy arrays and torch tensors alike: weights >= threshold, and > 0 at threshold 0.
+
+    The threshold is compared as the float32 the weights are: a positive one that rounds to 0 there (below ~7e-46)
+    would otherwise become ``weights >= 0`` and keep every zero."""
+    cut = float32_cut(threshold)
+    return weights >= cut if cut > 0 else weights > 0
+
+
+def float32_cut(threshold: float) -> float:
+    """The threshold as the float32 it is compared as (inf -> float32's max, which no finite weight reaches)."""
+    return float(np.float32(min(threshold, FLOAT32_MAX)))
 
 
 def _validate_threshold(threshold: float) -> float:
@@ -393,8 +406,8 @@ class FLES1Encoder:
         weights = weights.tolist()
         if not all(math.isfinite(weight) for weight in weights):  # NaN the threshold would drop silently, or inf
             raise _not_finite("text")
-        cut = float(np.float32(min(threshold, FLOAT32_MAX)))
-        terms = [(i, w) for i, w in zip(ids.tolist(), weights) if passes_threshold(w, cut)]
+        cut = float32_cut(threshold)
+        terms = [(i, w) for i, w in zip(ids.tolist(), weights) if (w >= cut if cut > 0 else w > 0)]
         terms.sort(key=lambda term: -term[1])
         return [i for i, _ in terms], [w for _, w in terms]
 

@@ -477,14 +477,15 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def _int8_screen(self) -> "_Int8Screen":
         return self._decoder_cache("int8-screen", _int8_screen)
 
-    def _hidden_states(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+    def _hidden_states(self, input_ids, attention_mask, token_type_ids, position_ids=None) -> torch.Tensor:
         """MLM-head-transformed hidden states (batch, length, hidden).
 
         One unpadded text at CPU inference -- the query-latency case -- goes through a TorchScript trace of the
         same modules (checked equal to eager at trace time), which skips transformers' per-call Python work:
         about 0.35 instead of 0.8 ms for a query on the shipped model. Everything else runs eagerly.
         """
-        single = input_ids.shape[0] == 1 and (attention_mask is None or bool(attention_mask.all()))
+        single = input_ids.shape[0] == 1 and position_ids is None \
+            and (attention_mask is None or bool(attention_mask.all()))
         if single and self.use_traced_backbone and input_ids.device.type == "cpu" and not self.training \
                 and not torch.is_grad_enabled():
             if token_type_ids is None:
@@ -501,7 +502,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
                         self.__dict__["_fles1_traced_hidden_states"] = cached
             if cached[1] is not None:
                 return cached[1](input_ids, token_type_ids)
-        outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids)
         return self.cls.predictions.transform(outputs.last_hidden_state)
 
     @torch.no_grad()
@@ -537,6 +539,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         projection_dtype: Optional[torch.dtype] = None,
         chunk_tokens: Optional[int] = None,
         screening: Optional[bool] = None,
+        position_ids: Optional[torch.LongTensor] = None,
     ) -> FLES1SparseOutput:
         """
         Sparse vectors log(1 + ReLU(max_t logits)) of shape (batch, vocab), float32, without thresholding.
@@ -550,12 +553,15 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             screening: CPU inference only: find the float32 result through an int8 pass that bounds every
                 logit, plus a float32 recompute of the few entries that can be positive (same vectors, about 2x
                 faster). Defaults to on for float32 models where `int8_screening_available()`.
+            position_ids: passed to BERT. By default a text's tokens sit at positions 0, 1, ... of the padded
+                row, as in transformers: under left padding they are shifted, and the vectors change (as they do
+                in `forward` and sentence-transformers); `(attention_mask.cumsum(1) - 1).clamp(min=0)` undoes it.
 
         Under autograd the projection keeps only each entry's max and argmax (sparse backward); on CPU at
         inference it runs per text, a cache-sized tile of tokens at a time against a oneDNN-packed weight,
         skipping padding; a single text's backbone runs through a TorchScript trace (see `_hidden_states`).
         """
-        hidden = self._hidden_states(input_ids, attention_mask, token_type_ids)
+        hidden = self._hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
         decoder = self.cls.predictions.decoder
         bias = self._decoder_bias()
         differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad)

@@ -192,6 +192,30 @@ def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
     assert FLES1Encoder.from_pretrained(tiny_random_checkpoint, threshold=cut).encode(text) == kept
 
 
+@pytest.mark.parametrize("threshold", [1e-46, 5e-324])
+def test_encoder_tiny_positive_threshold_keeps_no_zeros_on_any_path(encoder, threshold):
+    """A positive threshold that is 0 in float32 became `weights >= 0` on the batch paths: every one of the
+    30,522 entries kept (explicit zeros in the CSR), while encode() kept the positive ones."""
+    text = "heart disease and diet"
+    positive = encoder.encode(text, threshold=0)
+    assert encoder.encode(text, threshold=threshold) == positive
+    assert encoder.encode_batch([text], threshold=threshold) == encoder.encode_batch([text], threshold=0)
+    assert len(encoder.encode_batch([text], threshold=threshold, output="ids")[0][0]) == len(positive)
+    matrix = encoder.encode_to_csr([text], threshold=threshold)
+    assert matrix.nnz == len(positive) and (matrix.data > 0).all()
+
+
+def test_encoder_batch_refuses_mappings_and_frames(encoder):
+    """Iterating a {doc_id: text} dict or a DataFrame yields its keys / column names: vectors of the wrong texts."""
+    import pandas  # a dependency of datasets
+    with pytest.raises(TypeError, match=r"dict; pass its texts, e\.g\. list\(mapping\.values\(\)\)"):
+        encoder.encode_batch({"doc1": "heart disease"})
+    frame = pandas.DataFrame({"text": ["heart disease", "diet"]})
+    with pytest.raises(TypeError, match="DataFrame"):
+        encoder.encode_to_csr(frame)
+    assert encoder.encode_batch(frame["text"]) == encoder.encode_batch(["heart disease", "diet"])
+
+
 def test_encoder_ids_csr_torch_and_decode_agree(encoder):
     texts = ["heart disease and diet", "", "vitamin d deficiency in older adults", "🚀"]
     dicts = encoder.encode_batch(texts)  # one batch everywhere: padding may move weights by ~1e-7

@@ -490,6 +490,14 @@ def test_model_left_padding_and_rows_attending_nothing_on_every_path(path, monke
     with torch.set_grad_enabled(path.startswith("autograd")):
         sparse = model.encode_sparse(**left, **options).sparse_embeddings
     assert (sparse - reference).abs().max().item() <= 1e-5
+    # left padding shifts BERT's positions; position_ids counted over the attended tokens give the right-padded
+    # vectors back (encode_sparse had no position_ids to pass)
+    with torch.no_grad():
+        right = naive_sparse(model, features)
+        positions = (left["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        unshifted = model.encode_sparse(**left, position_ids=positions, **options).sparse_embeddings
+    assert (sparse[:3] - right).abs().max().item() > 1e-3
+    assert (unshifted[:3] - right).abs().max().item() <= 1e-5 and not unshifted[3].any()
     if path.startswith("autograd"):
         sparse.sum().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
