@@ -24,6 +24,7 @@ import math
 import numbers
 import operator
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Iterable, Literal, Optional, Sequence
@@ -134,6 +135,11 @@ def _validate_texts(texts) -> list[str]:
     for index, text in enumerate(texts):
         _validate_text(text, f"texts[{index}]")
     return texts
+
+
+# models switched to eval mode by encoders that are encoding: id -> [calls in flight, each module's training flag]
+_EVAL_SWITCHES: dict = {}
+_MODE_LOCK = threading.Lock()
 
 
 def _not_finite(name: str) -> FloatingPointError:
@@ -301,15 +307,26 @@ class FLES1Encoder:
     @contextlib.contextmanager
     def _eval_mode(self):
         """Dropout off while encoding, also for a model that is training (an encoder evaluating between training
-        steps); its mode is restored after."""
-        training = self.model.training
-        if training:
-            self.model.eval()
+        steps); each module's mode is restored after the last of the calls encoding at once (threads) returns --
+        a per-call restore would switch dropout back on under another thread still encoding."""
+        model = self.model
+        with _MODE_LOCK:
+            entry = _EVAL_SWITCHES.get(id(model))
+            if entry is None and model.training:
+                entry = _EVAL_SWITCHES[id(model)] = [0, [(module, module.training) for module in model.modules()]]
+                model.eval()
+            if entry is not None:
+                entry[0] += 1
         try:
             yield
         finally:
-            if training:
-                self.model.train()
+            if entry is not None:
+                with _MODE_LOCK:
+                    entry[0] -= 1
+                    if entry[0] == 0:
+                        del _EVAL_SWITCHES[id(model)]
+                        for module, training in entry[1]:
+                            module.training = training
 
     @torch.inference_mode()
     def _encode_ids_batch(self, token_ids: list[list[int]]) -> torch.Tensor:

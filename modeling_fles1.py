@@ -176,9 +176,24 @@ def int8_screening_available() -> bool:
 
 
 def _screens_by_default(device: torch.device, dtype: torch.dtype, projection_dtype=None) -> bool:
-    """Whether a float32 projection goes through int8 screening (`_screened_max`) unless told otherwise."""
+    """Whether a float32 projection goes through int8 screening (`_screened_max`) unless told otherwise. Not
+    under CPU autocast: it would run the exact recompute in bf16 (the batched paths follow autocast instead)."""
     return (device.type == "cpu" and dtype == torch.float32 and projection_dtype in (None, torch.float32)
-            and int8_screening_available())
+            and not _cpu_autocast() and int8_screening_available())
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _hooked(hook_dicts) -> bool:
+    """Whether forward hooks could change what the traced modules compute (a trace would have baked them in or
+    missed them). `hook_dicts`: the modules' own hook dicts, which registering and removing a hook mutate."""
+    state = torch.nn.modules.module
+    return bool(state._global_forward_hooks or state._global_forward_pre_hooks) or any(hook_dicts)
 
 
 class _Int8Screen(NamedTuple):
@@ -339,7 +354,7 @@ class _TransformedHiddenStates(torch.nn.Module):
         self.bert, self.transform = model.bert, model.cls.predictions.transform
 
     def forward(self, input_ids, token_type_ids):
-        hidden = self.bert(input_ids=input_ids, token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.bert(input_ids=input_ids, token_type_ids=token_type_ids, return_dict=True).last_hidden_state
         return self.transform(hidden)
 
 
@@ -455,7 +470,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
         The key holds their storage and version counters, so an optimizer step, `load_state_dict` or `.to()`
         invalidates it. Writes through ``.data`` (some EMA and weight-averaging code) bump no version counter: a
-        sample of evenly spaced elements (`_ElementSample`) catches those that change the whole weight.
+        sample of evenly spaced elements (`_ElementSample`) catches those that change the whole weight; after one
+        to a few rows, `clear_caches()`.
         """
         weight, bias = self.cls.predictions.decoder.weight, self._decoder_bias()
         key = (weight.data_ptr(), weight._version, weight.dtype, bias.data_ptr(), bias._version)
@@ -486,8 +502,10 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """
         single = input_ids.shape[0] == 1 and position_ids is None \
             and (attention_mask is None or bool(attention_mask.all()))
+        # eager under autocast (a trace does not follow it) and while forward hooks are registered (a trace built
+        # with them would keep them after their removal, one built before would miss them)
         if single and self.use_traced_backbone and input_ids.device.type == "cpu" and not self.training \
-                and not torch.is_grad_enabled():
+                and not torch.is_grad_enabled() and not _cpu_autocast() and not _hooked(self._traced_hook_dicts()):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             dtype = self.bert.embeddings.word_embeddings.weight.dtype
@@ -503,7 +521,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             if cached[1] is not None:
                 return cached[1](input_ids, token_type_ids)
         outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids)
+                            position_ids=position_ids, return_dict=True)  # config.return_dict=False: a tuple
         return self.cls.predictions.transform(outputs.last_hidden_state)
 
     @torch.no_grad()
@@ -624,6 +642,26 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         exact = _exact_at(states, screen, candidates)[0].numpy()
         positive = (exact > 0).nonzero()[0]  # ndarray indexing: a few us where torch's boolean masks take ~15
         return torch.from_numpy(candidates.numpy()[positive]), torch.log1p(torch.from_numpy(exact[positive]))
+
+    def _traced_hook_dicts(self) -> list:
+        """The forward (pre-)hook dicts of the modules a trace runs, rebuilt after any registration on them; any()
+        over them costs ~2 us per query where asking each of the ~50 modules took ~9."""
+        cached = self.__dict__.get("_fles1_traced_hook_dicts")
+        if cached is None or cached[0] != _REGISTRATIONS[0]:
+            _TRACED_MODULES.update(self.modules())  # a submodule registered on them from now on rebuilds the list
+            modules = (*self.bert.modules(), *self.cls.predictions.transform.modules())
+            hooks = [hooks for module in modules for hooks in (module._forward_hooks, module._forward_pre_hooks)]
+            cached = self.__dict__["_fles1_traced_hook_dicts"] = (_REGISTRATIONS[0], hooks)
+        return cached[1]
+
+    def clear_caches(self) -> None:
+        """Drop the decoder's int8 / packed copies and the traced backbone; they are rebuilt on the next call.
+
+        They follow the weights by themselves (version counters, a sample of elements, module registrations), except
+        after a write through ``.data`` to a few rows of the decoder (``weight.data[new_id] = ...``): call this then.
+        """
+        for name in ("_fles1_decoder_cache", "_fles1_traced_hidden_states", "_fles1_traced_hook_dicts"):
+            self.__dict__.pop(name, None)
 
     def _decoder_bias(self) -> torch.Tensor:
         decoder = self.cls.predictions.decoder

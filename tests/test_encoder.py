@@ -363,6 +363,23 @@ def test_encoder_encodes_in_eval_mode_and_leaves_a_training_model_training(tiny_
     assert encoder.model.training and rewrapped.encode(texts[1], threshold=0.0) == pytest.approx(expected[0], abs=1e-6)
 
 
+def test_encoder_keeps_a_training_model_in_eval_mode_while_threads_encode(tiny_random_checkpoint):
+    """Each call restored train() on exit, switching dropout back on under other threads still encoding; and
+    train() reset submodules the user had put in eval mode."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    texts = ["statin use and breast cancer survival in a large cohort of women"] * 8
+    expected = encoder.encode_batch(texts, batch_size=2)
+    encoder.model.train()
+    encoder.model.bert.embeddings.eval()  # e.g. frozen embeddings
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: encoder.encode_batch(texts, batch_size=2), range(24)))
+    assert all(result == expected for result in results)
+    assert encoder.model.training and encoder.model.bert.encoder.training
+    assert not encoder.model.bert.embeddings.training and not encoder.model.bert.embeddings.dropout.training
+
+
 def test_encoder_follows_a_truncation_side_set_after_first_use(shipped):
     from transformers import AutoTokenizer
 

@@ -710,3 +710,72 @@ def test_model_first_calls_from_threads_leave_logging_and_warnings_as_they_were(
         thread.join()
     assert model._fles1_traced_hidden_states[1] is not None
     assert warnings.filters == filters and logging.get_verbosity() == verbosity
+
+
+def _single_text_paths(model, input_ids):
+    """One text through encode_sparse (screened where the CPU can) and encode_sparse_terms, as dense vectors."""
+    with torch.inference_mode():
+        dense = model.encode_sparse(input_ids=input_ids).sparse_embeddings[0]
+        ids, weights = model.encode_sparse_terms(input_ids)
+    return dense, torch.zeros_like(dense).index_put_((ids,), weights.float())
+
+
+def test_model_single_text_path_follows_forward_hooks():
+    """The single-text trace ignored a hook registered after it was built, and kept one removed after."""
+    model, features = tiny_model()
+    input_ids = features["input_ids"][:1]
+    plain = naive_sparse(model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+    assert all((path - plain).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))  # traced
+    offset = torch.randn(model.config.hidden_size)
+    handle = model.bert.encoder.layer[-1].output.register_forward_hook(lambda module, args, output: output + offset)
+    with torch.no_grad():
+        hooked = naive_sparse(model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+    assert (hooked - plain).abs().max().item() > 1e-2
+    assert all((path - hooked).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))
+    handle.remove()
+    assert all((path - plain).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))
+
+
+def test_model_encode_sparse_with_return_dict_false():
+    """config.return_dict=False (a from_pretrained kwarg) made BERT return tuples: encode_sparse raised AttributeError."""
+    model, features = tiny_model()
+    with torch.no_grad():
+        expected = model.encode_sparse(**features).sparse_embeddings
+    model.config.return_dict = False
+    with torch.no_grad():
+        assert isinstance(model(**features), tuple)
+        assert torch.equal(model.encode_sparse(**features).sparse_embeddings, expected)
+    assert all(torch.equal(path, expected[0]) or (path - expected[0]).abs().max() <= 1e-5
+               for path in _single_text_paths(model, features["input_ids"][:1]))
+
+
+def test_model_single_text_under_cpu_autocast():
+    """Under torch.autocast("cpu", bfloat16) a single text crashed once its trace existed (the exact recompute
+    ran in bf16 against float32 buffers); now every path follows autocast like forward does."""
+    model, features = tiny_model()
+    input_ids = features["input_ids"][:1]
+    _single_text_paths(model, input_ids)  # builds the trace and the int8 screen first
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        reference = naive_sparse(model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+        dense, terms = _single_text_paths(model, input_ids)
+        batch = model.encode_sparse(**features).sparse_embeddings
+    assert (reference > 0).sum() > 10
+    assert (dense - reference).abs().max().item() <= 0.05 and (terms - dense).abs().max().item() <= 1e-6
+    assert (batch[0] - dense).abs().max().item() <= 0.05
+
+
+def test_model_clear_caches_after_a_data_write_to_one_decoder_row():
+    """A write through .data to one decoder row bumps no version counter and may miss the sampled elements:
+    the documented remedy is clear_caches()."""
+    model, features = tiny_model()
+    with torch.no_grad():
+        model.encode_sparse(**features)
+        active = int(naive_sparse(model, features)[0].argmax())
+    weight = model.get_output_embeddings().weight
+    weight.data[active] = -weight.data[active]
+    model.clear_caches()
+    with torch.no_grad():
+        reference = naive_sparse(model, features)
+        assert (model.encode_sparse(**features).sparse_embeddings - reference).abs().max().item() <= 1e-5
+    assert all((path - reference[0]).abs().max().item() <= 1e-5
+               for path in _single_text_paths(model, features["input_ids"][:1]))
