@@ -1,5 +1,6 @@
 """Unit tests of the training pieces: sparse backward, loss and regularizer formulas, data, bad input."""
 
+import json
 import os
 
 import pytest
@@ -229,6 +230,7 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.learning_rate", float("nan"), "learning_rate must be >= 0, got nan"),
     ("clfr.enabled", "no", "clfr.enabled must be true or false, got 'no'"),  # a quoted "no" was truthy: CLFR on
     ("data.mask_false_negatives", 1, "data.mask_false_negatives must be true or false, got 1"),
+    ("loss.gather_across_devices", "no", "loss.gather_across_devices must be true or false, got 'no'"),
     ("data.max_examples", -1, r"data.max_examples must be an int >= 1 or null \(every example\), got -1"),
     ("data.max_examples", float("nan"), "data.max_examples must be an int >= 1 or null"),  # NaN kept every example
     # these failed after the model had loaded: ZeroDivisionError, "cannot convert float NaN", a late length check
@@ -365,6 +367,53 @@ def test_a_non_finite_step_is_one_crash_and_never_the_collapse_baseline():
     assert monitor.totals() == {"non_finite_loss": 2, "non_finite_grad": 0, "loss_spike": 0, "nnz_collapse": 1,
                                 "total": 3}
     assert [event["step"] for event in monitor.events if event["kind"] == "nnz_collapse"] == [5]
+
+
+def test_training_arguments_skip_ddps_unused_parameter_search_unless_asked():
+    """transformers' default (True) made DDP walk the graph for unused parameters every step and warn that it
+    found none: encode_sparse uses every parameter."""
+    from fles1.training.recipe import training_arguments
+
+    assert training_arguments({"per_device_train_batch_size": 2}).ddp_find_unused_parameters is False
+    assert training_arguments({"ddp_find_unused_parameters": True}).ddp_find_unused_parameters is True
+
+
+def _crash_monitor_on_rank(rank: int, port: int, folder: str) -> None:
+    """One of two gloo ranks feeding its own micro-batch numbers to a CrashMonitor (spawned by the test below)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from fles1.training.crashes import CrashMonitor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    monitor, model = CrashMonitor(nnz_floor=1.0, nnz_collapse_fraction=0.1), torch.nn.Linear(2, 2)
+    losses = [1.0] * 5 + ([1.0, 1.0] if rank == 0 else [9.0, float("nan")])  # rank 1: a spike, then a NaN batch
+    nnz = [100.0] * 7 if rank == 0 else [300.0] * 7
+    for step, (loss, mean_nnz) in enumerate(zip(losses, nnz)):
+        model.weight.grad = torch.ones(2, 2)  # finite: DDP's all-reduced gradients hide nothing here
+        monitor.observe(loss=loss, nnz_sum=mean_nnz * 4, nnz_count=4)
+        monitor.on_pre_optimizer_step(SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=step),
+                                      None, model=model)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+        json.dump(monitor.state_dict(), handle)
+    dist.destroy_process_group()
+
+
+def test_crash_monitor_judges_the_global_step_on_every_rank(tmp_path):
+    """Each rank judged its own micro-batches: rank 1's loss spike went uncounted (rank 0 writes the log), its NaN
+    batch was logged as a non-finite gradient (rank 0 saw only the all-reduced NaN gradient), and the ranks kept
+    different collapse baselines (a resume then gave every rank rank 0's)."""
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(_crash_monitor_on_rank, args=(29535, str(tmp_path)), nprocs=2)
+    states = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)]
+    assert states[0] == states[1]
+    assert states[0]["first_nnz"] == 200.0  # the mean over both ranks' documents
+    assert [(event["step"], event["kind"]) for event in states[0]["events"]] == [(6, "loss_spike"),
+                                                                                 (7, "non_finite_loss")]
+    assert states[0]["events"][0]["value"] == 5.0  # the mean of the ranks' losses
 
 
 def test_training_from_a_bert_backbone_leaves_no_temporary_copy(backbone_dir, tmp_path, monkeypatch):

@@ -386,17 +386,61 @@ def test_torchrun_two_ranks_log_the_global_nnz(sparse_tiny, msmarco_toy_dir, tmp
         assert adjustment["measured_nnz"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
-    data = tmp_path / "mini-beir"
+def _mini_beir(data, queries=8, documents=12, shared_positive=False):
+    """A BEIR folder: query qi judged relevant to di (and, with ``shared_positive``, all to d0 as well)."""
     (data / "qrels").mkdir(parents=True)
     (data / "corpus.jsonl").write_text("".join(
         json.dumps({"_id": f"d{i}", "title": f"title {i}", "text": f"document {i} about cells and vitamin"}) + "\n"
-        for i in range(12)))
+        for i in range(documents)))
     (data / "queries.jsonl").write_text("".join(
-        json.dumps({"_id": f"q{i}", "text": f"vitamin topic {i}"}) + "\n" for i in range(8)))
+        json.dumps({"_id": f"q{i}", "text": f"vitamin topic {i}"}) + "\n" for i in range(queries)))
     for split in ("train", "dev"):
-        (data / "qrels" / f"{split}.tsv").write_text(
-            "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8)))
+        rows = [f"q{i}\td{i}\t1\n" for i in range(queries)]
+        rows += [f"q{i}\td0\t1\n" for i in range(1, queries)] * (split == "train" and shared_positive)
+        (data / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
+    return str(data)
+
+
+def test_torchrun_two_ranks_train_the_one_process_global_batch(sparse_tiny, tmp_path):
+    """In-batch negatives were each rank's own: 2 ranks x batch 2 logged InfoNCE 13.8 where 1 process x batch 4
+    logged 22.5 on the same vectors. Every rank's documents now enter every query's denominator (and the
+    false-negative mask, and the regularizers), so loss, its parts and the gradient norm match one process."""
+    model = tmp_path / "no-dropout"
+    shutil.copytree(sparse_tiny, model)
+    config = json.load(open(model / "config.json"))
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # the same vectors in both runs
+    (model / "config.json").write_text(json.dumps(config))
+    data = _mini_beir(tmp_path / "beir", shared_positive=True)
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(str(model), data, **{
+        "data.max_examples": 4, "data.num_negatives": 2, "data.mask_false_negatives": True,
+        "training.save_steps": 100, "loss.lambda_d": 1e-2, "training.optim": "sgd", "training.learning_rate": 1.0}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **CPU_ONLY}
+    rows, weights = {}, {}
+    for ranks, batch in ((1, 4), (2, 2)):
+        recipe["training"]["per_device_train_batch_size"] = batch
+        recipe_path = str(tmp_path / f"recipe-{ranks}.yaml")
+        with open(recipe_path, "w") as handle:
+            yaml.safe_dump(recipe, handle)
+        out = str(tmp_path / f"ranks-{ranks}")
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"] * (ranks > 1)
+        _run([sys.executable, *launcher, os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path,
+              "--output-dir", out, "--max-steps", "1"], env)
+        rows[ranks] = json.load(open(os.path.join(out, "training_log.json")))["history"][0]
+        weights[ranks] = load_file(os.path.join(out, "model.safetensors"))
+    one, two = rows[1], rows[2]
+    assert one["nnz_doc"] == pytest.approx(two["nnz_doc"], rel=1e-6)  # the same 4 examples, the same vectors
+    for key in ("loss", "loss_contrastive", "loss_reg_d", "loss_anticollapse"):
+        assert one[key] == pytest.approx(two[key], rel=1e-5), key
+    # one SGD step (w - lr * g): the same gradient, far from the start
+    start = load_file(os.path.join(model, "model.safetensors"))
+    moved = max((weights[1][name] - start[name]).abs().max().item() for name in start)
+    assert moved > 1e-3
+    assert max((weights[1][name] - weights[2][name]).abs().max().item() for name in start) <= 1e-4 * moved
+
+
+def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
+    data = tmp_path / "mini-beir"
+    _mini_beir(data)
     import train_fles1
 
     out = str(tmp_path / "out")

@@ -10,8 +10,9 @@ Per optimizer step (all micro-batches of a gradient-accumulation step together):
                                                                        -> counted, update applied
 
 "Skipped" means the gradients are set to None before ``optimizer.step()``: AdamW then leaves every weight and its
-moments untouched (no weight decay either); only the learning-rate schedule advances. Under DDP gradients are
-all-reduced first, so a non-finite gradient on one rank makes every rank skip the same step.
+moments untouched (no weight decay either); only the learning-rate schedule advances. Under DDP every rank judges
+the global step: gradients are all-reduced first, and the losses (their mean over ranks), non-zeros and finiteness
+are summed over ranks here, so all ranks count and skip the same steps, as one process would.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
 from .checks import is_int, is_number
+from .distributed import all_reduce_sum, world_size
 
 KINDS = ("non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse")
 STATE_FILE = "crash_state.json"
@@ -76,6 +78,11 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1  # the step this update would become
+        ranks = world_size()
+        if ranks > 1:  # one rank's NaN batch or spike is the step's, and every rank keeps the same history
+            loss, self._nnz_sum, self._nnz_count, finite = all_reduce_sum(
+                [self._loss, self._nnz_sum, self._nnz_count, self._loss_finite], args.device)
+            self._loss, self._loss_finite = loss / ranks, finite == ranks
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         grads_finite = all(bool(torch.isfinite(g).all()) for g in grads)
         if not self._loss_finite or not grads_finite:

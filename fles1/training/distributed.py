@@ -1,4 +1,4 @@
-"""The one collective the training code needs: a sum over ranks (a no-op in a single process)."""
+"""The collectives the training code needs (no-ops in a single process): a sum over ranks, and the world size."""
 
 import torch
 import torch.distributed as dist
@@ -13,3 +13,7 @@ def all_reduce_sum(values, device=None) -> list[float]:
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

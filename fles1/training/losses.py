@@ -7,6 +7,8 @@ document of the batch -- its positive, its own n negatives and all other queries
     L    = mean_i [ -s_i,pos(i) + log sum_j exp(s_ij) ]
 
 Documents are laid out query-major: the documents of query i are rows i*(1+n) ... i*(1+n)+n, the positive first.
+Under DDP the trainer passes every rank's documents (``document_offset`` = where this rank's start), so the
+denominators hold the global batch, as in one process.
 
     >>> import torch
     >>> from fles1.training.losses import info_nce
@@ -22,21 +24,22 @@ import torch.nn.functional as F
 
 def info_nce(
     queries: torch.Tensor, documents: torch.Tensor, group_size: int, temperature: float = 0.05,
-    false_negatives: torch.Tensor | None = None,
+    false_negatives: torch.Tensor | None = None, document_offset: int | None = None,
 ):
-    """InfoNCE of ``queries`` (B, V) against ``documents`` (B * group_size, V), positive first in each group.
+    """InfoNCE of ``queries`` (B, V) against ``documents`` (B * group_size, V), positive first in each group; or
+    against a larger matrix (all ranks' documents) whose rows ``document_offset`` onwards are these queries' groups.
 
-    ``false_negatives`` (B, B * group_size) bool marks documents known to be relevant to a query other than as
+    ``false_negatives`` (B, documents) bool marks documents known to be relevant to a query other than as
     its positive (e.g. another query's positive that the qrels also judge relevant to it): they are left out of
     that query's denominator instead of being pushed away.
     """
-    if documents.shape[0] != queries.shape[0] * group_size:
-        raise ValueError(
-            f"expected {queries.shape[0]} x {group_size} documents for {queries.shape[0]} queries, "
-            f"got {documents.shape[0]}"
-        )
+    needed = queries.shape[0] * group_size
+    if documents.shape[0] != needed if document_offset is None else documents.shape[0] < document_offset + needed:
+        where = "" if document_offset is None else f" from row {document_offset}"
+        raise ValueError(f"expected {queries.shape[0]} x {group_size} documents{where} for {queries.shape[0]} "
+                         f"queries, got {documents.shape[0]}")
     scores = queries @ documents.t() / temperature
     if false_negatives is not None:
         scores = scores.masked_fill(false_negatives.to(scores.device), float("-inf"))
-    labels = torch.arange(queries.shape[0], device=queries.device) * group_size
+    labels = torch.arange(queries.shape[0], device=queries.device) * group_size + (document_offset or 0)
     return F.cross_entropy(scores, labels)

@@ -17,7 +17,7 @@ DEFAULTS = {
     "data": {"source": None, "split": "train", "num_negatives": 7, "seed": 0, "max_examples": None,
              "mask_false_negatives": False, "positive": "random"},
     "loss": {"temperature": 0.05, "regularizer": "l1_flops", "lambda_d": 3e-5, "lambda_q": 0.0,
-             "anticollapse_weight": 1.0, "anticollapse_min_mass": 5.0},
+             "anticollapse_weight": 1.0, "anticollapse_min_mass": 5.0, "gather_across_devices": True},
     "clfr": {"enabled": True, "target_nnz_d": 400, "gain": 0.1, "interval_steps": None, "max_log_step": 1.0},
     "crashes": {"spike_factor": 3.0, "spike_window": 100, "nnz_floor": 1.0, "nnz_collapse_fraction": 0.1},
     "training": {"learning_rate": 2e-5, "per_device_train_batch_size": 32, "num_train_epochs": 2, "seed": 42,
@@ -65,6 +65,9 @@ def training_arguments(training: dict, output_dir: str | None = None):
     training = dict(training)
     if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
         training.setdefault("use_cpu", True)  # accelerate only sets up CPU DDP (gloo) when told it is on CPU
+    # encode_sparse uses every parameter: transformers' default (True) costs an extra graph pass per step under DDP
+    # and makes the reducer warn on every run
+    training.setdefault("ddp_find_unused_parameters", False)
     if not torch.cuda.is_available():
         training.setdefault("dataloader_pin_memory", False)  # nothing to pin for; torch warns on every run
     return TrainingArguments(output_dir=output_dir, remove_unused_columns=False, **training)
@@ -166,7 +169,7 @@ def validate(recipe: dict) -> dict:
         CrashMonitor(**recipe["crashes"])
     except ValueError as error:
         raise ValueError(f"crashes.{error}") from None
-    for section, key in (("data", "mask_false_negatives"), ("clfr", "enabled")):
+    for section, key in (("data", "mask_false_negatives"), ("clfr", "enabled"), ("loss", "gather_across_devices")):
         if not isinstance(recipe[section][key], bool):  # a quoted "no" is truthy
             raise ValueError(f"{section}.{key} must be true or false, got {recipe[section][key]!r}")
     if recipe["data"]["positive"] not in POSITIVE_CHOICES:  # else only checked once the data loads

@@ -97,7 +97,8 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         lambda_d=loss["lambda_d"], lambda_q=loss["lambda_q"], regularizer=loss["regularizer"],
         temperature=loss["temperature"], anticollapse_weight=loss["anticollapse_weight"],
-        anticollapse_min_mass=loss["anticollapse_min_mass"], clfr=clfr,
+        anticollapse_min_mass=loss["anticollapse_min_mass"], gather_across_devices=loss["gather_across_devices"],
+        clfr=clfr,
         crash_monitor=CrashMonitor(**recipe["crashes"]),
         query_max_length=model_cfg["query_max_length"], document_max_length=model_cfg["document_max_length"],
     )

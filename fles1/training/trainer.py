@@ -44,7 +44,7 @@ from .clfr import STATE_FILE as CLFR_STATE_FILE
 from .clfr import CLFRCallback
 from .crashes import STATE_FILE as CRASH_STATE_FILE
 from .crashes import CrashMonitor
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, world_size
 from .losses import info_nce
 from .regularizers import anti_collapse, get_regularizer
 
@@ -81,20 +81,40 @@ class FLES1Collator:
             "documents": dict(tokenize(documents, self.document_max_length)),
         }
         if "relevance" in rows[0]:
-            batch["false_negatives"] = false_negative_mask([row["relevance"] for row in rows])
+            batch["relevance"] = [row["relevance"] for row in rows]  # for the mask over all ranks' documents
+            batch["false_negatives"] = false_negative_mask(batch["relevance"])
         return batch
 
 
-def false_negative_mask(relevance: list[dict]) -> torch.Tensor:
-    """(B, B * group) bool: document j is judged relevant to query i but is not i's own positive."""
-    documents = [doc_id for item in relevance for doc_id in item["documents"]]
+def false_negative_mask(relevance: list[dict], documents: list[str] | None = None, offset: int = 0) -> torch.Tensor:
+    """(B, len(documents)) bool: document j is judged relevant to query i but is not i's own positive (row
+    ``offset + i * group``). ``documents``: the ids of the score matrix's rows, by default this batch's."""
+    if documents is None:
+        documents = [doc_id for item in relevance for doc_id in item["documents"]]
     group = len(relevance[0]["documents"])
     mask = torch.zeros(len(relevance), len(documents), dtype=torch.bool)
     for i, item in enumerate(relevance):
         relevant = set(item["relevant"])
         for j, doc_id in enumerate(documents):
-            mask[i, j] = doc_id in relevant and j != i * group
+            mask[i, j] = doc_id in relevant and j != offset + i * group
     return mask
+
+
+def _across_ranks(documents, relevance):
+    """Every rank's documents (autograd reaches each rank's own through the gather), where this rank's start, and
+    the false-negative mask over them (None without relevance judgements)."""
+    import torch.distributed as dist
+    from sentence_transformers.util.distributed import all_gather_with_grad
+
+    everything = all_gather_with_grad(documents)  # equal shapes: accelerate pads an epoch's last batches (even_batches)
+    offset = dist.get_rank() * documents.shape[0]
+    mask = None
+    if relevance is not None:
+        ids = [None] * dist.get_world_size()
+        dist.all_gather_object(ids, [doc_id for item in relevance for doc_id in item["documents"]])
+        mask = false_negative_mask(relevance, [doc_id for rank_ids in ids for doc_id in rank_ids], offset)
+    return everything, offset, mask
+
 
 
 def _encode_pair(model, query: dict, documents: dict):
@@ -180,6 +200,10 @@ class FLES1Trainer(Trainer):
         lambda_q: query regularization weight (0 disables it).
         regularizer: ``"l1_flops"`` (FLES-1) or ``"flops"`` (classic squared FLOPS).
         temperature: InfoNCE temperature tau.
+        gather_across_devices: under DDP, score each query against every rank's documents (and regularize them
+            together), so N processes x batch B train what one process x batch N*B does; False keeps each rank's
+            in-batch negatives to its own batch (cheaper: no all-gather of the (B * group, vocab) vectors).
+            Gradient accumulation never widens the negatives: each micro-batch is its own batch.
         anticollapse_weight, anticollapse_min_mass: w_ac and m of the anti-collapse term.
         clfr: a :class:`~fles1.training.clfr.CLFRCallback` steering lambda_d (added to the callbacks).
         crash_monitor: a :class:`~fles1.training.crashes.CrashMonitor` (default one if None).
@@ -201,6 +225,7 @@ class FLES1Trainer(Trainer):
         temperature: float = 0.05,
         anticollapse_weight: float = 1.0,
         anticollapse_min_mass: float = 5.0,
+        gather_across_devices: bool = True,
         clfr: CLFRCallback | None = None,
         crash_monitor: CrashMonitor | None = None,
         query_max_length: int | None = None,
@@ -216,6 +241,9 @@ class FLES1Trainer(Trainer):
         self.regularizer = get_regularizer(regularizer)
         self.lambda_d, self.lambda_q, self.temperature = float(lambda_d), float(lambda_q), float(temperature)
         self.anticollapse_weight, self.anticollapse_min_mass = float(anticollapse_weight), float(anticollapse_min_mass)
+        if not isinstance(gather_across_devices, bool):
+            raise ValueError(f"gather_across_devices must be True or False, got {gather_across_devices!r}")
+        self.gather_across_devices = gather_across_devices
         self.clfr = clfr
         self.crash_monitor = crash_monitor or CrashMonitor()
         callbacks = list(callbacks or []) + [self.crash_monitor] + ([clfr] if clfr is not None else [])
@@ -268,11 +296,21 @@ class FLES1Trainer(Trainer):
         queries, documents = self.encode(model, inputs["query"], inputs["documents"])
         group_size = documents.shape[0] // queries.shape[0]
         lambda_d = self.current_lambda_d()
-        contrastive = info_nce(queries, documents, group_size, self.temperature, inputs.get("false_negatives"))
-        reg_d = lambda_d * self.regularizer(documents)
-        reg_q = self.lambda_q * self.regularizer(queries) if self.lambda_q else queries.new_zeros(())
+        # Under DDP every term is taken over all ranks' vectors: each rank's gradient then reaches the others'
+        # through the gather, and DDP's mean over ranks of those sums is the one-process gradient of the global batch.
+        everything, offset, false_negatives = documents, None, inputs.get("false_negatives")
+        if self.gather_across_devices and model.training and world_size() > 1:
+            everything, offset, false_negatives = _across_ranks(documents, inputs.get("relevance"))
+        contrastive = info_nce(queries, everything, group_size, self.temperature, false_negatives, offset)
+        reg_d = lambda_d * self.regularizer(everything)
+        all_queries = queries
+        if self.lambda_q and offset is not None:
+            from sentence_transformers.util.distributed import all_gather_with_grad
+
+            all_queries = all_gather_with_grad(queries)
+        reg_q = self.lambda_q * self.regularizer(all_queries) if self.lambda_q else queries.new_zeros(())
         anticollapse = (
-            self.anticollapse_weight * anti_collapse(documents, self.anticollapse_min_mass)
+            self.anticollapse_weight * anti_collapse(everything, self.anticollapse_min_mass)
             if self.anticollapse_weight else documents.new_zeros(())
         )
         loss = contrastive + reg_d + reg_q + anticollapse
