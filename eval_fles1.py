@@ -12,7 +12,9 @@ a BM25 baseline (bm25s), production numbers (docs/s, query latency, index size) 
 
 MODEL is a FLES-1 checkpoint folder or hub id. DATA is a BEIR folder (corpus.jsonl, queries.jsonl,
 qrels/<split>.tsv) or a BEIR hub dataset id. BEIR conventions: every judged query counts (no hits = 0), a hit
-whose id equals the query id is dropped, documents are "title text". Metrics come from pytrec_eval.
+whose id equals the query id is dropped, documents are "title text". A judged document missing from the corpus is an
+error, or with --keep-missing-docs stays judged (a relevant one no run can retrieve, as BEIR counts it; warned, and
+counted as judged_documents_missing in the output). Metrics come from pytrec_eval.
 
 Document vectors are cached at threshold 0 under --cache-dir (default ~/.cache/fles1/corpus), keyed by the model
 fingerprint (sha256 of model.safetensors + config.json), the corpus, the document max length, the projection dtype
@@ -63,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="encode the corpus without reading/writing a cache")
     parser.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
     parser.add_argument("--no-production", action="store_true", help="skip latency and index-size measurements")
+    parser.add_argument("--keep-missing-docs", action="store_true",
+                        help="keep qrels judgements of documents the corpus lacks (an error otherwise) as relevant "
+                             "documents no run can retrieve, BEIR's convention (BeIR/arguana needs it)")
     parser.add_argument("--latency-queries", type=at_least(1), default=LATENCY_QUERIES,
                         help="queries timed one by one")
     parser.add_argument("--batch-size", type=at_least(1), default=32)
@@ -93,7 +98,8 @@ def _run(args) -> int:
             cache_dir=None if args.no_cache else args.cache_dir, bm25=not args.no_bm25,
             production=not args.no_production, run_file=args.run_file, index_dir=args.index_dir,
             export_dir=args.export, batch_size=args.batch_size, device=args.device,
-            latency_queries=args.latency_queries, log=lambda message: print(message, file=sys.stderr),
+            latency_queries=args.latency_queries, keep_missing_documents=args.keep_missing_docs,
+            log=lambda message: print(message, file=sys.stderr),
         )
     except (BEIRDataError, CheckpointError, ValueError) as error:  # ValueError: e.g. a device not usable here
         print(f"error: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ class BEIRDataError(ValueError):
     """Bad BEIR data; the message names the file (and line) at fault."""
 
 
+class BEIRDataWarning(UserWarning):
+    """Data that loads, with a caveat (judged documents missing from the corpus)."""
+
+
 @dataclass
 class BEIRDataset:
     name: str
@@ -31,6 +36,9 @@ class BEIRDataset:
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
     split: str
     fingerprint: str = field(default="")
+    # (query id, doc id) judged relevant whose document is not in the corpus: kept in qrels (relevant documents no
+    # run can retrieve, as BEIR and pytrec_eval count them; BEIR's ArguAna test qrels hold one)
+    missing_documents: list[tuple[str, str]] = field(default_factory=list)
 
     def document_text(self, doc_id: str) -> str:
         """Title and text joined as BEIR's and sentence-transformers' evaluators do."""
@@ -117,9 +125,11 @@ def load_queries(path: str) -> dict[str, str]:
     return {str(row["_id"]): row["text"] for row in _read_jsonl(path, ("text",))}
 
 
-def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = None) -> dict[str, dict[str, int]]:
-    """TREC-style BEIR qrels TSV (header ``query-id corpus-id score``). Unknown ids are an error; a score must be
-    an integer grade ("1" or "1.0"), an empty file (or a header alone) is an error."""
+def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = None,
+               missing_documents: list | None = None) -> dict[str, dict[str, int]]:
+    """TREC-style BEIR qrels TSV (header ``query-id corpus-id score``). An unknown query id is an error; a corpus id
+    not in ``corpus`` too, unless ``missing_documents`` (a list) collects those judgements (then kept, with a
+    warning); a score must be an integer grade ("1" or "1.0"), an empty file (or a header alone) is an error."""
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     qrels: dict[str, dict[str, int]] = {}
@@ -131,16 +141,17 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
                 continue
             if len(row) != 3:
                 raise BEIRDataError(f"{path}:{number}: expected 3 tab-separated columns, got {len(row)}")
-            _add_judgement(qrels, *row, f"{path}:{number}", corpus, queries)
+            _add_judgement(qrels, *row, f"{path}:{number}", corpus, queries, missing=missing_documents)
     if not qrels:  # found now, not after the corpus has been encoded
         raise BEIRDataError(f"{path}: no judgements (an empty file, or a header alone)")
     return qrels
 
 
 def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=None, queries=None,
-                   sources=("queries.jsonl", "corpus.jsonl")) -> None:
+                   sources=("queries.jsonl", "corpus.jsonl"), missing=None) -> None:
     """qrels[query_id][doc_id] = score as an int grade, after the checks every qrels source gets; ``where`` (file
-    and line, or hub row) starts each error, ``sources`` name where the queries and the corpus came from."""
+    and line, or hub row) starts each error, ``sources`` name where the queries and the corpus came from. A
+    document not in ``corpus`` is an error, or appended to ``missing`` as (where, query id, doc id) if given."""
     try:
         grade = float(score)
     except (TypeError, ValueError):
@@ -151,7 +162,11 @@ def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=
     if queries is not None and query_id not in queries:
         raise BEIRDataError(f"{where}: query id {query_id!r} is not in {sources[0]}")
     if corpus is not None and doc_id not in corpus:
-        raise BEIRDataError(f"{where}: corpus id {doc_id!r} is not in {sources[1]}")
+        if missing is None:
+            raise BEIRDataError(f"{where}: corpus id {doc_id!r} is not in {sources[1]} (evaluating a dataset whose qrels "
+                                "judge documents its corpus lacks, as BEIR's ArguAna does? --keep-missing-docs / "
+                                "keep_missing_documents=True keeps them judged, BEIR's convention)")
+        missing.append((where, query_id, doc_id))
     judged = qrels.setdefault(query_id, {})
     if judged.get(doc_id, relevance) != relevance:
         raise BEIRDataError(f"{where}: ({query_id!r}, {doc_id!r}) judged again with another score "
@@ -170,12 +185,16 @@ def fingerprint_files(paths: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_beir(source: str, split: str = "test") -> BEIRDataset:
-    """A BEIR folder, or a hub dataset id when ``source`` is not a folder (needs network)."""
+def load_beir(source: str, split: str = "test", keep_missing_documents: bool = False) -> BEIRDataset:
+    """A BEIR folder, or a hub dataset id when ``source`` is not a folder (needs network).
+
+    A judgement of a document the corpus lacks is an error naming its file and line, or, with
+    ``keep_missing_documents``, kept (a relevant one counts as a document no run can retrieve, as BEIR and pytrec_eval
+    count it), warned about and listed in ``missing_documents``."""
     if not os.path.isdir(source):
         if os.path.exists(source) or source.startswith((".", "/")):
             raise BEIRDataError(f"{source}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
-        return load_beir_from_hub(source, split)
+        return load_beir_from_hub(source, split, keep_missing_documents)
     corpus_path = jsonl_path(os.path.join(source, "corpus.jsonl"))
     queries_path = jsonl_path(os.path.join(source, "queries.jsonl"))
     qrels_path = os.path.join(source, "qrels", f"{split}.tsv")
@@ -186,7 +205,8 @@ def load_beir(source: str, split: str = "test") -> BEIRDataset:
         raise BEIRDataError(f"{qrels_path}: file not found (splits here: {', '.join(splits) or 'none'})")
     corpus = load_corpus(corpus_path)
     queries = load_queries(queries_path)
-    qrels = load_qrels(qrels_path, corpus=corpus, queries=queries)
+    missing = [] if keep_missing_documents else None
+    qrels = load_qrels(qrels_path, corpus=corpus, queries=queries, missing_documents=missing)
     return BEIRDataset(
         name=os.path.basename(os.path.normpath(source)),
         corpus=corpus,
@@ -194,7 +214,20 @@ def load_beir(source: str, split: str = "test") -> BEIRDataset:
         qrels=qrels,
         split=split,
         fingerprint=fingerprint_files([corpus_path, queries_path, qrels_path]),
+        missing_documents=_warn_missing(missing, "corpus.jsonl"),
     )
+
+
+def _warn_missing(missing: list | None, corpus_name: str) -> list[tuple[str, str]]:
+    """Warn once for judgements of documents the corpus lacks; their (query id, doc id) pairs."""
+    missing = missing or []
+    if missing:
+        where, _, doc_id = missing[0]
+        relevant = "" if len(missing) == 1 else f" ({len(missing)} judgements; the first)"
+        warnings.warn(f"{where}: corpus id {doc_id!r} is not in {corpus_name}{relevant}: kept as judged, so a relevant "
+                      "one counts as a document no run can retrieve (as BEIR and pytrec_eval count it)",
+                      BEIRDataWarning, stacklevel=3)
+    return [(query_id, doc_id) for _, query_id, doc_id in missing]
 
 
 def _load_from_hub(dataset_id: str, *args, **kwargs):
@@ -208,7 +241,7 @@ def _load_from_hub(dataset_id: str, *args, **kwargs):
                             f"{error}); a local BEIR folder works offline") from error
 
 
-def load_beir_from_hub(dataset_id: str, split: str = "test") -> BEIRDataset:
+def load_beir_from_hub(dataset_id: str, split: str = "test", keep_missing_documents: bool = False) -> BEIRDataset:
     """The same checks as a local folder's, each error naming the hub dataset, config and row."""
     tables = {}
     for config, fields in (("corpus", ("title", "text")), ("queries", ("text",))):
@@ -222,11 +255,13 @@ def load_beir_from_hub(dataset_id: str, split: str = "test") -> BEIRDataset:
     if not corpus:
         raise BEIRDataError(f"{dataset_id}: no documents in its corpus")
     qrels: dict[str, dict[str, int]] = {}
+    missing = [] if keep_missing_documents else None
     for number, row in enumerate(_load_from_hub(f"{dataset_id}-qrels", split=split)):
         _add_judgement(qrels, str(row["query-id"]), str(row["corpus-id"]), row["score"],
                        f"{dataset_id}-qrels {split} row {number}", corpus, queries,
-                       (f"{dataset_id} queries", f"{dataset_id} corpus"))
+                       (f"{dataset_id} queries", f"{dataset_id} corpus"), missing)
     if not qrels:
         raise BEIRDataError(f"{dataset_id}-qrels {split}: no judgements")
     fingerprint = hashlib.sha256(f"{dataset_id}:{split}:{len(corpus)}:{len(qrels)}".encode()).hexdigest()[:16]
-    return BEIRDataset(dataset_id.split("/")[-1], corpus, queries, qrels, split, fingerprint)
+    return BEIRDataset(dataset_id.split("/")[-1], corpus, queries, qrels, split, fingerprint,
+                       _warn_missing(missing, f"{dataset_id} corpus"))

@@ -349,9 +349,16 @@ def cross_domain_section(run: Run, trained_on: Optional[set[str]]) -> str:
 
 
 def production_section(run: Run) -> str:
-    rows = [[name] + [fmt_production(k, (entry.get("production") or {}).get(k)) for k in PRODUCTION]
-            for name, entry in run.datasets.items()]
-    return table(["Dataset", *PRODUCTION.values()], rows)
+    rows, cached = [], False
+    for name, entry in run.datasets.items():
+        production = entry.get("production") or {}
+        row = [name] + [fmt_production(k, production.get(k)) for k in PRODUCTION]
+        if production.get("docs_per_second_from_cache"):  # measured by the run that encoded the corpus
+            cached, row[1] = True, f"{row[1]}*"
+        rows.append(row)
+    note = ("\n\n\\* Docs/s of the earlier run that encoded the corpus (the vectors came from the cache)."
+            if cached else "")
+    return table(["Dataset", *PRODUCTION.values()], rows) + note
 
 
 def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], recipe: Optional[dict]) -> str:

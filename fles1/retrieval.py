@@ -41,9 +41,9 @@ def average_nnz(matrix: csr_matrix) -> float:
     return float(matrix.getnnz(axis=1).mean()) if matrix.shape[0] else 0.0
 
 
-def top_k_rows(scores: csr_matrix, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per row of a sparse score matrix: the k highest stored entries, score descending then position
-    ascending (deterministic ties). Entries not stored (no shared term) are never hits."""
+def top_k_rows(scores: csr_matrix, k: int, tie_ranks: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row of a sparse score matrix: the k highest stored entries, score descending then ``tie_ranks[position]``
+    ascending (default: position ascending). Entries not stored (no shared term) are never hits."""
     hits = []
     for row in range(scores.shape[0]):
         start, end = scores.indptr[row], scores.indptr[row + 1]
@@ -55,7 +55,7 @@ def top_k_rows(scores: csr_matrix, k: int) -> list[tuple[np.ndarray, np.ndarray]
             # argpartition splits ties at the k-th score arbitrarily: keep every tied candidate, cut after sorting
             part = np.flatnonzero(values >= values[part].min())
             positions, values = positions[part], values[part]
-        order = np.lexsort((positions, -values))[:k]
+        order = np.lexsort((positions if tie_ranks is None else tie_ranks[positions], -values))[:k]
         hits.append((positions[order].astype(np.int64), values[order].astype(np.float32)))
     return hits
 
@@ -96,13 +96,24 @@ class InvertedIndex:
         return (csr_matrix(query_matrix, dtype=np.float32) @ self.postings).tocsr()
 
     def search(self, query_matrix: csr_matrix, k: int = 1000) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Exact top-k per query row: [(doc positions, scores)], best first."""
+        """Exact top-k per query row: [(doc positions, scores)], best first; equal scores in trec_eval's order (doc
+        id descending), also where a tie straddles the k-th place, so the cut keeps what trec_eval would rank."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         hits = []
         for start in range(0, query_matrix.shape[0], self.query_chunk_size):
-            hits += top_k_rows(self.score(query_matrix[start : start + self.query_chunk_size]), k)
+            hits += top_k_rows(self.score(query_matrix[start : start + self.query_chunk_size]), k, self._tie_ranks())
         return hits
+
+    def _tie_ranks(self) -> np.ndarray:
+        """Per document position, its place in doc-id descending order (built once per index)."""
+        ranks = self.__dict__.get("_tie_rank_array")
+        if ranks is None or len(ranks) != self.num_docs:
+            order = sorted(range(self.num_docs), key=self.doc_ids.__getitem__, reverse=True)
+            ranks = np.empty(self.num_docs, dtype=np.int64)
+            ranks[order] = np.arange(self.num_docs)
+            self._tie_rank_array = ranks
+        return ranks
 
     def to_run(
         self, query_ids: Sequence[str], hits, k: int | None = None, drop_self: bool = True

@@ -71,8 +71,11 @@ def test_bad_data_names_file_and_line(tmp_path):
         load_beir(folder)
 
     folder = write_beir(tmp_path / "unknown", qrels=QRELS + [("q1", "nope", 1)])
-    with pytest.raises(BEIRDataError, match=r"test\.tsv:7: corpus id 'nope'"):
+    with pytest.raises(BEIRDataError, match=r"test\.tsv:7: corpus id 'nope' .*--keep-missing-docs"):
         load_beir(folder)
+    folder = write_beir(tmp_path / "unknown-query", qrels=QRELS + [("q9", "d1", 1)])
+    with pytest.raises(BEIRDataError, match=r"test\.tsv:7: query id 'q9' is not in queries\.jsonl"):
+        load_beir(folder, keep_missing_documents=True)  # keeps documents, never queries
 
     with pytest.raises(BEIRDataError, match=r"qrels/dev\.tsv: file not found \(splits here: test\)$"):
         load_beir(write_beir(tmp_path / "split"), split="dev")
@@ -183,7 +186,8 @@ def test_inverted_index_exact_top_k_and_conventions():
     dense = (queries @ docs.T).toarray()
     for row, (positions, scores) in enumerate(index.search(queries, k=7)):
         nonzero = np.flatnonzero(dense[row] > 0)
-        expected = nonzero[np.lexsort((nonzero, -dense[row][nonzero]))][:7]
+        by_id = sorted(nonzero, key=lambda position: doc_ids[position], reverse=True)  # ties: trec_eval's order
+        expected = np.array(sorted(by_id, key=lambda position: -dense[row][position])[:7])  # stable sort
         np.testing.assert_array_equal(positions, expected)  # only docs sharing a term are hits
         np.testing.assert_allclose(scores, dense[row][expected], rtol=1e-5)
     # a hit with the query's own id is dropped; k is still filled from the next hit
@@ -194,6 +198,21 @@ def test_inverted_index_exact_top_k_and_conventions():
     run = index.to_run(["d5"], index.search(self_query, k=4), k=3)
     assert "d5" not in run["d5"] and len(run["d5"]) == 3
     assert set(index.to_run(query_ids, index.search(queries, k=5))) == set(query_ids)
+
+
+def test_a_tie_at_the_cut_keeps_what_trec_eval_ranks_first():
+    """Ties were broken by corpus position: with three equal documents and k=2 the judged 'c' (ranked first by
+    trec_eval, doc id descending) was cut, so Recall@2 of the project's run was 0 where trec_eval's was 1."""
+    import pytrec_eval
+
+    docs = csr_matrix(np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.0]], dtype=np.float32))
+    index = InvertedIndex(docs, ["a", "c", "b", "z"])
+    run = index.to_run(["q1"], index.search(csr_matrix(np.array([[1.0, 0.0]], dtype=np.float32)), k=2))
+    assert list(run["q1"]) == ["c", "b"]
+    qrels = {"q1": {"c": 1}}
+    full = {"q1": {"a": 1.0, "b": 1.0, "c": 1.0, "z": 0.5}}
+    recall = [pytrec_eval.RelevanceEvaluator(qrels, {"recall.2"}).evaluate(r)["q1"]["recall_2"] for r in (run, full)]
+    assert recall == [1.0, 1.0]
 
 
 def test_saved_index_round_trip_keeps_top10_beyond_ties(tmp_path):
@@ -367,7 +386,7 @@ SHARED_KEYS = {
     "dataset": {"split", "num_queries", "num_docs", "data_fingerprint", "metrics", "bm25", "production"},
     "metrics": {"ndcg@10", "mrr@10", "recall@100", "map@100", "recall@1000", "nnz_doc", "nnz_query"},
     "production": {"docs_per_second", "query_latency_ms_p50", "query_latency_ms_p95", "index_bytes_per_1k_docs",
-                   "index_ratio_to_dense_768"},
+                   "index_ratio_to_dense_768", "docs_per_second_from_cache", "docs_per_second_batch_size"},
 }
 
 
@@ -403,6 +422,17 @@ def test_cli_writes_shared_format_run_files_and_zero_shot_table(tiny_random_chec
     assert "| toy |" in table and "| toy2 |" in table and "| **Average** |" in table
     assert table == markdown_tables(results)
     assert os.path.isfile(tmp_path / "export" / "toy2" / "pyserini" / "collection" / "docs.jsonl")
+    # a warm rerun at another batch size reports the docs/s of the run that encoded the corpus, and says so
+    assert toy["production"]["docs_per_second_from_cache"] is False
+    assert toy["production"]["docs_per_second_batch_size"] == 32
+    rerun = tmp_path / "out" / "rerun.json"
+    assert eval_fles1.main(["--model", tiny_random_checkpoint, "--data", first, "--threshold", "0", "--no-bm25",
+                            "--cache-dir", str(tmp_path / "cache"), "--latency-queries", "3", "--batch-size", "2",
+                            "--output", str(rerun)]) == 0
+    warm = json.loads(rerun.read_text())["datasets"]["toy"]["production"]
+    assert warm["docs_per_second"] == toy["production"]["docs_per_second"]
+    assert warm["docs_per_second_from_cache"] is True and warm["docs_per_second_batch_size"] == 32
+    assert f"| {warm['docs_per_second']:.1f}* |" in markdown_tables(json.loads(rerun.read_text()))
 
 
 def test_cli_index_dir_is_written_without_production_numbers(tiny_random_checkpoint, beir_dir, tmp_path):
@@ -427,6 +457,29 @@ def test_cli_default_threshold_is_the_models(tiny_random_checkpoint, beir_dir, t
             "--output", str(output)]
     assert eval_fles1.main(argv) == 0
     assert json.loads(output.read_text())["threshold"] == 0.5
+
+
+def test_judged_documents_missing_from_the_corpus_can_stay_judged(tiny_random_checkpoint, tmp_path, monkeypatch):
+    """Such a line always stopped the evaluation, so BEIR's ArguAna (whose test qrels judge a document its corpus
+    lacks) could not be evaluated. With --keep-missing-docs it stays judged, as in BEIR and pytrec_eval: a relevant
+    document no run retrieves, in the recall denominator; warned about, counted in the output."""
+    from fles1.beir import BEIRDataWarning
+
+    extra = [("q1", "gone", 1), ("q4", "gone-too", 0)]
+    folder = write_beir(tmp_path / "missing", qrels=QRELS + extra)
+    with pytest.warns(BEIRDataWarning, match=r"test\.tsv:7: corpus id 'gone' is not in corpus\.jsonl \(2 judgements"):
+        data = load_beir(folder, keep_missing_documents=True)
+    assert data.qrels["q1"] == {"d1": 1, "gone": 1} and data.missing_documents == [("q1", "gone"), ("q4", "gone-too")]
+    output = tmp_path / "results.json"
+    with pytest.warns(BEIRDataWarning):
+        assert eval_fles1.main(["--model", tiny_random_checkpoint, "--data", folder, "--threshold", "0", "--no-cache",
+                                "--no-bm25", "--no-production", "--keep-missing-docs", "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["datasets"]["missing"]["judged_documents_missing"] == 2
+    run = {"q1": {"d1": 1.0}}  # d1 found, "gone" cannot be: recall 1/2, as pytrec_eval counts it
+    assert evaluate_run({"q1": data.qrels["q1"]}, run)["recall@100"] == 0.5
+    _fake_hub(monkeypatch, [{"query-id": q, "corpus-id": d, "score": s} for q, d, s in QRELS + extra])
+    with pytest.warns(BEIRDataWarning, match=r"BeIR/toy-qrels test row 5: corpus id 'gone' is not in BeIR/toy corpus"):
+        assert load_beir("BeIR/toy", keep_missing_documents=True).missing_documents == data.missing_documents
 
 
 def test_evaluate_threshold_reduces_nnz(tiny_random_checkpoint, beir_dir, tmp_path):

@@ -78,11 +78,12 @@ def beir_examples(
     rows, relevance = [], []
     for query_id in sorted(dataset.qrels):
         judged = dataset.qrels[query_id]
-        positives = sorted(doc_id for doc_id, rel in judged.items() if rel > 0)
+        positives = sorted(doc_id for doc_id, rel in judged.items() if rel > 0 and doc_id in dataset.corpus)
         if not positives:
             continue
-        if len(doc_ids) - len(judged) < num_negatives:
-            raise ValueError(f"{dataset.name}: query {query_id!r} leaves {len(doc_ids) - len(judged)} unjudged "
+        unjudged = len(doc_ids) - sum(doc_id in dataset.corpus for doc_id in judged)
+        if unjudged < num_negatives:
+            raise ValueError(f"{dataset.name}: query {query_id!r} leaves {unjudged} unjudged "
                              f"documents, too few for {num_negatives} negatives")
         negatives = []
         while len(negatives) < num_negatives:
