@@ -407,7 +407,12 @@ def test_crash_monitor_judges_the_global_step_on_every_rank(tmp_path):
     different collapse baselines (a resume then gave every rank rank 0's)."""
     import torch.multiprocessing
 
-    torch.multiprocessing.spawn(_crash_monitor_on_rank, args=(29535, str(tmp_path)), nprocs=2)
+    import socket
+
+    with socket.socket() as probe:  # a free port (a fixed one fails whenever something else holds it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_crash_monitor_on_rank, args=(port, str(tmp_path)), nprocs=2)
     states = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)]
     assert states[0] == states[1]
     assert states[0]["first_nnz"] == 200.0  # the mean over both ranks' documents

@@ -1,5 +1,6 @@
 """End-to-end training runs on the tiny random checkpoint: outputs, crash handling, SIGKILL + resume, DDP."""
 
+import copy
 import json
 import os
 import shutil
@@ -367,7 +368,7 @@ def test_torchrun_two_ranks_log_the_global_nnz(sparse_tiny, msmarco_toy_dir, tmp
     out = str(tmp_path / "ddp")
     # two ranks on one machine: gloo on the CPU, also where there is a GPU (NCCL refuses two ranks on one GPU)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **CPU_ONLY}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path, "--output-dir", out,
                "--max-steps", "4", "--trace-nnz"]
     _run(command, env)
@@ -404,7 +405,8 @@ def _mini_beir(data, queries=8, documents=12, shared_positive=False):
 def test_torchrun_two_ranks_train_the_one_process_global_batch(sparse_tiny, tmp_path):
     """In-batch negatives were each rank's own: 2 ranks x batch 2 logged InfoNCE 13.8 where 1 process x batch 4
     logged 22.5 on the same vectors. Every rank's documents now enter every query's denominator (and the
-    false-negative mask, and the regularizers), so loss, its parts and the gradient norm match one process."""
+    false-negative mask, and the regularizers), so loss, its parts and the gradient match one process. Ranks with
+    different batch sizes (accelerate's even_batches off, an epoch's last batch) crashed the gather."""
     model = tmp_path / "no-dropout"
     shutil.copytree(sparse_tiny, model)
     config = json.load(open(model / "config.json"))
@@ -416,26 +418,32 @@ def test_torchrun_two_ranks_train_the_one_process_global_batch(sparse_tiny, tmp_
         "training.save_steps": 100, "loss.lambda_d": 1e-2, "training.optim": "sgd", "training.learning_rate": 1.0}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **CPU_ONLY}
     rows, weights = {}, {}
-    for ranks, batch in ((1, 4), (2, 2)):
-        recipe["training"]["per_device_train_batch_size"] = batch
-        recipe_path = str(tmp_path / f"recipe-{ranks}.yaml")
+    uneven = {"data.max_examples": 7, "training.num_train_epochs": 1,  # step 2: rank 0 holds 2 examples, rank 1 one
+              "training.accelerator_config": {"even_batches": False}}
+    for name, ranks, batch, overrides in (("one", 1, 4, {}), ("two", 2, 2, {}), ("uneven", 2, 2, uneven)):
+        run_recipe = copy.deepcopy(recipe)
+        for dotted, value in {"training.per_device_train_batch_size": batch, **overrides}.items():
+            section, key = dotted.split(".")
+            run_recipe[section][key] = value
+        recipe_path = str(tmp_path / f"recipe-{name}.yaml")
         with open(recipe_path, "w") as handle:
-            yaml.safe_dump(recipe, handle)
-        out = str(tmp_path / f"ranks-{ranks}")
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"] * (ranks > 1)
+            yaml.safe_dump(run_recipe, handle)
+        out = str(tmp_path / name)
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] * (ranks > 1)
         _run([sys.executable, *launcher, os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path,
-              "--output-dir", out, "--max-steps", "1"], env)
-        rows[ranks] = json.load(open(os.path.join(out, "training_log.json")))["history"][0]
-        weights[ranks] = load_file(os.path.join(out, "model.safetensors"))
-    one, two = rows[1], rows[2]
+              "--output-dir", out] + ["--max-steps", "1"] * (name != "uneven"), env)
+        rows[name] = json.load(open(os.path.join(out, "training_log.json")))["history"]
+        weights[name] = load_file(os.path.join(out, "model.safetensors"))
+    assert [row["step"] for row in rows["uneven"]] == [1, 2]
+    one, two = rows["one"][0], rows["two"][0]
     assert one["nnz_doc"] == pytest.approx(two["nnz_doc"], rel=1e-6)  # the same 4 examples, the same vectors
     for key in ("loss", "loss_contrastive", "loss_reg_d", "loss_anticollapse"):
         assert one[key] == pytest.approx(two[key], rel=1e-5), key
     # one SGD step (w - lr * g): the same gradient, far from the start
     start = load_file(os.path.join(model, "model.safetensors"))
-    moved = max((weights[1][name] - start[name]).abs().max().item() for name in start)
+    moved = max((weights["one"][name] - start[name]).abs().max().item() for name in start)
     assert moved > 1e-3
-    assert max((weights[1][name] - weights[2][name]).abs().max().item() for name in start) <= 1e-4 * moved
+    assert max((weights["one"][name] - weights["two"][name]).abs().max().item() for name in start) <= 1e-4 * moved
 
 
 def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):

@@ -106,8 +106,18 @@ def _across_ranks(documents, relevance):
     import torch.distributed as dist
     from sentence_transformers.util.distributed import all_gather_with_grad
 
-    everything = all_gather_with_grad(documents)  # equal shapes: accelerate pads an epoch's last batches (even_batches)
-    offset = dist.get_rank() * documents.shape[0]
+    # ranks may hold different batch sizes (an epoch's last batch with accelerate's even_batches off): the gather
+    # needs one shape, so pad to the largest and drop the padding after
+    sizes = [torch.zeros(1, dtype=torch.long, device=documents.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([documents.shape[0]], device=documents.device))
+    sizes = [int(size) for size in sizes]
+    largest = max(sizes)
+    if all(size == largest for size in sizes):
+        everything = all_gather_with_grad(documents)
+    else:
+        gathered = all_gather_with_grad(torch.nn.functional.pad(documents, (0, 0, 0, largest - documents.shape[0])))
+        everything = torch.cat([gathered[rank * largest : rank * largest + size] for rank, size in enumerate(sizes)])
+    offset = sum(sizes[: dist.get_rank()])
     mask = None
     if relevance is not None:
         ids = [None] * dist.get_world_size()
@@ -201,9 +211,11 @@ class FLES1Trainer(Trainer):
         regularizer: ``"l1_flops"`` (FLES-1) or ``"flops"`` (classic squared FLOPS).
         temperature: InfoNCE temperature tau.
         gather_across_devices: under DDP, score each query against every rank's documents (and regularize them
-            together), so N processes x batch B train what one process x batch N*B does; False keeps each rank's
-            in-batch negatives to its own batch (cheaper: no all-gather of the (B * group, vocab) vectors).
-            Gradient accumulation never widens the negatives: each micro-batch is its own batch.
+            together), so N processes x batch B train what one process x batch N*B does -- except at an epoch's
+            end, where accelerate fills the ranks' last batches from the epoch's start (``dataloader_drop_last``
+            avoids that); False keeps each rank's in-batch negatives to its own batch (cheaper: no all-gather of the
+            (B * group, vocab) vectors). Gradient accumulation never widens the negatives: each micro-batch is its
+            own batch.
         anticollapse_weight, anticollapse_min_mass: w_ac and m of the anti-collapse term.
         clfr: a :class:`~fles1.training.clfr.CLFRCallback` steering lambda_d (added to the callbacks).
         crash_monitor: a :class:`~fles1.training.crashes.CrashMonitor` (default one if None).
