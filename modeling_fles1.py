@@ -12,6 +12,7 @@ transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head ar
 import functools
 import math
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -21,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from transformers import BertForMaskedLM
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, cached_file, logging
 
 try:  # loaded as remote code: a package-relative import, which transformers copies along
     from .configuration_fles1 import FLES1Config
@@ -33,7 +34,9 @@ except ImportError:  # imported from a checkout
 # is compute-bound; small tiles keep the logits in cache on CPU, large ones keep a GPU busy.
 CPU_CHUNK_TOKENS = 256
 ACCELERATOR_CHUNK_TOKENS = 16384  # 1 GB of bf16 logits: big enough to fill a GPU, small for its allocator
-ENCODER_FILE = "fles1_encoder.py"  # ships beside the model files; see `FLES1ForMaskedLM._copy_encoder_file`
+ENCODER_FILE = "fles1_encoder.py"  # ships beside the model files; see `FLES1ForMaskedLM._copy_companion_files`
+LICENSE_FILES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING)([.-].*)?$", re.IGNORECASE)
+HUB_LICENSE_FILES = ["LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "COPYING"]  # looked up one by one
 # CPU inference projects one text at a time, CPU_TILE_TOKENS tokens at once, so that the (tokens x vocab) logits
 # tile stays in cache; no padding token is ever projected.
 CPU_TILE_TOKENS = 32
@@ -448,19 +451,40 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             "AutoModelForMaskedLM": "modeling_fles1.FLES1ForMaskedLM",
         }
         saved = super().save_pretrained(save_directory, *args, **kwargs)
-        self._copy_encoder_file(save_directory)
+        self._copy_companion_files(save_directory)
         return saved
 
-    def _copy_encoder_file(self, save_directory) -> None:
-        """transformers copies only the code it imports; fles1_encoder.py (users fetch it with
-        ``hf_hub_download``) comes from the local folder the model was loaded from, else from beside this file."""
-        target = os.path.join(save_directory, ENCODER_FILE)
-        for folder in (self.name_or_path, os.path.dirname(os.path.abspath(__file__))):
-            source = os.path.join(folder, ENCODER_FILE) if folder and os.path.isdir(folder) else ""
-            if os.path.isfile(source):
-                if not os.path.exists(target) or not os.path.samefile(source, target):
-                    shutil.copyfile(source, target)
-                return
+    def _companion_file(self, name: str) -> Optional[str]:
+        """A file of the checkpoint this model was loaded from: its local folder's, or its hub repo's (from the
+        cache, downloaded when online); None when there is none."""
+        source = self.name_or_path
+        if not source or os.path.isdir(source):
+            path = os.path.join(source, name) if source else ""
+            return path if os.path.isfile(path) else None
+        try:
+            return cached_file(source, name, revision=getattr(self.config, "_commit_hash", None),
+                               _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except Exception:  # not a hub id after all, or no network and no cache: nothing to copy
+            return None
+
+    def _copy_companion_files(self, save_directory) -> None:
+        """transformers copies only the code it imports. Also saved: fles1_encoder.py (users fetch it with
+        ``hf_hub_download``), from the checkpoint the model was loaded from (folder or hub repo) else from beside
+        this file; and that checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint -- a
+        sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
+        files already in the folder are kept."""
+        names = [ENCODER_FILE] + (sorted(name for name in os.listdir(self.name_or_path) if LICENSE_FILES.match(name))
+                                  if self.name_or_path and os.path.isdir(self.name_or_path) else HUB_LICENSE_FILES)
+        for name in names:
+            target = os.path.join(save_directory, name)
+            source = self._companion_file(name)
+            if source is None and name == ENCODER_FILE:
+                source = os.path.join(os.path.dirname(os.path.abspath(__file__)), ENCODER_FILE)
+                source = source if os.path.isfile(source) else None
+            if source is None or (os.path.exists(target) and (name != ENCODER_FILE or os.path.samefile(source, target))):
+                continue
+            shutil.copyfile(source, target)
 
     def sparse_chunk_tokens(self, device: torch.device) -> int:
         return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS

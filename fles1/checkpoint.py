@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import warnings
 from typing import Optional
@@ -16,7 +15,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
 from configuration_fles1 import FLES1Config
 from fles1.atomic import atomic_directory, atomic_write_json, require_new_folder
 from fles1_encoder import is_local_path, not_a_folder
-from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM
+from modeling_fles1 import ENCODER_FILE, LICENSE_FILES, FLES1ForMaskedLM
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
@@ -34,8 +33,6 @@ def fles1_config_from(backbone_config, **sparse_settings) -> FLES1Config:
     config.architectures = ["FLES1ForMaskedLM"]
     return config
 
-
-LICENSE_FILES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING)([.-].*)?$", re.IGNORECASE)
 
 
 def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str, license_from: Optional[str] = None) -> str:

@@ -151,6 +151,15 @@ def test_splade_callback_takes_the_scheduler_slot_and_drives_lambda(tiny_random_
     assert len(clfr.controller.history) == 2
     assert clfr.controller.history[0]["measured_nnz"] > 1000
     assert loss.document_regularizer_weight == clfr.controller.lambda_d == pytest.approx(3e-5 * math.e**2)
+    # a second phase on the same loss: its new callback is the one told the non-zeros (they went to the first's,
+    # and the new one never adjusted lambda_d)
+    second = SpladeCLFRCallback(loss, target_nnz=10, gain=1.0, interval_steps=1)
+    counted = clfr.nnz_count
+    trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(2)),
+                                   loss=loss, callbacks=[second])
+    trainer.train()
+    assert clfr.nnz_count == counted and len(second.controller.history) == 2
+    assert loss.document_regularizer_weight == second.controller.lambda_d == pytest.approx(3e-5 * math.e**4)
 
 
 def test_splade_callback_resumes_from_a_checkpoint_folder_anywhere(tiny_random_checkpoint, tmp_path):

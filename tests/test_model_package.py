@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,47 @@ def test_saves_through_transformers_and_sentence_transformers_keep_the_encoder_f
     model.save_pretrained(tmp_path / "auto")  # again, onto itself's folder: nothing breaks
     AutoModelForMaskedLM.from_pretrained(tmp_path / "auto", trust_remote_code=True).save_pretrained(tmp_path / "auto")
     assert (tmp_path / "auto" / "fles1_encoder.py").read_bytes() == shipped
+
+
+def test_saves_of_a_model_loaded_by_hub_id_keep_the_encoder_and_license_files(tiny_random_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """Loaded by hub id (the README's usage), a model saved by transformers or sentence-transformers -- a fine-tune
+    about to be pushed -- lacked fles1_encoder.py (looked up only in a local folder, then in transformers' module
+    cache, which holds the modeling files alone) and, from any source, the license files."""
+    import huggingface_hub.constants
+    from sentence_transformers import SparseEncoder
+    from transformers import AutoModelForMaskedLM
+
+    import hashlib
+
+    cache = tmp_path / "hub"
+    # a commit per code version: transformers keeps a hub repo's remote code per commit, and would run another
+    # version's modeling_fles1.py copied there by an earlier run
+    commit = hashlib.sha1(b"".join(open(os.path.join(tiny_random_checkpoint, name), "rb").read()
+                                   for name in ("modeling_fles1.py", "configuration_fles1.py"))).hexdigest()
+    snapshot = cache / "models--org--fles1" / "snapshots" / commit
+    shutil.copytree(tiny_random_checkpoint, snapshot)
+    encoder_file = (snapshot / "fles1_encoder.py").read_bytes() + b"# the repo's own copy\n"
+    (snapshot / "fles1_encoder.py").write_bytes(encoder_file)
+    (snapshot / "LICENSE").write_text("Apache License 2.0 (the repo's)\n")
+    (cache / "models--org--fles1" / "refs").mkdir()
+    (cache / "models--org--fles1" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    AutoModelForMaskedLM.from_pretrained("org/fles1", trust_remote_code=True).save_pretrained(tmp_path / "auto")
+    SparseEncoder("org/fles1", trust_remote_code=True, device="cpu").save_pretrained(str(tmp_path / "st"))
+    for folder in ("auto", "st"):
+        assert (tmp_path / folder / "fles1_encoder.py").read_bytes() == encoder_file
+        assert (tmp_path / folder / "LICENSE").read_text() == "Apache License 2.0 (the repo's)\n"
+    # a local folder's license files too, and a license already in the target folder is not replaced
+    local = tmp_path / "local"
+    shutil.copytree(snapshot, local)
+    (local / "NOTICE").write_text("notice\n")
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "LICENSE").write_text("the fine-tuner's own\n")
+    SparseEncoder(str(local), trust_remote_code=True, device="cpu").save_pretrained(str(tmp_path / "own"))
+    assert (tmp_path / "own" / "NOTICE").read_text() == "notice\n"
+    assert (tmp_path / "own" / "LICENSE").read_text() == "the fine-tuner's own\n"
 
 
 def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):

@@ -218,7 +218,9 @@ class SpladeCLFRCallback(CLFRCallback, _splade_scheduler_base()):
         controller = CLFRController(loss.document_regularizer_weight, target_nnz, gain, max_log_step)
         CLFRCallback.__init__(self, controller, interval_steps)
         self.loss = loss  # the trainer matches its scheduler slot on `callback.loss is loss`
-        if not isinstance(loss.document_regularizer, _NNZRecorder):
+        if isinstance(loss.document_regularizer, _NNZRecorder):  # an earlier callback's (a second training phase)
+            loss.document_regularizer._callback[0] = self  # the newest callback is the one the trainer runs
+        else:
             loss.document_regularizer = _NNZRecorder(loss.document_regularizer, self)
 
     def apply(self, lambda_d: float) -> None:
