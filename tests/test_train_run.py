@@ -415,7 +415,8 @@ def test_torchrun_two_ranks_train_the_one_process_global_batch(sparse_tiny, tmp_
     data = _mini_beir(tmp_path / "beir", shared_positive=True)
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(str(model), data, **{
         "data.max_examples": 4, "data.num_negatives": 2, "data.mask_false_negatives": True,
-        "training.save_steps": 100, "loss.lambda_d": 1e-2, "training.optim": "sgd", "training.learning_rate": 1.0}))
+        "training.save_steps": 100, "loss.lambda_d": 1e-2, "loss.lambda_q": 1e-2, "training.optim": "sgd",
+        "training.learning_rate": 1.0}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **CPU_ONLY}
     rows, weights = {}, {}
     uneven = {"data.max_examples": 7, "training.num_train_epochs": 1,  # step 2: rank 0 holds 2 examples, rank 1 one
@@ -437,7 +438,7 @@ def test_torchrun_two_ranks_train_the_one_process_global_batch(sparse_tiny, tmp_
     assert [row["step"] for row in rows["uneven"]] == [1, 2]
     one, two = rows["one"][0], rows["two"][0]
     assert one["nnz_doc"] == pytest.approx(two["nnz_doc"], rel=1e-6)  # the same 4 examples, the same vectors
-    for key in ("loss", "loss_contrastive", "loss_reg_d", "loss_anticollapse"):
+    for key in ("loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse"):
         assert one[key] == pytest.approx(two[key], rel=1e-5), key
     # one SGD step (w - lr * g): the same gradient, far from the start
     start = load_file(os.path.join(model, "model.safetensors"))

@@ -100,24 +100,30 @@ def false_negative_mask(relevance: list[dict], documents: list[str] | None = Non
     return mask
 
 
-def _across_ranks(documents, relevance):
-    """Every rank's documents (autograd reaches each rank's own through the gather), where this rank's start, and
-    the false-negative mask over them (None without relevance judgements)."""
+def _gather_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows, concatenated (autograd reaches each rank's own through the gather), and where this rank's
+    start. Ranks may hold different batch sizes (an epoch's last batch with accelerate's even_batches off): the
+    gather needs one shape, so rows are padded to the largest and the padding dropped after."""
     import torch.distributed as dist
     from sentence_transformers.util.distributed import all_gather_with_grad
 
-    # ranks may hold different batch sizes (an epoch's last batch with accelerate's even_batches off): the gather
-    # needs one shape, so pad to the largest and drop the padding after
-    sizes = [torch.zeros(1, dtype=torch.long, device=documents.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([documents.shape[0]], device=documents.device))
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rows.device))
     sizes = [int(size) for size in sizes]
     largest = max(sizes)
     if all(size == largest for size in sizes):
-        everything = all_gather_with_grad(documents)
-    else:
-        gathered = all_gather_with_grad(torch.nn.functional.pad(documents, (0, 0, 0, largest - documents.shape[0])))
-        everything = torch.cat([gathered[rank * largest : rank * largest + size] for rank, size in enumerate(sizes)])
-    offset = sum(sizes[: dist.get_rank()])
+        return all_gather_with_grad(rows), dist.get_rank() * largest
+    gathered = all_gather_with_grad(torch.nn.functional.pad(rows, (0, 0, 0, largest - rows.shape[0])))
+    everything = torch.cat([gathered[rank * largest : rank * largest + size] for rank, size in enumerate(sizes)])
+    return everything, sum(sizes[: dist.get_rank()])
+
+
+def _across_ranks(documents, relevance):
+    """Every rank's documents (`_gather_rows`), where this rank's start, and the false-negative mask over them
+    (None without relevance judgements)."""
+    import torch.distributed as dist
+
+    everything, offset = _gather_rows(documents)
     mask = None
     if relevance is not None:
         ids = [None] * dist.get_world_size()
@@ -317,9 +323,7 @@ class FLES1Trainer(Trainer):
         reg_d = lambda_d * self.regularizer(everything)
         all_queries = queries
         if self.lambda_q and offset is not None:
-            from sentence_transformers.util.distributed import all_gather_with_grad
-
-            all_queries = all_gather_with_grad(queries)
+            all_queries = _gather_rows(queries)[0]
         reg_q = self.lambda_q * self.regularizer(all_queries) if self.lambda_q else queries.new_zeros(())
         anticollapse = (
             self.anticollapse_weight * anti_collapse(everything, self.anticollapse_min_mass)
