@@ -221,6 +221,9 @@ class FLES1Encoder:
         if key == self._synced_with:
             return
         self._vocab = self.tokenizer.convert_ids_to_tokens(list(range(self.config.vocab_size)))
+        # rows past the tokenizer (a vocabulary padded to a multiple of 64, say) have no word: a name of their own,
+        # not None (a dict would merge them all under one key)
+        self._vocab = [term if term is not None else f"[vocab_{index}]" for index, term in enumerate(self._vocab)]
         # a text whose ids are only these ([CLS] [SEP]) has nothing to encode: it is blank, like ""
         self._special_token_count = self.tokenizer.num_special_tokens_to_add(pair=False)
         self._embeddings = self.model.get_input_embeddings()

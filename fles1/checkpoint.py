@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
+from transformers.utils import cached_file
 
 from configuration_fles1 import FLES1Config
 from fles1.atomic import atomic_directory, atomic_write_json, require_new_folder
@@ -116,6 +117,61 @@ def is_fles1_source(source: str) -> bool:
     return PreTrainedConfig.get_config_dict(source)[0].get("model_type") == FLES1Config.model_type
 
 
+SUPPORTED_MODEL_TYPES = ("bert", FLES1Config.model_type)
+
+
+def check_source(source: str, out_dir: Optional[str] = None) -> str:
+    """What convert refuses before loading any weights, as a ValueError saying what is supported; the source's
+    model_type. A folder must hold safetensors weights, and a sentence-transformers SPLADE folder must pool as
+    FLES-1 does (max over tokens of log(1 + ReLU)): another pooling would convert into a different model."""
+    local = os.path.isdir(source)
+    if local and out_dir is not None:
+        source_path, out_path = os.path.realpath(source), os.path.realpath(out_dir)
+        if os.path.commonpath([source_path, out_path]) == out_path:
+            raise ValueError(f"the output folder {out_dir} is the source or holds it: --overwrite would delete the "
+                             "source; write the conversion elsewhere")
+    model_type = PreTrainedConfig.get_config_dict(source)[0].get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported: FLES-1 converts BERT masked-LM checkpoints "
+                         "(model_type 'bert': bert-base-uncased, SPLADE models on BERT) and FLES-1 folders")
+    if local:
+        names = os.listdir(source)
+        if not any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names):
+            found = sorted(name for name in names if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            raise ValueError(f"no safetensors weights{f' (found {found[0]})' if found else ''}: weights are loaded "
+                             "from safetensors only; re-save the model with model.save_pretrained(folder), which "
+                             "writes model.safetensors")
+    modules = cached_file(source, "modules.json", _raise_exceptions_for_missing_entries=False,
+                          _raise_exceptions_for_connection_errors=False)
+    for module in json.load(open(modules, encoding="utf-8")) if modules else []:
+        if module.get("type", "").endswith("SpladePooling"):
+            pooling = cached_file(source, f"{module['path']}/config.json", _raise_exceptions_for_missing_entries=False,
+                                  _raise_exceptions_for_connection_errors=False)
+            settings = json.load(open(pooling, encoding="utf-8")) if pooling else {}
+            strategy, activation = settings.get("pooling_strategy", "max"), settings.get("activation_function", "relu")
+            if (strategy, activation) != ("max", "relu"):
+                raise ValueError(f"its SpladePooling pools with pooling_strategy={strategy!r}, activation_function="
+                                 f"{activation!r}: FLES-1 encodes with 'max' and 'relu' (log(1 + ReLU), max over "
+                                 "tokens) only, so the converted model would give other vectors")
+    return model_type
+
+
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+    """The tokenizer must name the model's vocabulary rows: one with more tokens than rows makes ids the model
+    cannot look up (IndexError while encoding); one with far fewer is a stand-in (no tokenizer files in the source,
+    every word [UNK]). A few unnamed rows at the end (a vocabulary padded to a multiple of 64) only warn."""
+    tokens = len(tokenizer)
+    if tokens > vocab_size:
+        raise ValueError(f"its tokenizer has {tokens} tokens for a vocabulary of {vocab_size} rows: ids past "
+                         f"{vocab_size - 1} have no row (resize_token_embeddings(len(tokenizer)) and save again)")
+    if tokens < 0.9 * vocab_size:
+        raise ValueError(f"its tokenizer has only {tokens} tokens for a vocabulary of {vocab_size} rows: no tokenizer "
+                         "files in the source? (tokenizer.json or vocab.txt of the backbone's WordPiece vocabulary)")
+    if tokens < vocab_size:
+        warnings.warn(f"its tokenizer has {tokens} tokens for a vocabulary of {vocab_size} rows: the last "
+                      f"{vocab_size - tokens} rows name no word (FLES1Encoder calls them [vocab_<id>])")
+
+
 def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_settings) -> str:
     """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder. ``out_dir`` must be new or
     empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place)."""
@@ -124,7 +180,7 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
         raise FileNotFoundError(not_a_folder(source))  # a path, not a hub id: transformers would say "bad repo id"
     # A FLES-1 source (to change its settings) loads through this project's class: through the Auto classes its
     # config's auto_map would make it remote code, and transformers would stop to ask whether to run it.
-    is_fles1 = is_fles1_source(source)
+    is_fles1 = check_source(source, out_dir) == FLES1Config.model_type
     source_model, loading = (FLES1ForMaskedLM if is_fles1 else AutoModelForMaskedLM).from_pretrained(
         source, use_safetensors=True, output_loading_info=True)
     missing = [key for key in loading["missing_keys"] if "position_ids" not in key]
@@ -139,6 +195,7 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
         raise ValueError(f"not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    check_tokenizer(tokenizer, config.vocab_size)
     with atomic_directory(out_dir, replace=overwrite) as staging:
         save_checkpoint(model.to(torch.float32), tokenizer, staging, license_from=source)
     return out_dir

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -301,6 +302,77 @@ def test_model_convert_refuses_a_bert_without_its_masked_lm_head(backbone_dir, t
     assert error and error[0].startswith(f"error: {source}: not a BERT masked-LM checkpoint: its weights lack "
                                          "cls.predictions.bias")
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_bert_source(folder, backbone_dir, vocab_size=30522, tokenizer=True):
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=512)
+    BertForMaskedLM(config).save_pretrained(folder)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(backbone_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def test_model_convert_refuses_sources_that_would_convert_into_another_model(backbone_dir, tmp_path, capsys):
+    """Each converted silently, or failed with a message about something else: a folder without tokenizer files
+    (every word [UNK] after), a tokenizer larger than the vocabulary (IndexError while encoding), a SPLADE folder
+    pooling by sum (other vectors), DistilBERT ("activation='gelu' is not supported"), .bin weights ("no file named
+    model.safetensors"), and OUT = SRC with --overwrite (deleted the source's other files)."""
+    import convert_fles1
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    no_tokenizer = _tiny_bert_source(tmp_path / "no-tokenizer", backbone_dir, tokenizer=False)
+    small = _tiny_bert_source(tmp_path / "small-vocab", backbone_dir, vocab_size=29522)
+    DistilBertForMaskedLM(DistilBertConfig(vocab_size=30522, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+                          ).save_pretrained(tmp_path / "distilbert")
+    bin_only = _tiny_bert_source(tmp_path / "bin-only", backbone_dir)
+    state = {name: tensor.contiguous() for name, tensor in
+             FLES1ForMaskedLM.from_pretrained(bin_only).state_dict().items()}  # any weights: only the file matters
+    torch.save(state, os.path.join(bin_only, "pytorch_model.bin"))
+    os.remove(os.path.join(bin_only, "model.safetensors"))
+    summed = tmp_path / "splade-sum"
+    SparseEncoder(modules=[MLMTransformer(_tiny_bert_source(tmp_path / "mlm", backbone_dir)),
+                           SpladePooling(pooling_strategy="sum")]).save_pretrained(str(summed))
+    same = _tiny_bert_source(tmp_path / "same", backbone_dir)
+    (tmp_path / "same" / "README.md").write_text("keep me\n")
+    expected = {
+        no_tokenizer: "tokenizer has only .* tokens for a vocabulary of 30522 rows: no tokenizer files",
+        small: "tokenizer has 30522 tokens for a vocabulary of 29522 rows",
+        str(tmp_path / "distilbert"): "model_type 'distilbert' is not supported: FLES-1 converts BERT",
+        bin_only: r"no safetensors weights \(found pytorch_model.bin\): weights are loaded from safetensors only",
+        str(summed): "SpladePooling pools with pooling_strategy='sum', activation_function='relu': FLES-1 encodes with 'max' and 'relu'",
+    }
+    for source, message in expected.items():
+        assert convert_fles1.main([source, str(tmp_path / "out")]) == 1
+        error = capsys.readouterr().err
+        assert re.search(f"error: {re.escape(source)}: (its )?{message}", error), error
+        assert not (tmp_path / "out").exists()
+    assert convert_fles1.main([same, same, "--overwrite"]) == 1
+    assert "is the source or holds it" in capsys.readouterr().err
+    assert (tmp_path / "same" / "README.md").read_text() == "keep me\n"
+    assert convert_fles1.main([same, str(tmp_path), "--overwrite"]) == 1  # a folder holding the source
+    assert os.path.isfile(os.path.join(same, "model.safetensors"))
+
+
+def test_model_convert_a_padded_vocabulary_names_its_wordless_rows(backbone_dir, tmp_path):
+    """Rows past the tokenizer's tokens (a vocabulary padded to a multiple of 64) all decoded to None: a dict
+    merged them under one key, and decode() returned None for an id it should name."""
+    from fles1.checkpoint import convert
+    from fles1_encoder import FLES1Encoder
+
+    source = _tiny_bert_source(tmp_path / "padded", backbone_dir, vocab_size=30528)
+    with pytest.warns(UserWarning, match="the last 6 rows name no word"):
+        convert(source, str(tmp_path / "out"))
+    encoder = FLES1Encoder.from_pretrained(str(tmp_path / "out"))
+    assert encoder.decode([30521, 30527]) == ["##～", "[vocab_30527]"]
+    vector = encoder.encode("heart disease", threshold=0)
+    ids, weights = encoder.encode_to_ids("heart disease", threshold=0)
+    assert len(vector) == len(ids)  # one entry per active row, none merged
 
 
 def test_model_convert_cli_never_overwrites_by_accident(backbone_dir, tmp_path, capsys, monkeypatch):
