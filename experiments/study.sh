@@ -13,7 +13,7 @@ for seed in 0 1 2; do
   bash experiments/tiny_nfcorpus.sh probe-bm25pos-tau1-seed$seed $seed --set data.positive=bm25 --set loss.temperature=1.0
 done
 # the untrained backbone, evaluated the same way
-python convert_fles1.py ../shared/models/splade-tiny outputs/backbone
+python convert_fles1.py ../shared/models/splade-tiny outputs/backbone --overwrite  # a rerun replaces it
 mkdir -p results/runs/backbone
 python eval_fles1.py --model outputs/backbone --data ../shared/data/nfcorpus --split dev --threshold 0.3 \
   --no-bm25 --no-production --output results/runs/backbone/eval_dev.json

@@ -225,6 +225,22 @@ def fmt_production(key: str, value) -> str:
     return f"{value:.1f}" if key == "docs_per_second" else f"{value:.2f}"
 
 
+def distinct_names(paths: Sequence[str]) -> dict[str, str]:
+    """Each path's shortest tail of folders that no other path shares (runs/a/eval_test.json, runs/b/eval_test.json
+    -> a/eval_test.json, b/eval_test.json); the full path where no tail is unique (the same file twice)."""
+    parts = {path: os.path.normpath(path).split(os.sep) for path in paths}
+    names = {}
+    for path, own in parts.items():
+        for depth in range(1, len(own) + 1):
+            tail = own[-depth:]
+            if all(other[-depth:] != tail for other_path, other in parts.items() if other_path != path):
+                names[path] = "/".join(tail)
+                break
+        else:
+            names[path] = path
+    return names
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -440,10 +456,12 @@ def build_card(
     studies: Optional[str] = None,
 ) -> ModelCard:
     """Model card from result files. ``plots`` are paths relative to the card (they are linked, not read);
-    ``result_names`` maps a results path to the name the card shows for it (default: its file name);
+    ``result_names`` maps a results path to the name the card shows for it (default: its file name, with as many
+    parent folders as tell it from the others: ``seed1/eval_test.json``);
     ``studies`` is a Markdown file of study tables generated from result files (experiments/summarize.py),
     embedded as is."""
-    name_of = lambda path: (result_names or {}).get(path) or os.path.basename(path)  # noqa: E731
+    short = distinct_names(results)
+    name_of = lambda path: (result_names or {}).get(path) or short.get(path, os.path.basename(path))  # noqa: E731
     if not results:
         raise CardInputError("at least one eval results JSON is needed (eval_fles1.py --output)")
     runs = group_runs([(path, read_eval(path)) for path in results])

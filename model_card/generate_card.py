@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     parser.add_argument("--training-log", nargs="*", default=[], help="training_log.json file(s)")
     parser.add_argument("--recipe", help="recipe YAML, for a card without a training log (default: the training "
                         "log's recipe, --set overrides included; a file that differs from it is refused)")
-    parser.add_argument("--repo-id", default="mindoval/fles1-v14")
+    parser.add_argument("--repo-id", default="mindoval/fles1-v14",
+                        help="the Hub repo the card describes (default: mindoval/fles1-v14): titles, snippets and the "
+                             "rerun command use it")
     parser.add_argument("--base-model", help="Hub id of the backbone (default: from the recipe when it is a hub id)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG paths relative to the card, linked in it")
     parser.add_argument("--studies", help="Markdown study tables made from result files (experiments/summarize.py)")

@@ -309,3 +309,18 @@ def test_odd_file_names_keep_links_and_tables_intact(tmp_path):
     assert "![plots/my loss (v2).png](plots/my%20loss%20%28v2%29.png)" in card.text
     (row,) = [line for line in card.text.splitlines() if line.startswith("| published |")]
     assert "`eval\\|test.json`" in row and len(re.split(r"(?<!\\)\|", row.strip("|"))) == 8  # one cell
+
+
+def test_result_files_of_the_same_name_are_told_apart(tmp_path):
+    """results/runs/<run>/eval_test.json per seed: every row and the headline's source read 'eval_test.json'."""
+    for seed in (0, 1):
+        (tmp_path / "runs" / f"seed{seed}").mkdir(parents=True)
+    seeds = [make_eval(tmp_path / "runs" / f"seed{seed}" / "eval_test.json", model_path=f"outputs/seed{seed}",
+                       fingerprint=f"fp{seed}") for seed in (0, 1)]
+    text = card_from(tmp_path, seeds).content
+    assert "`seed0/eval_test.json`" in text and "`seed1/eval_test.json`" in text
+    from fles1.card import distinct_names
+
+    assert distinct_names(["a/x/e.json", "b/x/e.json", "c/f.json"]) == {"a/x/e.json": "a/x/e.json",
+                                                                         "b/x/e.json": "b/x/e.json", "c/f.json": "f.json"}
+    assert distinct_names(["same.json", "same.json"]) == {"same.json": "same.json"}
