@@ -168,6 +168,11 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
         if match is None:  # else beside the run's results file (results/runs/<run>/), if no other run is there
             beside = [r for r in runs if r.training_log is None and folders & _results_folders(r)]
             match = beside[0] if len(beside) == 1 else None
+        if match is None and held and not held & {run.key for run in runs}:
+            # its folder holds a model no results file evaluated: the card would show that run's steps, loss and
+            # training data as the published model's
+            raise CardInputError(f"{path}: its folder holds a model (fingerprint {', '.join(sorted(held))}) that no "
+                                 "results file evaluated; leave the log out, or pass that model's results too")
         if match is None:
             unpaired.append((path, log))
         else:

@@ -398,7 +398,8 @@ def evaluate(
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     model_fp = model_fingerprint(model)
     results = {
-        "model": {"path": model, "fingerprint": model_fp},
+        # the weights' and config's hash, and the tokenizer's (the same weights tokenizing otherwise score otherwise)
+        "model": {"path": model, "fingerprint": model_fp, "tokenizer_fingerprint": tokenizer_fingerprint(encoder.tokenizer)},
         "threshold": threshold,
         "query_max_length": encoder.max_lengths["query"],
         "document_max_length": encoder.max_lengths["document"],

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
@@ -34,7 +35,10 @@ REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_C
 SKIP_PATTERNS = ("checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
                  "training_args.bin", "runs", "__pycache__", ".git", ".cache", "*.png", "training_log.json",
                  "README.md", "results", "plots", "nnz_trace_rank*.json",
-                 ".*.partial")  # the last: an interrupted assembly's staging
+                 ".*.partial",  # an interrupted assembly's staging
+                 # pickled weights (published weights are safetensors only, and a stale .bin would differ from
+                 # them) and dotfiles (.env, editor files: maybe credentials)
+                 "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", ".*")
 PROBE_TEXT = "What is machine learning? Sparse retrieval with FLES-1 and BM25 baselines."
 TOLERANCE = 1e-5
 VALIDATION_TIMEOUT_S = 600
@@ -163,6 +167,20 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
         raise PublishError(f"{results}: evaluated the model with fingerprint {recorded}, not {model_dir} "
                            f"({actual}); evaluate it (eval_fles1.py --model {model_dir}) and pass that file "
                            "first -- further --results files (other seeds) may be other models")
+    recorded_tokenizer = (evaluated.get("model") or {}).get("tokenizer_fingerprint")  # absent in older files
+    if actual and recorded_tokenizer:
+        from transformers import AutoTokenizer
+
+        from fles1.evaluation import tokenizer_fingerprint
+
+        try:
+            folder_tokenizer = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir))
+        except (OSError, ValueError):  # no usable tokenizer: the checks say so, naming the file
+            folder_tokenizer = None
+        if folder_tokenizer and folder_tokenizer != recorded_tokenizer:
+            raise PublishError(f"{results}: evaluated with a tokenizer (fingerprint {recorded_tokenizer}) other than "
+                               f"{model_dir}'s ({folder_tokenizer}); its numbers are not this folder's: evaluate it "
+                               f"(eval_fles1.py --model {model_dir})")
     # The card states the results' threshold as the model's inference threshold: it must be the one users get.
     shipped = config.get("inference_threshold")
     threshold = evaluated.get("threshold")
@@ -213,6 +231,7 @@ def _copy_linked_images(studies: str, out_dir: str) -> None:
     for link in links:
         if "://" in link or os.path.isabs(link):
             continue  # served from elsewhere
+        link = urllib.parse.unquote(link)  # "my%20fig.png" names "my fig.png" (the card writes its links so)
         source = os.path.join(os.path.dirname(os.path.abspath(studies)), link)
         target = os.path.normpath(os.path.join(root, link))
         if not path_within(target, root):
@@ -363,6 +382,8 @@ def publish(
                            f"({revision!r}) or drop --create-pr to commit to that branch")
     if not card.results:
         raise PublishError("the model card needs at least one eval results JSON: pass --results (eval_fles1.py --output)")
+    if dry_run is not None and not str(dry_run).strip():  # "" is no folder: it was written to a temporary, then lost
+        raise PublishError("--dry-run needs the folder to write (e.g. --dry-run hub_out)")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:

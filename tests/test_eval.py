@@ -399,7 +399,8 @@ def test_cli_writes_shared_format_run_files_and_zero_shot_table(tiny_random_chec
             "--cache-dir", str(tmp_path / "cache"), "--latency-queries", "3", "--export", str(tmp_path / "export")]
     assert eval_fles1.main(argv) == 0
     results = json.loads(output.read_text())
-    assert set(results) == SHARED_KEYS["top"] and set(results["model"]) == {"path", "fingerprint"}
+    assert set(results) == SHARED_KEYS["top"]
+    assert set(results["model"]) == {"path", "fingerprint", "tokenizer_fingerprint"}
     assert set(results["environment"]) == {"packages", "device", "python"}
     assert results["threshold"] == 0 and results["document_max_length"] == 48
     assert list(results["datasets"]) == ["toy", "toy2"]

@@ -488,3 +488,49 @@ def test_images_the_studies_link_are_published(source_checkpoint, result_files, 
     assert push_fles1.main(argv + [str(tmp_path / "o2")]) == 1
     assert "STUDY.md: links plots/missing.png, which is not at" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_results_or_logs_of_another_model_than_the_folder_are_refused(source_checkpoint, result_files,
+                                                                        tiny_random_checkpoint, tmp_path, capsys):
+    """Two ways another model's numbers reached the card: results evaluated with another tokenizer (the weights'
+    fingerprint alone matched), and a training log whose folder holds another model (attached as the only log)."""
+    argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--results"]
+    from fles1.evaluation import tokenizer_fingerprint
+    from transformers import AutoTokenizer
+
+    recorded = json.load(open(result_files["results"]))
+    own = tokenizer_fingerprint(AutoTokenizer.from_pretrained(source_checkpoint))
+    for name, fingerprint, expected in (("same", own, 0), ("other", "0123456789abcdef", 1)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**recorded, "model": {**recorded["model"], "tokenizer_fingerprint": fingerprint}}))
+        assert push_fles1.main(argv + [str(path), "--dry-run", str(tmp_path / f"o-{name}")]) == expected
+    assert "evaluated with a tokenizer (fingerprint 0123456789abcdef) other than" in capsys.readouterr().err
+    assert not (tmp_path / "o-other").exists()
+    other_run = tmp_path / "other-run"
+    shutil.copytree(tiny_random_checkpoint, other_run)  # another model, with its own training log
+    log = make_training_log(other_run / "training_log.json", seed=42)
+    assert push_fles1.main(argv + [result_files["results"], "--training-log", log, "--dry-run",
+                                   str(tmp_path / "o-log")]) == 1
+    assert f"{log}: its folder holds a model (fingerprint" in capsys.readouterr().err
+    assert not (tmp_path / "o-log").exists()
+
+
+def test_dry_run_needs_a_folder_and_leaves_pickles_and_dotfiles_out(source_checkpoint, result_files, tmp_path,
+                                                                     capsys):
+    """--dry-run "" reported a temporary folder already deleted; a stray pytorch_model.bin (pickled, never
+    validated) or .env (credentials) in the model folder went into the upload; a study image linked with a
+    percent-encoded name was 'not found'."""
+    argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]]
+    assert push_fles1.main(argv + ["--dry-run", ""]) == 1
+    assert "--dry-run needs the folder to write" in capsys.readouterr().err
+    (Path(source_checkpoint) / "pytorch_model.bin").write_bytes(b"pickled")
+    (Path(source_checkpoint) / ".env").write_text("HF_TOKEN=secret\n")
+    studies = tmp_path / "STUDY.md"
+    (tmp_path / "figs").mkdir()
+    shutil.copy(result_files["plot"], tmp_path / "figs" / "my fig.png")
+    studies.write_text("![a](figs/my%20fig.png)\n")
+    assert push_fles1.main(argv + ["--studies", str(studies), "--dry-run", str(tmp_path / "o")]) == 0, \
+        capsys.readouterr().err
+    published = set(os.listdir(tmp_path / "o"))
+    assert "model.safetensors" in published and not {"pytorch_model.bin", ".env"} & published
+    assert (tmp_path / "o" / "figs" / "my fig.png").is_file()
