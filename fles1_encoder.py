@@ -496,6 +496,12 @@ class FLES1Encoder:
         matrix.sort_indices()
         return matrix
 
+    def vocabulary(self) -> list[str]:
+        """The term of every vocabulary id (what `decode` gives): the tokenizer's tokens, and ``[vocab_<id>]`` for
+        rows past them (a vocabulary padded to a multiple of 64)."""
+        self._sync()
+        return list(self._vocab)
+
     def decode(self, ids: Iterable[int], weights: Optional[Iterable[float]] = None):
         """Vocabulary ids -> terms; with weights, -> {term: weight}. An id outside the vocabulary (negative ones
         included) or a weights list of another length is a ValueError naming it."""

@@ -37,6 +37,7 @@ ACCELERATOR_CHUNK_TOKENS = 16384  # 1 GB of bf16 logits: big enough to fill a GP
 ENCODER_FILE = "fles1_encoder.py"  # ships beside the model files; see `FLES1ForMaskedLM._copy_companion_files`
 LICENSE_FILES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING)([.-].*)?$", re.IGNORECASE)
 HUB_LICENSE_FILES = ["LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "COPYING"]  # looked up one by one
+logger = logging.get_logger(__name__)
 # CPU inference projects one text at a time, CPU_TILE_TOKENS tokens at once, so that the (tokens x vocab) logits
 # tile stays in cache; no padding token is ever projected.
 CPU_TILE_TOKENS = 32
@@ -454,26 +455,37 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         self._copy_companion_files(save_directory)
         return saved
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
+        # the revision and cache a hub checkpoint came from: save_pretrained copies its companion files from there
+        model._fles1_loaded_from = (kwargs.get("revision"), kwargs.get("cache_dir"))
+        return loaded
+
     def _companion_file(self, name: str) -> Optional[str]:
-        """A file of the checkpoint this model was loaded from: its local folder's, or its hub repo's (from the
-        cache, downloaded when online); None when there is none."""
+        """A file of the checkpoint this model was loaded from: its local folder's, or its hub repo's at the
+        revision loaded -- from the local cache only (a save never goes to the network: without one, each lookup
+        of a missing file cost ~20 s of retries); None when there is none."""
         source = self.name_or_path
         if not source or os.path.isdir(source):
             path = os.path.join(source, name) if source else ""
             return path if os.path.isfile(path) else None
+        revision, cache_dir = getattr(self, "_fles1_loaded_from", (None, None))
         try:
-            return cached_file(source, name, revision=getattr(self.config, "_commit_hash", None),
+            return cached_file(source, name, revision=revision, cache_dir=cache_dir, local_files_only=True,
                                _raise_exceptions_for_missing_entries=False,
                                _raise_exceptions_for_connection_errors=False)
-        except Exception:  # not a hub id after all, or no network and no cache: nothing to copy
+        except Exception:  # not a hub id after all: nothing to copy
             return None
 
     def _copy_companion_files(self, save_directory) -> None:
         """transformers copies only the code it imports. Also saved: fles1_encoder.py (users fetch it with
-        ``hf_hub_download``), from the checkpoint the model was loaded from (folder or hub repo) else from beside
-        this file; and that checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint -- a
-        sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
-        files already in the folder are kept."""
+        ``hf_hub_download``), from the checkpoint the model was loaded from (folder, or hub repo as cached) else
+        from beside this file; and that checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint
+        -- a sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
+        files already in the folder are kept. A hub checkpoint's files come from the local cache (``hf_hub_download``
+        them once); one missing there is named in a warning."""
         names = [ENCODER_FILE] + (sorted(name for name in os.listdir(self.name_or_path) if LICENSE_FILES.match(name))
                                   if self.name_or_path and os.path.isdir(self.name_or_path) else HUB_LICENSE_FILES)
         for name in names:
@@ -482,6 +494,10 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             if source is None and name == ENCODER_FILE:
                 source = os.path.join(os.path.dirname(os.path.abspath(__file__)), ENCODER_FILE)
                 source = source if os.path.isfile(source) else None
+                if source is None and not os.path.exists(target):
+                    logger.warning_once(f"{ENCODER_FILE} not saved: it is not in the local cache of "
+                                        f"{self.name_or_path}; hf_hub_download({self.name_or_path!r}, "
+                                        f"{ENCODER_FILE!r}) fetches it, and later saves copy it")
             if source is None or (os.path.exists(target) and (name != ENCODER_FILE or os.path.samefile(source, target))):
                 continue
             shutil.copyfile(source, target)

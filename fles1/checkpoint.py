@@ -169,7 +169,9 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
                          "files in the source? (tokenizer.json or vocab.txt of the backbone's WordPiece vocabulary)")
     if tokens < vocab_size:
         warnings.warn(f"its tokenizer has {tokens} tokens for a vocabulary of {vocab_size} rows: the last "
-                      f"{vocab_size - tokens} rows name no word (FLES1Encoder calls them [vocab_<id>])")
+                      f"{vocab_size - tokens} rows name no word; the converted tokenizer names them [vocab_<id>] "
+                      "(special tokens, so that every loader decodes them alike)")
+        tokenizer.add_tokens([f"[vocab_{index}]" for index in range(tokens, vocab_size)], special_tokens=True)
 
 
 def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_settings) -> str:

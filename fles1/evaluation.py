@@ -408,7 +408,7 @@ def evaluate(
     }
     run_paths = run_file_paths(run_file, names) if run_file else {}
     if export_dir:
-        vocab = encoder.tokenizer.convert_ids_to_tokens(list(range(encoder.config.vocab_size)))
+        vocab = encoder.vocabulary()  # wordless rows of a padded vocabulary named, not None
         export_settings = {"model_fingerprint": model_fp, "split": split,
                            **{key: results[key] for key in ("threshold", "query_max_length", "document_max_length")}}
     for name, dataset in zip(names, datasets):

@@ -106,14 +106,16 @@ class InvertedIndex:
         return hits
 
     def _tie_ranks(self) -> np.ndarray:
-        """Per document position, its place in doc-id descending order (built once per index)."""
-        ranks = self.__dict__.get("_tie_rank_array")
-        if ranks is None or len(ranks) != self.num_docs:
-            order = sorted(range(self.num_docs), key=self.doc_ids.__getitem__, reverse=True)
+        """Per document position, its place in doc-id descending order; rebuilt when ``doc_ids`` is replaced or
+        edited (ids are unique: ascending order reversed is descending; numpy sorts str by code point, as Python)."""
+        key = (id(self.doc_ids), len(self.doc_ids), hash(tuple(self.doc_ids[:1] + self.doc_ids[-1:])))
+        cached = self.__dict__.get("_tie_rank_array")
+        if cached is None or cached[0] != key:
+            order = np.argsort(np.array(self.doc_ids, dtype=str), kind="stable")[::-1]
             ranks = np.empty(self.num_docs, dtype=np.int64)
             ranks[order] = np.arange(self.num_docs)
-            self._tie_rank_array = ranks
-        return ranks
+            cached = self._tie_rank_array = (key, ranks)
+        return cached[1]
 
     def to_run(
         self, query_ids: Sequence[str], hits, k: int | None = None, drop_self: bool = True

@@ -209,6 +209,10 @@ def test_a_tie_at_the_cut_keeps_what_trec_eval_ranks_first():
     index = InvertedIndex(docs, ["a", "c", "b", "z"])
     run = index.to_run(["q1"], index.search(csr_matrix(np.array([[1.0, 0.0]], dtype=np.float32)), k=2))
     assert list(run["q1"]) == ["c", "b"]
+    index.doc_ids = ["z", "y", "x", "a"]  # ids replaced: the order follows them
+    assert list(index.to_run(["q1"], index.search(csr_matrix(np.array([[1.0, 0.0]], dtype=np.float32)), k=2))["q1"]) \
+        == ["z", "y"]
+    index.doc_ids = ["a", "c", "b", "z"]
     qrels = {"q1": {"c": 1}}
     full = {"q1": {"a": 1.0, "b": 1.0, "c": 1.0, "z": 0.5}}
     recall = [pytrec_eval.RelevanceEvaluator(qrels, {"recall.2"}).evaluate(r)["q1"]["recall_2"] for r in (run, full)]

@@ -202,6 +202,14 @@ def test_saves_of_a_model_loaded_by_hub_id_keep_the_encoder_and_license_files(ti
     (cache / "models--org--fles1" / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    later = cache / "models--org--fles1" / "snapshots" / ("f" * 40)  # main moved on: a pinned load saves its own
+    shutil.copytree(snapshot, later)
+    (later / "LICENSE").write_text("a later revision's\n")
+    (cache / "models--org--fles1" / "refs" / "main").write_text("f" * 40)
+    AutoModelForMaskedLM.from_pretrained("org/fles1", revision=commit, trust_remote_code=True).save_pretrained(
+        tmp_path / "pinned")
+    assert (tmp_path / "pinned" / "LICENSE").read_text() == "Apache License 2.0 (the repo's)\n"
+    (cache / "models--org--fles1" / "refs" / "main").write_text(commit)
     AutoModelForMaskedLM.from_pretrained("org/fles1", trust_remote_code=True).save_pretrained(tmp_path / "auto")
     SparseEncoder("org/fles1", trust_remote_code=True, device="cpu").save_pretrained(str(tmp_path / "st"))
     for folder in ("auto", "st"):
@@ -365,6 +373,10 @@ def test_model_convert_a_padded_vocabulary_names_its_wordless_rows(backbone_dir,
     from fles1.checkpoint import convert
     from fles1_encoder import FLES1Encoder
 
+    from sentence_transformers import SparseEncoder
+
+    from fles1.evaluation import evaluate
+
     source = _tiny_bert_source(tmp_path / "padded", backbone_dir, vocab_size=30528)
     with pytest.warns(UserWarning, match="the last 6 rows name no word"):
         convert(source, str(tmp_path / "out"))
@@ -373,6 +385,18 @@ def test_model_convert_a_padded_vocabulary_names_its_wordless_rows(backbone_dir,
     vector = encoder.encode("heart disease", threshold=0)
     ids, weights = encoder.encode_to_ids("heart disease", threshold=0)
     assert len(vector) == len(ids)  # one entry per active row, none merged
+    st = SparseEncoder(str(tmp_path / "out"), trust_remote_code=True, device="cpu")  # named alike there too
+    assert st.tokenizer.convert_ids_to_tokens([30527]) == ["[vocab_30527]"]
+    # engine exports named the rows None: "empty token: rank_features keys must be non-empty"
+    data = tmp_path / "beir"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"heart disease {i}"}) + "\n"
+                                               for i in range(3)))
+    (data / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "heart"}) + "\n")
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    evaluate(str(tmp_path / "out"), [str(data)], threshold=0, cache_dir=None, bm25=False, production=False,
+             export_dir=str(tmp_path / "export"))
+    assert (tmp_path / "export" / "beir" / "elasticsearch" / "mapping.json").is_file()
 
 
 def test_model_convert_cli_never_overwrites_by_accident(backbone_dir, tmp_path, capsys, monkeypatch):
