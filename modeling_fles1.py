@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 from transformers import BertForMaskedLM
 from transformers.utils import ModelOutput, cached_file, logging
+from transformers.utils.hub import is_offline_mode
 
 try:  # loaded as remote code: a package-relative import, which transformers copies along
     from .configuration_fles1 import FLES1Config
@@ -465,32 +466,42 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
     def _companion_file(self, name: str) -> Optional[str]:
         """A file of the checkpoint this model was loaded from: its local folder's, or its hub repo's at the
-        revision loaded -- from the local cache only (a save never goes to the network: without one, each lookup
-        of a missing file cost ~20 s of retries); None when there is none."""
+        revision loaded; None when there is none. A hub file is looked up once per model (a trainer saves every
+        checkpoint): in the local cache, then -- for fles1_encoder.py and LICENSE only, and unless offline -- on
+        the Hub (without a network each missing file cost ~20 s of retries)."""
         source = self.name_or_path
         if not source or os.path.isdir(source):
             path = os.path.join(source, name) if source else ""
             return path if os.path.isfile(path) else None
-        revision, cache_dir = getattr(self, "_fles1_loaded_from", (None, None))
-        try:
-            return cached_file(source, name, revision=revision, cache_dir=cache_dir, local_files_only=True,
-                               _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False)
-        except Exception:  # not a hub id after all: nothing to copy
-            return None
+        found = self.__dict__.setdefault("_fles1_companions", {})
+        if name not in found:
+            revision, cache_dir = getattr(self, "_fles1_loaded_from", (None, None))
+            found[name] = None
+            for local_only in (True, False) if name in (ENCODER_FILE, "LICENSE") and not is_offline_mode() else (True,):
+                try:
+                    found[name] = cached_file(source, name, revision=revision, cache_dir=cache_dir,
+                                              local_files_only=local_only, _raise_exceptions_for_missing_entries=False,
+                                              _raise_exceptions_for_connection_errors=False)
+                except Exception:  # not a hub id after all: nothing to copy
+                    pass
+                if found[name]:
+                    break
+        return found[name]
 
     def _copy_companion_files(self, save_directory) -> None:
         """transformers copies only the code it imports. Also saved: fles1_encoder.py (users fetch it with
         ``hf_hub_download``), from the checkpoint the model was loaded from (folder, or hub repo as cached) else
         from beside this file; and that checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint
         -- a sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
-        files already in the folder are kept. A hub checkpoint's files come from the local cache (``hf_hub_download``
-        them once); one missing there is named in a warning."""
+        files already in the folder are kept. A hub checkpoint's files come from the local cache, else (online)
+        the Hub; a missing encoder file or license is named in a warning."""
         names = [ENCODER_FILE] + (sorted(name for name in os.listdir(self.name_or_path) if LICENSE_FILES.match(name))
                                   if self.name_or_path and os.path.isdir(self.name_or_path) else HUB_LICENSE_FILES)
+        licensed = False
         for name in names:
             target = os.path.join(save_directory, name)
             source = self._companion_file(name)
+            licensed |= name != ENCODER_FILE and (source is not None or os.path.exists(target))
             if source is None and name == ENCODER_FILE:
                 source = os.path.join(os.path.dirname(os.path.abspath(__file__)), ENCODER_FILE)
                 source = source if os.path.isfile(source) else None
@@ -501,6 +512,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             if source is None or (os.path.exists(target) and (name != ENCODER_FILE or os.path.samefile(source, target))):
                 continue
             shutil.copyfile(source, target)
+        if not licensed and self.name_or_path and not os.path.isdir(self.name_or_path):
+            logger.warning_once(f"no license file of {self.name_or_path} was found to save beside the weights (a "
+                                "derived checkpoint redistributes it): hf_hub_download it, or copy it into the folder")
 
     def sparse_chunk_tokens(self, device: torch.device) -> int:
         return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS

@@ -170,7 +170,8 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
     if tokens < vocab_size:
         warnings.warn(f"its tokenizer has {tokens} tokens for a vocabulary of {vocab_size} rows: the last "
                       f"{vocab_size - tokens} rows name no word; the converted tokenizer names them [vocab_<id>] "
-                      "(special tokens, so that every loader decodes them alike)")
+                      "(special tokens, so that every loader decodes them alike; a text holding such a name verbatim "
+                      "gets that row)")
         tokenizer.add_tokens([f"[vocab_{index}]" for index in range(tokens, vocab_size)], special_tokens=True)
 
 

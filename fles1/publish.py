@@ -174,7 +174,7 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
         from fles1.evaluation import tokenizer_fingerprint
 
         try:
-            folder_tokenizer = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir))
+            folder_tokenizer = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True))
         except (OSError, ValueError):  # no usable tokenizer: the checks say so, naming the file
             folder_tokenizer = None
         if folder_tokenizer and folder_tokenizer != recorded_tokenizer:

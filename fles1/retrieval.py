@@ -73,7 +73,7 @@ class InvertedIndex:
     def __init__(self, doc_matrix: csr_matrix, doc_ids: Sequence[str]):
         if doc_matrix.shape[0] != len(doc_ids):
             raise ValueError(f"doc_matrix has {doc_matrix.shape[0]} rows but {len(doc_ids)} doc_ids were given")
-        self.doc_ids = [str(doc_id) for doc_id in doc_ids]
+        self.doc_ids = doc_ids
         self.vocab_size = doc_matrix.shape[1]
         self.postings = csr_matrix(doc_matrix, dtype=np.float32).T.tocsr()  # (vocab, num_docs)
         self.postings.sort_indices()
@@ -105,17 +105,26 @@ class InvertedIndex:
             hits += top_k_rows(self.score(query_matrix[start : start + self.query_chunk_size]), k, self._tie_ranks())
         return hits
 
+    @property
+    def doc_ids(self) -> tuple[str, ...]:
+        """The corpus ids, one per row (a tuple: the tie order below is derived from them once)."""
+        return self._doc_ids
+
+    @doc_ids.setter
+    def doc_ids(self, ids) -> None:
+        self._doc_ids = tuple(str(doc_id) for doc_id in ids)
+        self.__dict__.pop("_tie_rank_array", None)
+
     def _tie_ranks(self) -> np.ndarray:
-        """Per document position, its place in doc-id descending order; rebuilt when ``doc_ids`` is replaced or
-        edited (ids are unique: ascending order reversed is descending; numpy sorts str by code point, as Python)."""
-        key = (id(self.doc_ids), len(self.doc_ids), hash(tuple(self.doc_ids[:1] + self.doc_ids[-1:])))
-        cached = self.__dict__.get("_tie_rank_array")
-        if cached is None or cached[0] != key:
-            order = np.argsort(np.array(self.doc_ids, dtype=str), kind="stable")[::-1]
+        """Per document position, its place in doc-id descending order (Python's str order: code points, as
+        trec_eval's strcmp on UTF-8; numpy's str arrays would drop trailing NULs), built once per id list."""
+        ranks = self.__dict__.get("_tie_rank_array")
+        if ranks is None:
+            order = sorted(range(self.num_docs), key=self._doc_ids.__getitem__, reverse=True)
             ranks = np.empty(self.num_docs, dtype=np.int64)
             ranks[order] = np.arange(self.num_docs)
-            cached = self._tie_rank_array = (key, ranks)
-        return cached[1]
+            self._tie_rank_array = ranks
+        return ranks
 
     def to_run(
         self, query_ids: Sequence[str], hits, k: int | None = None, drop_self: bool = True

@@ -212,6 +212,11 @@ def test_a_tie_at_the_cut_keeps_what_trec_eval_ranks_first():
     index.doc_ids = ["z", "y", "x", "a"]  # ids replaced: the order follows them
     assert list(index.to_run(["q1"], index.search(csr_matrix(np.array([[1.0, 0.0]], dtype=np.float32)), k=2))["q1"]) \
         == ["z", "y"]
+    with pytest.raises(TypeError):  # edited in place, the order would go stale: the ids are a tuple
+        index.doc_ids[0] = "zz"
+    nul = InvertedIndex(csr_matrix(np.ones((4, 1), dtype=np.float32)), ["a", "a\x00", "b\x00\x00", "b"])
+    ranked = list(nul.to_run(["q"], nul.search(csr_matrix(np.ones((1, 1), dtype=np.float32)), k=4))["q"])
+    assert ranked == sorted(nul.doc_ids, reverse=True)  # Python's (trec_eval's) order, trailing NULs included
     index.doc_ids = ["a", "c", "b", "z"]
     qrels = {"q1": {"c": 1}}
     full = {"q1": {"a": 1.0, "b": 1.0, "c": 1.0, "z": 0.5}}
