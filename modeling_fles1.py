@@ -434,7 +434,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
     # Derived caches (`_decoder_cache`, the single-text trace) live in __dict__ and are rebuilt on demand; copies,
     # pickles and torch.save leave them out -- a TorchScript module and oneDNN's opaque packed tensors cannot be.
-    _fles1_caches = ("_fles1_decoder_cache", "_fles1_traced_hidden_states")
+    _fles1_caches = ("_fles1_decoder_cache", "_fles1_traced_hidden_states", "_fles1_traced_hook_dicts")
 
     def __init__(self, config: FLES1Config):
         super().__init__(config)
@@ -717,7 +717,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         registrations), except after a write through ``.data`` to a few rows of the decoder (``weight.data[new_id] =
         ...``) or a module's hook dict replaced by assignment: call this then.
         """
-        for name in ("_fles1_decoder_cache", "_fles1_traced_hidden_states", "_fles1_traced_hook_dicts"):
+        for name in self._fles1_caches:
             self.__dict__.pop(name, None)
 
     def _decoder_bias(self) -> torch.Tensor:

@@ -16,4 +16,6 @@ def all_reduce_sum(values, device=None) -> list[float]:
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    from sentence_transformers.util.distributed import get_world_size  # 1 when not distributed
+
+    return get_world_size()
