@@ -181,9 +181,18 @@ def _resolve_device(device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not usable here: {error}") from error
+    if resolved.type == "cuda" and resolved.index is not None and torch.cuda.is_available() \
+            and resolved.index >= torch.cuda.device_count():  # CUDA's own error is four lines of debugging advice
+        count = torch.cuda.device_count()
+        raise ValueError(f"device={device!r} is not usable here: this machine has {count} CUDA device"
+                         f"{'s' if count != 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    try:
         torch.empty(0, device=resolved)
     except (RuntimeError, AssertionError, TypeError) as error:  # torch says "not compiled with CUDA" by assert
-        raise ValueError(f"device={device!r} is not usable here: {error}") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"device={device!r} is not usable here: {first_line}") from error
     return resolved
 
 

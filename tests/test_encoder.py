@@ -327,6 +327,26 @@ def test_encoder_unusable_device_is_a_clear_error(tiny_random_checkpoint, device
         FLES1Encoder.from_pretrained(tiny_random_checkpoint, device=device)
 
 
+def test_encoder_device_error_is_one_line_naming_the_devices_there(tiny_random_checkpoint, monkeypatch):
+    """On the H200, cuda:99 raised CUDA's four-line 'invalid device ordinal' advice: the CLIs print the error's
+    last line, which said only 'Compile with TORCH_USE_CUDA_DSA...'. Seen here through a stand-in for CUDA."""
+    from fles1_encoder import _resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError) as error:
+        FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cuda:2")
+    assert str(error.value) == "device='cuda:2' is not usable here: this machine has 2 CUDA devices (cuda:0 to cuda:1)"
+
+    def failing_empty(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported\n"
+                           "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+    monkeypatch.setattr(torch, "empty", failing_empty)
+    with pytest.raises(ValueError) as error:
+        _resolve_device("cuda:1")
+    assert str(error.value) == "device='cuda:1' is not usable here: CUDA error: out of memory"
+
+
 def test_encoder_follows_added_tokens_and_a_resized_vocabulary(tiny_random_checkpoint):
     """Tokens added after the first encode were ignored (the encoder's tokenizer copies and id -> term list were
     built then), and an id of the resized vocabulary raised IndexError."""

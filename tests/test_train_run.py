@@ -144,7 +144,7 @@ def test_evaluation_batches_leave_clfr_crashes_and_the_log_window_alone(sparse_t
     from fles1.training.run import build_trainer
 
     trainer = build_trainer(load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir)), str(tmp_path))
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))  # to its device
     trainer.model.eval()
     with torch.no_grad():
         assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
