@@ -76,6 +76,19 @@ def model_fingerprint(model: str) -> str:
 _MODEL_FINGERPRINTS: dict[tuple, str] = {}
 
 
+def weights_fingerprint(model) -> str:
+    """sha256 of a loaded model's parameters and buffers (names, dtypes, shapes, values): the corpus cache's model
+    key when no folder fingerprint is given -- a model trained or edited in memory gets its own entries."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
 def corpus_fingerprint(dataset: BEIRDataset) -> str:
     """Hash of what gets encoded (ids + "title text"), independent of queries, qrels and split."""
     digest = hashlib.sha256()
@@ -182,7 +195,9 @@ def encode_corpus(
     throughput measured when the vectors were encoded (summed over the shards, across resumed runs; a warm run has
     nothing to time, and reports the encoding run's, with that run's batch size and date). Every file
     is written atomically. Shards of `shard_docs` documents are saved under ``<key>.parts/`` as they finish, so an
-    interrupted encoding resumes from its last finished shard; the complete cache entry replaces them.
+    interrupted encoding resumes from its last finished shard; the complete cache entry replaces them. The
+    cache key holds `model_fp` (`model_fingerprint` of the folder), or without it `weights_fingerprint` of the
+    encoder's model, so a model changed in memory (between training steps, say) never gets another's vectors.
     """
     if isinstance(shard_docs, bool) or not isinstance(shard_docs, int) or shard_docs < 1:
         raise ValueError(f"shard_docs must be an int >= 1, got {shard_docs!r}")
@@ -190,7 +205,7 @@ def encode_corpus(
     projection = str(encoder.projection_dtype).replace("torch.", "") if encoder.projection_dtype else "model"
     key = "-".join(
         [
-            model_fp or "unknown",
+            model_fp or weights_fingerprint(encoder.model),  # never another model's vectors (was "unknown")
             corpus_fingerprint(dataset),
             f"L{encoder.max_lengths['document']}",
             projection,
@@ -407,6 +422,7 @@ def evaluate(
         "datasets": {},
     }
     run_paths = run_file_paths(run_file, names) if run_file else {}
+    index_names = elasticsearch_index_names(names)
     if export_dir:
         vocab = encoder.vocabulary()  # wordless rows of a padded vocabulary named, not None
         export_settings = {"model_fingerprint": model_fp, "split": split,
@@ -422,14 +438,30 @@ def evaluate(
         if name in run_paths:
             write_trec_run(run, run_paths[name], tag=f"fles1-t{threshold:g}")
         if export_dir:
-            _export_dataset(os.path.join(export_dir, name), name, artifacts, vocab, export_settings)
+            _export_dataset(os.path.join(export_dir, name), index_names[name], artifacts, vocab, export_settings)
         results["datasets"][name] = entry
         cached = "cached" if artifacts["encode_info"]["cached"] else "encoded"
         log(f"[{name}] NDCG@10 {entry['metrics']['ndcg@10']:.4f} ({cached} corpus, {time.perf_counter() - start:.1f}s)")
     return results
 
 
-def _export_dataset(folder: str, name: str, artifacts: dict, vocab, settings: dict) -> None:
+def elasticsearch_index_names(names: Sequence[str]) -> dict[str, str]:
+    """Each dataset name's Elasticsearch index: `exports.elasticsearch_index_name`, numbered "-2", "-3", ... where
+    two names clean to one index ("nf corpus" and "nf-corpus", "Tiny" and "tiny"), whose documents would otherwise
+    mix in it and overwrite each other's ids."""
+    cleaned = {name: exports.elasticsearch_index_name(name) for name in names}
+    taken, result = set(cleaned.values()), {}
+    for name in names:
+        index, number = cleaned[name], 1
+        while index in result.values() or (index != cleaned[name] and index in taken):
+            number += 1
+            suffix = f"-{number}"  # within the 255 bytes an index name may have
+            index = cleaned[name].encode("utf-8")[:255 - len(suffix)].decode("utf-8", "ignore") + suffix
+        result[name] = index
+    return result
+
+
+def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settings: dict) -> None:
     """folder/elasticsearch/ and folder/pyserini/: documents, the split's queries (thresholded as eval's) and an
     ``export.json`` saying what they were made with and how to run them. Both are written beside them before
     either replaces an earlier export (never one engine's files at one threshold and the other's at another);
@@ -440,19 +472,22 @@ def _export_dataset(folder: str, name: str, artifacts: dict, vocab, settings: di
     # both written in their staging folders before either replaces its earlier export (two renames apart)
     with atomic_directory(os.path.join(folder, "elasticsearch"), replace=True) as elasticsearch, \
             atomic_directory(os.path.join(folder, "pyserini"), replace=True) as pyserini:
-        paths = exports.write_elasticsearch(elasticsearch, name, doc_ids, doc_matrix, vocab)
+        paths = exports.write_elasticsearch(elasticsearch, index_name, doc_ids, doc_matrix, vocab)
         exports.write_elasticsearch_queries(os.path.join(elasticsearch, "queries.jsonl"), query_ids, query_matrix,
                                             vocab, size=TOP_K)
         atomic_write_json(os.path.join(elasticsearch, "export.json"), {**manifest, "elasticsearch": {
-            "index": exports.elasticsearch_index_name(name), "field": exports.RANK_FEATURES_FIELD,
+            "index": index_name, "field": exports.RANK_FEATURES_FIELD,
             "bulk_files": [os.path.basename(path) for path in paths["bulk"]],
             "feature_names": "vocabulary tokens with '%' -> '%25' and '.' -> '%2E' (fles1.exports.feature_name)",
-            "precision": "rank_features keeps 9 significant bits: document weights within 2^-8 relative"}})
+            "precision": f"weights written to {exports.ES_WEIGHT_DIGITS} significant digits; rank_features keeps "
+                         "9 significant bits: document weights within 2^-8 relative"}})
         os.makedirs(os.path.join(pyserini, "collection"))
         exports.write_pyserini(os.path.join(pyserini, "collection", "docs.jsonl"), doc_ids, doc_matrix, vocab)
         exports.write_anserini_queries(os.path.join(pyserini, "queries.tsv"), query_ids, query_matrix, vocab)
         atomic_write_json(os.path.join(pyserini, "export.json"), {**manifest, "pyserini": {
             "impact_scale": exports.IMPACT_SCALE, "index_command": exports.ANSERINI_INDEX_COMMAND,
+            # left out of queries.tsv: they match nothing (eval scores them 0), and Anserini cannot read them
+            "empty_impact_queries": exports.empty_impact_queries(query_ids, query_matrix),
             "search_command": exports.ANSERINI_SEARCH_COMMAND}})
 
 

@@ -36,7 +36,7 @@ from fles1.atomic import atomic_open, atomic_write_json
 
 IMPACT_SCALE = 100
 RANK_FEATURES_FIELD = "tokens"
-ES_WEIGHT_DECIMALS = 6  # rank_features keeps 9 significant bits anyway; more digits only cost bytes
+ES_WEIGHT_DIGITS = 6  # significant digits: rank_features keeps 9 significant bits anyway; more only cost bytes
 ES_MAX_ID_BYTES = 512  # Elasticsearch / OpenSearch refuse a longer _id (that bulk item fails)
 ES_BULK_PART_BYTES = 16 * 1024 * 1024  # per bulk request: a tenth of the default http.max_content_length
 # the collection has a folder of its own: Anserini reads every file of --input as documents
@@ -130,7 +130,8 @@ def write_elasticsearch(
 
     for doc_id, (ids, weights) in zip(doc_ids, _rows(doc_matrix)):
         features = {}
-        for i, w in zip(ids.tolist(), np.round(weights.astype(np.float64), ES_WEIGHT_DECIMALS).tolist()):
+        for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist()):
+            w = float(f"{w:.{ES_WEIGHT_DIGITS}g}")  # significant digits: 6 decimals left 1.7e-6 at 2e-06 (+17%)
             if w > 0:  # rank_features accepts positive values only
                 features[names[i]] = w
         item = (json.dumps({"index": {"_index": index_name, "_id": doc_id}}) + "\n"
@@ -158,6 +159,13 @@ def write_elasticsearch_queries(
             body = {"size": size, **elasticsearch_query(vector, field, exclude_id=query_id)}
             handle.write(json.dumps({"id": query_id, "body": body}, ensure_ascii=False) + "\n")
     return path
+
+
+def empty_impact_queries(query_ids: Sequence[str], query_matrix: csr_matrix, scale: float = IMPACT_SCALE) -> list[str]:
+    """The queries `write_anserini_queries` leaves out: no impact >= 1 (an empty vector, or every weight < 0.5 /
+    scale)."""
+    rows = np.diff(quantize(query_matrix, scale).indptr)
+    return [query_id for query_id, count in zip(query_ids, rows.tolist()) if count == 0]
 
 
 def quantize(matrix: csr_matrix, scale: float = IMPACT_SCALE) -> csr_matrix:
@@ -199,10 +207,14 @@ def write_anserini_queries(
 ) -> str:
     """Anserini's impact topics, as its SPLADE regressions ship them: ``<query id>\\t<token> <token> ...``, each
     token repeated round(w * scale) times (``-topicReader TsvString -impact -pretokenized``; ANSERINI_SEARCH_COMMAND),
-    atomically; returns the path. Query ids must hold no whitespace (`fles1.metrics.check_trec_ids`)."""
+    atomically; returns the path. Query ids must hold no whitespace (`fles1.metrics.check_trec_ids`). A query
+    whose impacts all round to 0 is left out: it matches nothing (eval scores it 0), and Anserini's TsvString
+    reader stops the whole search at a line without a text after its tab (`empty_impact_queries` counts them)."""
     impacts = quantize(query_matrix, scale)
     with atomic_open(path) as handle:
         for query_id, (ids, values) in zip(query_ids, _rows(impacts)):
+            if not len(ids):
+                continue
             handle.write(query_id + "\t" + " ".join(" ".join([vocab[i]] * int(v)) for i, v in
                                                      zip(ids.tolist(), values.tolist())) + "\n")
     return path

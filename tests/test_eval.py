@@ -349,6 +349,26 @@ def test_corpus_cache_is_reused_and_interrupts_leave_none(tiny_random_checkpoint
         encode_corpus(encoder, dataset, cache, model_fp="m")
 
 
+def test_corpus_cache_without_a_fingerprint_follows_the_weights(tiny_random_checkpoint, beir_dir, tmp_path):
+    """encode_corpus / evaluate_dataset (public) keyed the cache "unknown" without model_fp: a model changed in
+    memory (between training steps) got the old weights' document vectors back, scored against its new queries."""
+    import torch
+
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    dataset, cache = load_beir(beir_dir), str(tmp_path / "cache")
+    _, first, info = encode_corpus(encoder, dataset, cache)
+    assert not info["cached"]
+    assert encode_corpus(encoder, dataset, cache)[2]["cached"]  # the same weights: the same entry
+    with torch.no_grad():
+        for parameter in encoder.model.parameters():
+            parameter.mul_(0.5)
+    _, second, info = encode_corpus(encoder, dataset, cache)
+    assert not info["cached"] and (first != second).nnz > 0
+    assert len(os.listdir(cache)) == 2
+
+
 def test_corpus_encoding_resumes_from_its_finished_shards(tiny_random_checkpoint, beir_dir, tmp_path, monkeypatch):
     from fles1_encoder import FLES1Encoder
 
