@@ -135,6 +135,22 @@ def test_triples_never_draw_another_positive_of_the_same_query(tmp_path):
         triples_examples(str(path), num_negatives=11)
 
 
+def test_a_triples_negative_the_file_judges_relevant_is_replaced_with_a_warning(tmp_path):
+    """(q1, A, A) kept A as its own negative, and with (q2, B, C) + (q2, C, B) each row's negative was the other's
+    positive: the model was taught a judged match is a non-match."""
+    path = tmp_path / "conflicting.tsv"
+    rows = [("q1", "A", "A"), ("q2", "B", "C"), ("q2", "C", "B")] + [(f"q{i}", f"p{i}", f"m{i}") for i in range(3, 9)]
+    path.write_text("".join(f"{q}\t{p}\t{n}\n" for q, p, n in rows))
+    with pytest.warns(UserWarning, match=r"3 row\(s\) \(first: row 1\) give as negative a passage the file calls "
+                                         r"relevant to the same query"):
+        examples = triples_examples(str(path), num_negatives=3, seed=0)
+    judged = {"q1": {"A"}, "q2": {"B", "C"}}
+    for row in examples.select(range(3)):
+        negatives = [row[f"negative_{i}"] for i in range(1, 4)]
+        assert not set(negatives) & judged[row["query"]] and len(set(negatives)) == 3
+    assert examples[3]["negative_1"] == "m3"  # an unconflicted row keeps its own negative first
+
+
 def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
     lines = open(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"), "rb").read().splitlines(keepends=True)
     latin1 = tmp_path / "latin1.tsv"  # a Latin-1 byte used to be a bare "'utf-8' codec can't decode" from a buffer
@@ -267,11 +283,42 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.lr_scheduler_type", "foo", "recipe.training.lr_scheduler_type: foo is not a valid SchedulerType"),
     ("training.optim", "foo", "recipe.training.optim: foo is not a valid OptimizerNames"),
     ("training.report_to", None, "recipe.training.report_to: None is not an installed"),  # was a TypeError
+    # NaN weight decay trained NaN weights and exited 0; torch refused betas only after the model had loaded
+    ("training.weight_decay", float("nan"), "recipe.training.weight_decay must be a finite number >= 0, got nan"),
+    ("training.weight_decay", -0.1, "recipe.training.weight_decay must be a finite number >= 0"),
+    ("training.adam_beta1", 1.5, r"recipe.training.adam_beta1 must be in \[0, 1\), got 1.5"),
+    ("training.adam_beta2", 1.0, r"recipe.training.adam_beta2 must be in \[0, 1\), got 1.0"),
+    ("training.adam_epsilon", float("inf"), "recipe.training.adam_epsilon must be a finite number >= 0, got inf"),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}
     with pytest.raises(ValueError, match=message):
         load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml"), overrides)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("loss: 0.05\n", "recipe.loss must be a mapping of settings, got float 0.05"),
+    ("- training\n", r"recipe must be a mapping of settings, got list \['training'\]"),
+    ("clfr:\n  enabled: [1]\ndata: abc\n", "recipe.data must be a mapping of settings, got str 'abc'"),
+])
+def test_a_recipe_file_whose_sections_are_not_mappings_is_named(tmp_path, text, message):
+    """Tracebacks ('float' object is not subscriptable, 'list' object has no attribute 'items')."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_recipe(str(path), {"model.path": "m", "data.source": "d"})
+
+
+def test_a_recipe_section_left_empty_keeps_its_defaults(tmp_path):
+    """A section whose keys are all commented out reads as null: it replaced the defaults (a TypeError)."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("clfr:\n#  enabled: false\ntraining:\nloss:\n  temperature: 0.5\n")
+    recipe = load_recipe(str(path), {"model.path": "m", "data.source": "d"})
+    defaults = load_recipe(None, {"model.path": "m", "data.source": "d"})
+    assert recipe["clfr"] == defaults["clfr"] and recipe["training"] == defaults["training"]
+    assert recipe["loss"]["temperature"] == 0.5
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert load_recipe(str(tmp_path / "empty.yaml"), {"model.path": "m", "data.source": "d"}) == defaults
 
 
 def test_an_uninstalled_report_to_integration_fails_with_the_recipe():

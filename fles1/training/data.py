@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import warnings
 from typing import Optional
 
 from datasets import Dataset
@@ -117,7 +118,9 @@ def read_triples(path: str) -> list[tuple[str, str, str]]:
 
 
 def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0) -> Dataset:
-    """One row per triple; negatives beyond the triple's own are drawn from the other triples' passages."""
+    """One row per triple; negatives beyond the triple's own are drawn from the other triples' passages. A row whose
+    own negative the file calls relevant to its query (its positive, or another row's for the same query) gets a
+    drawn negative in its place, with a warning."""
     _check_sampling(num_negatives, seed, minimum=1, why=" for triples (each row brings one)")
     triples = read_triples(path)
     if not triples:
@@ -127,19 +130,26 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
     for query, positive, _ in triples:
         positives_of.setdefault(query, set()).add(positive)
     rng = random.Random(seed)
-    rows = []
+    rows, judged = [], []
     for number, (query, positive, negative) in enumerate(triples, start=1):
         excluded = positives_of[query] | {negative}
-        if len(pool) - len(excluded) < num_negatives - 1:
+        if len(pool) - len(excluded) < num_negatives - (negative not in positives_of[query]):
             raise ValueError(f"{path}: row {number}'s query has {len(pool) - len(excluded)} passages left to draw from "
                              f"(of {len(pool)} distinct, less its positives and its own negative), too few for "
                              f"{num_negatives} negatives")
-        negatives = [negative]
+        # a negative the file itself calls relevant to the query (the row's positive, or another row's) would be
+        # scored as a non-match: a drawn passage takes its place
+        negatives = [] if negative in positives_of[query] else [negative]
+        if not negatives:
+            judged.append(number)
         while len(negatives) < num_negatives:
             text = pool[rng.randrange(len(pool))]
             if text not in excluded and text not in negatives:
                 negatives.append(text)
         rows.append([query, positive] + negatives)
+    if judged:
+        warnings.warn(f"{path}: {len(judged)} row(s) (first: row {judged[0]}) give as negative a passage the file "
+                      "calls relevant to the same query; a random passage was drawn in its place", stacklevel=2)
     return _to_dataset(rows, num_negatives, path)
 
 

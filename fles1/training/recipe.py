@@ -31,14 +31,22 @@ CLFR_KEYS = {"lambda_d": "loss.lambda_d", "target_nnz": "clfr.target_nnz_d", "ga
 
 
 def _merge(base: dict, update: dict, where: str = "recipe") -> dict:
+    if not isinstance(update, dict):
+        raise ValueError(f"{where} must be a mapping of settings, got {_yaml_kind(update)}")
     for key, value in update.items():
         if key not in base and where != "recipe.training":
             raise ValueError(f"{where}: unknown key {key!r}; allowed: {sorted(base)}")
-        if isinstance(base.get(key), dict) and isinstance(value, dict):
+        if isinstance(base.get(key), dict):
+            if value is None:  # a section whose keys are all commented out reads as null: its defaults
+                continue
             _merge(base[key], value, f"{where}.{key}")
         else:
             base[key] = value
     return base
+
+
+def _yaml_kind(value) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
 
 
 def set_value(recipe: dict, dotted: str, value) -> None:
@@ -85,6 +93,11 @@ _TRAINING_RANGES = {
     "dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
     "learning_rate": (lambda v: v >= 0, ">= 0"),  # TrainingArguments takes NaN, and a negative rate ascends
     "num_train_epochs": (lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    # NaN weight decay trained NaN weights and exited 0; torch refused a beta >= 1 only after the model loaded
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
 }
 
 
@@ -193,7 +206,8 @@ def load_recipe(path: str | None = None, overrides: dict | None = None) -> dict:
     recipe = copy.deepcopy(DEFAULTS)
     if path:
         with open(path, encoding="utf-8") as handle:
-            _merge(recipe, yaml.safe_load(handle) or {})
+            document = yaml.safe_load(handle)
+        _merge(recipe, {} if document is None else document, where="recipe")  # an empty file: the defaults
     for dotted, value in (overrides or {}).items():
         set_value(recipe, dotted, value)
     return validate(recipe)
