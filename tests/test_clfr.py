@@ -4,6 +4,7 @@ import math
 import os
 import random
 import shutil
+import warnings
 
 import pytest
 
@@ -81,6 +82,19 @@ def test_the_default_interval_is_one_epoch_of_optimizer_steps():
     args = SimpleNamespace(gradient_accumulation_steps=4, device="cpu")
     callback.on_train_begin(args, SimpleNamespace(global_step=0), None, train_dataloader=[None] * 10)
     assert callback._interval == 3
+
+
+def test_a_run_shorter_than_the_interval_warns_that_lambda_stays():
+    """A --max-steps run shorter than one epoch never adjusted lambda_d, silently."""
+    from types import SimpleNamespace
+
+    callback = CLFRCallback(CLFRController(3e-5, 400, 0.1))
+    args = SimpleNamespace(gradient_accumulation_steps=1, device="cpu")
+    with pytest.warns(UserWarning, match=r"every 10 optimizer steps and this run has 4: lambda_d stays 3e-05"):
+        callback.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=4), None, train_dataloader=[None] * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=10), None, train_dataloader=[None] * 10)
 
 
 def test_the_sentence_transformers_path_does_not_measure_a_nan_batch():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from transformers import TrainerCallback
@@ -145,6 +146,10 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
             if train_dataloader is None:
                 raise ValueError("interval_steps=None (one epoch) needs the trainer's train_dataloader")
             self._interval = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+        if 0 < (getattr(state, "max_steps", 0) or 0) < self._interval:  # a short run (--max-steps) of a one-epoch interval, say
+            warnings.warn(f"CLFR adjusts lambda_d every {self._interval} optimizer steps and this run has "
+                          f"{state.max_steps}: lambda_d stays {self.controller.lambda_d:g} (clfr.interval_steps)",
+                          stacklevel=2)
         self._device = args.device
         if state.global_step > 0 and not self.restore(args, state):  # resuming
             raise FileNotFoundError(f"{os.path.join(self.checkpoint_folder(args, state), STATE_FILE)}: missing (nor is "
