@@ -104,6 +104,18 @@ def test_metadata_parses_and_model_index_equals_result_file(tmp_path):
         assert result.dataset_split == "test" and result.task_type == "text-retrieval"
         seen.add((result.dataset_name, key))
     assert seen == {(name, key) for name in expected for key in expected[name]["metrics"]}  # one per dataset+metric
+    # every table cell is the results file's number in its own column (a card showing BM25's numbers as the model's,
+    # or the production columns in another order, passed before)
+    def metrics(values):
+        return [f"{values[key]:.4f}" for key in ("ndcg@10", "mrr@10", "recall@100", "map@100", "recall@1000")]
+
+    for name, entry in expected.items():
+        m = entry["metrics"]
+        assert table_row(card.text, [name, "test"], "Metrics at") == [name, "test", *metrics(m),
+                                                                      f"{m['nnz_doc']:.1f}", f"{m['nnz_query']:.1f}"]
+        assert table_row(card.text, [name, "FLES-1"], "Baselines")[2:] == metrics(m)
+        assert table_row(card.text, [name, "BM25 (bm25s)"], "Baselines")[2:] == metrics(entry["bm25"]["metrics"])
+        assert table_row(card.text, [name], "Production") == [name, "123.4", "0.87", "1.93", "0.312", "0.102×"]
     # the front matter is plain YAML too
     front = yaml.safe_load(card.content.split("---")[1])
     assert front["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.30587123

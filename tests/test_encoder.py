@@ -190,6 +190,14 @@ def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
     assert kept == {term: weight for term, weight in everything.items() if weight >= cut}
     assert encoder.encode(text) == {term: weight for term, weight in everything.items() if weight >= 0.3}
     assert FLES1Encoder.from_pretrained(tiny_random_checkpoint, threshold=cut).encode(text) == kept
+    # the batch paths keep a weight equal to the threshold too (their cut is their own weight: the single-text
+    # path's values may differ from the batch's in the last bits)
+    batch_all = encoder.encode_batch([text], threshold=0.0)[0]
+    cut = sorted(batch_all.values())[len(batch_all) // 2]
+    batch_kept = {term: weight for term, weight in batch_all.items() if weight >= cut}
+    assert encoder.encode_batch([text], threshold=cut)[0] == batch_kept and cut in batch_kept.values()
+    assert encoder.encode_to_csr([text], threshold=cut).nnz == len(batch_kept)
+    assert len(encoder.encode_batch([text], threshold=cut, output="ids")[0][0]) == len(batch_kept)
 
 
 @pytest.mark.parametrize("threshold", [1e-46, 5e-324])

@@ -305,6 +305,17 @@ def test_metrics_count_queries_without_hits_as_zero():
     assert metrics["mrr@10"] == pytest.approx(0.5) and metrics["recall@100"] == pytest.approx(1.0)
 
 
+def test_graded_judgements_reach_the_metrics(tmp_path):
+    """Grades read from the qrels file score as trec_eval scores them (gain = grade): grades cut to 0/1 passed
+    every toy test (their qrels were all grade 1)."""
+    corpus = [{"_id": d, "title": "", "text": d} for d in ("d1", "d2", "d3")]
+    data = load_beir(write_beir(tmp_path / "graded", corpus, [{"_id": "q1", "text": "x"}],
+                                [("q1", "d1", 2), ("q1", "d2", 1)]))
+    assert data.qrels == {"q1": {"d1": 2, "d2": 1}}
+    metrics = evaluate_run(data.qrels, {"q1": {"d2": 3.0, "d1": 2.0, "d3": 1.0}})  # the grade-1 document first
+    assert metrics["ndcg@10"] == pytest.approx((1 / 1 + 2 / math.log2(3)) / (2 / 1 + 1 / math.log2(3)))
+
+
 def test_trec_run_file_round_trip(tmp_path):
     run = {"q1": {"d1": 1.25, "d2": 3.5}, "q2": {}}
     write_trec_run(run, str(tmp_path / "run.trec"), tag="t")

@@ -10,7 +10,7 @@ from fles1.beir import BEIRDataError, load_beir
 from fles1.training.data import beir_examples, load_training_examples, triples_examples
 from fles1.training.losses import info_nce
 from fles1.training.recipe import load_recipe
-from fles1.training.regularizers import anti_collapse, l1_flops, squared_flops
+from fles1.training.regularizers import anti_collapse, get_regularizer, l1_flops, squared_flops
 from modeling_fles1 import _MaxPooledProjection
 
 
@@ -94,6 +94,10 @@ def test_regularizer_formulas():
     torch.testing.assert_close(squared_flops(w), sum(w[:, v].mean() ** 2 for v in range(9)))
     assert float(anti_collapse(w * 100, min_mass=5.0)) == 0.0  # no push while documents keep their mass
     assert float(anti_collapse(torch.zeros(2, 9), min_mass=5.0)) == 1.0  # full push at collapse
+    # in between: mean_b ReLU(1 - mass_b / m)^2 -- the square is what the ends above cannot tell apart
+    partial = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 2.0]])
+    assert float(anti_collapse(partial, min_mass=4.0)) == pytest.approx(((1 - 3 / 4) ** 2 + (1 - 2 / 4) ** 2) / 2)
+    assert get_regularizer("flops") is squared_flops and get_regularizer("l1_flops") is l1_flops
 
 
 def test_beir_examples_are_seeded_and_negatives_unjudged(nfcorpus_dir):

@@ -154,6 +154,40 @@ def test_evaluation_batches_leave_clfr_crashes_and_the_log_window_alone(sparse_t
     assert trainer.clfr.nnz_count == 4 * 8 and trainer.crash_monitor._nnz_count == 4 * 8 and trainer._window
 
 
+@pytest.mark.parametrize("regularizer", ["flops", "l1_flops"])
+def test_the_recipes_loss_settings_reach_every_loss_part(sparse_tiny, msmarco_toy_dir, tmp_path, regularizer):
+    """Each part recomputed from the batch's vectors with the recipe's values: a trainer that kept tau at 0.05, ran
+    L1 FLOPS for 'flops', regularized the queries instead of the documents, or dropped the anti-collapse settings
+    passed every other test."""
+    from fles1.training.losses import info_nce
+    from fles1.training.regularizers import anti_collapse, get_regularizer
+    from fles1.training.run import build_trainer
+
+    settings = {"loss.temperature": 0.7, "loss.regularizer": regularizer, "loss.lambda_d": 0.002,
+                "loss.lambda_q": 0.003, "loss.anticollapse_weight": 0.5, "loss.anticollapse_min_mass": 1e4,
+                "clfr.enabled": False}
+    trainer = build_trainer(load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **settings)),
+                            str(tmp_path))
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    trainer.model.train()
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(trainer.model, batch)
+    torch.manual_seed(0)  # the same dropout masks
+    regularize = get_regularizer(regularizer)
+    with torch.no_grad():
+        queries, documents = trainer.encode(trainer.model, batch["query"], batch["documents"])
+        expected = {
+            "loss_contrastive": info_nce(queries, documents, documents.shape[0] // queries.shape[0], 0.7),
+            "loss_reg_d": 0.002 * regularize(documents),
+            "loss_reg_q": 0.003 * regularize(queries),
+            "loss_anticollapse": 0.5 * anti_collapse(documents, 1e4),
+        }
+    assert float(expected["loss_anticollapse"]) > 0 and float(expected["loss_reg_d"]) != float(expected["loss_reg_q"])
+    for name, value in expected.items():
+        assert trainer._window[name] == pytest.approx(float(value), rel=1e-5), name
+    assert loss.item() == pytest.approx(float(sum(expected.values())), rel=1e-5)
+
+
 class _InterruptedWhileSaving(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == 4:
