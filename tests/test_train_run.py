@@ -68,6 +68,12 @@ def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir,
                                                                on_disk["clfr"][1]["lambda_d_before"]]
     for name in ("loss.png", "nnz.png", "lambda_d.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000
+    # the lambda_d plot shows the last step's adjustment too (no history row trains with it)
+    from fles1.training.plots import plot_series
+
+    label, xs, ys, _ = plot_series(on_disk)["lambda_d.png"][1][-1]
+    assert label.startswith("CLFR adjustment") and xs == [2, 4]
+    assert ys == [row["lambda_d_after"] for row in on_disk["clfr"]] and ys[-1] not in {r["lambda_d"] for r in rows.values()}
     from fles1_encoder import FLES1Encoder
 
     encoder = FLES1Encoder.from_pretrained(out)

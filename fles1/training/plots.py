@@ -9,24 +9,38 @@ from fles1.atomic import atomic_open
 PLOT_FILES = ("loss.png", "nnz.png", "lambda_d.png")
 
 
+def plot_series(log: dict) -> dict[str, tuple[str, list[tuple[str, list, list, str]], bool]]:
+    """{file name: (y label, [(label, steps, values, marker style)], log scale)} -- what `write_plots` draws. The
+    lambda_d panel shows each CLFR adjustment's new value at its step too: the history rows carry the lambda_d each
+    step used, so the adjustment at a run's last step was in training_log.json's "clfr" list only."""
+    history = log["history"]
+    steps = [row["step"] for row in history]
+
+    def line(key, label):
+        return label, steps, [row.get(key) for row in history], ".-"
+
+    lambda_series = [line("lambda_d", "lambda_d")]
+    if log.get("clfr"):
+        lambda_series.append(("CLFR adjustment (new lambda_d)", [row["step"] for row in log["clfr"]],
+                              [row["lambda_d_after"] for row in log["clfr"]], "x"))
+    return dict(zip(PLOT_FILES, [
+        ("loss", [line("loss", "total"), line("loss_contrastive", "InfoNCE")], False),
+        ("mean non-zeros per vector", [line("nnz_doc", "documents"), line("nnz_query", "queries")], False),
+        ("lambda_d", lambda_series, True),
+    ]))
+
+
 def write_plots(log: dict, out_dir: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = log["history"]
-    steps = [row["step"] for row in history]
-    panels = dict(zip(PLOT_FILES, [
-        ("loss", [("loss", "total"), ("loss_contrastive", "InfoNCE")], False),
-        ("mean non-zeros per vector", [("nnz_doc", "documents"), ("nnz_query", "queries")], False),
-        ("lambda_d", [("lambda_d", "lambda_d")], True),
-    ]))
     paths = []
-    for name, (ylabel, series, log_scale) in panels.items():
+    for name, (ylabel, series, log_scale) in plot_series(log).items():
         figure, axis = plt.subplots(figsize=(6, 3.5))
-        for key, label in series:
-            axis.plot(steps, [row.get(key) for row in history], marker=".", label=label)
+        for label, xs, ys, style in series:
+            axis.plot(xs, ys, style, label=label)
         if name == "nnz.png" and log["clfr"]:
             axis.axhline(log["clfr"][0]["target_nnz"], color="grey", linestyle="--", label="CLFR target")
         if log_scale:
