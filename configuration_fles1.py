@@ -57,14 +57,8 @@ class FLES1Config(BertConfig):
         activation: str = "log1p_relu",
         **kwargs,
     ):
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
-        if isinstance(inference_threshold, bool) or not isinstance(inference_threshold, numbers.Real) \
-                or not inference_threshold >= 0:  # NaN too: a NaN cut would keep no weight and say nothing
-            raise ValueError(f"inference_threshold must be a number >= 0, got {inference_threshold!r}")
-        self.inference_threshold = float(inference_threshold)
+        _check_choices(pooling, activation)
+        self.inference_threshold = _check_threshold(inference_threshold)
         self.pooling = pooling
         self.activation = activation
         super().__init__(**kwargs)
@@ -73,6 +67,32 @@ class FLES1Config(BertConfig):
             if value is None:
                 value = min(default, self.max_position_embeddings)
             setattr(self, name, check_max_length(name, value, self.max_position_embeddings))
+
+    def check_sparse_settings(self) -> None:
+        """The checks of ``__init__`` again, for settings edited since (``config.query_max_length = 1000``)."""
+        _check_choices(self.pooling, self.activation)
+        _check_threshold(self.inference_threshold)
+        for name in ("query_max_length", "document_max_length"):
+            check_max_length(name, getattr(self, name), self.max_position_embeddings)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # an edited setting the loader refuses was written, and the folder no longer loaded
+        self.check_sparse_settings()
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+
+def _check_choices(pooling, activation) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not supported; choose one of {list(POOLINGS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
+
+
+def _check_threshold(inference_threshold) -> float:
+    if isinstance(inference_threshold, bool) or not isinstance(inference_threshold, numbers.Real) \
+            or not inference_threshold >= 0:  # NaN too: a NaN cut would keep no weight and say nothing
+        raise ValueError(f"inference_threshold must be a number >= 0, got {inference_threshold!r}")
+    return float(inference_threshold)
 
 
 def check_max_length(name: str, value, max_position_embeddings: int) -> int:

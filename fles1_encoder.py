@@ -175,6 +175,17 @@ def _validate_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
+def _checked_max_length(config, name: str, default: int) -> int:
+    """config.<name> (a config edited after loading is not checked by its class): an int in [3, positions]."""
+    value = getattr(config, name, default)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 3:
+        raise ValueError(f"config.{name} must be an int >= 3 (room for [CLS], one token, [SEP]), got {value!r}")
+    if positions is not None and value > positions:  # longer inputs would index past the position embeddings
+        raise ValueError(f"config.{name}={value} exceeds max_position_embeddings={positions}")
+    return int(value)
+
+
 def _resolve_device(device) -> torch.device:
     """``device`` as a torch.device that can hold tensors here; None -> CUDA when available, else CPU."""
     if device is None:
@@ -216,8 +227,8 @@ class FLES1Encoder:
         )
         self.projection_dtype = projection_dtype
         self.max_lengths = {
-            "document": int(getattr(self.config, "document_max_length", 256)),
-            "query": int(getattr(self.config, "query_max_length", 64)),
+            "document": _checked_max_length(self.config, "document_max_length", 256),
+            "query": _checked_max_length(self.config, "query_max_length", 64),
         }
         self._synced_with = None
         self._sync()
@@ -229,6 +240,10 @@ class FLES1Encoder:
         key = (id(self.tokenizer), len(self.tokenizer), self.tokenizer.truncation_side, self.config.vocab_size)
         if key == self._synced_with:
             return
+        if len(self.tokenizer) > self.config.vocab_size:  # ids past the rows: an IndexError inside BERT per text
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens for a vocabulary of "
+                             f"{self.config.vocab_size} rows: ids past {self.config.vocab_size - 1} have no row "
+                             "(model.resize_token_embeddings(len(tokenizer)), or the model's own tokenizer)")
         self._vocab = self.tokenizer.convert_ids_to_tokens(list(range(self.config.vocab_size)))
         # rows past the tokenizer (a vocabulary padded to a multiple of 64, say) have no word: a name of their own,
         # not None (a dict would merge them all under one key)

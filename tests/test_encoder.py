@@ -375,6 +375,27 @@ def test_encoder_follows_added_tokens_and_a_resized_vocabulary(tiny_random_check
     assert "covid19" in encoder.encode("covid19", threshold=0.0)
 
 
+def test_encoder_refuses_a_tokenizer_past_the_vocabulary_and_lengths_past_the_positions(tiny_random_checkpoint,
+                                                                                         tmp_path):
+    """A model resized below its tokenizer loaded, then every text holding a high id raised a bare IndexError (and
+    lost the whole batch); a config edited to a max length past the position embeddings failed inside BERT."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_random_checkpoint, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_checkpoint)
+    model.resize_token_embeddings(30000)
+    with pytest.raises(ValueError, match="the tokenizer has 30522 tokens for a vocabulary of 30000 rows"):
+        FLES1Encoder(model, tokenizer)
+    model.resize_token_embeddings(30522)
+    encoder = FLES1Encoder(model, tokenizer)
+    encoder.tokenizer.add_tokens(["covid19"])  # and no resize
+    with pytest.raises(ValueError, match="the tokenizer has 30523 tokens for a vocabulary of 30522 rows"):
+        encoder.encode("covid19")
+    model.config.query_max_length = 1000
+    with pytest.raises(ValueError, match=r"config.query_max_length=1000 exceeds max_position_embeddings=512"):
+        FLES1Encoder(model, AutoTokenizer.from_pretrained(tiny_random_checkpoint))
+
+
 def test_encoder_encodes_in_eval_mode_and_leaves_a_training_model_training(tiny_random_checkpoint):
     """A model put back in training (an encoder evaluating between training steps) gave dropout-noisy vectors,
     different on every call; and wrapping a training model in an encoder switched its dropout off for good."""

@@ -257,6 +257,23 @@ def test_model_convert_a_fles1_folder_changes_its_settings_without_remote_code(f
         in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("inference_threshold", -1.0, "inference_threshold must be a number >= 0, got -1.0"),
+    ("query_max_length", 10000, "query_max_length=10000 exceeds max_position_embeddings=512"),
+    ("pooling", "mean", r"pooling='mean' is not supported; choose one of \['max'\]"),
+])
+def test_model_save_refuses_a_setting_edited_past_what_loading_takes(tiny_random_checkpoint, tmp_path, name, value,
+                                                                     message):
+    """save_pretrained wrote it, and from_pretrained then refused the folder."""
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_random_checkpoint, trust_remote_code=True)
+    setattr(model.config, name, value)
+    with pytest.raises(ValueError, match=message):
+        model.save_pretrained(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved" / "config.json").exists()
+
+
 def test_model_config_rejects_bad_settings():
     for threshold in (-0.1, float("nan"), "0.3", None, True):  # NaN was written into config.json as {"__float__": "NaN"}
         with pytest.raises(ValueError, match=f"inference_threshold must be a number >= 0, got {threshold!r}"):
