@@ -485,10 +485,12 @@ def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settin
         exports.write_pyserini(os.path.join(pyserini, "collection", "docs.jsonl"), doc_ids, doc_matrix, vocab)
         exports.write_anserini_queries(os.path.join(pyserini, "queries.tsv"), query_ids, query_matrix, vocab)
         atomic_write_json(os.path.join(pyserini, "export.json"), {**manifest, "pyserini": {
-            "impact_scale": exports.IMPACT_SCALE, "index_command": exports.ANSERINI_INDEX_COMMAND,
-            # left out of queries.tsv: they match nothing (eval scores them 0), and Anserini cannot read them
-            "empty_impact_queries": exports.empty_impact_queries(query_ids, query_matrix),
-            "search_command": exports.ANSERINI_SEARCH_COMMAND}})
+            "impact_scale": exports.IMPACT_SCALE, "run_from": exports.ANSERINI_RUN_FROM,
+            "index_command": exports.ANSERINI_INDEX_COMMAND, "search_command": exports.ANSERINI_SEARCH_COMMAND,
+            # no impact >= 1: left out of queries.tsv (Anserini cannot read such a line; eval scores an empty query
+            # 0, but a query of weights all under 0.005 still matches there), and documents Anserini skips as empty
+            "empty_impact_queries": exports.empty_impact_rows(query_ids, query_matrix),
+            "empty_impact_documents": exports.empty_impact_rows(doc_ids, doc_matrix)}})
 
 
 def write_results(results: dict, path: str) -> None:

@@ -43,9 +43,14 @@ ES_BULK_PART_BYTES = 16 * 1024 * 1024  # per bulk request: a tenth of the defaul
 ANSERINI_INDEX_COMMAND = ("python -m pyserini.index.lucene --collection JsonVectorCollection --input "
                           "pyserini/collection --index INDEX --generator DefaultLuceneDocumentGenerator --impact "
                           "--pretokenized")
-# -removeQuery drops a document whose id is the query's, as eval does (BEIR's convention)
-ANSERINI_SEARCH_COMMAND = ("bin/run.sh io.anserini.search.SearchCollection -index INDEX -topics pyserini/queries.tsv "
-                           "-topicReader TsvString -output run.trec -impact -pretokenized -removeQuery -hits 1000")
+# -removeQuery drops a document whose id is the query's, as eval does (BEIR's convention) -- but after the -hits cut
+# (AbstractSearcher.processLuceneTopDocs): 1001 keeps 1000 others, as eval and the Elasticsearch query keep.
+# ANSERINI_JAR: Anserini's fatjar (its bin/run.sh only runs from an Anserini build root).
+ANSERINI_SEARCH_COMMAND = ("java -cp ANSERINI_JAR io.anserini.search.SearchCollection -index INDEX -topics "
+                           "pyserini/queries.tsv -topicReader TsvString -output run.trec -impact -pretokenized "
+                           "-removeQuery -hits 1001")
+# the commands' relative paths start in the dataset's export folder, the one holding pyserini/ and elasticsearch/
+ANSERINI_RUN_FROM = "the dataset's export folder (DIR/<dataset>, holding pyserini/ and elasticsearch/)"
 
 
 def feature_name(token: str) -> str:
@@ -161,11 +166,11 @@ def write_elasticsearch_queries(
     return path
 
 
-def empty_impact_queries(query_ids: Sequence[str], query_matrix: csr_matrix, scale: float = IMPACT_SCALE) -> list[str]:
-    """The queries `write_anserini_queries` leaves out: no impact >= 1 (an empty vector, or every weight < 0.5 /
-    scale)."""
-    rows = np.diff(quantize(query_matrix, scale).indptr)
-    return [query_id for query_id, count in zip(query_ids, rows.tolist()) if count == 0]
+def empty_impact_rows(ids: Sequence[str], matrix: csr_matrix, scale: float = IMPACT_SCALE) -> list[str]:
+    """The ids whose vectors have no impact >= 1 (an empty vector, or every weight < 0.5 / scale): queries
+    `write_anserini_queries` leaves out, documents Anserini does not index (an empty text: EmptyDocumentException)."""
+    rows = np.diff(quantize(matrix, scale).indptr)
+    return [row_id for row_id, count in zip(ids, rows.tolist()) if count == 0]
 
 
 def quantize(matrix: csr_matrix, scale: float = IMPACT_SCALE) -> csr_matrix:
@@ -208,8 +213,9 @@ def write_anserini_queries(
     """Anserini's impact topics, as its SPLADE regressions ship them: ``<query id>\\t<token> <token> ...``, each
     token repeated round(w * scale) times (``-topicReader TsvString -impact -pretokenized``; ANSERINI_SEARCH_COMMAND),
     atomically; returns the path. Query ids must hold no whitespace (`fles1.metrics.check_trec_ids`). A query
-    whose impacts all round to 0 is left out: it matches nothing (eval scores it 0), and Anserini's TsvString
-    reader stops the whole search at a line without a text after its tab (`empty_impact_queries` counts them)."""
+    whose impacts all round to 0 is left out (`empty_impact_rows` names them): Anserini's TsvString reader stops
+    the whole search at a line without a text after its tab. An empty query matches nothing in eval either; one
+    whose weights are all below 0.5 / scale (thresholds under 0.005) does match there."""
     impacts = quantize(query_matrix, scale)
     with atomic_open(path) as handle:
         for query_id, (ids, values) in zip(query_ids, _rows(impacts)):

@@ -107,7 +107,15 @@ def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
     lines = (pyserini / "queries.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["q1", "q2", "q4"]
     assert all(line.split("\t")[1].strip() for line in lines)
-    assert json.loads((pyserini / "export.json").read_text())["pyserini"]["empty_impact_queries"] == ["q3"]
+    anserini = json.loads((pyserini / "export.json").read_text())["pyserini"]
+    assert anserini["empty_impact_queries"] == ["q3"]
+    # documents without an impact Anserini skips as empty (EmptyDocumentException): named, so counts can be matched
+    collection = [json.loads(line) for line in (pyserini / "collection" / "docs.jsonl").read_text().splitlines()]
+    assert anserini["empty_impact_documents"] == [doc["id"] for doc in collection if not doc["vector"]]
+    # Anserini drops the query's own id after its -hits cut: 1001 keeps 1000 others, as eval does
+    assert anserini["search_command"].endswith("-removeQuery -hits 1001")
+    assert anserini["search_command"].startswith("java -cp ANSERINI_JAR io.anserini.search.SearchCollection")
+    assert "pyserini/queries.tsv" in anserini["search_command"] and "DIR/<dataset>" in anserini["run_from"]
     impacts = {line.split("\t")[0]: collections.Counter(line.split("\t")[1].split()) for line in lines}
     for query in queries[:2] + queries[3:]:
         clauses = query["body"]["query"]["bool"]["should"]
