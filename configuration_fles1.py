@@ -69,11 +69,12 @@ class FLES1Config(BertConfig):
             setattr(self, name, check_max_length(name, value, self.max_position_embeddings))
 
     def check_sparse_settings(self) -> None:
-        """The checks of ``__init__`` again, for settings edited since (``config.query_max_length = 1000``)."""
+        """The checks of ``__init__`` again, for settings edited since (``config.query_max_length = 1000``); numpy
+        numbers become Python ones, as there (JSON cannot hold them)."""
         _check_choices(self.pooling, self.activation)
-        _check_threshold(self.inference_threshold)
+        self.inference_threshold = _check_threshold(self.inference_threshold)
         for name in ("query_max_length", "document_max_length"):
-            check_max_length(name, getattr(self, name), self.max_position_embeddings)
+            setattr(self, name, check_max_length(name, getattr(self, name), self.max_position_embeddings))
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         # an edited setting the loader refuses was written, and the folder no longer loaded

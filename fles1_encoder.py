@@ -236,7 +236,8 @@ class FLES1Encoder:
     def _sync(self) -> None:
         """Derive what the encoder caches from the tokenizer and the model, again whenever tokens were added
         (``tokenizer.add_tokens``), the vocabulary resized (``model.resize_token_embeddings``), the tokenizer
-        replaced or its truncation side changed: ~1 us a call."""
+        replaced or its truncation side changed: ~1 us a call. A tokenizer with more tokens than the vocabulary has
+        rows (tokens added, the model not resized yet) is refused for every text, not only those using the new ids."""
         key = (id(self.tokenizer), len(self.tokenizer), self.tokenizer.truncation_side, self.config.vocab_size)
         if key == self._synced_with:
             return

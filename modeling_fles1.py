@@ -446,6 +446,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, plus `auto_map` for AutoModel too (both auto classes load this model), plus the
         `FLES1Encoder` file that came with the checkpoint (sentence-transformers' save goes through here too)."""
+        check = getattr(self.config, "check_sparse_settings", None)
+        if check is not None:  # before any file is written: an edited setting the loader refuses
+            check()
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoConfig": "configuration_fles1.FLES1Config",

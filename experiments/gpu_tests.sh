@@ -24,14 +24,15 @@ fi
 # 2 CPU threads each (16 threads each oversubscribed the 16 cores: the CPU-only nfcorpus fixture took > 110 s, and
 # with one worker per file the run outlasted 300 s) and a hanging test fails alone with its stack; the failures
 # then run again one at a time, which tells a test that fails beside others from one that fails.
-PARALLEL=()
+PARALLEL=() THREADS=()
 if python3 -c "import xdist, pytest_timeout" 2>/dev/null; then
   WORKERS=${WORKERS:-8}
-  export OMP_NUM_THREADS=$(( $(nproc) / WORKERS > 0 ? $(nproc) / WORKERS : 1 ))
+  CORES=$(nproc --all)  # plain nproc follows OMP_NUM_THREADS
+  THREADS=(env OMP_NUM_THREADS=$(( CORES / WORKERS > 0 ? CORES / WORKERS : 1 )))  # the tests only, not the benchmark
   PARALLEL=(-p no:benchmark -n "$WORKERS" --dist load --timeout 150 -v --tb=short -rfE)
 fi
 START=$SECONDS
-timeout "${PYTEST_LIMIT:-300}" python3 -m pytest -q -o cache_dir=/tmp/gpu_tests_cache "${PARALLEL[@]}" 2>&1 \
+timeout "${PYTEST_LIMIT:-300}" "${THREADS[@]}" python3 -m pytest -q -o cache_dir=/tmp/gpu_tests_cache "${PARALLEL[@]}" 2>&1 \
   | tee "$OUT/pytest.log" | grep -v "PASSED\|^\[gw.*linux\|^\.\+\s*\[" | tail -60
 status=${PIPESTATUS[0]}
 echo "== pytest: exit $status after $((SECONDS - START))s"

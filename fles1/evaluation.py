@@ -354,18 +354,25 @@ def run_file_paths(run_file: str, names: Sequence[str]) -> dict[str, str]:
     return {name: f"{stem}.{name}{extension or '.trec'}" for name in names}
 
 
-def dataset_names(datasets: Sequence[BEIRDataset]) -> list[str]:
-    """One name per dataset (results, run files and exports are keyed by it): its folder name, a repeated one
-    numbered "-2", "-3", ... past any name another dataset has (folders nf, nf, nf-2 -> nf, nf-3, nf-2)."""
-    taken = {dataset.name for dataset in datasets}
-    names = []
-    for dataset in datasets:
-        name, number = dataset.name, 1
-        while name in names or (name != dataset.name and name in taken):
+def numbered_apart(bases: Sequence[str], max_bytes: Optional[int] = None) -> list[str]:
+    """`bases` made distinct: a repeated one numbered "-2", "-3", ... past any name another base is (nf, nf, nf-2
+    -> nf, nf-3, nf-2), cut to keep within `max_bytes` of UTF-8 with its number."""
+    taken, names = set(bases), []
+    for base in bases:
+        name, number = base, 1
+        while name in names or (name != base and name in taken):
             number += 1
-            name = f"{dataset.name}-{number}"
+            suffix = f"-{number}"
+            stem = base if max_bytes is None else base.encode("utf-8")[:max_bytes - len(suffix)].decode("utf-8", "ignore")
+            name = stem + suffix
         names.append(name)
     return names
+
+
+def dataset_names(datasets: Sequence[BEIRDataset]) -> list[str]:
+    """One name per dataset (results, run files and exports are keyed by it): its folder name, numbered apart
+    (`numbered_apart`) when several share one."""
+    return numbered_apart([dataset.name for dataset in datasets])
 
 
 def evaluate(
@@ -446,19 +453,10 @@ def evaluate(
 
 
 def elasticsearch_index_names(names: Sequence[str]) -> dict[str, str]:
-    """Each dataset name's Elasticsearch index: `exports.elasticsearch_index_name`, numbered "-2", "-3", ... where
-    two names clean to one index ("nf corpus" and "nf-corpus", "Tiny" and "tiny"), whose documents would otherwise
-    mix in it and overwrite each other's ids."""
-    cleaned = {name: exports.elasticsearch_index_name(name) for name in names}
-    taken, result = set(cleaned.values()), {}
-    for name in names:
-        index, number = cleaned[name], 1
-        while index in result.values() or (index != cleaned[name] and index in taken):
-            number += 1
-            suffix = f"-{number}"  # within the 255 bytes an index name may have
-            index = cleaned[name].encode("utf-8")[:255 - len(suffix)].decode("utf-8", "ignore") + suffix
-        result[name] = index
-    return result
+    """Each dataset name's Elasticsearch index: `exports.elasticsearch_index_name`, numbered apart where two names
+    clean to one index ("nf corpus" and "nf-corpus", "Tiny" and "tiny"), whose documents would otherwise mix in it
+    and overwrite each other's ids; within the 255 bytes an index name may have."""
+    return dict(zip(names, numbered_apart([exports.elasticsearch_index_name(name) for name in names], max_bytes=255)))
 
 
 def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settings: dict) -> None:

@@ -36,6 +36,7 @@ from fles1.atomic import atomic_open, atomic_write_json
 
 IMPACT_SCALE = 100
 RANK_FEATURES_FIELD = "tokens"
+FLOAT32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # the smallest rank_features value (Float.MIN_NORMAL)
 ES_WEIGHT_DIGITS = 6  # significant digits: rank_features keeps 9 significant bits anyway; more only cost bytes
 ES_MAX_ID_BYTES = 512  # Elasticsearch / OpenSearch refuse a longer _id (that bulk item fails)
 ES_BULK_PART_BYTES = 16 * 1024 * 1024  # per bulk request: a tenth of the default http.max_content_length
@@ -44,7 +45,8 @@ ANSERINI_INDEX_COMMAND = ("python -m pyserini.index.lucene --collection JsonVect
                           "pyserini/collection --index INDEX --generator DefaultLuceneDocumentGenerator --impact "
                           "--pretokenized")
 # -removeQuery drops a document whose id is the query's, as eval does (BEIR's convention) -- but after the -hits cut
-# (AbstractSearcher.processLuceneTopDocs): 1001 keeps 1000 others, as eval and the Elasticsearch query keep.
+# (AbstractSearcher.processLuceneTopDocs): with 1001 a query keeps 1000 other documents where its id is a document's
+# (1000 was 999), 1001 elsewhere; eval and the Elasticsearch query keep 1000, and every metric cuts at <= 1000.
 # ANSERINI_JAR: Anserini's fatjar (its bin/run.sh only runs from an Anserini build root).
 ANSERINI_SEARCH_COMMAND = ("java -cp ANSERINI_JAR io.anserini.search.SearchCollection -index INDEX -topics "
                            "pyserini/queries.tsv -topicReader TsvString -output run.trec -impact -pretokenized "
@@ -137,7 +139,7 @@ def write_elasticsearch(
         features = {}
         for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist()):
             w = float(f"{w:.{ES_WEIGHT_DIGITS}g}")  # significant digits: 6 decimals left 1.7e-6 at 2e-06 (+17%)
-            if w > 0:  # rank_features accepts positive values only
+            if w >= FLOAT32_MIN_NORMAL:  # Lucene's FeatureField refuses the document otherwise: positive normal only
                 features[names[i]] = w
         item = (json.dumps({"index": {"_index": index_name, "_id": doc_id}}) + "\n"
                 + json.dumps({"id": doc_id, field: features}, ensure_ascii=False) + "\n").encode("utf-8")

@@ -40,7 +40,8 @@ def test_elasticsearch_bulk_and_mapping(tmp_path):
     assert lines[3]["tokens"] == {}  # an empty vector is still a document
     # significant digits, not decimals: 6 decimals rounded 1e-9 to 0 (dropped) and 1.7e-6 to 2e-06 (+17%)
     assert lines[5]["tokens"] == {"%25": 1e-9, "%252E": 0.5, "%2E%2E%2E": 0.75, "café": 1.0}
-    small = csr_matrix(np.array([[1.7e-6, 0.3, 1234.5678, 0, 0, 0, 0, 0, 0]], dtype=np.float32))
+    # a float32 subnormal (a threshold-0 export) would make Lucene refuse the whole document: positive normal only
+    small = csr_matrix(np.array([[1.7e-6, 0.3, 1234.5678, 1e-40, 1e-45, 0, 0, 0, 0]], dtype=np.float32))
     path = write_elasticsearch(str(tmp_path / "small"), "toy", ["d"], small, VOCAB)["bulk"][0]
     written = json.loads(open(path, encoding="utf-8").read().splitlines()[1])["tokens"]
     assert written == {"[PAD]": 1.7e-6, "%2E": 0.3, "u%2Es": 1234.57}

@@ -271,7 +271,19 @@ def test_model_save_refuses_a_setting_edited_past_what_loading_takes(tiny_random
     setattr(model.config, name, value)
     with pytest.raises(ValueError, match=message):
         model.save_pretrained(str(tmp_path / "saved"))
-    assert not (tmp_path / "saved" / "config.json").exists()
+    assert not (tmp_path / "saved").exists() or not os.listdir(tmp_path / "saved")  # not even the code files
+
+
+def test_model_save_takes_numpy_settings_as_loading_does(tiny_random_checkpoint, tmp_path):
+    """A numpy int passed the check, then json.dump failed without naming the setting."""
+    import numpy as np
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_random_checkpoint, trust_remote_code=True)
+    model.config.query_max_length, model.config.inference_threshold = np.int64(32), np.float32(0.25)
+    model.save_pretrained(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert (saved["query_max_length"], saved["inference_threshold"]) == (32, 0.25)
 
 
 def test_model_config_rejects_bad_settings():
