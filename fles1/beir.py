@@ -57,6 +57,22 @@ def utf8_lines(path: str, handle, error=BEIRDataError) -> Iterator[str]:
             raise error(f"{path}:{number}: not UTF-8 (byte {raw[bad.start]:#04x} at {bad.start})") from None
 
 
+def tsv_rows(path: str, handle, error=BEIRDataError, **reader_options) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of a tab-separated file opened in binary mode. What the csv module refuses (a stray
+    carriage return inside a field) raises `error` naming the file and line; fields have no size limit (the csv
+    module's default 131,072 characters refused a long passage)."""
+    csv.field_size_limit(2**31 - 1)  # process-wide, and only ever raised: the largest a C long holds everywhere
+    reader = csv.reader(utf8_lines(path, handle, error=error), delimiter="\t", **reader_options)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as bad:
+            raise error(f"{path}:{reader.line_num}: {bad}") from None
+        yield reader.line_num, row
+
+
 def jsonl_path(path: str) -> str:
     """``path``, or ``path.gz`` when only that exists (how the BeIR hub repos store corpus and queries)."""
     return path if os.path.isfile(path) or not os.path.isfile(f"{path}.gz") else f"{path}.gz"
@@ -134,7 +150,7 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
         raise BEIRDataError(f"{path}: file not found")
     qrels: dict[str, dict[str, int]] = {}
     with open(path, "rb") as handle:
-        for number, row in enumerate(csv.reader(utf8_lines(path, handle), delimiter="\t"), start=1):
+        for number, row in tsv_rows(path, handle):
             if number == 1 and row[:1] == ["query-id"]:
                 continue
             if not row:
@@ -164,8 +180,9 @@ def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=
     if corpus is not None and doc_id not in corpus:
         if missing is None:
             raise BEIRDataError(f"{where}: corpus id {doc_id!r} is not in {sources[1]} (evaluating a dataset whose qrels "
-                                "judge documents its corpus lacks, as BEIR's ArguAna does? --keep-missing-docs / "
-                                "keep_missing_documents=True keeps them judged, BEIR's convention)")
+                                "judge documents its corpus lacks, as BEIR's ArguAna does? eval_fles1.py --keep-missing-docs / "
+                                "load_beir(keep_missing_documents=True) keeps them judged, BEIR's convention; "
+                                "training needs such judgements removed)")
         missing.append((where, query_id, doc_id))
     judged = qrels.setdefault(query_id, {})
     if judged.get(doc_id, relevance) != relevance:

@@ -33,9 +33,11 @@ def bm25_run(dataset, query_ids: Sequence[str], k: int = 1000, drop_self: bool =
     corpus_tokens = bm25s.tokenize(
         [dataset.document_text(doc_id) for doc_id in doc_ids], stopwords=STOPWORDS, stemmer=stemmer, show_progress=False
     )
+    vocab = corpus_tokens.vocab
+    if not vocab:  # no document holds an indexable term (all empty, or stop words only): bm25s's index fails
+        return {str(qid): {} for qid in query_ids}
     retriever = bm25s.BM25(**BM25_SETTINGS)
     retriever.index(corpus_tokens, show_progress=False)
-    vocab = corpus_tokens.vocab
     query_tokens = bm25s.tokenize(
         [dataset.queries[qid] for qid in query_ids], stopwords=STOPWORDS, stemmer=stemmer,
         return_ids=False, show_progress=False,

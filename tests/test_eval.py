@@ -71,7 +71,8 @@ def test_bad_data_names_file_and_line(tmp_path):
         load_beir(folder)
 
     folder = write_beir(tmp_path / "unknown", qrels=QRELS + [("q1", "nope", 1)])
-    with pytest.raises(BEIRDataError, match=r"test\.tsv:7: corpus id 'nope' .*--keep-missing-docs"):
+    with pytest.raises(BEIRDataError, match=r"test\.tsv:7: corpus id 'nope' .*eval_fles1.py --keep-missing-docs "
+                                            r".*training needs such judgements removed"):
         load_beir(folder)
     folder = write_beir(tmp_path / "unknown-query", qrels=QRELS + [("q9", "d1", 1)])
     with pytest.raises(BEIRDataError, match=r"test\.tsv:7: query id 'q9' is not in queries\.jsonl"):
@@ -303,6 +304,17 @@ def test_metrics_count_queries_without_hits_as_zero():
     late = {"a": {f"n{i}": 100.0 - i for i in range(10)} | {"x": 1.0}, "b": {"y": 1.0}}
     metrics = evaluate_run(qrels, late)
     assert metrics["mrr@10"] == pytest.approx(0.5) and metrics["recall@100"] == pytest.approx(1.0)
+
+
+def test_bm25_of_a_corpus_without_an_indexable_term_has_no_hits(tmp_path):
+    """bm25s's index raised 'max() arg is an empty sequence' (training with data.positive=bm25 on such a corpus)."""
+    from fles1.bm25 import bm25_run
+
+    corpus = [{"_id": "d1", "title": "", "text": ""}, {"_id": "d2", "title": "the", "text": "and of"}]
+    data = load_beir(write_beir(tmp_path / "blank", corpus, [{"_id": "q1", "text": "heart"}], [("q1", "d1", 1)]))
+    assert bm25_run(data, ["q1"]) == {"q1": {}}
+    plain = load_beir(write_beir(tmp_path / "plain"))
+    assert bm25_run(plain, ["q1"])["q1"]  # a corpus with terms still has hits
 
 
 def test_graded_judgements_reach_the_metrics(tmp_path):

@@ -177,11 +177,46 @@ def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
 @pytest.mark.parametrize("options,named", [
     ({"positive": "bm25"}, r"positive='bm25' \(data.positive\) need"),
     ({"with_ids": True}, r"mask_false_negatives=True \(data.mask_false_negatives\) need"),
+    ({"split": "dev"}, r"split='dev' \(data.split\) need"),  # trained on the one file, the split unheard
 ])
 def test_triples_refuse_settings_that_need_relevance_judgements(msmarco_toy_dir, options, named):
-    """A triples source used to drop data.positive=bm25 and data.mask_false_negatives=true silently."""
-    with pytest.raises(ValueError, match=rf"raw\.tsv: a triples TSV has no relevance judgements, which {named}"):
+    """A triples source used to drop data.positive=bm25, data.mask_false_negatives=true and data.split silently."""
+    with pytest.raises(ValueError, match=rf"raw\.tsv: a triples TSV has no relevance judgements or splits, which "
+                                         rf"{named}"):
         load_training_examples(msmarco_toy_dir, **options)
+
+
+def test_an_unreadable_triples_file_is_named_as_the_data(msmarco_toy_dir, monkeypatch):
+    """train_fles1.py prefixed every OSError with model.path=... (an unreadable data file blamed on the model)."""
+    import fles1.training.data as data
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(data, "open", unreadable, raising=False)
+    with pytest.raises(ValueError, match=r"data.source='.*msmarco-toy': \[Errno 13\] Permission denied"):
+        load_training_examples(msmarco_toy_dir)
+
+
+def test_tab_separated_files_csv_refuses_name_file_and_line_and_long_passages_load(msmarco_toy_dir, tmp_path):
+    """A stray carriage return inside a field was a bare csv.Error traceback (for qrels: 'not a BEIR folder'), and a
+    passage over 131,072 characters hit the csv module's field limit."""
+    from fles1.beir import BEIRDataError, load_beir
+    from fles1.training.data import read_triples
+    from test_eval import write_beir
+
+    stray = tmp_path / "stray.tsv"
+    stray.write_bytes(b"q1\tp1\tn1\nq2\tp2 \r more\tn2\n")
+    with pytest.raises(ValueError, match=rf"stray\.tsv:2: new-line character seen in unquoted field"):
+        read_triples(str(stray))
+    long = tmp_path / "long.tsv"
+    long.write_text("q1\t" + "word " * 40_000 + "\tn1\n")
+    assert len(read_triples(str(long))[0][1]) == 200_000
+    folder = write_beir(tmp_path / "beir")
+    with open(os.path.join(folder, "qrels", "test.tsv"), "ab") as handle:
+        handle.write(b"q1\td2\r\t1\n")
+    with pytest.raises(BEIRDataError, match=r"qrels[/\\]test\.tsv:\d+: new-line character seen"):
+        load_beir(folder)
 
 
 def _beir_folder(tmp_path, qrels_rows):
@@ -287,6 +322,10 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.lr_scheduler_type", "foo", "recipe.training.lr_scheduler_type: foo is not a valid SchedulerType"),
     ("training.optim", "foo", "recipe.training.optim: foo is not a valid OptimizerNames"),
     ("training.report_to", None, "recipe.training.report_to: None is not an installed"),  # was a TypeError
+    # --set data.source=1e3 arrived as a float (a TypeError traceback); data.split=null looked for qrels/None.tsv
+    ("data.source", 1000.0, r"recipe.data.source must be a non-empty string .* got 1000.0; a folder named like a number: write it ./NAME"),
+    ("data.split", None, r"recipe.data.split must be a non-empty string .* got None"),
+    ("model.path", 7, r"recipe.model.path must be a non-empty string .* got 7"),
     # NaN weight decay trained NaN weights and exited 0; torch refused betas only after the model had loaded
     ("training.weight_decay", float("nan"), "recipe.training.weight_decay must be a finite number >= 0, got nan"),
     ("training.weight_decay", -0.1, "recipe.training.weight_decay must be a finite number >= 0"),

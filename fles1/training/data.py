@@ -35,7 +35,7 @@ from typing import Optional
 
 from datasets import Dataset
 
-from fles1.beir import BEIRDataError, BEIRDataset, load_beir, utf8_lines
+from fles1.beir import BEIRDataError, BEIRDataset, load_beir, tsv_rows
 
 DEFAULT_NUM_NEGATIVES = 7
 
@@ -106,8 +106,7 @@ def read_triples(path: str) -> list[tuple[str, str, str]]:
         raise FileNotFoundError(f"{path}: triples file not found")
     triples = []
     with open(path, "rb") as handle:
-        lines = utf8_lines(path, handle, error=ValueError)
-        for number, row in enumerate(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+        for number, row in tsv_rows(path, handle, error=ValueError, quoting=csv.QUOTE_NONE):
             if not row:
                 continue
             if len(row) != 3:
@@ -174,11 +173,15 @@ def load_training_examples(
     triples = triples_file(source)
     if triples is not None:
         unusable = [f"positive={positive!r} (data.positive)"] * (positive != "random") + \
-            ["mask_false_negatives=True (data.mask_false_negatives)"] * bool(with_ids)
+            ["mask_false_negatives=True (data.mask_false_negatives)"] * bool(with_ids) + \
+            [f"split={split!r} (data.split)"] * (split != "train")  # one file: it was trained on, split unheard
         if unusable:
-            raise ValueError(f"{triples}: a triples TSV has no relevance judgements, which {' and '.join(unusable)} "
-                             "need: use a BEIR source, or leave them at their defaults")
-        return triples_examples(triples, num_negatives, seed)
+            raise ValueError(f"{triples}: a triples TSV has no relevance judgements or splits, which "
+                             f"{' and '.join(unusable)} need: use a BEIR source, or leave them at their defaults")
+        try:
+            return triples_examples(triples, num_negatives, seed)
+        except OSError as error:  # unreadable: named as the data's, not (by the CLI) the model's
+            raise ValueError(f"data.source={source!r}: {error}") from error
     try:
         dataset = load_beir(source, split)
     except BEIRDataError:

@@ -167,6 +167,13 @@ def validate(recipe: dict) -> dict:
         raise ValueError("recipe.model.path is required (a FLES-1 checkpoint folder or a BERT masked-LM)")
     if not recipe["data"]["source"]:
         raise ValueError("recipe.data.source is required (BEIR folder, hub id or triples TSV)")
+    # YAML and --set read 1e3, 7 or null as numbers / None: a folder so named became a TypeError, a split "None.tsv"
+    for section, key in (("model", "path"), ("data", "source"), ("data", "split")):
+        value = recipe[section][key]
+        if not isinstance(value, str) or not value:
+            hint = "; a folder named like a number: write it ./NAME" if is_number(value) else ""
+            raise ValueError(f"recipe.{section}.{key} must be a non-empty string (a path, hub id or split name), got "
+                             f"{value!r}{hint}")
     for key in ("query_max_length", "document_max_length"):  # the model's position limit is checked once it loads
         if recipe["model"][key] is not None:
             check_max_length(f"model.{key}", recipe["model"][key], math.inf)
