@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"corpus encoding cache ({DEFAULT_CACHE_DIR})")
     parser.add_argument("--no-cache", action="store_true", help="encode the corpus without reading/writing a cache")
     parser.add_argument("--no-bm25", action="store_true", help="skip the BM25 baseline")
-    parser.add_argument("--no-production", action="store_true", help="skip the production metrics (docs/s, query latency, index size)")
+    parser.add_argument("--no-production", action="store_true",
+                        help="skip the production metrics (docs/s, query latency, index size)")
     parser.add_argument("--keep-missing-docs", action="store_true",
                         help="keep qrels judgements of documents the corpus lacks (an error otherwise) as relevant "
                              "documents no run can retrieve, BEIR's convention (BeIR/arguana needs it)")

@@ -180,9 +180,9 @@ def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=
     if corpus is not None and doc_id not in corpus:
         if missing is None:
             raise BEIRDataError(f"{where}: corpus id {doc_id!r} is not in {sources[1]} (evaluating a dataset whose qrels "
-                                "judge documents its corpus lacks, as BEIR's ArguAna does? eval_fles1.py --keep-missing-docs / "
-                                "load_beir(keep_missing_documents=True) keeps them judged, BEIR's convention; "
-                                "training needs such judgements removed)")
+                                "judge documents its corpus lacks, as BEIR's ArguAna does? eval_fles1.py "
+                                "--keep-missing-docs / load_beir(keep_missing_documents=True) keeps them judged, "
+                                "BEIR's convention; training needs such judgements removed)")
         missing.append((where, query_id, doc_id))
     judged = qrels.setdefault(query_id, {})
     if judged.get(doc_id, relevance) != relevance:

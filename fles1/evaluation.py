@@ -363,7 +363,8 @@ def numbered_apart(bases: Sequence[str], max_bytes: Optional[int] = None) -> lis
         while name in names or (name != base and name in taken):
             number += 1
             suffix = f"-{number}"
-            stem = base if max_bytes is None else base.encode("utf-8")[:max_bytes - len(suffix)].decode("utf-8", "ignore")
+            stem = base if max_bytes is None else \
+                base.encode("utf-8")[:max_bytes - len(suffix)].decode("utf-8", "ignore")
             name = stem + suffix
         names.append(name)
     return names

@@ -323,7 +323,8 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.optim", "foo", "recipe.training.optim: foo is not a valid OptimizerNames"),
     ("training.report_to", None, "recipe.training.report_to: None is not an installed"),  # was a TypeError
     # --set data.source=1e3 arrived as a float (a TypeError traceback); data.split=null looked for qrels/None.tsv
-    ("data.source", 1000.0, r"recipe.data.source must be a non-empty string .* got 1000.0; a folder named like a number: write it ./NAME"),
+    ("data.source", 1000.0,
+     r"recipe.data.source must be a non-empty string .* got 1000.0; a folder named like a number: write it ./NAME"),
     ("data.split", None, r"recipe.data.split must be a non-empty string .* got None"),
     ("model.path", 7, r"recipe.model.path must be a non-empty string .* got 7"),
     # NaN weight decay trained NaN weights and exited 0; torch refused betas only after the model had loaded

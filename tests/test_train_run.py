@@ -73,7 +73,8 @@ def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir,
 
     label, xs, ys, _ = plot_series(on_disk)["lambda_d.png"][1][-1]
     assert label.startswith("CLFR adjustment") and xs == [2, 4]
-    assert ys == [row["lambda_d_after"] for row in on_disk["clfr"]] and ys[-1] not in {r["lambda_d"] for r in rows.values()}
+    assert ys == [row["lambda_d_after"] for row in on_disk["clfr"]]
+    assert ys[-1] not in {row["lambda_d"] for row in rows.values()}
     from fles1_encoder import FLES1Encoder
 
     encoder = FLES1Encoder.from_pretrained(out)
@@ -150,7 +151,8 @@ def test_evaluation_batches_leave_clfr_crashes_and_the_log_window_alone(sparse_t
     from fles1.training.run import build_trainer
 
     trainer = build_trainer(load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir)), str(tmp_path))
-    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))  # to its device
+    # on the model's device, as the Trainer prepares every batch before compute_loss
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     trainer.model.eval()
     with torch.no_grad():
         assert torch.isfinite(trainer.compute_loss(trainer.model, batch))

@@ -146,7 +146,8 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
             if train_dataloader is None:
                 raise ValueError("interval_steps=None (one epoch) needs the trainer's train_dataloader")
             self._interval = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
-        if 0 < (getattr(state, "max_steps", 0) or 0) < self._interval:  # a short run (--max-steps) of a one-epoch interval, say
+        # a short run (--max-steps) of a one-epoch interval, say
+        if 0 < (getattr(state, "max_steps", 0) or 0) < self._interval:
             warnings.warn(f"CLFR adjusts lambda_d every {self._interval} optimizer steps and this run has "
                           f"{state.max_steps}: lambda_d stays {self.controller.lambda_d:g} (clfr.interval_steps)",
                           stacklevel=2)
