@@ -14,7 +14,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
 from configuration_fles1 import FLES1Config
-from fles1.atomic import atomic_directory, atomic_write_json, require_new_folder
+from fles1.atomic import atomic_directory, atomic_write_json, path_within, require_new_folder
 from fles1_encoder import is_local_path, not_a_folder
 from modeling_fles1 import ENCODER_FILE, LICENSE_FILES, FLES1ForMaskedLM
 
@@ -125,11 +125,9 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
     model_type. A folder must hold safetensors weights, and a sentence-transformers SPLADE folder must pool as
     FLES-1 does (max over tokens of log(1 + ReLU)): another pooling would convert into a different model."""
     local = os.path.isdir(source)
-    if local and out_dir is not None:
-        source_path, out_path = os.path.realpath(source), os.path.realpath(out_dir)
-        if os.path.commonpath([source_path, out_path]) == out_path:
-            raise ValueError(f"the output folder {out_dir} is the source or holds it: --overwrite would delete the "
-                             "source; write the conversion elsewhere")
+    if local and out_dir is not None and path_within(source, out_dir):
+        raise ValueError(f"the output folder {out_dir} is the source or holds it: --overwrite would delete the "
+                         "source; write the conversion elsewhere")
     model_type = PreTrainedConfig.get_config_dict(source)[0].get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported: FLES-1 converts BERT masked-LM checkpoints "

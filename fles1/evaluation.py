@@ -203,19 +203,21 @@ def encode_corpus(
         raise ValueError(f"shard_docs must be an int >= 1, got {shard_docs!r}")
     doc_ids = list(dataset.corpus)
     projection = str(encoder.projection_dtype).replace("torch.", "") if encoder.projection_dtype else "model"
-    key = "-".join(
-        [
-            model_fp or weights_fingerprint(encoder.model),  # never another model's vectors (was "unknown")
-            corpus_fingerprint(dataset),
-            f"L{encoder.max_lengths['document']}",
-            projection,
-            encoding_fingerprint(encoder),
-        ]
-        + ([] if shard_docs == CORPUS_SHARD_DOCS else [f"S{shard_docs}"])  # the default keeps older entries valid
-    )
+    path = parts = None
+    if cache_dir:  # the key hashes the corpus and maybe every weight: only when a cache will use it
+        key = "-".join(
+            [
+                model_fp or weights_fingerprint(encoder.model),  # never another model's vectors (was "unknown")
+                corpus_fingerprint(dataset),
+                f"L{encoder.max_lengths['document']}",
+                projection,
+                encoding_fingerprint(encoder),
+            ]
+            + ([] if shard_docs == CORPUS_SHARD_DOCS else [f"S{shard_docs}"])  # the default keeps older entries valid
+        )
+        path = os.path.join(cache_dir, f"{key}.npz")
+        parts = os.path.join(cache_dir, f"{key}.parts")  # finished shards of an unfinished run
     starts = range(0, max(len(doc_ids), 1), shard_docs)  # an empty corpus: one empty shard, a (0, vocab) matrix
-    path = os.path.join(cache_dir, f"{key}.npz") if cache_dir else None
-    parts = os.path.join(cache_dir, f"{key}.parts") if cache_dir else None  # finished shards of an unfinished run
     cached = _load_saved(path, len(doc_ids)) if path else None
     if cached is not None:
         shutil.rmtree(parts, ignore_errors=True)  # left by an interrupt between the entry's write and this cleanup

@@ -32,13 +32,14 @@ from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
 REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights
 # Training leftovers that do not belong in the published model.
-SKIP_PATTERNS = ("checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
-                 "training_args.bin", "runs", "__pycache__", ".git", ".cache", "*.png", "training_log.json",
+SKIP_PATTERNS = ("checkpoint-*", "trainer_state.json", "runs", "__pycache__", "*.png", "training_log.json",
                  "README.md", "results", "plots", "nnz_trace_rank*.json",
-                 ".*.partial",  # an interrupted assembly's staging
-                 # pickled weights (published weights are safetensors only, and a stale .bin would differ from
-                 # them) and dotfiles (.env, editor files: maybe credentials)
-                 "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", ".*")
+                 # pickled weights and trainer state (optimizer.pt, training_args.bin, rng_state*.pth): published
+                 # weights are safetensors only, and a stale .bin would differ from them
+                 "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt",
+                 # dotfiles: .git, .cache, .env and editor files (maybe credentials), an interrupted assembly's
+                 # staging (.*.partial)
+                 ".*")
 PROBE_TEXT = "What is machine learning? Sparse retrieval with FLES-1 and BM25 baselines."
 TOLERANCE = 1e-5
 VALIDATION_TIMEOUT_S = 600
