@@ -254,8 +254,9 @@ def _load_from_hub(dataset_id: str, *args, **kwargs):
     try:
         return load_dataset(dataset_id, *args, **kwargs)
     except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError: OSErrors; unknown split: ValueError
-        raise BEIRDataError(f"{dataset_id}: could not load it from the Hugging Face Hub ({type(error).__name__}: "
-                            f"{error}); a local BEIR folder works offline") from error
+        local = "" if os.path.exists(dataset_id) else "no local file or folder of that name, and "
+        raise BEIRDataError(f"{dataset_id}: {local}could not load it from the Hugging Face Hub "
+                            f"({type(error).__name__}: {error}); a local BEIR folder works offline") from error
 
 
 def load_beir_from_hub(dataset_id: str, split: str = "test", keep_missing_documents: bool = False) -> BEIRDataset:

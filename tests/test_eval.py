@@ -115,11 +115,13 @@ def test_null_or_missing_text_fields_are_empty(tmp_path):
 
 def test_hub_dataset_that_cannot_load_is_named(tmp_path, tiny_random_checkpoint, capsys):
     # offline (conftest: HF_HUB_OFFLINE=1, as on CI and here): datasets' ConnectionError becomes one error line
-    with pytest.raises(BEIRDataError, match=r"^BeIR/no-such-set: could not load it from the Hugging Face Hub"):
+    with pytest.raises(BEIRDataError, match=r"^BeIR/no-such-set: no local file or folder of that name, and could not "
+                                            r"load it from the Hugging Face Hub"):
         load_beir("BeIR/no-such-set")
     argv = ["--model", tiny_random_checkpoint, "--data", "BeIR/no-such-set", "--output", str(tmp_path / "r.json")]
     assert eval_fles1.main(argv) == 2
-    assert "error: BeIR/no-such-set: could not load it" in capsys.readouterr().err
+    assert "error: BeIR/no-such-set: no local file or folder of that name, and could not load it" in \
+        capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 

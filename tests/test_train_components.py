@@ -135,7 +135,8 @@ def test_triples_never_draw_another_positive_of_the_same_query(tmp_path):
         for row in examples.select(range(2)):
             negatives = {row[f"negative_{i}"] for i in range(1, 8)}
             assert not negatives & {"A", "B"}, (seed, row)
-    with pytest.raises(ValueError, match=r"row 1's query has 9 passages left to draw from \(of 12 distinct"):
+    with pytest.raises(ValueError, match=r"repeated\.tsv:1: the row's query has 9 passages left to draw from "
+                                         r"\(of 12 distinct"):
         triples_examples(str(path), num_negatives=11)
 
 
@@ -145,7 +146,7 @@ def test_a_triples_negative_the_file_judges_relevant_is_replaced_with_a_warning(
     path = tmp_path / "conflicting.tsv"
     rows = [("q1", "A", "A"), ("q2", "B", "C"), ("q2", "C", "B")] + [(f"q{i}", f"p{i}", f"m{i}") for i in range(3, 9)]
     path.write_text("".join(f"{q}\t{p}\t{n}\n" for q, p, n in rows))
-    with pytest.warns(UserWarning, match=r"3 row\(s\) \(first: row 1\) give as negative a passage the file calls "
+    with pytest.warns(UserWarning, match=r"3 row\(s\) \(first: line 1\) give as negative a passage the file calls "
                                          r"relevant to the same query"):
         examples = triples_examples(str(path), num_negatives=3, seed=0)
     judged = {"q1": {"A"}, "q2": {"B", "C"}}
@@ -172,6 +173,62 @@ def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
     blank.write_bytes(b"\n\n")
     with pytest.raises(ValueError, match=r"blank\.tsv: no training examples \(no query <tab> positive <tab> negative"):
         triples_examples(str(blank))
+
+
+def test_a_triples_header_row_is_not_trained_as_an_example(msmarco_toy_dir, tmp_path):
+    """A header line ("query <tab> positive <tab> negative") was example 1: the model was taught that the word
+    "query" matches "positive" and not "negative"."""
+    toy = os.path.join(msmarco_toy_dir, "triplets", "raw.tsv")
+    body = open(toy, "rb").read()
+    for header in (b"query\tpositive\tnegative\n", b"Query\tPos\tNeg\r\n",
+                   b"anchor\tpositive_passage\tnegative_passage\n"):
+        path = tmp_path / "header.tsv"
+        path.write_bytes(header + body)
+        assert triples_examples(str(path), num_negatives=7, seed=0)[:] == triples_examples(toy, 7, 0)[:], header
+    later = tmp_path / "later.tsv"  # only a first row is a header: the same text further down is a triple
+    later.write_bytes(body + b"query\tpositive\tnegative\n")
+    assert len(triples_examples(str(later))) == 101
+
+
+def test_blank_queries_and_positives_are_left_out_with_a_warning(tmp_path):
+    """An empty query or positive trained as [CLS] [SEP] without a word: FLES1Encoder encodes it to the empty
+    vector, so the example teaches nothing the model is used for."""
+    path = tmp_path / "blank.tsv"
+    rows = [("q1", "p1", "n1"), ("  ", "p2", "n2"), ("q3", "", "n3")] + \
+        [(f"q{i}", f"p{i}", f"n{i}") for i in range(4, 9)]
+    path.write_text("".join(f"{q}\t{p}\t{n}\n" for q, p, n in rows))
+    with pytest.warns(UserWarning, match=r"blank\.tsv: 2 example\(s\) left out \(first: line 2\): its query or "
+                                         r"positive is empty"):
+        examples = triples_examples(str(path), num_negatives=3, seed=0)
+    assert examples["query"] == ["q1"] + [f"q{i}" for i in range(4, 9)]
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    docs = {"d0": "", "d1": "   ", "d2": "doc two"} | {f"d{i}": f"doc {i}" for i in range(3, 12)}
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in docs.items()))
+    queries = {"q1": "only blank positives", "q2": " ", "q3": "one blank, one real positive"}
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries.items()))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\nq1\td1\t1\nq2\td2\t1\n"
+                                                "q3\td0\t1\nq3\td3\t1\n")
+    data = load_beir(str(folder), "train")
+    for seed in range(10):  # q3's blank relevant document is never its positive
+        with pytest.warns(UserWarning, match=r"2 example\(s\) left out \(first: query 'q1'\): its query, or every "
+                                             r"relevant document, is empty"):
+            examples = beir_examples(data, num_negatives=2, seed=seed)
+        assert examples["query"] == [queries["q3"]] and examples["positive"] == ["doc 3"]
+
+
+def test_num_negatives_and_seed_are_named_as_the_recipes_keys(msmarco_toy_dir):
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml")
+    for key, value, message in (("data.num_negatives", -1, "data.num_negatives must be an int >= 0, got -1"),
+                                ("data.num_negatives", 2.5, "data.num_negatives must be an int >= 0, got 2.5"),
+                                ("data.seed", "x", "data.seed must be an int, got 'x'")):
+        with pytest.raises(ValueError, match=message):  # was the data module's "num_negatives must ..."
+            load_recipe(recipe, {"model.path": "m", "data.source": "d", key: value})
+    with pytest.raises(ValueError, match=r"raw\.tsv: a triples source needs num_negatives >= 1 "
+                                         r"\(data.num_negatives"):
+        load_training_examples(msmarco_toy_dir, num_negatives=0)
 
 
 @pytest.mark.parametrize("options,named", [
@@ -211,7 +268,7 @@ def test_tab_separated_files_csv_refuses_name_file_and_line_and_long_passages_lo
         read_triples(str(stray))
     long = tmp_path / "long.tsv"
     long.write_text("q1\t" + "word " * 40_000 + "\tn1\n")
-    assert len(read_triples(str(long))[0][1]) == 200_000
+    assert len(read_triples(str(long))[0][2]) == 200_000
     folder = write_beir(tmp_path / "beir")
     with open(os.path.join(folder, "qrels", "test.tsv"), "ab") as handle:
         handle.write(b"q1\td2\r\t1\n")

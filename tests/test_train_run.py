@@ -236,6 +236,20 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
     assert json.load(open(os.path.join(out, "training_log.json")))["global_step"] == 2
 
 
+def test_a_batch_larger_than_the_data_fails_before_the_model_loads(msmarco_toy_dir, tmp_path, monkeypatch):
+    """It was found by FLES1Trainer, after the model (bert-base: seconds to minutes) had loaded."""
+    import fles1.training.run as run
+
+    def no_model(path):
+        raise AssertionError("the model was loaded before the batch size was checked")
+
+    monkeypatch.setattr(run, "load_model_for_training", no_model)
+    recipe = load_recipe(TINY_RECIPE, {"model.path": "m", "data.source": msmarco_toy_dir, "data.max_examples": 3})
+    with pytest.raises(TrainingSetupError, match=r"batch size 32 x 1 rank\(s\) is larger than the dataset \(3 exa"):
+        train(recipe, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 def _listing(folder):
     return {name: os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder)}
 
@@ -515,7 +529,8 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
     # setup problems are one error line before any step, not a traceback
     fresh = str(tmp_path / "fresh")
     for argv, message in (
-        (["--model", str(tmp_path / "no-model"), "--data", str(data)], r"^error: model\.path='.*no-model': no such folder$"),
+        (["--model", str(tmp_path / "no-model"), "--data", str(data), "--set", "training.per_device_train_batch_size=4"],
+         r"^error: model\.path='.*no-model': no such folder$"),
         (["--model", sparse_tiny, "--data", str(tmp_path / "no-data")], r"^error: .*no-data: not a BEIR folder"),
         (["--model", sparse_tiny, "--data", str(data), "--set", "training.per_device_train_batch_size=4",
           "--set", "model.document_max_length=4096"],

@@ -11,7 +11,13 @@ Sources (:func:`load_training_examples`):
   (:class:`~fles1.beir.BEIRDataError`, naming file and line).
 - an MS MARCO-style triples TSV (``query <tab> positive <tab> negative``, or a folder holding
   ``triplets/raw.tsv``): one example per row; its own negative comes first, the other ``num_negatives - 1`` are
-  drawn from the other rows' passages (positives and negatives), excluding the row's own positive.
+  drawn from the other rows' passages (positives and negatives), excluding the row's own positive. A first row
+  that names the columns (``query``/``question``/``anchor``, then ``pos...``, then ``neg...``, any case) is a
+  header, not an example.
+
+A query, or a positive, whose text is empty or whitespace only teaches nothing (FLES1Encoder encodes it to the
+empty vector): such an example is left out, with a warning that counts them. Empty documents can still be drawn
+as negatives.
 
 Sampling uses ``random.Random(seed)``: the same seed gives the same dataset.
 
@@ -37,6 +43,8 @@ from datasets import Dataset
 
 from fles1.beir import BEIRDataError, BEIRDataset, load_beir, tsv_rows
 
+from .checks import is_int
+
 DEFAULT_NUM_NEGATIVES = 7
 
 
@@ -55,10 +63,20 @@ POSITIVE_CHOICES = ("random", "bm25")
 
 
 def _check_sampling(num_negatives, seed, minimum: int, why: str = "") -> None:
-    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < minimum:
+    if not is_int(num_negatives) or num_negatives < minimum:
         raise ValueError(f"num_negatives must be an int >= {minimum}{why}, got {num_negatives!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
+
+
+def _blank(text: str) -> bool:
+    return not text.strip()
+
+
+def _warn_left_out(source: str, left_out: list[str], what: str) -> None:
+    if left_out:
+        warnings.warn(f"{source}: {len(left_out)} example(s) left out (first: {left_out[0]}): {what} empty or "
+                      "whitespace only", stacklevel=3)
 
 
 def beir_examples(
@@ -76,10 +94,15 @@ def beir_examples(
         bm25 = bm25_run(dataset, sorted(dataset.qrels), k=len(dataset.corpus), drop_self=False)
     rng = random.Random(seed)
     doc_ids = sorted(dataset.corpus)
-    rows, relevance = [], []
+    rows, relevance, left_out = [], [], []
     for query_id in sorted(dataset.qrels):
         judged = dataset.qrels[query_id]
         positives = sorted(doc_id for doc_id, rel in judged.items() if rel > 0 and doc_id in dataset.corpus)
+        if positives and (_blank(dataset.queries[query_id])
+                          or all(_blank(dataset.document_text(doc_id)) for doc_id in positives)):
+            left_out.append(f"query {query_id!r}")
+            continue
+        positives = [doc_id for doc_id in positives if not _blank(dataset.document_text(doc_id))]
         if not positives:
             continue
         unjudged = len(doc_ids) - sum(doc_id in dataset.corpus for doc_id in judged)
@@ -97,44 +120,57 @@ def beir_examples(
             positive = max(scored, key=lambda doc_id: bm25[query_id][doc_id])
         rows.append([dataset.queries[query_id]] + [dataset.document_text(d) for d in [positive] + negatives])
         relevance.append({"documents": [positive] + negatives, "relevant": positives})
-    examples = _to_dataset(rows, num_negatives, f"{dataset.name} ({dataset.split})")
+    source = f"{dataset.name} ({dataset.split})"
+    _warn_left_out(source, left_out, "its query, or every relevant document, is")
+    examples = _to_dataset(rows, num_negatives, source)
     return examples.add_column("relevance", relevance) if with_ids else examples
 
 
-def read_triples(path: str) -> list[tuple[str, str, str]]:
+def is_triples_header(row: list[str]) -> bool:
+    """Whether a triples file's first row names its columns (query / positive / negative and the usual variants)."""
+    names = [field.strip().lower() for field in row]
+    return len(names) == 3 and names[0] in ("query", "queries", "question", "anchor", "q") \
+        and names[1].startswith("pos") and names[2].startswith("neg")
+
+
+def read_triples(path: str) -> list[tuple[int, str, str, str]]:
+    """(line number, query, positive, negative) per row of the file; a header row is skipped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: triples file not found")
     triples = []
     with open(path, "rb") as handle:
         for number, row in tsv_rows(path, handle, error=ValueError, quoting=csv.QUOTE_NONE):
-            if not row:
+            if not row or (not triples and is_triples_header(row)):
                 continue
             if len(row) != 3:
                 raise ValueError(f"{path}:{number}: expected 3 tab-separated columns (query, positive, negative), "
                                  f"got {len(row)}")
-            triples.append((row[0], row[1], row[2]))
+            triples.append((number, row[0], row[1], row[2]))
     return triples
 
 
 def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed: int = 0) -> Dataset:
     """One row per triple; negatives beyond the triple's own are drawn from the other triples' passages. A row whose
     own negative the file calls relevant to its query (its positive, or another row's for the same query) gets a
-    drawn negative in its place, with a warning."""
+    drawn negative in its place, with a warning; one whose query or positive is blank is left out, with a warning."""
     _check_sampling(num_negatives, seed, minimum=1, why=" for triples (each row brings one)")
     triples = read_triples(path)
+    blank = [f"line {number}" for number, query, positive, _ in triples if _blank(query) or _blank(positive)]
+    _warn_left_out(path, blank, "its query or positive is")
+    triples = [row for row in triples if not (_blank(row[1]) or _blank(row[2]))]
     if not triples:
         raise ValueError(f"{path}: no training examples (no query <tab> positive <tab> negative row)")
-    pool = sorted({text for _, positive, negative in triples for text in (positive, negative)})
+    pool = sorted({text for _, _, positive, negative in triples for text in (positive, negative)})
     positives_of = {}  # query -> every passage a triple calls relevant to it: none is drawn as its negative
-    for query, positive, _ in triples:
+    for _, query, positive, _ in triples:
         positives_of.setdefault(query, set()).add(positive)
     rng = random.Random(seed)
     rows, judged = [], []
-    for number, (query, positive, negative) in enumerate(triples, start=1):
+    for number, query, positive, negative in triples:
         excluded = positives_of[query] | {negative}
         if len(pool) - len(excluded) < num_negatives - (negative not in positives_of[query]):
-            raise ValueError(f"{path}: row {number}'s query has {len(pool) - len(excluded)} passages left to draw from "
-                             f"(of {len(pool)} distinct, less its positives and its own negative), too few for "
+            raise ValueError(f"{path}:{number}: the row's query has {len(pool) - len(excluded)} passages left to draw "
+                             f"from (of {len(pool)} distinct, less its positives and its own negative), too few for "
                              f"{num_negatives} negatives")
         # a negative the file itself calls relevant to the query (the row's positive, or another row's) would be
         # scored as a non-match: a drawn passage takes its place
@@ -147,7 +183,7 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
                 negatives.append(text)
         rows.append([query, positive] + negatives)
     if judged:
-        warnings.warn(f"{path}: {len(judged)} row(s) (first: row {judged[0]}) give as negative a passage the file "
+        warnings.warn(f"{path}: {len(judged)} row(s) (first: line {judged[0]}) give as negative a passage the file "
                       "calls relevant to the same query; a random passage was drawn in its place", stacklevel=2)
     return _to_dataset(rows, num_negatives, path)
 
@@ -178,6 +214,9 @@ def load_training_examples(
         if unusable:
             raise ValueError(f"{triples}: a triples TSV has no relevance judgements or splits, which "
                              f"{' and '.join(unusable)} need: use a BEIR source, or leave them at their defaults")
+        if is_int(num_negatives) and num_negatives < 1:
+            raise ValueError(f"{triples}: a triples source needs num_negatives >= 1 (data.num_negatives; each row "
+                             f"brings its own negative), got {num_negatives!r}")
         try:
             return triples_examples(triples, num_negatives, seed)
         except OSError as error:  # unreadable: named as the data's, not (by the CLI) the model's

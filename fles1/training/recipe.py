@@ -194,6 +194,11 @@ def validate(recipe: dict) -> dict:
             raise ValueError(f"{section}.{key} must be true or false, got {recipe[section][key]!r}")
     if recipe["data"]["positive"] not in POSITIVE_CHOICES:  # else only checked once the data loads
         raise ValueError(f"data.positive must be one of {list(POSITIVE_CHOICES)}, got {recipe['data']['positive']!r}")
+    negatives, seed = recipe["data"]["num_negatives"], recipe["data"]["seed"]
+    if not (is_int(negatives) and negatives >= 0):  # else only checked once the data loads, without the section
+        raise ValueError(f"data.num_negatives must be an int >= 0, got {negatives!r}")
+    if not is_int(seed):
+        raise ValueError(f"data.seed must be an int, got {seed!r}")
     limit = recipe["data"]["max_examples"]
     if limit is not None and not (is_int(limit) and limit >= 1):
         raise ValueError(f"data.max_examples must be an int >= 1 or null (every example), got {limit!r}")

@@ -75,7 +75,7 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
     from .crashes import CrashMonitor
     from .data import load_training_examples
     from .recipe import training_arguments
-    from .trainer import FLES1Trainer
+    from .trainer import FLES1Trainer, check_batch_fits
 
     trainer_class = trainer_class or FLES1Trainer
     data, loss, clfr_cfg, model_cfg = recipe["data"], recipe["loss"], recipe["clfr"], recipe["model"]
@@ -83,11 +83,12 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
                                      with_ids=data["mask_false_negatives"], positive=data["positive"])
     if data["max_examples"] is not None and data["max_examples"] < len(dataset):  # a seeded subset (card: 200K)
         dataset = dataset.shuffle(seed=data["seed"]).select(range(data["max_examples"]))
-    model, tokenizer = load_model_for_training(model_cfg["path"])
     training = dict(recipe["training"])
     if max_steps is not None:
         training["max_steps"] = max_steps
     args = training_arguments(training, output_dir)
+    check_batch_fits(args, len(dataset))  # before the model loads (the trainer checks again, for its other callers)
+    model, tokenizer = load_model_for_training(model_cfg["path"])
     clfr = None
     if clfr_cfg["enabled"]:
         controller = CLFRController(loss["lambda_d"], clfr_cfg["target_nnz_d"], clfr_cfg["gain"],

@@ -208,6 +208,14 @@ def check_loss_settings(temperature, lambda_d, lambda_q, anticollapse_weight, an
             raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
+def check_batch_fits(args, num_examples: int) -> None:
+    """ValueError when one global batch (per-device batch x ranks) needs more examples than the dataset has."""
+    world = max(1, args.world_size)
+    if args.per_device_train_batch_size * world > num_examples:
+        raise ValueError(f"batch size {args.per_device_train_batch_size} x {world} rank(s) is larger than the dataset "
+                         f"({num_examples} examples)")
+
+
 class FLES1Trainer(Trainer):
     """Trainer for FLES-1 sparse encoders; ``model`` is a ``FLES1ForMaskedLM``.
 
@@ -267,12 +275,7 @@ class FLES1Trainer(Trainer):
         callbacks = list(callbacks or []) + [self.crash_monitor] + ([clfr] if clfr is not None else [])
         if args is not None:
             args.remove_unused_columns = False  # the collator needs the text columns
-            world = max(1, args.world_size)
-            if args.per_device_train_batch_size * world > len(train_dataset):
-                raise ValueError(
-                    f"batch size {args.per_device_train_batch_size} x {world} rank(s) is larger than the dataset "
-                    f"({len(train_dataset)} examples)"
-                )
+            check_batch_fits(args, len(train_dataset))
         config = model.config
         # a recipe's lengths override the config's; checked now, not at the first long batch hours in
         query_max_length = check_max_length(
