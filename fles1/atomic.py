@@ -1,12 +1,19 @@
 """Atomic output: write to a temporary file (or folder) beside the target, then ``os.replace`` it into place, so an
-interrupted run never leaves a partial file that looks complete."""
+interrupted run never leaves a partial file that looks complete.
+
+A temporary is named ``.<target>.<host>@<pid>.<random>.tmp`` (a folder: ``....partial``). Ctrl-C and SIGTERM remove
+it; a process killed outright (``kill -9``, the out-of-memory killer) cannot, so the next write of the same target
+removes the temporaries of its host's dead processes (a live writer's, or another host's on a shared file system,
+are left alone)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 
 
@@ -23,7 +30,8 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    _remove_dead_writers_temporaries(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=directory)
     try:
         with os.fdopen(descriptor, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -94,10 +102,16 @@ def atomic_directory(path: str, replace: bool = False):
     require_new_folder(path, replace)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", suffix=".partial", dir=parent)
+    _remove_dead_writers_temporaries(path)
+    staging = tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".partial", dir=parent)
     try:
         yield staging
         _permissions_of_a_new(staging, 0o777)  # mkdtemp creates 0700
+        for folder, _, files in os.walk(staging):  # mkstemp and safetensors' save_file create 0600 files
+            for name in files:
+                file = os.path.join(folder, name)
+                if not os.path.islink(file) and os.stat(file).st_mode & 0o777 == 0o600:
+                    _permissions_of_a_new(file, 0o666)
         retired = None
         if replace and os.path.isdir(path) and os.listdir(path):
             retired = f"{staging}.old"  # interrupted between the two renames: the old folder survives here
@@ -107,9 +121,47 @@ def atomic_directory(path: str, replace: bool = False):
         os.replace(staging, path)
         if retired:
             shutil.rmtree(retired, ignore_errors=True)
+        _remove_dead_writers_temporaries(path)  # a dead writer's retired folder, now that `path` is in place
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _temporary_prefix(path: str) -> str:
+    return f".{os.path.basename(os.path.abspath(path))}.{socket.gethostname()}@{os.getpid()}."
+
+
+def _remove_dead_writers_temporaries(path: str) -> None:
+    """Remove what writers of `path` on this host left when killed outright. A retired folder (``.partial.old``: the
+    previous result, moved aside just before the new one took its place) only once `path` exists again."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    pattern = re.compile(re.escape(f".{os.path.basename(path)}.{socket.gethostname()}@") +
+                         r"(\d+)\.[^./]+\.(tmp|partial|partial\.old)")
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match or _alive(int(match.group(1))) or (match.group(2) == "partial.old" and not os.path.exists(path)):
+            continue
+        temporary = os.path.join(parent, name)
+        with contextlib.suppress(OSError):  # another writer swept it first
+            shutil.rmtree(temporary) if os.path.isdir(temporary) and not os.path.islink(temporary) \
+                else os.remove(temporary)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
 
 
 def path_within(path: str, folder: str) -> bool:

@@ -79,3 +79,74 @@ def test_only_descriptors_are_written_through(tmp_path):
     for value in ({"run": 1}, {"run": 2}):
         atomic_write_json(str(tmp_path / "plain-link"), value)
     assert json.loads((tmp_path / "plain.json").read_text()) == {"run": 2}
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from fles1.atomic import atomic_directory, atomic_open
+with atomic_directory({folder!r}, replace=True) as staging, atomic_open({file!r}) as handle:
+    open(os.path.join(staging, "model.safetensors"), "w").write("half")
+    handle.write('{{"partial": ')
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_nothing_else(tmp_path):
+    """kill -9 (or the out-of-memory killer) left each run's staging folder -- a whole checkpoint -- and temporary
+    files for good: no later run removed them."""
+    from fles1.atomic import atomic_directory, atomic_open
+
+    folder, file = str(tmp_path / "out"), str(tmp_path / "results.json")
+    script = KILLED_MID_WRITE.format(root=ROOT, folder=folder, file=file)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -9
+    left = sorted(name for name in os.listdir(tmp_path))
+    assert len(left) == 2 and all(name.startswith((".out.", ".results.json.")) for name in left), left
+    other_host = tmp_path / ".out.elsewhere@1.abcdefgh.partial"  # a shared file system: maybe live elsewhere
+    other_host.mkdir()
+    with atomic_open(file) as handle, atomic_directory(folder) as staging:
+        live = [name for name in os.listdir(tmp_path) if name.startswith(".") and name != other_host.name]
+        assert len(live) == 2 and os.path.basename(staging) in live  # this writer's own
+        handle.write("{}")
+        open(os.path.join(staging, "model.safetensors"), "w").write("whole")
+    assert sorted(os.listdir(tmp_path)) == [other_host.name, "out", "results.json"]
+
+
+def test_a_retired_result_is_kept_until_its_replacement_is_in_place(tmp_path):
+    """Killed between moving the old folder aside and renaming the new one in: the old one is the only result."""
+    import socket
+
+    from fles1.atomic import atomic_directory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    retired = tmp_path / f".out.{socket.gethostname()}@{int(dead.stdout)}.abcdefgh.partial.old"
+    retired.mkdir()
+    (retired / "model.safetensors").write_text("the old result")
+    with atomic_directory(str(tmp_path / "other")):
+        pass
+    assert retired.is_dir()  # another target's write leaves it
+    with atomic_directory(str(tmp_path / "out")):
+        assert retired.is_dir()  # "out" does not exist yet
+    assert sorted(os.listdir(tmp_path)) == ["other", "out"]
+
+
+def test_files_in_a_written_folder_get_a_plain_files_permissions(tmp_path):
+    """safetensors' save_file (like mkstemp) creates 0600 files: a checkpoint's weights were unreadable to the other
+    users of a shared machine while every other file in it was not."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fles1.atomic import atomic_directory
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_directory(str(tmp_path / "out")) as staging:
+            save_file({"weight": torch.zeros(2)}, os.path.join(staging, "model.safetensors"))
+            os.makedirs(os.path.join(staging, "sub"))
+            save_file({"weight": torch.zeros(2)}, os.path.join(staging, "sub", "more.safetensors"))
+    finally:
+        os.umask(umask)
+    for name in ("model.safetensors", os.path.join("sub", "more.safetensors")):
+        assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644, name
