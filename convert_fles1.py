@@ -1,6 +1,6 @@
 """Convert a BERT masked-LM checkpoint into a FLES-1 checkpoint folder.
 
-    python convert_fles1.py ../shared/models/splade-tiny checkpoints/fles1-tiny
+    python convert_fles1.py ../shared/models/splade-tiny outputs/fles1-tiny
 """
 
 import argparse

@@ -1,14 +1,17 @@
 """Evaluate a FLES-1 checkpoint on BEIR datasets: NDCG@10, MRR@10, Recall@100, MAP@100, Recall@1000, NNZ,
 a BM25 baseline (bm25s), production numbers (docs/s, query latency, index size) and engine exports.
 
-    HF_HUB_OFFLINE=1 python eval_fles1.py --model /tmp/fles1-tiny --data ../shared/data/nfcorpus \\
-        --threshold 0.3 --output results.json --run-file run.trec --markdown results.md
+    # a trained model (train_fles1.py's docstring writes outputs/tiny)
+    HF_HUB_OFFLINE=1 python eval_fles1.py --model outputs/tiny --data ../shared/data/nfcorpus \\
+        --threshold 0.3 --output outputs/eval_nfcorpus.json --run-file outputs/run.trec --markdown outputs/results.md
 
-    # the parity check with sentence-transformers' evaluator (its 0.3059 NDCG@10 on nfcorpus; 0.3058 here): threshold 0
-    python eval_fles1.py --model /tmp/fles1-tiny --data ../shared/data/nfcorpus --threshold 0 --output t0.json
+    # the parity check with sentence-transformers' evaluator (its 0.3059 NDCG@10 on nfcorpus; 0.3058 here): the
+    # shipped backbone as convert_fles1.py's docstring writes it, threshold 0
+    python eval_fles1.py --model outputs/fles1-tiny --data ../shared/data/nfcorpus --threshold 0 \\
+        --output outputs/t0.json
 
     # zero-shot table over several datasets (BEIR folders, or BEIR hub ids such as BeIR/scifact when online)
-    python eval_fles1.py --model mindoval/fles1-v14 --data ../shared/data/nfcorpus BeIR/scifact --output zs.json
+    python eval_fles1.py --model mindoval/fles1-v14 --data ../shared/data/nfcorpus BeIR/scifact --output outputs/zs.json
 
 MODEL is a FLES-1 checkpoint folder or hub id. DATA is a BEIR folder (corpus.jsonl, queries.jsonl,
 qrels/<split>.tsv) or a BEIR hub dataset id. BEIR conventions: every judged query counts (no hits = 0), a hit

@@ -1,7 +1,9 @@
 r"""Publish a FLES-1 checkpoint folder to the Hugging Face Hub with its generated model card.
 
-    python push_fles1.py --model outputs/fles1-tiny --repo-id mindoval/fles1-v14 \
-        --results results/eval_nfcorpus.json --training-log outputs/fles1-tiny/training_log.json --dry-run hub_out
+    python push_fles1.py --model outputs/tiny --repo-id mindoval/fles1-v14 \
+        --results outputs/eval_nfcorpus.json --training-log outputs/tiny/training_log.json --dry-run outputs/hub
+
+(outputs/tiny: train_fles1.py's docstring; outputs/eval_nfcorpus.json: eval_fles1.py's.)
 
 The folder (checkpoint + code files + README.md card + results/ + plots/) is validated by loading it fresh and
 offline three ways (AutoModel and SparseEncoder with trust_remote_code=True, FLES1Encoder.from_pretrained) and
@@ -24,7 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--revision", help="branch to commit to (created if missing; not with --create-pr)")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request against the default branch instead of committing")
     parser.add_argument("--dry-run", metavar="OUT_DIR", help="write the folder exactly as it would be uploaded; no upload")
-    parser.add_argument("--results", nargs="*", default=[], help="eval_fles1.py JSON file(s) for the card")
+    parser.add_argument("--results", nargs="+", required=True, metavar="RESULTS_JSON",
+                        help="eval_fles1.py --output file(s) for the card (its metric tables)")
     parser.add_argument("--training-log", nargs="*", default=[], help="training_log.json file(s) (default: MODEL's)")
     parser.add_argument("--recipe", help="recipe YAML, for a card without a training log (default: the training "
                         "log's recipe, --set overrides included; a file that differs from it is refused)")

@@ -1,7 +1,7 @@
 r"""Write the FLES-1 model card (README.md) from result files only.
 
-    python model_card/generate_card.py --results results/eval_nfcorpus.json \
-        --training-log outputs/fles1-tiny/training_log.json --repo-id mindoval/fles1-v14 --output README_card.md
+    python model_card/generate_card.py --results outputs/eval_nfcorpus.json \
+        --training-log outputs/tiny/training_log.json --repo-id mindoval/fles1-v14 --output outputs/README_card.md
 
 Several --results files: files of the same model merge (one per dataset); files of other models (e.g. other seeds)
 fill the reproducibility table. The first file's model is the published one.

@@ -38,6 +38,24 @@ def test_encoder_seed_snippet_runs_verbatim(fles1_checkpoint):
     assert encoder.decode(ids, weights) == sparse
 
 
+def test_readme_usage_snippet_runs_and_shows_what_it_prints(fles1_checkpoint):
+    """The README's Python block, with the hub id as the converted shipped backbone; it once used an undefined
+    `documents`. Its comment's weights (splade-tiny) are what encode returns, to the shown decimals."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert snippet.count('"mindoval/fles1-v14"') == 4
+    namespace = {}
+    exec(snippet.replace('"mindoval/fles1-v14"', repr(fles1_checkpoint)), namespace)  # noqa: S102 -- our README
+    shown = re.search(r"encoder\.encode\(\"What is machine learning\?\"\)\s+# \{(.*?), \.\.\.\}",
+                      snippet).group(1)
+    expected = {term.strip("'"): float(weight) for term, weight in (item.split(": ") for item in shown.split(", "))}
+    got = namespace["encoder"].encode("What is machine learning?")
+    assert list(got)[:len(expected)] == list(expected)
+    assert all(round(got[term], 2) == weight for term, weight in expected.items()), (got, expected)
+    assert type(namespace["mlm"]) is type(namespace["model"]) and namespace["matrix"].shape == (2, 30522)
+    assert namespace["st"].encode_query(["What is machine learning?"]).shape[-1] == 30522
+
+
 def test_encoder_emoji_and_non_english(shipped):
     for text in ("🚀🔥", "日本語のテキスト", "Brustkrebs und Vitamin D", "¿qué dice la evidencia? naïve café"):
         vector = shipped.encode(text)

@@ -353,10 +353,15 @@ def test_revision_with_create_pr_refused_early(source_checkpoint, result_files, 
 
 
 def test_missing_results_refused(source_checkpoint, tmp_path, capsys):
-    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "o")])
-    assert rc == 1
-    assert "at least one eval results JSON: pass --results" in capsys.readouterr().err
+    """--help showed --results as optional ([--results [RESULTS ...]]), and without it push failed after parsing."""
+    with pytest.raises(SystemExit) as exit:
+        push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "o")])
+    assert exit.value.code == 2
+    assert "the following arguments are required: --results" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+    with pytest.raises(publish_module.PublishError, match="at least one eval results JSON: pass --results"):
+        publish_module.publish(source_checkpoint, REPO_ID, publish_module.CardInputs(results=[]),
+                               dry_run=str(tmp_path / "o"))  # the library call
 
 
 def test_bad_repo_id_refused_before_any_work(source_checkpoint, result_files, tmp_path, capsys):
