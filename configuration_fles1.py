@@ -57,20 +57,18 @@ class FLES1Config(BertConfig):
         activation: str = "log1p_relu",
         **kwargs,
     ):
-        _check_choices(pooling, activation)
-        self.inference_threshold = _check_threshold(inference_threshold)
-        self.pooling = pooling
-        self.activation = activation
+        self.inference_threshold, self.pooling, self.activation = inference_threshold, pooling, activation
         super().__init__(**kwargs)
-        lengths = (("query_max_length", query_max_length, 64), ("document_max_length", document_max_length, 256))
-        for name, value, default in lengths:
-            if value is None:
-                value = min(default, self.max_position_embeddings)
-            setattr(self, name, check_max_length(name, value, self.max_position_embeddings))
+        # the defaults are capped for a model with fewer positions
+        self.query_max_length = min(64, self.max_position_embeddings) if query_max_length is None \
+            else query_max_length
+        self.document_max_length = min(256, self.max_position_embeddings) if document_max_length is None \
+            else document_max_length
+        self.check_sparse_settings()
 
     def check_sparse_settings(self) -> None:
-        """The checks of ``__init__`` again, for settings edited since (``config.query_max_length = 1000``); numpy
-        numbers become Python ones, as there (JSON cannot hold them)."""
+        """Refuse a sparse setting the encoders cannot use (``__init__`` runs it; again for settings edited since:
+        ``config.query_max_length = 1000``); numpy numbers become Python ones (JSON cannot hold them)."""
         _check_choices(self.pooling, self.activation)
         self.inference_threshold = _check_threshold(self.inference_threshold)
         for name in ("query_max_length", "document_max_length"):
