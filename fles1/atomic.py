@@ -153,7 +153,7 @@ def _remove_dead_writers_temporaries(path: str) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill(pid, 0) would terminate the process
         return True
     try:
         os.kill(pid, 0)
