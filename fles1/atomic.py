@@ -1,7 +1,8 @@
 """Atomic output: write to a temporary file (or folder) beside the target, then ``os.replace`` it into place, so an
 interrupted run never leaves a partial file that looks complete.
 
-A temporary is named ``.<target>.<host>@<pid>.<random>.tmp`` (a folder: ``....partial``). Ctrl-C and SIGTERM remove
+A temporary is named ``.<target>.<host>_pid<pid>.<random>.tmp`` (a folder: ``....partial``; a valid module name
+once transformers sanitizes it, as it does when loading remote code from the folder). Ctrl-C and SIGTERM remove
 it; a process killed outright (``kill -9``, the out-of-memory killer) cannot, so the next write of the same target
 removes the temporaries of its host's dead processes (a live writer's, or another host's on a shared file system,
 are left alone)."""
@@ -107,11 +108,7 @@ def atomic_directory(path: str, replace: bool = False):
     try:
         yield staging
         _permissions_of_a_new(staging, 0o777)  # mkdtemp creates 0700
-        for folder, _, files in os.walk(staging):  # mkstemp and safetensors' save_file create 0600 files
-            for name in files:
-                file = os.path.join(folder, name)
-                if not os.path.islink(file) and os.stat(file).st_mode & 0o777 == 0o600:
-                    _permissions_of_a_new(file, 0o666)
+        plain_file_permissions(staging)
         retired = None
         if replace and os.path.isdir(path) and os.listdir(path):
             retired = f"{staging}.old"  # interrupted between the two renames: the old folder survives here
@@ -128,7 +125,13 @@ def atomic_directory(path: str, replace: bool = False):
 
 
 def _temporary_prefix(path: str) -> str:
-    return f".{os.path.basename(os.path.abspath(path))}.{socket.gethostname()}@{os.getpid()}."
+    return f".{os.path.basename(os.path.abspath(path))}.{socket.gethostname()}_pid{os.getpid()}."
+
+
+def is_staging_folder(path: str) -> bool:
+    """Whether `path` is an `atomic_directory` staging folder (a name no later run reuses)."""
+    name = os.path.basename(os.path.normpath(path))
+    return name.startswith(".") and name.endswith(".partial") and "_pid" in name
 
 
 def _remove_dead_writers_temporaries(path: str) -> None:
@@ -136,7 +139,7 @@ def _remove_dead_writers_temporaries(path: str) -> None:
     previous result, moved aside just before the new one took its place) only once `path` exists again."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
-    pattern = re.compile(re.escape(f".{os.path.basename(path)}.{socket.gethostname()}@") +
+    pattern = re.compile(re.escape(f".{os.path.basename(path)}.{socket.gethostname()}_pid") +
                          r"(\d+)\.[^./]+\.(tmp|partial|partial\.old)")
     try:
         names = os.listdir(parent)
@@ -162,6 +165,16 @@ def _alive(pid: int) -> bool:
     except OSError:  # PermissionError: another user's live process
         return True
     return True
+
+
+def plain_file_permissions(folder: str) -> None:
+    """Give the 0600 files in `folder` (what mkstemp and safetensors' save_file create) the permissions a plainly
+    created file has: weights the other users of a shared machine could not read, next to files they could."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            file = os.path.join(parent, name)
+            if not os.path.islink(file) and os.stat(file).st_mode & 0o777 == 0o600:
+                _permissions_of_a_new(file, 0o666)
 
 
 def path_within(path: str, folder: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from typing import Optional
 
@@ -14,7 +15,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
 from configuration_fles1 import FLES1Config
-from fles1.atomic import atomic_directory, atomic_write_json, path_within, require_new_folder
+from fles1.atomic import (atomic_directory, atomic_write_json, is_staging_folder, path_within, plain_file_permissions,
+                          require_new_folder)
 from fles1_encoder import is_local_path, not_a_folder
 from modeling_fles1 import ENCODER_FILE, LICENSE_FILES, FLES1ForMaskedLM
 
@@ -51,6 +53,7 @@ def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str, license_fr
         shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
     write_sentence_transformers_files(out_dir, model.config)  # re-saves the tokenizer
     drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))
+    plain_file_permissions(out_dir)  # training saves here directly, not through atomic_directory
     return out_dir
 
 
@@ -110,6 +113,29 @@ def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None
     )
     encoder = SparseEncoder(modules=[transformer, SpladePooling(pooling_strategy="max", activation_function="relu")])
     encoder.save_pretrained(out_dir, create_model_card=False)
+    if is_staging_folder(out_dir):
+        _drop_remote_code_copy(type(getattr(transformer, "model", None) or transformer.auto_model))
+
+
+def _drop_remote_code_copy(model_class) -> None:
+    """Loading remote code, transformers copies it into its modules cache under the folder's name
+    (transformers_modules/<folder>/<hash>/); for a staging folder (a random name, never loaded again) that was one
+    orphaned copy per convert."""
+    parts = model_class.__module__.split(".")
+    file = getattr(sys.modules.get(model_class.__module__), "__file__", None)
+    if len(parts) < 3 or parts[0] != "transformers_modules" or not file:
+        return
+    copy = os.path.dirname(file)
+    while os.path.basename(os.path.dirname(copy)) != "transformers_modules":
+        if copy == os.path.dirname(copy):
+            return
+        copy = os.path.dirname(copy)
+    if os.path.basename(copy) != parts[1]:
+        return
+    shutil.rmtree(copy, ignore_errors=True)
+    package = f"transformers_modules.{parts[1]}"
+    for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
+        del sys.modules[name]
 
 
 def is_fles1_source(source: str) -> bool:

@@ -104,7 +104,7 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_nothing_else
     assert killed.returncode == -9
     left = sorted(name for name in os.listdir(tmp_path))
     assert len(left) == 2 and all(name.startswith((".out.", ".results.json.")) for name in left), left
-    other_host = tmp_path / ".out.elsewhere@1.abcdefgh.partial"  # a shared file system: maybe live elsewhere
+    other_host = tmp_path / ".out.elsewhere_pid1.abcdefgh.partial"  # a shared file system: maybe live elsewhere
     other_host.mkdir()
     with atomic_open(file) as handle, atomic_directory(folder) as staging:
         live = [name for name in os.listdir(tmp_path) if name.startswith(".") and name != other_host.name]
@@ -121,7 +121,7 @@ def test_a_retired_result_is_kept_until_its_replacement_is_in_place(tmp_path):
     from fles1.atomic import atomic_directory
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    retired = tmp_path / f".out.{socket.gethostname()}@{int(dead.stdout)}.abcdefgh.partial.old"
+    retired = tmp_path / f".out.{socket.gethostname()}_pid{int(dead.stdout)}.abcdefgh.partial.old"
     retired.mkdir()
     (retired / "model.safetensors").write_text("the old result")
     with atomic_directory(str(tmp_path / "other")):
@@ -150,3 +150,15 @@ def test_files_in_a_written_folder_get_a_plain_files_permissions(tmp_path):
         os.umask(umask)
     for name in ("model.safetensors", os.path.join("sub", "more.safetensors")):
         assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644, name
+
+
+def test_a_staging_folder_is_a_valid_module_name_once_transformers_sanitizes_it(tmp_path):
+    """Writing a checkpoint loads its staging folder as remote code; a name with '@' made transformers warn four
+    times per convert that the module name is not a valid Python identifier."""
+    from fles1.atomic import atomic_directory, is_staging_folder
+
+    with atomic_directory(str(tmp_path / "fles1-tiny")) as staging:
+        name = os.path.basename(staging)
+        assert is_staging_folder(staging)
+        assert name.replace(".", "_dot_").replace("-", "_hyphen_").isidentifier(), name  # transformers' rule
+    assert not is_staging_folder(str(tmp_path / "fles1-tiny"))

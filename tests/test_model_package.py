@@ -226,6 +226,33 @@ def test_saves_of_a_model_loaded_by_hub_id_keep_the_encoder_and_license_files(ti
     assert (tmp_path / "own" / "LICENSE").read_text() == "the fine-tuner's own\n"
 
 
+def test_model_convert_leaves_no_code_copy_and_weights_others_can_read(tiny_random_checkpoint, tmp_path):
+    """Writing the sentence-transformers files loads the staging folder as remote code: transformers copied the code
+    into its modules cache under the staging folder's random name, one orphaned copy per convert (75 in a day
+    here). And safetensors writes 0600: a trained model's weights were unreadable to other users next to 0644
+    files."""
+    from transformers import AutoTokenizer
+    from transformers.utils import HF_MODULES_CACHE
+
+    from fles1.checkpoint import convert, save_checkpoint
+
+    cache = os.path.join(HF_MODULES_CACHE, "transformers_modules")
+    before = set(os.listdir(cache)) if os.path.isdir(cache) else set()
+    umask = os.umask(0o022)
+    try:
+        out = convert(tiny_random_checkpoint, str(tmp_path / "converted"))
+        model = FLES1ForMaskedLM.from_pretrained(out)  # a training save: straight into its folder
+        save_checkpoint(model, AutoTokenizer.from_pretrained(out), str(tmp_path / "checkpoint-2"))
+    finally:
+        os.umask(umask)
+    left = sorted((set(os.listdir(cache)) if os.path.isdir(cache) else set()) - before)
+    assert not [name for name in left if "partial" in name], left
+    for folder in ("converted", "checkpoint-2"):
+        modes = {name: oct(os.stat(tmp_path / folder / name).st_mode & 0o777) for name in os.listdir(tmp_path / folder)
+                 if os.path.isfile(tmp_path / folder / name)}
+        assert set(modes.values()) == {"0o644"}, (folder, modes)
+
+
 def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):
     import convert_fles1
     from fles1_encoder import FLES1Encoder
