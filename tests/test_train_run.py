@@ -315,6 +315,33 @@ def test_resume_refuses_a_finished_run_and_another_models_checkpoint(sparse_tiny
     assert not fresh.exists()
 
 
+def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """A resume with --set training.learning_rate=1e-3 loss.temperature=1.0 ran: the learning rate never applied
+    (the scheduler came back from the checkpoint), the temperature applied from the resumed step on, and the log
+    and the card recorded both for the whole run."""
+    base = tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"data.max_examples": 8})
+    out = str(tmp_path / "run")
+    train(load_recipe(TINY_RECIPE, base), out, max_steps=2)
+    state = json.load(open(os.path.join(out, "checkpoint-2", "trainer_state.json")))
+    assert state["stateful_callbacks"]["fles1/recipe"]["loss"]["temperature"] == 0.05
+    before = _listing(out)
+    changed = load_recipe(TINY_RECIPE, {**base, "training.learning_rate": 1e-3, "loss.temperature": 1.0})
+    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: the recipe differs from the one "
+                                                 r"its run was started with \(loss\.temperature 0\.05 -> 1\.0; "
+                                                 r"training\.learning_rate 2e-05 -> 0\.001\)"):
+        train(changed, out, resume_from_checkpoint=True, max_steps=4)
+    assert _listing(out) == before
+    # when the run ends and how it logs may change; the same data named by another path is the same data
+    later = load_recipe(TINY_RECIPE, {**base, "training.logging_steps": 2, "training.num_train_epochs": 3,
+                                      "data.source": os.path.join(msmarco_toy_dir, ".", "")})
+    assert train(later, out, resume_from_checkpoint=True, max_steps=4)["global_step"] == 4
+    # a checkpoint from before runs recorded their recipe is not compared
+    state = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))
+    del state["stateful_callbacks"]["fles1/recipe"]
+    json.dump(state, open(os.path.join(out, "checkpoint-4", "trainer_state.json"), "w"))
+    assert train(changed, out, resume_from_checkpoint=True, max_steps=5)["global_step"] == 5
+
+
 def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_path):
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
                                                      **{"training.save_steps": 1}))

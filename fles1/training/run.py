@@ -13,6 +13,7 @@ import time
 import warnings
 
 import torch
+from transformers import TrainerCallback
 
 from fles1.atomic import atomic_write_json, path_within, require_writable
 
@@ -40,6 +41,47 @@ def remove_previous_run(output_dir: str) -> None:
     for name in previous_run(output_dir):
         path = os.path.join(output_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+# The recipe a run was started with, in every checkpoint's trainer_state.json (TrainerState.stateful_callbacks),
+# for a resume to compare with
+RECIPE_STATE_KEY = "fles1/recipe"
+# what a resumed run may change: when it ends, and bookkeeping. Anything else would not apply (the optimizer,
+# scheduler and CLFR state come from the checkpoint) or would apply from the resumed step only, while the log and
+# the card recorded the new value for the whole run.
+RESUMABLE_CHANGES = {f"training.{key}" for key in (
+    "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "report_to", "disable_tqdm",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "logging_dir", "run_name")}
+
+
+class _RecordRecipe(TrainerCallback):
+    """Keeps the run's recipe in its TrainerState, so every checkpoint's trainer_state.json carries it; a resumed
+    run keeps the checkpoint's."""
+
+    def __init__(self, recipe: dict):
+        self.recipe = json.loads(json.dumps(recipe))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.stateful_callbacks.setdefault(RECIPE_STATE_KEY, self.recipe)
+
+
+def recipe_changes(saved: dict, recipe: dict) -> list[str]:
+    """"section.key old -> new" for each setting `recipe` changes from `saved` that a resume cannot honour;
+    model.path and data.source count as the same when they name the same file or folder."""
+    current = json.loads(json.dumps(recipe))
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        before, after = saved.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(before) | set(after)):
+            name, old, new = f"{section}.{key}", before.get(key), after.get(key)
+            if old == new or name in RESUMABLE_CHANGES:
+                continue
+            if name in ("model.path", "data.source") and isinstance(old, str) and isinstance(new, str) \
+                    and os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new):
+                continue
+            changes.append(f"{name} {old!r} -> {new!r}")
+    return changes
 
 
 class TrainingSetupError(ValueError):
@@ -94,7 +136,7 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
         controller = CLFRController(loss["lambda_d"], clfr_cfg["target_nnz_d"], clfr_cfg["gain"],
                                     clfr_cfg["max_log_step"])
         clfr = CLFRCallback(controller, clfr_cfg["interval_steps"])
-    return trainer_class(
+    trainer = trainer_class(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         lambda_d=loss["lambda_d"], lambda_q=loss["lambda_q"], regularizer=loss["regularizer"],
         temperature=loss["temperature"], anticollapse_weight=loss["anticollapse_weight"],
@@ -103,6 +145,8 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
         crash_monitor=CrashMonitor(**recipe["crashes"]),
         query_max_length=model_cfg["query_max_length"], document_max_length=model_cfg["document_max_length"],
     )
+    trainer.add_callback(_RecordRecipe(recipe))
+    return trainer
 
 
 def last_step(trainer) -> int:
@@ -116,10 +160,12 @@ def last_step(trainer) -> int:
     return math.ceil(args.num_train_epochs * optimizer_steps_per_epoch(batches, args.gradient_accumulation_steps))
 
 
-def check_resumable(checkpoint: str, trainer, model_path: str) -> None:
+def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | None = None) -> None:
     """ValueError unless resuming from `checkpoint` trains something: transformers reports weights of another model
     size as a RuntimeError inside trainer.train() (and, strict=False, loads a model of other depth partly), trains
-    one step past a finished run, and none before a lower max_steps, logging a global step past it."""
+    one step past a finished run, and none before a lower max_steps, logging a global step past it. And unless
+    `recipe` is the one the checkpoint's run was started with, up to `RESUMABLE_CHANGES` (a checkpoint written
+    before runs recorded their recipe is not compared)."""
     from transformers.trainer import TRAINER_STATE_NAME
 
     wrong = _misfitting_weights(os.path.join(checkpoint, "model.safetensors"), trainer.model)
@@ -129,7 +175,18 @@ def check_resumable(checkpoint: str, trainer, model_path: str) -> None:
                          f"({len(wrong)} tensors differ, e.g. {name}: {found} there, {expected} here); resume with "
                          "the model the checkpoint was trained from")
     with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as handle:
-        step = json.load(handle)["global_step"]
+        trainer_state = json.load(handle)
+    step = trainer_state["global_step"]
+    saved = (trainer_state.get("stateful_callbacks") or {}).get(RECIPE_STATE_KEY)
+    changes = recipe_changes(saved, recipe) if isinstance(saved, dict) and recipe is not None else []
+    if changes:
+        shown = "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
+        raise ValueError(f"cannot resume from {checkpoint}: the recipe differs from the one its run was started with "
+                         f"({shown}). The optimizer, scheduler and CLFR state come from the checkpoint, so such a "
+                         "change would not apply, or only from this step on, while the log recorded it for the whole "
+                         f"run: resume with the run's settings (in {TRAINER_STATE_NAME}, key {RECIPE_STATE_KEY!r}), "
+                         f"or start a new run from its weights (--model {checkpoint}). Only when the run ends "
+                         "(--max-steps, training.max_steps, num_train_epochs) and logging/saving settings may change")
     end = last_step(trainer)
     if step >= end:
         raise ValueError(f"cannot resume from {checkpoint}: it is at step {step} and this run ends at step {end} "
@@ -233,7 +290,7 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files)
         if resume_from_checkpoint:
-            check_resumable(resume_from_checkpoint, trainer, recipe["model"]["path"])
+            check_resumable(resume_from_checkpoint, trainer, recipe["model"]["path"], recipe)
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
         if created and os.path.isdir(output_dir) and not os.listdir(output_dir):  # the Trainer made it
             with contextlib.suppress(OSError):  # another rank removed it first
