@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import filecmp
 import fnmatch
+import glob
 import json
 import os
 import re
@@ -419,6 +420,12 @@ def publish(
                     kept = f" (the folder could not be kept at {rejected}: {error.strerror})"
             raise PublishError("refusing to upload, failed checks: " + "; ".join(str(c) for c in failed) + kept)
 
+    if not card.training_logs and not card.recipe and not os.path.isfile(os.path.join(model_dir, "training_log.json")):
+        # a converted or an already published folder holds no training_log.json of its own
+        earlier = sorted(glob.glob(os.path.join(model_dir, "results", "training_log*.json")))
+        hint = f" ({', '.join(earlier)} is an earlier publish's: pass it)" if earlier else ""
+        log(f"warning: no training log or recipe: the card's Training section will be empty (--training-log "
+            f"FILE{hint}, or --recipe)")
     with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:
         folder = dry_run or os.path.join(scratch, "hub")
         assemble(model_dir, folder, repo_id, card, check=validated)  # the folder appears only once it passed

@@ -167,6 +167,7 @@ def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys, m
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert "nothing uploaded" in printed.out and "[FAILED]" not in printed.out
+    assert "no training log" not in printed.out  # MODEL/training_log.json is found
     names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     for name in ("README.md", "model.safetensors", "config.json", "modules.json", "tokenizer.json",
                  "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py", "results/eval_nfcorpus.json",
@@ -343,6 +344,25 @@ def test_sharded_weights_count_as_the_weights(tiny_random_checkpoint, tmp_path):
     os.remove(folder / shard)
     check = check_files(str(folder))
     assert not check.ok and f"{shard}: missing (listed in" in check.detail
+
+
+def test_a_card_without_training_details_is_announced(source_checkpoint, result_files, tmp_path, monkeypatch,
+                                                      capsys):
+    """Republishing a converted or an already published folder (no training_log.json of its own) gave a card whose
+    Training section was empty, without a word -- convert --threshold is what push's own threshold error advises."""
+    passing_validation(monkeypatch)
+    os.makedirs(os.path.join(source_checkpoint, "results"))
+    earlier = os.path.join(source_checkpoint, "results", "training_log_seed7.json")
+    os.rename(os.path.join(source_checkpoint, "training_log.json"), earlier)
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "o"),
+                          "--results", result_files["results"]])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert f"warning: no training log or recipe: the card's Training section will be empty (--training-log FILE " \
+           f"({earlier} is an earlier publish's: pass it), or --recipe)" in printed
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "p"),
+                          "--results", result_files["results"], "--training-log", earlier])
+    assert rc == 0 and "no training log" not in capsys.readouterr().out
 
 
 def test_revision_with_create_pr_refused_early(source_checkpoint, result_files, tmp_path, capsys):
