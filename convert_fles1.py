@@ -14,10 +14,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="BERT masked-LM folder or hub id")
     parser.add_argument("out", help="output checkpoint folder")
-    parser.add_argument("--threshold", type=at_least(0, float), default=None, help="inference threshold (default 0.3)")
+    parser.add_argument("--threshold", type=at_least(0, float), default=None,
+                        help="inference threshold (default: a FLES-1 source's own, else 0.3)")
     # >= 3: [CLS], one token, [SEP]; the upper bound is the source model's max_position_embeddings
-    parser.add_argument("--query-max-length", type=at_least(3), default=None, help="default 64")
-    parser.add_argument("--document-max-length", type=at_least(3), default=None, help="default 256")
+    parser.add_argument("--query-max-length", type=at_least(3), default=None,
+                        help="default: a FLES-1 source's own, else 64")
+    parser.add_argument("--document-max-length", type=at_least(3), default=None,
+                        help="default: a FLES-1 source's own, else 256")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (once the new one is complete)")
     args = parser.parse_args(argv)
     with sigterm_unwinds():

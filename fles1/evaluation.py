@@ -508,9 +508,11 @@ def markdown_tables(results: dict) -> str:
     production table, as Markdown."""
     datasets = results["datasets"]
     threshold = results["threshold"]
+    bm25_ran = any(entry.get("bm25") for entry in datasets.values())  # --no-bm25: its column is all "—"
     lines = [
         f"Retrieval ({next(iter(datasets.values()))['split'] if datasets else 'test'} split, threshold {threshold:g}, "
-        f"doc max length {results['document_max_length']}, top-{TOP_K} exact dot product; BM25: bm25s)",
+        f"doc max length {results['document_max_length']}, top-{TOP_K} exact dot product; "
+        f"BM25: {'bm25s' if bm25_ran else 'not run'})",
         "",
         "| Dataset | NDCG@10 | MRR@10 | Recall@100 | MAP@100 | Recall@1000 | NNZ doc | NNZ query | BM25 NDCG@10 |",
         "|---|---|---|---|---|---|---|---|---|",

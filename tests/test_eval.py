@@ -488,6 +488,7 @@ def test_cli_writes_shared_format_run_files_and_zero_shot_table(tiny_random_chec
     assert warm["docs_per_second"] == toy["production"]["docs_per_second"]
     assert warm["docs_per_second_from_cache"] is True and warm["docs_per_second_batch_size"] == 32
     assert f"| {warm['docs_per_second']:.1f}* |" in markdown_tables(json.loads(rerun.read_text()))
+    assert "BM25: bm25s)" in table and "BM25: not run)" in markdown_tables(json.loads(rerun.read_text()))  # --no-bm25
 
 
 def test_cli_index_dir_is_written_without_production_numbers(tiny_random_checkpoint, beir_dir, tmp_path):
