@@ -68,9 +68,10 @@ def _check_local_checkpoint(path: str) -> None:
         raise CheckpointError(f"{config_path}: missing; a FLES-1 checkpoint folder needs config.json")
     try:
         with open(config_path, encoding="utf-8") as handle:
-            json.load(handle)
+            config = json.load(handle)
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+    _warn_if_sentence_transformers_cuts_elsewhere(path, config)
     from safetensors import safe_open
 
     for weights_path in safetensors_files(path):
@@ -82,6 +83,29 @@ def _check_local_checkpoint(path: str) -> None:
     if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "vocab.txt")):
         raise CheckpointError(f"{os.path.join(path, 'tokenizer.json')}: missing (nor is there a vocab.txt); a FLES-1 "
                               "checkpoint folder holds its tokenizer")
+
+
+def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
+    """sentence-transformers reads the lengths from sentence_bert_config.json, FLES1Encoder and the model from
+    config.json; a SparseEncoder saved after ``model[0].query_length = 32`` changes only the former."""
+    settings_path = os.path.join(path, "sentence_bert_config.json")
+    if not os.path.isfile(settings_path) or not isinstance(config, dict):
+        return
+    try:
+        with open(settings_path, encoding="utf-8") as handle:
+            settings = json.load(handle)
+    except (ValueError, UnicodeDecodeError):
+        return  # sentence-transformers' file: it reports it when it loads the folder
+    differ = [f"{kind} at {settings[st_key]} tokens there, {config[key]} in config.json"
+              for kind, st_key, key in (("queries", "query_length", "query_max_length"),
+                                        ("documents", "document_length", "document_max_length"))
+              if isinstance(settings, dict) and settings.get(st_key) is not None and key in config
+              and settings[st_key] != config[key]]
+    if differ:
+        warnings.warn(f"{settings_path}: sentence-transformers cuts {'; '.join(differ)} (what FLES1Encoder and the "
+                      "model use): SparseEncoder and FLES1Encoder give different vectors for longer texts; "
+                      "`python convert_fles1.py FOLDER OUT --query-max-length N --document-max-length M` writes "
+                      "both files alike", stacklevel=3)
 
 
 def safetensors_files(path: str) -> list[str]:

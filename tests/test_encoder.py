@@ -56,6 +56,24 @@ def test_readme_usage_snippet_runs_and_shows_what_it_prints(fles1_checkpoint):
     assert namespace["st"].encode_query(["What is machine learning?"]).shape[-1] == 30522
 
 
+def test_a_folder_whose_sentence_transformers_files_cut_elsewhere_is_warned_about(fles1_checkpoint, tmp_path):
+    """`model[0].query_length = 32; model.save(out)` changed sentence_bert_config.json only: SparseEncoder cut queries
+    at 32, FLES1Encoder at 64, and their query vectors differed by up to 1.65 -- silently."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the converted folder agrees with itself
+        FLES1Encoder.from_pretrained(fles1_checkpoint)
+    folder = tmp_path / "edited"
+    shutil.copytree(fles1_checkpoint, folder)
+    settings = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps({**settings, "query_length": 32}))
+    with pytest.warns(UserWarning, match=r"sentence_bert_config\.json: sentence-transformers cuts queries at 32 "
+                                         r"tokens there, 64 in config\.json .*different vectors"):
+        encoder = FLES1Encoder.from_pretrained(str(folder))
+    assert encoder.max_lengths["query"] == 64
+
+
 def test_encoder_emoji_and_non_english(shipped):
     for text in ("🚀🔥", "日本語のテキスト", "Brustkrebs und Vitamin D", "¿qué dice la evidencia? naïve café"):
         vector = shipped.encode(text)

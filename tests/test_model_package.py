@@ -120,6 +120,21 @@ def test_model_three_loaders_agree_on_shipped_backbone(fles1_checkpoint):
             assert (vectors.to(device) - reference).abs().max().item() <= 1e-5
 
 
+def test_sentence_transformers_training_cuts_queries_at_64_given_the_readmes_router_mapping(fles1_checkpoint):
+    """What the README tells sentence-transformers trainers: without router_mapping every column is a document."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.data_collator import SparseEncoderDataCollator
+
+    model = SparseEncoder(fles1_checkpoint, trust_remote_code=True)
+    row = {"query": "apple " * 300, "positive": "pear " * 300, "negative": "fig"}
+    lengths = {}
+    for mapping in (None, {"query": "query", "positive": "document", "negative": "document"}):
+        collator = SparseEncoderDataCollator(preprocess_fn=model.preprocess, router_mapping=mapping or {})
+        batch = collator([row])
+        lengths[mapping is not None] = (batch["query_input_ids"].shape[1], batch["positive_input_ids"].shape[1])
+    assert lengths == {False: (256, 256), True: (64, 256)}
+
+
 def test_model_sparse_ir_evaluator_runs_on_sparse_encoder(fles1_checkpoint, nfcorpus_dir):
     from sentence_transformers import SparseEncoder
     from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
