@@ -1,11 +1,12 @@
 """Atomic output: write to a temporary file (or folder) beside the target, then ``os.replace`` it into place, so an
 interrupted run never leaves a partial file that looks complete.
 
-A temporary is named ``.<target>.<host>_pid<pid>.<random>.tmp`` (a folder: ``....partial``; a valid module name
-once transformers sanitizes it, as it does when loading remote code from the folder). Ctrl-C and SIGTERM remove
-it; a process killed outright (``kill -9``, the out-of-memory killer) cannot, so the next write of the same target
-removes the temporaries of its host's dead processes (a live writer's, or another host's on a shared file system,
-are left alone)."""
+A temporary is named ``.<target>.<writer>.<random>.tmp`` (a folder: ``....partial``), the writer being
+``<host>_ns<pid namespace>_pid<pid>`` (a valid module name once transformers sanitizes it, as it does when loading
+remote code from the folder). Ctrl-C and SIGTERM remove it; a process killed outright (``kill -9``, the
+out-of-memory killer) cannot, so the next write of the same target removes the temporaries of the dead processes
+of its own host and pid namespace. A live writer's, another host's (a shared file system) or another container's
+(its pids are not visible from here) are left alone."""
 
 from __future__ import annotations
 
@@ -118,14 +119,24 @@ def atomic_directory(path: str, replace: bool = False):
         os.replace(staging, path)
         if retired:
             shutil.rmtree(retired, ignore_errors=True)
-        _remove_dead_writers_temporaries(path)  # a dead writer's retired folder, now that `path` is in place
+        _remove_dead_writers_temporaries(path, retired=True)  # a dead writer's retired folder: `path` is in place
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+def _writer() -> str:
+    """This process's host and pid namespace: where its pid means this process (containers sharing the host's
+    name have namespaces of their own)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        namespace = 0
+    return f"{socket.gethostname()}_ns{namespace}_pid"
+
+
 def _temporary_prefix(path: str) -> str:
-    return f".{os.path.basename(os.path.abspath(path))}.{socket.gethostname()}_pid{os.getpid()}."
+    return f".{os.path.basename(os.path.abspath(path))}.{_writer()}{os.getpid()}."
 
 
 def is_staging_folder(path: str) -> bool:
@@ -134,20 +145,21 @@ def is_staging_folder(path: str) -> bool:
     return name.startswith(".") and name.endswith(".partial") and "_pid" in name
 
 
-def _remove_dead_writers_temporaries(path: str) -> None:
-    """Remove what writers of `path` on this host left when killed outright. A retired folder (``.partial.old``: the
-    previous result, moved aside just before the new one took its place) only once `path` exists again."""
+def _remove_dead_writers_temporaries(path: str, retired: bool = False) -> None:
+    """Remove what writers of `path` in this host and pid namespace left when killed outright; with `retired`
+    (only once a new result is in place) also a retired folder (``.partial.old``: the previous result, moved aside
+    just before its replacement was renamed in -- the only copy if that rename never happened)."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
-    pattern = re.compile(re.escape(f".{os.path.basename(path)}.{socket.gethostname()}_pid") +
-                         r"(\d+)\.[^./]+\.(tmp|partial|partial\.old)")
+    kinds = "tmp|partial|partial\\.old" if retired else "tmp|partial"
+    pattern = re.compile(re.escape(f".{os.path.basename(path)}.{_writer()}") + rf"(\d+)\.[^./]+\.({kinds})")
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
         match = pattern.fullmatch(name)
-        if not match or _alive(int(match.group(1))) or (match.group(2) == "partial.old" and not os.path.exists(path)):
+        if not match or _alive(int(match.group(1))):
             continue
         temporary = os.path.join(parent, name)
         with contextlib.suppress(OSError):  # another writer swept it first
@@ -167,14 +179,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def plain_file_permissions(folder: str) -> None:
+def plain_file_permissions(folder: str, names: list[str] | None = None) -> None:
     """Give the 0600 files in `folder` (what mkstemp and safetensors' save_file create) the permissions a plainly
-    created file has: weights the other users of a shared machine could not read, next to files they could."""
-    for parent, _, files in os.walk(folder):
-        for name in files:
-            file = os.path.join(parent, name)
-            if not os.path.islink(file) and os.stat(file).st_mode & 0o777 == 0o600:
-                _permissions_of_a_new(file, 0o666)
+    created file has: weights the other users of a shared machine could not read, next to files they could. Only
+    `names` (in `folder`) when given: a folder the caller did not create may hold files private on purpose."""
+    files = [os.path.join(folder, name) for name in names] if names is not None else \
+        [os.path.join(parent, name) for parent, _, found in os.walk(folder) for name in found]
+    for file in files:
+        if os.path.isfile(file) and not os.path.islink(file) and os.stat(file).st_mode & 0o777 == 0o600:
+            _permissions_of_a_new(file, 0o666)
 
 
 def path_within(path: str, folder: str) -> bool:

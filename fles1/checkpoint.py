@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -53,7 +54,9 @@ def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str, license_fr
         shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
     write_sentence_transformers_files(out_dir, model.config)  # re-saves the tokenizer
     drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))
-    plain_file_permissions(out_dir)  # training saves here directly, not through atomic_directory
+    # training saves here directly, not through atomic_directory: the weights safetensors wrote 0600, nothing else
+    weights = [name for name in os.listdir(out_dir) if re.fullmatch(r"model.*\.safetensors", name)]
+    plain_file_permissions(out_dir, weights)
     return out_dir
 
 

@@ -423,7 +423,8 @@ def publish(
     if not card.training_logs and not card.recipe and not os.path.isfile(os.path.join(model_dir, "training_log.json")):
         # a converted or an already published folder holds no training_log.json of its own
         earlier = sorted(glob.glob(os.path.join(model_dir, "results", "training_log*.json")))
-        hint = f" ({', '.join(earlier)} is an earlier publish's: pass it)" if earlier else ""
+        hint = "" if not earlier else f" ({earlier[0]} is an earlier publish's: pass it)" if len(earlier) == 1 else \
+            f" ({', '.join(earlier)} are an earlier publish's: pass them)"
         log(f"warning: no training log or recipe: the card's Training section will be empty (--training-log "
             f"FILE{hint}, or --recipe)")
     with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:

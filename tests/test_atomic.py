@@ -104,31 +104,42 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_nothing_else
     assert killed.returncode == -9
     left = sorted(name for name in os.listdir(tmp_path))
     assert len(left) == 2 and all(name.startswith((".out.", ".results.json.")) for name in left), left
-    other_host = tmp_path / ".out.elsewhere_pid1.abcdefgh.partial"  # a shared file system: maybe live elsewhere
-    other_host.mkdir()
+    from fles1.atomic import _writer
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout)
+    host, _, _ = _writer().partition("_ns")
+    kept = [tmp_path / f".out.elsewhere_ns1_pid{dead_pid}.abcdefgh.partial",  # a shared file system: maybe live
+            tmp_path / f".out.{host}_ns1_pid{dead_pid}.abcdefgh.partial"]  # another container: its pid is not ours
+    for folder_left in kept:
+        folder_left.mkdir()
     with atomic_open(file) as handle, atomic_directory(folder) as staging:
-        live = [name for name in os.listdir(tmp_path) if name.startswith(".") and name != other_host.name]
+        live = [name for name in os.listdir(tmp_path) if name.startswith(".") and tmp_path / name not in kept]
         assert len(live) == 2 and os.path.basename(staging) in live  # this writer's own
         handle.write("{}")
         open(os.path.join(staging, "model.safetensors"), "w").write("whole")
-    assert sorted(os.listdir(tmp_path)) == [other_host.name, "out", "results.json"]
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name for path in kept] + ["out", "results.json"])
 
 
 def test_a_retired_result_is_kept_until_its_replacement_is_in_place(tmp_path):
-    """Killed between moving the old folder aside and renaming the new one in: the old one is the only result."""
-    import socket
-
-    from fles1.atomic import atomic_directory
+    """Killed between moving the old folder aside and renaming the new one in: the old one is the only result --
+    also while an empty folder (mkdir -p) stands at the target and the next write fails."""
+    from fles1.atomic import _writer, atomic_directory
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    retired = tmp_path / f".out.{socket.gethostname()}_pid{int(dead.stdout)}.abcdefgh.partial.old"
+    retired = tmp_path / f".out.{_writer()}{int(dead.stdout)}.abcdefgh.partial.old"
     retired.mkdir()
     (retired / "model.safetensors").write_text("the old result")
     with atomic_directory(str(tmp_path / "other")):
         pass
     assert retired.is_dir()  # another target's write leaves it
-    with atomic_directory(str(tmp_path / "out")):
-        assert retired.is_dir()  # "out" does not exist yet
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KeyboardInterrupt), atomic_directory(str(tmp_path / "out"), replace=True):
+        assert retired.is_dir()
+        raise KeyboardInterrupt
+    assert retired.is_dir() and (retired / "model.safetensors").read_text() == "the old result"
+    with atomic_directory(str(tmp_path / "out"), replace=True):
+        assert retired.is_dir()  # no new result in place yet
     assert sorted(os.listdir(tmp_path)) == ["other", "out"]
 
 

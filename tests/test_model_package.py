@@ -257,6 +257,9 @@ def test_model_convert_leaves_no_code_copy_and_weights_others_can_read(tiny_rand
     try:
         out = convert(tiny_random_checkpoint, str(tmp_path / "converted"))
         model = FLES1ForMaskedLM.from_pretrained(out)  # a training save: straight into its folder
+        (tmp_path / "checkpoint-2" / "notes").mkdir(parents=True)  # --output-dir . or ~: files private on purpose
+        (tmp_path / "checkpoint-2" / "notes" / ".env").write_text("TOKEN=...")
+        os.chmod(tmp_path / "checkpoint-2" / "notes" / ".env", 0o600)
         save_checkpoint(model, AutoTokenizer.from_pretrained(out), str(tmp_path / "checkpoint-2"))
     finally:
         os.umask(umask)
@@ -266,6 +269,7 @@ def test_model_convert_leaves_no_code_copy_and_weights_others_can_read(tiny_rand
         modes = {name: oct(os.stat(tmp_path / folder / name).st_mode & 0o777) for name in os.listdir(tmp_path / folder)
                  if os.path.isfile(tmp_path / folder / name)}
         assert set(modes.values()) == {"0o644"}, (folder, modes)
+    assert os.stat(tmp_path / "checkpoint-2" / "notes" / ".env").st_mode & 0o777 == 0o600
 
 
 def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):

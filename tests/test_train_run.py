@@ -315,15 +315,17 @@ def test_resume_refuses_a_finished_run_and_another_models_checkpoint(sparse_tiny
     assert not fresh.exists()
 
 
-def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msmarco_toy_dir, tmp_path):
+def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msmarco_toy_dir, tmp_path, monkeypatch):
     """A resume with --set training.learning_rate=1e-3 loss.temperature=1.0 ran: the learning rate never applied
     (the scheduler came back from the checkpoint), the temperature applied from the resumed step on, and the log
     and the card recorded both for the whole run."""
-    base = tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"data.max_examples": 8})
+    shutil.copytree(msmarco_toy_dir, tmp_path / "data" / "toy")
+    monkeypatch.chdir(tmp_path / "data")
+    base = tiny_overrides(sparse_tiny, "toy", **{"data.max_examples": 8})  # a path relative to this folder
     out = str(tmp_path / "run")
     train(load_recipe(TINY_RECIPE, base), out, max_steps=2)
     state = json.load(open(os.path.join(out, "checkpoint-2", "trainer_state.json")))
-    assert state["stateful_callbacks"]["fles1/recipe"]["loss"]["temperature"] == 0.05
+    assert state["stateful_callbacks"]["fles1/recipe"]["recipe"]["loss"]["temperature"] == 0.05
     before = _listing(out)
     changed = load_recipe(TINY_RECIPE, {**base, "training.learning_rate": 1e-3, "loss.temperature": 1.0})
     with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: the recipe differs from the one "
@@ -331,14 +333,19 @@ def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msma
                                                  r"training\.learning_rate 2e-05 -> 0\.001\)"):
         train(changed, out, resume_from_checkpoint=True, max_steps=4)
     assert _listing(out) == before
-    # when the run ends and how it logs may change; the same data named by another path is the same data
-    later = load_recipe(TINY_RECIPE, {**base, "training.logging_steps": 2, "training.num_train_epochs": 3,
-                                      "data.source": os.path.join(msmarco_toy_dir, ".", "")})
+    # when the run ends and how it logs may change; the same data named from another folder is the same data; a
+    # training key written out at TrainingArguments' default changes nothing
+    monkeypatch.chdir(tmp_path)
+    later = load_recipe(TINY_RECIPE, {**base, "data.source": os.path.join("data", "toy"), "training.logging_steps": 2,
+                                      "training.num_train_epochs": 3, "training.adam_beta1": 0.9,
+                                      "training.save_strategy": "steps"})
     assert train(later, out, resume_from_checkpoint=True, max_steps=4)["global_step"] == 4
-    # a checkpoint from before runs recorded their recipe is not compared
     state = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))
+    assert state["stateful_callbacks"]["fles1/recipe"]["recipe"]["training"]["logging_steps"] == 1  # the run's
+    # a checkpoint from before runs recorded their recipe is not compared
     del state["stateful_callbacks"]["fles1/recipe"]
     json.dump(state, open(os.path.join(out, "checkpoint-4", "trainer_state.json"), "w"))
+    changed = load_recipe(TINY_RECIPE, {**base, "data.source": os.path.join("data", "toy"), "loss.temperature": 1.0})
     assert train(changed, out, resume_from_checkpoint=True, max_steps=5)["global_step"] == 5
 
 

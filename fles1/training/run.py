@@ -50,35 +50,58 @@ RECIPE_STATE_KEY = "fles1/recipe"
 # scheduler and CLFR state come from the checkpoint) or would apply from the resumed step only, while the log and
 # the card recorded the new value for the whole run.
 RESUMABLE_CHANGES = {f"training.{key}" for key in (
-    "max_steps", "num_train_epochs", "logging_steps", "save_steps", "save_total_limit", "report_to", "disable_tqdm",
-    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
-    "logging_dir", "run_name")}
+    "max_steps", "num_train_epochs", "logging_steps", "logging_strategy", "logging_first_step", "logging_dir",
+    "log_level", "log_level_replica", "save_steps", "save_strategy", "save_total_limit", "report_to", "run_name",
+    "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor")}
+PATH_SETTINGS = ("model.path", "data.source")
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))  # YAML reads 2024-01-01 as a date
+
+
+def _setting(recipe: dict, dotted: str):
+    section, _, key = dotted.partition(".")
+    return (recipe.get(section) or {}).get(key)
 
 
 class _RecordRecipe(TrainerCallback):
-    """Keeps the run's recipe in its TrainerState, so every checkpoint's trainer_state.json carries it; a resumed
-    run keeps the checkpoint's."""
+    """Keeps the run's recipe in its TrainerState, so every checkpoint's trainer_state.json carries it (with the
+    folders its paths named, which a resume from another working directory spells otherwise); a resumed run keeps
+    the checkpoint's."""
 
     def __init__(self, recipe: dict):
-        self.recipe = json.loads(json.dumps(recipe))
+        paths = {name: os.path.abspath(_setting(recipe, name)) for name in PATH_SETTINGS
+                 if isinstance(_setting(recipe, name), str) and os.path.exists(_setting(recipe, name))}
+        self.record = {"recipe": _as_json(recipe), "paths": paths}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        state.stateful_callbacks.setdefault(RECIPE_STATE_KEY, self.recipe)
+        state.stateful_callbacks.setdefault(RECIPE_STATE_KEY, self.record)
 
 
 def recipe_changes(saved: dict, recipe: dict) -> list[str]:
-    """"section.key old -> new" for each setting `recipe` changes from `saved` that a resume cannot honour;
-    model.path and data.source count as the same when they name the same file or folder."""
-    current = json.loads(json.dumps(recipe))
+    """"section.key old -> new" for each setting `recipe` changes from the one `_RecordRecipe` saved that a resume
+    cannot honour. A training key left out counts as TrainingArguments' default; model.path and data.source count
+    as the same when they name the same file or folder."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    defaults = {field.name: _as_json(field.default) for field in dataclasses.fields(TrainingArguments)
+                if field.default is not dataclasses.MISSING}
+    before_all, after_all = saved.get("recipe") or {}, _as_json(recipe)
     changes = []
-    for section in sorted(set(saved) | set(current)):
-        before, after = saved.get(section) or {}, current.get(section) or {}
+    for section in sorted(set(before_all) | set(after_all)):
+        before, after = before_all.get(section) or {}, after_all.get(section) or {}
+        fallback = defaults if section == "training" else {}
         for key in sorted(set(before) | set(after)):
-            name, old, new = f"{section}.{key}", before.get(key), after.get(key)
+            name, old, new = f"{section}.{key}", before.get(key, fallback.get(key)), after.get(key, fallback.get(key))
             if old == new or name in RESUMABLE_CHANGES:
                 continue
-            if name in ("model.path", "data.source") and isinstance(old, str) and isinstance(new, str) \
-                    and os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new):
+            was = (saved.get("paths") or {}).get(name)
+            if name in PATH_SETTINGS and was and isinstance(new, str) and os.path.exists(was) \
+                    and os.path.exists(new) and os.path.samefile(was, new):
                 continue
             changes.append(f"{name} {old!r} -> {new!r}")
     return changes
