@@ -30,7 +30,7 @@ codes = {}
 for name, main, argv in [
     ("eval_fles1", eval_fles1.main, ["--model", "m", "--data", "d", "--no-cache"]),
     ("convert_fles1", convert_fles1.main, ["src", os.path.join(sys.argv[1], "out")]),
-    ("push_fles1", push_fles1.main, ["--model", "m", "--repo-id", "a/b", "--dry-run", "x"]),
+    ("push_fles1", push_fles1.main, ["--model", "m", "--repo-id", "a/b", "--dry-run", "x", "--results", "r.json"]),
 ]:
     try:
         codes[name] = main(argv)
