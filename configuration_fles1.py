@@ -43,6 +43,7 @@ class FLES1Config(BertConfig):
     >>> config = FLES1Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
     >>> config.inference_threshold
     0.3
+
     ```
     """
 

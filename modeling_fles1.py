@@ -423,7 +423,10 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     >>> tokenizer = AutoTokenizer.from_pretrained("mindoval/fles1-v14", trust_remote_code=True)  # reads config.json
     >>> batch = tokenizer(["What is machine learning?"], return_tensors="pt")
     >>> with torch.inference_mode():
-    ...     vectors = model.encode_sparse(**batch).sparse_embeddings  # (1, 30522)
+    ...     vectors = model.encode_sparse(**batch).sparse_embeddings
+    >>> vectors.shape
+    torch.Size([1, 30522])
+
     ```
     """
 
@@ -678,7 +681,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         ```python
         >>> ids = tokenizer("What is machine learning?", return_tensors="pt")["input_ids"]
         >>> term_ids, weights = model.encode_sparse_terms(ids)
-        >>> tokenizer.convert_ids_to_tokens(int(term_ids[weights.argmax()]))
+        >>> tokenizer.convert_ids_to_tokens(int(term_ids[weights.argmax()]))  # top term (shipped splade-tiny)
+        'machine'
+
         ```
         """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:

@@ -1,7 +1,10 @@
 """BM25 baseline with bm25s: Lucene's BM25 over "title text", English stop words and a Snowball stemmer
 (PyStemmer), the setup whose nfcorpus numbers sit next to Pyserini's (flat 0.3218, multifield 0.3254).
 
-    >>> run = bm25_run(dataset, query_ids, k=1000)   # {qid: {doc_id: score}}
+    >>> from fles1.beir import load_beir
+    >>> from fles1.bm25 import bm25_run
+    >>> dataset = load_beir("../shared/data/nfcorpus", "test")
+    >>> run = bm25_run(dataset, sorted(dataset.qrels), k=1000)   # {qid: {doc_id: score}}
 """
 
 from __future__ import annotations

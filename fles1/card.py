@@ -9,9 +9,10 @@ Several eval JSONs are grouped by the model they evaluated (``model.fingerprint`
 same model merge (e.g. one file per dataset); the first file's model is the published one, the others are further
 runs (e.g. other seeds) and feed the reproducibility table (per-run rows, mean ± sample std).
 
-    >>> from fles1.card import build_card
-    >>> card = build_card(["results/eval_nfcorpus.json"], ["outputs/run/training_log.json"], repo_id="mindoval/fles1-v14")
-    >>> card.save("README.md")
+    >>> from fles1.card import build_card       # the results: an eval of outputs/run (eval_fles1.py --output)
+    >>> card = build_card(["outputs/eval_nfcorpus.json"], ["outputs/run/training_log.json"],
+    ...                   repo_id="mindoval/fles1-v14")
+    >>> card.save("outputs/run/README.md")      # not ./README.md: from the repo root that is the project's own
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """BEIR evaluation of a FLES-1 checkpoint: encode (cached), index, retrieve, score, time, report.
 
+    >>> from fles1.evaluation import evaluate, markdown_tables
     >>> results = evaluate("outputs/fles1-tiny", ["../shared/data/nfcorpus"], threshold=0.3)
     >>> results["datasets"]["nfcorpus"]["metrics"]["ndcg@10"]
     >>> print(markdown_tables(results))

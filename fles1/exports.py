@@ -5,6 +5,7 @@ engines reject keys containing ``.`` (an object path) and empty keys; WordPiece 
 ``u.s``. :func:`feature_name` escapes ``%`` and ``.`` percent-style (``.`` -> ``%2E``), reversibly and without
 collisions; use the same function on the query side (:func:`elasticsearch_query` does).
 
+    >>> from fles1.exports import elasticsearch_query, write_elasticsearch
     >>> write_elasticsearch(out_dir, "nfcorpus", doc_ids, doc_matrix, vocab)   # mapping.json + bulk-00001.ndjson ...
     >>> elasticsearch_query({"machine": 1.39, "u.s": 0.8})                      # bool/should of rank_feature
 

@@ -1,6 +1,7 @@
 """IR metrics with pytrec_eval (trec_eval's C code), averaged BEIR-style over every judged query.
 
-    >>> evaluate_run(qrels, run)   # {"ndcg@10": ..., "mrr@10": ..., "recall@100": ..., "map@100": ..., "recall@1000": ...}
+    >>> from fles1.metrics import evaluate_run   # qrels, run: {qid: {doc_id: grade}}, {qid: {doc_id: score}}
+    >>> evaluate_run(qrels, run)  # {"ndcg@10", "mrr@10", "recall@100", "map@100", "recall@1000"}: their values
 
 A judged query missing from the run, or with no hits, scores 0 (pytrec_eval would silently leave it out).
 MRR@10 is trec_eval's ``recip_rank`` over each ranking cut to its top 10.

@@ -4,6 +4,7 @@ The index is the transposed document matrix in CSR form: row ``t`` is the postin
 (doc positions + weights). A query's scores are ``q @ postings``, which reads only the posting lists of the
 query's terms -- the same work an inverted-index engine does, with exact float32 dot products.
 
+    >>> from fles1.retrieval import InvertedIndex
     >>> index = InvertedIndex(doc_matrix, doc_ids)              # doc_matrix: csr (num_docs, vocab)
     >>> hits = index.search(query_matrix, k=1000)               # [(doc positions, scores)] per query
     >>> run = index.to_run(query_ids, hits, drop_self=True)     # {qid: {doc_id: score}}, BEIR's run dict
