@@ -217,6 +217,8 @@ def test_blank_queries_and_positives_are_left_out_with_a_warning(tmp_path):
                                              r"relevant document, is empty"):
             examples = beir_examples(data, num_negatives=2, seed=seed)
         assert examples["query"] == [queries["q3"]] and examples["positive"] == ["doc 3"]
+    with pytest.warns(UserWarning, match="left out"):  # the blank relevant document is still masked as relevant
+        assert beir_examples(data, 2, 0, with_ids=True)["relevance"][0]["relevant"] == ["d0", "d3"]
 
 
 def test_num_negatives_and_seed_are_named_as_the_recipes_keys(msmarco_toy_dir):

@@ -102,6 +102,7 @@ def beir_examples(
                           or all(_blank(dataset.document_text(doc_id)) for doc_id in positives)):
             left_out.append(f"query {query_id!r}")
             continue
+        relevant = positives  # a blank one is no positive to draw, yet still judged: masked as an in-batch negative
         positives = [doc_id for doc_id in positives if not _blank(dataset.document_text(doc_id))]
         if not positives:
             continue
@@ -119,7 +120,7 @@ def beir_examples(
         if scored:
             positive = max(scored, key=lambda doc_id: bm25[query_id][doc_id])
         rows.append([dataset.queries[query_id]] + [dataset.document_text(d) for d in [positive] + negatives])
-        relevance.append({"documents": [positive] + negatives, "relevant": positives})
+        relevance.append({"documents": [positive] + negatives, "relevant": relevant})
     source = f"{dataset.name} ({dataset.split})"
     _warn_left_out(source, left_out, "its query, or every relevant document, is")
     examples = _to_dataset(rows, num_negatives, source)
