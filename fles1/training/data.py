@@ -62,7 +62,7 @@ def _to_dataset(rows: list[list[str]], num_negatives: int, source: str) -> Datas
 POSITIVE_CHOICES = ("random", "bm25")
 
 
-def _check_sampling(num_negatives, seed, minimum: int, why: str = "") -> None:
+def check_sampling(num_negatives, seed, minimum: int, why: str = "") -> None:
     if not is_int(num_negatives) or num_negatives < minimum:
         raise ValueError(f"num_negatives must be an int >= {minimum}{why}, got {num_negatives!r}")
     if not is_int(seed):
@@ -84,7 +84,7 @@ def beir_examples(
     positive: str = "random",
 ) -> Dataset:
     """One (query, positive, negatives) row per query of ``dataset.qrels`` that has a relevant document."""
-    _check_sampling(num_negatives, seed, minimum=0)
+    check_sampling(num_negatives, seed, minimum=0)
     if positive not in POSITIVE_CHOICES:
         raise ValueError(f"positive={positive!r} is not supported; choose one of {list(POSITIVE_CHOICES)}")
     bm25 = {}
@@ -97,14 +97,13 @@ def beir_examples(
     rows, relevance, left_out = [], [], []
     for query_id in sorted(dataset.qrels):
         judged = dataset.qrels[query_id]
-        positives = sorted(doc_id for doc_id, rel in judged.items() if rel > 0 and doc_id in dataset.corpus)
-        if positives and (_blank(dataset.queries[query_id])
-                          or all(_blank(dataset.document_text(doc_id)) for doc_id in positives)):
-            left_out.append(f"query {query_id!r}")
+        relevant = sorted(doc_id for doc_id, rel in judged.items() if rel > 0 and doc_id in dataset.corpus)
+        if not relevant:
             continue
-        relevant = positives  # a blank one is no positive to draw, yet still judged: masked as an in-batch negative
-        positives = [doc_id for doc_id in positives if not _blank(dataset.document_text(doc_id))]
-        if not positives:
+        # a blank relevant document is no positive to draw, yet still judged: masked as an in-batch negative
+        positives = [doc_id for doc_id in relevant if not _blank(dataset.document_text(doc_id))]
+        if not positives or _blank(dataset.queries[query_id]):
+            left_out.append(f"query {query_id!r}")
             continue
         unjudged = len(doc_ids) - sum(doc_id in dataset.corpus for doc_id in judged)
         if unjudged < num_negatives:
@@ -154,11 +153,11 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
     """One row per triple; negatives beyond the triple's own are drawn from the other triples' passages. A row whose
     own negative the file calls relevant to its query (its positive, or another row's for the same query) gets a
     drawn negative in its place, with a warning; one whose query or positive is blank is left out, with a warning."""
-    _check_sampling(num_negatives, seed, minimum=1, why=" for triples (each row brings one)")
-    triples = read_triples(path)
-    blank = [f"line {number}" for number, query, positive, _ in triples if _blank(query) or _blank(positive)]
-    _warn_left_out(path, blank, "its query or positive is")
-    triples = [row for row in triples if not (_blank(row[1]) or _blank(row[2]))]
+    check_sampling(num_negatives, seed, minimum=1, why=" for triples (each row brings one)")
+    triples, blank = [], []
+    for row in read_triples(path):
+        (blank if _blank(row[1]) or _blank(row[2]) else triples).append(row)
+    _warn_left_out(path, [f"line {number}" for number, *_ in blank], "its query or positive is")
     if not triples:
         raise ValueError(f"{path}: no training examples (no query <tab> positive <tab> negative row)")
     pool = sorted({text for _, _, positive, negative in triples for text in (positive, negative)})

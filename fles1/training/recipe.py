@@ -159,7 +159,7 @@ def validate(recipe: dict) -> dict:
 
     from .clfr import CLFRController
     from .crashes import CrashMonitor
-    from .data import POSITIVE_CHOICES
+    from .data import POSITIVE_CHOICES, check_sampling
     from .regularizers import get_regularizer
     from .trainer import check_loss_settings
 
@@ -194,11 +194,10 @@ def validate(recipe: dict) -> dict:
             raise ValueError(f"{section}.{key} must be true or false, got {recipe[section][key]!r}")
     if recipe["data"]["positive"] not in POSITIVE_CHOICES:  # else only checked once the data loads
         raise ValueError(f"data.positive must be one of {list(POSITIVE_CHOICES)}, got {recipe['data']['positive']!r}")
-    negatives, seed = recipe["data"]["num_negatives"], recipe["data"]["seed"]
-    if not (is_int(negatives) and negatives >= 0):  # else only checked once the data loads, without the section
-        raise ValueError(f"data.num_negatives must be an int >= 0, got {negatives!r}")
-    if not is_int(seed):
-        raise ValueError(f"data.seed must be an int, got {seed!r}")
+    try:  # else only checked once the data loads, without the section's name
+        check_sampling(recipe["data"]["num_negatives"], recipe["data"]["seed"], minimum=0)
+    except ValueError as error:
+        raise ValueError(f"data.{error}") from None
     limit = recipe["data"]["max_examples"]
     if limit is not None and not (is_int(limit) and limit >= 1):
         raise ValueError(f"data.max_examples must be an int >= 1 or null (every example), got {limit!r}")

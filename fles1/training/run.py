@@ -72,9 +72,9 @@ class _RecordRecipe(TrainerCallback):
     the checkpoint's."""
 
     def __init__(self, recipe: dict):
-        paths = {name: os.path.abspath(_setting(recipe, name)) for name in PATH_SETTINGS
-                 if isinstance(_setting(recipe, name), str) and os.path.exists(_setting(recipe, name))}
-        self.record = {"recipe": _as_json(recipe), "paths": paths}
+        paths = {name: _setting(recipe, name) for name in PATH_SETTINGS}
+        self.record = {"recipe": _as_json(recipe), "paths": {name: os.path.abspath(path) for name, path in paths.items()
+                                                             if isinstance(path, str) and os.path.exists(path)}}
 
     def on_train_begin(self, args, state, control, **kwargs):
         state.stateful_callbacks.setdefault(RECIPE_STATE_KEY, self.record)
