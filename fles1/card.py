@@ -383,7 +383,13 @@ def production_section(run: Run) -> str:
     return table(["Dataset", *PRODUCTION.values()], rows) + note
 
 
-def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], recipe: Optional[dict]) -> str:
+# recipe keys that truncate the training texts (train_fles1.py), not what the saved model encodes with
+TRAINING_LENGTH_KEYS = ("model.query_max_length", "model.document_max_length")
+
+
+def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], recipe: Optional[dict],
+                     header: Optional[dict] = None) -> str:
+    """``header``: the published run's eval header, whose max lengths are the ones the model encodes with."""
     logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
     if recipe is None and logs:
         recipe = logs[0][1].get("recipe")
@@ -392,7 +398,14 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     parts = []
     flat = flatten(recipe or {})
     if flat:
-        parts.append("### Recipe\n\n" + table(["Setting", "Value"], [[f"`{k}`", cell(v, "null")] for k, v in flat.items()]))
+        recipe_part = "### Recipe\n\n" + table(["Setting", "Value"], [[f"`{k}`", cell(v, "null")] for k, v in flat.items()])
+        training_lengths = [f"`{key}`" for key in TRAINING_LENGTH_KEYS if flat.get(key) is not None]
+        if training_lengths:  # they read like the model's own lengths, which config.json keeps (the card's top)
+            inference = header or {}
+            recipe_part += (f"\n\n{' and '.join(training_lengths)} cut the training texts only; the model encodes "
+                            f"queries at {cell(inference.get('query_max_length'))} and documents at "
+                            f"{cell(inference.get('document_max_length'))} tokens (config.json).")
+        parts.append(recipe_part)
     clfr_settings = {k: v for k, v in flat.items() if CLFR_KEY.search(k)}
     clfr = ["### CLFR (closed-loop FLOPS regularization)",
             "Every interval the controller measures the documents' average NNZ and moves λ_d toward the target."]
@@ -524,7 +537,7 @@ def build_card(
         cross_domain=cross_domain_section(primary, training_corpora(train_recipe)),
         production=production_section(primary),
         device=environment.get("device") or MISSING,
-        training=training_section(runs, extra_logs, recipe_values),
+        training=training_section(runs, extra_logs, recipe_values, header),
         plots=[_image_link(path) for path in plots],
         evaluated_on=", ".join(f"{name} ({entry.get('split', MISSING)})" for name, entry in primary.datasets.items()),
         runs_note=("Results come from one training run; seed-to-seed spread is unknown." if len(runs) < 2 else

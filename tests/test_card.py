@@ -336,3 +336,20 @@ def test_result_files_of_the_same_name_are_told_apart(tmp_path):
     assert distinct_names(["a/x/e.json", "b/x/e.json", "c/f.json"]) == {"a/x/e.json": "a/x/e.json",
                                                                          "b/x/e.json": "b/x/e.json", "c/f.json": "f.json"}
     assert distinct_names(["same.json", "same.json"]) == {"same.json": "same.json"}
+
+
+def test_recipe_max_lengths_are_marked_as_training_truncation(tmp_path):
+    """The recipe table listed model.document_max_length 128 under a card whose top says documents are cut at 256:
+    the recipe's lengths cut the training texts only, the saved config keeps the model's own."""
+    results = make_eval(tmp_path / "eval.json")  # the model encodes at 64 / 256
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  query_max_length: 32\n  document_max_length: 128\nlearning_rate: 2.0e-5\n")
+    text = card_from(tmp_path, [results], recipe=str(recipe)).text
+    assert "| `model.document_max_length` | 128 |" in text
+    assert ("`model.query_max_length` and `model.document_max_length` cut the training texts only; the model "
+            "encodes queries at 64 and documents at 256 tokens (config.json).") in text
+    recipe.write_text("model:\n  query_max_length: null\n  document_max_length: 128\n")  # null: the config's lengths
+    text = card_from(tmp_path, [results], recipe=str(recipe)).text
+    assert "`model.document_max_length` cut the training texts only" in text
+    recipe.write_text("learning_rate: 2.0e-5\n")
+    assert "cut the training texts" not in card_from(tmp_path, [results], recipe=str(recipe)).text
