@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from fles1.checkpoint import convert
-from fles1.cli import at_least, sigterm_unwinds
+from fles1.cli import BAD_INPUT, at_least, sigterm_unwinds
 
 
 def main(argv=None):
@@ -39,10 +39,10 @@ def _run(args) -> int:
         )
     except (FileExistsError, NotADirectoryError) as error:  # about OUT, and the message names it
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return BAD_INPUT
     except (OSError, ValueError) as error:  # no such folder/repo, not a BERT masked-LM, a bad setting
         print(f"error: {args.source}: {error}", file=sys.stderr)
-        return 1
+        return BAD_INPUT
     print(f"FLES-1 checkpoint written to {out}")
     return 0
 

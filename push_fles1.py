@@ -8,14 +8,16 @@ r"""Publish a FLES-1 checkpoint folder to the Hugging Face Hub with its generate
 The folder (checkpoint + code files + README.md card + results/ + plots/) is validated by loading it fresh and
 offline three ways (AutoModel and SparseEncoder with trust_remote_code=True, FLES1Encoder.from_pretrained) and
 encoding a probe text; any failed check refuses the upload. --dry-run writes the folder and uploads nothing.
-The token comes from HF_TOKEN or a prior `hf auth login`; it is never printed.
+The token comes from HF_TOKEN or a prior `hf auth login`; it is never printed. Exit status: 0 uploaded (or
+written, --dry-run); 2 bad input or a failed check (nothing uploaded); 1 the Hub refused the upload or was
+unreachable (no commit made).
 """
 
 import argparse
 import sys
 
-from fles1.cli import sigterm_unwinds
-from fles1.publish import CardInputs, PublishError, publish
+from fles1.cli import BAD_INPUT, sigterm_unwinds
+from fles1.publish import CardInputs, PublishError, UploadError, publish
 
 
 def main(argv=None) -> int:
@@ -47,7 +49,7 @@ def _run(args) -> int:
                 create_pr=args.create_pr, dry_run=args.dry_run)
     except PublishError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(error, UploadError) else BAD_INPUT  # the Hub or network failed, not the inputs
     return 0
 
 

@@ -13,7 +13,7 @@ the plots need at least training.logging_steps steps). An --output-dir holding a
 --resume (continue it) or --overwrite (replace it); --resume CHECKPOINT of another run into such a folder needs
 --overwrite too (the folder's run is replaced by the continuation). --max-steps is not remembered: a resumed run
 ends at this command's --max-steps, else at the recipe's training.max_steps or num_train_epochs. Resuming from a
-checkpoint already at (or past) that step is refused (exit status 1) and leaves the run as it is, as is one whose
+checkpoint already at (or past) that step is refused (exit status 2, as is all bad input) and leaves the run as it is, as is one whose
 weights do not fit --model / model.path. A triples TSV has no relevance judgements: data.positive=bm25 and
 data.mask_false_negatives=true need a BEIR source.
 """
@@ -30,11 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def parse_set(items):
     import yaml
 
+    from fles1.cli import exit_bad_input
+
     overrides = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+            exit_bad_input(f"--set expects SECTION.KEY=VALUE, got {item!r}")
         value = yaml.safe_load(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
@@ -46,7 +48,7 @@ def parse_set(items):
 
 
 def main(argv=None):
-    from fles1.cli import at_least
+    from fles1.cli import at_least, exit_bad_input
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="recipe YAML (recipes/)")
@@ -78,7 +80,7 @@ def main(argv=None):
     try:
         recipe = load_recipe(args.recipe, overrides)
     except (ValueError, OSError) as error:  # OSError: no such recipe file
-        raise SystemExit(f"error: {error}")
+        exit_bad_input(str(error))
 
     from fles1.training.run import TrainingSetupError, train
 
@@ -86,7 +88,7 @@ def main(argv=None):
         log = train(recipe, args.output_dir, resume_from_checkpoint=args.resume, max_steps=args.max_steps,
                     eval_dev=args.eval_dev, trace_nnz=args.trace_nnz, overwrite=args.overwrite)
     except TrainingSetupError as error:
-        raise SystemExit(f"error: {error}")
+        exit_bad_input(str(error))
     if log is not None:
         print(json.dumps({"global_step": log["global_step"], "train_runtime_s": round(log["train_runtime_s"], 1),
                           "crashes": log["crashes"], "clfr": log["clfr"][-3:], "eval": log["eval"]}, indent=1))

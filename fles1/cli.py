@@ -1,11 +1,22 @@
-"""What the CLIs share: argument types, and SIGTERM handling."""
+"""What the CLIs share: argument types, the bad-input exit, and SIGTERM handling."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import signal
+import sys
 import threading
+from typing import NoReturn
+
+# Every CLI reports bad input (a missing file, a refused setting, an output it may not write) as one "error: ..."
+# line on stderr and exit status 2, argparse's for usage errors; 1 is left to failures nobody foresaw (tracebacks).
+BAD_INPUT = 2
+
+
+def exit_bad_input(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(BAD_INPUT)
 
 
 def at_least(minimum, kind=int):

@@ -52,6 +52,10 @@ class PublishError(RuntimeError):
     """Publishing refused; the message says why (a failed check is named)."""
 
 
+class UploadError(PublishError):
+    """The inputs were fine, the Hub refused them or could not be reached: no commit was made."""
+
+
 @dataclass
 class Check:
     name: str
@@ -458,9 +462,9 @@ def _upload(folder: str, repo_id: str, token: str, private: bool, revision, crea
                                    create_pr=create_pr, commit_message=message)
     except refused as error:
         reason = " ".join(str(error).split()).replace(token, "<token>")
-        raise PublishError(f"upload to {repo_id} failed at {step} ({type(error).__name__}: {reason}); no commit was "
+        raise UploadError(f"upload to {repo_id} failed at {step} ({type(error).__name__}: {reason}); no commit was "
                            "made -- rerun once fixed (--dry-run OUT builds the folder without the Hub)") from None
     return repo_url, commit
 
 
-__all__ = ["publish", "assemble", "CardInputs", "validate", "resolve_token", "PublishError", "Check", "PROBE_TEXT"]
+__all__ = ["publish", "assemble", "CardInputs", "validate", "resolve_token", "PublishError", "UploadError", "Check", "PROBE_TEXT"]

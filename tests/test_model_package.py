@@ -298,7 +298,7 @@ def test_model_convert_a_fles1_folder_changes_its_settings_without_remote_code(f
         encoder = FLES1Encoder.from_pretrained(folder)
         assert encoder.threshold == 0.5 and encoder.encode(text, threshold=0.0) == reference
     (tmp_path / "a-file").write_text("x")
-    assert convert_fles1.main([fles1_checkpoint, str(tmp_path / "a-file" / "out")]) == 1
+    assert convert_fles1.main([fles1_checkpoint, str(tmp_path / "a-file" / "out")]) == 2
     assert f"error: {tmp_path / 'a-file' / 'out'}: cannot be created, {tmp_path / 'a-file'} is a file" \
         in capsys.readouterr().err
 
@@ -358,8 +358,8 @@ def test_model_config_rejects_bad_settings():
 def test_model_convert_cli_bad_source_or_setting_is_one_error_line(backbone_dir, tmp_path, capsys):
     import convert_fles1
 
-    assert convert_fles1.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
-    assert convert_fles1.main([backbone_dir, str(tmp_path / "out"), "--document-max-length", "4096"]) == 1
+    assert convert_fles1.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert convert_fles1.main([backbone_dir, str(tmp_path / "out"), "--document-max-length", "4096"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors[0] == f"error: {tmp_path / 'missing'}: no such folder"
     assert errors[1] == f"error: {backbone_dir}: document_max_length=4096 exceeds max_position_embeddings=512"
@@ -380,7 +380,7 @@ def test_model_convert_refuses_a_bert_without_its_masked_lm_head(backbone_dir, t
     source = tmp_path / "bert-without-head"
     BertModel.from_pretrained(backbone_dir).save_pretrained(source)
     AutoTokenizer.from_pretrained(backbone_dir).save_pretrained(source)
-    assert convert_fles1.main([str(source), str(tmp_path / "out")]) == 1
+    assert convert_fles1.main([str(source), str(tmp_path / "out")]) == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert error and error[0].startswith(f"error: {source}: not a BERT masked-LM checkpoint: its weights lack "
                                          "cls.predictions.bias")
@@ -431,14 +431,14 @@ def test_model_convert_refuses_sources_that_would_convert_into_another_model(bac
         str(summed): "SpladePooling pools with pooling_strategy='sum', activation_function='relu': FLES-1 encodes with 'max' and 'relu'",
     }
     for source, message in expected.items():
-        assert convert_fles1.main([source, str(tmp_path / "out")]) == 1
+        assert convert_fles1.main([source, str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err
         assert re.search(f"error: {re.escape(source)}: (its )?{message}", error), error
         assert not (tmp_path / "out").exists()
-    assert convert_fles1.main([same, same, "--overwrite"]) == 1
+    assert convert_fles1.main([same, same, "--overwrite"]) == 2
     assert "is the source or holds it" in capsys.readouterr().err
     assert (tmp_path / "same" / "README.md").read_text() == "keep me\n"
-    assert convert_fles1.main([same, str(tmp_path), "--overwrite"]) == 1  # a folder holding the source
+    assert convert_fles1.main([same, str(tmp_path), "--overwrite"]) == 2  # a folder holding the source
     assert os.path.isfile(os.path.join(same, "model.safetensors"))
 
 
@@ -483,8 +483,8 @@ def test_model_convert_cli_never_overwrites_by_accident(backbone_dir, tmp_path, 
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"someone's trained weights")
     (tmp_path / "a-file").write_text("x")
-    assert convert_fles1.main([backbone_dir, str(out)]) == 1
-    assert convert_fles1.main([backbone_dir, str(tmp_path / "a-file")]) == 1
+    assert convert_fles1.main([backbone_dir, str(out)]) == 2
+    assert convert_fles1.main([backbone_dir, str(tmp_path / "a-file")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {out}: exists and is not empty (--overwrite / overwrite=True replaces it)",
                       f"error: {tmp_path / 'a-file'}: exists and is not a folder"]

@@ -282,7 +282,7 @@ def test_hub_failure_is_one_error_line_without_the_token(source_checkpoint, resu
     passing_validation(monkeypatch)
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]])
     printed = capsys.readouterr()
-    assert rc == 1
+    assert rc == 1  # the Hub failed, not the inputs (bad inputs: 2)
     (line,) = printed.err.strip().splitlines()
     assert line.startswith(f"error: upload to {REPO_ID} failed at create_repo (")
     assert ("401" in line) if failure == "rejected token" else ("Name or service not known" in line)
@@ -298,7 +298,7 @@ def test_missing_token_refused_before_any_work(source_checkpoint, result_files, 
     monkeypatch.setattr(publish_module, "assemble", lambda *a, **k: pytest.fail("assembled without a token"))
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert "no Hugging Face token" in err and "HF_TOKEN" in err and "hf auth login" in err
 
 
@@ -307,7 +307,7 @@ def test_broken_folder_refused_naming_the_checks(source_checkpoint, result_files
     os.remove(os.path.join(source_checkpoint, "model.safetensors"))
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]])
     printed = capsys.readouterr()
-    assert rc == 1
+    assert rc == 2
     assert "refusing to upload" in printed.err
     assert "[FAILED] required files: missing weights (" in printed.err and "model.safetensors: missing" in printed.err
     for loader in ("AutoModel.from_pretrained", "SparseEncoder", "FLES1Encoder.from_pretrained"):
@@ -329,7 +329,7 @@ def test_folder_whose_loaders_cut_queries_elsewhere_is_refused(source_checkpoint
     out = tmp_path / "hub"
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
                           "--dry-run", str(out)])
-    assert rc == 1 and not out.exists()
+    assert rc == 2 and not out.exists()
     assert re.search(r"\[FAILED\] vectors agree: query: max abs difference [1-9]", capsys.readouterr().err)
 
 
@@ -368,7 +368,7 @@ def test_a_card_without_training_details_is_announced(source_checkpoint, result_
 def test_revision_with_create_pr_refused_early(source_checkpoint, result_files, tmp_path, capsys):
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--revision", "v14", "--create-pr",
                           "--results", result_files["results"], "--dry-run", str(tmp_path / "o")])
-    assert rc == 1 and "--create-pr" in capsys.readouterr().err
+    assert rc == 2 and "--create-pr" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -387,7 +387,7 @@ def test_missing_results_refused(source_checkpoint, tmp_path, capsys):
 def test_bad_repo_id_refused_before_any_work(source_checkpoint, result_files, tmp_path, capsys):
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", "not a repo!", "--results",
                           result_files["results"], "--dry-run", str(tmp_path / "o")])
-    assert rc == 1 and "--repo-id 'not a repo!' is not a Hub repo id" in capsys.readouterr().err
+    assert rc == 2 and "--repo-id 'not a repo!' is not a Hub repo id" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -397,7 +397,7 @@ def test_missing_input_file_leaves_no_half_built_folder(source_checkpoint, resul
     out = tmp_path / "o"
     argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
             "--dry-run", str(out), "--plots"]
-    assert push_fles1.main(argv + [str(tmp_path / "missing.png")]) == 1
+    assert push_fles1.main(argv + [str(tmp_path / "missing.png")]) == 2
     assert "missing.png: file not found" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == sorted(["trained", "eval_nfcorpus.json", "loss.png"])  # no leftovers
     assert push_fles1.main(argv + [result_files["plot"]]) == 0
@@ -412,7 +412,7 @@ def test_results_file_the_card_cannot_read_is_one_error_line(source_checkpoint, 
         rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", str(bad),
                               "--dry-run", str(out)])
         err = capsys.readouterr().err
-        assert rc == 1 and f"error: {bad}: {message}" in err and "Traceback" not in err
+        assert rc == 2 and f"error: {bad}: {message}" in err and "Traceback" not in err
         assert not out.exists()  # nothing half-built
 
 
@@ -420,7 +420,7 @@ def test_results_of_another_model_refused(source_checkpoint, result_files, tmp_p
     """The card showed the first results file's metrics whatever model folder was published."""
     other = make_eval(tmp_path / "other.json", model_path="outputs/other", fingerprint="e50026c1d5cc3488")
     argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "o"), "--results"]
-    assert push_fles1.main(argv + [other, result_files["results"]]) == 1
+    assert push_fles1.main(argv + [other, result_files["results"]]) == 2
     err = capsys.readouterr().err
     assert f"error: {other}: evaluated the model with fingerprint e50026c1d5cc3488, not {source_checkpoint}" in err
     assert not os.path.exists(tmp_path / "o")
@@ -433,7 +433,7 @@ def test_results_at_another_threshold_than_the_models_refused(source_checkpoint,
     at_zero = tmp_path / "at-zero.json"
     at_zero.write_text(json.dumps({**json.load(open(result_files["results"])), "threshold": 0.0}))
     argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "o"), "--results"]
-    assert push_fles1.main(argv + [str(at_zero)]) == 1
+    assert push_fles1.main(argv + [str(at_zero)]) == 2
     err = capsys.readouterr().err
     assert (f"error: {at_zero}: evaluated at threshold 0.0, but the model's inference threshold (config.json) is 0.3"
             in err) and "Traceback" not in err
@@ -457,17 +457,17 @@ def test_dry_run_that_fails_validation_is_kept_aside_not_in_place(source_checkpo
     out = tmp_path / "o"
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
                           "--dry-run", str(out)])
-    assert rc == 1 and f"(the folder is left at {out}.rejected for inspection)" in capsys.readouterr().err
+    assert rc == 2 and f"(the folder is left at {out}.rejected for inspection)" in capsys.readouterr().err
     # it was renamed into place before the checks ran: a failed (or interrupted) dry run looked complete
     assert not out.exists() and (tmp_path / "o.rejected" / "config.json").is_file()
     assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
-                            "--dry-run", str(out)]) == 1  # again: the earlier .rejected is replaced
+                            "--dry-run", str(out)]) == 2  # again: the earlier .rejected is replaced
     assert not out.exists() and (tmp_path / "o.rejected").is_dir()
     shutil.rmtree(tmp_path / "o.rejected")
     capsys.readouterr()
     (tmp_path / "o.rejected").write_text("a file of that name")  # replaced too; the checks are still what is said
     assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
-                            "--dry-run", str(out)]) == 1
+                            "--dry-run", str(out)]) == 2
     assert "refusing to upload, failed checks" in capsys.readouterr().err and (tmp_path / "o.rejected").is_dir()
 
 
@@ -487,7 +487,7 @@ def test_output_inside_the_model_folder_refused(source_checkpoint, result_files,
     """The folder copied itself (its staging folder) into the Hub folder, and a later dry run copied the earlier."""
     out = os.path.join(source_checkpoint, "hub")
     assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
-                            "--dry-run", out]) == 1
+                            "--dry-run", out]) == 2
     assert f"{out}: inside the model folder {source_checkpoint}" in capsys.readouterr().err
     assert not os.path.exists(out)
 
@@ -506,11 +506,11 @@ def test_images_the_studies_link_are_published(source_checkpoint, result_files, 
     # a study image at the path of the model's own plot replaced it: the card's training plot showed the study's
     (studies.parent / "plots" / "loss.png").write_bytes(b"\x89PNG another run's loss curve")
     studies.write_text("![nnz](plots/nnz_study.png) ![loss](plots/loss.png)\n")
-    assert push_fles1.main(argv + [str(tmp_path / "o1"), "--plots", result_files["plot"]]) == 1
+    assert push_fles1.main(argv + [str(tmp_path / "o1"), "--plots", result_files["plot"]]) == 2
     assert "STUDY.md: links plots/loss.png, but the published folder has another file there" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists()
     studies.write_text("![gone](plots/missing.png)\n")
-    assert push_fles1.main(argv + [str(tmp_path / "o2")]) == 1
+    assert push_fles1.main(argv + [str(tmp_path / "o2")]) == 2
     assert "STUDY.md: links plots/missing.png, which is not at" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
 
@@ -525,7 +525,7 @@ def test_results_or_logs_of_another_model_than_the_folder_are_refused(source_che
 
     recorded = json.load(open(result_files["results"]))
     own = tokenizer_fingerprint(AutoTokenizer.from_pretrained(source_checkpoint))
-    for name, fingerprint, expected in (("same", own, 0), ("other", "0123456789abcdef", 1)):
+    for name, fingerprint, expected in (("same", own, 0), ("other", "0123456789abcdef", 2)):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({**recorded, "model": {**recorded["model"], "tokenizer_fingerprint": fingerprint}}))
         assert push_fles1.main(argv + [str(path), "--dry-run", str(tmp_path / f"o-{name}")]) == expected
@@ -535,7 +535,7 @@ def test_results_or_logs_of_another_model_than_the_folder_are_refused(source_che
     shutil.copytree(tiny_random_checkpoint, other_run)  # another model, with its own training log
     log = make_training_log(other_run / "training_log.json", seed=42)
     assert push_fles1.main(argv + [result_files["results"], "--training-log", log, "--dry-run",
-                                   str(tmp_path / "o-log")]) == 1
+                                   str(tmp_path / "o-log")]) == 2
     assert f"{log}: its folder holds a model (fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "o-log").exists()
 
@@ -546,7 +546,7 @@ def test_dry_run_needs_a_folder_and_leaves_pickles_and_dotfiles_out(source_check
     validated) or .env (credentials) in the model folder went into the upload; a study image linked with a
     percent-encoded name was 'not found'."""
     argv = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]]
-    assert push_fles1.main(argv + ["--dry-run", ""]) == 1
+    assert push_fles1.main(argv + ["--dry-run", ""]) == 2
     assert "--dry-run needs the folder to write" in capsys.readouterr().err
     (Path(source_checkpoint) / "pytorch_model.bin").write_bytes(b"pickled")
     (Path(source_checkpoint) / ".env").write_text("HF_TOKEN=secret\n")

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -537,7 +538,20 @@ def test_torchrun_two_ranks_train_the_one_process_global_batch(sparse_tiny, tmp_
     assert max((weights["one"][name] - weights["two"][name]).abs().max().item() for name in start) <= 1e-4 * moved
 
 
-def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
+def assert_bad_input(capsys, message, argv):
+    """train_fles1.py refuses `argv` as every CLI refuses bad input: one "error: ..." line, exit status 2."""
+    import train_fles1
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        train_fles1.main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]  # after any loading progress bars
+    assert re.search(message, line), line
+
+
+def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path, capsys):
     data = tmp_path / "mini-beir"
     _mini_beir(data)
     import train_fles1
@@ -554,12 +568,12 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
     with open(data / "qrels" / "dev.tsv", "a") as handle:
         handle.write("q1\td1\tnot-a-grade\n")
     fresh = str(tmp_path / "fresh")
-    with pytest.raises(SystemExit, match=r"^error: .*dev\.tsv:10: "):
-        train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, "--model", sparse_tiny, "--data", str(data),
-                          "--max-steps", "2", "--eval-dev", "--set", "training.per_device_train_batch_size=4"])
+    assert_bad_input(capsys, r"^error: .*dev\.tsv:10: ",
+                     ["--recipe", TINY_RECIPE, "--output-dir", fresh, "--model", sparse_tiny, "--data", str(data),
+                      "--max-steps", "2", "--eval-dev", "--set", "training.per_device_train_batch_size=4"])
     assert not os.path.exists(os.path.join(fresh, "checkpoint-2"))
-    with pytest.raises(SystemExit, match=r"clfr\.gain must be a number in \(0, 1\]"):
-        train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", out, "--set", "clfr.gain=2"])
+    assert_bad_input(capsys, r"clfr\.gain must be a number in \(0, 1\]",
+                     ["--recipe", TINY_RECIPE, "--output-dir", out, "--set", "clfr.gain=2"])
     # setup problems are one error line before any step, not a traceback
     fresh = str(tmp_path / "fresh")
     for argv, message in (
@@ -572,16 +586,17 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path):
         (["--model", sparse_tiny, "--data", str(data), "--set", "training.per_device_train_batch_size=4",
           "--set", "model.query_max_length=1"], r"^error: model\.query_max_length must be an int >= 3"),
     ):
-        with pytest.raises(SystemExit, match=message):
-            train_fles1.main(["--recipe", TINY_RECIPE, "--output-dir", fresh, *argv])
-    with pytest.raises(SystemExit, match="error: .*No such file"):
-        train_fles1.main(["--recipe", str(tmp_path / "no-recipe.yaml"), "--output-dir", fresh])
+        assert_bad_input(capsys, message, ["--recipe", TINY_RECIPE, "--output-dir", fresh, *argv])
+    assert_bad_input(capsys, "error: .*No such file",
+                     ["--recipe", str(tmp_path / "no-recipe.yaml"), "--output-dir", fresh])
+    assert_bad_input(capsys, "^error: --set expects SECTION.KEY=VALUE, got 'lr'",
+                     ["--recipe", TINY_RECIPE, "--output-dir", fresh, "--set", "lr"])
     common = ["--recipe", TINY_RECIPE, "--model", sparse_tiny, "--data", str(data)]
-    with pytest.raises(SystemExit, match=r"^error: nothing to resume: .*fresh holds no checkpoint-\* folder"):
-        train_fles1.main([*common, "--output-dir", fresh, "--resume"])
-    with pytest.raises(SystemExit, match=r"^error: cannot resume from .*no-ckpt: not a training checkpoint folder"):
-        train_fles1.main([*common, "--output-dir", fresh, "--resume", str(tmp_path / "no-ckpt")])
+    assert_bad_input(capsys, r"^error: nothing to resume: .*fresh holds no checkpoint-\* folder",
+                     [*common, "--output-dir", fresh, "--resume"])
+    assert_bad_input(capsys, r"^error: cannot resume from .*no-ckpt: not a training checkpoint folder",
+                     [*common, "--output-dir", fresh, "--resume", str(tmp_path / "no-ckpt")])
     (tmp_path / "afile").write_text("a file where the output folder should go")
-    with pytest.raises(SystemExit, match=r"^error: output_dir .*afile/out: cannot be written, .*afile is a file$"):
-        train_fles1.main([*common, "--output-dir", str(tmp_path / "afile" / "out")])  # before loading, not at step 1
+    assert_bad_input(capsys, r"^error: output_dir .*afile/out: cannot be written, .*afile is a file$",
+                     [*common, "--output-dir", str(tmp_path / "afile" / "out")])  # before loading, not at step 1
     assert not os.path.exists(os.path.join(fresh, "training_log.json"))
