@@ -93,6 +93,14 @@ def _run(args) -> int:
     from fles1.evaluation import evaluate, markdown_tables, write_markdown, write_results
     from fles1_encoder import CheckpointError
 
+    files = [(option, path) for option, path in
+             (("--output", args.output), ("--markdown", args.markdown), ("--run-file", args.run_file)) if path]
+    for index, (option, path) in enumerate(files):  # one written over the other: a run's results silently lost
+        for other, earlier in files[:index]:
+            if os.path.realpath(path) == os.path.realpath(earlier):
+                print(f"error: {option} {path} is the file {other} writes too; give each output its own path",
+                      file=sys.stderr)
+                return 2
     try:
         for option, path in (("--output", args.output), ("--markdown", args.markdown)):
             if path:

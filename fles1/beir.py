@@ -163,6 +163,9 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
     return qrels
 
 
+RELEVANCE_LIMIT = 2**31
+
+
 def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=None, queries=None,
                    sources=("queries.jsonl", "corpus.jsonl"), missing=None) -> None:
     """qrels[query_id][doc_id] = score as an int grade, after the checks every qrels source gets; ``where`` (file
@@ -175,6 +178,9 @@ def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=
     if not grade.is_integer():  # 0.5 became 0 (a relevant document judged non-relevant), inf a traceback
         raise BEIRDataError(f"{where}: score {score!r} is not an integer relevance grade")
     relevance = int(grade)
+    if not -RELEVANCE_LIMIT <= relevance < RELEVANCE_LIMIT:  # pytrec_eval holds grades in a C int, and fails late
+        raise BEIRDataError(f"{where}: score {score!r} is out of range for a relevance grade "
+                            f"([-{RELEVANCE_LIMIT}, {RELEVANCE_LIMIT - 1}])")
     if queries is not None and query_id not in queries:
         raise BEIRDataError(f"{where}: query id {query_id!r} is not in {sources[0]}")
     if corpus is not None and doc_id not in corpus:
@@ -225,7 +231,7 @@ def load_beir(source: str, split: str = "test", keep_missing_documents: bool = F
     missing = [] if keep_missing_documents else None
     qrels = load_qrels(qrels_path, corpus=corpus, queries=queries, missing_documents=missing)
     return BEIRDataset(
-        name=os.path.basename(os.path.normpath(source)),
+        name=os.path.basename(os.path.abspath(source)),  # `--data ..` names the folder above, not ".."
         corpus=corpus,
         queries=queries,
         qrels=qrels,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import sys
 import threading
@@ -20,14 +21,15 @@ def exit_bad_input(message: str) -> NoReturn:
 
 
 def at_least(minimum, kind=int):
-    """argparse type: a ``kind`` number >= minimum (NaN refused), else a usage error naming the value."""
+    """argparse type: a finite ``kind`` number >= minimum, else a usage error naming the value. NaN and inf are
+    refused: inf would reach the results JSON as ``Infinity``, which strict JSON readers (jq, JSON.parse) reject."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value >= minimum:
-            what = "an int" if kind is int else "a number"
+        if value is None or not value >= minimum or not math.isfinite(value):
+            what = "an int" if kind is int else "a finite number"
             raise argparse.ArgumentTypeError(f"must be {what} >= {minimum}, got {text!r}")
         return value
     return parse

@@ -163,7 +163,8 @@ def test_cli_unwritable_outputs_fail_before_any_work(tmp_path, tiny_random_check
     assert sorted(os.listdir(tmp_path)) == ["afile", "good"]  # nothing created
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--threshold", "-1", "a number >= 0"), ("--threshold", "nan", "a number >= 0"),
+    ("--threshold", "-1", "a finite number >= 0"), ("--threshold", "nan", "a finite number >= 0"),
+    ("--threshold", "inf", "a finite number >= 0"),  # was accepted: the results JSON then held `Infinity`
     ("--latency-queries", "0", "an int >= 1"), ("--latency-queries", "-5", "an int >= 1"),  # -5 sliced all but 5
     ("--batch-size", "x", "an int >= 1"),
 ])
@@ -500,6 +501,38 @@ def test_cli_index_dir_is_written_without_production_numbers(tiny_random_checkpo
     assert loaded.num_docs == len(CORPUS)
 
 
+def test_cli_refuses_two_outputs_on_one_path(tiny_random_checkpoint, beir_dir, tmp_path, capsys):
+    """--output and --markdown on one path exited 0 with only the Markdown there: the results JSON was lost."""
+    same = str(tmp_path / "same.out")
+    for first, second in (("--output", "--markdown"), ("--output", "--run-file"), ("--markdown", "--run-file")):
+        argv = ["--model", tiny_random_checkpoint, "--data", beir_dir, first, same, second,
+                os.path.join(str(tmp_path), ".", "same.out")]
+        assert eval_fles1.main(argv) == 2
+        assert f"error: {second} {tmp_path}/./same.out is the file {first} writes too" in capsys.readouterr().err
+    assert not os.path.exists(same)
+
+
+def test_dataset_named_after_its_folder_when_given_as_dot_or_dot_dot(tiny_random_checkpoint, beir_dir, tmp_path,
+                                                                      monkeypatch):
+    """`--data ..` named the dataset "..": `--export DIR` then wrote DIR/../elasticsearch, replacing a sibling
+    folder of that name, and the results were keyed ".."."""
+    sibling = tmp_path / "mine" / "elasticsearch"
+    sibling.mkdir(parents=True)
+    (sibling / "keep.txt").write_text("not an export")
+    exports = tmp_path / "mine" / "exports"
+    monkeypatch.chdir(os.path.join(beir_dir, "qrels"))
+    assert load_beir("..").name == "toy"
+    monkeypatch.chdir(beir_dir)
+    assert load_beir(".").name == "toy"
+    monkeypatch.chdir(os.path.join(beir_dir, "qrels"))
+    argv = ["--model", tiny_random_checkpoint, "--data", "..", "--threshold", "0", "--no-production", "--no-bm25",
+            "--no-cache", "--export", str(exports), "--output", str(tmp_path / "r.json")]
+    assert eval_fles1.main(argv) == 0
+    assert (sibling / "keep.txt").read_text() == "not an export"
+    assert sorted(os.listdir(exports / "toy")) == ["elasticsearch", "pyserini"]
+    assert list(json.load(open(tmp_path / "r.json"))["datasets"]) == ["toy"]
+
+
 def test_cli_default_threshold_is_the_models(tiny_random_checkpoint, beir_dir, tmp_path):
     """The CLI evaluated at 0.3 whatever the model's config.inference_threshold (what FLES1Encoder applies)."""
     import shutil
@@ -551,6 +584,9 @@ def test_evaluate_threshold_reduces_nnz(tiny_random_checkpoint, beir_dir, tmp_pa
 @pytest.mark.parametrize("score, message", [
     ("0.5", r"test\.tsv:2: score '0\.5' is not an integer relevance grade"),  # was truncated to 0: not relevant
     ("inf", r"test\.tsv:2: score 'inf' is not an integer relevance grade"),  # was an OverflowError traceback
+    # pytrec_eval holds grades in a C int: these loaded, then pytrec_eval failed with a SystemError after encoding
+    ("9223372036854775808", r"test\.tsv:2: score '9223372036854775808' is out of range for a relevance grade"),
+    ("1e300", r"test\.tsv:2: score '1e300' is out of range"), ("2147483648", r"score '2147483648' is out of range"),
 ])
 def test_qrels_scores_are_integer_grades(tmp_path, score, message):
     folder = write_beir(tmp_path / "graded", qrels=[("q1", "d1", score)] + QRELS[1:])
