@@ -237,7 +237,8 @@ class FLES1Encoder:
     Args:
         model: a loaded `FLES1ForMaskedLM` (or any model with `encode_sparse`).
         tokenizer: its tokenizer.
-        threshold: weights below it are dropped (default: `config.inference_threshold`, 0.3).
+        threshold: weights below it are dropped (default: `config.inference_threshold`, 0.3, followed when the
+            config is edited, as are its query/document max lengths).
         projection_dtype: dtype of the vocabulary projection; `torch.bfloat16` is faster on CPUs with bf16
             support at a small precision cost (see benchmarks/bench_encode.py).
     """
@@ -246,25 +247,53 @@ class FLES1Encoder:
         self.model = model  # encoded in eval mode always; a model that is training is left training (`_eval_mode`)
         self.tokenizer = tokenizer
         self.config = model.config
-        self.threshold = _validate_threshold(
-            self.config.inference_threshold if threshold is None else threshold
-        )
+        self._threshold = None  # None: config.inference_threshold, followed as it changes (`_sync`)
+        if threshold is not None:
+            self.threshold = threshold
         self.projection_dtype = projection_dtype
-        self.max_lengths = {
-            "document": _checked_max_length(self.config, "document_max_length", 256),
-            "query": _checked_max_length(self.config, "query_max_length", 64),
-        }
         self._synced_with = None
         self._sync()
+
+    @property
+    def threshold(self) -> float:
+        """Weights below it are dropped: the one given (argument or assignment), else `config.inference_threshold`."""
+        self._sync()
+        return self._threshold if self._threshold is not None else self._config_threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = _validate_threshold(value)
+
+    @property
+    def max_lengths(self) -> dict[str, int]:
+        """Tokens (special ones included) a text is cut at, per kind: `config.document_max_length` and
+        `config.query_max_length`, followed as they change."""
+        self._sync()
+        return dict(self._max_lengths)
 
     def _sync(self) -> None:
         """Derive what the encoder caches from the tokenizer and the model, again whenever tokens were added
         (``tokenizer.add_tokens``), the vocabulary resized (``model.resize_token_embeddings``), the tokenizer
-        replaced or its truncation side changed: ~1 us a call. A tokenizer with more tokens than the vocabulary has
-        rows (tokens added, the model not resized yet) is refused for every text, not only those using the new ids."""
-        key = (id(self.tokenizer), len(self.tokenizer), self.tokenizer.truncation_side, self.config.vocab_size)
+        replaced or its truncation side changed, or the config's max lengths or threshold edited (what
+        save_pretrained would write): ~1 us a call. A tokenizer with more tokens than the vocabulary has rows (tokens
+        added, the model not resized yet) is refused for every text, not only those using the new ids."""
+        config = self.config
+        settings = vars(config)  # a config's attribute reads cost ~1 us each (PreTrainedConfig.__getattribute__)
+        key = (id(self.tokenizer), len(self.tokenizer), self.tokenizer.truncation_side, settings.get("vocab_size"),
+               settings.get("query_max_length"), settings.get("document_max_length"),
+               settings.get("inference_threshold"))
         if key == self._synced_with:
             return
+        self._max_lengths = {
+            "document": _checked_max_length(config, "document_max_length", 256),
+            "query": _checked_max_length(config, "query_max_length", 64),
+        }
+        if self._threshold is None:  # a threshold given (argument or assignment) is this encoder's for good
+            try:
+                self._config_threshold = _validate_threshold(getattr(config, "inference_threshold", 0.3))
+            except ValueError:
+                raise ValueError(f"config.inference_threshold must be a number >= 0, got "
+                                 f"{config.inference_threshold!r}") from None
         if len(self.tokenizer) > self.config.vocab_size:  # ids past the rows: an IndexError inside BERT per text
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens for a vocabulary of "
                              f"{self.config.vocab_size} rows: ids past {self.config.vocab_size - 1} have no row "
@@ -334,7 +363,7 @@ class FLES1Encoder:
             return [encoding.ids for begin in range(0, len(texts), TOKENIZE_CHUNK_TEXTS)
                     for encoding in rust.encode_batch(texts[begin : begin + TOKENIZE_CHUNK_TEXTS])]
         return self.tokenizer(  # a slow (Python) tokenizer
-            texts, truncation=True, max_length=self.max_lengths[kind], add_special_tokens=True,
+            texts, truncation=True, max_length=self._max_lengths[kind], add_special_tokens=True,
             return_attention_mask=False, return_token_type_ids=False,
         )["input_ids"]
 
@@ -344,7 +373,7 @@ class FLES1Encoder:
         Rust tokenizer on every call, so threads encoding queries and documents through it at once could truncate
         each other's texts; a copy per max length is configured once and never changed."""
         self._sync()  # every tokenization passes here
-        length = self.max_lengths[kind]
+        length = self._max_lengths[kind]
         rust = self._rust_tokenizers.get(length)
         if rust is None:
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -455,10 +484,12 @@ class FLES1Encoder:
         """One text -> (ids, weights), highest weight first: the single-query path, without batching work."""
         _validate_text(text, "text")
         self._check_kind(kind)
-        threshold = self.threshold if threshold is None else _validate_threshold(threshold)
+        threshold = None if threshold is None else _validate_threshold(threshold)
         if not text.strip():
             return [], []
-        token_ids = self._token_ids_one(text, kind)
+        token_ids = self._token_ids_one(text, kind)  # syncs with the config: its threshold is current below
+        if threshold is None:
+            threshold = self._threshold if self._threshold is not None else self._config_threshold
         if len(token_ids) <= self._special_token_count:  # e.g. only zero-width or control characters
             return [], []
         if hasattr(self.model, "encode_sparse_terms"):
@@ -558,6 +589,8 @@ class FLES1Encoder:
         terms = []
         for position, token_id in enumerate(ids):
             try:
+                if isinstance(token_id, (bool, np.bool_)):  # operator.index(True) is 1: '[unused0]'
+                    raise TypeError
                 index = operator.index(token_id)  # ints and numpy/torch integers; not floats
             except TypeError:
                 raise TypeError(f"ids[{position}] is {type(token_id).__name__}, expected an int") from None

@@ -212,6 +212,9 @@ def test_encoder_decode_refuses_ids_outside_the_vocabulary(encoder):
             encoder.decode(ids)
     with pytest.raises(TypeError, match=r"ids\[0\] is float, expected an int"):
         encoder.decode([2.7])
+    for flag in (True, np.bool_(False)):  # True decoded as id 1, '[unused0]'
+        with pytest.raises(TypeError, match=r"ids\[1\] is (bool|bool_), expected an int"):
+            encoder.decode([5, flag])
     with pytest.raises(ValueError, match=r"ids and weights differ in length \(2 vs 1\)"):
         encoder.decode([1, 2], [0.5])
 
@@ -234,6 +237,35 @@ def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
     assert encoder.encode_batch([text], threshold=cut)[0] == batch_kept and cut in batch_kept.values()
     assert encoder.encode_to_csr([text], threshold=cut).nnz == len(batch_kept)
     assert len(encoder.encode_batch([text], threshold=cut, output="ids")[0][0]) == len(batch_kept)
+
+
+def test_encoder_follows_config_edits_made_after_it_was_built(tiny_random_checkpoint, tmp_path):
+    """config.query_max_length / inference_threshold edited on a live encoder's model were ignored: the live encoder,
+    a new one on the same model and the saved folder (save_pretrained writes the edit) gave three different results."""
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    given = FLES1Encoder(encoder.model, encoder.tokenizer, threshold=0.0)  # a threshold given stays the encoder's
+    long_query = " ".join(f"word{i % 13} cell" for i in range(200))
+    before = encoder.encode(long_query, kind="query", threshold=0)
+    encoder.config.query_max_length, encoder.config.inference_threshold = 8, 0.9
+    assert encoder.max_lengths["query"] == 8 and encoder.threshold == 0.9
+    assert encoder.encode(long_query, kind="query", threshold=0) != before
+    fresh = FLES1Encoder(encoder.model, encoder.tokenizer)
+    for kind in ("query", "document"):
+        assert encoder.encode(long_query, kind=kind) == fresh.encode(long_query, kind=kind)
+        assert encoder.encode_batch([long_query], kind=kind) == fresh.encode_batch([long_query], kind=kind)
+    encoder.model.save_pretrained(tmp_path / "edited")
+    encoder.tokenizer.save_pretrained(tmp_path / "edited")
+    reloaded = FLES1Encoder.from_pretrained(str(tmp_path / "edited"))
+    assert reloaded.max_lengths == encoder.max_lengths and reloaded.threshold == encoder.threshold == 0.9
+    assert given.threshold == 0.0 and given.max_lengths["query"] == 8
+    encoder.threshold = 0.1  # assigned: the encoder's own from now on
+    encoder.config.inference_threshold = 0.5
+    assert encoder.threshold == 0.1
+    encoder.config.query_max_length = 2  # checked when it is used, naming the setting
+    with pytest.raises(ValueError, match=r"config\.query_max_length must be an int >= 3"):
+        encoder.encode("heart", kind="query")
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+        encoder.threshold = -1
 
 
 @pytest.mark.parametrize("threshold", [1e-46, 5e-324])
