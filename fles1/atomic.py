@@ -125,6 +125,21 @@ def atomic_directory(path: str, replace: bool = False):
         raise
 
 
+@contextlib.contextmanager
+def scratch_directory(name: str):
+    """``with scratch_directory("fles1-validate") as scratch: ...`` -- a private folder in the system's temporary
+    folder, removed when the block ends. One a process killed outright left there (a converted model, a whole Hub
+    folder) is removed by the next use of the same ``name`` on this host and pid namespace, as `atomic_directory`
+    sweeps its staging folders."""
+    target = os.path.join(tempfile.gettempdir(), name)
+    _remove_dead_writers_temporaries(target)
+    scratch = tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".partial", dir=tempfile.gettempdir())
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _writer() -> str:
     """This process's host and pid namespace: where its pid means this process (containers sharing the host's
     name have namespaces of their own)."""

@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import statistics
-import tempfile
 import time
 import warnings
 import zipfile
@@ -33,7 +32,7 @@ from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
 from fles1 import exports
-from fles1.atomic import atomic_directory, atomic_open, atomic_write_json, require_writable
+from fles1.atomic import atomic_directory, atomic_open, atomic_write_json, require_writable, scratch_directory
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
@@ -329,7 +328,7 @@ def evaluate_dataset(
     index_bytes = index.save(index_path) if index_path else None  # asked for: saved with or without production
     if production:
         if index_bytes is None:
-            with tempfile.TemporaryDirectory() as scratch:
+            with scratch_directory("fles1-index-size") as scratch:
                 index_bytes = index.save(os.path.join(scratch, "index.npz"))
         sample = [dataset.queries[qid] for qid in query_ids[:latency_queries]]
         timings = query_latencies_ms(encoder, index, sample, threshold)

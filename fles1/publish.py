@@ -22,12 +22,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from fles1.atomic import atomic_directory, path_within, require_new_folder
+from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
 from fles1.card import CardInputError, build_card, read_json
 from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
@@ -257,8 +256,14 @@ def _copy_linked_images(studies: str, out_dir: str) -> None:
 # Runs with the Hub folder as working directory and without the project on sys.path, so `import fles1_encoder`
 # imports the copy shipped in the folder, exactly as a user does after hf_hub_download.
 _VALIDATION_SCRIPT = r"""
-import json, sys, traceback
+import json, os, sys, traceback
 folder, probe = sys.argv[1], sys.argv[2]
+try:  # die with the publishing process: killed outright (kill -9), it would leave this one loading the model
+    import ctypes, signal
+    if ctypes.CDLL(None).prctl(1, signal.SIGKILL) == 0 and os.getppid() != int(sys.argv[5]):  # 1: PR_SET_PDEATHSIG
+        os._exit(1)  # it died before the signal was set
+except (AttributeError, OSError):  # no prctl: not Linux
+    pass
 # long enough to be cut at both max lengths: a folder whose sentence-transformers files cut queries or documents
 # elsewhere than config.json says must not pass on a probe too short to reach either cut
 probe = " ".join([probe] * 64)
@@ -355,11 +360,11 @@ def validate(folder: str, probe: str = PROBE_TEXT, timeout: int = VALIDATION_TIM
     # no __pycache__ written into the folder by importing its fles1_encoder.py: it would be uploaded
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONDONTWRITEBYTECODE="1")
     folder = os.path.abspath(folder)
-    with tempfile.TemporaryDirectory(prefix="fles1-validate-") as scratch:
+    with scratch_directory("fles1-validate") as scratch:
         report = os.path.join(scratch, "checks.json")
         try:
             process = subprocess.run(
-                [sys.executable, "-c", _VALIDATION_SCRIPT, folder, probe, str(TOLERANCE), report],
+                [sys.executable, "-c", _VALIDATION_SCRIPT, folder, probe, str(TOLERANCE), report, str(os.getpid())],
                 cwd=folder, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
             )
         except subprocess.TimeoutExpired:
@@ -431,7 +436,7 @@ def publish(
             f" ({', '.join(earlier)} are an earlier publish's: pass them)"
         log(f"warning: no training log or recipe: the card's Training section will be empty (--training-log "
             f"FILE{hint}, or --recipe)")
-    with tempfile.TemporaryDirectory(prefix="fles1-hub-") as scratch:
+    with scratch_directory("fles1-hub") as scratch:
         folder = dry_run or os.path.join(scratch, "hub")
         assemble(model_dir, folder, repo_id, card, check=validated)  # the folder appears only once it passed
         if dry_run is not None:

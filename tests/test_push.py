@@ -559,3 +559,73 @@ def test_dry_run_needs_a_folder_and_leaves_pickles_and_dotfiles_out(source_check
     published = set(os.listdir(tmp_path / "o"))
     assert "model.safetensors" in published and not {"pytorch_model.bin", ".env"} & published
     assert (tmp_path / "o" / "figs" / "my fig.png").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(child) for child in handle.read().split()]
+
+
+def _validation_child(pid: int, folder: str):
+    """The child of `pid` validating `folder` (its command line names it), or None yet."""
+    for child in _children(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as handle:
+                if folder.encode() in handle.read().split(b"\0"):
+                    return child
+        except FileNotFoundError:
+            pass
+    return None
+
+
+def _loading_torch(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as handle:
+            return "libtorch" in handle.read()
+    except (FileNotFoundError, TypeError):  # gone, or None
+        return False
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has finished
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
+def test_a_publisher_killed_outright_takes_its_validation_process_and_scratch_with_it(fles1_checkpoint, tmp_path,
+                                                                                      monkeypatch):
+    """kill -9 of push left the validation process loading the model for ~20 s more, and its scratch folder in
+    the temporary folder for good."""
+    import signal
+    import tempfile
+    import time
+
+    from fles1.atomic import scratch_directory
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fles1.publish import validate; validate(sys.argv[1])", fles1_checkpoint],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env={**os.environ, "TMPDIR": str(scratch_root)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not _loading_torch(validation := _validation_child(driver.pid, fles1_checkpoint)):
+        # torch loads after the script's first lines, where it asks to die with its parent
+        assert driver.poll() is None and time.monotonic() < deadline, "the validation process never loaded torch"
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 5
+    while _running(validation) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(validation), "the validation process outlived the publisher killed outright"
+    scratches = lambda: [name for name in os.listdir(scratch_root) if name.startswith(".fles1-validate.")]  # noqa: E731
+    (left,) = scratches()  # what the killed publisher could not remove
+    assert left.endswith(".partial")
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    with scratch_directory("fles1-validate") as scratch:  # the next use sweeps it, and keeps its own
+        assert scratches() == [os.path.basename(scratch)]
+    assert scratches() == []

@@ -8,14 +8,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 
 import torch
 from transformers import TrainerCallback
 
-from fles1.atomic import atomic_write_json, path_within, require_writable
+from fles1.atomic import atomic_write_json, path_within, require_writable, scratch_directory
 
 from .clfr import optimizer_steps_per_epoch
 from .plots import PLOT_FILES
@@ -125,7 +124,7 @@ def load_model_for_training(path: str):
     if is_fles1_source(path):
         return FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True), \
             AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    with tempfile.TemporaryDirectory(prefix="fles1-backbone-") as scratch:  # every run used to leave its copy
+    with scratch_directory("fles1-backbone") as scratch:  # every run used to leave its copy
         try:
             converted = convert(path, os.path.join(scratch, "fles1"))
         except ValueError as error:  # e.g. a BERT without its masked-LM head
