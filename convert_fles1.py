@@ -1,6 +1,9 @@
 """Convert a BERT masked-LM checkpoint into a FLES-1 checkpoint folder.
 
     python convert_fles1.py ../shared/models/splade-tiny outputs/fles1-tiny
+
+Exit status: 0 written; 2 bad input (a source that is not a BERT masked-LM, an OUT that may not be written, a
+setting out of range), with one "error: ..." line.
 """
 
 import argparse

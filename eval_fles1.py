@@ -89,6 +89,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from fles1.atomic import require_writable
+    from fles1.cli import BAD_INPUT
     from fles1.beir import BEIRDataError
     from fles1.evaluation import evaluate, markdown_tables, write_markdown, write_results
     from fles1_encoder import CheckpointError
@@ -100,7 +101,7 @@ def _run(args) -> int:
             if os.path.realpath(path) == os.path.realpath(earlier):
                 print(f"error: {option} {path} is the file {other} writes too; give each output its own path",
                       file=sys.stderr)
-                return 2
+                return BAD_INPUT
     try:
         for option, path in (("--output", args.output), ("--markdown", args.markdown)):
             if path:
@@ -115,7 +116,7 @@ def _run(args) -> int:
         )
     except (BEIRDataError, CheckpointError, ValueError) as error:  # ValueError: e.g. a device not usable here
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     if args.output:
         write_results(results, args.output)
     if args.markdown:

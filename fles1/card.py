@@ -398,7 +398,8 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     parts = []
     flat = flatten(recipe or {})
     if flat:
-        recipe_part = "### Recipe\n\n" + table(["Setting", "Value"], [[f"`{k}`", cell(v, "null")] for k, v in flat.items()])
+        recipe_part = "### Recipe\n\n" + table(["Setting", "Value"],
+                                                 [[f"`{k}`", cell(v, "null")] for k, v in flat.items()])
         training_lengths = [f"`{key}`" for key in TRAINING_LENGTH_KEYS if flat.get(key) is not None]
         if training_lengths:  # they read like the model's own lengths, which config.json keeps (the card's top)
             inference = header or {}

@@ -472,4 +472,5 @@ def _upload(folder: str, repo_id: str, token: str, private: bool, revision, crea
     return repo_url, commit
 
 
-__all__ = ["publish", "assemble", "CardInputs", "validate", "resolve_token", "PublishError", "UploadError", "Check", "PROBE_TEXT"]
+__all__ = ["publish", "assemble", "CardInputs", "validate", "resolve_token", "PublishError", "UploadError", "Check",
+           "PROBE_TEXT"]

@@ -608,8 +608,9 @@ def test_a_publisher_killed_outright_takes_its_validation_process_and_scratch_wi
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     driver = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from fles1.publish import validate; validate(sys.argv[1])", fles1_checkpoint],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env={**os.environ, "TMPDIR": str(scratch_root)},
+        [sys.executable, "-c", "import sys; from fles1.publish import validate; validate(sys.argv[1])",
+         fles1_checkpoint], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env={**os.environ, "TMPDIR": str(scratch_root)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not _loading_torch(validation := _validation_child(driver.pid, fles1_checkpoint)):
