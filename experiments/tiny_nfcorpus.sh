@@ -20,6 +20,7 @@
 #   probe-bm25pos-seed0    positive = the relevant document BM25 ranks first (--set data.positive=bm25)
 # Selected on dev (the only setting that beat the backbone on dev), three seeds:
 #   probe-bm25pos-tau1-seed{0,1,2}    --set data.positive=bm25 --set loss.temperature=1.0
+#   rerun-check-seed0      probe-bm25pos-tau1-seed0's command run again: bitwise-identical weights and metrics
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1

@@ -7,8 +7,9 @@ the probe long enough to be cut at both max lengths) -> refuse to upload
 when any check fails -> ``create_repo`` + ``upload_folder``.
 
     >>> from fles1.publish import CardInputs, publish
-    >>> publish("outputs/fles1-tiny", "mindoval/fles1-v14", CardInputs(results=["results/eval_nfcorpus.json"]),
-    ...         dry_run="hub_out")
+    >>> # outputs/fles1-tiny and its evaluation outputs/t0.json: convert_fles1.py's and eval_fles1.py's docstrings
+    >>> publish("outputs/fles1-tiny", "mindoval/fles1-v14", CardInputs(results=["outputs/t0.json"]),
+    ...         dry_run="outputs/hub_out")
 """
 
 from __future__ import annotations
