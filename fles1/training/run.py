@@ -182,12 +182,15 @@ def last_step(trainer) -> int:
     return math.ceil(args.num_train_epochs * optimizer_steps_per_epoch(batches, args.gradient_accumulation_steps))
 
 
-def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | None = None) -> None:
+def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | None = None,
+                    own: bool = False) -> bool:
     """ValueError unless resuming from `checkpoint` trains something: transformers reports weights of another model
     size as a RuntimeError inside trainer.train() (and, strict=False, loads a model of other depth partly), trains
     one step past a finished run, and none before a lower max_steps, logging a global step past it. And unless
     `recipe` is the one the checkpoint's run was started with, up to `RESUMABLE_CHANGES` (a checkpoint written
-    before runs recorded their recipe is not compared)."""
+    before runs recorded their recipe is not compared). True when `checkpoint` is one of the output folder's own
+    (`own`) at the run's last step and the run's training_log.json is not written: the run was killed while
+    finishing, and only its final folder, plots and log remain to write (`FLES1Trainer.restore_finished`)."""
     from transformers.trainer import TRAINER_STATE_NAME
 
     wrong = _misfitting_weights(os.path.join(checkpoint, "model.safetensors"), trainer.model)
@@ -210,10 +213,22 @@ def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | No
                          f"or start a new run from its weights (--model {checkpoint}). Only when the run ends "
                          "(--max-steps, training.max_steps, num_train_epochs) and logging/saving settings may change")
     end = last_step(trainer)
+    if own and step == end and not _finished(trainer.args.output_dir, step):
+        return True
     if step >= end:
         raise ValueError(f"cannot resume from {checkpoint}: it is at step {step} and this run ends at step {end} "
                          "(--max-steps, else the recipe's training.max_steps or num_train_epochs): nothing to "
                          "train; a larger --max-steps continues it")
+    return False
+
+
+def _finished(output_dir: str, step: int) -> bool:
+    """Whether the run in `output_dir` wrote its training log at `step` (train() writes it last)."""
+    try:
+        with open(os.path.join(output_dir, "training_log.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("global_step") == step
+    except (OSError, ValueError, AttributeError):  # none, cut short, or not a log
+        return False
 
 
 def _misfitting_weights(weights: str, model) -> list[tuple]:
@@ -311,8 +326,8 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
             load_beir(recipe["data"]["source"], "dev")  # bad dev data fails now, with its file and line
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files)
-        if resume_from_checkpoint:
-            check_resumable(resume_from_checkpoint, trainer, recipe["model"]["path"], recipe)
+        unfinished = bool(resume_from_checkpoint) and check_resumable(
+            resume_from_checkpoint, trainer, recipe["model"]["path"], recipe, own=own)
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id
         if created and os.path.isdir(output_dir) and not os.listdir(output_dir):  # the Trainer made it
             with contextlib.suppress(OSError):  # another rank removed it first
@@ -324,18 +339,23 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
             remove_previous_run(output_dir)
         trainer.accelerator.wait_for_everyone()
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if unfinished:  # killed after its last checkpoint: write what it did not
+        trainer.restore_finished(resume_from_checkpoint)
+    else:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     runtime = time.perf_counter() - start
-    if trace_nnz:
+    if trace_nnz and not unfinished:
         atomic_write_json(os.path.join(output_dir, f"nnz_trace_rank{trainer.args.process_index}.json"),
                           trainer.nnz_trace, indent=None)
     trainer.save_model(output_dir)
     if not trainer.is_world_process_zero():
         return None
     log = training_log(trainer, recipe, runtime)
-    _write_log(log, output_dir)  # before the dev evaluation: a failure there leaves the run's log and plots
+    if unfinished:
+        log["finished_from"] = resume_from_checkpoint  # train_runtime_s: this process's seconds, none training
     if log["history"]:
         write_plots(log, output_dir)
+    _write_log(log, output_dir)  # last: it marks the run finished (`_finished`); before the dev evaluation
     if eval_dev:
         log["eval"] = evaluate_dev(output_dir, recipe)
         _write_log(log, output_dir)

@@ -393,6 +393,20 @@ class FLES1Trainer(Trainer):
                 callback.resume_from = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+    def restore_finished(self, checkpoint: str) -> None:
+        """Take up a run whose last checkpoint is `checkpoint` without training: its weights, trainer state (the
+        log history) and CLFR / crash states, as they were when the run ended. For a run killed while writing
+        its final folder, log or plots after that checkpoint (train() writes them from here)."""
+        from transformers.trainer_callback import TrainerState
+
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        self._load_from_checkpoint(checkpoint)
+        for callback in (self.clfr, self.crash_monitor):
+            if callback is not None:
+                callback.resume_from = checkpoint
+                if not callback.restore(self.args, self.state):
+                    raise FileNotFoundError(f"{os.path.join(checkpoint, callback.STATE_FILE)}: missing")
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Every checkpoint is a complete FLES-1 checkpoint folder (fles1.checkpoint.save_checkpoint)."""
         output_dir = output_dir or self.args.output_dir
