@@ -32,13 +32,17 @@ def parse_set(items):
     import yaml
 
     from fles1.cli import exit_bad_input
+    from fles1.training.recipe import yaml_problem
 
     overrides = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             exit_bad_input(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        value = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            exit_bad_input(f"--set {item!r}: the value is not valid YAML{yaml_problem(error)}")
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
                 value = float(value)

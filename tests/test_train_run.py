@@ -316,6 +316,36 @@ def test_resume_refuses_a_finished_run_and_another_models_checkpoint(sparse_tiny
     assert not fresh.exists()
 
 
+def test_a_run_killed_while_finishing_is_finished_by_resume(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """Killed after its last checkpoint, while writing the final folder, log or plots: --resume refused it ("at step
+    4 and this run ends at step 4: nothing to train"), and the run could never get its log, plots or card files."""
+    from safetensors.torch import load_file
+
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"data.max_examples": 8}))
+    out = tmp_path / "run"
+    finished = train(recipe, str(out))
+    assert finished["global_step"] == 4
+    # what a kill during save_model leaves: the final folder's later files, the plots and the log never written
+    for name in ("training_log.json", "loss.png", "nnz.png", "lambda_d.png", "modules.json", "sentence_bert_config.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "1_SpladePooling")
+    (out / "model.safetensors").write_bytes(b"cut short")
+    resumed = train(recipe, str(out), resume_from_checkpoint=True)
+    assert resumed["finished_from"] == str(out / "checkpoint-4")
+    for key in ("global_step", "history", "clfr", "crashes", "recipe", "seed"):
+        assert resumed[key] == finished[key], key
+    assert json.load(open(out / "training_log.json")) == json.loads(json.dumps(resumed))
+    assert {"loss.png", "nnz.png", "lambda_d.png", "modules.json", "sentence_bert_config.json"} <= set(os.listdir(out))
+    weights, saved = load_file(out / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in weights)
+    before = _listing(out)
+    with pytest.raises(TrainingSetupError, match="it is at step 4 and this run ends at step 4"):  # finished now
+        train(recipe, str(out), resume_from_checkpoint=True)
+    with pytest.raises(TrainingSetupError, match="it is at step 4 and this run ends at step 4"):  # another folder
+        train(recipe, str(tmp_path / "elsewhere"), resume_from_checkpoint=str(out / "checkpoint-4"))
+    assert _listing(out) == before
+
+
 def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msmarco_toy_dir, tmp_path, monkeypatch):
     """A resume with --set training.learning_rate=1e-3 loss.temperature=1.0 ran: the learning rate never applied
     (the scheduler came back from the checkpoint), the temperature applied from the resumed step on, and the log
@@ -591,6 +621,14 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path, capsys):
                      ["--recipe", str(tmp_path / "no-recipe.yaml"), "--output-dir", fresh])
     assert_bad_input(capsys, "^error: --set expects SECTION.KEY=VALUE, got 'lr'",
                      ["--recipe", TINY_RECIPE, "--output-dir", fresh, "--set", "lr"])
+    # YAML that does not parse was a traceback (exit status 1); the regularizer's error named no recipe key
+    (tmp_path / "bad.yaml").write_text("model:\n  path: [x\n")
+    assert_bad_input(capsys, r"^error: .*bad\.yaml: not valid YAML at line 3, column 1: expected ',' or ']'",
+                     ["--recipe", str(tmp_path / "bad.yaml"), "--output-dir", fresh])
+    assert_bad_input(capsys, r"^error: --set 'model\.path=\[x': the value is not valid YAML at line 1, column 3",
+                     ["--recipe", TINY_RECIPE, "--output-dir", fresh, "--set", "model.path=[x"])
+    assert_bad_input(capsys, r"^error: loss\.regularizer='l2' is not supported; choose one of \['flops', 'l1_flops'\]$",
+                     ["--recipe", TINY_RECIPE, "--output-dir", fresh, "--set", "loss.regularizer=l2"])
     common = ["--recipe", TINY_RECIPE, "--model", sparse_tiny, "--data", str(data)]
     assert_bad_input(capsys, r"^error: nothing to resume: .*fresh holds no checkpoint-\* folder",
                      [*common, "--output-dir", fresh, "--resume"])

@@ -179,8 +179,8 @@ def validate(recipe: dict) -> dict:
             check_max_length(f"model.{key}", recipe["model"][key], math.inf)
     _check_training_arguments(recipe["training"])
     clfr, loss = recipe["clfr"], recipe["loss"]
-    get_regularizer(loss["regularizer"])
     try:  # the components' own checks, before any data or model is loaded
+        get_regularizer(loss["regularizer"])
         check_loss_settings(loss["temperature"], loss["lambda_d"], loss["lambda_q"], loss["anticollapse_weight"],
                             loss["anticollapse_min_mass"])
     except ValueError as error:
@@ -213,11 +213,21 @@ def validate(recipe: dict) -> dict:
     return recipe
 
 
+def yaml_problem(error) -> str:
+    """Where and what a YAML parse error is, as `` at line L, column C: <problem>``."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem or ' '.join(str(error).split())}"
+
+
 def load_recipe(path: str | None = None, overrides: dict | None = None) -> dict:
     recipe = copy.deepcopy(DEFAULTS)
     if path:
         with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
+            try:
+                document = yaml.safe_load(handle)
+            except yaml.YAMLError as error:  # was a traceback
+                raise ValueError(f"{path}: not valid YAML{yaml_problem(error)}") from None
         _merge(recipe, {} if document is None else document, where="recipe")  # an empty file: the defaults
     for dotted, value in (overrides or {}).items():
         set_value(recipe, dotted, value)
