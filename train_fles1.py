@@ -13,9 +13,10 @@ the plots need at least training.logging_steps steps). An --output-dir holding a
 --resume (continue it) or --overwrite (replace it); --resume CHECKPOINT of another run into such a folder needs
 --overwrite too (the folder's run is replaced by the continuation). --max-steps is not remembered: a resumed run
 ends at this command's --max-steps, else at the recipe's training.max_steps or num_train_epochs. Resuming from a
-checkpoint already at (or past) that step is refused and leaves the run as it is, as is one whose weights do not fit
---model / model.path. A triples TSV has no relevance judgements: data.positive=bm25 and
-data.mask_false_negatives=true need a BEIR source. Exit status: 0 trained; 2 bad input (one "error: ..." line;
+checkpoint past that step, or at it once the run has written training_log.json, is refused and leaves the run as
+it is, as is one whose weights do not fit --model / model.path; a run killed after its last checkpoint, while
+writing its final folder, plots or log, is finished by --resume. A triples TSV has no relevance judgements:
+data.positive=bm25 and data.mask_false_negatives=true need a BEIR source. Exit status: 0 trained; 2 bad input (one "error: ..." line;
 setup problems are found before the first step).
 """
 
