@@ -75,6 +75,14 @@ class FLES1Config(BertConfig):
         for name in ("query_max_length", "document_max_length"):
             setattr(self, name, check_max_length(name, getattr(self, name), self.max_position_embeddings))
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # from_pretrained's keyword overrides (`from_pretrained(path, pooling="mean")`, AutoModel's, sentence-
+        # transformers' config_kwargs) are set after __init__ ran its checks: check them too
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).check_sparse_settings()
+        return loaded
+
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         # an edited setting the loader refuses was written, and the folder no longer loaded
         self.check_sparse_settings()

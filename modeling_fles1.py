@@ -326,6 +326,12 @@ def _exact_at(states, screen: _Int8Screen, candidates):
     return exact.add_(screen.bias.index_select(0, candidates)), token
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The version counter; -1 for an inference tensor (a model built, or a parametrized decoder's weight computed,
+    under torch.inference_mode), which keeps none: the element sample alone then tells a changed weight."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 class _ElementSample:
     """The bits of SAMPLED_ELEMENTS evenly spaced elements of each contiguous CPU tensor given, taken again in ~1 us
     by `changed()` through numpy views of their storage. It catches writes the version counter misses (``.data``)
@@ -534,7 +540,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         to a few rows, `clear_caches()`.
         """
         weight, bias = self.cls.predictions.decoder.weight, self._decoder_bias()
-        key = (weight.data_ptr(), weight._version, weight.dtype, bias.data_ptr(), bias._version)
+        key = (weight.data_ptr(), _version(weight), weight.dtype, bias.data_ptr(), _version(bias))
         cache = self.__dict__.setdefault("_fles1_decoder_cache", {})
         entry = cache.get(name)
         if entry is None or entry[0] != key or entry[1].changed():
@@ -642,7 +648,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         hidden = self._hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
         decoder = self.cls.predictions.decoder
         bias = self._decoder_bias()
-        differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad)
+        # any of the three: training the vocabulary bias alone (the rest frozen) needs its gradient too
+        differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad
+                                                      or bias.requires_grad)
         if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None:
             if screening is None:
                 screening = _screens_by_default(hidden.device, hidden.dtype, projection_dtype)

@@ -992,3 +992,59 @@ def test_model_clear_caches_after_a_data_write_to_one_decoder_row():
         assert (model.encode_sparse(**features).sparse_embeddings - reference).abs().max().item() <= 1e-5
     assert all((path - reference[0]).abs().max().item() <= 1e-5
                for path in _single_text_paths(model, features["input_ids"][:1]))
+
+
+IDS = torch.tensor([[101, 2054, 2003, 3698, 4083, 1029, 102]])
+
+
+def _reference_vector(model, ids):
+    """log(1 + ReLU) of forward()'s logits, max-pooled over the tokens: what encode_sparse must equal."""
+    return torch.log1p(torch.relu(model(input_ids=ids).logits)).amax(dim=1)
+
+
+def test_training_only_the_vocabulary_bias_gets_its_gradient(tiny_random_checkpoint):
+    """With every parameter frozen but the bias, encode_sparse took the no-grad CPU inference path: a vector
+    without grad_fn, and backward() failed."""
+    model = FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    bias = model.cls.predictions.bias
+    bias.requires_grad_(True)
+    model.encode_sparse(IDS).sparse_embeddings.sum().backward()
+    ours, bias.grad = bias.grad.clone(), None
+    _reference_vector(model, IDS).sum().backward()
+    assert ours.abs().sum() > 0 and torch.allclose(ours, bias.grad, atol=1e-6)
+
+
+def test_sparse_settings_given_to_the_loaders_are_checked(tiny_random_checkpoint):
+    """from_pretrained's keyword overrides are set after __init__'s checks: pooling="mean" loaded (and max-pooled
+    all the same), an overlong max length or a negative threshold failed only later, in the encoder or at save."""
+    from transformers import AutoConfig
+
+    for override, message in (({"pooling": "mean"}, r"pooling='mean' is not supported; choose one of \['max'\]"),
+                              ({"query_max_length": 1000}, "query_max_length=1000 exceeds max_position_embeddings"),
+                              ({"inference_threshold": -1.0}, "inference_threshold must be a number >= 0")):
+        for load in (FLES1Config.from_pretrained, FLES1ForMaskedLM.from_pretrained,
+                     lambda path, **kw: AutoConfig.from_pretrained(path, trust_remote_code=True, **kw)):
+            with pytest.raises(ValueError, match=message):
+                load(tiny_random_checkpoint, **override)
+    config, unused = FLES1Config.from_pretrained(tiny_random_checkpoint, query_max_length=12, other=1,
+                                                 return_unused_kwargs=True)
+    assert config.query_max_length == 12 and unused == {"other": 1}
+
+
+def test_a_model_built_under_inference_mode_encodes(tiny_random_checkpoint):
+    """Its weights are inference tensors, which keep no version counter: the decoder cache's key raised
+    "Inference tensors do not track version counter" (also for a parametrized decoder under inference_mode)."""
+    config = FLES1Config.from_pretrained(tiny_random_checkpoint)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = FLES1ForMaskedLM(config).eval()
+        assert model.cls.predictions.decoder.weight.is_inference()
+        first = model.encode_sparse(IDS).sparse_embeddings
+        terms, weights = model.encode_sparse_terms(IDS)
+        model.cls.predictions.decoder.weight.mul_(1.5)  # in place, in inference mode: no version to bump
+        changed = model.encode_sparse(IDS).sparse_embeddings
+        reference = _reference_vector(model, IDS)
+    assert torch.equal(terms, first[0].nonzero().squeeze(1)) and torch.allclose(weights, first[0][terms], atol=1e-6)
+    assert not torch.equal(first, changed) and torch.allclose(changed, reference, atol=1e-5)
