@@ -168,7 +168,8 @@ def run(args, work: str) -> None:
     results = {"model": args.model, "data": args.data, "device": str(args.device),
                "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size, "documents_per_query": 8,
                "max_length": args.max_length, "query_max_length": query_max_length(args), "steps": args.steps,
-               "warmup": args.warmup, "bf16": args.bf16, "dataloader_workers": args.workers}
+               "warmup": args.warmup, "bf16": args.bf16, "dataloader_workers": args.workers,
+               "profile": args.profile}  # profiled steps carry the profiler's overhead
     if args.only != "sentence-transformers":
         results["fles1_steps_per_s"] = bench_fles1(folder, dataset, args, os.path.join(work, "fles1"))
     if args.only != "fles1":

@@ -17,6 +17,8 @@ OUT=${OUT:-/tmp/gpu_out}
 RESULTS=/tmp/gpu_results
 BUDGET=${BUDGET:-500}           # seconds for all steps together
 START=$SECONDS
+# a rerun on a warm machine starts clean: an earlier session's results and runs would be packed as this one's
+rm -rf "$RESULTS" /tmp/runs /tmp/fles1-tiny
 mkdir -p "$OUT" "$RESULTS"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 SHARED=../shared
@@ -53,7 +55,8 @@ train_and_eval() {  # train_and_eval NAME [--set ...]
   local name=$1; shift
   step "train_$name" 200 python3 train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir "/tmp/runs/$name" \
     --model "$SHARED/models/splade-tiny" --data "$SHARED/data/nfcorpus" $STEPS --set training.save_steps=81 --set training.logging_steps=5 "$@"
-  cp "/tmp/runs/$name/training_log.json" "$RESULTS/${name}_training_log.json" 2>/dev/null
+  [ -f "/tmp/runs/$name/training_log.json" ] || { echo "== $name: no trained model, not evaluated"; return; }
+  cp "/tmp/runs/$name/training_log.json" "$RESULTS/${name}_training_log.json"
   for plot in /tmp/runs/"$name"/*.png; do [ -e "$plot" ] && cp "$plot" "$RESULTS/${name}_$(basename "$plot")"; done
   step "eval_dev_$name" 60 python3 eval_fles1.py --model "/tmp/runs/$name" --data "$SHARED/data/nfcorpus" --split dev \
     --threshold 0.3 --no-bm25 --no-production --output "$RESULTS/${name}_eval_dev.json"

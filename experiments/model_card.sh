@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 RUNS=results/runs/probe-bm25pos-tau1-seed
-HUB=$(mktemp -d)/hub
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT  # also when push refuses
+HUB=$SCRATCH/hub
 python push_fles1.py --model outputs/probe-bm25pos-tau1-seed0 --repo-id mindoval/fles1-v14 --dry-run "$HUB" \
   --results ${RUNS}{0,1,2}/eval_test.json --training-log ${RUNS}{0,1,2}/training_log.json \
   --plots ${RUNS}0/{loss,nnz,lambda_d}.png \
@@ -15,5 +17,4 @@ python push_fles1.py --model outputs/probe-bm25pos-tau1-seed0 --repo-id mindoval
   --studies results/STUDY.md
 cp "$HUB/README.md" results/model_card/README.md
 cp "$HUB"/plots/*.png results/model_card/plots/
-rm -rf "$(dirname "$HUB")"
 echo "results/model_card/ regenerated"

@@ -76,7 +76,9 @@ def seed_section(seed_runs: list[str]) -> str:
                 values[key].append(test[key])
             values["dev"].append(dev.get("ndcg@10"))
     if len(values["ndcg@10"]) >= 2:
-        mean_std = lambda xs, d=4: f"{statistics.fmean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}"  # noqa: E731
+        def mean_std(xs, d=4):  # a column with fewer than two values (dev files missing) has no spread
+            return f"{statistics.fmean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}" if len(xs) >= 2 else MISSING
+
         rows.append([f"mean ± std ({len(values['ndcg@10'])} seeds)", mean_std([v for v in values["dev"] if v is not None]),
                      mean_std(values["ndcg@10"]), mean_std(values["mrr@10"]), mean_std(values["recall@100"]),
                      mean_std(values["nnz_doc"], 1), mean_std(values["nnz_query"], 1)])
@@ -95,9 +97,11 @@ def study_rows(runs: list[tuple[str, str]]) -> list[list[str]]:
         target = recipe.get("clfr", {}).get("target_nnz_d")
         start = history[0]["nnz_doc"] if history else None
         end = final_nnz(log)
+        clfr_enabled = recipe.get("clfr", {}).get("enabled")
         rows.append([
-            label, os.path.basename(run), fmt(start, 1), fmt(end, 1), fmt(target, 0) if recipe.get("clfr", {}).get("enabled") else "(off)",
-            final_lambda_d(log), len(clfr),
+            label, os.path.basename(run), fmt(start, 1), fmt(end, 1),
+            MISSING if not log else fmt(target, 0) if clfr_enabled else "(off)",  # no log: nothing says
+            final_lambda_d(log), len(clfr) if log else MISSING,
             crashes.get("non_finite_loss", MISSING), crashes.get("non_finite_grad", MISSING),
             crashes.get("loss_spike", MISSING), crashes.get("nnz_collapse", MISSING),
             fmt(test.get("ndcg@10")), fmt(test.get("nnz_doc"), 1),

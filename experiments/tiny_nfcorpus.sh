@@ -29,8 +29,16 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 run=$1; seed=$2; shift 2
+if [[ ! $run =~ ^[A-Za-z0-9._-]+$ || $run == . || $run == .. ]]; then  # a folder name under outputs/ and results/runs/
+  echo "RUN_NAME must be letters, digits, '.', '_' or '-', got '$run'" >&2
+  exit 2
+fi
+if [[ ! $seed =~ ^[0-9]+$ ]]; then
+  echo "SEED must be a non-negative integer, got '$seed'" >&2
+  exit 2
+fi
 out=outputs/$run
-mkdir -p results/runs/$run
+results=results/runs/$run
 fresh=--overwrite  # a rerun starts over in outputs/RUN_NAME; pass --resume to continue an interrupted one instead
 for arg in "$@"; do
   if [[ $arg == --resume* ]]; then fresh=; fi
@@ -40,11 +48,11 @@ python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir "$o
   --set training.save_steps=20 --set training.logging_steps=5 --set data.mask_false_negatives=true \
   --set training.seed="$seed" --set training.data_seed="$seed" --set data.seed="$seed" "$@"
 python eval_fles1.py --model "$out" --data ../shared/data/nfcorpus --split dev --threshold 0.3 \
-  --no-bm25 --no-production --output results/runs/$run/eval_dev.json
+  --no-bm25 --no-production --output "$results/eval_dev.json"
 python eval_fles1.py --model "$out" --data ../shared/data/nfcorpus --split test --threshold 0.3 \
-  --latency-queries 50 --output results/runs/$run/eval_test.json --markdown results/runs/$run/eval_test.md
-rm -f results/runs/$run/*.png  # an earlier run's plots must not stay beside this run's log
-cp "$out"/training_log.json results/runs/$run/
+  --latency-queries 50 --output "$results/eval_test.json" --markdown "$results/eval_test.md"
+rm -f "$results"/*.png  # an earlier run's plots must not stay beside this run's log
+cp "$out"/training_log.json "$results/"
 for plot in "$out"/*.png; do  # none when the run logged no row (fewer steps than training.logging_steps)
-  if [ -e "$plot" ]; then cp "$plot" results/runs/$run/; fi
+  if [ -e "$plot" ]; then cp "$plot" "$results/"; fi
 done
