@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import statistics
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -156,7 +157,8 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
     returns the logs left unpaired."""
     unpaired = []
     for path, log in logs:
-        folders = {os.path.realpath(os.path.dirname(os.path.abspath(path)))}
+        # beside the log, and beside the file a link to it points to
+        folders = {os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.dirname(os.path.realpath(path))}
         output_dir = (log.get("recipe") or {}).get("output_dir")
         if isinstance(output_dir, str):
             folders.add(os.path.realpath(output_dir))
@@ -271,6 +273,14 @@ def cell(value, none: str = MISSING) -> str:
     return text.replace("|", "\\|")
 
 
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
+
+
+def markdown_text(text) -> str:
+    """`text` shown as itself in Markdown, a table cell included: a dataset folder named ``a|b`` split its row."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+
+
 def dataset_id(name: str) -> str:
     """Hub id of an evaluated dataset: BEIR datasets live under BeIR/, anything else keeps its name."""
     return name if "/" in name else (f"BeIR/{name}" if name.lower() in BEIR_NAMES else name)
@@ -284,7 +294,8 @@ def hub_id_or_none(value) -> Optional[str]:
 
 # ---- sections ---------------------------------------------------------------------------------------------------
 def headline_section(run: Run) -> str:
-    rows = [[name, entry.get("split", MISSING)] + [fmt_metric(k, entry["metrics"].get(k)) for k in METRICS]
+    rows = [[markdown_text(name), entry.get("split", MISSING)] + [fmt_metric(k, entry["metrics"].get(k))
+                                                                  for k in METRICS]
             for name, entry in run.datasets.items()]
     return table(["Dataset", "Split", *METRICS.values()], rows)
 
@@ -323,7 +334,7 @@ def environment_section(run: Run) -> str:
     lines = [f"- Model fingerprint: `{model.get('fingerprint') or MISSING}`",
              f"- Device: {environment.get('device') or MISSING}; Python {environment.get('python') or MISSING}",
              "- Packages: " + (", ".join(f"{k} {v}" for k, v in sorted(packages.items())) or MISSING)]
-    lines += [f"- Data fingerprint ({name}): `{entry.get('data_fingerprint') or MISSING}` (sha256 of the BEIR folder's "
+    lines += [f"- Data fingerprint ({markdown_text(name)}): `{entry.get('data_fingerprint') or MISSING}` (sha256 of the BEIR folder's "
               f"corpus.jsonl, queries.jsonl and qrels/{entry.get('split') or 'SPLIT'}.tsv; a dataset loaded by hub id "
               "is fingerprinted by its id and sizes instead)" for name, entry in run.datasets.items()]
     return "\n".join(lines)
@@ -333,9 +344,9 @@ def baselines_section(run: Run) -> str:
     rows = []
     for name, entry in run.datasets.items():
         bm25 = entry.get("bm25") or {}
-        rows.append([name, "FLES-1"] + [fmt(entry["metrics"].get(k)) for k in IR_METRICS])
-        rows.append([name, f"BM25 ({bm25.get('library') or MISSING})"]
-                    + [fmt((bm25.get("metrics") or {}).get(k)) for k in IR_METRICS])
+        label = f"BM25 ({bm25['library']})" if bm25.get("library") else "BM25 (not run in this evaluation)"
+        rows.append([markdown_text(name), "FLES-1"] + [fmt(entry["metrics"].get(k)) for k in IR_METRICS])
+        rows.append([markdown_text(name), label] + [fmt((bm25.get("metrics") or {}).get(k)) for k in IR_METRICS])
     return table(["Dataset", "System", *IR_METRICS.values()], rows)
 
 
@@ -363,7 +374,7 @@ def cross_domain_section(run: Run, trained_on: Optional[set[str]]) -> str:
     for name, entry in run.datasets.items():
         metrics, bm25 = entry["metrics"], (entry.get("bm25") or {}).get("metrics") or {}
         relation = MISSING if trained_on is None else "in-domain" if name.lower() in trained_on else "zero-shot"
-        rows.append([name, relation, cell(entry.get("split")), cell(entry.get("num_queries")),
+        rows.append([markdown_text(name), relation, cell(entry.get("split")), cell(entry.get("num_queries")),
                      cell(entry.get("num_docs")), fmt(metrics.get("ndcg@10")), fmt(metrics.get("recall@100")),
                      fmt(bm25.get("ndcg@10")), fmt_metric("nnz_doc", metrics.get("nnz_doc"))])
     return table(["Dataset", "Training data", "Split", "Queries", "Docs", "NDCG@10", "Recall@100", "BM25 NDCG@10",
@@ -374,13 +385,27 @@ def production_section(run: Run) -> str:
     rows, cached = [], False
     for name, entry in run.datasets.items():
         production = entry.get("production") or {}
-        row = [name] + [fmt_production(k, production.get(k)) for k in PRODUCTION]
+        row = [markdown_text(name)] + [fmt_production(k, production.get(k)) for k in PRODUCTION]
         if production.get("docs_per_second_from_cache"):  # measured by the run that encoded the corpus
             cached, row[1] = True, f"{row[1]}*"
         rows.append(row)
     note = ("\n\n\\* Docs/s of the earlier run that encoded the corpus (the vectors came from the cache)."
             if cached else "")
     return table(["Dataset", *PRODUCTION.values()], rows) + note
+
+
+def rerun_commands(run: Run, repo_id: str) -> str:
+    """The eval_fles1.py command(s) that evaluate the published model as `run` did: one per split (one command
+    evaluates every --data on one --split), each argument shell-quoted."""
+    by_split: dict[str, list[str]] = {}
+    for name, entry in run.datasets.items():
+        by_split.setdefault(entry.get("split") or "test", []).append(dataset_id(name))
+    threshold = run.header.get("threshold")
+    return "\n".join(
+        f"python eval_fles1.py --model {shlex.quote(repo_id)} --data {' '.join(shlex.quote(d) for d in datasets)} "
+        f"--split {shlex.quote(split)}" + (f" --threshold {threshold}" if threshold is not None else "")
+        + f" --output {shlex.quote(f'results_{split}.json' if len(by_split) > 1 else 'results.json')}"
+        for split, datasets in by_split.items())
 
 
 # recipe keys that truncate the training texts (train_fles1.py), not what the saved model encodes with
@@ -392,7 +417,8 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     """``header``: the published run's eval header, whose max lengths are the ones the model encodes with."""
     logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
     if recipe is None and logs:
-        recipe = logs[0][1].get("recipe")
+        # the published run's; a lone log paired with no run is taken as its; another seed's never is
+        recipe = (runs[0].training_log if runs[0].training_log else logs[0][1] if len(logs) == 1 else {}).get("recipe")
     if recipe is None and not logs:
         return f"No training log or recipe was given: training details are {MISSING}."
     parts = []
@@ -503,6 +529,8 @@ def build_card(
     if recipe_values is not None:
         _check_recipe_is_the_logs(recipe, recipe_values, primary)
     train_recipe = flatten(recipe_values or (primary.training_log or {}).get("recipe") or {})
+    if base_model is not None and hub_id_or_none(base_model) is None:  # metadata and a huggingface.co link
+        raise CardInputError(f"base model {base_model!r} is not a Hub model id (e.g. google-bert/bert-base-uncased)")
     base_model = base_model or next(
         (hub_id_or_none(train_recipe.get(k)) for k in BASE_MODEL_KEYS if hub_id_or_none(train_recipe.get(k))), None)
     datasets = [dataset_id(name) for name in primary.datasets]
@@ -517,7 +545,6 @@ def build_card(
         language="en", eval_results=model_index(primary),
     )
     header = primary.header
-    splits = {entry.get("split") for entry in primary.datasets.values()}
     environment = header.get("environment") or {}
     return ModelCard.from_template(
         card_data,
@@ -532,15 +559,15 @@ def build_card(
         headline_source=", ".join(f"`{name_of(p)}`" for p in dict.fromkeys(primary.sources.values())),
         reproducibility=reproducibility_section(runs, primary_dataset, name_of),
         environment=environment_section(primary),
-        eval_data=" ".join(dataset_id(name) for name in primary.datasets),
-        eval_split=splits.pop() if len(splits) == 1 else MISSING,
+        rerun=rerun_commands(primary, repo_id),
         baselines=baselines_section(primary),
         cross_domain=cross_domain_section(primary, training_corpora(train_recipe)),
         production=production_section(primary),
         device=environment.get("device") or MISSING,
         training=training_section(runs, extra_logs, recipe_values, header),
         plots=[_image_link(path) for path in plots],
-        evaluated_on=", ".join(f"{name} ({entry.get('split', MISSING)})" for name, entry in primary.datasets.items()),
+        evaluated_on=", ".join(f"{markdown_text(name)} ({entry.get('split', MISSING)})"
+                               for name, entry in primary.datasets.items()),
         runs_note=("Results come from one training run; seed-to-seed spread is unknown." if len(runs) < 2 else
                    f"The spread over {len(runs)} runs is in the reproducibility table; more seeds narrow it."),
         license=LICENSE_TEXT,

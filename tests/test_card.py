@@ -81,7 +81,7 @@ def table_row(text, first_cells, section=None):
         text = text.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
     prefix = "| " + " | ".join(first_cells) + " |"
     (line,) = [line for line in text.splitlines() if line.startswith(prefix)]
-    return [c.strip() for c in line.strip("|").split("|")]
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # an escaped pipe is in a cell
 
 
 def test_metadata_parses_and_model_index_equals_result_file(tmp_path):
@@ -132,7 +132,7 @@ def test_numbers_no_file_holds_render_as_missing(tmp_path):
     card = card_from(tmp_path, [results])
     assert "map_at_100" not in {r.metric_type for r in card.data.eval_results}
     assert table_row(card.text, ["nfcorpus", "test"], "Metrics at")[5] == MISSING  # MAP@100 column of the headline table
-    assert table_row(card.text, ["nfcorpus", "BM25 (—)"])[2:] == [MISSING] * 5
+    assert table_row(card.text, ["nfcorpus", "BM25 (not run in this evaluation)"])[2:] == [MISSING] * 5
     assert table_row(card.text, ["nfcorpus"] + [MISSING] * 5)
     assert "training details are —" in card.text
     assert "Device: —" in card.text
@@ -353,3 +353,48 @@ def test_recipe_max_lengths_are_marked_as_training_truncation(tmp_path):
     assert "`model.document_max_length` cut the training texts only" in text
     recipe.write_text("learning_rate: 2.0e-5\n")
     assert "cut the training texts" not in card_from(tmp_path, [results], recipe=str(recipe)).text
+
+
+def test_odd_dataset_names_and_splits_keep_tables_and_the_rerun_command_intact(tmp_path):
+    """A dataset folder named `tiny|pipe*star` split its table rows (every number a column off) and reached the
+    rerun command unquoted (a shell pipe); datasets on two splits got `--split —`."""
+    odd = "tiny|pipe*star`tick`"
+    results = make_eval(tmp_path / "eval.json", datasets={odd: 0.31234567, "nfcorpus": 0.2911})
+    payload = json.loads(open(results).read())
+    payload["datasets"]["nfcorpus"]["split"] = "dev"
+    (tmp_path / "eval.json").write_text(json.dumps(payload))
+    text = card_from(tmp_path, [results]).text
+    escaped = "tiny\\|pipe\\*star\\`tick\\`"
+    row = table_row(text, [escaped, "test"], "Metrics at")
+    assert len(row) == 2 + 5 + 2 and row[2] == "0.3123"  # Dataset, Split, the metrics, the NNZs: nothing shifted
+    assert table_row(text, [escaped, "BM25 (bm25s)"])[2] == "0.3177"
+    assert ("python eval_fles1.py --model mindoval/fles1-v14 --data 'tiny|pipe*star`tick`' --split test "
+            "--threshold 0.3 --output results_test.json") in text
+    assert ("python eval_fles1.py --model mindoval/fles1-v14 --data BeIR/nfcorpus --split dev --threshold 0.3 "
+            "--output results_dev.json") in text
+    with pytest.raises(CardInputError, match=r"base model '\.\./shared/models/splade-tiny' is not a Hub model id"):
+        build_card([results], base_model="../shared/models/splade-tiny")
+
+
+def test_logs_given_through_links_pair_with_their_runs_and_the_recipe_is_the_published_runs(tmp_path):
+    """Links to the seeds' logs paired with no run (their own folder was looked up, not the target's): every Seed
+    cell was '—' and the card showed the last-given seed's recipe as the published model's."""
+    results, logs = [], []
+    (tmp_path / "links").mkdir()
+    for seed in (0, 1, 2):
+        os.makedirs(tmp_path / f"seed{seed}")
+        results.append(make_eval(tmp_path / f"seed{seed}" / "eval.json", model_path=f"outputs/seed{seed}",
+                                 fingerprint=f"fp-seed{seed}"))
+        logs.append(make_training_log(tmp_path / f"seed{seed}" / "training_log.json", seed=seed))
+        log = json.loads(open(logs[-1]).read())
+        log["recipe"]["seed"] = seed  # each seed's recipe differs by it, as train_fles1.py's do
+        (tmp_path / f"seed{seed}" / "training_log.json").write_text(json.dumps(log))
+        os.symlink(logs[-1], tmp_path / "links" / f"log{seed}.json")
+    linked = [str(tmp_path / "links" / f"log{seed}.json") for seed in (2, 0, 1)]
+    text = card_from(tmp_path, results, linked).text
+    assert [table_row(text, [label], "Reproducibility")[1] for label in ("published", "run 2", "run 3")] == \
+        ["0", "1", "2"]
+    assert "| `seed` | 0 |" in text
+    # unpaired logs of other seeds never lend the published run their recipe
+    text = card_from(tmp_path, [results[0]], [linked[0], linked[2]]).text
+    assert "| `seed` |" not in text
