@@ -562,6 +562,10 @@ class FLES1Encoder:
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         indices = np.concatenate([ids for ids, _ in pairs]) if pairs else np.zeros(0, dtype=np.int64)
         data = np.concatenate([w for _, w in pairs]).astype(np.float32) if pairs else np.zeros(0, np.float32)
+        # a row's ids come highest weight first; CSR wants them ascending (torch ops on an unsorted CSR tensor,
+        # such as mul, silently give wrong values)
+        order = np.lexsort((indices, np.repeat(np.arange(len(pairs)), lengths)))
+        indices, data = indices[order], data[order]
         shape = (len(pairs), self.config.vocab_size)
         if output == "torch":
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
@@ -572,9 +576,7 @@ class FLES1Encoder:
                 )
         from scipy.sparse import csr_matrix
 
-        matrix = csr_matrix((data, indices, indptr), shape=shape)
-        matrix.sort_indices()
-        return matrix
+        return csr_matrix((data, indices, indptr), shape=shape)
 
     def vocabulary(self) -> list[str]:
         """The term of every vocabulary id (what `decode` gives): the tokenizer's tokens, and ``[vocab_<id>]`` for

@@ -301,6 +301,12 @@ def test_encoder_ids_csr_torch_and_decode_agree(encoder):
     assert matrix.shape == tuple(dense_torch.shape) == (4, encoder.config.vocab_size)
     assert matrix.dtype == np.float32 and matrix.has_sorted_indices
     assert np.array_equal(matrix.toarray(), dense_torch.numpy())
+    # a valid CSR tensor: its rows' ids were in weight order, and torch ops that assume sorted ones (mul) gave
+    # wrong values
+    sparse = encoder.encode_batch(texts, output="torch")
+    torch.sparse_csr_tensor(sparse.crow_indices(), sparse.col_indices(), sparse.values(), size=sparse.shape,
+                            check_invariants=True)
+    assert torch.equal(sparse.mul(dense_torch).to_dense(), dense_torch * dense_torch)
     for row, (text, vector, (ids, weights)) in enumerate(zip(texts, dicts, pairs)):
         assert encoder.decode(ids, weights) == vector
         assert encoder.decode(ids) == list(vector)
