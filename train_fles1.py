@@ -16,8 +16,8 @@ ends at this command's --max-steps, else at the recipe's training.max_steps or n
 checkpoint past that step, or at it once the run has written training_log.json, is refused and leaves the run as
 it is, as is one whose weights do not fit --model / model.path; a run killed after its last checkpoint, while
 writing its final folder, plots or log, is finished by --resume. A triples TSV has no relevance judgements:
-data.positive=bm25 and data.mask_false_negatives=true need a BEIR source. Exit status: 0 trained; 2 bad input (one "error: ..." line;
-setup problems are found before the first step).
+data.positive=bm25 and data.mask_false_negatives=true need a BEIR source. Exit status: 0 trained; 2 bad input
+(one "error: ..." line; setup problems are found before the first step).
 """
 
 import argparse

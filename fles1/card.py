@@ -334,7 +334,8 @@ def environment_section(run: Run) -> str:
     lines = [f"- Model fingerprint: `{model.get('fingerprint') or MISSING}`",
              f"- Device: {environment.get('device') or MISSING}; Python {environment.get('python') or MISSING}",
              "- Packages: " + (", ".join(f"{k} {v}" for k, v in sorted(packages.items())) or MISSING)]
-    lines += [f"- Data fingerprint ({markdown_text(name)}): `{entry.get('data_fingerprint') or MISSING}` (sha256 of the BEIR folder's "
+    lines += [f"- Data fingerprint ({markdown_text(name)}): `{entry.get('data_fingerprint') or MISSING}` "
+              "(sha256 of the BEIR folder's "
               f"corpus.jsonl, queries.jsonl and qrels/{entry.get('split') or 'SPLIT'}.tsv; a dataset loaded by hub id "
               "is fingerprinted by its id and sizes instead)" for name, entry in run.datasets.items()]
     return "\n".join(lines)

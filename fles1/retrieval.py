@@ -14,6 +14,7 @@ query's terms -- the same work an inverted-index engine does, with exact float32
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Sequence
 
@@ -92,19 +93,26 @@ class InvertedIndex:
 
     def score(self, query_matrix: csr_matrix) -> csr_matrix:
         """(num_queries, num_docs) sparse scores; a document sharing no term with the query has no entry."""
-        if query_matrix.shape[1] != self.vocab_size:
-            raise ValueError(f"query vectors have {query_matrix.shape[1]} dims, the index {self.vocab_size}")
+        self._check_queries(query_matrix)
         return (csr_matrix(query_matrix, dtype=np.float32) @ self.postings).tocsr()
 
     def search(self, query_matrix: csr_matrix, k: int = 1000) -> list[tuple[np.ndarray, np.ndarray]]:
         """Exact top-k per query row: [(doc positions, scores)], best first; equal scores in trec_eval's order (doc
         id descending), also where a tie straddles the k-th place, so the cut keeps what trec_eval would rank."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:  # 2.5: numpy's error
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        self._check_queries(query_matrix)
         hits = []
         for start in range(0, query_matrix.shape[0], self.query_chunk_size):
             hits += top_k_rows(self.score(query_matrix[start : start + self.query_chunk_size]), k, self._tie_ranks())
         return hits
+
+    def _check_queries(self, query_matrix) -> None:
+        if len(query_matrix.shape) != 2:  # one dense vector: its shape[1] was an IndexError
+            raise ValueError(f"query vectors must be a (num_queries, {self.vocab_size}) matrix, got shape "
+                             f"{tuple(query_matrix.shape)} (one vector: reshape it to (1, {self.vocab_size}))")
+        if query_matrix.shape[1] != self.vocab_size:
+            raise ValueError(f"query vectors have {query_matrix.shape[1]} dims, the index {self.vocab_size}")
 
     @property
     def doc_ids(self) -> tuple[str, ...]:

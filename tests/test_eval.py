@@ -202,6 +202,14 @@ def test_inverted_index_exact_top_k_and_conventions():
     run = index.to_run(["d5"], index.search(self_query, k=4), k=3)
     assert "d5" not in run["d5"] and len(run["d5"]) == 3
     assert set(index.to_run(query_ids, index.search(queries, k=5))) == set(query_ids)
+    # bad k and a 1-D vector: errors that say so (were numpy's TypeError, k=True one hit, an IndexError)
+    for k in (2.5, True, 0):
+        with pytest.raises(ValueError, match=rf"k must be an int >= 1, got {k!r}"):
+            index.search(queries, k=k)
+    with pytest.raises(ValueError, match=r"must be a \(num_queries, 500\) matrix, got shape \(500,\)"):
+        index.search(queries[0].toarray()[0], k=3)
+    (dense_hits, _), = index.search(queries[0].toarray(), k=3)  # a (1, vocab) dense row is fine
+    assert dense_hits.tolist() == index.search(queries[0], k=3)[0][0].tolist()
 
 
 def test_a_tie_at_the_cut_keeps_what_trec_eval_ranks_first():

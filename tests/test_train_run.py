@@ -326,7 +326,8 @@ def test_a_run_killed_while_finishing_is_finished_by_resume(sparse_tiny, msmarco
     finished = train(recipe, str(out))
     assert finished["global_step"] == 4
     # what a kill during save_model leaves: the final folder's later files, the plots and the log never written
-    for name in ("training_log.json", "loss.png", "nnz.png", "lambda_d.png", "modules.json", "sentence_bert_config.json"):
+    for name in ("training_log.json", "loss.png", "nnz.png", "lambda_d.png", "modules.json",
+                 "sentence_bert_config.json"):
         (out / name).unlink()
     shutil.rmtree(out / "1_SpladePooling")
     (out / "model.safetensors").write_bytes(b"cut short")
