@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from fles1.checkpoint import convert
-from fles1.cli import BAD_INPUT, at_least, sigterm_unwinds
+from fles1.cli import at_least, bad_input, sigterm_unwinds
 
 
 def main(argv=None):
@@ -41,11 +41,9 @@ def _run(args) -> int:
             overwrite=args.overwrite,
         )
     except (FileExistsError, NotADirectoryError) as error:  # about OUT, and the message names it
-        print(f"error: {error}", file=sys.stderr)
-        return BAD_INPUT
+        return bad_input(str(error))
     except (OSError, ValueError) as error:  # no such folder/repo, not a BERT masked-LM, a bad setting
-        print(f"error: {args.source}: {error}", file=sys.stderr)
-        return BAD_INPUT
+        return bad_input(f"{args.source}: {error}")
     print(f"FLES-1 checkpoint written to {out}")
     return 0
 

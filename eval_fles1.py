@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from fles1.atomic import require_writable
-    from fles1.cli import BAD_INPUT
+    from fles1.cli import bad_input
     from fles1.beir import BEIRDataError
     from fles1.evaluation import evaluate, markdown_tables, write_markdown, write_results
     from fles1_encoder import CheckpointError
@@ -99,9 +99,7 @@ def _run(args) -> int:
     for index, (option, path) in enumerate(files):  # one written over the other: a run's results silently lost
         for other, earlier in files[:index]:
             if os.path.realpath(path) == os.path.realpath(earlier):
-                print(f"error: {option} {path} is the file {other} writes too; give each output its own path",
-                      file=sys.stderr)
-                return BAD_INPUT
+                return bad_input(f"{option} {path} is the file {other} writes too; give each output its own path")
     try:
         for option, path in (("--output", args.output), ("--markdown", args.markdown)):
             if path:
@@ -115,8 +113,7 @@ def _run(args) -> int:
             log=lambda message: print(message, file=sys.stderr),
         )
     except (BEIRDataError, CheckpointError, ValueError) as error:  # ValueError: e.g. a device not usable here
-        print(f"error: {error}", file=sys.stderr)
-        return BAD_INPUT
+        return bad_input(str(error))
     if args.output:
         write_results(results, args.output)
     if args.markdown:

@@ -258,6 +258,9 @@ class FLES1Encoder:
     def threshold(self) -> float:
         """Weights below it are dropped: the one given (argument or assignment), else `config.inference_threshold`."""
         self._sync()
+        return self._synced_threshold()
+
+    def _synced_threshold(self) -> float:  # `threshold` without the sync, for callers that have just synced
         return self._threshold if self._threshold is not None else self._config_threshold
 
     @threshold.setter
@@ -489,7 +492,7 @@ class FLES1Encoder:
             return [], []
         token_ids = self._token_ids_one(text, kind)  # syncs with the config: its threshold is current below
         if threshold is None:
-            threshold = self._threshold if self._threshold is not None else self._config_threshold
+            threshold = self._synced_threshold()
         if len(token_ids) <= self._special_token_count:  # e.g. only zero-width or control characters
             return [], []
         if hasattr(self.model, "encode_sparse_terms"):

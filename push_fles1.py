@@ -16,7 +16,7 @@ unreachable (no commit made).
 import argparse
 import sys
 
-from fles1.cli import BAD_INPUT, sigterm_unwinds
+from fles1.cli import bad_input, sigterm_unwinds
 from fles1.publish import CardInputs, PublishError, UploadError, publish
 
 
@@ -48,8 +48,10 @@ def _run(args) -> int:
         publish(args.model, args.repo_id, card, private=args.private, revision=args.revision,
                 create_pr=args.create_pr, dry_run=args.dry_run)
     except PublishError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1 if isinstance(error, UploadError) else BAD_INPUT  # the Hub or network failed, not the inputs
+        if isinstance(error, UploadError):  # the Hub or network failed, not the inputs
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        return bad_input(str(error))
     return 0
 
 

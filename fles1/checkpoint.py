@@ -124,19 +124,14 @@ def _drop_remote_code_copy(model_class) -> None:
     """Loading remote code, transformers copies it into its modules cache under the folder's name
     (transformers_modules/<folder>/<hash>/); for a staging folder (a random name, never loaded again) that was one
     orphaned copy per convert."""
-    parts = model_class.__module__.split(".")
-    file = getattr(sys.modules.get(model_class.__module__), "__file__", None)
-    if len(parts) < 3 or parts[0] != "transformers_modules" or not file:
+    from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
+    from transformers.utils import HF_MODULES_CACHE
+
+    parts = model_class.__module__.split(".")  # transformers_modules.<folder>.<hash>.modeling_fles1
+    if len(parts) < 3 or parts[0] != TRANSFORMERS_DYNAMIC_MODULE_NAME:
         return
-    copy = os.path.dirname(file)
-    while os.path.basename(os.path.dirname(copy)) != "transformers_modules":
-        if copy == os.path.dirname(copy):
-            return
-        copy = os.path.dirname(copy)
-    if os.path.basename(copy) != parts[1]:
-        return
-    shutil.rmtree(copy, ignore_errors=True)
-    package = f"transformers_modules.{parts[1]}"
+    shutil.rmtree(os.path.join(HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME, parts[1]), ignore_errors=True)
+    package = f"{TRANSFORMERS_DYNAMIC_MODULE_NAME}.{parts[1]}"
     for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
         del sys.modules[name]
 

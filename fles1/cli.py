@@ -15,9 +15,14 @@ from typing import NoReturn
 BAD_INPUT = 2
 
 
-def exit_bad_input(message: str) -> NoReturn:
+def bad_input(message: str) -> int:
+    """Report bad input as every CLI does; returns the exit status for ``main`` to return."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(BAD_INPUT)
+    return BAD_INPUT
+
+
+def exit_bad_input(message: str) -> NoReturn:
+    raise SystemExit(bad_input(message))
 
 
 def at_least(minimum, kind=int):
