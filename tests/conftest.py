@@ -9,13 +9,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads, ever, in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if os.environ.get("PYTEST_XDIST_WORKER") and "HF_MODULES_CACHE" not in os.environ:
     # transformers copies remote code into its module cache without a lock between processes: under pytest-xdist
     # each worker (and the CLIs it starts) gets its own, so no worker imports a file another is half-way writing.
+    # Removed when the worker exits (the CLIs it started have ended by then).
+    import atexit
+    import shutil
     import tempfile
 
-    os.environ.setdefault("HF_MODULES_CACHE", os.path.join(
-        tempfile.gettempdir(), f"fles1-tests-modules-{os.environ['PYTEST_XDIST_WORKER']}-{os.getpid()}"))
+    _modules_cache = os.path.join(
+        tempfile.gettempdir(), f"fles1-tests-modules-{os.environ['PYTEST_XDIST_WORKER']}-{os.getpid()}")
+    os.environ["HF_MODULES_CACHE"] = _modules_cache
+    atexit.register(shutil.rmtree, _modules_cache, ignore_errors=True)
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 BACKBONE = os.path.join(SHARED, "models", "splade-tiny")
