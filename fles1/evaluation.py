@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fles1 import exports
 from fles1.atomic import atomic_directory, atomic_open, atomic_write_json, require_writable, scratch_directory
+from fles1.card import markdown_text
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
@@ -522,7 +523,7 @@ def markdown_tables(results: dict) -> str:
         metrics = entry["metrics"]
         bm25 = entry["bm25"]["metrics"]["ndcg@10"] if entry.get("bm25") else None
         rows.append([metrics[key] for key in METRIC_KEYS] + [metrics["nnz_doc"], metrics["nnz_query"], bm25])
-        lines.append(f"| {name} | " + " | ".join(_row(rows[-1])) + " |")
+        lines.append(f"| {markdown_text(name)} | " + " | ".join(_row(rows[-1])) + " |")
     if len(rows) > 1:
         average = [
             None if any(row[i] is None for row in rows) else statistics.fmean(row[i] for row in rows)
@@ -542,7 +543,7 @@ def markdown_tables(results: dict) -> str:
         ]
         for name, values in production.items():
             lines.append(
-                f"| {name} | {values['docs_per_second']:.1f}{'*' * bool(values.get('docs_per_second_from_cache'))} | "
+                f"| {markdown_text(name)} | {values['docs_per_second']:.1f}{'*' * bool(values.get('docs_per_second_from_cache'))} | "
                 f"{values['query_latency_ms_p50']:.2f} | "
                 f"{values['query_latency_ms_p95']:.2f} | {values['index_bytes_per_1k_docs'] / 1e6:.3f} | "
                 f"{values['index_ratio_to_dense_768']:.3f}x |"

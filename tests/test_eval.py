@@ -730,3 +730,16 @@ def test_hub_datasets_get_the_checks_a_folder_gets(tmp_path, monkeypatch):
     _fake_hub(monkeypatch, [])
     with pytest.raises(BEIRDataError, match=r"BeIR/toy-qrels test: no judgements"):
         load_beir("BeIR/toy")
+
+
+def test_eval_markdown_tables_escape_dataset_names():
+    """A dataset folder named `a|b` split its row of eval's own tables (the card's escaped it already)."""
+    from fles1.metrics import METRIC_KEYS
+
+    metrics = {key: 0.5 for key in METRIC_KEYS} | {"nnz_doc": 100.0, "nnz_query": 10.0}
+    production = {"docs_per_second": 10.0, "query_latency_ms_p50": 1.0, "query_latency_ms_p95": 2.0,
+                  "index_bytes_per_1k_docs": 1e6, "index_ratio_to_dense_768": 0.5}
+    results = {"threshold": 0.3, "document_max_length": 256, "environment": {"device": "cpu"},
+               "datasets": {"a|b_c": {"split": "test", "metrics": metrics, "bm25": None, "production": production}}}
+    rows = [line for line in markdown_tables(results).splitlines() if line.startswith("| a")]
+    assert len(rows) == 2 and all(row.startswith("| a\\|b\\_c |") for row in rows)
