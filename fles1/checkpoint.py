@@ -165,17 +165,22 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
                              "writes model.safetensors")
     modules = cached_file(source, "modules.json", _raise_exceptions_for_missing_entries=False,
                           _raise_exceptions_for_connection_errors=False)
-    for module in json.load(open(modules, encoding="utf-8")) if modules else []:
+    for module in _read_json(modules) if modules else []:
         if module.get("type", "").endswith("SpladePooling"):
             pooling = cached_file(source, f"{module['path']}/config.json", _raise_exceptions_for_missing_entries=False,
                                   _raise_exceptions_for_connection_errors=False)
-            settings = json.load(open(pooling, encoding="utf-8")) if pooling else {}
+            settings = _read_json(pooling) if pooling else {}
             strategy, activation = settings.get("pooling_strategy", "max"), settings.get("activation_function", "relu")
             if (strategy, activation) != ("max", "relu"):
                 raise ValueError(f"its SpladePooling pools with pooling_strategy={strategy!r}, activation_function="
                                  f"{activation!r}: FLES-1 encodes with 'max' and 'relu' (log(1 + ReLU), max over "
                                  "tokens) only, so the converted model would give other vectors")
     return model_type
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def check_tokenizer(tokenizer, vocab_size: int) -> None:

@@ -1048,3 +1048,21 @@ def test_a_model_built_under_inference_mode_encodes(tiny_random_checkpoint):
         reference = _reference_vector(model, IDS)
     assert torch.equal(terms, first[0].nonzero().squeeze(1)) and torch.allclose(weights, first[0][terms], atol=1e-6)
     assert not torch.equal(first, changed) and torch.allclose(changed, reference, atol=1e-5)
+
+
+def test_model_check_source_closes_the_files_it_reads(tiny_random_checkpoint, tmp_path):
+    """check_source read a sentence-transformers folder's modules.json and pooling config through json.load(open(..))
+    and left both files to the garbage collector: ResourceWarnings, errors under -W error."""
+    import gc
+    import warnings
+
+    from sentence_transformers import SparseEncoder
+
+    from fles1.checkpoint import check_source
+
+    SparseEncoder(tiny_random_checkpoint, trust_remote_code=True, device="cpu").save_pretrained(str(tmp_path / "st"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check_source(str(tmp_path / "st")) == "fles1"
+        gc.collect()
+    assert not [warning for warning in caught if issubclass(warning.category, ResourceWarning)]
