@@ -79,8 +79,8 @@ def jsonl_path(path: str) -> str:
 
 
 def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
-    """The file's JSON objects, each with an '_id' and its `text_fields` as str ("" where missing or null).
-    A ``.gz`` path is read through gzip."""
+    """The file's JSON objects, each with an '_id', a 'text' and its `text_fields` as str ("" where null, or for a
+    missing title). A ``.gz`` path is read through gzip."""
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     rows = {}  # id -> (its first line, row)
@@ -103,9 +103,21 @@ def _read_rows(path: str, handle, text_fields: tuple[str, ...], rows: dict) -> N
             raise BEIRDataError(f"{path}:{number}: malformed JSON ({error.msg})") from None
         if not isinstance(row, dict) or "_id" not in row:
             raise BEIRDataError(f"{path}:{number}: expected a JSON object with an '_id'")
+        keys = sorted(row)
         for name in text_fields:
             row[name] = _text_field(row.get(name), f"{path}:{number}: '{name}'")
-        _add_row(rows, str(row["_id"]), row, text_fields, f"{path}:{number}", f"line {number}")
+        if "text" not in keys:  # a row keyed otherwise ("query", "contents") would encode as blank: every score 0
+            raise BEIRDataError(f"{path}:{number}: no 'text' field (BEIR rows hold their text under 'text', null or "
+                                f"\"\" for none; this one has {keys})")
+        _add_row(rows, _row_id(row["_id"], f"{path}:{number}"), row, text_fields, f"{path}:{number}", f"line {number}")
+
+
+def _row_id(value, where: str) -> str:
+    """A row's '_id' as the str every id is compared as: a non-empty string, or an integer. null, true or a list
+    would become the ids 'None', 'True', "['a']"."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise BEIRDataError(f"{where}: '_id' must be a non-empty string or an integer, got {value!r}")
+    return str(value)
 
 
 def _add_row(rows: dict, row_id: str, row: dict, text_fields, where: str, position: str) -> None:
@@ -273,7 +285,7 @@ def load_beir_from_hub(dataset_id: str, split: str = "test", keep_missing_docume
         for number, row in enumerate(_load_from_hub(dataset_id, config, split=config)):
             where = f"{dataset_id} {config} row {number}"
             texts = {name: _text_field(row.get(name), f"{where}: '{name}'") for name in fields}
-            _add_row(rows, str(row["_id"]), texts, fields, where, f"row {number}")
+            _add_row(rows, _row_id(row["_id"], where), texts, fields, where, f"row {number}")
     corpus = {row_id: row for row_id, (_, row) in tables["corpus"].items()}
     queries = {row_id: row["text"] for row_id, (_, row) in tables["queries"].items()}
     if not corpus:

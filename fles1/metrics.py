@@ -85,6 +85,10 @@ def read_trec_run(path: str) -> dict[str, dict[str, float]]:
             fields = line.split()
             if len(fields) != 6:
                 raise ValueError(f"{path}:{number}: expected 'qid Q0 docid rank score tag'")
-            run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
+            try:
+                score = float(fields[4])
+            except ValueError:
+                raise ValueError(f"{path}:{number}: score {fields[4]!r} is not a number") from None
+            run.setdefault(fields[0], {})[fields[2]] = score
     return run
 

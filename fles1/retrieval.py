@@ -62,6 +62,16 @@ def top_k_rows(scores: csr_matrix, k: int, tie_ranks: np.ndarray | None = None) 
     return hits
 
 
+def _check_unique(doc_ids: tuple[str, ...]) -> None:
+    """One row per id: a run maps each id to one score, so a repeated id (passages indexed under their document's
+    id) would keep whichever hit came last, not its best."""
+    if len(set(doc_ids)) != len(doc_ids):
+        seen = set()
+        repeated = next(doc_id for doc_id in doc_ids if doc_id in seen or seen.add(doc_id))
+        raise ValueError(f"doc_ids must be unique: {repeated!r} names more than one row (index passages under "
+                         "ids of their own, e.g. 'doc#0', and merge their hits per document after search)")
+
+
 class InvertedIndex:
     """Posting lists over a corpus of sparse vectors; exact dot-product top-k search.
 
@@ -121,7 +131,9 @@ class InvertedIndex:
 
     @doc_ids.setter
     def doc_ids(self, ids) -> None:
-        self._doc_ids = tuple(str(doc_id) for doc_id in ids)
+        ids = tuple(str(doc_id) for doc_id in ids)
+        _check_unique(ids)
+        self._doc_ids = ids
         self.__dict__.pop("_tie_rank_array", None)
 
     def _tie_ranks(self) -> np.ndarray:
@@ -142,15 +154,15 @@ class InvertedIndex:
         k + 1 to keep k hits). Every query gets an entry, possibly empty (it then scores 0)."""
         run = {}
         for query_id, (positions, scores) in zip(query_ids, hits):
-            ranked = {}
+            query_id, ranked = str(query_id), {}
             for position, score in zip(positions.tolist(), scores.tolist()):
                 doc_id = self.doc_ids[position]
-                if drop_self and doc_id == query_id:
+                if drop_self and doc_id == query_id:  # both str, as the run file writes them
                     continue
                 ranked[doc_id] = score
                 if k is not None and len(ranked) == k:
                     break
-            run[str(query_id)] = ranked
+            run[query_id] = ranked
         return run
 
     # ---- on disk -----------------------------------------------------------------------------------------------

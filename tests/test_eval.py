@@ -108,9 +108,29 @@ def test_bad_document_text_names_file_and_line(tmp_path, line, message):
         load_beir(folder)
 
 
-def test_null_or_missing_text_fields_are_empty(tmp_path):
-    data = load_beir(write_beir(tmp_path / "nulls", corpus=CORPUS + [{"_id": "d7", "title": None}]))
+def test_null_text_fields_and_a_missing_title_are_empty(tmp_path):
+    data = load_beir(write_beir(tmp_path / "nulls", corpus=CORPUS + [{"_id": "d7", "title": None, "text": None},
+                                                                     {"_id": 8, "text": "no title"}]))
     assert data.corpus["d7"] == {"title": "", "text": ""} and data.document_text("d7") == ""
+    assert data.corpus["8"] == {"title": "", "text": "no title"}  # an integer id is its decimal string
+
+
+@pytest.mark.parametrize("file, line, message", [
+    # keyed otherwise: encoded as blank, every score 0 without a word
+    ("queries.jsonl", '{"_id": "q9", "query": "coffee"}', r"queries\.jsonl:\d+: no 'text' field .*this one has \['_id', 'query'\]"),
+    ("corpus.jsonl", '{"_id": "d9", "contents": "x"}', r"corpus\.jsonl:7: no 'text' field .*\['_id', 'contents'\]"),
+    # ids that became 'None', 'True', "['a']" or ''
+    ("corpus.jsonl", '{"_id": null, "text": "x"}', r"corpus\.jsonl:7: '_id' must be a non-empty string or an integer, got None"),
+    ("corpus.jsonl", '{"_id": true, "text": "x"}', r"corpus\.jsonl:7: '_id' must be .*, got True"),
+    ("queries.jsonl", '{"_id": ["a"], "text": "x"}', r"queries\.jsonl:\d+: '_id' must be .*, got \['a'\]"),
+    ("corpus.jsonl", '{"_id": "", "text": "x"}', r"corpus\.jsonl:7: '_id' must be .*, got ''"),
+])
+def test_rows_without_text_or_with_odd_ids_name_file_and_line(tmp_path, file, line, message):
+    folder = write_beir(tmp_path / "bad")
+    with open(os.path.join(folder, file), "a") as handle:
+        handle.write(line + "\n")
+    with pytest.raises(BEIRDataError, match=message):
+        load_beir(folder)
 
 
 def test_hub_dataset_that_cannot_load_is_named(tmp_path, tiny_random_checkpoint, capsys):
@@ -210,6 +230,19 @@ def test_inverted_index_exact_top_k_and_conventions():
         index.search(queries[0].toarray()[0], k=3)
     (dense_hits, _), = index.search(queries[0].toarray(), k=3)  # a (1, vocab) dense row is fine
     assert dense_hits.tolist() == index.search(queries[0], k=3)[0][0].tolist()
+
+
+def test_inverted_index_refuses_repeated_ids_and_drops_self_hits_of_any_id_type():
+    """A repeated id (passages under their document's id) kept its last hit's score in the run, not its best; an
+    int query id never matched its own document's id."""
+    docs = csr_matrix(np.array([[3.0, 0.0], [1.0, 0.0], [2.0, 0.0]], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"doc_ids must be unique: 'doc' names more than one row"):
+        InvertedIndex(docs, ["doc", "doc", "other"])
+    index = InvertedIndex(docs, [1, 2, 3])
+    hits = index.search(csr_matrix(np.array([[1.0, 0.0]], dtype=np.float32)), k=3)
+    assert index.to_run([1], hits) == {"1": {"3": 2.0, "2": 1.0}}  # ids are str, as in the run file
+    with pytest.raises(ValueError, match=r"doc_ids must be unique: '1' names more than one row"):
+        InvertedIndex(docs, [1, "1", 2])
 
 
 def test_a_tie_at_the_cut_keeps_what_trec_eval_ranks_first():
@@ -345,6 +378,9 @@ def test_trec_run_file_round_trip(tmp_path):
     lines = (tmp_path / "run.trec").read_text().splitlines()
     assert lines[0] == "q1 Q0 d2 1 3.500000 t" and len(lines) == 2
     assert read_trec_run(str(tmp_path / "run.trec")) == {"q1": {"d2": 3.5, "d1": 1.25}}
+    (tmp_path / "bad.trec").write_text("q1 Q0 d1 1 3.5 t\nq1 Q0 d2 2 abc t\n")
+    with pytest.raises(ValueError, match=r"bad\.trec:2: score 'abc' is not a number"):
+        read_trec_run(str(tmp_path / "bad.trec"))
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------------------
