@@ -392,6 +392,15 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.adam_beta1", 1.5, r"recipe.training.adam_beta1 must be in \[0, 1\), got 1.5"),
     ("training.adam_beta2", 1.0, r"recipe.training.adam_beta2 must be in \[0, 1\), got 1.0"),
     ("training.adam_epsilon", float("inf"), "recipe.training.adam_epsilon must be a finite number >= 0, got inf"),
+    # transformers clips only above 0: NaN or a negative norm switched clipping off silently
+    ("training.max_grad_norm", float("nan"), r"recipe.training.max_grad_norm must be a finite number >= 0 \(0: no "
+                                             r"clipping\), got nan"),
+    ("training.max_grad_norm", -1.0, "recipe.training.max_grad_norm must be a finite number >= 0"),
+    # taken by TrainingArguments, ignored by FLES1Trainer: a run trained in float32 / uncompiled / unsmoothed
+    ("training.fp16", True, r"recipe.training.fp16: True is not supported: FLES-1 trains in float32 or bf16"),
+    ("training.torch_compile", True, "recipe.training.torch_compile: True is not supported: FLES1Trainer encodes "
+                                     "through encode_sparse"),
+    ("training.label_smoothing_factor", 0.1, "recipe.training.label_smoothing_factor: 0.1 is not supported"),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}
@@ -517,6 +526,32 @@ def test_a_non_finite_step_is_one_crash_and_never_the_collapse_baseline():
     assert monitor.totals() == {"non_finite_loss": 2, "non_finite_grad": 0, "loss_spike": 0, "nnz_collapse": 1,
                                 "total": 3}
     assert [event["step"] for event in monitor.events if event["kind"] == "nnz_collapse"] == [5]
+
+
+def test_crash_monitor_judges_a_step_by_its_mean_micro_batch_loss():
+    """Under gradient accumulation a step's loss was the sum of its micro-batches' losses (the log shows their
+    mean): an epoch's short last step was compared against full steps' sums, and a spike there went uncounted."""
+    from types import SimpleNamespace
+
+    from fles1.training.crashes import CrashMonitor
+
+    monitor, model = CrashMonitor(spike_factor=2, spike_window=5), torch.nn.Linear(2, 2)
+    for step, losses in enumerate([[1.0] * 3] * 6 + [[2.5]]):
+        for loss in losses:
+            monitor.observe(loss=loss, nnz_sum=400.0, nnz_count=4)
+        monitor.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, model=model)
+    assert monitor.recent_losses == [1.0] * 4 + [2.5]
+    assert monitor.events == [{"step": 7, "kind": "loss_spike", "value": 2.5}]
+
+
+def test_the_lambda_d_plot_is_linear_when_lambda_d_is_zero_throughout():
+    """A run without regularization (lambda_d 0, CLFR off) drew an empty log-scale panel, with matplotlib's warning."""
+    from fles1.training.plots import plot_series
+
+    history = [{"step": step, "loss": 1.0, "lambda_d": 0.0} for step in (1, 2)]
+    assert plot_series({"history": history, "clfr": []})["lambda_d.png"][2] is False
+    history = [{**row, "lambda_d": 3e-5} for row in history]
+    assert plot_series({"history": history, "clfr": []})["lambda_d.png"][2] is True
 
 
 def test_training_arguments_skip_ddps_unused_parameter_search_unless_asked():

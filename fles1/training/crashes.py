@@ -59,12 +59,14 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
         self._new_step()
 
     def _new_step(self):
-        self._loss, self._nnz_sum, self._nnz_count, self._loss_finite = 0.0, 0.0, 0, True
+        self._loss, self._batches, self._nnz_sum, self._nnz_count, self._loss_finite = 0.0, 0, 0.0, 0, True
 
     def observe(self, loss: float, nnz_sum: float, nnz_count: int) -> None:
+        """One micro-batch: its loss (a batch mean), its documents' total non-zeros and their number."""
         finite = math.isfinite(loss)
         self._loss_finite &= finite
         self._loss += loss
+        self._batches += 1
         if finite:  # a NaN batch's vectors hold no entry > 0: not also a collapse, nor the baseline (as for CLFR)
             self._nnz_sum += nnz_sum
             self._nnz_count += nnz_count
@@ -80,9 +82,12 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
         step = state.global_step + 1  # the step this update would become
         ranks = world_size()
         if ranks > 1:  # one rank's NaN batch or spike is the step's, and every rank keeps the same history
-            loss, self._nnz_sum, self._nnz_count, finite = all_reduce_sum(
-                [self._loss, self._nnz_sum, self._nnz_count, self._loss_finite], args.device)
-            self._loss, self._loss_finite = loss / ranks, finite == ranks
+            self._loss, self._batches, self._nnz_sum, self._nnz_count, finite = all_reduce_sum(
+                [self._loss, self._batches, self._nnz_sum, self._nnz_count, self._loss_finite], args.device)
+            self._loss_finite = finite == ranks
+        # the step's loss is the mean over its micro-batches, as logged: a sum would grow with gradient
+        # accumulation, and an epoch's short last step would be measured against full steps' sums
+        self._loss /= max(self._batches, 1)
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         grads_finite = all(bool(torch.isfinite(g).all()) for g in grads)
         if not self._loss_finite or not grads_finite:

@@ -23,10 +23,13 @@ def plot_series(log: dict) -> dict[str, tuple[str, list[tuple[str, list, list, s
     if log.get("clfr"):
         lambda_series.append(("CLFR adjustment (new lambda_d)", [row["step"] for row in log["clfr"]],
                               [row["lambda_d_after"] for row in log["clfr"]], "x"))
+    # log scale shows CLFR's multiplicative steps; a run without regularization (lambda_d 0 throughout) has
+    # nothing to show on one (matplotlib warned and drew an empty panel)
+    positive = any(isinstance(y, (int, float)) and y > 0 for _, _, ys, _ in lambda_series for y in ys)
     return dict(zip(PLOT_FILES, [
         ("loss", [line("loss", "total"), line("loss_contrastive", "InfoNCE")], False),
         ("mean non-zeros per vector", [line("nnz_doc", "documents"), line("nnz_query", "queries")], False),
-        ("lambda_d", lambda_series, True),
+        ("lambda_d", lambda_series, positive),
     ]))
 
 

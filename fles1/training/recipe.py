@@ -98,6 +98,19 @@ _TRAINING_RANGES = {
     "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adam_epsilon": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    # transformers clips only when max_grad_norm > 0: NaN or a negative norm turned clipping off without a word
+    "max_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+}
+
+# Settings TrainingArguments takes that FLES1Trainer would ignore: it encodes through encode_sparse under its own
+# autocast (bf16 only), not the model's forward, and computes its own loss. A run would train without them, silently.
+_IGNORED_TRAINING = {
+    "fp16": (lambda v: v is True, "FLES-1 trains in float32 or bf16 (training.bf16: true) only: fp16 autocast and "
+                                  "loss scaling are not wired into encode_sparse"),
+    "torch_compile": (lambda v: v is True, "FLES1Trainer encodes through encode_sparse, not the compiled forward: "
+                                           "nothing would be compiled"),
+    "label_smoothing_factor": (lambda v: v != 0, "the FLES-1 loss (InfoNCE, loss.temperature) takes no label "
+                                                 "smoothing"),
 }
 
 
@@ -131,6 +144,9 @@ def _check_training_arguments(training: dict) -> None:
     for key, (allowed, wording) in _TRAINING_RANGES.items():
         if key in training and not allowed(training[key]):
             raise ValueError(f"recipe.training.{key} must be {wording}, got {training[key]!r}")
+    for key, (ignored, reason) in _IGNORED_TRAINING.items():
+        if key in training and ignored(training[key]):
+            raise ValueError(f"recipe.training.{key}: {training[key]!r} is not supported: {reason}")
     try:
         args = training_arguments(training)
     except (ValueError, RuntimeError, ImportError) as error:
