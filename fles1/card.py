@@ -18,6 +18,7 @@ runs (e.g. other seeds) and feed the reproducibility table (per-run rows, mean Â
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -27,6 +28,7 @@ from typing import Optional, Sequence
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE_PATH = os.path.join(PROJECT_ROOT, "model_card", "template.md")
@@ -82,6 +84,13 @@ def read_eval(path: str) -> dict:
     for name, entry in data["datasets"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
             raise CardInputError(f"{path}: datasets.{name} has no 'metrics' object")
+        tables = {"metrics": entry["metrics"], "bm25.metrics": (entry.get("bm25") or {}).get("metrics"),
+                  "production": entry.get("production")}
+        for table_name, values in tables.items():
+            for key, value in (values.items() if isinstance(values, dict) else ()):
+                if number(value) is not None and not math.isfinite(value):  # a diverged model or a broken eval
+                    raise CardInputError(f"{path}: datasets.{name}.{table_name}.{key} is {value}: a card publishes "
+                                         "finite numbers only (re-run the evaluation)")
     return data
 
 
@@ -418,8 +427,10 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     """``header``: the published run's eval header, whose max lengths are the ones the model encodes with."""
     logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
     if recipe is None and logs:
-        # the published run's; a lone log paired with no run is taken as its; another seed's never is
-        recipe = (runs[0].training_log if runs[0].training_log else logs[0][1] if len(logs) == 1 else {}).get("recipe")
+        # the published run's; a lone log paired with no run (when no run has one) is taken as its; another
+        # seed's never is
+        lone = extra_logs[0][1] if len(extra_logs) == 1 and not any(run.training_log for run in runs) else {}
+        recipe = (runs[0].training_log or lone).get("recipe")
     if recipe is None and not logs:
         return f"No training log or recipe was given: training details are {MISSING}."
     parts = []
@@ -507,6 +518,10 @@ def build_card(
     parent folders as tell it from the others: ``seed1/eval_test.json``);
     ``studies`` is a Markdown file of study tables generated from result files (experiments/summarize.py),
     embedded as is."""
+    try:  # the card names it in its snippets, rerun commands and model-index (push_fles1.py checks it too)
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise CardInputError(f"repo id {repo_id!r} is not a Hub repo id ({error})") from None
     short = distinct_names(results)
     name_of = lambda path: (result_names or {}).get(path) or short.get(path, os.path.basename(path))  # noqa: E731
     if not results:
@@ -547,9 +562,7 @@ def build_card(
     )
     header = primary.header
     environment = header.get("environment") or {}
-    return ModelCard.from_template(
-        card_data,
-        template_path=template_path,
+    values = dict(
         model_name=model_name,
         repo_id=repo_id,
         base_model=base_model,
@@ -574,6 +587,25 @@ def build_card(
         license=LICENSE_TEXT,
         studies=_read_text(studies) if studies else "",
     )
+    _check_template_names(template_path, set(card_data.to_dict()) | set(values))
+    return ModelCard.from_template(card_data, template_path=template_path, **values)
+
+
+def _check_template_names(template_path: str, known: set) -> None:
+    """Every name the template uses must be one the card fills: Jinja renders an unknown one (a typo, a renamed
+    value) as empty text, and the card would ship with a hole."""
+    import jinja2
+    import jinja2.meta
+
+    environment = jinja2.Environment()
+    try:
+        used = jinja2.meta.find_undeclared_variables(environment.parse(_read_text(template_path, "template")))
+    except jinja2.TemplateSyntaxError as error:
+        raise CardInputError(f"{template_path}:{error.lineno}: not a valid Jinja template ({error.message})") from None
+    unknown = sorted(used - known - {"card_data"} - set(environment.globals))
+    if unknown:
+        raise CardInputError(f"{template_path}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                             f"filled by the card (it fills: {', '.join(sorted(known))})")
 
 
 def _check_recipe_is_the_logs(path: str, values: dict, published: Run) -> None:
@@ -599,12 +631,12 @@ def _image_link(path: str) -> dict:
     return {"alt": re.sub(r"([\[\]\\])", r"\\\1", path), "url": quote(path)}
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, kind: str = "studies") -> str:
     try:
         with open(path, encoding="utf-8") as handle:
             return handle.read()
     except OSError as error:
-        raise CardInputError(f"{path}: cannot read the studies file ({error.strerror})") from None
+        raise CardInputError(f"{path}: cannot read the {kind} file ({error.strerror})") from None
 
 
 __all__ = ["build_card", "CardInputError", "group_runs", "model_index", "MISSING", "METRICS"]

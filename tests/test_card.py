@@ -398,3 +398,61 @@ def test_logs_given_through_links_pair_with_their_runs_and_the_recipe_is_the_pub
     # unpaired logs of other seeds never lend the published run their recipe
     text = card_from(tmp_path, [results[0]], [linked[0], linked[2]]).text
     assert "| `seed` |" not in text
+
+
+def test_a_log_paired_with_another_run_never_lends_the_published_model_its_recipe(tmp_path):
+    """The published model (an untrained backbone) had no log, run 2 had one: the card showed run 2's recipe and
+    CLFR settings as the published model's own."""
+    os.makedirs(tmp_path / "base")
+    os.makedirs(tmp_path / "seed1")
+    results = [make_eval(tmp_path / "base" / "eval.json", model_path="outputs/base", fingerprint="fp-base"),
+               make_eval(tmp_path / "seed1" / "eval.json")]
+    log = make_training_log(tmp_path / "seed1" / "training_log.json")
+    text = card_from(tmp_path, results, [log]).text
+    assert table_row(text, ["run 2"], "Reproducibility")[1] == "1"  # paired with run 2
+    assert "| `clfr.target_nnz_d` |" not in text and "| `learning_rate` |" not in text
+    # a lone log paired with no run is still taken as the published run's
+    alone = make_training_log(tmp_path / "elsewhere" / "training_log.json")
+    assert "| `learning_rate` | 2e-05 |" in card_from(tmp_path, [results[0]], [alone]).text
+
+
+@pytest.mark.parametrize("table, key", [("metrics", "ndcg@10"), ("production", "docs_per_second"),
+                                        ("bm25.metrics", "recall@100")])
+def test_non_finite_numbers_are_refused_naming_file_and_metric(tmp_path, table, key):
+    """NaN and inf went onto the card's tables and into model-index (`value: .nan`) without a word."""
+    path = make_eval(tmp_path / "eval.json")
+    payload = json.loads(open(path).read())
+    entry = payload["datasets"]["nfcorpus"]
+    (entry["bm25"]["metrics"] if table == "bm25.metrics" else entry[table])[key] = float("nan")
+    with open(path, "w") as handle:
+        json.dump(payload, handle)  # json writes NaN, and reads it back
+    with pytest.raises(CardInputError, match=rf"eval.json: datasets.nfcorpus.{re.escape(table)}.{key} is nan"):
+        build_card([path])
+
+
+def test_template_names_the_card_does_not_fill_are_refused(tmp_path):
+    """A typo in model_card/template.md rendered as empty text: the card shipped with a hole."""
+    from fles1.card import TEMPLATE_PATH
+
+    template = tmp_path / "template.md"
+    template.write_text(open(TEMPLATE_PATH).read() + "\nLicence: {{ licence_typo }}\n")
+    path = make_eval(tmp_path / "eval.json")
+    with pytest.raises(CardInputError, match=r"template.md: licence_typo is not filled by the card \(it fills: .*"
+                                             r"repo_id"):
+        build_card([path], template_path=str(template))
+    template.write_text("{% for x in plots %}{{ x.url }}{{ loop.index }}{% endfor %}{{ range(2) | list }}\n")
+    assert build_card([path], template_path=str(template))  # loop variables and Jinja's globals are fine
+    template.write_text("{% if %}\n")
+    with pytest.raises(CardInputError, match=r"template.md:1: not a valid Jinja template"):
+        build_card([path], template_path=str(template))
+
+
+def test_an_invalid_repo_id_is_refused_by_the_card_too(tmp_path):
+    path = make_eval(tmp_path / "eval.json")
+    with pytest.raises(CardInputError, match=r"repo id 'bad id//x' is not a Hub repo id"):
+        build_card([path], repo_id="bad id//x")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"), "--results", path,
+                             "--repo-id", "bad id//x", "--output", str(tmp_path / "card.md")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "error: repo id 'bad id//x' is not a Hub repo id" in result.stderr
+    assert not (tmp_path / "card.md").exists()
