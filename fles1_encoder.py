@@ -85,27 +85,48 @@ def _check_local_checkpoint(path: str) -> None:
                               "checkpoint folder holds its tokenizer")
 
 
-def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
-    """sentence-transformers reads the lengths from sentence_bert_config.json, FLES1Encoder and the model from
-    config.json; a SparseEncoder saved after ``model[0].query_length = 32`` changes only the former."""
-    settings_path = os.path.join(path, "sentence_bert_config.json")
-    if not os.path.isfile(settings_path) or not isinstance(config, dict):
-        return
+def _read_json_or_none(path: str):
+    """A JSON file of sentence-transformers or the tokenizer, or None: their own loaders report a broken one."""
+    if not os.path.isfile(path):
+        return None
     try:
-        with open(settings_path, encoding="utf-8") as handle:
-            settings = json.load(handle)
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
     except (ValueError, UnicodeDecodeError):
-        return  # sentence-transformers' file: it reports it when it loads the folder
-    differ = [f"{kind} at {settings[st_key]} tokens there, {config[key]} in config.json"
-              for kind, st_key, key in (("queries", "query_length", "query_max_length"),
-                                        ("documents", "document_length", "document_max_length"))
-              if isinstance(settings, dict) and settings.get(st_key) is not None and key in config
-              and settings[st_key] != config[key]]
+        return None
+
+
+def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
+    """sentence-transformers reads the lengths from sentence_bert_config.json (encode_query / encode_document) and
+    the tokenizer's model_max_length (its ``max_seq_length``: ``encode`` without a task), FLES1Encoder and the model
+    from config.json; a SparseEncoder saved after ``model[0].query_length = 32`` or ``model.max_seq_length = 32``
+    changes only the former."""
+    if not isinstance(config, dict):
+        return
+    settings = _read_json_or_none(os.path.join(path, "sentence_bert_config.json"))
+    tokenizer_config = _read_json_or_none(os.path.join(path, "tokenizer_config.json"))
+    if not isinstance(settings, dict):
+        return  # not a sentence-transformers folder (a plain save_pretrained): nothing cuts elsewhere
+    lengths = {"query_length": ("encode_query", "query_max_length"),
+               "document_length": ("encode_document", "document_max_length")}
+    differ = [f"{method} at {settings[st_key]} tokens (sentence_bert_config.json {st_key}), config.json "
+              f"{key} {config[key]}" for st_key, (method, key) in lengths.items()
+              if settings.get(st_key) is not None and key in config and settings[st_key] != config[key]]
+    model_max_length = tokenizer_config.get("model_max_length") if isinstance(tokenizer_config, dict) else None
+    if not isinstance(model_max_length, int) or isinstance(model_max_length, bool):
+        model_max_length = None
+    elif isinstance(config.get("max_position_embeddings"), int):
+        # sentence-transformers' max_seq_length: the tokenizer's, capped by the positions (an unset one is 1e30)
+        model_max_length = min(model_max_length, config["max_position_embeddings"])
+    if model_max_length is not None and "document_max_length" in config and \
+            model_max_length != config["document_max_length"]:
+        differ.append(f"encode (no task) at {model_max_length} tokens (tokenizer_config.json model_max_length: "
+                      f"its max_seq_length), config.json document_max_length {config['document_max_length']}")
     if differ:
-        warnings.warn(f"{settings_path}: sentence-transformers cuts {'; '.join(differ)} (what FLES1Encoder and the "
-                      "model use): SparseEncoder and FLES1Encoder give different vectors for longer texts; "
-                      "`python convert_fles1.py FOLDER OUT --query-max-length N --document-max-length M` writes "
-                      "both files alike", stacklevel=3)
+        warnings.warn(f"{path}: sentence-transformers cuts in {'; '.join(differ)} (config.json's is what "
+                      "FLES1Encoder and the model use): SparseEncoder and FLES1Encoder give different vectors for "
+                      "longer texts; `python convert_fles1.py FOLDER OUT --query-max-length N --document-max-length "
+                      "M` writes all three files alike", stacklevel=3)
 
 
 def safetensors_files(path: str) -> list[str]:

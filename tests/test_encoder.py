@@ -68,10 +68,26 @@ def test_a_folder_whose_sentence_transformers_files_cut_elsewhere_is_warned_abou
     shutil.copytree(fles1_checkpoint, folder)
     settings = json.loads((folder / "sentence_bert_config.json").read_text())
     (folder / "sentence_bert_config.json").write_text(json.dumps({**settings, "query_length": 32}))
-    with pytest.warns(UserWarning, match=r"sentence_bert_config\.json: sentence-transformers cuts queries at 32 "
-                                         r"tokens there, 64 in config\.json .*different vectors"):
+    with pytest.warns(UserWarning, match=r"sentence-transformers cuts in encode_query at 32 tokens "
+                                         r"\(sentence_bert_config\.json query_length\), config\.json "
+                                         r"query_max_length 64 .*different vectors"):
         encoder = FLES1Encoder.from_pretrained(str(folder))
     assert encoder.max_lengths["query"] == 64
+
+
+def test_a_sentence_transformers_max_seq_length_saved_with_the_folder_is_warned_about(fles1_checkpoint, tmp_path):
+    """`model.max_seq_length = 32; model.save(out)` moved only the tokenizer's model_max_length: SparseEncoder's
+    encode() then cut documents at 32 tokens, FLES1Encoder at 256 (vectors up to 0.59 apart) -- silently."""
+    from sentence_transformers import SparseEncoder
+
+    model = SparseEncoder(fles1_checkpoint, trust_remote_code=True, device="cpu")
+    model.max_seq_length = 32
+    model.save_pretrained(str(tmp_path / "st"))
+    with pytest.warns(UserWarning, match=r"sentence-transformers cuts in encode \(no task\) at 32 tokens "
+                                         r"\(tokenizer_config\.json model_max_length: its max_seq_length\), "
+                                         r"config\.json document_max_length 256"):
+        encoder = FLES1Encoder.from_pretrained(str(tmp_path / "st"))
+    assert encoder.max_lengths["document"] == 256
 
 
 def test_encoder_emoji_and_non_english(shipped):
