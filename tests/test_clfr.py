@@ -210,3 +210,61 @@ def test_splade_callback_resumes_from_a_checkpoint_folder_anywhere(tiny_random_c
     assert resumed.controller.history[0] == straight.controller.history[0]
     assert resumed.controller.lambda_d == pytest.approx(straight.controller.lambda_d, rel=1e-4)
     assert resumed.eff_reg == pytest.approx(straight.eff_reg, rel=1e-4)
+
+
+def _clfr_resume_on_rank(rank: int, port: int, folder: str) -> None:
+    """One of two gloo ranks: an interval of 4 steps, a checkpoint after step 2, then steps 3-4 both uninterrupted
+    and resumed from that checkpoint; each rank writes the adjustments it made (spawned by the test below)."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def callback():
+        made = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=4)
+        made._interval, made._device = 4, torch.device("cpu")
+        return made
+
+    def step(made, number):
+        made.observe(100.0 * number + 1000.0 * rank, 4)  # the ranks' documents differ
+        made.on_step_end(args, SimpleNamespace(global_step=number, stateful_callbacks={}),
+                         SimpleNamespace(should_save=False))
+
+    args = SimpleNamespace(output_dir=folder, should_save=rank == 0)
+    uninterrupted = callback()
+    for number in (1, 2):
+        step(uninterrupted, number)
+    uninterrupted.write_state(args, SimpleNamespace(global_step=2, stateful_callbacks={}))  # the checkpoint
+    dist.barrier()  # rank 0's file is written before anyone reads it
+    resumed = callback()
+    assert resumed.load(os.path.join(folder, "checkpoint-2"))
+    for number in (3, 4):
+        step(uninterrupted, number)
+        step(resumed, number)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+        json.dump({"uninterrupted": uninterrupted.controller.history, "resumed": resumed.controller.history}, handle)
+    dist.destroy_process_group()
+
+
+def test_a_resume_under_ddp_from_the_middle_of_an_interval_makes_the_same_adjustment(tmp_path):
+    """The checkpoint held rank 0's non-zero sums since the last adjustment only, and every rank loaded them: the
+    resumed run's next adjustment measured other documents than the uninterrupted run's (23.1 vs 25.0)."""
+    import json
+    import socket
+
+    import torch.multiprocessing
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_clfr_resume_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    histories = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    expected = ((100 + 200 + 300 + 400) + (1100 + 1200 + 1300 + 1400)) / 32  # both ranks' 4 x 4 documents
+    for history in histories:
+        assert history["resumed"] == history["uninterrupted"] == histories[0]["uninterrupted"]
+        (adjustment,) = history["uninterrupted"]
+        assert adjustment["measured_nnz"] == pytest.approx(expected)

@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
 from .checks import is_int, is_number
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, rank
 
 STATE_FILE = "clfr_state.json"
 
@@ -137,7 +137,19 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
 
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state)
-        self.nnz_sum, self.nnz_count, self.eff_reg = state["nnz_sum"], state["nnz_count"], state["eff_reg"]
+        self.eff_reg = state["eff_reg"]
+        # the interval's sums so far are all ranks' (`write_state`): one rank carries them on, or a resumed run's
+        # next adjustment would count them once per rank
+        first = rank() == 0
+        self.nnz_sum, self.nnz_count = (state["nnz_sum"], state["nnz_count"]) if first else (0.0, 0.0)
+
+    def write_state(self, args, state) -> None:
+        """Rank 0 writes the checkpoint's file: first move every rank's non-zero sums since the last adjustment onto
+        it (their total is unchanged; every rank calls this at the same checkpoints), so the file holds the
+        interval's sums over all ranks -- rank 0's own alone made a resumed run's next adjustment differ."""
+        total, count = all_reduce_sum([self.nnz_sum, self.nnz_count], getattr(self, "_device", None))
+        self.nnz_sum, self.nnz_count = (total, count) if rank() == 0 else (0.0, 0.0)
+        super().write_state(args, state)
 
     # --- trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):

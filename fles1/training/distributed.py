@@ -1,4 +1,4 @@
-"""The collectives the training code needs (no-ops in a single process): a sum over ranks, and the world size."""
+"""The collectives the training code needs (no-ops in a single process): a sum over ranks, the rank, the world size."""
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,11 @@ def all_reduce_sum(values, device=None) -> list[float]:
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
