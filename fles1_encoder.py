@@ -231,6 +231,16 @@ def _checked_max_length(config, name: str, default: int) -> int:
     return int(value)
 
 
+def _dropout_active(model) -> bool:
+    """Whether the model, or a mode-dependent module of it, is training (``model.eval(); model.bert.train()``
+    leaves the root's flag False, and dropout on): the model's cached check, or the root's flag alone for a model
+    whose code predates it."""
+    if model.training:
+        return True
+    check = getattr(model, "dropout_active", None)
+    return check() if check is not None else False
+
+
 def _resolve_device(device) -> torch.device:
     """``device`` as a torch.device that can hold tensors here; None -> CUDA when available, else CPU."""
     if device is None:
@@ -417,7 +427,7 @@ class FLES1Encoder:
         model = self.model
         with _MODE_LOCK:
             entry = _EVAL_SWITCHES.get(id(model))
-            if entry is None and model.training:
+            if entry is None and _dropout_active(model):
                 entry = _EVAL_SWITCHES[id(model)] = [0, [(module, module.training) for module in model.modules()]]
                 model.eval()
             if entry is not None:

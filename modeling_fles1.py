@@ -11,6 +11,7 @@ transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head ar
 
 import functools
 import math
+import operator
 import os
 import re
 import shutil
@@ -375,6 +376,8 @@ class _TransformedHiddenStates(torch.nn.Module):
 # through the shared tensors. Registrations elsewhere -- tracing itself, another model, any new module -- do not
 # count (they used to: two FLES-1 models in one process re-traced each other on every call).
 _TRACED_MODULES = weakref.WeakSet()
+_TRAINING = operator.attrgetter("training")
+_MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
 _REGISTRATIONS = [0]
 # One trace at a time: tracing mutes transformers' logging and Python's warnings process-wide and restores them
 # after; two threads doing that at once (a server's first queries) could leave them muted for good.
@@ -443,7 +446,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
     # Derived caches (`_decoder_cache`, the single-text trace) live in __dict__ and are rebuilt on demand; copies,
     # pickles and torch.save leave them out -- a TorchScript module and oneDNN's opaque packed tensors cannot be.
-    _fles1_caches = ("_fles1_decoder_cache", "_fles1_traced_hidden_states", "_fles1_traced_hook_dicts")
+    _fles1_caches = ("_fles1_decoder_cache", "_fles1_traced_hidden_states", "_fles1_traced_hook_dicts",
+                     "_fles1_module_list")
 
     def __init__(self, config: FLES1Config):
         super().__init__(config)
@@ -451,6 +455,25 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
     def __getstate__(self):
         return {key: value for key, value in super().__getstate__().items() if key not in self._fles1_caches}
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .double(): the trace holds the parameter tensors themselves, and torch refuses to swap
+        # a tensor something else holds (torch.__future__.set_swap_module_params_on_conversion, DTensor)
+        self.__dict__.pop("_fles1_traced_hidden_states", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def dropout_active(self) -> bool:
+        """Whether a mode-dependent module is in training mode anywhere: dropout or batch norm, or a module holding
+        one (BERT's attention reads its own flag for SDPA's dropout). ``model.eval(); model.bert.train()`` leaves
+        ``model.training`` False with dropout on; a new Linear left in training mode changes nothing. ~1 us on the
+        shipped model (a cached module list, rebuilt after a module or parameter is registered on one of them)."""
+        cached = self.__dict__.get("_fles1_module_list")
+        if cached is None or cached[0] != _REGISTRATIONS[0]:
+            _TRACED_MODULES.update(self.modules())  # a registration on any of them rebuilds the list
+            modes = tuple(module for module in self.modules() if isinstance(module, _MODE_DEPENDENT)
+                          or any(isinstance(child, _MODE_DEPENDENT) for child in module.children()))
+            cached = self.__dict__["_fles1_module_list"] = (_REGISTRATIONS[0], modes)
+        return any(map(_TRAINING, cached[1]))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, plus `auto_map` for AutoModel too (both auto classes load this model), plus the
@@ -571,7 +594,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         # eager under autocast (a trace does not follow it) and while forward hooks are registered (a trace built
         # with them would keep them after their removal, one built before would miss them)
         if single and self.use_traced_backbone and input_ids.device.type == "cpu" and not self.training \
-                and not torch.is_grad_enabled() and not _cpu_autocast() and not _hooked(self._traced_hook_dicts()):
+                and not torch.is_grad_enabled() and not _cpu_autocast() and not _hooked(self._traced_hook_dicts()) \
+                and not self.dropout_active():  # a trace built with dropout on would fail its check, for good
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             dtype = self.bert.embeddings.word_embeddings.weight.dtype

@@ -502,6 +502,24 @@ def test_encoder_encodes_in_eval_mode_and_leaves_a_training_model_training(tiny_
     assert encoder.model.training and rewrapped.encode(texts[1], threshold=0.0) == pytest.approx(expected[0], abs=1e-6)
 
 
+def test_encoder_switches_dropout_off_when_only_a_submodule_is_training(tiny_random_checkpoint):
+    """``model.eval(); model.bert.train()``: the encoder and the trace looked at the root's flag only, so every call
+    ran dropout (other vectors each time) and the trace built meanwhile failed its check and stayed off."""
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    encoder.model.clear_caches()
+    texts = ["statins lower ldl cholesterol", "vitamin d and breast cancer risk in older women"]
+    expected = encoder.encode(texts[1], threshold=0.0), encoder.encode_batch(texts, threshold=0.0)
+    encoder.model.clear_caches()  # the trace is built below, with the submodule training
+    encoder.model.eval()
+    encoder.model.bert.encoder.train()
+    for _ in range(2):
+        single, batch = encoder.encode(texts[1], threshold=0.0), encoder.encode_batch(texts, threshold=0.0)
+        assert single == pytest.approx(expected[0], abs=1e-6) and list(single) == list(expected[0])
+        assert all(got == pytest.approx(want, abs=1e-6) for got, want in zip(batch, expected[1]))
+        assert encoder.model.bert.encoder.training and not encoder.model.training  # modes as they were
+    assert encoder.model.__dict__["_fles1_traced_hidden_states"][1] is not None  # the trace is on
+
+
 def test_encoder_keeps_a_training_model_in_eval_mode_while_threads_encode(tiny_random_checkpoint):
     """Each call restored train() on exit, switching dropout back on under other threads still encoding; and
     train() reset submodules the user had put in eval mode."""

@@ -977,6 +977,24 @@ def test_model_single_text_under_cpu_autocast():
     assert (batch[0] - dense).abs().max().item() <= 0.05
 
 
+def test_model_converts_dtype_after_a_single_text_when_torch_swaps_parameters():
+    """With torch.__future__.set_swap_module_params_on_conversion(True) (how torch converts tensor subclasses),
+    .to() / .double() after one single-text encode failed: "Couldn't swap Embedding.weight" (the trace held them)."""
+    model, features = tiny_model()
+    input_ids = features["input_ids"][:1]
+    before = _single_text_paths(model, input_ids)[0]
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.double()
+        model.float()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    assert model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+    assert all(torch.equal(path, before) or (path - before).abs().max() <= 1e-6
+               for path in _single_text_paths(model, input_ids))
+
+
 def test_model_clear_caches_after_a_data_write_to_one_decoder_row():
     """A write through .data to one decoder row bumps no version counter and may miss the sampled elements:
     the documented remedy is clear_caches()."""
