@@ -9,8 +9,9 @@ setting out of range), with one "error: ..." line.
 import argparse
 import sys
 
-from fles1.checkpoint import convert
-from fles1.cli import at_least, bad_input, sigterm_unwinds
+from fles1.atomic import require_new_folder, require_writable
+from fles1.checkpoint import OVERWRITE_HINT, convert
+from fles1.cli import at_least, bad_input, interrupts_exit
 
 
 def main(argv=None):
@@ -26,11 +27,16 @@ def main(argv=None):
                         help="default: a FLES-1 source's own, else 256")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (once the new one is complete)")
     args = parser.parse_args(argv)
-    with sigterm_unwinds():
+    with interrupts_exit():
         return _run(args)
 
 
 def _run(args) -> int:
+    try:  # before the model loads; an OSError below is then the source's
+        require_new_folder(args.out, args.overwrite, hint=OVERWRITE_HINT)
+        require_writable(args.out, "OUT", folder=True)
+    except (FileExistsError, NotADirectoryError, ValueError) as error:
+        return bad_input(str(error))
     try:
         out = convert(
             args.source,

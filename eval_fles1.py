@@ -80,10 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from fles1.cli import sigterm_unwinds
+    from fles1.cli import interrupts_exit
 
     args = parse_args(argv)
-    with sigterm_unwinds():
+    with interrupts_exit():
         return _run(args)
 
 
@@ -114,11 +114,13 @@ def _run(args) -> int:
         )
     except (BEIRDataError, CheckpointError, ValueError) as error:  # ValueError: e.g. a device not usable here
         return bad_input(str(error))
-    if args.output:
-        write_results(results, args.output)
-    if args.markdown:
-        write_markdown(results, args.markdown)
-    print(markdown_tables(results))
+    print(markdown_tables(results))  # first: a write that fails below (a full disk) loses no result from sight
+    for option, path, write in (("--output", args.output, write_results), ("--markdown", args.markdown, write_markdown)):
+        if path:
+            try:
+                write(results, path)
+            except OSError as error:
+                return bad_input(f"{option} {path}: cannot be written ({error.strerror})")
     return 0
 
 

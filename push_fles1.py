@@ -16,7 +16,7 @@ unreachable (no commit made).
 import argparse
 import sys
 
-from fles1.cli import bad_input, sigterm_unwinds
+from fles1.cli import bad_input, interrupts_exit
 from fles1.publish import CardInputs, PublishError, UploadError, publish
 
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base-model", help="Hub id of the backbone for the card's base_model")
     parser.add_argument("--studies", help="Markdown study tables for the card (experiments/summarize.py)")
     args = parser.parse_args(argv)
-    with sigterm_unwinds():
+    with interrupts_exit():
         return _run(args)
 
 

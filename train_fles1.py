@@ -54,7 +54,7 @@ def parse_set(items):
 
 
 def main(argv=None):
-    from fles1.cli import at_least, exit_bad_input
+    from fles1.cli import at_least, interrupts_exit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="recipe YAML (recipes/)")
@@ -75,7 +75,12 @@ def main(argv=None):
     parser.add_argument("--trace-nnz", action="store_true", help="write each rank's per-batch doc non-zeros")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any recipe value")
     args = parser.parse_args(argv)
+    with interrupts_exit():  # Ctrl-C / SIGTERM: one line; the checkpoints written so far stay (--resume)
+        _run(args)
 
+
+def _run(args) -> None:
+    from fles1.cli import exit_bad_input
     from fles1.training.recipe import load_recipe
 
     overrides = parse_set(args.set)

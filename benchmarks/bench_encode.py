@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from fles1.atomic import atomic_write_json, require_writable  # noqa: E402
 from fles1.beir import BEIRDataError, load_beir  # noqa: E402
 from fles1.checkpoint import DEFAULT_BACKBONE, convert  # noqa: E402
-from fles1.cli import at_least  # noqa: E402
+from fles1.cli import at_least, interrupts_exit  # noqa: E402
 from fles1_encoder import CheckpointError, FLES1Encoder, _resolve_device  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus")
@@ -104,7 +104,8 @@ def main(argv=None):
         if args.output:
             require_writable(args.output, "--output")  # before the run, not after it
         args.device = _resolve_device(args.device)
-        with tempfile.TemporaryDirectory(prefix="fles1-bench-") as scratch:  # the converted backbone, removed after
+        # interrupted (Ctrl-C, SIGTERM): one line, and the scratch folder goes too
+        with interrupts_exit(), tempfile.TemporaryDirectory(prefix="fles1-bench-") as scratch:
             return run(args, args.model or convert(DEFAULT_BACKBONE, os.path.join(scratch, "fles1-tiny")))
     except (CheckpointError, BEIRDataError, ValueError) as error:  # a model, data folder or device that will not do
         parser.exit(2, f"error: {error}\n")

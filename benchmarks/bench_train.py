@@ -28,7 +28,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from fles1.atomic import atomic_write_json, require_writable  # noqa: E402
 from fles1.beir import BEIRDataError  # noqa: E402
-from fles1.cli import at_least  # noqa: E402
+from fles1.cli import at_least, interrupts_exit  # noqa: E402
 from fles1_encoder import _resolve_device  # noqa: E402
 
 
@@ -143,7 +143,8 @@ def main(argv=None):
         args.device = _resolve_device(args.device)  # a device that is not here was run on the CPU and labelled
         if args.workers is None:
             args.workers = 8 if args.device.type == "cuda" else 0
-        with tempfile.TemporaryDirectory(prefix="bench-train-") as work:  # models and trainer outputs, removed after
+        # models and trainer outputs, removed after (interrupted too: Ctrl-C and SIGTERM end with one line)
+        with interrupts_exit(), tempfile.TemporaryDirectory(prefix="bench-train-") as work:
             run(args, work)
     except (BEIRDataError, ValueError) as error:  # a data folder or device that will not do
         parser.exit(2, f"error: {error}\n")

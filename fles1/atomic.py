@@ -85,7 +85,9 @@ def require_new_folder(path: str, replace: bool = False, hint: str = "") -> None
 
 def require_writable(path: str, what: str, folder: bool = False) -> None:
     """Fail before the work, not after it: ``path`` (a file, or with ``folder`` a folder) can be written, i.e. its
-    nearest existing ancestor is a writable folder. Creates nothing. ``what`` names the option in the error."""
+    nearest existing ancestor is a folder a file can be created in -- tried with a temporary file, removed at once
+    (permission bits alone pass root everywhere, /proc and read-only mounts included). ``what`` names the option in
+    the error."""
     path = os.path.abspath(path)
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise ValueError(f"{what} {path}: exists and is {'not ' if folder else ''}a folder")
@@ -94,6 +96,11 @@ def require_writable(path: str, what: str, folder: bool = False) -> None:
         raise ValueError(f"{what} {path}: cannot be written, {ancestor} is a file")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: cannot be written, {ancestor} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".fles1-write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{what} {path}: cannot be written in {ancestor} ({error.strerror})") from None
 
 
 @contextlib.contextmanager

@@ -202,10 +202,13 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
         tokenizer.add_tokens([f"[vocab_{index}]" for index in range(tokens, vocab_size)], special_tokens=True)
 
 
+OVERWRITE_HINT = " (--overwrite / overwrite=True replaces it)"
+
+
 def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_settings) -> str:
     """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder. ``out_dir`` must be new or
     empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place)."""
-    require_new_folder(out_dir, overwrite, hint=" (--overwrite / overwrite=True replaces it)")  # before the load
+    require_new_folder(out_dir, overwrite, hint=OVERWRITE_HINT)  # before the load
     if not os.path.isdir(source) and is_local_path(source):
         raise FileNotFoundError(not_a_folder(source))  # a path, not a hub id: transformers would say "bad repo id"
     # A FLES-1 source (to change its settings) loads through this project's class: through the Auto classes its

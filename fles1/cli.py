@@ -1,4 +1,4 @@
-"""What the CLIs share: argument types, the bad-input exit, and SIGTERM handling."""
+"""What the CLIs share: argument types, the bad-input exit, and how Ctrl-C and SIGTERM end them."""
 
 from __future__ import annotations
 
@@ -40,20 +40,30 @@ def at_least(minimum, kind=int):
     return parse
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread by `interrupts_exit` (exit status 143)."""
+
+
 @contextlib.contextmanager
-def sigterm_unwinds():
-    """Within the block, SIGTERM (`timeout`, Slurm, Docker, `kill`) raises SystemExit(143) in the main thread, so the
-    cleanups Ctrl-C runs run too (staging folders, temporaries, a validation subprocess) instead of the process
-    dying mid-write. The previous handler comes back afterwards (a test calling ``main()`` keeps pytest's)."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _exit_143)
+def interrupts_exit():
+    """A CLI's work: Ctrl-C and SIGTERM (`timeout`, Slurm, Docker, `kill`) end it with one line on stderr and exit
+    status 130 / 143, after the cleanups on the way out ran (staging folders, temporaries, a validation
+    subprocess), instead of a screen of traceback -- or, for SIGTERM, the process dying mid-write. SIGTERM's
+    previous handler comes back afterwards (a test calling ``main()`` keeps pytest's)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         yield
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _exit_143(signum, frame):
-    raise SystemExit(128 + signum)
+def _terminate(signum, frame):
+    raise Terminated(128 + signum)

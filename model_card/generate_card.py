@@ -41,8 +41,11 @@ def main(argv=None) -> int:
     if args.output == "-":
         sys.stdout.write(str(card))
     else:
-        with atomic_open(args.output) as handle:
-            handle.write(str(card))
+        try:
+            with atomic_open(args.output) as handle:
+                handle.write(str(card))
+        except OSError as error:  # at write time (a full disk): what require_writable could not foresee
+            parser.exit(2, f"error: --output {args.output}: cannot be written ({error.strerror})\n")
         print(f"model card written to {args.output}")
     return 0
 

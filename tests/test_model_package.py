@@ -497,8 +497,9 @@ def test_model_convert_cli_never_overwrites_by_accident(backbone_dir, tmp_path, 
 
     with monkeypatch.context() as patch:
         patch.setattr(checkpoint, "save_checkpoint", interrupted)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as exited:  # Ctrl-C: "interrupted", exit status 130
             convert_fles1.main([backbone_dir, str(out), "--overwrite"])
+    assert exited.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == "interrupted"
     assert sorted(os.listdir(tmp_path)) == ["a-file", "trained"]
     assert os.listdir(out) == ["model.safetensors"]
 
