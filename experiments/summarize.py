@@ -29,12 +29,19 @@ GPU_RUNS = [("recipe as written", "../gpu-h200-2026-11-26/runs/gpu-recipe"),
 MISSING = "—"
 
 
+class ResultFileError(ValueError):
+    """A result file that is there but cannot be read."""
+
+
 def load(run: str, name: str):
     path = os.path.join(RUNS, run, name)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except ValueError as error:  # truncated or not JSON: a table built without it would not say so
+        raise ResultFileError(f"{os.path.relpath(path, ROOT)}: not valid JSON ({error})") from None
 
 
 def metrics(run: str, split: str) -> dict:
@@ -79,7 +86,10 @@ def seed_section(seed_runs: list[str]) -> str:
         def mean_std(xs, d=4):  # a column with fewer than two values (dev files missing) has no spread
             return f"{statistics.fmean(xs):.{d}f} ± {statistics.stdev(xs):.{d}f}" if len(xs) >= 2 else MISSING
 
-        rows.append([f"mean ± std ({len(values['ndcg@10'])} seeds)", mean_std([v for v in values["dev"] if v is not None]),
+        devs = [v for v in values["dev"] if v is not None]
+        dev_cell = mean_std(devs) + ("" if len(devs) == len(values["ndcg@10"]) or len(devs) < 2 else
+                                     f" ({len(devs)} seeds)")  # a seed without eval_dev.json
+        rows.append([f"mean ± std ({len(values['ndcg@10'])} seeds)", dev_cell,
                      mean_std(values["ndcg@10"]), mean_std(values["mrr@10"]), mean_std(values["recall@100"]),
                      mean_std(values["nnz_doc"], 1), mean_std(values["nnz_query"], 1)])
     header = ["run", "dev NDCG@10", "test NDCG@10", "test MRR@10", "test R@100", "NNZ doc", "NNZ query"]
@@ -137,22 +147,25 @@ def plot_nnz(runs: list[tuple[str, str]], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    try:
+        return _summarize()
+    except ResultFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _summarize() -> int:
     plots = os.path.join(ROOT, "results", "plots")
-    os.makedirs(plots, exist_ok=True)
     clfr_runs = [("CLFR (L1 FLOPS)", "fnmask-seed0"), ("fixed λ_d (L1 FLOPS)", "fnmask-fixed-seed0")]
     reg_runs = [("L1 FLOPS (CLFR)", "fnmask-seed0"), ("squared FLOPS (CLFR)", "fnmask-flops-seed0")]
     explore_runs = [("no false-negative mask, τ 0.05", "clfr-l1-seed0"), ("no false-negative mask, τ 1.0", "tau1-seed0"),
                     ("false-negative mask + BM25-chosen positive", "probe-bm25pos-seed0"),
                     ("false-negative mask + BM25-chosen positive, τ 1.0 (selected)", "probe-bm25pos-tau1-seed0")]
-    plot_nnz(clfr_runs, os.path.join(plots, "clfr_vs_fixed_nnz.png"), "CLFR vs fixed λ_d")
-    plot_nnz(reg_runs, os.path.join(plots, "l1_vs_squared_nnz.png"), "L1 vs squared FLOPS")
-    plot_nnz([(f"seed {i}", run) for i, run in enumerate(SELECTED_RUNS)],
-             os.path.join(plots, "seeds_nnz.png"), "selected config, three seeds")
-    plot_nnz(explore_runs + [("recipe as written", SEED_RUNS[0])],
-             os.path.join(plots, "exploration_nnz.png"), "exploration runs")
-    plot_nnz(GPU_RUNS, os.path.join(plots, "gpu_full_schedule_nnz.png"), "full schedule on an H200")
-    text = "\n\n".join([
+    text = "\n\n".join([  # first: it reads every file, so a broken one stops the run before anything is written
         "### Selected on dev: τ 1.0, BM25-chosen positive (nfcorpus, threshold 0.3; `backbone` = the shipped "
         "SPLADE-tiny converted, untrained)",
         seed_section(SELECTED_RUNS),
@@ -177,6 +190,14 @@ def main() -> int:
         + ". The GPU runs' logs and commands are in the FLES-1 source repository, `results/gpu-h200-2026-11-26/`.",
         "![full schedule on an H200](plots/gpu_full_schedule_nnz.png)",
     ])
+    os.makedirs(plots, exist_ok=True)
+    plot_nnz(clfr_runs, os.path.join(plots, "clfr_vs_fixed_nnz.png"), "CLFR vs fixed λ_d")
+    plot_nnz(reg_runs, os.path.join(plots, "l1_vs_squared_nnz.png"), "L1 vs squared FLOPS")
+    plot_nnz([(f"seed {i}", run) for i, run in enumerate(SELECTED_RUNS)],
+             os.path.join(plots, "seeds_nnz.png"), "selected config, three seeds")
+    plot_nnz(explore_runs + [("recipe as written", SEED_RUNS[0])],
+             os.path.join(plots, "exploration_nnz.png"), "exploration runs")
+    plot_nnz(GPU_RUNS, os.path.join(plots, "gpu_full_schedule_nnz.png"), "full schedule on an H200")
     out = os.path.join(ROOT, "results", "STUDY.md")
     with open(out, "w", encoding="utf-8") as handle:
         handle.write(text + "\n")

@@ -48,3 +48,45 @@ def test_a_model_or_data_folder_that_will_not_do_is_one_error_line(backbone_dir,
     assert error_line(train, ["--model", missing, "--batch-size", "1", "--steps", "1"], capsys) == \
         f"error: {missing}: no such folder"
     assert "examples, but" in error_line(train, ["--batch-size", "100000", "--steps", "1"], capsys)
+
+
+def _summarize_module(tmp_path):
+    """experiments/summarize.py reading and writing a copy of the committed results under tmp_path."""
+    import importlib.util
+    import shutil
+
+    shutil.copytree(os.path.join(ROOT, "results", "runs"), tmp_path / "results" / "runs")
+    shutil.copytree(os.path.join(ROOT, "results", "gpu-h200-2026-11-26", "runs"),
+                    tmp_path / "results" / "gpu-h200-2026-11-26" / "runs")
+    spec = importlib.util.spec_from_file_location("summarize", os.path.join(ROOT, "experiments", "summarize.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.ROOT, module.RUNS = str(tmp_path), str(tmp_path / "results" / "runs")
+    return module
+
+
+def test_summarize_names_a_broken_result_file_and_writes_nothing(tmp_path, capsys):
+    """A truncated eval JSON was a bare JSONDecodeError naming no file, after the five plots had been rewritten;
+    --help regenerated everything (no argument parser)."""
+    summarize = _summarize_module(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        summarize.main(["--help"])
+    assert exited.value.code == 0 and not (tmp_path / "results" / "STUDY.md").exists()
+    broken = tmp_path / "results" / "runs" / "fnmask-seed1" / "eval_test.json"
+    broken.write_text(broken.read_text()[:200])
+    assert summarize.main([]) == 2
+    assert "error: results/runs/fnmask-seed1/eval_test.json: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "plots").exists() and not (tmp_path / "results" / "STUDY.md").exists()
+
+
+def test_summarize_regenerates_the_committed_study_and_counts_the_dev_seeds_it_averages(tmp_path, capsys):
+    """The mean row said "3 seeds" while its dev cell averaged the two seeds that had an eval_dev.json."""
+    summarize = _summarize_module(tmp_path)
+    assert summarize.main([]) == 0
+    with open(os.path.join(ROOT, "results", "STUDY.md"), encoding="utf-8") as committed:
+        assert (tmp_path / "results" / "STUDY.md").read_text(encoding="utf-8") == committed.read()
+    os.remove(tmp_path / "results" / "runs" / "fnmask-seed1" / "eval_dev.json")
+    assert summarize.main([]) == 0
+    (row,) = [line for line in (tmp_path / "results" / "STUDY.md").read_text(encoding="utf-8").splitlines()
+              if line.startswith("| mean ± std (3 seeds) | 0.25")]
+    assert row.split(" | ")[1].endswith("(2 seeds)")
