@@ -47,11 +47,14 @@ python train_fles1.py --recipe recipes/fles1-tiny-nfcorpus.yaml --output-dir "$o
   --set model.document_max_length=128 --set clfr.target_nnz_d=160 --set clfr.interval_steps=20 \
   --set training.save_steps=20 --set training.logging_steps=5 --set data.mask_false_negatives=true \
   --set training.seed="$seed" --set training.data_seed="$seed" --set data.seed="$seed" "$@"
+# an earlier run's results go now: a step failing below must not leave them beside this run's (a folder that
+# looks complete but mixes two runs)
+rm -f "$results"/eval_dev.json "$results"/eval_test.json "$results"/eval_test.md "$results"/training_log.json \
+  "$results"/*.png
 python eval_fles1.py --model "$out" --data ../shared/data/nfcorpus --split dev --threshold 0.3 \
   --no-bm25 --no-production --output "$results/eval_dev.json"
 python eval_fles1.py --model "$out" --data ../shared/data/nfcorpus --split test --threshold 0.3 \
   --latency-queries 50 --output "$results/eval_test.json" --markdown "$results/eval_test.md"
-rm -f "$results"/*.png  # an earlier run's plots must not stay beside this run's log
 cp "$out"/training_log.json "$results/"
 for plot in "$out"/*.png; do  # none when the run logged no row (fewer steps than training.logging_steps)
   if [ -e "$plot" ]; then cp "$plot" "$results/"; fi
