@@ -97,21 +97,62 @@ def test_a_run_shorter_than_the_interval_warns_that_lambda_stays():
         callback.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=10), None, train_dataloader=[None] * 10)
 
 
-def test_the_sentence_transformers_path_does_not_measure_a_nan_batch():
+def test_the_sentence_transformers_path_does_not_measure_a_nan_batch(tiny_random_checkpoint):
     """SpladeCLFRCallback's recorder counted a diverged batch as 0 non-zeros, pulling lambda_d down."""
     import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
 
-    from fles1.training.clfr import _NNZRecorder
+    from fles1.training.clfr import SpladeCLFRCallback
 
-    class Regularizer(torch.nn.Module):
-        def compute_loss_from_embeddings(self, embeddings):
-            return embeddings.sum()
-
-    callback = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=1)
-    recorder = _NNZRecorder(Regularizer(), callback)
-    recorder.compute_loss_from_embeddings(torch.tensor([[1.0, 0.0, 2.0]], requires_grad=True))
-    recorder.compute_loss_from_embeddings(torch.full((2, 3), float("nan"), requires_grad=True))
+    model = SparseEncoder(tiny_random_checkpoint, trust_remote_code=True, device="cpu")
+    loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=3e-5,
+                      query_regularizer_weight=None)
+    callback = SpladeCLFRCallback(loss, target_nnz=400, interval_steps=1)
+    loss.document_regularizer.compute_loss_from_embeddings(torch.tensor([[1.0, 0.0, 2.0]], requires_grad=True))
+    loss.document_regularizer.compute_loss_from_embeddings(torch.full((2, 3), float("nan"), requires_grad=True))
     assert (callback.nnz_sum, callback.nnz_count) == (2.0, 1)
+
+
+def test_the_sentence_transformers_loss_keeps_its_config_and_clfr_its_weight(tiny_random_checkpoint):
+    """The recorder replaced SpladeLoss's FlopsLoss by a module of its own: the saved model card's loss section read
+    "document_regularizer": "_NNZRecorder" and lost the threshold. A scheduler listed after CLFR overwrote lambda_d
+    unlogged; a query-only loss failed with "lambda_d must be ... got None", a name the user never gave."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+
+    from fles1.training.clfr import SpladeCLFRCallback
+
+    model = SparseEncoder(tiny_random_checkpoint, trust_remote_code=True, device="cpu")
+    loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=1e-3,
+                      query_regularizer_weight=None, document_regularizer_threshold=5)
+    config = loss.get_config_dict()
+    callback = SpladeCLFRCallback(loss, target_nnz=50, interval_steps=1)
+    assert loss.get_config_dict() == config
+    loss.document_regularizer_weight = 2.5e-4  # what a warm-up scheduler listed after CLFR writes
+    with pytest.warns(UserWarning, match=r"something else set the SpladeLoss's document_regularizer_weight to "
+                                         r"0.00025 .*sets it back to its lambda_d 0.001"):
+        loss.document_regularizer.compute_loss_from_embeddings(torch.ones(2, 3, requires_grad=True))
+    assert loss.document_regularizer_weight == callback.controller.lambda_d == 1e-3
+    with pytest.raises(ValueError, match=r"loss.document_regularizer_weight must be a finite number > 0 for CLFR"):
+        SpladeCLFRCallback(SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=0,
+                                      query_regularizer_weight=5e-5), target_nnz=50)
+
+
+def test_an_interval_without_training_documents_is_warned_about():
+    """A callback bound to another SpladeLoss than the trainer's measured nothing and never adjusted, silently."""
+    from types import SimpleNamespace
+
+    callback = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=2)
+    callback._interval, callback._device = 2, None
+    state, control = SimpleNamespace(global_step=1, stateful_callbacks={}), SimpleNamespace(should_save=False)
+    callback.on_step_end(None, state, control)
+    state.global_step = 2
+    with pytest.warns(UserWarning, match=r"CLFR measured no training documents in the 2 steps up to step 2 .* "
+                                         r"lambda_d stays 3e-05"):
+        callback.on_step_end(None, state, control)
+    assert callback.controller.history == []
 
 
 def test_callback_state_round_trip():

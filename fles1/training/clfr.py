@@ -178,6 +178,10 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
             total, count = all_reduce_sum([self.nnz_sum, self.nnz_count], self._device)
             if count > 0:
                 self.apply(self.controller.update(total / count, state.global_step))
+            else:
+                warnings.warn(f"CLFR measured no training documents in the {self._interval} steps up to step "
+                              f"{state.global_step} (every batch non-finite, or the trainer's loss is not the one "
+                              f"this callback observes): lambda_d stays {self.controller.lambda_d:g}", stacklevel=2)
             self.nnz_sum = self.nnz_count = 0.0
         self.save_ahead(args, state, control)  # after the update: the state a resumed run continues from
 
@@ -188,26 +192,24 @@ def _splade_scheduler_base():
     return SpladeRegularizerWeightSchedulerCallback
 
 
-class _NNZRecorder(torch.nn.Module):
-    """Wraps SpladeLoss's document regularizer: reports the documents' non-zeros to CLFR, then delegates."""
+def _record_documents(regularizer, callback: "SpladeCLFRCallback") -> None:
+    """Make SpladeLoss's document regularizer report each training batch's documents to `callback` (the newest
+    callback given this regularizer, for a second training phase), then compute as before. The instance's own
+    method is wrapped, not the module: SpladeLoss's config (the model card's loss section: FlopsLoss, its
+    threshold) keeps seeing the regularizer it was given."""
+    callbacks = regularizer.__dict__.get("_fles1_clfr_callbacks")
+    if callbacks is not None:  # an earlier callback's
+        callbacks[0] = callback
+        return
+    callbacks = regularizer.__dict__["_fles1_clfr_callbacks"] = [callback]
+    compute = regularizer.compute_loss_from_embeddings
 
-    def __init__(self, regularizer: torch.nn.Module, callback: "CLFRCallback"):
-        super().__init__()
-        self.regularizer = regularizer
-        self._callback = [callback]  # a list, so the callback is not registered as a submodule
+    def compute_loss_from_embeddings(embeddings, *args, **kwargs):
+        if torch.is_grad_enabled():  # training batches only: evaluation runs under no_grad (prediction_step)
+            callbacks[0].observe_training_documents(embeddings)
+        return compute(embeddings, *args, **kwargs)
 
-    def compute_loss_from_embeddings(self, embeddings, *args, **kwargs):
-        # training batches only: the trainer's evaluation loss runs under no_grad (prediction_step); a diverged
-        # batch's NaN vectors hold no entry > 0 and are no density (as in FLES1Trainer)
-        if torch.is_grad_enabled():
-            with torch.no_grad():  # one device-to-host copy for both numbers
-                nnz, not_finite = torch.stack([(embeddings > 0).sum(), (~torch.isfinite(embeddings)).sum()]).tolist()
-                if not not_finite:
-                    self._callback[0].observe(float(nnz), embeddings.shape[0])
-        return self.regularizer.compute_loss_from_embeddings(embeddings, *args, **kwargs)
-
-    def forward(self, *args, **kwargs):
-        return self.regularizer(*args, **kwargs)
+    regularizer.compute_loss_from_embeddings = compute_loss_from_embeddings
 
 
 class SpladeCLFRCallback(CLFRCallback, _splade_scheduler_base()):
@@ -233,13 +235,33 @@ class SpladeCLFRCallback(CLFRCallback, _splade_scheduler_base()):
 
         if not isinstance(loss, SpladeLoss):
             raise TypeError(f"loss must be a SpladeLoss, got {type(loss).__name__}")
-        controller = CLFRController(loss.document_regularizer_weight, target_nnz, gain, max_log_step)
+        weight = loss.document_regularizer_weight
+        if not (is_number(weight, finite=True) and weight > 0):  # CLFR's lambda_d starts from it, multiplicatively
+            raise ValueError(f"loss.document_regularizer_weight must be a finite number > 0 for CLFR, which steers the "
+                             f"documents' regularizer weight; got {weight!r}")
+        controller = CLFRController(weight, target_nnz, gain, max_log_step)
         CLFRCallback.__init__(self, controller, interval_steps)
         self.loss = loss  # the trainer matches its scheduler slot on `callback.loss is loss`
-        if isinstance(loss.document_regularizer, _NNZRecorder):  # an earlier callback's (a second training phase)
-            loss.document_regularizer._callback[0] = self  # the newest callback is the one the trainer runs
-        else:
-            loss.document_regularizer = _NNZRecorder(loss.document_regularizer, self)
+        self._overwritten = False
+        _record_documents(loss.document_regularizer, self)
+
+    def observe_training_documents(self, embeddings) -> None:
+        """One training batch's documents, inside the loss: their non-zeros (a diverged batch's NaN vectors hold no
+        entry > 0 and are no density, as in FLES1Trainer), and the weight the loss is about to apply -- SpladeLoss
+        multiplies by it after the regularizer returns, so a value another scheduler wrote is still mended here."""
+        with torch.no_grad():  # one device-to-host copy for both numbers
+            nnz, not_finite = torch.stack([(embeddings > 0).sum(), (~torch.isfinite(embeddings)).sum()]).tolist()
+        if not not_finite:
+            self.observe(float(nnz), embeddings.shape[0])
+        if self.loss.document_regularizer_weight != self.controller.lambda_d:
+            if not self._overwritten:
+                self._overwritten = True
+                warnings.warn(f"something else set the SpladeLoss's document_regularizer_weight to "
+                              f"{self.loss.document_regularizer_weight:g} (another "
+                              "SpladeRegularizerWeightSchedulerCallback on this loss, listed after CLFR?); CLFR "
+                              f"sets it back to its lambda_d {self.controller.lambda_d:g}: remove the other one",
+                              stacklevel=2)
+            self.apply(self.controller.lambda_d)
 
     def apply(self, lambda_d: float) -> None:
         self.loss.document_regularizer_weight = lambda_d
