@@ -25,9 +25,9 @@ def bm25_library() -> str:
     return f"bm25s {bm25s.__version__} ({settings}, stopwords={STOPWORDS}, PyStemmer {STEMMER} snowball, title+text)"
 
 
-def bm25_run(dataset, query_ids: Sequence[str], k: int = 1000, drop_self: bool = True) -> dict[str, dict[str, float]]:
-    """Top-k BM25 hits per query, BEIR conventions: a hit with the query's own id is dropped, a query sharing no
-    term with the corpus gets no hits (bm25s would return arbitrary zero-score documents)."""
+def _bm25_index(dataset):
+    """(retriever, doc_ids, vocab, stemmer) over the corpus' "title text"; retriever None when no document holds
+    an indexable term (all empty, or stop words only: bm25s's index fails)."""
     import bm25s
     import Stemmer
 
@@ -37,17 +37,31 @@ def bm25_run(dataset, query_ids: Sequence[str], k: int = 1000, drop_self: bool =
         [dataset.document_text(doc_id) for doc_id in doc_ids], stopwords=STOPWORDS, stemmer=stemmer, show_progress=False
     )
     vocab = corpus_tokens.vocab
-    if not vocab:  # no document holds an indexable term (all empty, or stop words only): bm25s's index fails
-        return {str(qid): {} for qid in query_ids}
+    if not vocab:
+        return None, doc_ids, vocab, stemmer
     retriever = bm25s.BM25(**BM25_SETTINGS)
     retriever.index(corpus_tokens, show_progress=False)
-    query_tokens = bm25s.tokenize(
-        [dataset.queries[qid] for qid in query_ids], stopwords=STOPWORDS, stemmer=stemmer,
-        return_ids=False, show_progress=False,
-    )
-    # out-of-vocabulary terms cannot match; a query left with none has no hits
-    query_tokens = [[token for token in tokens if token in vocab] for tokens in query_tokens]
+    return retriever, doc_ids, vocab, stemmer
+
+
+def _query_tokens(dataset, query_ids, vocab, stemmer) -> list[list[str]]:
+    """Each query's terms the corpus holds: out-of-vocabulary terms cannot match (a query left with none has no
+    hits; bm25s would return arbitrary zero-score documents)."""
+    import bm25s
+
+    tokens = bm25s.tokenize([dataset.queries[qid] for qid in query_ids], stopwords=STOPWORDS, stemmer=stemmer,
+                            return_ids=False, show_progress=False)
+    return [[token for token in query if token in vocab] for query in tokens]
+
+
+def bm25_run(dataset, query_ids: Sequence[str], k: int = 1000, drop_self: bool = True) -> dict[str, dict[str, float]]:
+    """Top-k BM25 hits per query, BEIR conventions: a hit with the query's own id is dropped, a query sharing no
+    term with the corpus gets no hits (bm25s would return arbitrary zero-score documents)."""
+    retriever, doc_ids, vocab, stemmer = _bm25_index(dataset)
     run = {str(qid): {} for qid in query_ids}
+    if retriever is None:
+        return run
+    query_tokens = _query_tokens(dataset, query_ids, vocab, stemmer)
     searchable = [i for i, tokens in enumerate(query_tokens) if tokens]
     if searchable:
         depth = min(k + 1, len(doc_ids))
@@ -65,3 +79,22 @@ def bm25_run(dataset, query_ids: Sequence[str], k: int = 1000, drop_self: bool =
                     break
             run[qid] = ranked
     return run
+
+
+def bm25_scores(dataset, wanted: dict[str, Sequence[str]]) -> dict[str, dict[str, float]]:
+    """BM25 scores of given documents per query, {qid: {doc_id: score}} for the scores > 0: one query's scores
+    over the corpus at a time, so memory stays one corpus-length array (a full ranking per query grew with
+    queries x documents: tens of GB for MS MARCO's training queries)."""
+    retriever, doc_ids, vocab, stemmer = _bm25_index(dataset)
+    scores = {str(qid): {} for qid in wanted}
+    if retriever is None:
+        return scores
+    position = {doc_id: index for index, doc_id in enumerate(doc_ids)}
+    query_ids = list(wanted)
+    for qid, tokens in zip(query_ids, _query_tokens(dataset, query_ids, vocab, stemmer)):
+        if not tokens:
+            continue
+        row = retriever.get_scores(tokens)
+        scores[str(qid)] = {doc_id: float(row[position[doc_id]]) for doc_id in wanted[qid]
+                            if row[position[doc_id]] > 0}
+    return scores

@@ -361,6 +361,20 @@ def test_bm25_of_a_corpus_without_an_indexable_term_has_no_hits(tmp_path):
     assert bm25_run(plain, ["q1"])["q1"]  # a corpus with terms still has hits
 
 
+def test_bm25_scores_of_given_documents_are_the_rankings_scores(nfcorpus_dir):
+    """data.positive=bm25 kept every query's full BM25 ranking (queries x documents floats) to read the scores of a
+    few relevant documents; bm25_scores returns those alone, equal to the ranking's."""
+    from fles1.bm25 import bm25_run, bm25_scores
+
+    data = load_beir(nfcorpus_dir, "test")
+    query_ids = sorted(data.qrels)[:40]
+    wanted = {qid: sorted(data.qrels[qid]) for qid in query_ids}
+    ranked = bm25_run(data, query_ids, k=len(data.corpus), drop_self=False)
+    scores = bm25_scores(data, wanted)
+    assert scores == {qid: {d: ranked[qid][d] for d in wanted[qid] if d in ranked[qid]} for qid in query_ids}
+    assert sum(map(len, scores.values())) > 100  # most judged documents share a term with their query
+
+
 def test_graded_judgements_reach_the_metrics(tmp_path):
     """Grades read from the qrels file score as trec_eval scores them (gain = grade): grades cut to 0/1 passed
     every toy test (their qrels were all grade 1)."""

@@ -19,12 +19,13 @@ A query, or a positive, whose text is empty or whitespace only teaches nothing (
 empty vector): such an example is left out, with a warning that counts them. Empty documents can still be drawn
 as negatives.
 
-Sampling uses ``random.Random(seed)``: the same seed gives the same dataset.
+Sampling uses ``random.Random(seed)``: the same seed gives the same dataset. Negatives are drawn once per run:
+every epoch sees the same rows, reshuffled.
 
 ``positive="bm25"`` (BEIR sources) takes as positive the query's relevant document that BM25 (fles1.bm25) ranks
 highest instead of a uniform draw -- for collections such as nfcorpus whose relevance-1 judgements include
 documents only indirectly linked to the query; a query whose relevant documents BM25 does not retrieve keeps a
-uniform draw.
+uniform draw, and a tie goes to the smallest document id.
 
 ``with_ids=True`` (BEIR sources) adds a ``relevance`` column: per row, the ids of its positive and negatives and
 of every document judged relevant to its query, so the trainer can mask in-batch false negatives (another
@@ -89,9 +90,11 @@ def beir_examples(
         raise ValueError(f"positive={positive!r} is not supported; choose one of {list(POSITIVE_CHOICES)}")
     bm25 = {}
     if positive == "bm25":
-        from fles1.bm25 import bm25_run
+        from fles1.bm25 import bm25_scores
 
-        bm25 = bm25_run(dataset, sorted(dataset.qrels), k=len(dataset.corpus), drop_self=False)
+        bm25 = bm25_scores(dataset, {query_id: [doc_id for doc_id, rel in judged.items()
+                                                if rel > 0 and doc_id in dataset.corpus]
+                                     for query_id, judged in sorted(dataset.qrels.items())})
     rng = random.Random(seed)
     doc_ids = sorted(dataset.corpus)
     rows, relevance, left_out = [], [], []
