@@ -236,13 +236,15 @@ def encode_corpus(
             shard_texts = texts[begin : begin + shard_docs]
             part = os.path.join(parts, f"{number:06d}.npz") if parts and len(starts) > 1 else None
             finished = _load_saved(part, len(shard_texts)) if part else None
+            if finished is not None and finished[1].get("batch_size") != batch_size:
+                finished = None  # saved at another --batch-size: its seconds would be labelled with this one
             if finished is None:
                 start = time.perf_counter()
                 shard = encoder.encode_batch(
                     shard_texts, batch_size=batch_size, kind="document", threshold=0.0, output="csr",
                     show_progress_bar=show_progress_bar and len(starts) == 1,
                 )
-                finished = shard, {"encode_seconds": time.perf_counter() - start}
+                finished = shard, {"encode_seconds": time.perf_counter() - start, "batch_size": batch_size}
                 if part:
                     _save_csr(part, *finished)
             shards.append(finished[0])
@@ -340,6 +342,7 @@ def evaluate_dataset(
             "docs_per_second_batch_size": encode_info.get("batch_size"),  # None: an entry written before it was kept
             "query_latency_ms_p50": float(np.percentile(timings, 50)),
             "query_latency_ms_p95": float(np.percentile(timings, 95)),
+            "query_latency_queries": len(timings),  # --latency-queries, or every query of a smaller set
             "index_bytes_per_1k_docs": index_bytes / len(doc_ids) * 1000,
             "index_ratio_to_dense_768": index_bytes / (len(doc_ids) * DENSE_768_BYTES_PER_DOC),
         }

@@ -494,12 +494,43 @@ def test_corpus_encoding_resumes_from_its_finished_shards(tiny_random_checkpoint
     with pytest.raises(ValueError, match="shard_docs must be an int >= 1, got 0"):
         encode_corpus(encoder, dataset, str(cache), model_fp="m", shard_docs=0)
 
+
+def test_a_resume_at_another_batch_size_encodes_the_saved_shards_again(tiny_random_checkpoint, beir_dir, tmp_path,
+                                                                       monkeypatch):
+    """Shards saved at --batch-size 64 were reused by a resume at 4: docs/s, measured partly at 64, was recorded
+    (and reported by every later run) as batch size 4's."""
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    dataset, cache = load_beir(beir_dir), tmp_path / "cache"
+    original, batch_sizes = encoder.encode_batch, []
+
+    def interrupted_after_one_shard(texts, **kwargs):
+        if batch_sizes:
+            raise KeyboardInterrupt
+        batch_sizes.append(kwargs["batch_size"])
+        return original(texts, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode_batch", interrupted_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(encoder, dataset, str(cache), model_fp="m", shard_docs=2, batch_size=64)
+
+    def counted(texts, **kwargs):
+        batch_sizes.append(kwargs["batch_size"])
+        return original(texts, **kwargs)
+
+    batch_sizes.clear()
+    monkeypatch.setattr(encoder, "encode_batch", counted)
+    _, _, info = encode_corpus(encoder, dataset, str(cache), model_fp="m", shard_docs=2, batch_size=4)
+    assert batch_sizes == [4] * -(-len(CORPUS) // 2) and info["batch_size"] == 4  # every shard, at 4
+
 SHARED_KEYS = {
     "top": {"model", "threshold", "query_max_length", "document_max_length", "environment", "datasets"},
     "dataset": {"split", "num_queries", "num_docs", "data_fingerprint", "metrics", "bm25", "production"},
     "metrics": {"ndcg@10", "mrr@10", "recall@100", "map@100", "recall@1000", "nnz_doc", "nnz_query"},
     "production": {"docs_per_second", "query_latency_ms_p50", "query_latency_ms_p95", "index_bytes_per_1k_docs",
-                   "index_ratio_to_dense_768", "docs_per_second_from_cache", "docs_per_second_batch_size"},
+                   "index_ratio_to_dense_768", "docs_per_second_from_cache", "docs_per_second_batch_size",
+                   "query_latency_queries"},
 }
 
 
