@@ -114,6 +114,24 @@ def test_the_sentence_transformers_path_does_not_measure_a_nan_batch(tiny_random
     assert (callback.nnz_sum, callback.nnz_count) == (2.0, 1)
 
 
+def test_a_regularizer_shared_by_queries_and_documents_counts_the_documents_only(tiny_random_checkpoint):
+    """One FlopsLoss given as both SpladeLoss regularizers: recording it counted each batch's queries as documents."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.losses import FlopsLoss, SparseMultipleNegativesRankingLoss, SpladeLoss
+
+    from fles1.training.clfr import SpladeCLFRCallback
+
+    model = SparseEncoder(tiny_random_checkpoint, trust_remote_code=True, device="cpu")
+    regularizer = FlopsLoss(model)
+    loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model), document_regularizer_weight=3e-5,
+                      query_regularizer_weight=5e-5, document_regularizer=regularizer, query_regularizer=regularizer)
+    callback = SpladeCLFRCallback(loss, target_nnz=100, interval_steps=1)
+    loss([model.tokenize(["what is a cat", "dog food"]), model.tokenize(["a cat is an animal", "dogs eat food"])],
+         None)
+    assert callback.nnz_count == 2  # the two documents, not the queries too
+    assert type(loss.query_regularizer) is FlopsLoss and loss.get_config_dict()["query_regularizer_weight"] == 5e-5
+
+
 def test_the_sentence_transformers_loss_keeps_its_config_and_clfr_its_weight(tiny_random_checkpoint):
     """The recorder replaced SpladeLoss's FlopsLoss by a module of its own: the saved model card's loss section read
     "document_regularizer": "_NNZRecorder" and lost the threshold. A scheduler listed after CLFR overwrote lambda_d

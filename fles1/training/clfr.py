@@ -27,6 +27,7 @@ inside every checkpoint folder and restore it when training resumes from that ch
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -243,6 +244,13 @@ class SpladeCLFRCallback(CLFRCallback, _splade_scheduler_base()):
         CLFRCallback.__init__(self, controller, interval_steps)
         self.loss = loss  # the trainer matches its scheduler slot on `callback.loss is loss`
         self._overwritten = False
+        if getattr(loss, "query_regularizer", None) is loss.document_regularizer:
+            # one object regularizing both sides: the query side gets its own (unrecorded) copy, or CLFR would count
+            # the queries as documents
+            query = copy.copy(loss.query_regularizer)
+            for name in ("compute_loss_from_embeddings", "_fles1_clfr_callbacks"):  # an earlier callback's recording
+                query.__dict__.pop(name, None)
+            loss.query_regularizer = query
         _record_documents(loss.document_regularizer, self)
 
     def observe_training_documents(self, embeddings) -> None:
