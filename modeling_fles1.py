@@ -446,8 +446,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
     # Derived caches (`_decoder_cache`, the single-text trace) live in __dict__ and are rebuilt on demand; copies,
     # pickles and torch.save leave them out -- a TorchScript module and oneDNN's opaque packed tensors cannot be.
-    _fles1_caches = ("_fles1_decoder_cache", "_fles1_traced_hidden_states", "_fles1_traced_hook_dicts",
-                     "_fles1_module_list")
+    _fles1_caches = ("_fles1_decoder_cache", "_fles1_traced_hidden_states", "_fles1_module_views")
 
     def __init__(self, config: FLES1Config):
         super().__init__(config)
@@ -466,14 +465,24 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """Whether a mode-dependent module is in training mode anywhere: dropout or batch norm, or a module holding
         one (BERT's attention reads its own flag for SDPA's dropout). ``model.eval(); model.bert.train()`` leaves
         ``model.training`` False with dropout on; a new Linear left in training mode changes nothing. ~1 us on the
-        shipped model (a cached module list, rebuilt after a module or parameter is registered on one of them)."""
-        cached = self.__dict__.get("_fles1_module_list")
+        shipped model (`_module_views`)."""
+        return any(map(_TRAINING, self._module_views()[1]))
+
+    def _module_views(self) -> tuple[list, tuple]:
+        """What the single-text path asks of the modules on every call, collected once and rebuilt after any module
+        or parameter registration on them: the forward (pre-)hook dicts of the modules a trace runs (any() over
+        them costs ~1 us on the shipped 2-layer model, ~5 us at 12 layers, asking each module ~9x that) and the
+        mode-dependent modules (`dropout_active`). Registering and removing hooks mutate those dicts; code that
+        assigns a module a new one (``module._forward_hooks = OrderedDict()``) is not seen until `clear_caches()`."""
+        cached = self.__dict__.get("_fles1_module_views")
         if cached is None or cached[0] != _REGISTRATIONS[0]:
-            _TRACED_MODULES.update(self.modules())  # a registration on any of them rebuilds the list
+            _TRACED_MODULES.update(self.modules())  # a submodule registered on them from now on rebuilds the views
+            traced = (*self.bert.modules(), *self.cls.predictions.transform.modules())
+            hooks = [hooks for module in traced for hooks in (module._forward_hooks, module._forward_pre_hooks)]
             modes = tuple(module for module in self.modules() if isinstance(module, _MODE_DEPENDENT)
                           or any(isinstance(child, _MODE_DEPENDENT) for child in module.children()))
-            cached = self.__dict__["_fles1_module_list"] = (_REGISTRATIONS[0], modes)
-        return any(map(_TRAINING, cached[1]))
+            cached = self.__dict__["_fles1_module_views"] = (_REGISTRATIONS[0], (hooks, modes))
+        return cached[1]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, plus `auto_map` for AutoModel too (both auto classes load this model), plus the
@@ -594,7 +603,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         # eager under autocast (a trace does not follow it) and while forward hooks are registered (a trace built
         # with them would keep them after their removal, one built before would miss them)
         if single and self.use_traced_backbone and input_ids.device.type == "cpu" and not self.training \
-                and not torch.is_grad_enabled() and not _cpu_autocast() and not _hooked(self._traced_hook_dicts()) \
+                and not torch.is_grad_enabled() and not _cpu_autocast() and not _hooked(self._module_views()[0]) \
                 and not self.dropout_active():  # a trace built with dropout on would fail its check, for good
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
@@ -736,19 +745,6 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         exact = _exact_at(states, screen, candidates)[0].numpy()
         positive = (exact > 0).nonzero()[0]  # ndarray indexing: a few us where torch's boolean masks take ~15
         return torch.from_numpy(candidates.numpy()[positive]), torch.log1p(torch.from_numpy(exact[positive]))
-
-    def _traced_hook_dicts(self) -> list:
-        """The forward (pre-)hook dicts of the modules a trace runs, rebuilt after any registration on them; any()
-        over them costs ~1 us per query on the shipped 2-layer model (~5 us at 12 layers), asking each module ~9x
-        that. Registering and removing hooks mutate these dicts; code that assigns a module a new one (``module.
-        _forward_hooks = OrderedDict()``) is not seen until `clear_caches()`."""
-        cached = self.__dict__.get("_fles1_traced_hook_dicts")
-        if cached is None or cached[0] != _REGISTRATIONS[0]:
-            _TRACED_MODULES.update(self.modules())  # a submodule registered on them from now on rebuilds the list
-            modules = (*self.bert.modules(), *self.cls.predictions.transform.modules())
-            hooks = [hooks for module in modules for hooks in (module._forward_hooks, module._forward_pre_hooks)]
-            cached = self.__dict__["_fles1_traced_hook_dicts"] = (_REGISTRATIONS[0], hooks)
-        return cached[1]
 
     def clear_caches(self) -> None:
         """Drop the decoder's int8 / packed copies and the traced backbone; they are rebuilt on the next call.

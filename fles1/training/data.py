@@ -88,19 +88,18 @@ def beir_examples(
     check_sampling(num_negatives, seed, minimum=0)
     if positive not in POSITIVE_CHOICES:
         raise ValueError(f"positive={positive!r} is not supported; choose one of {list(POSITIVE_CHOICES)}")
+    relevant_of = {query_id: sorted(doc_id for doc_id, rel in judged.items() if rel > 0 and doc_id in dataset.corpus)
+                   for query_id, judged in sorted(dataset.qrels.items())}
     bm25 = {}
     if positive == "bm25":
         from fles1.bm25 import bm25_scores
 
-        bm25 = bm25_scores(dataset, {query_id: [doc_id for doc_id, rel in judged.items()
-                                                if rel > 0 and doc_id in dataset.corpus]
-                                     for query_id, judged in sorted(dataset.qrels.items())})
+        bm25 = bm25_scores(dataset, relevant_of)
     rng = random.Random(seed)
     doc_ids = sorted(dataset.corpus)
     rows, relevance, left_out = [], [], []
-    for query_id in sorted(dataset.qrels):
+    for query_id, relevant in relevant_of.items():
         judged = dataset.qrels[query_id]
-        relevant = sorted(doc_id for doc_id, rel in judged.items() if rel > 0 and doc_id in dataset.corpus)
         if not relevant:
             continue
         # a blank relevant document is no positive to draw, yet still judged: masked as an in-batch negative
