@@ -8,6 +8,9 @@ r"""Publish a FLES-1 checkpoint folder to the Hugging Face Hub with its generate
 The folder (checkpoint + code files + README.md card + results/ + plots/) is validated by loading it fresh and
 offline three ways (AutoModel and SparseEncoder with trust_remote_code=True, FLES1Encoder.from_pretrained) and
 encoding a probe text; any failed check refuses the upload. --dry-run writes the folder and uploads nothing.
+The commit replaces the branch's weights (*.safetensors), results/ and plots/ from earlier pushes (users would
+otherwise get an earlier push's model.safetensors beside new shards); other files in the repo stay. Absolute
+local paths in the published JSON/YAML files are cut to their last component.
 The token comes from HF_TOKEN or a prior `hf auth login`; it is never printed. Exit status: 0 uploaded (or
 written, --dry-run); 2 bad input or a failed check (nothing uploaded); 1 the Hub refused the upload or was
 unreachable (no commit made).
@@ -23,8 +26,9 @@ from fles1.publish import CardInputs, PublishError, UploadError, publish
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="FLES-1 checkpoint folder (convert_fles1.py / train_fles1.py)")
-    parser.add_argument("--repo-id", required=True, help="e.g. mindoval/fles1-v14")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--repo-id", required=True, help="owner/name, e.g. mindoval/fles1-v14")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repo private (an existing public repo is refused, not made private)")
     parser.add_argument("--revision", help="branch to commit to (created if missing; not with --create-pr)")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request against the default branch instead of committing")
     parser.add_argument("--dry-run", metavar="OUT_DIR", help="write the folder exactly as it would be uploaded; no upload")

@@ -275,6 +275,26 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+LOCAL_ABSOLUTE_PATH = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)[^\n]*$")  # /home/..., C:\..., \\server\...
+
+
+def without_local_paths(value):
+    """`value` (JSON-like) with each string that is an absolute local path replaced by its last component: a
+    published card or results file must not show the publisher's folders (``/home/<user>/...``). Relative paths
+    (``../shared/...``) and hub ids stay.
+
+    >>> without_local_paths({"model": {"path": "/home/alice/runs/fles1"}, "data": ["../shared/data/nfcorpus"]})
+    {'model': {'path': 'fles1'}, 'data': ['../shared/data/nfcorpus']}
+    """
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and LOCAL_ABSOLUTE_PATH.match(value):
+        return re.split(r"[\\/]", value.rstrip("/\\"))[-1] or value
+    return value
+
+
 def cell(value, none: str = MISSING) -> str:
     if value is None:
         return none
@@ -437,7 +457,8 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     flat = flatten(recipe or {})
     if flat:
         recipe_part = "### Recipe\n\n" + table(["Setting", "Value"],
-                                                 [[f"`{k}`", cell(v, "null")] for k, v in flat.items()])
+                                                 [[f"`{k}`", cell(without_local_paths(v), "null")]
+                                                  for k, v in flat.items()])
         training_lengths = [f"`{key}`" for key in TRAINING_LENGTH_KEYS if flat.get(key) is not None]
         if training_lengths:  # they read like the model's own lengths, which config.json keeps (the card's top)
             inference = header or {}

@@ -27,8 +27,10 @@ import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
+import yaml
+
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
-from fles1.card import CardInputError, build_card, read_json
+from fles1.card import CardInputError, build_card, read_json, without_local_paths
 from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
 
 REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights
@@ -41,6 +43,10 @@ SKIP_PATTERNS = ("checkpoint-*", "trainer_state.json", "runs", "__pycache__", "*
                  # dotfiles: .git, .cache, .env and editor files (maybe credentials), an interrupted assembly's
                  # staging (.*.partial)
                  ".*")
+# What a push replaces as a whole on the branch it commits to: an earlier push's weights (sharded ones after a single
+# model.safetensors would leave that file, which the loaders prefer: users would get the old model), results and
+# plots would outlive the card that described them. Other files in the repo stay.
+REPLACED_ON_PUSH = ["*.safetensors", "*.safetensors.index.json", "results/*", "plots/*"]
 PROBE_TEXT = "What is machine learning? Sparse retrieval with FLES-1 and BM25 baselines."
 TOLERANCE = 1e-5
 VALIDATION_TIMEOUT_S = 600
@@ -83,7 +89,8 @@ def _skip(_folder, names):
 
 
 def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
-    """Copy files into folder keeping their names (index-prefixed on a clash); returns paths relative to the root."""
+    """Copy files into folder keeping their names (index-prefixed on a clash); returns paths relative to the root.
+    JSON and YAML copies name no absolute local path (`public_text`)."""
     os.makedirs(folder, exist_ok=True)
     copied = []
     for index, path in enumerate(paths):
@@ -93,9 +100,45 @@ def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
         prefix = index
         while os.path.exists(os.path.join(folder, name)):  # a prefixed name may be taken too ("2_eval.json")
             name, prefix = f"{prefix}_{base}", prefix + len(paths)
-        shutil.copyfile(path, os.path.join(folder, name))
+        text = public_text(path)
+        if text is None:
+            shutil.copyfile(path, os.path.join(folder, name))
+        else:
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
+                handle.write(text)
         copied.append(os.path.join(folder, name))
     return copied
+
+
+def public_text(path: str) -> Optional[str]:
+    """A results JSON, training log or recipe YAML as published: each absolute local path in its values (an eval's
+    ``model.path``, a recipe's ``model.path`` / ``data.source`` / ``output_dir``) cut to its last component, as the
+    card shows them (`fles1.card.without_local_paths`); None when there is none (or the file is neither): the
+    file is copied as it is."""
+    if not path.endswith((".json", ".yaml", ".yml")):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):  # the card's reader reports what is wrong with it
+        return None
+    local = sorted(_local_paths(values), key=len, reverse=True)
+    if not local:
+        return None
+    if path.endswith(".json"):
+        return json.dumps(without_local_paths(values), indent=2, ensure_ascii=False) + "\n"
+    for value in local:  # YAML: in the text, so that its comments and layout stay
+        text = text.replace(value, without_local_paths(value))
+    return text
+
+
+def _local_paths(value) -> set:
+    if isinstance(value, dict):
+        return set().union(*map(_local_paths, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(_local_paths, value)) if value else set()
+    return {value} if isinstance(value, str) and without_local_paths(value) != value else set()
 
 
 def _training_log_name(index: int, path: str) -> str:
@@ -402,6 +445,9 @@ def publish(
         validate_repo_id(repo_id)  # a dry run too: its card and folder name the repo
     except HFValidationError as error:
         raise PublishError(f"--repo-id {repo_id!r} is not a Hub repo id: {error}") from None
+    if "/" not in repo_id:  # the Hub would put it under the token's account; the card's snippets would miss it
+        raise PublishError(f"--repo-id {repo_id!r} names no owner: the card's snippets load the repo by this id; "
+                           f"give it as <user or organization>/{repo_id} (e.g. mindoval/fles1-v14)")
     token = None
     if dry_run is None:
         token = resolve_token()  # before any work
@@ -460,12 +506,18 @@ def _upload(folder: str, repo_id: str, token: str, private: bool, revision, crea
     api, step = HfApi(token=token), "create_repo"
     try:
         repo_url = api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
+        if private:  # create_repo leaves an existing repo's visibility as it is
+            step = "repo_info"
+            if api.repo_info(repo_id, repo_type="model").private is False:
+                raise PublishError(f"--private: {repo_id} exists and is public, and create_repo does not change "
+                                   "that; nothing was uploaded -- make the repo private on the Hub first, or drop "
+                                   "--private to publish it publicly")
         if revision and not create_pr:
             step = "create_branch"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         step = "upload_folder"
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                   create_pr=create_pr, commit_message=message)
+                                   create_pr=create_pr, commit_message=message, delete_patterns=REPLACED_ON_PUSH)
     except refused as error:
         reason = " ".join(str(error).split()).replace(token, "<token>")
         raise UploadError(f"upload to {repo_id} failed at {step} ({type(error).__name__}: {reason}); no commit was "

@@ -92,8 +92,10 @@ def result_files(tmp_path, source_checkpoint):
 class FakeHub:
     """The Hub's HTTP API, faked at the transport under huggingface_hub's own httpx client."""
 
-    def __init__(self):
+    def __init__(self, remote_files=(".gitattributes",), private=None):
         self.requests = []
+        self.remote_files = list(remote_files)  # what the repo holds before the push (its tree listing)
+        self.private = private  # the repo's visibility as the Hub reports it (repo_info)
 
     def __call__(self, request: http.Request) -> http.Response:
         path, body = request.url.path, request.read()
@@ -112,6 +114,11 @@ class FakeHub:
                 "changes": {"base": "refs/heads/main"}})
         if "/branch/" in path:
             return http.Response(200, json={})
+        if "/tree/" in path:  # list_repo_files, for upload_folder's delete_patterns
+            return http.Response(200, json=[{"type": "file", "path": name, "size": 1, "oid": "b" * 40}
+                                            for name in self.remote_files])
+        if path == f"/api/models/{REPO_ID}" and request.method == "GET":  # repo_info
+            return http.Response(200, json={"id": REPO_ID, "private": self.private})
         if "/preupload/" in path:
             files = json.loads(body)["files"]
             return http.Response(200, json={"files": [
@@ -126,11 +133,17 @@ class FakeHub:
     def repo_calls(self) -> list:
         """(method, path) of the calls that act on the repo (not metadata checks or client telemetry)."""
         return [(method, path) for method, path, *_ in self.requests
-                if path == "/api/repos/create" or path.startswith(f"/api/models/{REPO_ID}/")]
+                if path in ("/api/repos/create", f"/api/models/{REPO_ID}") or path.startswith(f"/api/models/{REPO_ID}/")]
 
     def json_sent(self, path: str) -> dict:
         (body,) = [body for _, sent_path, _, _, body in self.requests if sent_path == path]
         return json.loads(body)
+
+    def deleted_files(self) -> set:
+        """path_in_repo of the commit's deletions."""
+        (_, _, _, _, body), = [r for r in self.requests if "/commit/" in r[1]]
+        lines = [json.loads(line) for line in body.decode().splitlines()]
+        return {item["value"]["path"] for item in lines if item["key"] == "deletedFile"}
 
     def committed_files(self) -> dict:
         """path_in_repo -> bytes of the commit's regular-file operations (NDJSON payload)."""
@@ -220,6 +233,7 @@ def passing_validation(monkeypatch):
 def test_upload_through_huggingface_hub_client(source_checkpoint, result_files, fake_hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     checked = passing_validation(monkeypatch)
+    fake_hub.private = True  # a new repo, created private
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--private", "--create-pr",
                           "--results", result_files["results"]])
     printed = capsys.readouterr()
@@ -230,13 +244,16 @@ def test_upload_through_huggingface_hub_client(source_checkpoint, result_files, 
     # the card the Hub validated is the card committed (huggingface_hub 1.3 validates it twice, later ones once)
     assert validated and {v["content"].encode() for v in validated} == {fake_hub.committed_files()["README.md"]}
     calls = fake_hub.repo_calls()
-    assert calls[:2] == [("POST", "/api/repos/create"), ("POST", f"/api/models/{REPO_ID}/preupload/main")]
+    # --private: the repo's visibility checked (an existing public repo stays public); the branch's files listed
+    # (the earlier push's weights, results and plots are replaced)
+    assert calls[:4] == [("POST", "/api/repos/create"), ("GET", f"/api/models/{REPO_ID}"),
+                         ("GET", f"/api/models/{REPO_ID}/tree/main"), ("POST", f"/api/models/{REPO_ID}/preupload/main")]
     # --create-pr: a PR, not main. huggingface_hub opens a draft PR and commits to it; 1.3 and older ask the Hub to
     # turn the commit into a PR (?create_pr=1)
     pr_commit = [params for _, path, params, *_ in fake_hub.requests if "/commit/" in path]
-    assert calls[2:] == [("POST", f"/api/models/{REPO_ID}/discussions"), ("GET", f"/api/models/{REPO_ID}/discussions/1"),
+    assert calls[4:] == [("POST", f"/api/models/{REPO_ID}/discussions"), ("GET", f"/api/models/{REPO_ID}/discussions/1"),
                          ("POST", f"/api/models/{REPO_ID}/commit/refs/pr/1")] or (
-        calls[2:] == [("POST", f"/api/models/{REPO_ID}/commit/main")] and pr_commit == [{"create_pr": "1"}])
+        calls[4:] == [("POST", f"/api/models/{REPO_ID}/commit/main")] and pr_commit == [{"create_pr": "1"}])
     create = fake_hub.json_sent("/api/repos/create")
     assert create["name"] == "fles1-v14" and create["organization"] == "mindoval"
     assert create.get("visibility") == "private" or create.get("private") is True  # huggingface_hub <= 1.3: private
@@ -258,7 +275,7 @@ def test_revision_without_pr_creates_the_branch(source_checkpoint, result_files,
                           "--results", result_files["results"]])
     assert rc == 0, capsys.readouterr().err
     calls = [path for _, path in fake_hub.repo_calls()]
-    assert calls == ["/api/repos/create", f"/api/models/{REPO_ID}/branch/v14",
+    assert calls == ["/api/repos/create", f"/api/models/{REPO_ID}/branch/v14", f"/api/models/{REPO_ID}/tree/v14",
                      f"/api/models/{REPO_ID}/preupload/v14", f"/api/models/{REPO_ID}/commit/v14"]
     create = fake_hub.json_sent("/api/repos/create")
     assert "visibility" not in create and not create.get("private")  # not --private: the account default
@@ -389,6 +406,68 @@ def test_bad_repo_id_refused_before_any_work(source_checkpoint, result_files, tm
                           result_files["results"], "--dry-run", str(tmp_path / "o")])
     assert rc == 2 and "--repo-id 'not a repo!' is not a Hub repo id" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+    # an id without an owner is valid for the Hub (it lands under the token's account), but the card's snippets
+    # would load `fles1-bare`, which is not that repo
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", "fles1-bare", "--results",
+                          result_files["results"], "--dry-run", str(tmp_path / "o")])
+    assert rc == 2 and "--repo-id 'fles1-bare' names no owner" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_push_replaces_an_earlier_pushs_weights_results_and_plots(source_checkpoint, result_files, fake_hub,
+                                                                    monkeypatch, capsys):
+    """upload_folder adds and overwrites only: an earlier sharded push would leave its shards and index beside this
+    push's model.safetensors (and a single-file push's model.safetensors beside later shards, which loaders
+    prefer), its results and plots beside a card that no longer describes them. Other files stay."""
+    earlier_push = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                    "model.safetensors.index.json", "results/eval_old.json", "plots/old_loss.png"]
+    kept = [".gitattributes", "notes/ablations.md", "onnx/model.onnx"]
+    fake_hub.remote_files = earlier_push + kept + ["model.safetensors", "README.md", "results/eval_nfcorpus.json"]
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    passing_validation(monkeypatch)
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"]])
+    assert rc == 0, capsys.readouterr().err
+    assert fake_hub.deleted_files() == set(earlier_push)  # in the same commit as the new files
+    assert {"model.safetensors", "README.md", "results/eval_nfcorpus.json"} <= set(fake_hub.committed_files())
+
+
+def test_an_existing_public_repo_is_not_pushed_to_as_private(source_checkpoint, result_files, fake_hub, monkeypatch,
+                                                             capsys):
+    fake_hub.private = False  # the repo exists, public: create_repo(private=True, exist_ok=True) leaves it so
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    passing_validation(monkeypatch)
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--private",
+                          "--results", result_files["results"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--private: {REPO_ID} exists and is public" in err and "nothing was uploaded" in err
+    assert not any("/preupload/" in path or "/commit/" in path for _, path in fake_hub.repo_calls())
+
+
+def test_published_files_name_no_local_absolute_path(source_checkpoint, result_files, tmp_path, capsys):
+    """An eval's model.path and a recipe's folders are the publisher's (/home/<user>/...): cut to their last
+    component in the card and in the results/ copies; relative paths stay; the recipe file keeps its comments."""
+    with open(result_files["training_log"]) as handle:
+        log = json.load(handle)
+    log["recipe"]["data"]["source"] = str(tmp_path / "datasets" / "nfcorpus")
+    log["recipe"]["output_dir"] = str(tmp_path / "runs" / "fles1")
+    with open(result_files["training_log"], "w") as handle:
+        json.dump(log, handle)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"# the v14 recipe\nlearning_rate: 2.0e-05\ndata:\n  source: {tmp_path / 'datasets' / 'nfcorpus'}"
+                      f"  # BEIR folder\n  split: train\noutput_dir: {tmp_path / 'runs' / 'fles1'}\n")
+    out = tmp_path / "hub"
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                          "--recipe", str(recipe), "--dry-run", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    published = {path.relative_to(out).as_posix(): path.read_text(encoding="utf-8") for path in out.rglob("*")
+                 if path.suffix in (".json", ".yaml", ".md", ".py", ".txt")}
+    assert "results/eval_nfcorpus.json" in published and "results/recipe.yaml" in published
+    leaking = [name for name, text in published.items() if str(tmp_path) in text]
+    assert not leaking
+    assert json.loads(published["results/eval_nfcorpus.json"])["model"]["path"] == "trained"
+    assert published["results/recipe.yaml"] == ("# the v14 recipe\nlearning_rate: 2.0e-05\ndata:\n  source: nfcorpus"
+                                                "  # BEIR folder\n  split: train\noutput_dir: fles1\n")
+    assert "| `data.source` | nfcorpus |" in published["README.md"]
 
 
 def test_missing_input_file_leaves_no_half_built_folder(source_checkpoint, result_files, tmp_path, capsys):
