@@ -70,7 +70,8 @@ def main(argv=None):
                              "(one at or past the run's last step is refused: nothing to train)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --output-dir that holds an earlier run (its checkpoint-*, "
-                             "training_log.json, plots and weights are removed)")
+                             "training_log.json and plots are removed at the start, its final model once the new "
+                             "run saves its own: an interrupted overwrite leaves the old model loadable)")
     parser.add_argument("--eval-dev", action="store_true", help="evaluate dev NDCG@10 at the end (BEIR data)")
     parser.add_argument("--trace-nnz", action="store_true", help="write each rank's per-batch doc non-zeros")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any recipe value")

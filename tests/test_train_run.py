@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from fles1.training.recipe import load_recipe
 from fles1.training.run import HISTORY_KEYS, TrainingSetupError, train
 from fles1.training.trainer import FLES1Trainer
+from fles1_encoder import FLES1Encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RECIPE = os.path.join(ROOT, "recipes", "fles1-tiny-nfcorpus.yaml")
@@ -208,6 +209,11 @@ class InterruptedWhileSavingStep4(FLES1Trainer):
         super().__init__(*args, callbacks=[_InterruptedWhileSaving()], **kwargs)
 
 
+class InterruptedAtTheStart(FLES1Trainer):
+    def train(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+
 def test_interrupted_save_with_save_total_limit_still_resumes(sparse_tiny, msmarco_toy_dir, tmp_path):
     """save_total_limit=1: transformers deletes checkpoint-2 as soon as checkpoint-4's trainer_state.json is
     written; the CLFR and crash states came after (on_save), so a kill there left nothing to resume."""
@@ -232,6 +238,14 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
         train(recipe, out, max_steps=2)
     with pytest.raises(TrainingSetupError, match="choose one"):
         train(recipe, out, resume_from_checkpoint=True, overwrite=True)
+    # an overwrite interrupted before its first checkpoint: the old run's checkpoints, log and plots are gone, its
+    # model still loads (it had left config.json and the tokenizer without weights)
+    finished = load_file(os.path.join(out, "model.safetensors"))
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, out, max_steps=2, overwrite=True, trainer_class=InterruptedAtTheStart)
+    assert not [name for name in os.listdir(out) if name.startswith("checkpoint-") or name.endswith((".png", "log.json"))]
+    encoder = FLES1Encoder.from_pretrained(out)
+    assert all(torch.equal(tensor, encoder.model.state_dict()[name]) for name, tensor in finished.items())
     log = train(recipe, out, max_steps=2, overwrite=True)
     assert log["global_step"] == 2 and not os.path.exists(os.path.join(out, "checkpoint-4"))
     assert json.load(open(os.path.join(out, "training_log.json")))["global_step"] == 2

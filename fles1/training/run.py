@@ -37,7 +37,12 @@ def previous_run(output_dir: str) -> list[str]:
 
 
 def remove_previous_run(output_dir: str) -> None:
+    """--overwrite: the earlier run's checkpoints, log, plots and traces go (the new run's would mix with them); its
+    final model stays until the new run's final save replaces it -- an overwrite interrupted before then leaves the
+    old model loadable beside the new run's checkpoints (``--resume`` continues them), not a config without weights."""
     for name in previous_run(output_dir):
+        if name == "model.safetensors":
+            continue
         path = os.path.join(output_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -290,8 +295,8 @@ def evaluate_dev(output_dir: str, recipe: dict) -> dict:
 def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps: int | None = None,
           eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None, overwrite: bool = False) -> dict | None:
     """Run the recipe; returns the training log (on the main process; None on other ranks). An `output_dir` that
-    holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log, plots and weights are
-    removed once the model has loaded). Resuming from a checkpoint of another run (a folder that is not one of
+    holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log and plots are removed
+    once the model has loaded, its final model when the new one is saved: `remove_previous_run`). Resuming from a checkpoint of another run (a folder that is not one of
     `output_dir`'s checkpoints) into an `output_dir` holding a run is refused unless `overwrite`: the folder's run is
     then replaced by the continuation. A checkpoint past the run's last step, at it once the run is finished, or whose
     weights do not fit the model, is refused before any step; the folder's own checkpoint at its last step, the run
