@@ -223,8 +223,12 @@ def test_interrupted_save_with_save_total_limit_still_resumes(sparse_tiny, msmar
     with pytest.raises(KeyboardInterrupt):
         train(recipe, out, max_steps=6, trainer_class=InterruptedWhileSavingStep4)
     assert sorted(os.listdir(out)) == ["checkpoint-4"]
+    with open(os.path.join(out, "checkpoint-4", "trainer_state.json")) as handle:
+        seconds_to_step_4 = json.load(handle)["stateful_callbacks"]["fles1/train_runtime_s"]["seconds"]
     log = train(recipe, out, resume_from_checkpoint=True, max_steps=6)
     assert log["global_step"] == 6 and [row["step"] for row in log["clfr"]] == [2, 4, 6]
+    # the runtime counts steps 1-4 (the interrupted process) and 5-6, not only the resumed process's
+    assert 0 < seconds_to_step_4 < log["train_runtime_s"]
 
 
 def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sparse_tiny, msmarco_toy_dir, tmp_path):
@@ -238,6 +242,9 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
         train(recipe, out, max_steps=2)
     with pytest.raises(TrainingSetupError, match="choose one"):
         train(recipe, out, resume_from_checkpoint=True, overwrite=True)
+    # a mistyped checkpoint is not "another run's checkpoint" (whose advice, --overwrite, removes the folder's run)
+    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-44: no such folder$"):
+        train(recipe, out, resume_from_checkpoint=os.path.join(out, "checkpoint-44"), max_steps=6)
     # an overwrite interrupted before its first checkpoint: the old run's checkpoints, log and plots are gone, its
     # model still loads (it had left config.json and the tokenizer without weights)
     finished = load_file(os.path.join(out, "model.safetensors"))

@@ -84,6 +84,28 @@ class _RecordRecipe(TrainerCallback):
         state.stateful_callbacks.setdefault(RECIPE_STATE_KEY, self.record)
 
 
+RUNTIME_STATE_KEY = "fles1/train_runtime_s"
+
+
+class _RecordRuntime(TrainerCallback):
+    """The training seconds of the steps a run kept, across resumes: each step leaves the total so far in the
+    TrainerState, which every checkpoint saves, and a resumed run counts on from its checkpoint's (a resumed run's
+    log counted only its last process: a 12-step run killed and resumed four times showed 3 s). Seconds spent on
+    steps an interruption lost (after the last checkpoint) are not counted."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.before = recorded_runtime(state) or 0.0
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.stateful_callbacks[RUNTIME_STATE_KEY] = {"seconds": self.before + time.perf_counter() - self.start}
+
+
+def recorded_runtime(state) -> float | None:
+    seconds = (state.stateful_callbacks.get(RUNTIME_STATE_KEY) or {}).get("seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
+
+
 def recipe_changes(saved: dict, recipe: dict) -> list[str]:
     """"section.key old -> new" for each setting `recipe` changes from the one `_RecordRecipe` saved that a resume
     cannot honour. A training key left out counts as TrainingArguments' default; model.path and data.source count
@@ -173,6 +195,7 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
         query_max_length=model_cfg["query_max_length"], document_max_length=model_cfg["document_max_length"],
     )
     trainer.add_callback(_RecordRecipe(recipe))
+    trainer.add_callback(_RecordRuntime())
     return trainer
 
 
@@ -253,11 +276,13 @@ def _misfitting_weights(weights: str, model) -> list[tuple]:
 
 
 def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
+    """`runtime_s`: this process's training seconds; the log's train_runtime_s counts every segment of a resumed
+    run (`_RecordRuntime`), where the trainer state has the total."""
     history = [
         {key: row.get(key) for key in HISTORY_KEYS}
         for row in trainer.state.log_history if "loss_contrastive" in row
     ]
-    clfr = trainer.clfr
+    clfr, recorded = trainer.clfr, recorded_runtime(trainer.state)
     return {
         "recipe": {**recipe, "resolved": {
             "max_steps": trainer.state.max_steps,
@@ -266,7 +291,7 @@ def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
         }},
         "seed": trainer.args.seed,
         "global_step": trainer.state.global_step,
-        "train_runtime_s": runtime_s,
+        "train_runtime_s": runtime_s if recorded is None else recorded,
         "history": history,
         "clfr": list(clfr.controller.history) if clfr is not None else [],
         "crashes": trainer.crash_monitor.totals(),
@@ -308,6 +333,9 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     try:
         require_writable(output_dir, "output_dir", folder=True)  # before any loading, not at the first checkpoint
         earlier = previous_run(output_dir)
+        if isinstance(resume_from_checkpoint, str) and not os.path.isdir(resume_from_checkpoint):
+            # (else taken below for another run's checkpoint, with advice to --overwrite the folder's run)
+            raise ValueError(f"cannot resume from {resume_from_checkpoint}: no such folder")
         own = resume_from_checkpoint is True or isinstance(resume_from_checkpoint, str) and any(
             path_within(resume_from_checkpoint, os.path.join(output_dir, name)) for name in earlier)
         if own:  # one of this folder's checkpoints
@@ -358,7 +386,7 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
         return None
     log = training_log(trainer, recipe, runtime)
     if unfinished:
-        log["finished_from"] = resume_from_checkpoint  # train_runtime_s: this process's seconds, none training
+        log["finished_from"] = resume_from_checkpoint  # train_runtime_s: the checkpoint's total
     if log["history"]:
         write_plots(log, output_dir)
     _write_log(log, output_dir)  # last: it marks the run finished (`_finished`); before the dev evaluation
