@@ -225,8 +225,11 @@ def test_interrupted_save_with_save_total_limit_still_resumes(sparse_tiny, msmar
     assert sorted(os.listdir(out)) == ["checkpoint-4"]
     with open(os.path.join(out, "checkpoint-4", "trainer_state.json")) as handle:
         seconds_to_step_4 = json.load(handle)["stateful_callbacks"]["fles1/train_runtime_s"]["seconds"]
-    log = train(recipe, out, resume_from_checkpoint=True, max_steps=6)
+    with pytest.warns(UserWarning, match="--trace-nnz: the trace holds the steps after .*checkpoint-4 only"):
+        log = train(recipe, out, resume_from_checkpoint=True, max_steps=6, trace_nnz=True)
     assert log["global_step"] == 6 and [row["step"] for row in log["clfr"]] == [2, 4, 6]
+    with open(os.path.join(out, "nnz_trace_rank0.json")) as handle:
+        assert sorted({row["step"] for row in json.load(handle)}) == [5, 6]
     # the runtime counts steps 1-4 (the interrupted process) and 5-6, not only the resumed process's
     assert 0 < seconds_to_step_4 < log["train_runtime_s"]
 

@@ -379,6 +379,9 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     runtime = time.perf_counter() - start
     if trace_nnz and not unfinished:
+        if resume_from_checkpoint:  # the trace lives in memory only: the steps before the checkpoint are not in it
+            warnings.warn(f"--trace-nnz: the trace holds the steps after {resume_from_checkpoint} only (this "
+                          "process's); the interrupted process's trace was not kept")
         atomic_write_json(os.path.join(output_dir, f"nnz_trace_rank{trainer.args.process_index}.json"),
                           trainer.nnz_trace, indent=None)
     trainer.save_model(output_dir)
