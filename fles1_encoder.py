@@ -249,6 +249,8 @@ def _resolve_device(device) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device={device!r} is not usable here: {error}") from error
+    if resolved.type == "meta":  # tensors without data: the model would load, and every encode fail
+        raise ValueError(f"device={device!r} is not usable here: meta tensors hold no data")
     if resolved.type == "cuda" and resolved.index is not None and torch.cuda.is_available() \
             and resolved.index >= torch.cuda.device_count():  # CUDA's own error is four lines of debugging advice
         count = torch.cuda.device_count()

@@ -24,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from fles1.atomic import atomic_write_json, require_writable  # noqa: E402
@@ -119,6 +120,16 @@ def bench_sentence_transformers(folder, dataset, args, out):
     return steps_per_second(timer, args.warmup)
 
 
+def trainer_device(device: torch.device) -> None:
+    """ValueError unless transformers' Trainer runs on `device` (it picks the device itself: use_cpu, else the
+    current CUDA device): the JSON would name a device the run did not use."""
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: the trainers run on cpu, cuda or mps")
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        raise ValueError(f"--device {device}: the trainers run on cuda:{torch.cuda.current_device()}, the current "
+                         "device; pick another GPU with CUDA_VISIBLE_DEVICES")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.path.join(os.path.dirname(ROOT), "shared", "models", "splade-tiny"))
@@ -141,6 +152,7 @@ def main(argv=None):
         if args.output:
             require_writable(args.output, "--output")  # before the run, not after it
         args.device = _resolve_device(args.device)  # a device that is not here was run on the CPU and labelled
+        trainer_device(args.device)
         if args.workers is None:
             args.workers = 8 if args.device.type == "cuda" else 0
         # models and trainer outputs, removed after (interrupted too: Ctrl-C and SIGTERM end with one line)

@@ -12,7 +12,7 @@
 # Expects ../shared (or a copy of it in .devshare/, which the device tool carries) and, where the machine lacks
 # them, wheels in .whl/ for datasets, bm25s, PyStemmer, pytrec-eval-terrier. SMOKE=1 shrinks every step (CPU check).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/gpu_out}
 RESULTS=/tmp/gpu_results
 BUDGET=${BUDGET:-500}           # seconds for all steps together
@@ -28,6 +28,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 SMOKE=${SMOKE:-0}
+FAILED=()
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, never past the budget; log to $RESULTS/NAME.log
   local name=$1 limit=$2; shift 2
@@ -36,18 +37,26 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, never past the bud
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s, ${left}s left)"
   timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
-  echo "== $name: exit $? after $((SECONDS - START))s"
+  local status=$?
+  echo "== $name: exit $status after $((SECONDS - START))s"
+  [ "$status" = 0 ] || FAILED+=("$name (exit $status)")
   grep -v "Loading weights\|Writing model\|it/s\]" "$RESULTS/$name.log" | tail -12
 }
 
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
 } | tee "$RESULTS/machine.txt"
+# without CUDA every step would run its GPU-sized workload on the CPU until its timeout
+if [ "$SMOKE" != 1 ] && ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "error: no CUDA device: this script is for a lent GPU machine (SMOKE=1 runs its CPU check)" >&2
+  exit 2
+fi
 
 if [ "$SMOKE" = 1 ]; then BENCH="--num-docs 64 --num-queries 10 --rounds 1"; STEPS="--max-steps 2"; TRAIN="--steps 1 --warmup 1 --batch-size 2"
 else BENCH="--num-docs 2048 --num-queries 200 --rounds 3"; STEPS=""; TRAIN="--steps 10 --warmup 2"; fi
 
-python3 convert_fles1.py "$SHARED/models/splade-tiny" /tmp/fles1-tiny > "$RESULTS/convert.log" 2>&1
+python3 convert_fles1.py "$SHARED/models/splade-tiny" /tmp/fles1-tiny > "$RESULTS/convert.log" 2>&1 \
+  || { tail -5 "$RESULTS/convert.log"; echo "error: the backbone did not convert" >&2; exit 1; }
 step bench_encode 150 python3 benchmarks/bench_encode.py --model /tmp/fles1-tiny --data "$SHARED/data/nfcorpus" $BENCH \
   --output "$RESULTS/bench_encode.json"
 
@@ -76,3 +85,7 @@ train_and_eval gpu-selected-10ep --set data.positive=bm25 --set loss.temperature
 
 tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" .
 echo "done in $((SECONDS - START))s"
+if [ "${#FAILED[@]}" -gt 0 ]; then  # a step that failed or ran out of time: its results are missing or partial
+  echo "failed: ${FAILED[*]}" >&2
+  exit 1
+fi

@@ -7,7 +7,7 @@
 # the machine lacks them, wheels in .whl/ for datasets, bm25s, PyStemmer, pytrec-eval-terrier.
 #   device run: carry [".devshare", ".whl"], command: bash experiments/gpu_tests.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-/tmp/gpu_tests}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -19,6 +19,11 @@ fi
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
 } | tee "$OUT/machine.txt"
+# without CUDA this is CI's run under another name (ALLOW_CPU=1 for a check of the script itself)
+if [ "${ALLOW_CPU:-0}" != 1 ] && ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "error: no CUDA device: this script runs the tests on a lent GPU machine (ALLOW_CPU=1 to run it anyway)" >&2
+  exit 2
+fi
 
 # Where pytest-xdist and pytest-timeout are installed (the device image has both), the tests run on 8 workers with
 # 2 CPU threads each (16 threads each oversubscribed the 16 cores: the CPU-only nfcorpus fixture took > 110 s, and
@@ -45,5 +50,9 @@ fi
 
 START=$SECONDS
 timeout "${BENCH_LIMIT:-90}" python3 benchmarks/bench_encode.py --output "$OUT/bench_encode.json" > "$OUT/bench_encode.log" 2>&1
-echo "== bench_encode: exit $? after $((SECONDS - START))s"
+bench_status=$?
+echo "== bench_encode: exit $bench_status after $((SECONDS - START))s"
 grep -v "Loading weights\|Writing model\|it/s\]" "$OUT/bench_encode.log" | tail -20
+# the tests' status (a failure stays one when it passed alone: it fails beside others), else the benchmark's
+[ "$status" = 0 ] || exit "$status"
+exit "$bench_status"
