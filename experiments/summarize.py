@@ -39,9 +39,53 @@ def load(run: str, name: str):
         return None
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            data = json.load(handle)
     except ValueError as error:  # truncated or not JSON: a table built without it would not say so
         raise ResultFileError(f"{os.path.relpath(path, ROOT)}: not valid JSON ({error})") from None
+    problem = log_problem(data) if name == "training_log.json" else eval_problem(data)
+    if problem:  # valid JSON of another shape: a KeyError in the middle of the tables or plots
+        raise ResultFileError(f"{os.path.relpath(path, ROOT)}: {problem}")
+    return data
+
+
+STUDIED_METRICS = ("ndcg@10", "mrr@10", "recall@100", "nnz_doc", "nnz_query")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def eval_problem(data) -> str | None:
+    """What keeps an eval_fles1.py JSON from the tables, None when nothing does."""
+    if not isinstance(data, dict):
+        return "not a JSON object (eval_fles1.py --output writes one)"
+    entry = (data.get("datasets") or {}).get("nfcorpus") if isinstance(data.get("datasets"), dict) else None
+    if entry is None:
+        return None  # no nfcorpus results: its cells are "—"
+    values = entry.get("metrics") if isinstance(entry, dict) else None
+    if not isinstance(values, dict):
+        return "datasets.nfcorpus.metrics is not an object"
+    wrong = [key for key in STUDIED_METRICS if not _number(values.get(key))]
+    return f"datasets.nfcorpus.metrics: {', '.join(wrong)} missing or not a number" if wrong else None
+
+
+def log_problem(data) -> str | None:
+    """What keeps a train_fles1.py training_log.json from the tables and plots, None when nothing does."""
+    if not isinstance(data, dict):
+        return "not a JSON object (train_fles1.py writes one)"
+    if not isinstance(data.get("recipe"), dict):
+        return "recipe missing or not an object"
+    history, clfr = data.get("history"), data.get("clfr", [])
+    if not isinstance(history, list) or not all(
+            isinstance(row, dict) and _number(row.get("step")) and _number(row.get("lambda_d"))
+            and (row.get("nnz_doc") is None or _number(row.get("nnz_doc"))) for row in history):
+        return "history must be a list of rows, each with a numeric step and lambda_d (nnz_doc a number or null)"
+    if not isinstance(clfr, list) or not all(isinstance(row, dict) and _number(row.get("lambda_d_after"))
+                                             for row in clfr):
+        return "clfr must be a list of updates, each with a numeric lambda_d_after"
+    if not isinstance(data.get("crashes", {}), dict):
+        return "crashes is not an object"
+    return None
 
 
 def metrics(run: str, split: str) -> dict:
@@ -105,7 +149,7 @@ def study_rows(runs: list[tuple[str, str]]) -> list[list[str]]:
         clfr = log.get("clfr", [])
         recipe = log.get("recipe", {})
         target = recipe.get("clfr", {}).get("target_nnz_d")
-        start = history[0]["nnz_doc"] if history else None
+        start = next((row["nnz_doc"] for row in history if row.get("nnz_doc") is not None), None)
         end = final_nnz(log)
         clfr_enabled = recipe.get("clfr", {}).get("enabled")
         rows.append([
@@ -131,9 +175,10 @@ def plot_nnz(runs: list[tuple[str, str]], path: str, title: str) -> None:
         log = load(run, "training_log.json")
         if not log:
             continue
-        steps = [row["step"] for row in log["history"]]
-        ax_nnz.plot(steps, [row["nnz_doc"] for row in log["history"]], marker=".", label=label)
-        ax_lambda.plot(steps, [row["lambda_d"] for row in log["history"]], marker=".", label=label)
+        measured = [row for row in log["history"] if row.get("nnz_doc") is not None]
+        ax_nnz.plot([row["step"] for row in measured], [row["nnz_doc"] for row in measured], marker=".", label=label)
+        ax_lambda.plot([row["step"] for row in log["history"]], [row["lambda_d"] for row in log["history"]],
+                       marker=".", label=label)
         if log["recipe"].get("clfr", {}).get("enabled"):
             target = log["recipe"]["clfr"]["target_nnz_d"]
     if target is not None:
@@ -165,7 +210,11 @@ def _summarize() -> int:
     explore_runs = [("no false-negative mask, τ 0.05", "clfr-l1-seed0"), ("no false-negative mask, τ 1.0", "tau1-seed0"),
                     ("false-negative mask + BM25-chosen positive", "probe-bm25pos-seed0"),
                     ("false-negative mask + BM25-chosen positive, τ 1.0 (selected)", "probe-bm25pos-tau1-seed0")]
-    text = "\n\n".join([  # first: it reads every file, so a broken one stops the run before anything is written
+    for run in {run for _, run in clfr_runs + reg_runs + explore_runs + GPU_RUNS} | {BASELINE, *SEED_RUNS,
+                                                                                       *SELECTED_RUNS}:
+        for name in ("eval_test.json", "eval_dev.json", "training_log.json"):
+            load(run, name)  # first: a broken file stops the run before anything is written
+    text = "\n\n".join([
         "### Selected on dev: τ 1.0, BM25-chosen positive (nfcorpus, threshold 0.3; `backbone` = the shipped "
         "SPLADE-tiny converted, untrained)",
         seed_section(SELECTED_RUNS),

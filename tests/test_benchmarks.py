@@ -2,9 +2,12 @@
 line before the run (the runs themselves are measurements, not tests)."""
 
 import importlib.util
+import json
 import os
+import shutil
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -30,10 +33,26 @@ def test_a_device_or_output_that_will_not_do_is_refused_before_the_run(script, t
     whole run (a path under a file: a traceback, the numbers lost)."""
     main = load(script).main
     assert error_line(main, ["--device", "cuda:99"], capsys).startswith("error: device='cuda:99' is not usable here")
+    # meta tensors hold no data: bench_encode failed in a traceback, bench_train ran on the CPU labelled "meta"
+    assert error_line(main, ["--device", "meta"], capsys) == \
+        "error: device='meta' is not usable here: meta tensors hold no data"
     (tmp_path / "a-file").write_text("x")
     output = str(tmp_path / "a-file" / "bench.json")
     assert error_line(main, ["--output", output], capsys) == \
         f"error: --output {output}: cannot be written, {tmp_path / 'a-file'} is a file"
+
+
+def test_bench_train_refuses_a_gpu_its_trainers_would_not_run_on(monkeypatch):
+    """transformers' Trainer runs on the current CUDA device whatever --device says: the JSON named another."""
+    trainer_device = load("bench_train").trainer_device
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    trainer_device(torch.device("cuda"))
+    trainer_device(torch.device("cuda:0"))
+    with pytest.raises(ValueError, match=r"--device cuda:1: the trainers run on cuda:0, the current device; pick "
+                                         "another GPU with CUDA_VISIBLE_DEVICES"):
+        trainer_device(torch.device("cuda:1"))
+    with pytest.raises(ValueError, match="--device xpu: the trainers run on cpu, cuda or mps"):
+        trainer_device(torch.device("xpu"))
 
 
 def test_a_model_or_data_folder_that_will_not_do_is_one_error_line(backbone_dir, tmp_path, capsys):
@@ -52,9 +71,6 @@ def test_a_model_or_data_folder_that_will_not_do_is_one_error_line(backbone_dir,
 
 def _summarize_module(tmp_path):
     """experiments/summarize.py reading and writing a copy of the committed results under tmp_path."""
-    import importlib.util
-    import shutil
-
     shutil.copytree(os.path.join(ROOT, "results", "runs"), tmp_path / "results" / "runs")
     shutil.copytree(os.path.join(ROOT, "results", "gpu-h200-2026-11-26", "runs"),
                     tmp_path / "results" / "gpu-h200-2026-11-26" / "runs")
@@ -76,6 +92,26 @@ def test_summarize_names_a_broken_result_file_and_writes_nothing(tmp_path, capsy
     broken.write_text(broken.read_text()[:200])
     assert summarize.main([]) == 2
     assert "error: results/runs/fnmask-seed1/eval_test.json: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "plots").exists() and not (tmp_path / "results" / "STUDY.md").exists()
+    shutil.copyfile(os.path.join(ROOT, "results", "runs", "fnmask-seed1", "eval_test.json"), broken)
+    # valid JSON of another shape was a KeyError / TypeError traceback (exit 1) -- for a file only the plots read
+    # (a selected seed's training log), after two of the plots had been rewritten
+    log = tmp_path / "results" / "runs" / "probe-bm25pos-tau1-seed1" / "training_log.json"
+    log.write_text(json.dumps({key: value for key, value in json.loads(log.read_text()).items() if key != "recipe"}))
+    assert summarize.main([]) == 2
+    assert capsys.readouterr().err == ("error: results/runs/probe-bm25pos-tau1-seed1/training_log.json: recipe "
+                                       "missing or not an object\n")
+    assert not (tmp_path / "results" / "plots").exists() and not (tmp_path / "results" / "STUDY.md").exists()
+    shutil.copyfile(os.path.join(ROOT, "results", "runs", "probe-bm25pos-tau1-seed1", "training_log.json"), log)
+    values = json.loads(broken.read_text())
+    del values["datasets"]["nfcorpus"]["metrics"]["nnz_query"]
+    values["datasets"]["nfcorpus"]["metrics"]["ndcg@10"] = None
+    broken.write_text(json.dumps(values))
+    assert summarize.main([]) == 2
+    assert capsys.readouterr().err == ("error: results/runs/fnmask-seed1/eval_test.json: datasets.nfcorpus.metrics: "
+                                       "ndcg@10, nnz_query missing or not a number\n")
+    broken.write_text("[]")
+    assert summarize.main([]) == 2 and "eval_test.json: not a JSON object" in capsys.readouterr().err
     assert not (tmp_path / "results" / "plots").exists() and not (tmp_path / "results" / "STUDY.md").exists()
 
 
