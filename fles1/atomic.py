@@ -76,6 +76,9 @@ def require_new_folder(path: str, replace: bool = False, hint: str = "") -> None
     Callers with expensive work before it check first, so the error comes before the work."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path}: exists and is not a folder")
+    if os.path.isdir(path) and path_within(os.getcwd(), path):  # e.g. ".": it cannot be renamed into place
+        raise NotADirectoryError(f"{path}: is the current folder or holds it, which a complete folder cannot be "
+                                 "moved into; name a new folder (e.g. ./fles1)")
     if not replace and os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"{path}: exists and is not empty{hint}")
     ancestor = _nearest_existing(os.path.abspath(path))
@@ -109,7 +112,8 @@ def atomic_directory(path: str, replace: bool = False):
     succeeds (``out`` must not exist or be empty, unless ``replace``: then the old folder is removed only after the
     new one is complete). The staging folder sits beside it, so the rename is atomic."""
     require_new_folder(path, replace)
-    parent = os.path.dirname(os.path.abspath(path))
+    path = os.path.abspath(path)  # "out/." is "out": renaming "." fails
+    parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     _remove_dead_writers_temporaries(path)
     staging = tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".partial", dir=parent)

@@ -152,7 +152,14 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
     if local and out_dir is not None and path_within(source, out_dir):
         raise ValueError(f"the output folder {out_dir} is the source or holds it: --overwrite would delete the "
                          "source; write the conversion elsewhere")
-    model_type = PreTrainedConfig.get_config_dict(source)[0].get("model_type")
+    settings = PreTrainedConfig.get_config_dict(source)[0]
+    if not settings:  # transformers reads a folder without config.json as {}
+        routed = any(str(module.get("type", "")).endswith("Router") for module in _modules(source))
+        raise ValueError("no config.json at its root: FLES-1 converts BERT masked-LM checkpoints and FLES-1 folders"
+                         + (" (this is a sentence-transformers Router model, with a model per input kind: convert "
+                            "the folder of its document-side Transformer module, if it is a BERT masked-LM)"
+                            if routed else ""))
+    model_type = settings.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported: FLES-1 converts BERT masked-LM checkpoints "
                          "(model_type 'bert': bert-base-uncased, SPLADE models on BERT) and FLES-1 folders")
@@ -163,9 +170,7 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
             raise ValueError(f"no safetensors weights{f' (found {found[0]})' if found else ''}: weights are loaded "
                              "from safetensors only; re-save the model with model.save_pretrained(folder), which "
                              "writes model.safetensors")
-    modules = cached_file(source, "modules.json", _raise_exceptions_for_missing_entries=False,
-                          _raise_exceptions_for_connection_errors=False)
-    for module in _read_json(modules) if modules else []:
+    for module in _modules(source):
         if module.get("type", "").endswith("SpladePooling"):
             pooling = cached_file(source, f"{module['path']}/config.json", _raise_exceptions_for_missing_entries=False,
                                   _raise_exceptions_for_connection_errors=False)
@@ -178,9 +183,39 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
     return model_type
 
 
+def _modules(source: str) -> list:
+    """The entries of a sentence-transformers folder's modules.json; [] for other folders."""
+    modules = cached_file(source, "modules.json", _raise_exceptions_for_missing_entries=False,
+                          _raise_exceptions_for_connection_errors=False)
+    return _read_json(modules) if modules else []
+
+
 def _read_json(path: str):
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def load_source_tokenizer(source: str, config):
+    """The tokenizer of a checkpoint being converted or trained from, without running code from it: one that is
+    code of its own (``auto_map`` naming an AutoTokenizer class in tokenizer_config.json or config.json) is
+    refused. ``config``: the source's, loaded already (else transformers loads it again, and for a FLES-1 folder
+    warns about its model type)."""
+    for name in ("tokenizer_config.json", "config.json"):
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        try:
+            settings = _read_json(path) if path else {}
+        except ValueError as error:
+            raise ValueError(f"its {name} is not valid JSON ({error})") from None
+        auto_map = settings.get("auto_map") if isinstance(settings, dict) else None
+        if isinstance(auto_map, dict):
+            code = auto_map.get("AutoTokenizer")
+        else:  # tokenizer_config.json's auto_map was once the AutoTokenizer pair itself
+            code = auto_map if name == "tokenizer_config.json" else None
+        if code:
+            raise ValueError(f"its tokenizer is code of its own ({name}: auto_map AutoTokenizer {code!r}), which FLES-1 never runs "
+                             "from a source: it tokenizes with BERT's WordPiece (tokenizer.json or vocab.txt)")
+    return AutoTokenizer.from_pretrained(source, config=config, trust_remote_code=False)
 
 
 def check_tokenizer(tokenizer, vocab_size: int) -> None:
@@ -227,7 +262,7 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     if missing or unexpected:
         raise ValueError(f"not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    tokenizer = load_source_tokenizer(source, source_model.config)
     check_tokenizer(tokenizer, config.vocab_size)
     with atomic_directory(out_dir, replace=overwrite) as staging:
         save_checkpoint(model.to(torch.float32), tokenizer, staging, license_from=source)

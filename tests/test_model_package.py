@@ -399,6 +399,28 @@ def _tiny_bert_source(folder, backbone_dir, vocab_size=30522, tokenizer=True):
     return str(folder)
 
 
+def test_convert_refuses_the_current_folder_before_loading_and_takes_out_spelled_with_a_dot(backbone_dir, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """OUT "." ran the whole conversion, then failed renaming "." ("[Errno 22] Invalid argument", blamed on the
+    source; with --overwrite it would have renamed the current folder away); "out/." failed the same way, though it
+    names a folder that can be written."""
+    import convert_fles1
+
+    source = _tiny_bert_source(tmp_path / "src", backbone_dir)
+    converter = convert_fles1.convert
+    monkeypatch.setattr(convert_fles1, "convert", lambda *args, **kwargs: pytest.fail("loaded before OUT was refused"))
+    (tmp_path / "here" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here" / "sub")
+    for out, flags in ((".", []), (".", ["--overwrite"]), ("..", ["--overwrite"]), (str(tmp_path), ["--overwrite"])):
+        assert convert_fles1.main([source, out, *flags]) == 2
+        assert f"error: {out}: is the current folder or holds it" in capsys.readouterr().err
+    monkeypatch.setattr(convert_fles1, "convert", converter)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert convert_fles1.main([source, "empty/."]) == 0, capsys.readouterr().err
+    assert os.path.isfile(tmp_path / "empty" / "model.safetensors") and os.path.isdir(tmp_path / "here" / "sub")
+
+
 def test_model_convert_refuses_sources_that_would_convert_into_another_model(backbone_dir, tmp_path, capsys):
     """Each converted silently, or failed with a message about something else: a folder without tokenizer files
     (every word [UNK] after), a tokenizer larger than the vocabulary (IndexError while encoding), a SPLADE folder
@@ -423,7 +445,23 @@ def test_model_convert_refuses_sources_that_would_convert_into_another_model(bac
                            SpladePooling(pooling_strategy="sum")]).save_pretrained(str(summed))
     same = _tiny_bert_source(tmp_path / "same", backbone_dir)
     (tmp_path / "same" / "README.md").write_text("keep me\n")
+    # a tokenizer that is code of its own: AutoTokenizer(trust_remote_code=True) imported it, silently
+    own_code = _tiny_bert_source(tmp_path / "own-code", backbone_dir)
+    marker = tmp_path / "the-source-code-ran"
+    (tmp_path / "own-code" / "own_tokenizer.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import BertTokenizerFast\n"
+        "class OwnTokenizer(BertTokenizerFast):\n    pass\n")
+    settings = json.loads((tmp_path / "own-code" / "tokenizer_config.json").read_text())
+    settings.update(auto_map={"AutoTokenizer": [None, "own_tokenizer.OwnTokenizer"]}, tokenizer_class="OwnTokenizer")
+    (tmp_path / "own-code" / "tokenizer_config.json").write_text(json.dumps(settings))
+    no_config = tmp_path / "no-config"  # e.g. a parent folder, or a sentence-transformers Router model
+    no_config.mkdir()
+    (no_config / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "",
+                                                         "type": "sentence_transformers.models.Router"}]))
     expected = {
+        own_code: r"tokenizer is code of its own \(tokenizer_config.json: auto_map AutoTokenizer \[None, "
+                  r"'own_tokenizer.OwnTokenizer'\]\), which FLES-1 never runs from a source",
+        str(no_config): "no config.json at its root: .* sentence-transformers Router model",
         no_tokenizer: "tokenizer has only .* tokens for a vocabulary of 30522 rows: no tokenizer files",
         small: "tokenizer has 30522 tokens for a vocabulary of 29522 rows",
         str(tmp_path / "distilbert"): "model_type 'distilbert' is not supported: FLES-1 converts BERT",
@@ -435,6 +473,7 @@ def test_model_convert_refuses_sources_that_would_convert_into_another_model(bac
         error = capsys.readouterr().err
         assert re.search(f"error: {re.escape(source)}: (its )?{message}", error), error
         assert not (tmp_path / "out").exists()
+    assert not marker.exists()
     assert convert_fles1.main([same, same, "--overwrite"]) == 2
     assert "is the source or holds it" in capsys.readouterr().err
     assert (tmp_path / "same" / "README.md").read_text() == "keep me\n"

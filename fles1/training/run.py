@@ -142,15 +142,15 @@ def load_model_for_training(path: str):
     """A FLES-1 checkpoint folder, or any BERT masked-LM (converted on the fly, weights from safetensors only)."""
     from transformers import AutoTokenizer
 
-    from fles1.checkpoint import convert, is_fles1_source
+    from fles1.checkpoint import convert, is_fles1_source, load_source_tokenizer
     from fles1_encoder import is_local_path, not_a_folder
     from modeling_fles1 import FLES1ForMaskedLM
 
     if not os.path.isdir(path) and is_local_path(path):
         raise FileNotFoundError(not_a_folder(path))  # transformers would call the path an invalid repo id
     if is_fles1_source(path):
-        return FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True), \
-            AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        model = FLES1ForMaskedLM.from_pretrained(path, use_safetensors=True)
+        return model, load_source_tokenizer(path, model.config)
     with scratch_directory("fles1-backbone") as scratch:  # every run used to leave its copy
         try:
             converted = convert(path, os.path.join(scratch, "fles1"))
@@ -158,7 +158,7 @@ def load_model_for_training(path: str):
             raise ValueError(f"model.path={path!r}: {error}") from error
         model = FLES1ForMaskedLM.from_pretrained(converted, use_safetensors=True)
         model.name_or_path = path  # where the weights came from (its license files go with every checkpoint)
-        return model, AutoTokenizer.from_pretrained(converted, trust_remote_code=True)
+        return model, AutoTokenizer.from_pretrained(converted, config=model.config)  # written here: no code of its own
 
 
 def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, trainer_class=None):
