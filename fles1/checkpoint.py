@@ -213,8 +213,9 @@ def load_source_tokenizer(source: str, config):
         else:  # tokenizer_config.json's auto_map was once the AutoTokenizer pair itself
             code = auto_map if name == "tokenizer_config.json" else None
         if code:
-            raise ValueError(f"its tokenizer is code of its own ({name}: auto_map AutoTokenizer {code!r}), which FLES-1 never runs "
-                             "from a source: it tokenizes with BERT's WordPiece (tokenizer.json or vocab.txt)")
+            raise ValueError(f"its tokenizer is code of its own ({name}: auto_map AutoTokenizer {code!r}), which "
+                             "FLES-1 never runs from a source: it tokenizes with BERT's WordPiece (tokenizer.json or "
+                             "vocab.txt)")
     return AutoTokenizer.from_pretrained(source, config=config, trust_remote_code=False)
 
 
