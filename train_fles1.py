@@ -73,8 +73,8 @@ def main(argv=None):
                              "training_log.json and plots are removed at the start, its final model once the new "
                              "run saves its own: an interrupted overwrite leaves the old model loadable)")
     parser.add_argument("--eval-dev", action="store_true", help="evaluate dev NDCG@10 at the end (BEIR data)")
-    parser.add_argument("--trace-nnz", action="store_true", help="write each rank's per-batch doc non-zeros (of the steps "
-                        "this process trains: a resumed run's trace starts after its checkpoint)")
+    parser.add_argument("--trace-nnz", action="store_true", help="write each rank's per-batch doc non-zeros (of "
+                        "the steps this process trains: a resumed run's trace starts after its checkpoint)")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any recipe value")
     args = parser.parse_args(argv)
     with interrupts_exit():  # Ctrl-C / SIGTERM: one line; the checkpoints written so far stay (--resume)

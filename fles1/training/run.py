@@ -323,9 +323,10 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log and plots are removed
     once the model has loaded, its final model when the new one is saved: `remove_previous_run`). Resuming from a
     checkpoint of another run (a folder that is not one of `output_dir`'s checkpoints) into an `output_dir` holding a
-    run is refused unless `overwrite`: the folder's run is then replaced by the continuation. A checkpoint past the run's last step, at it once the run is finished, or whose
-    weights do not fit the model, is refused before any step; the folder's own checkpoint at its last step, the run
-    killed while writing its final folder, plots or log, is finished from there without training."""
+    run is refused unless `overwrite`: the folder's run is then replaced by the continuation. A checkpoint past the
+    run's last step, at it once the run is finished, or whose weights do not fit the model, is refused before any
+    step; the folder's own checkpoint at its last step, the run killed while writing its final folder, plots or log,
+    is finished from there without training."""
     from .plots import write_plots
     from .trainer import checkpoint_state_files, resolve_resume
 
