@@ -24,6 +24,10 @@ class BEIRDataError(ValueError):
     """Bad BEIR data; the message names the file (and line) at fault."""
 
 
+class BEIRSplitError(BEIRDataError):
+    """The dataset has no qrels for the split asked for; the message names the splits it has."""
+
+
 class BEIRDataWarning(UserWarning):
     """Data that loads, with a caveat (judged documents missing from the corpus)."""
 
@@ -237,7 +241,7 @@ def load_beir(source: str, split: str = "test", keep_missing_documents: bool = F
         folder = os.path.join(source, "qrels")
         splits = sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".tsv")) \
             if os.path.isdir(folder) else []
-        raise BEIRDataError(f"{qrels_path}: file not found (splits here: {', '.join(splits) or 'none'})")
+        raise BEIRSplitError(f"{qrels_path}: file not found (splits here: {', '.join(splits) or 'none'})")
     corpus = load_corpus(corpus_path)
     queries = load_queries(queries_path)
     missing = [] if keep_missing_documents else None
@@ -271,10 +275,18 @@ def _load_from_hub(dataset_id: str, *args, **kwargs):
 
     try:
         return load_dataset(dataset_id, *args, **kwargs)
-    except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError: OSErrors; unknown split: ValueError
-        local = "" if os.path.exists(dataset_id) else "no local file or folder of that name, and "
-        raise BEIRDataError(f"{dataset_id}: {local}could not load it from the Hugging Face Hub "
-                            f"({type(error).__name__}: {error}); a local BEIR folder works offline") from error
+    except ValueError as error:
+        if str(error).startswith("Unknown split"):  # it loaded: only the split is not there
+            raise BEIRSplitError(f"{dataset_id}: no split {kwargs.get('split')!r} ({error})") from error
+        raise _not_loaded(dataset_id, error) from error
+    except OSError as error:  # ConnectionError, DatasetNotFoundError
+        raise _not_loaded(dataset_id, error) from error
+
+
+def _not_loaded(dataset_id: str, error: Exception) -> BEIRDataError:
+    local = "" if os.path.exists(dataset_id) else "no local file or folder of that name, and "
+    return BEIRDataError(f"{dataset_id}: {local}could not load it from the Hugging Face Hub "
+                         f"({type(error).__name__}: {error}); a local BEIR folder works offline")
 
 
 def load_beir_from_hub(dataset_id: str, split: str = "test", keep_missing_documents: bool = False) -> BEIRDataset:

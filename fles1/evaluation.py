@@ -54,20 +54,22 @@ DEFAULT_CACHE_DIR = os.path.join(
 
 
 # ---- fingerprints ----------------------------------------------------------------------------------------------
-def _model_file(model: str, name: str) -> str:
+def _model_folder(model: str) -> str:
+    """``model`` when it is a folder; for a hub id, the snapshot folder of its config and weights (the files
+    FLES1Encoder.from_pretrained fetched: sharded ones too)."""
     if os.path.isdir(model):
-        return os.path.join(model, name)
-    from huggingface_hub import hf_hub_download
+        return model
+    from huggingface_hub import snapshot_download
 
-    return hf_hub_download(model, name)
+    return snapshot_download(model, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json"])
 
 
 def model_fingerprint(model: str) -> str:
-    """sha256 of model.safetensors (a folder's shards, when sharded) + config.json (folder or hub id). Hashed once
-    per process for the same files (path, size, modification time): publishing checks a folder's fingerprint, then
-    the card pairs training logs by it."""
-    weights = safetensors_files(model) if os.path.isdir(model) else [_model_file(model, "model.safetensors")]
-    files = [*weights, _model_file(model, "config.json")]
+    """sha256 of model.safetensors (the shards, when sharded) + config.json (folder or hub id). Hashed once per
+    process for the same files (path, size, modification time): publishing checks a folder's fingerprint, then the
+    card pairs training logs by it."""
+    folder = _model_folder(model)
+    files = [*safetensors_files(folder), os.path.join(folder, "config.json")]
     key = tuple((os.path.realpath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files)
     if key not in _MODEL_FINGERPRINTS:
         _MODEL_FINGERPRINTS[key] = fingerprint_files(files)

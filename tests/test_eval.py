@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -824,3 +825,55 @@ def test_eval_markdown_tables_escape_dataset_names():
                "datasets": {"a|b_c": {"split": "test", "metrics": metrics, "bm25": None, "production": production}}}
     rows = [line for line in markdown_tables(results).splitlines() if line.startswith("| a")]
     assert len(rows) == 2 and all(row.startswith("| a\\|b\\_c |") for row in rows)
+
+
+
+def test_a_hub_dataset_without_the_split_says_so_and_training_asks_a_hub_id_for_its_dev_split(tmp_path, monkeypatch):
+    """datasets' "Unknown split" was reported as a failure to load the dataset (it had loaded, from the cache);
+    train --eval-dev skipped dev evaluation of every hub dataset ("no BEIR dev split": it looked for qrels/dev.tsv
+    in a folder of that name)."""
+    import datasets
+
+    import fles1.beir
+    from fles1.beir import BEIRSplitError
+    from fles1.training.run import check_dev_data
+
+    def only_test(name, *args, split=None, **kwargs):
+        raise ValueError("Unknown split \"dev\". Should be one of ['test'].")
+
+    monkeypatch.setattr(datasets, "load_dataset", only_test)
+    with pytest.raises(BEIRSplitError) as error:
+        fles1.beir._load_from_hub("BeIR/toy-qrels", split="dev")
+    assert str(error.value) == "BeIR/toy-qrels: no split 'dev' (Unknown split \"dev\". Should be one of ['test'].)"
+    rows = [{"query-id": q, "corpus-id": d, "score": s} for q, d, s in QRELS]
+    _fake_hub(monkeypatch, rows)
+    assert check_dev_data("BeIR/toy") is None  # it has one: dev evaluation runs
+    tables = {"corpus": CORPUS, "queries": QUERIES}
+
+    def without_dev(name, config=None, split=None):
+        if name.endswith("-qrels") and split == "dev":
+            raise BEIRSplitError(f"{name}: no split 'dev' (splits: test)")
+        return rows if name.endswith("-qrels") else tables[config]
+
+    monkeypatch.setattr(fles1.beir, "_load_from_hub", without_dev)
+    assert check_dev_data("BeIR/toy") == "BeIR/toy-qrels: no split 'dev' (splits: test); dev evaluation skipped"
+    folder = write_beir(tmp_path / "toy")  # test qrels only
+    assert check_dev_data(folder) == f"{folder}: no BEIR dev split (qrels/dev.tsv); dev evaluation skipped"
+
+
+def test_a_hub_models_fingerprint_reads_its_shards(tiny_random_checkpoint, tmp_path, monkeypatch):
+    """eval --model <hub id> asked the Hub for model.safetensors, which a sharded repo does not have: a traceback
+    after FLES1Encoder had loaded the shards."""
+    import huggingface_hub.constants
+
+    from conftest import sharded_copy
+    from fles1.evaluation import model_fingerprint
+
+    sharded = sharded_copy(tiny_random_checkpoint, tmp_path / "sharded")
+    snapshot = tmp_path / "hub" / "models--org--fles1-sharded" / "snapshots" / ("c" * 40)
+    shutil.copytree(sharded, snapshot)
+    (tmp_path / "hub" / "models--org--fles1-sharded" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--fles1-sharded" / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the cache answers
+    assert model_fingerprint("org/fles1-sharded") == model_fingerprint(sharded)

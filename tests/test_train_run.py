@@ -103,7 +103,7 @@ def test_logged_loss_parts_add_up_to_the_loss_under_gradient_accumulation(sparse
 def test_failing_dev_evaluation_keeps_the_training_log_and_plots(sparse_tiny, msmarco_toy_dir, tmp_path, monkeypatch):
     import fles1.training.run as run
 
-    def broken(output_dir, recipe):
+    def broken(output_dir, recipe, skipped=None):
         raise MemoryError("the dev corpus did not fit")
 
     monkeypatch.setattr(run, "evaluate_dev", broken)

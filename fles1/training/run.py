@@ -299,15 +299,27 @@ def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
     }
 
 
-def _has_dev_split(source: str) -> bool:
-    return os.path.isfile(os.path.join(source, "qrels", "dev.tsv"))
+def check_dev_data(source: str) -> str | None:
+    """Before training, for --eval-dev: None when `source` has a BEIR dev split (loaded now: bad dev data fails
+    before any step, naming its file and line), else why dev evaluation will be skipped. A hub dataset id is asked
+    for its split (a folder test alone called every hub dataset split-less)."""
+    from fles1.beir import BEIRSplitError, load_beir
+
+    if os.path.exists(source) and not os.path.isfile(os.path.join(source, "qrels", "dev.tsv")):
+        return f"{source}: no BEIR dev split (qrels/dev.tsv); dev evaluation skipped"
+    try:
+        load_beir(source, "dev")
+    except BEIRSplitError as error:
+        return f"{error}; dev evaluation skipped"
+    return None
 
 
-def evaluate_dev(output_dir: str, recipe: dict) -> dict:
-    """Dev NDCG@10 & co. of the trained folder via fles1.evaluation (BEIR sources only)."""
+def evaluate_dev(output_dir: str, recipe: dict, skipped: str | None = None) -> dict:
+    """Dev NDCG@10 & co. of the trained folder via fles1.evaluation (BEIR sources only); `skipped`: why not
+    (`check_dev_data`)."""
     source = recipe["data"]["source"]
-    if not _has_dev_split(source):
-        return {"note": f"{source}: no BEIR dev split; dev evaluation skipped"}
+    if skipped:
+        return {"note": skipped}
     try:
         from fles1.evaluation import evaluate
     except ImportError as error:
@@ -355,10 +367,9 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
             warnings.simplefilter("ignore")
             resolve_resume(resume_from_checkpoint, output_dir, checkpoint_state_files(recipe["clfr"]["enabled"]))
-        if eval_dev and _has_dev_split(recipe["data"]["source"]):
-            from fles1.beir import load_beir
-
-            load_beir(recipe["data"]["source"], "dev")  # bad dev data fails now, with its file and line
+        dev_skipped = check_dev_data(recipe["data"]["source"]) if eval_dev else None
+        if dev_skipped:
+            warnings.warn(f"--eval-dev: {dev_skipped}")
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files)
         unfinished = bool(resume_from_checkpoint) and check_resumable(
@@ -395,7 +406,7 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
         write_plots(log, output_dir)
     _write_log(log, output_dir)  # last: it marks the run finished (`_finished`); before the dev evaluation
     if eval_dev:
-        log["eval"] = evaluate_dev(output_dir, recipe)
+        log["eval"] = evaluate_dev(output_dir, recipe, dev_skipped)
         _write_log(log, output_dir)
     return log
 
