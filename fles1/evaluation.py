@@ -93,10 +93,12 @@ def weights_fingerprint(model) -> str:
 
 
 def corpus_fingerprint(dataset: BEIRDataset) -> str:
-    """Hash of what gets encoded (ids + "title text"), independent of queries, qrels and split."""
+    """Hash of what gets encoded (ids + "title text"), independent of queries, qrels and split. Each document is
+    one JSON pair (tab-separated records let a text holding a newline, the next id and a tab hash like another
+    corpus: its cached vectors were reused for that one)."""
     digest = hashlib.sha256()
     for doc_id in dataset.corpus:
-        digest.update(f"{doc_id}\t{dataset.document_text(doc_id)}\n".encode("utf-8"))
+        digest.update(json.dumps([doc_id, dataset.document_text(doc_id)], ensure_ascii=False).encode("utf-8") + b"\n")
     return digest.hexdigest()[:16]
 
 
@@ -176,8 +178,8 @@ def _load_saved(path: str, rows: int) -> Optional[tuple[csr_matrix, dict]]:
         return None
     try:
         matrix, info = _load_csr(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile):
+        return None  # EOFError: an empty file; TypeError: a .npy array, not an archive
     if matrix.shape[0] != rows or not isinstance(info.get("encode_seconds"), (int, float)):
         return None
     return matrix, info

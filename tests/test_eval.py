@@ -1,5 +1,6 @@
 """eval_fles1.py on a small BEIR fixture written here: data errors, BEIR conventions, metrics, cache, outputs."""
 
+import io
 import json
 import math
 import os
@@ -748,12 +749,31 @@ def test_a_corrupt_cache_entry_is_encoded_again(tiny_random_checkpoint, beir_dir
     dataset, cache = load_beir(beir_dir), tmp_path / "cache"
     _, reference, _ = encode_corpus(encoder, dataset, str(cache), model_fp="m")
     (entry,) = cache.iterdir()
-    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
-    with pytest.warns(UserWarning, match=rf"{entry.name}: unreadable corpus cache entry"):
-        _, again, info = encode_corpus(encoder, dataset, str(cache), model_fp="m")
-    assert not info["cached"] and (again != reference).nnz == 0
-    assert [p.name for p in cache.iterdir()] == [entry.name]  # replaced by a readable one
-    assert encode_corpus(encoder, dataset, str(cache), model_fp="m")[2]["cached"]
+    readable = entry.read_bytes()
+    # cut short; empty (np.load's EOFError was a traceback, on every run); a plain .npy array (TypeError)
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    for damaged in (readable[: len(readable) // 2], b"", buffer.getvalue()):
+        entry.write_bytes(damaged)
+        with pytest.warns(UserWarning, match=rf"{entry.name}: unreadable corpus cache entry"):
+            _, again, info = encode_corpus(encoder, dataset, str(cache), model_fp="m")
+        assert not info["cached"] and (again != reference).nnz == 0
+        assert [p.name for p in cache.iterdir()] == [entry.name]  # replaced by a readable one
+        assert encode_corpus(encoder, dataset, str(cache), model_fp="m")[2]["cached"]
+
+
+def test_the_corpus_key_tells_apart_corpora_whose_records_join_alike():
+    """Records "id<TAB>text<NEWLINE>" back to back: a text holding "<NEWLINE>d2<TAB>" hashed like the same characters
+    moved into the next document, and the second corpus was scored with the first one's cached vectors."""
+    from fles1.beir import BEIRDataset
+    from fles1.evaluation import corpus_fingerprint
+
+    def corpus(first, second):
+        return BEIRDataset(name="c", corpus={"d1": {"title": "", "text": first}, "d2": {"title": "", "text": second}},
+                           queries={}, qrels={}, split="test", fingerprint="f")
+
+    assert corpus_fingerprint(corpus("x\nd2\ty", "z")) != corpus_fingerprint(corpus("x", "y\nd2\tz"))
+    assert corpus_fingerprint(corpus("x", "y")) == corpus_fingerprint(corpus("x", "y"))
 
 
 def test_gzipped_beir_files_read_the_same(tmp_path):
