@@ -276,23 +276,34 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 
 LOCAL_ABSOLUTE_PATH = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)[^\n]*$")  # /home/..., C:\..., \\server\...
+# an absolute path inside a text (a note naming a file): not after a word, dot or colon (../x, a/b, https://)
+EMBEDDED_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\])(?:/|[A-Za-z]:[\\/])[^\s:;,()'\"]+")
 
 
 def without_local_paths(value):
-    """`value` (JSON-like) with each string that is an absolute local path replaced by its last component: a
-    published card or results file must not show the publisher's folders (``/home/<user>/...``). Relative paths
-    (``../shared/...``) and hub ids stay.
+    """`value` (JSON-like) with each absolute local path in its strings cut to its last component: a published card
+    or results file must not show the publisher's folders (``/home/<user>/...``). A string that is a path (spaces
+    allowed) becomes its last component; in other text (a note: "<path>: no dev split; ...") each path does.
+    Relative paths (``../shared/...``), hub ids and URLs stay.
 
     >>> without_local_paths({"model": {"path": "/home/alice/runs/fles1"}, "data": ["../shared/data/nfcorpus"]})
     {'model': {'path': 'fles1'}, 'data': ['../shared/data/nfcorpus']}
+    >>> without_local_paths("/home/alice/triples.tsv: no BEIR dev split (qrels/dev.tsv); skipped")
+    'triples.tsv: no BEIR dev split (qrels/dev.tsv); skipped'
     """
     if isinstance(value, dict):
         return {key: without_local_paths(item) for key, item in value.items()}
     if isinstance(value, list):
         return [without_local_paths(item) for item in value]
-    if isinstance(value, str) and LOCAL_ABSOLUTE_PATH.match(value):
-        return re.split(r"[\\/]", value.rstrip("/\\"))[-1] or value
-    return value
+    if not isinstance(value, str):
+        return value
+    if LOCAL_ABSOLUTE_PATH.match(value) and not re.search(r"[:;,] ", value):  # the whole string is a path
+        return _last_component(value)
+    return EMBEDDED_ABSOLUTE_PATH.sub(lambda match: _last_component(match.group()), value)
+
+
+def _last_component(path: str) -> str:
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path
 
 
 def cell(value, none: str = MISSING) -> str:

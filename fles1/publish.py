@@ -43,10 +43,20 @@ SKIP_PATTERNS = ("checkpoint-*", "trainer_state.json", "runs", "__pycache__", "*
                  # dotfiles: .git, .cache, .env and editor files (maybe credentials), an interrupted assembly's
                  # staging (.*.partial)
                  ".*")
-# What a push replaces as a whole on the branch it commits to: an earlier push's weights (sharded ones after a single
-# model.safetensors would leave that file, which the loaders prefer: users would get the old model), results and
-# plots would outlive the card that described them. Other files in the repo stay.
-REPLACED_ON_PUSH = ["*.safetensors", "*.safetensors.index.json", "results/*", "plots/*"]
+# What a push replaces as a whole on the branch it commits to: an earlier push's weights at the repo's root (sharded
+# ones after a single model.safetensors would leave that file, which the loaders prefer: users would get the old
+# model), results/ and plots/ (they would outlive the card that described them). Other files stay (fp16/..., notes).
+REPLACED_FOLDERS = ("results/", "plots/")
+REPLACED_ROOT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def replaced_on_push(repo_files: Sequence[str]) -> list[str]:
+    """The files of the branch a push replaces (`REPLACED_FOLDERS`, `REPLACED_ROOT_SUFFIXES`), as fnmatch patterns
+    matching only themselves (upload_folder's delete_patterns: a bare ``*.safetensors`` matches subfolders too)."""
+    return [glob.escape(name) for name in repo_files if name.startswith(REPLACED_FOLDERS)
+            or ("/" not in name and name.endswith(REPLACED_ROOT_SUFFIXES))]
+
+
 PROBE_TEXT = "What is machine learning? Sparse retrieval with FLES-1 and BM25 baselines."
 TOLERANCE = 1e-5
 VALIDATION_TIMEOUT_S = 600
@@ -112,33 +122,46 @@ def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
 
 def public_text(path: str) -> Optional[str]:
     """A results JSON, training log or recipe YAML as published: each absolute local path in its values (an eval's
-    ``model.path``, a recipe's ``model.path`` / ``data.source`` / ``output_dir``) cut to its last component, as the
-    card shows them (`fles1.card.without_local_paths`); None when there is none (or the file is neither): the
-    file is copied as it is."""
+    ``model.path``, a recipe's ``model.path`` / ``data.source`` / ``output_dir``, a note naming a file) cut to its
+    last component, as the card shows them (`fles1.card.without_local_paths`); None when there is none (or the file
+    is neither): the file is copied as it is."""
     if not path.endswith((".json", ".yaml", ".yml")):
         return None
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        if path.endswith(".json"):
+            values = json.loads(text)
+            public = without_local_paths(values)
+            return None if public == values else json.dumps(public, indent=2, ensure_ascii=False) + "\n"
+        return _public_yaml(text)
     except (OSError, ValueError, yaml.YAMLError):  # the card's reader reports what is wrong with it
         return None
-    local = sorted(_local_paths(values), key=len, reverse=True)
-    if not local:
-        return None
-    if path.endswith(".json"):
-        return json.dumps(without_local_paths(values), indent=2, ensure_ascii=False) + "\n"
-    for value in local:  # YAML: in the text, so that its comments and layout stay
-        text = text.replace(value, without_local_paths(value))
-    return text
 
 
-def _local_paths(value) -> set:
-    if isinstance(value, dict):
-        return set().union(*map(_local_paths, value.values())) if value else set()
-    if isinstance(value, list):
-        return set().union(*map(_local_paths, value)) if value else set()
-    return {value} if isinstance(value, str) and without_local_paths(value) != value else set()
+def _public_yaml(text: str) -> Optional[str]:
+    """`public_text` of a YAML file: each string scalar holding a local path rewritten where it stands, as a quoted
+    string (a bare ``2026-11-27`` or ``42`` would read back as a date or a number), comments and layout kept."""
+    spans = []
+
+    def visit(node):
+        if isinstance(node, yaml.MappingNode):
+            for _, item in node.value:
+                visit(item)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                visit(item)
+        elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+            public = without_local_paths(node.value)
+            if public != node.value:
+                spans.append((node.start_mark.index, node.end_mark.index, json.dumps(public, ensure_ascii=False)))
+
+    root = yaml.compose(text)
+    if root is not None:
+        visit(root)
+    for start, end, replacement in sorted(spans, reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text if spans else None
 
 
 def _training_log_name(index: int, path: str) -> str:
@@ -515,9 +538,12 @@ def _upload(folder: str, repo_id: str, token: str, private: bool, revision, crea
         if revision and not create_pr:
             step = "create_branch"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        step = "upload_folder"
+        step = "list_repo_files"  # a pull request starts from the default branch
+        replaced = replaced_on_push(api.list_repo_files(repo_id, repo_type="model",
+                                                        revision=None if create_pr else revision))
+        step = "upload_folder"  # the deletions ride the upload's commit (files uploaded again are not deleted)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                   create_pr=create_pr, commit_message=message, delete_patterns=REPLACED_ON_PUSH)
+                                   create_pr=create_pr, commit_message=message, delete_patterns=replaced or None)
     except refused as error:
         reason = " ".join(str(error).split()).replace(token, "<token>")
         raise UploadError(f"upload to {repo_id} failed at {step} ({type(error).__name__}: {reason}); no commit was "

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http
 
@@ -421,7 +422,9 @@ def test_a_push_replaces_an_earlier_pushs_weights_results_and_plots(source_check
     prefer), its results and plots beside a card that no longer describes them. Other files stay."""
     earlier_push = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                     "model.safetensors.index.json", "results/eval_old.json", "plots/old_loss.png"]
-    kept = [".gitattributes", "notes/ablations.md", "onnx/model.onnx"]
+    earlier_push += ["results/seed1/eval.json"]
+    kept = [".gitattributes", "notes/ablations.md", "onnx/model.onnx", "fp16/model.safetensors",  # not at the root:
+            "2_Dense/model.safetensors"]  # a bare "*.safetensors" pattern deleted these too
     fake_hub.remote_files = earlier_push + kept + ["model.safetensors", "README.md", "results/eval_nfcorpus.json"]
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     passing_validation(monkeypatch)
@@ -449,12 +452,14 @@ def test_published_files_name_no_local_absolute_path(source_checkpoint, result_f
     with open(result_files["training_log"]) as handle:
         log = json.load(handle)
     log["recipe"]["data"]["source"] = str(tmp_path / "datasets" / "nfcorpus")
-    log["recipe"]["output_dir"] = str(tmp_path / "runs" / "fles1")
+    log["recipe"]["output_dir"] = str(tmp_path / "runs" / "2026-11-27")
+    log["eval"] = {"note": f"{tmp_path / 'datasets' / 'nfcorpus'}: no BEIR dev split (qrels/dev.tsv); skipped"}
     with open(result_files["training_log"], "w") as handle:
         json.dump(log, handle)
-    recipe = tmp_path / "recipe.yaml"
+    recipe = tmp_path / "recipe.yaml"  # a relative path holding the absolute one's last part stays as it is
     recipe.write_text(f"# the v14 recipe\nlearning_rate: 2.0e-05\ndata:\n  source: {tmp_path / 'datasets' / 'nfcorpus'}"
-                      f"  # BEIR folder\n  split: train\noutput_dir: {tmp_path / 'runs' / 'fles1'}\n")
+                      f"  # BEIR folder\n  split: train\noutput_dir: {tmp_path / 'runs' / '2026-11-27'}\n"
+                      f"notes: [outputs/datasets/nfcorpus-fles1]\n")
     out = tmp_path / "hub"
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
                           "--recipe", str(recipe), "--dry-run", str(out)])
@@ -465,8 +470,13 @@ def test_published_files_name_no_local_absolute_path(source_checkpoint, result_f
     leaking = [name for name, text in published.items() if str(tmp_path) in text]
     assert not leaking
     assert json.loads(published["results/eval_nfcorpus.json"])["model"]["path"] == "trained"
-    assert published["results/recipe.yaml"] == ("# the v14 recipe\nlearning_rate: 2.0e-05\ndata:\n  source: nfcorpus"
-                                                "  # BEIR folder\n  split: train\noutput_dir: fles1\n")
+    # quoted: a bare 2026-11-27 reads back as a date
+    assert published["results/recipe.yaml"] == ('# the v14 recipe\nlearning_rate: 2.0e-05\ndata:\n  source: "nfcorpus"'
+                                                '  # BEIR folder\n  split: train\noutput_dir: "2026-11-27"\n'
+                                                'notes: [outputs/datasets/nfcorpus-fles1]\n')
+    assert yaml.safe_load(published["results/recipe.yaml"])["output_dir"] == "2026-11-27"
+    (log_name,) = [name for name in published if name.startswith("results/training_log")]
+    assert json.loads(published[log_name])["eval"]["note"] == "nfcorpus: no BEIR dev split (qrels/dev.tsv); skipped"
     assert "| `data.source` | nfcorpus |" in published["README.md"]
 
 
@@ -709,3 +719,17 @@ def test_a_publisher_killed_outright_takes_its_validation_process_and_scratch_wi
     with scratch_directory("fles1-validate") as scratch:  # the next use sweeps it, and keeps its own
         assert scratches() == [os.path.basename(scratch)]
     assert scratches() == []
+
+
+def test_published_yaml_keeps_its_types_and_drops_windows_paths_too(tmp_path):
+    """Text replacement of each path value published /models/42 as the number 42, a Windows path (escaped in the
+    YAML) not at all, and cut the relative outputs/data/nfcorpus-fles1 that held /data/nfcorpus to outputsnfcorpus."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text('model:\n  path: /models/42\ndata:\n  source: /data/nfcorpus\n  copy: "C:\\\\Users\\\\alice\\\\nf"\n'
+                      "output_dir: outputs/data/nfcorpus-fles1\nflag: /x/true\n")
+    published = yaml.safe_load(publish_module.public_text(str(recipe)))
+    assert published == {"model": {"path": "42"}, "data": {"source": "nfcorpus", "copy": "nf"},
+                         "output_dir": "outputs/data/nfcorpus-fles1", "flag": "true"}
+    relative = tmp_path / "relative.yaml"
+    relative.write_text("data:\n  source: ../shared/data/nfcorpus\n")
+    assert publish_module.public_text(str(relative)) is None  # copied as it is
