@@ -28,7 +28,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 SMOKE=${SMOKE:-0}
-FAILED=()
+FAILED=() OPTIONAL=0  # OPTIONAL=1: a step cut short by the budget (exit 124) is not a failure
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, never past the budget; log to $RESULTS/NAME.log
   local name=$1 limit=$2; shift 2
@@ -39,7 +39,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, never past the bud
   timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
   local status=$?
   echo "== $name: exit $status after $((SECONDS - START))s"
-  [ "$status" = 0 ] || FAILED+=("$name (exit $status)")
+  [ "$status" = 0 ] || { [ "$OPTIONAL" = 1 ] && [ "$status" = 124 ]; } || FAILED+=("$name (exit $status)")
   grep -v "Loading weights\|Writing model\|it/s\]" "$RESULTS/$name.log" | tail -12
 }
 
@@ -80,6 +80,7 @@ step bench_train 120 python3 benchmarks/bench_train.py $DATA_ARGS $TRAIN --outpu
 step bench_train_bf16 90 python3 benchmarks/bench_train.py $DATA_ARGS $TRAIN --bf16 --output "$RESULTS/bench_train_bf16.json"
 
 # If time is left: the selected setting trained 5x longer (10 epochs = 810 steps).
+OPTIONAL=1
 train_and_eval gpu-selected-10ep --set data.positive=bm25 --set loss.temperature=1.0 --set data.mask_false_negatives=true \
   --set training.num_train_epochs=10
 

@@ -26,6 +26,13 @@ BASELINE = "backbone"
 # One lent H200 session (experiments/gpu_session.sh): the nfcorpus recipe at its full schedule, seed 42.
 GPU_RUNS = [("recipe as written", "../gpu-h200-2026-11-26/runs/gpu-recipe"),
             ("τ 1.0, BM25-chosen positive, FN mask (selected)", "../gpu-h200-2026-11-26/runs/gpu-selected")]
+# the study tables' and plots' runs (the seed tables use SEED_RUNS and SELECTED_RUNS): every file of each is
+# checked before anything is written
+CLFR_RUNS = [("CLFR (L1 FLOPS)", "fnmask-seed0"), ("fixed λ_d (L1 FLOPS)", "fnmask-fixed-seed0")]
+REG_RUNS = [("L1 FLOPS (CLFR)", "fnmask-seed0"), ("squared FLOPS (CLFR)", "fnmask-flops-seed0")]
+EXPLORE_RUNS = [("no false-negative mask, τ 0.05", "clfr-l1-seed0"), ("no false-negative mask, τ 1.0", "tau1-seed0"),
+                ("false-negative mask + BM25-chosen positive", "probe-bm25pos-seed0"),
+                ("false-negative mask + BM25-chosen positive, τ 1.0 (selected)", "probe-bm25pos-tau1-seed0")]
 MISSING = "—"
 
 
@@ -75,6 +82,11 @@ def log_problem(data) -> str | None:
         return "not a JSON object (train_fles1.py writes one)"
     if not isinstance(data.get("recipe"), dict):
         return "recipe missing or not an object"
+    clfr_recipe = data["recipe"].get("clfr", {})
+    if not isinstance(clfr_recipe, dict):
+        return "recipe.clfr is not an object"
+    if clfr_recipe.get("enabled") and not _number(clfr_recipe.get("target_nnz_d")):
+        return "recipe.clfr is enabled without a numeric target_nnz_d"
     history, clfr = data.get("history"), data.get("clfr", [])
     if not isinstance(history, list) or not all(
             isinstance(row, dict) and _number(row.get("step")) and _number(row.get("lambda_d"))
@@ -205,15 +217,11 @@ def main(argv=None) -> int:
 
 def _summarize() -> int:
     plots = os.path.join(ROOT, "results", "plots")
-    clfr_runs = [("CLFR (L1 FLOPS)", "fnmask-seed0"), ("fixed λ_d (L1 FLOPS)", "fnmask-fixed-seed0")]
-    reg_runs = [("L1 FLOPS (CLFR)", "fnmask-seed0"), ("squared FLOPS (CLFR)", "fnmask-flops-seed0")]
-    explore_runs = [("no false-negative mask, τ 0.05", "clfr-l1-seed0"), ("no false-negative mask, τ 1.0", "tau1-seed0"),
-                    ("false-negative mask + BM25-chosen positive", "probe-bm25pos-seed0"),
-                    ("false-negative mask + BM25-chosen positive, τ 1.0 (selected)", "probe-bm25pos-tau1-seed0")]
-    for run in {run for _, run in clfr_runs + reg_runs + explore_runs + GPU_RUNS} | {BASELINE, *SEED_RUNS,
+    for run in {run for _, run in CLFR_RUNS + REG_RUNS + EXPLORE_RUNS + GPU_RUNS} | {BASELINE, *SEED_RUNS,
                                                                                        *SELECTED_RUNS}:
         for name in ("eval_test.json", "eval_dev.json", "training_log.json"):
             load(run, name)  # first: a broken file stops the run before anything is written
+    clfr_runs, reg_runs, explore_runs = CLFR_RUNS, REG_RUNS, EXPLORE_RUNS
     text = "\n\n".join([
         "### Selected on dev: τ 1.0, BM25-chosen positive (nfcorpus, threshold 0.3; `backbone` = the shipped "
         "SPLADE-tiny converted, untrained)",

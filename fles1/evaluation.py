@@ -61,7 +61,9 @@ def _model_folder(model: str) -> str:
         return model
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(model, allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json"])
+    # the root's files only (fnmatch's * crosses folders: "*.safetensors" would fetch fp16/ copies too)
+    return snapshot_download(model, allow_patterns=["config.json", "model.safetensors", "model.safetensors.index.json",
+                                                    "model-*-of-*.safetensors"])
 
 
 def model_fingerprint(model: str) -> str:

@@ -102,6 +102,16 @@ def test_summarize_names_a_broken_result_file_and_writes_nothing(tmp_path, capsy
     assert capsys.readouterr().err == ("error: results/runs/probe-bm25pos-tau1-seed1/training_log.json: recipe "
                                        "missing or not an object\n")
     assert not (tmp_path / "results" / "plots").exists() and not (tmp_path / "results" / "STUDY.md").exists()
+    for change, problem in ((lambda values: values["recipe"].update(clfr=None), "recipe.clfr is not an object"),
+                            (lambda values: values["recipe"]["clfr"].pop("target_nnz_d"),
+                             "recipe.clfr is enabled without a numeric target_nnz_d")):
+        values = json.loads(open(os.path.join(ROOT, "results", "runs", "probe-bm25pos-tau1-seed1",
+                                              "training_log.json")).read())
+        change(values)
+        log.write_text(json.dumps(values))
+        assert summarize.main([]) == 2  # an AttributeError, and a KeyError after two plots
+        assert capsys.readouterr().err == f"error: results/runs/probe-bm25pos-tau1-seed1/training_log.json: {problem}\n"
+        assert not (tmp_path / "results" / "plots").exists()
     shutil.copyfile(os.path.join(ROOT, "results", "runs", "probe-bm25pos-tau1-seed1", "training_log.json"), log)
     values = json.loads(broken.read_text())
     del values["datasets"]["nfcorpus"]["metrics"]["nnz_query"]
