@@ -657,7 +657,7 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path, capsys):
     common = ["--recipe", TINY_RECIPE, "--model", sparse_tiny, "--data", str(data)]
     assert_bad_input(capsys, r"^error: nothing to resume: .*fresh holds no checkpoint-\* folder",
                      [*common, "--output-dir", fresh, "--resume"])
-    assert_bad_input(capsys, r"^error: cannot resume from .*no-ckpt: not a training checkpoint folder",
+    assert_bad_input(capsys, r"^error: cannot resume from .*no-ckpt: no such folder$",
                      [*common, "--output-dir", fresh, "--resume", str(tmp_path / "no-ckpt")])
     (tmp_path / "afile").write_text("a file where the output folder should go")
     assert_bad_input(capsys, r"^error: output_dir .*afile/out: cannot be written, .*afile is a file$",
