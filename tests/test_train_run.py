@@ -225,7 +225,7 @@ def test_interrupted_save_with_save_total_limit_still_resumes(sparse_tiny, msmar
     assert sorted(os.listdir(out)) == ["checkpoint-4"]
     with open(os.path.join(out, "checkpoint-4", "trainer_state.json")) as handle:
         seconds_to_step_4 = json.load(handle)["stateful_callbacks"]["fles1/train_runtime_s"]["seconds"]
-    with pytest.warns(UserWarning, match="--trace-nnz: the trace holds the steps after .*checkpoint-4 only"):
+    with pytest.warns(UserWarning, match=r"--trace-nnz: the trace holds only this process.s steps \(after .*checkpoint-4\)"):
         log = train(recipe, out, resume_from_checkpoint=True, max_steps=6, trace_nnz=True)
     assert log["global_step"] == 6 and [row["step"] for row in log["clfr"]] == [2, 4, 6]
     with open(os.path.join(out, "nnz_trace_rank0.json")) as handle:
@@ -256,6 +256,10 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
     assert not [name for name in os.listdir(out) if name.startswith("checkpoint-") or name.endswith((".png", "log.json"))]
     encoder = FLES1Encoder.from_pretrained(out)
     assert all(torch.equal(tensor, encoder.model.state_dict()[name]) for name, tensor in finished.items())
+    # no checkpoint to resume: the refusal says --overwrite (not "--resume continues it", which had nothing to continue)
+    with pytest.raises(TrainingSetupError, match=r"holds an earlier run's model \(model.safetensors\) and no checkpoint "
+                                                 r"to resume .*: --overwrite replaces it"):
+        train(recipe, out, max_steps=2)
     log = train(recipe, out, max_steps=2, overwrite=True)
     assert log["global_step"] == 2 and not os.path.exists(os.path.join(out, "checkpoint-4"))
     assert json.load(open(os.path.join(out, "training_log.json")))["global_step"] == 2

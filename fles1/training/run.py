@@ -362,6 +362,10 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
                                  f"{resume_from_checkpoint} is another run's checkpoint, and continuing it there would "
                                  "mix the two runs: --overwrite replaces the folder's run with the continuation, or "
                                  "choose another --output-dir")
+            if not any(name.startswith("checkpoint-") for name in earlier):  # nothing for --resume to continue
+                raise ValueError(f"output_dir {output_dir} holds an earlier run's model ({shown}) and no checkpoint "
+                                 "to resume (a finished run whose checkpoints were removed, or an interrupted "
+                                 "--overwrite): --overwrite replaces it, or choose another folder")
             raise ValueError(f"output_dir {output_dir} holds an earlier run ({shown}); a new run there would mix "
                              "with it: --resume continues it, --overwrite replaces it, or choose another folder")
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
@@ -392,8 +396,8 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
     runtime = time.perf_counter() - start
     if trace_nnz and not unfinished:
         if resume_from_checkpoint:  # the trace lives in memory only: the steps before the checkpoint are not in it
-            warnings.warn(f"--trace-nnz: the trace holds the steps after {resume_from_checkpoint} only (this "
-                          "process's); the interrupted process's trace was not kept")
+            warnings.warn(f"--trace-nnz: the trace holds only this process's steps (after {resume_from_checkpoint}); "
+                          "the steps before it are not in it")
         atomic_write_json(os.path.join(output_dir, f"nnz_trace_rank{trainer.args.process_index}.json"),
                           trainer.nnz_trace, indent=None)
     trainer.save_model(output_dir)

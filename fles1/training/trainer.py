@@ -168,8 +168,9 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
     if resume_from_checkpoint is True:
         newest_first = sort_checkpoints(output_dir)[::-1]  # transformers' own order (by step)
         if not newest_first:
-            raise ValueError(f"nothing to resume: {output_dir} holds no checkpoint-* folder "
-                             "(start without resuming, or name a checkpoint folder)")
+            raise ValueError(f"nothing to resume: {output_dir} holds no checkpoint-* folder (start without "
+                             "resuming -- with --overwrite if it holds an earlier run's model -- or name a checkpoint "
+                             "folder)")
         for position, folder in enumerate(newest_first):
             if not missing(folder):
                 for skipped in newest_first[:position]:
