@@ -344,6 +344,44 @@ def test_resume_refuses_a_finished_run_and_another_models_checkpoint(sparse_tiny
     assert not fresh.exists()
 
 
+class _OpensAFile:
+    """A pickle that runs code when loaded: it would create `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_resume_loads_no_pickled_weights_or_objects(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """A checkpoint holding pytorch_model.bin instead of model.safetensors resumed from the pickle (transformers'
+    fallback), silently; an optimizer.pt holding objects was a 30-line UnpicklingError traceback whose advice
+    (weights_only=False) would have run them."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    out = tmp_path / "run"
+    train(recipe, str(out), max_steps=2)
+    checkpoint = out / "checkpoint-2"
+    weights = load_file(checkpoint / "model.safetensors")
+    torch.save(weights, checkpoint / "pytorch_model.bin")
+    os.remove(checkpoint / "model.safetensors")
+    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: not a training checkpoint folder "
+                                                 r"\(no model\.safetensors \(weights are resumed from safetensors only"):
+        train(recipe, str(out), resume_from_checkpoint=str(checkpoint), max_steps=4)
+    os.remove(checkpoint / "pytorch_model.bin")
+    from safetensors.torch import save_file
+
+    save_file(weights, checkpoint / "model.safetensors")
+    marker = tmp_path / "the-pickle-ran"
+    torch.save({"state": _OpensAFile(str(marker))}, checkpoint / "optimizer.pt")
+    with pytest.raises(TrainingSetupError) as error:
+        train(recipe, str(out), resume_from_checkpoint=str(checkpoint), max_steps=4)
+    assert re.match(r"cannot resume from .*checkpoint-2: one of its files \(optimizer\.pt, scheduler\.pt, "
+                    r"rng_state\*\.pth\) holds more than tensors and plain values, and is not loaded \(.*open",
+                    str(error.value)), str(error.value)
+    assert "weights_only" not in str(error.value) and not marker.exists()
+
+
 def test_a_run_killed_while_finishing_is_finished_by_resume(sparse_tiny, msmarco_toy_dir, tmp_path):
     """Killed after its last checkpoint, while writing the final folder, log or plots: --resume refused it ("at step
     4 and this run ends at step 4: nothing to train"), and the run could never get its log, plots or card files."""
@@ -424,10 +462,10 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     from fles1.training.trainer import resolve_resume
 
     out = tmp_path / "run"
-    contents = {2: ["trainer_state.json", "crash_state.json", "clfr_state.json"],
-                4: ["trainer_state.json", "crash_state.json"],  # killed before the CLFR state was written
+    contents = {2: ["model.safetensors", "trainer_state.json", "crash_state.json", "clfr_state.json"],
+                4: ["model.safetensors", "trainer_state.json", "crash_state.json"],  # killed before the CLFR state
                 6: ["model.safetensors"],  # killed while saving the optimizer
-                8: ["trainer_state.json", "crash_state.json", "clfr_state.json"]}
+                8: ["model.safetensors", "trainer_state.json", "crash_state.json", "clfr_state.json"]}
     for step, names in contents.items():
         (out / f"checkpoint-{step}").mkdir(parents=True)
         for name in names:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -389,10 +390,18 @@ def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps:
             remove_previous_run(output_dir)
         trainer.accelerator.wait_for_everyone()
     start = time.perf_counter()
-    if unfinished:  # killed after its last checkpoint: write what it did not
-        trainer.restore_finished(resume_from_checkpoint)
-    else:
-        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    try:
+        if unfinished:  # killed after its last checkpoint: write what it did not
+            trainer.restore_finished(resume_from_checkpoint)
+        else:
+            trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a checkpoint file's objects
+        # torch's own message advises weights_only=False, which would run whatever the file holds: not repeated
+        refused = [line.strip() for line in str(error).splitlines() if "unsupported" in line.lower()]
+        raise TrainingSetupError(f"cannot resume from {resume_from_checkpoint}: one of its files (optimizer.pt, "
+                                 "scheduler.pt, rng_state*.pth) holds more than tensors and plain values, and is not "
+                                 f"loaded{f' ({refused[0]})' if refused else ''}; resume from another checkpoint"
+                                 ) from None
     runtime = time.perf_counter() - start
     if trace_nnz and not unfinished:
         if resume_from_checkpoint:  # the trace lives in memory only: the steps before the checkpoint are not in it

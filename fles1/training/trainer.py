@@ -152,6 +152,9 @@ def _forward_as_encode_pair(module):
             module.forward = saved
 
 
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
 def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequence[str] = ()):
     """``True`` -> the newest complete checkpoint-* in output_dir; a folder -> itself, if complete. Complete: it holds
     `state_files` (the callbacks' states, written first) and trainer_state.json (transformers' last file). A newer
@@ -161,6 +164,9 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
 
     def missing(folder: str) -> list[str]:
         absent = [name for name in required if not os.path.isfile(os.path.join(folder, name))]
+        if not any(os.path.isfile(os.path.join(folder, name)) for name in SAFETENSORS_WEIGHTS):
+            # transformers would load a pytorch_model.bin instead: weights load from safetensors only
+            absent.append("model.safetensors (weights are resumed from safetensors only)")
         if not absent and not _holds_json(os.path.join(folder, TRAINER_STATE_NAME)):
             absent.append(f"readable {TRAINER_STATE_NAME}")  # transformers writes it in place: a kill cuts it short
         return absent
@@ -178,7 +184,7 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
                                   f"saving); resuming from {folder}", stacklevel=2)
                 return folder
         raise ValueError(f"nothing to resume: no checkpoint-* folder in {output_dir} is complete (each lacks one of "
-                         f"{', '.join(required)})")
+                         f"{', '.join(required)}, model.safetensors)")
     if resume_from_checkpoint and missing(resume_from_checkpoint):
         raise ValueError(f"cannot resume from {resume_from_checkpoint}: not a training checkpoint folder "
                          f"(no {', '.join(missing(resume_from_checkpoint))})")
