@@ -32,7 +32,7 @@ from typing import Iterable, Literal, Optional, Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
 
 Kind = Literal["document", "query"]
 PLURALS = {"document": "documents", "query": "queries"}  # progress-bar labels
@@ -241,6 +241,23 @@ def _dropout_active(model) -> bool:
     return check() if check is not None else False
 
 
+def _own_model_classes():
+    """(FLES1Config, FLES1ForMaskedLM) from configuration_fles1.py and modeling_fles1.py beside this file, or None
+    where this file stands alone (or another folder's copies are the ones imported)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not all(os.path.isfile(os.path.join(here, name)) for name in ("configuration_fles1.py", "modeling_fles1.py")):
+        return None
+    try:
+        import configuration_fles1
+        import modeling_fles1
+    except ImportError:
+        return None
+    modules = (configuration_fles1, modeling_fles1)
+    if any(os.path.dirname(os.path.abspath(module.__file__)) != here for module in modules):
+        return None
+    return configuration_fles1.FLES1Config, modeling_fles1.FLES1ForMaskedLM
+
+
 def _resolve_device(device) -> torch.device:
     """``device`` as a torch.device that can hold tensors here; None -> CUDA when available, else CPU."""
     if device is None:
@@ -351,11 +368,17 @@ class FLES1Encoder:
         device: Optional[str | torch.device] = None,
         threshold: Optional[float] = None,
         projection_dtype=None,
+        trust_remote_code: Optional[bool] = None,
         **hub_kwargs,
     ) -> "FLES1Encoder":
         """Load a FLES-1 checkpoint folder or Hub repo (e.g. ``"mindoval/fles1-v14"``).
 
         ``device`` defaults to CUDA when available. ``hub_kwargs`` (revision, token, ...) go to transformers.
+        ``trust_remote_code``: run the checkpoint's own modeling and tokenizer code (transformers' remote code).
+        By default only when this file stands alone (fetched by itself with ``hf_hub_download``, as the model card
+        shows: the repo's code is being run already); beside configuration_fles1.py and modeling_fles1.py (this
+        project, a checkpoint folder on ``sys.path``) the model loads through those classes and no code of the
+        checkpoint runs -- evaluating a stranger's checkpoint does not execute it.
         """
         if threshold is not None:
             _validate_threshold(threshold)
@@ -364,20 +387,38 @@ class FLES1Encoder:
             _check_local_checkpoint(path_or_hub_id)
         elif is_local_path(path_or_hub_id):  # transformers would call it an invalid repo id
             raise CheckpointError(f"{path_or_hub_id}: {not_a_folder(path_or_hub_id)}")
+        own = None if trust_remote_code else _own_model_classes()
+        if own is None and trust_remote_code is False:
+            raise CheckpointError(f"{path_or_hub_id}: trust_remote_code=False, and no configuration_fles1.py / "
+                                  f"modeling_fles1.py beside {__file__} to load it with")
         try:
-            config = AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
-            model = AutoModelForMaskedLM.from_pretrained(
-                path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True, **hub_kwargs
-            )
+            model_type = None
+            if own is not None:
+                model_type = PreTrainedConfig.get_config_dict(path_or_hub_id, **hub_kwargs)[0].get("model_type")
+            if own is not None and model_type != own[0].model_type:
+                model = None  # refused below, outside this try (whose errors say the model could not load)
+            elif own is not None:
+                config = own[0].from_pretrained(path_or_hub_id, **hub_kwargs)
+                model = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True, **hub_kwargs)
+            else:
+                config = AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
+                model = AutoModelForMaskedLM.from_pretrained(
+                    path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True, **hub_kwargs
+                )
         except (ValueError, OSError) as error:
             raise CheckpointError(f"{path_or_hub_id}: could not load the FLES-1 model ({error})") from error
+        if model is None:
+            raise CheckpointError(f"{path_or_hub_id}: config.json has model_type {model_type!r}, not a FLES-1 model "
+                                  "(expected 'fles1'; convert a BERT checkpoint with convert_fles1.py)")
         if not hasattr(model, "encode_sparse"):
             raise CheckpointError(
                 f"{path_or_hub_id}: config.json loads {type(model).__name__}, not a FLES-1 model "
                 "(expected model_type 'fles1'; convert a BERT checkpoint with convert_fles1.py)"
             )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
+            # the config given: without it transformers loads config.json again (and warns about model_type fles1)
+            tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id, config=config, trust_remote_code=own is None,
+                                                      **hub_kwargs)
         except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
             raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, "
                                   f"tokenizer_config.json): {str(error).strip().splitlines()[0]}") from error

@@ -175,6 +175,33 @@ def test_encoder_bad_kind_and_output_list_the_choices(encoder):
         encoder.encode_batch(["heart"], batch_size=True)
 
 
+def test_encoder_runs_no_code_of_the_checkpoint_unless_trusted(tiny_random_checkpoint, backbone_dir, tmp_path):
+    """FLES1Encoder loaded every checkpoint with trust_remote_code=True: eval_fles1.py --model someone/fles1-ft (or a
+    folder) ran that repo's modeling_fles1.py and tokenizer code. Beside this project's classes it uses them."""
+    import modeling_fles1
+
+    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "checkpoint")
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    source = (folder / "modeling_fles1.py").read_text()
+    (folder / "modeling_fles1.py").write_text(f"open({str(ran / 'modeling')!r}, 'w').close()\n{source}")
+    (folder / "own_tokenizer.py").write_text(  # a subclass: loading registers the class as remote code, for good
+        f"open({str(ran / 'tokenizer')!r}, 'w').close()\nfrom transformers import BertTokenizerFast\n"
+        "class OwnTokenizer(BertTokenizerFast):\n    pass\n")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**settings, "auto_map": {"AutoTokenizer": [None, "own_tokenizer.OwnTokenizer"]}}))
+    reference = FLES1Encoder.from_pretrained(tiny_random_checkpoint).encode("vitamin d deficiency", threshold=0)
+    encoder = FLES1Encoder.from_pretrained(str(folder))
+    assert type(encoder.model) is modeling_fles1.FLES1ForMaskedLM and not os.listdir(ran)
+    assert encoder.encode("vitamin d deficiency", threshold=0) == reference
+    trusted = FLES1Encoder.from_pretrained(str(folder), trust_remote_code=True)  # asked for: the folder's code
+    assert sorted(os.listdir(ran)) == ["modeling", "tokenizer"]
+    assert type(trusted.model).__module__.startswith("transformers_modules.")
+    with pytest.raises(CheckpointError, match=r"config\.json has model_type 'bert', not a FLES-1 model"):
+        FLES1Encoder.from_pretrained(backbone_dir)  # a BERT checkpoint, not converted
+
+
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_encoder_missing_or_corrupt_file_names_the_file(tiny_random_checkpoint, tmp_path, name, damage):
