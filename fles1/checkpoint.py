@@ -195,11 +195,9 @@ def _read_json(path: str):
         return json.load(handle)
 
 
-def load_source_tokenizer(source: str, config):
-    """The tokenizer of a checkpoint being converted or trained from, without running code from it: one that is
-    code of its own (``auto_map`` naming an AutoTokenizer class in tokenizer_config.json or config.json) is
-    refused. ``config``: the source's, loaded already (else transformers loads it again, and for a FLES-1 folder
-    warns about its model type)."""
+def tokenizer_code(source: str) -> Optional[str]:
+    """Where a checkpoint's tokenizer is code of its own: ``"<file>: auto_map AutoTokenizer <classes>"`` for an
+    ``auto_map`` naming an AutoTokenizer class in tokenizer_config.json or config.json; None for a plain tokenizer."""
     for name in ("tokenizer_config.json", "config.json"):
         path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
                            _raise_exceptions_for_connection_errors=False)
@@ -213,9 +211,21 @@ def load_source_tokenizer(source: str, config):
         else:  # tokenizer_config.json's auto_map was once the AutoTokenizer pair itself
             code = auto_map if name == "tokenizer_config.json" else None
         if code:
-            raise ValueError(f"its tokenizer is code of its own ({name}: auto_map AutoTokenizer {code!r}), which "
-                             "FLES-1 never runs from a source: it tokenizes with BERT's WordPiece (tokenizer.json or "
-                             "vocab.txt)")
+            return f"{name}: auto_map AutoTokenizer {code!r}"
+    return None
+
+
+TOKENIZER_CODE_REFUSED = ("which FLES-1 never runs: it tokenizes with BERT's WordPiece (tokenizer.json or "
+                          "vocab.txt)")
+
+
+def load_source_tokenizer(source: str, config):
+    """The tokenizer of a checkpoint being converted, trained from or published, without running code from it: one
+    that is code of its own (`tokenizer_code`) is refused. ``config``: the source's, loaded already (else
+    transformers loads it again, and for a FLES-1 folder warns about its model type)."""
+    code = tokenizer_code(source)
+    if code:
+        raise ValueError(f"its tokenizer is code of its own ({code}), {TOKENIZER_CODE_REFUSED}")
     return AutoTokenizer.from_pretrained(source, config=config, trust_remote_code=False)
 
 

@@ -31,7 +31,8 @@ import yaml
 
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
 from fles1.card import CardInputError, build_card, read_json, without_local_paths
-from fles1.checkpoint import HUB_CODE_FILES, PROJECT_ROOT, drop_loader_flags
+from fles1.checkpoint import (HUB_CODE_FILES, PROJECT_ROOT, TOKENIZER_CODE_REFUSED, drop_loader_flags,
+                              load_source_tokenizer, tokenizer_code)
 
 REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights
 # Training leftovers that do not belong in the published model.
@@ -202,6 +203,12 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     if path_within(out_dir, model_dir):  # it would be copied into itself, and into every later folder
         raise PublishError(f"{out_dir}: inside the model folder {model_dir}, which the Hub folder copies; choose an "
                            "output folder outside it")
+    try:
+        code = tokenizer_code(model_dir)
+    except ValueError as error:
+        raise PublishError(f"{model_dir}: {error}") from None
+    if code:  # the validation would run it, and users' loaders after them
+        raise PublishError(f"{model_dir}: its tokenizer is code of its own ({code}), {TOKENIZER_CODE_REFUSED}")
     if card.results:
         _check_results_are_of(model_dir, card.results[0])
     try:
@@ -241,12 +248,12 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
                            "first -- further --results files (other seeds) may be other models")
     recorded_tokenizer = (evaluated.get("model") or {}).get("tokenizer_fingerprint")  # absent in older files
     if actual and recorded_tokenizer:
-        from transformers import AutoTokenizer
-
+        from configuration_fles1 import FLES1Config
         from fles1.evaluation import tokenizer_fingerprint
 
         try:
-            folder_tokenizer = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True))
+            tokenizer = load_source_tokenizer(model_dir, FLES1Config.from_pretrained(model_dir))
+            folder_tokenizer = tokenizer_fingerprint(tokenizer)
         except (OSError, ValueError):  # no usable tokenizer: the checks say so, naming the file
             folder_tokenizer = None
         if folder_tokenizer and folder_tokenizer != recorded_tokenizer:
@@ -370,7 +377,8 @@ def fles1_encoder():
     import fles1_encoder, os
     if os.path.dirname(os.path.abspath(fles1_encoder.__file__)) != os.path.abspath(folder):
         raise ImportError(f"imported {fles1_encoder.__file__}, not the folder's fles1_encoder.py")
-    encoder = FLES1Encoder.from_pretrained(folder, device="cpu")
+    # the card's snippet fetches fles1_encoder.py alone and loads the repo's code: that path
+    encoder = FLES1Encoder.from_pretrained(folder, device="cpu", trust_remote_code=True)
     return {kind: encoder.encode_batch([probe], kind=kind, threshold=0, output="torch").to_dense()[0]
             for kind in ("query", "document")}
 
@@ -391,6 +399,12 @@ else:
     checks.append({"name": "vectors agree", "ok": False, "detail": "not every loader produced a vector"})
 with open(sys.argv[4], "w") as handle:
     json.dump(checks, handle)
+# transformers copied the folder's code into its modules cache under the staging folder's name, never used again
+import shutil
+from transformers.utils import HF_MODULES_CACHE
+for package in {name.split(".")[1] for name in sys.modules if name.startswith("transformers_modules.")}:
+    if "partial" in package:
+        shutil.rmtree(os.path.join(HF_MODULES_CACHE, "transformers_modules", package), ignore_errors=True)
 """
 
 

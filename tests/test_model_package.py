@@ -460,7 +460,7 @@ def test_model_convert_refuses_sources_that_would_convert_into_another_model(bac
                                                          "type": "sentence_transformers.models.Router"}]))
     expected = {
         own_code: r"tokenizer is code of its own \(tokenizer_config.json: auto_map AutoTokenizer \[None, "
-                  r"'own_tokenizer.OwnTokenizer'\]\), which FLES-1 never runs from a source",
+                  r"'own_tokenizer.OwnTokenizer'\]\), which FLES-1 never runs: it tokenizes",
         str(no_config): "no config.json at its root: .* sentence-transformers Router model",
         no_tokenizer: "tokenizer has only .* tokens for a vocabulary of 30522 rows: no tokenizer files",
         small: "tokenizer has 30522 tokens for a vocabulary of 29522 rows",

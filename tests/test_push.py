@@ -176,10 +176,14 @@ def test_dry_run_round_trip(source_checkpoint, result_files, tmp_path, capsys, m
     settings.pop("is_local", None)
     (older / "tokenizer_config.json").write_text(  # an offline save of a folder
         json.dumps({**settings, "local_files_only": True, "is_local": True}))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))  # the validation child's
     rc = push_fles1.main(["--model", str(older), "--repo-id", REPO_ID, "--dry-run", out,
                           "--results", result_files["results"], "--plots", result_files["plot"]])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
+    # it loaded the staging folder's code (remote code): one orphaned copy per push was left in the modules cache
+    copies = os.listdir(tmp_path / "modules" / "transformers_modules")
+    assert not [name for name in copies if "partial" in name], copies
     assert "nothing uploaded" in printed.out and "[FAILED]" not in printed.out
     assert "no training log" not in printed.out  # MODEL/training_log.json is found
     names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
@@ -719,6 +723,23 @@ def test_a_publisher_killed_outright_takes_its_validation_process_and_scratch_wi
     with scratch_directory("fles1-validate") as scratch:  # the next use sweeps it, and keeps its own
         assert scratches() == [os.path.basename(scratch)]
     assert scratches() == []
+
+
+def test_a_folder_whose_tokenizer_is_code_is_not_published(source_checkpoint, result_files, tmp_path, capsys):
+    """Its tokenizer code ran in the push process and twice in the validation child, the checks passed and the code
+    went into the upload (an AutoTokenizer auto_map every user's loader would run)."""
+    ran = tmp_path / "ran"
+    (Path(source_checkpoint) / "own_tokenizer.py").write_text(
+        f"open({str(ran)!r}, 'w').close()\nfrom transformers import BertTokenizerFast\n"
+        "class OwnTokenizer(BertTokenizerFast):\n    pass\n")
+    settings = json.loads((Path(source_checkpoint) / "tokenizer_config.json").read_text())
+    (Path(source_checkpoint) / "tokenizer_config.json").write_text(json.dumps(
+        {**settings, "auto_map": {"AutoTokenizer": [None, "own_tokenizer.OwnTokenizer"]}}))
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                          "--dry-run", str(tmp_path / "hub")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "its tokenizer is code of its own (tokenizer_config.json: auto_map AutoTokenizer" in err, err
+    assert not ran.exists() and not (tmp_path / "hub").exists()
 
 
 def test_published_yaml_keeps_its_types_and_drops_windows_paths_too(tmp_path):
