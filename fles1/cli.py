@@ -16,9 +16,17 @@ BAD_INPUT = 2
 
 
 def bad_input(message: str) -> int:
-    """Report bad input as every CLI does; returns the exit status for ``main`` to return."""
-    print(f"error: {message}", file=sys.stderr)
+    """Report bad input as every CLI does; returns the exit status for ``main`` to return. The Hugging Face token
+    never appears (a server or proxy echoing the Authorization header into its error text)."""
+    print(f"error: {without_token(message)}", file=sys.stderr)
     return BAD_INPUT
+
+
+def without_token(text: str) -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return text.replace(token, "<token>") if token else text
 
 
 def exit_bad_input(message: str) -> NoReturn:

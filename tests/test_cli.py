@@ -146,3 +146,16 @@ def test_eval_reports_an_output_that_fails_at_write_time_in_one_line(tmp_path, m
     captured = capsys.readouterr()
     assert "Retrieval (test split" in captured.out
     assert f"error: --output {tmp_path / 'r.json'}: cannot be written (No space left on device)" in captured.err
+
+
+def test_an_error_line_never_shows_the_hub_token(monkeypatch, capsys):
+    """A mirror or proxy echoing the Authorization header into its error text put the token on eval's error line
+    (push redacted it; the other CLIs print through bad_input)."""
+    from fles1.cli import bad_input
+
+    monkeypatch.setenv("HF_TOKEN", "hf_probeSECRET0123456789")
+    assert bad_input("BeIR/x: 401 bad token Bearer hf_probeSECRET0123456789") == 2
+    assert capsys.readouterr().err == "error: BeIR/x: 401 bad token Bearer <token>\n"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    assert bad_input("no token anywhere") == 2 and capsys.readouterr().err == "error: no token anywhere\n"
