@@ -242,19 +242,20 @@ def _dropout_active(model) -> bool:
 
 
 def _own_model_classes():
-    """(FLES1Config, FLES1ForMaskedLM) from configuration_fles1.py and modeling_fles1.py beside this file, or None
-    where this file stands alone (or another folder's copies are the ones imported)."""
+    """(FLES1Config, FLES1ForMaskedLM) from configuration_fles1.py and modeling_fles1.py beside this file; None where
+    this file stands alone (fetched by itself from the Hub); a str saying why when those files are there but other
+    copies are the ones imported (another FLES-1 folder on sys.path first)."""
     here = os.path.dirname(os.path.abspath(__file__))
     if not all(os.path.isfile(os.path.join(here, name)) for name in ("configuration_fles1.py", "modeling_fles1.py")):
         return None
     try:
         import configuration_fles1
         import modeling_fles1
-    except ImportError:
-        return None
-    modules = (configuration_fles1, modeling_fles1)
-    if any(os.path.dirname(os.path.abspath(module.__file__)) != here for module in modules):
-        return None
+    except ImportError as error:
+        return f"configuration_fles1 / modeling_fles1 beside {__file__} do not import ({error})"
+    for module in (configuration_fles1, modeling_fles1):
+        if os.path.dirname(os.path.abspath(module.__file__)) != here:
+            return f"{module.__name__} is imported from {module.__file__}, not from beside {__file__}"
     return configuration_fles1.FLES1Config, modeling_fles1.FLES1ForMaskedLM
 
 
@@ -388,6 +389,9 @@ class FLES1Encoder:
         elif is_local_path(path_or_hub_id):  # transformers would call it an invalid repo id
             raise CheckpointError(f"{path_or_hub_id}: {not_a_folder(path_or_hub_id)}")
         own = None if trust_remote_code else _own_model_classes()
+        if isinstance(own, str):  # not silently the checkpoint's code instead
+            raise CheckpointError(f"{path_or_hub_id}: {own}; pass trust_remote_code=True to run the checkpoint's own "
+                                  "code instead")
         if own is None and trust_remote_code is False:
             raise CheckpointError(f"{path_or_hub_id}: trust_remote_code=False, and no configuration_fles1.py / "
                                   f"modeling_fles1.py beside {__file__} to load it with")

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -614,3 +615,17 @@ def test_encoder_infinite_model_output_is_an_error(tiny_random_checkpoint):
         encoder.encode("statins lower ldl cholesterol")
     with pytest.raises(FloatingPointError, match=r"^texts\[0\]: the model's output is NaN or infinite"):
         encoder.encode_batch(["statins lower ldl cholesterol", "vitamin d"], output="csr")
+
+
+def test_encoder_shadowed_by_another_folders_model_files_refuses_rather_than_run_the_checkpoints(
+        tiny_random_checkpoint, tmp_path, monkeypatch):
+    """With another folder's configuration_fles1 imported first, the encoder fell back to the checkpoint's own code,
+    silently."""
+    import fles1_encoder
+
+    other = shutil.copytree(tiny_random_checkpoint, tmp_path / "other")
+    monkeypatch.setitem(sys.modules, "configuration_fles1", type(sys)("configuration_fles1"))
+    sys.modules["configuration_fles1"].__file__ = str(other / "configuration_fles1.py")
+    with pytest.raises(CheckpointError, match=r"configuration_fles1 is imported from .*other/configuration_fles1\.py, "
+                                              r"not from beside .*fles1_encoder\.py; pass trust_remote_code=True"):
+        fles1_encoder.FLES1Encoder.from_pretrained(tiny_random_checkpoint)
