@@ -49,7 +49,9 @@ vectors["sparse_encoder"] = SparseEncoder(out, trust_remote_code=True, device="c
     texts, convert_to_tensor=True).to_dense().tolist()
 dense = lambda encoder: encoder.encode_batch(texts, threshold=0, output="torch").to_dense().tolist()
 vectors["fles1_encoder"] = dense(fles1_encoder.FLES1Encoder.from_pretrained(out, device="cpu"))
-sys.path.remove(out); del sys.modules["fles1_encoder"]
+sys.path.remove(out)
+for name in ("fles1_encoder", "configuration_fles1", "modeling_fles1"):  # the folder's copies, imported with it
+    sys.modules.pop(name, None)
 sys.path.insert(0, sys.argv[4])  # the project checkout, for the source folder's reference vectors
 from fles1_encoder import FLES1Encoder
 vectors["source"] = dense(FLES1Encoder.from_pretrained(source, device="cpu"))
