@@ -64,6 +64,8 @@ def test_sigterm_handler_is_restored_after_the_block():
 # code}; stderr must hold one short line per CLI, no traceback.
 INTERRUPTED_MID_WRITE = """
 import json, os, signal, sys, time
+# as in a terminal: a shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, "benchmarks")
 from fles1.atomic import atomic_directory
 import bench_encode, convert_fles1, eval_fles1, fles1.evaluation, fles1.training.run, push_fles1, train_fles1
