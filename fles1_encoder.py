@@ -32,7 +32,7 @@ from typing import Iterable, Literal, Optional, Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 Kind = Literal["document", "query"]
 PLURALS = {"document": "documents", "query": "queries"}  # progress-bar labels
@@ -396,24 +396,23 @@ class FLES1Encoder:
             raise CheckpointError(f"{path_or_hub_id}: trust_remote_code=False, and no configuration_fles1.py / "
                                   f"modeling_fles1.py beside {__file__} to load it with")
         try:
-            model_type = None
             if own is not None:
-                model_type = PreTrainedConfig.get_config_dict(path_or_hub_id, **hub_kwargs)[0].get("model_type")
-            if own is not None and model_type != own[0].model_type:
-                model = None  # refused below, outside this try (whose errors say the model could not load)
-            elif own is not None:
-                config = own[0].from_pretrained(path_or_hub_id, **hub_kwargs)
+                settings, unused = own[0].get_config_dict(path_or_hub_id, **hub_kwargs)  # config.json, read once
+                if settings.get("model_type") != own[0].model_type:
+                    raise CheckpointError(
+                        f"{path_or_hub_id}: config.json has model_type {settings.get('model_type')!r}, not a FLES-1 "
+                        "model (expected 'fles1'; convert a BERT checkpoint with convert_fles1.py)")
+                config = own[0].from_dict(settings, **unused)
                 model = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True, **hub_kwargs)
             else:
                 config = AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
                 model = AutoModelForMaskedLM.from_pretrained(
                     path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True, **hub_kwargs
                 )
+        except CheckpointError:  # an OSError too: not to be wrapped below
+            raise
         except (ValueError, OSError) as error:
             raise CheckpointError(f"{path_or_hub_id}: could not load the FLES-1 model ({error})") from error
-        if model is None:
-            raise CheckpointError(f"{path_or_hub_id}: config.json has model_type {model_type!r}, not a FLES-1 model "
-                                  "(expected 'fles1'; convert a BERT checkpoint with convert_fles1.py)")
         if not hasattr(model, "encode_sparse"):
             raise CheckpointError(
                 f"{path_or_hub_id}: config.json loads {type(model).__name__}, not a FLES-1 model "

@@ -221,7 +221,6 @@ def _summarize() -> int:
                                                                                        *SELECTED_RUNS}:
         for name in ("eval_test.json", "eval_dev.json", "training_log.json"):
             load(run, name)  # first: a broken file stops the run before anything is written
-    clfr_runs, reg_runs, explore_runs = CLFR_RUNS, REG_RUNS, EXPLORE_RUNS
     text = "\n\n".join([
         "### Selected on dev: τ 1.0, BM25-chosen positive (nfcorpus, threshold 0.3; `backbone` = the shipped "
         "SPLADE-tiny converted, untrained)",
@@ -229,14 +228,14 @@ def _summarize() -> int:
         "### The recipe as written: τ 0.05, random positive (same schedule)",
         seed_section(SEED_RUNS),
         "### CLFR vs fixed λ_d",
-        table(STUDY_HEADER, study_rows(clfr_runs)),
+        table(STUDY_HEADER, study_rows(CLFR_RUNS)),
         "![CLFR vs fixed](plots/clfr_vs_fixed_nnz.png)",
         "### L1 FLOPS vs squared FLOPS",
-        table(STUDY_HEADER, study_rows(reg_runs)),
+        table(STUDY_HEADER, study_rows(REG_RUNS)),
         "![L1 vs squared](plots/l1_vs_squared_nnz.png)",
         "### Exploration runs (same schedule and seed 0; each row names its settings, against the recipe as "
         "written, `fnmask-seed0`: in-batch false negatives masked, τ 0.05, random positive)",
-        table(STUDY_HEADER, study_rows(explore_runs)),
+        table(STUDY_HEADER, study_rows(EXPLORE_RUNS)),
         "![exploration](plots/exploration_nnz.png)",
         "### Full schedule on a GPU (one H200 session, seed 42; fp32): 2 epochs = 162 steps, documents at 256 "
         "tokens, CLFR every epoch (81 steps) toward 400 — the recipe file as committed",
@@ -248,11 +247,11 @@ def _summarize() -> int:
         "![full schedule on an H200](plots/gpu_full_schedule_nnz.png)",
     ])
     os.makedirs(plots, exist_ok=True)
-    plot_nnz(clfr_runs, os.path.join(plots, "clfr_vs_fixed_nnz.png"), "CLFR vs fixed λ_d")
-    plot_nnz(reg_runs, os.path.join(plots, "l1_vs_squared_nnz.png"), "L1 vs squared FLOPS")
+    plot_nnz(CLFR_RUNS, os.path.join(plots, "clfr_vs_fixed_nnz.png"), "CLFR vs fixed λ_d")
+    plot_nnz(REG_RUNS, os.path.join(plots, "l1_vs_squared_nnz.png"), "L1 vs squared FLOPS")
     plot_nnz([(f"seed {i}", run) for i, run in enumerate(SELECTED_RUNS)],
              os.path.join(plots, "seeds_nnz.png"), "selected config, three seeds")
-    plot_nnz(explore_runs + [("recipe as written", SEED_RUNS[0])],
+    plot_nnz(EXPLORE_RUNS + [("recipe as written", SEED_RUNS[0])],
              os.path.join(plots, "exploration_nnz.png"), "exploration runs")
     plot_nnz(GPU_RUNS, os.path.join(plots, "gpu_full_schedule_nnz.png"), "full schedule on an H200")
     out = os.path.join(ROOT, "results", "STUDY.md")

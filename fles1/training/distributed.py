@@ -16,8 +16,9 @@ def all_reduce_sum(values, device=None) -> list[float]:
 
 
 def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    from sentence_transformers.util.distributed import get_rank  # 0 when not distributed
+
+    return get_rank()
 
 
 def world_size() -> int:

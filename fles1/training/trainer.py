@@ -38,6 +38,7 @@ from transformers.trainer_utils import sort_checkpoints
 
 from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
+from fles1_encoder import CheckpointError, safetensors_files
 
 from .checks import is_number
 from .clfr import STATE_FILE as CLFR_STATE_FILE
@@ -152,9 +153,6 @@ def _forward_as_encode_pair(module):
             module.forward = saved
 
 
-SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-
-
 def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequence[str] = ()):
     """``True`` -> the newest complete checkpoint-* in output_dir; a folder -> itself, if complete. Complete: it holds
     `state_files` (the callbacks' states, written first) and trainer_state.json (transformers' last file). A newer
@@ -164,8 +162,9 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
 
     def missing(folder: str) -> list[str]:
         absent = [name for name in required if not os.path.isfile(os.path.join(folder, name))]
-        if not any(os.path.isfile(os.path.join(folder, name)) for name in SAFETENSORS_WEIGHTS):
-            # transformers would load a pytorch_model.bin instead: weights load from safetensors only
+        try:
+            safetensors_files(folder)
+        except CheckpointError:  # transformers would load a pytorch_model.bin instead (or a shard would be missing)
             absent.append("model.safetensors (weights are resumed from safetensors only)")
         if not absent and not _holds_json(os.path.join(folder, TRAINER_STATE_NAME)):
             absent.append(f"readable {TRAINER_STATE_NAME}")  # transformers writes it in place: a kill cuts it short
