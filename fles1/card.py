@@ -435,18 +435,29 @@ def production_section(run: Run) -> str:
     return table(["Dataset", *PRODUCTION.values()], rows) + note
 
 
-def rerun_commands(run: Run, repo_id: str) -> str:
+def rerun_commands(run: Run, repo_id: str, revision: Optional[str] = None) -> str:
     """The eval_fles1.py command(s) that evaluate the published model as `run` did: one per split (one command
-    evaluates every --data on one --split), each argument shell-quoted."""
+    evaluates every --data on one --split), each argument shell-quoted. A model on a branch other than main is
+    downloaded first (eval_fles1.py loads a hub id's main branch)."""
+    model, download = repo_id, ""
+    if revision_argument(revision):
+        model = f"{repo_id.split('/')[-1]}-{revision.replace('/', '-')}"
+        download = (f"hf download {shlex.quote(repo_id)} --revision {shlex.quote(revision)} "
+                    f"--local-dir {shlex.quote(model)}\n")
     by_split: dict[str, list[str]] = {}
     for name, entry in run.datasets.items():
         by_split.setdefault(entry.get("split") or "test", []).append(dataset_id(name))
     threshold = run.header.get("threshold")
-    return "\n".join(
-        f"python eval_fles1.py --model {shlex.quote(repo_id)} --data {' '.join(shlex.quote(d) for d in datasets)} "
+    return download + "\n".join(
+        f"python eval_fles1.py --model {shlex.quote(model)} --data {' '.join(shlex.quote(d) for d in datasets)} "
         f"--split {shlex.quote(split)}" + (f" --threshold {threshold}" if threshold is not None else "")
         + f" --output {shlex.quote(f'results_{split}.json' if len(by_split) > 1 else 'results.json')}"
         for split, datasets in by_split.items())
+
+
+def revision_argument(revision: Optional[str]) -> str:
+    """The card's snippets load what the push committed: a branch other than main is named in each of them."""
+    return "" if revision in (None, "", "main") else f", revision={json.dumps(revision)}"
 
 
 # recipe keys that truncate the training texts (train_fles1.py), not what the saved model encodes with
@@ -544,12 +555,13 @@ def build_card(
     template_path: str = TEMPLATE_PATH,
     result_names: Optional[dict] = None,
     studies: Optional[str] = None,
+    revision: Optional[str] = None,
 ) -> ModelCard:
     """Model card from result files. ``plots`` are paths relative to the card (they are linked, not read);
     ``result_names`` maps a results path to the name the card shows for it (default: its file name, with as many
     parent folders as tell it from the others: ``seed1/eval_test.json``);
     ``studies`` is a Markdown file of study tables generated from result files (experiments/summarize.py),
-    embedded as is."""
+    embedded as is; ``revision``: the branch the card's snippets and rerun command load (default: main)."""
     try:  # the card names it in its snippets, rerun commands and model-index (push_fles1.py checks it too)
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -597,6 +609,7 @@ def build_card(
     values = dict(
         model_name=model_name,
         repo_id=repo_id,
+        revision_arg=revision_argument(revision),
         base_model=base_model,
         threshold=cell(header.get("threshold")),
         query_max_length=cell(header.get("query_max_length")),
@@ -605,7 +618,7 @@ def build_card(
         headline_source=", ".join(f"`{name_of(p)}`" for p in dict.fromkeys(primary.sources.values())),
         reproducibility=reproducibility_section(runs, primary_dataset, name_of),
         environment=environment_section(primary),
-        rerun=rerun_commands(primary, repo_id),
+        rerun=rerun_commands(primary, repo_id, revision),
         baselines=baselines_section(primary),
         cross_domain=cross_domain_section(primary, training_corpora(train_recipe)),
         production=production_section(primary),

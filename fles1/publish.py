@@ -191,12 +191,14 @@ class CardInputs:
     studies: Optional[str] = None
 
 
-def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs(), check=None) -> str:
+def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs(), check=None,
+             revision: Optional[str] = None) -> str:
     """Write the Hub folder: checkpoint files + the project's code files + results/ + plots/ + README.md (the card).
 
     A training output folder's own ``training_log.json`` and ``*.png`` are used when none are given. The folder is
     built beside ``out_dir`` and renamed into place at the end, after ``check(staging_folder)`` (if given) returns:
-    a missing input, a failed check or an interruption leaves nothing at ``out_dir``.
+    a missing input, a failed check or an interruption leaves nothing at ``out_dir``. ``revision``: the branch the
+    folder is pushed to, which the card's snippets then load.
     """
     if not os.path.isdir(model_dir):
         raise PublishError(f"{model_dir}: model folder not found")
@@ -217,7 +219,7 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
         raise PublishError(str(error)) from None
     with atomic_directory(out_dir) as staging:
         try:
-            _assemble_into(model_dir, staging, repo_id, card)
+            _assemble_into(model_dir, staging, repo_id, card, revision)
         except CardInputError as error:  # a results/log/recipe file that is not what the card reads: one line
             raise PublishError(str(error)) from None
         if check is not None:
@@ -270,7 +272,8 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
                            f"--threshold) or convert the model with --threshold {threshold}")
 
 
-def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs) -> None:
+def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs,
+                   revision: Optional[str] = None) -> None:
     if not card.training_logs and os.path.isfile(os.path.join(model_dir, "training_log.json")):
         card = replace(card, training_logs=[os.path.join(model_dir, "training_log.json")])
     if not card.plots:
@@ -292,6 +295,7 @@ def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs)
             card.results, card.training_logs, card.recipe, repo_id, card.base_model,
             [relative(p) for p in copied_plots],
             result_names={src: relative(dst) for src, dst in zip(card.results, copied_results)}, studies=card.studies,
+            revision=revision,
         )
         model_card.save(os.path.join(out_dir, "README.md"))
         if card.studies:
@@ -522,7 +526,8 @@ def publish(
             f"FILE{hint}, or --recipe)")
     with scratch_directory("fles1-hub") as scratch:
         folder = dry_run or os.path.join(scratch, "hub")
-        assemble(model_dir, folder, repo_id, card, check=validated)  # the folder appears only once it passed
+        # the folder appears only once it passed; a pull request is merged into main, which the snippets then load
+        assemble(model_dir, folder, repo_id, card, check=validated, revision=None if create_pr else revision)
         if dry_run is not None:
             log(f"dry run: {folder} is the folder that would be uploaded to {repo_id}; nothing uploaded")
             return folder

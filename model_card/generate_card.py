@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repo-id", default="mindoval/fles1-v14",
                         help="the Hub repo the card describes (default: mindoval/fles1-v14): titles, snippets and the "
                              "rerun command use it")
+    parser.add_argument("--revision", help="the branch the model is pushed to (default: main): the card's snippets "
+                        "and rerun command load it")
     parser.add_argument("--base-model", help="Hub id of the backbone (default: from the recipe when it is a hub id)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG paths relative to the card, linked in it")
     parser.add_argument("--studies", help="Markdown study tables made from result files (experiments/summarize.py)")
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
         if args.output != "-":
             require_writable(args.output, "--output")  # before reading anything
         card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots,
-                          studies=args.studies)
+                          studies=args.studies, revision=args.revision)
     except ValueError as error:  # CardInputError, or an --output that cannot be written
         parser.exit(2, f"error: {error}\n")
     if args.output == "-":

@@ -273,6 +273,7 @@ def test_upload_through_huggingface_hub_client(source_checkpoint, result_files, 
         assert files["model.safetensors"] == handle.read()
     assert {"README.md", "fles1_encoder.py", "modeling_fles1.py", "results/eval_nfcorpus.json"} <= set(files)
     assert "discussions/1" in printed.out  # the PR url is reported
+    assert "revision=" not in files["README.md"].decode()  # merged into main, which the snippets load
 
 
 def test_revision_without_pr_creates_the_branch(source_checkpoint, result_files, fake_hub, monkeypatch, capsys):
@@ -287,6 +288,13 @@ def test_revision_without_pr_creates_the_branch(source_checkpoint, result_files,
     create = fake_hub.json_sent("/api/repos/create")
     assert "visibility" not in create and not create.get("private")  # not --private: the account default
     assert all("create_pr" not in params for _, _, params, _, _ in fake_hub.requests)
+    # the card's snippets load the branch the weights went to, not main (which may hold another model, or none)
+    card = fake_hub.committed_files()["README.md"].decode()
+    loads = [line for line in card.splitlines() if f'"{REPO_ID}"' in line]
+    assert len(loads) == 5 and all('revision="v14"' in line for line in loads), loads
+    rerun = card.split("```bash\n")[1].split("```")[0].splitlines()
+    assert rerun[0] == f"hf download {REPO_ID} --revision v14 --local-dir fles1-v14-v14", rerun
+    assert all(" --model fles1-v14-v14 " in line for line in rerun[1:]), rerun
 
 
 @pytest.mark.parametrize("failure", ["rejected token", "no network"])
