@@ -121,6 +121,10 @@ def _row_id(value, where: str) -> str:
     would become the ids 'None', 'True', "['a']"."""
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         raise BEIRDataError(f"{where}: '_id' must be a non-empty string or an integer, got {value!r}")
+    position = lone_surrogate(value) if isinstance(value, str) else None
+    if position is not None:  # pytrec_eval's C code crashed the process on it, after the corpus was encoded
+        raise BEIRDataError(f"{where}: '_id' holds a lone surrogate {value[position]!r} at character {position} "
+                            "(a broken \\u escape)")
     return str(value)
 
 

@@ -30,6 +30,8 @@ def trec_order(ranking: dict[str, float]) -> list[tuple[str, float]]:
 
 def per_query_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, dict]:
     """{qid: {metric: value}} for every query in qrels (0 where the run has nothing for it)."""
+    _check_encodable(qrels, "qrels")
+    _check_encodable(run, "run")
     qrels = {qid: {did: int(rel) for did, rel in docs.items()} for qid, docs in qrels.items()}
     run = {qid: {did: float(s) for did, s in docs.items()} for qid, docs in run.items() if qid in qrels and docs}
     scores = {qid: dict.fromkeys(METRIC_KEYS, 0.0) for qid in qrels}
@@ -41,6 +43,18 @@ def per_query_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
         for qid, values in pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10).items():
             scores[qid]["mrr@10"] = values["recip_rank"]
     return scores
+
+
+def _check_encodable(ids: dict[str, dict], what: str) -> None:
+    """pytrec_eval hands ids to C as UTF-8: one it cannot encode (a lone surrogate, from a broken JSON \\u escape)
+    ended the process with a segmentation fault instead of an error."""
+    for qid, docs in ids.items():
+        for name in (qid, *docs):
+            try:
+                str(name).encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(f"{what}: id {name!r} is not valid text ({error.reason}: "
+                                 f"{error.object[error.start:error.end]!r} at character {error.start})") from None
 
 
 def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -19,7 +19,7 @@ import os
 from typing import Sequence
 
 import numpy as np
-from scipy.sparse import csr_matrix
+from scipy.sparse import csr_matrix, issparse
 
 from fles1.atomic import atomic_open
 from fles1_encoder import passes_threshold
@@ -114,6 +114,8 @@ class InvertedIndex:
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:  # 2.5: numpy's error
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         self._check_queries(query_matrix)
+        if issparse(query_matrix) and query_matrix.format != "csr":  # COO cannot be sliced
+            query_matrix = query_matrix.tocsr()
         hits = []
         for start in range(0, query_matrix.shape[0], self.query_chunk_size):
             hits += top_k_rows(self.score(query_matrix[start : start + self.query_chunk_size]), k, self._tie_ranks())

@@ -98,6 +98,8 @@ def test_bad_data_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("line, message", [
     (b'{"_id": "d7", "text": "caf\xe9"}\n', r"corpus\.jsonl:7: not UTF-8 \(byte 0xe9 at 26\)"),  # Latin-1 bytes
     (b'{"_id": "d7", "text": "broken \\ud83d escape"}\n', r"corpus\.jsonl:7: 'text' holds a lone surrogate"),
+    # pytrec_eval crashed the process (SIGSEGV) on such an id, after the whole corpus had been encoded
+    (b'{"_id": "d\\ud83d", "text": "x"}\n', r"corpus\.jsonl:7: '_id' holds a lone surrogate '\\ud83d' at character 1"),
     (b'{"_id": "d7", "title": ["a", "list"]}\n', r"corpus\.jsonl:7: 'title' is list, expected a string"),
     (b'{"_id": "d7", "text": 42}\n', r"corpus\.jsonl:7: 'text' is int, expected a string"),
 ])
@@ -232,6 +234,8 @@ def test_inverted_index_exact_top_k_and_conventions():
         index.search(queries[0].toarray()[0], k=3)
     (dense_hits, _), = index.search(queries[0].toarray(), k=3)  # a (1, vocab) dense row is fine
     assert dense_hits.tolist() == index.search(queries[0], k=3)[0][0].tolist()
+    coo_hits = index.search(queries.tocoo(), k=7)  # scipy's COO cannot be sliced into query chunks: a TypeError
+    assert [hit.tolist() for hit, _ in coo_hits] == [hit.tolist() for hit, _ in index.search(queries, k=7)]
 
 
 def test_inverted_index_refuses_repeated_ids_and_drops_self_hits_of_any_id_type():
@@ -350,6 +354,16 @@ def test_metrics_count_queries_without_hits_as_zero():
     late = {"a": {f"n{i}": 100.0 - i for i in range(10)} | {"x": 1.0}, "b": {"y": 1.0}}
     metrics = evaluate_run(qrels, late)
     assert metrics["mrr@10"] == pytest.approx(0.5) and metrics["recall@100"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("qrels, run, message", [
+    ({"q": {"d\ud83d": 1}}, {"q": {"d": 1.0}}, r"^qrels: id 'd\\ud83d' is not valid text \(surrogates not allowed"),
+    ({"q": {"d": 1}}, {"q": {"d": 1.0, "e\udc00": 0.5}}, r"^run: id 'e\\udc00' is not valid text"),
+])
+def test_metrics_refuse_ids_pytrec_eval_cannot_take(qrels, run, message):
+    """pytrec_eval passes ids to C as UTF-8: a lone surrogate ended the process with a segmentation fault."""
+    with pytest.raises(ValueError, match=message):
+        evaluate_run(qrels, run)
 
 
 def test_bm25_of_a_corpus_without_an_indexable_term_has_no_hits(tmp_path):
