@@ -22,6 +22,7 @@ data.positive=bm25 and data.mask_false_negatives=true need a BEIR source. Exit s
 
 import argparse
 import json
+import warnings
 import os
 import sys
 
@@ -94,6 +95,11 @@ def _run(args) -> None:
         recipe = load_recipe(args.recipe, overrides)
     except (ValueError, OSError) as error:  # OSError: no such recipe file
         exit_bad_input(str(error))
+    ignored = [flag for flag, value in (("--target-nnz-d", args.target_nnz_d),
+                                        ("--clfr-interval-steps", args.clfr_interval_steps)) if value is not None]
+    if ignored and not recipe["clfr"]["enabled"]:  # the run would look steered, at a fixed lambda_d
+        warnings.warn(f"{' and '.join(ignored)} steer CLFR, which this recipe turns off (clfr.enabled: false): "
+                      f"lambda_d stays {recipe['loss']['lambda_d']:g}")
 
     from fles1.training.run import TrainingSetupError, train
 

@@ -57,14 +57,35 @@ def test_update_direction_and_formula():
     ({"gain": 1.01}, r"gain must be a number in \(0, 1\]"),
     ({"gain": True}, r"gain must be a number in \(0, 1\]"),
     ({"lambda_d": 0}, "lambda_d must be a finite number > 0"),
-    ({"max_log_step": "abc"}, "max_log_step must be a finite number > 0"),  # was a TypeError from the comparison
-    ({"max_log_step": None}, "max_log_step must be a finite number > 0"),
-    ({"max_log_step": math.inf}, "max_log_step must be a finite number > 0"),  # exp() overflowed on a big error
+    ({"max_log_step": "abc"}, r"max_log_step must be a number in \(0, 10\]"),  # was a TypeError from the comparison
+    ({"max_log_step": None}, r"max_log_step must be a number in \(0, 10\]"),
+    ({"max_log_step": math.inf}, r"max_log_step must be a number in \(0, 10\]"),  # exp() overflowed on a big error
+    ({"max_log_step": 1000}, r"max_log_step must be a number in \(0, 10\], got 1000"),  # so did any step above ~709
+    ({"max_log_step": math.nan}, r"max_log_step must be a number in \(0, 10\]"),
 ])
 def test_bad_controller_settings(kwargs, message):
     settings = {"lambda_d": 3e-5, "target_nnz": 400, "gain": 0.1, **kwargs}
     with pytest.raises(ValueError, match=message):
         CLFRController(**settings)
+
+
+@pytest.mark.parametrize("measured", [math.nan, -1, math.inf, "400", None])
+def test_a_measurement_that_is_no_count_is_refused(measured):
+    """NaN passed the clip as a full step up (min(1, nan) is 1): lambda_d grew by e on no information."""
+    controller = CLFRController(3e-5, 400, 0.1)
+    with pytest.raises(ValueError, match=r"measured_nnz must be a finite number >= 0"):
+        controller.update(measured, step=1)
+    assert controller.lambda_d == 3e-5 and controller.history == []
+
+
+def test_lambda_d_leaving_float_range_is_an_error_naming_the_cause():
+    """Steps one way add up: lambda_d became inf (every later loss infinite) or 0, without a word."""
+    controller = CLFRController(1e300, 1.0, 1.0, max_log_step=10)
+    with pytest.raises(ValueError, match=r"lambda_d left float range \([0-9.e+]+ -> inf\) at step \d+: .*"
+                                         r"\(30522\) stay far from target_nnz \(1\)"):
+        for step in range(1, 100):
+            controller.update(30522, step=step)
+    assert math.isfinite(controller.lambda_d)
 
 
 @pytest.mark.parametrize("interval", [0, True, 2.0])

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -161,3 +162,23 @@ def test_an_error_line_never_shows_the_hub_token(monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     assert bad_input("no token anywhere") == 2 and capsys.readouterr().err == "error: no token anywhere\n"
+
+
+@pytest.mark.parametrize("flags, named", [(["--target-nnz-d", "120"], "--target-nnz-d"),
+                                          (["--clfr-interval-steps", "5"], "--clfr-interval-steps")])
+def test_clfr_flags_with_clfr_off_warn_that_they_do_nothing(tmp_path, monkeypatch, flags, named):
+    """They were dropped without a word: the run trained at a fixed lambda_d that the command line looked to steer."""
+    import fles1.training.run
+    import train_fles1
+
+    trained = []
+    monkeypatch.setattr(fles1.training.run, "train", lambda recipe, *args, **kwargs: trained.append(recipe))
+    argv = ["--recipe", "recipes/fles1-tiny-nfcorpus.yaml", "--output-dir", str(tmp_path / "run"),
+            "--set", "clfr.enabled=false", *flags]
+    with pytest.warns(UserWarning, match=rf"^{named} steer CLFR, which this recipe turns off \(clfr.enabled: false\): "
+                                         r"lambda_d stays 3e-05"):
+        train_fles1.main(argv)
+    assert len(trained) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with CLFR on, the same flag is what it says
+        train_fles1.main(argv[:4] + flags)

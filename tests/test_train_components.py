@@ -354,7 +354,15 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("model.query_max_length", 64.0, r"model.query_max_length must be an int >= 3 .* got 64.0"),
     ("model.document_max_length", 2, r"model.document_max_length must be an int >= 3 .* got 2"),
     # text or None reached a comparison: TypeError tracebacks
-    ("clfr.max_log_step", "abc", r"clfr.max_log_step must be a finite number > 0, got 'abc'"),
+    ("clfr.max_log_step", "abc", r"clfr.max_log_step must be a number in \(0, 10\], got 'abc'"),
+    ("clfr.max_log_step", 1000, r"clfr.max_log_step must be a number in \(0, 10\], got 1000"),  # exp() overflowed
+    # a list or mapping: "unhashable type" tracebacks
+    ("loss.regularizer", ["flops"], r"loss.regularizer=\['flops'\] is not supported; choose one of \['flops', 'l1_flops'\]"),
+    ("loss.regularizer", {"name": "flops"}, r"loss.regularizer=\{'name': 'flops'\} is not supported; choose one of"),
+    # YAML 1.1 reads an unquoted no as false: "False is not a valid SaveStrategy, please select one of ['no', ...]"
+    ("training.save_strategy", False, r"training.save_strategy: expected .*, got False \(YAML 1.1 reads no/off/yes/on "
+                                      r"as false/true: quote it, e.g. 'no'\)"),
+    ("training.eval_strategy", True, r"training.eval_strategy: expected .*, got True \(YAML 1.1"),
     ("crashes.spike_factor", None, "crashes.spike_factor must be a number > 1, got None"),
     ("crashes.nnz_floor", "abc", "crashes.nnz_floor must be a number >= 0, got 'abc'"),
     ("crashes.nnz_collapse_fraction", "x", r"crashes.nnz_collapse_fraction must be a number in \[0, 1\), got 'x'"),
@@ -406,6 +414,20 @@ def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}
     with pytest.raises(ValueError, match=message):
         load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml"), overrides)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("clfr.gain", 5, r"clfr.gain must be a number in \(0, 1\], got 5"),
+    ("clfr.interval_steps", 0, "clfr.interval_steps must be an int >= 1 or null"),
+    ("clfr.target_nnz_d", -1, "clfr.target_nnz_d must be a finite number > 0"),
+])
+def test_clfr_settings_are_checked_with_clfr_off(key, value, message):
+    """They were accepted unread, recorded in the training log, and wrong the day CLFR was turned on."""
+    overrides = {"model.path": "m", "data.source": "d", "clfr.enabled": False, "loss.lambda_d": 0.0}
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml")
+    assert load_recipe(path, overrides)["loss"]["lambda_d"] == 0.0  # a fixed lambda_d may be 0 without CLFR
+    with pytest.raises(ValueError, match=message):
+        load_recipe(path, {**overrides, key: value})
 
 
 @pytest.mark.parametrize("text, message", [

@@ -40,6 +40,7 @@ from .checks import is_int, is_number
 from .distributed import all_reduce_sum, rank
 
 STATE_FILE = "clfr_state.json"
+MAX_LOG_STEP_LIMIT = 10.0  # a factor e^10 per adjustment; beyond that it is a switch, not a controller
 
 
 def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
@@ -58,8 +59,9 @@ class CLFRController:
             raise ValueError(f"gain must be a number in (0, 1], got {gain!r}")
         if not (is_number(lambda_d, finite=True) and lambda_d > 0):
             raise ValueError(f"lambda_d must be a finite number > 0 for a multiplicative controller, got {lambda_d!r}")
-        if not (is_number(max_log_step, finite=True) and max_log_step > 0):  # inf overflowed exp() on a big error
-            raise ValueError(f"max_log_step must be a finite number > 0, got {max_log_step!r}")
+        if not (is_number(max_log_step) and 0 < max_log_step <= MAX_LOG_STEP_LIMIT):  # exp() overflowed above ~709
+            raise ValueError(f"max_log_step must be a number in (0, {MAX_LOG_STEP_LIMIT:g}], got {max_log_step!r} (the "
+                             "largest change of log lambda_d per adjustment)")
         self.lambda_d = float(lambda_d)
         self.target_nnz = float(target_nnz)
         self.gain = float(gain)
@@ -68,9 +70,16 @@ class CLFRController:
 
     def update(self, measured_nnz: float, step: int) -> float:
         """Apply one adjustment for ``measured_nnz`` and return the new lambda_d."""
+        if not (is_number(measured_nnz, finite=True) and measured_nnz >= 0):  # NaN passed min() as a full step up
+            raise ValueError(f"measured_nnz must be a finite number >= 0, got {measured_nnz!r}")
         error = (float(measured_nnz) - self.target_nnz) / self.target_nnz
         log_step = max(-self.max_log_step, min(self.max_log_step, self.gain * error))
-        before, self.lambda_d = self.lambda_d, self.lambda_d * math.exp(log_step)
+        before, after = self.lambda_d, self.lambda_d * math.exp(log_step)
+        if not (math.isfinite(after) and after > 0):  # many steps one way: lambda_d left float range
+            raise ValueError(f"lambda_d left float range ({before!r} -> {after!r}) at step {step}: the documents' "
+                             f"non-zeros ({measured_nnz!r}) stay far from target_nnz ({self.target_nnz:g}) whatever "
+                             "lambda_d is; lower clfr.max_log_step or the gain, or check the target")
+        self.lambda_d = after
         self.history.append(
             {
                 "step": int(step),

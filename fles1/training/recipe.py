@@ -136,6 +136,9 @@ def _check_training_arguments(training: dict) -> None:
         if value is None and type(None) in options:
             continue
         kinds = [kind for kind in options if kind is not type(None)]
+        if isinstance(value, bool) and bool not in kinds:  # "save_strategy: no" arrives as False
+            raise ValueError(f"recipe.training.{key}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r} "
+                             "(YAML 1.1 reads no/off/yes/on as false/true: quote it, e.g. 'no')")
         expected = kinds[0] if len(kinds) == 1 else None  # "str | bool" takes either
         if (expected is bool and not isinstance(value, bool)) or (expected is float and not is_number(value)) or \
                 (expected is int and not is_int(value)):
@@ -217,15 +220,16 @@ def validate(recipe: dict) -> dict:
     limit = recipe["data"]["max_examples"]
     if limit is not None and not (is_int(limit) and limit >= 1):
         raise ValueError(f"data.max_examples must be an int >= 1 or null (every example), got {limit!r}")
-    if clfr["enabled"]:
-        try:
-            CLFRController(loss["lambda_d"], clfr["target_nnz_d"], clfr["gain"], clfr["max_log_step"])
-        except ValueError as error:  # named as the recipe's key, not the controller's argument
-            argument, _, rest = str(error).partition(" ")
-            raise ValueError(f"{CLFR_KEYS[argument]} {rest}") from None
-        interval = clfr["interval_steps"]
-        if interval is not None and not (is_int(interval) and interval >= 1):
-            raise ValueError(f"clfr.interval_steps must be an int >= 1 or null (one epoch), got {interval!r}")
+    # checked with CLFR off too: the training log records them, and turning it on must not find them wrong
+    try:
+        CLFRController(loss["lambda_d"] if clfr["enabled"] else 1.0, clfr["target_nnz_d"], clfr["gain"],
+                       clfr["max_log_step"])
+    except ValueError as error:  # named as the recipe's key, not the controller's argument
+        argument, _, rest = str(error).partition(" ")
+        raise ValueError(f"{CLFR_KEYS[argument]} {rest}") from None
+    interval = clfr["interval_steps"]
+    if interval is not None and not (is_int(interval) and interval >= 1):
+        raise ValueError(f"clfr.interval_steps must be an int >= 1 or null (one epoch), got {interval!r}")
     return recipe
 
 

@@ -44,6 +44,6 @@ REGULARIZERS = {"l1_flops": l1_flops, "flops": squared_flops}
 
 
 def get_regularizer(name: str):
-    if name not in REGULARIZERS:
+    if not isinstance(name, str) or name not in REGULARIZERS:  # a list or mapping: unhashable, a TypeError
         raise ValueError(f"regularizer={name!r} is not supported; choose one of {sorted(REGULARIZERS)}")
     return REGULARIZERS[name]
