@@ -44,6 +44,9 @@ PROGRESS_BAR_MIN_TEXTS = 256  # below this a bar is noise
 SORT_WINDOW_TEXTS = 8192
 # Texts per call of the Rust tokenizer: its Encoding objects (~60 KB for a 256-token text) live only that long.
 TOKENIZE_CHUNK_TEXTS = 1024
+# from_pretrained's keyword arguments: where each goes (config settings are consumed by the config, the rest by the model)
+DOWNLOAD_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder")
+TOKENIZER_OPTIONS = ("use_fast",)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -374,7 +377,9 @@ class FLES1Encoder:
     ) -> "FLES1Encoder":
         """Load a FLES-1 checkpoint folder or Hub repo (e.g. ``"mindoval/fles1-v14"``).
 
-        ``device`` defaults to CUDA when available. ``hub_kwargs`` (revision, token, ...) go to transformers.
+        ``device`` defaults to CUDA when available. ``hub_kwargs``: download options (revision, token, cache_dir,
+        local_files_only, ...), config settings (``query_max_length=128``, ``inference_threshold``, ...), the
+        tokenizer's ``use_fast``, and model options (``dtype``, ``attn_implementation``), each sent where it belongs.
         ``trust_remote_code``: run the checkpoint's own modeling and tokenizer code (transformers' remote code).
         By default only when this file stands alone (fetched by itself with ``hf_hub_download``, as the model card
         shows: the repo's code is being run already); beside configuration_fles1.py and modeling_fles1.py (this
@@ -395,19 +400,33 @@ class FLES1Encoder:
         if own is None and trust_remote_code is False:
             raise CheckpointError(f"{path_or_hub_id}: trust_remote_code=False, and no configuration_fles1.py / "
                                   f"modeling_fles1.py beside {__file__} to load it with")
+        if "output_loading_info" in hub_kwargs:  # the model would come back as a tuple
+            raise TypeError("FLES1Encoder.from_pretrained does not take output_loading_info (use "
+                            "FLES1ForMaskedLM.from_pretrained for the loading info)")
+        download = {key: value for key, value in hub_kwargs.items() if key in DOWNLOAD_OPTIONS}
+        tokenizer_options = {key: value for key, value in hub_kwargs.items() if key in TOKENIZER_OPTIONS}
+        # the rest: config settings first (the config consumes them), what is left goes to the model; sent to every
+        # loader, query_max_length reached the model's constructor and use_fast the model (TypeErrors)
+        settings_and_model_options = {key: value for key, value in hub_kwargs.items()
+                                      if key not in DOWNLOAD_OPTIONS and key not in TOKENIZER_OPTIONS}
         try:
             if own is not None:
-                settings, unused = own[0].get_config_dict(path_or_hub_id, **hub_kwargs)  # config.json, read once
+                settings, unused = own[0].get_config_dict(path_or_hub_id, **download)  # config.json, read once
                 if settings.get("model_type") != own[0].model_type:
                     raise CheckpointError(
                         f"{path_or_hub_id}: config.json has model_type {settings.get('model_type')!r}, not a FLES-1 "
                         "model (expected 'fles1'; convert a BERT checkpoint with convert_fles1.py)")
-                config = own[0].from_dict(settings, **unused)
-                model = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True, **hub_kwargs)
+                config, model_options = own[0].from_dict(settings, return_unused_kwargs=True,
+                                                         **{**unused, **settings_and_model_options})
+                model = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True, **download,
+                                               **model_options)
             else:
-                config = AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True, **hub_kwargs)
+                config, model_options = AutoConfig.from_pretrained(
+                    path_or_hub_id, trust_remote_code=True, return_unused_kwargs=True, **download,
+                    **settings_and_model_options)
                 model = AutoModelForMaskedLM.from_pretrained(
-                    path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True, **hub_kwargs
+                    path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True, **download,
+                    **model_options
                 )
         except CheckpointError:  # an OSError too: not to be wrapped below
             raise
@@ -421,7 +440,7 @@ class FLES1Encoder:
         try:
             # the config given: without it transformers loads config.json again (and warns about model_type fles1)
             tokenizer = AutoTokenizer.from_pretrained(path_or_hub_id, config=config, trust_remote_code=own is None,
-                                                      **hub_kwargs)
+                                                      **download, **tokenizer_options)
         except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
             raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, "
                                   f"tokenizer_config.json): {str(error).strip().splitlines()[0]}") from error

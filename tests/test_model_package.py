@@ -1091,6 +1091,28 @@ def test_sparse_settings_given_to_the_loaders_are_checked(tiny_random_checkpoint
     assert config.query_max_length == 12 and unused == {"other": 1}
 
 
+@pytest.mark.parametrize("trust_remote_code", [None, True])
+def test_fles1_encoder_sends_each_keyword_where_it_belongs(tiny_random_checkpoint, trust_remote_code):
+    """Every keyword went to the config, the model and the tokenizer: query_max_length=8 (a config setting the
+    model loaders take) and use_fast=False (the tokenizer's) were TypeErrors from FLES1ForMaskedLM.__init__."""
+    from fles1_encoder import CheckpointError, FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", trust_remote_code=trust_remote_code,
+                                           query_max_length=8, inference_threshold=0.5, use_fast=False,
+                                           dtype=torch.bfloat16)
+    assert encoder.model.config.query_max_length == 8 and encoder.threshold == 0.5
+    assert encoder.model.dtype == torch.bfloat16  # use_fast went to the tokenizer (transformers 5 may keep it fast)
+    # queries are cut at 8 tokens: [CLS] + 6 words + [SEP]
+    cut, whole = encoder.encode_batch([" ".join(["protein"] * 6), " ".join(["protein"] * 50)], kind="query",
+                                      output="torch", threshold=0).to_dense()
+    assert torch.equal(cut, whole) and cut.count_nonzero() > 0
+    with pytest.raises(CheckpointError, match="query_max_length=1000 exceeds max_position_embeddings"):
+        FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", trust_remote_code=trust_remote_code,
+                                     query_max_length=1000)
+    with pytest.raises(TypeError, match="does not take output_loading_info"):  # the model came back as a tuple
+        FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", output_loading_info=True)
+
+
 def test_a_model_built_under_inference_mode_encodes(tiny_random_checkpoint):
     """Its weights are inference tensors, which keep no version counter: the decoder cache's key raised
     "Inference tensors do not track version counter" (also for a parametrized decoder under inference_mode)."""
