@@ -456,3 +456,33 @@ def test_an_invalid_repo_id_is_refused_by_the_card_too(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "error: repo id 'bad id//x' is not a Hub repo id" in result.stderr
     assert not (tmp_path / "card.md").exists()
+
+
+def test_the_cards_python_snippets_run_on_a_checkpoint_and_give_the_tables_vectors(tmp_path, fles1_checkpoint,
+                                                                                    monkeypatch):
+    """Each of the card's Python blocks, in order, with the repo id as a converted checkpoint folder. SparseEncoder
+    returned its vectors before the threshold while the card said weights below it are dropped (46 % more document
+    terms than the tables count): the card now shows the cut, which must give FLES1Encoder's vectors."""
+    import re
+
+    import huggingface_hub
+    import torch
+
+    from fles1_encoder import FLES1Encoder
+    from conftest import ROOT
+
+    card = card_from(tmp_path, [make_eval(tmp_path / "eval.json")])
+    blocks = re.findall(r"```python\n(.*?)```", card.text, re.S)
+    assert len(blocks) == 4 and all('"mindoval/fles1-v14"' in block for i, block in enumerate(blocks) if i != 2)
+    # hf_hub_download fetches fles1_encoder.py alone; here: the project's own file
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: os.path.join(ROOT, "fles1_encoder.py"))
+    namespace = {}
+    for number, block in enumerate(blocks):
+        exec(block.replace('"mindoval/fles1-v14"', repr(fles1_checkpoint)), namespace)  # noqa: S102 -- our card
+        if number == 2:  # the threshold block: SparseEncoder's vectors, cut as the tables' are
+            cut = torch.as_tensor(namespace["queries"])
+            expected = FLES1Encoder.from_pretrained(fles1_checkpoint, device="cpu").encode_batch(
+                ["What is machine learning?"], kind="query", output="torch").to_dense()
+            assert torch.equal(cut > 0, expected > 0) and torch.allclose(cut, expected, atol=1e-5)
+            assert cut[cut > 0].min() >= 0.3
+    assert namespace["vectors"].shape == (1, 30522)
