@@ -218,7 +218,8 @@ def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=
 
 
 def fingerprint_files(paths: list[str]) -> str:
-    """Content hash of data files (size + sha256), for cache keys and reports."""
+    """Content hash of data files (sha256 over each file's name, then its bytes), for cache keys and reports.
+    Files are not delimited by length: kept so, since recorded results and caches carry these fingerprints."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(os.path.basename(path).encode())
