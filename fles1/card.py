@@ -124,6 +124,7 @@ class Run:
     header: dict  # threshold, max lengths, environment of the first file
     datasets: dict = field(default_factory=dict)  # name -> dataset entry
     sources: dict = field(default_factory=dict)  # name -> file it came from
+    devices: dict = field(default_factory=dict)  # name -> the device its file was evaluated on
     training_log: Optional[dict] = None
     training_log_path: Optional[str] = None
 
@@ -147,6 +148,7 @@ def group_runs(evals: Sequence[tuple[str, dict]]) -> list[Run]:
                                      f"{splits}; the card shows one split per dataset")
             run.datasets[name] = entry
             run.sources[name] = path
+            run.devices[name] = (data.get("environment") or {}).get("device")
     return list(runs.values())
 
 
@@ -422,17 +424,37 @@ def cross_domain_section(run: Run, trained_on: Optional[set[str]]) -> str:
                   "NNZ doc"], rows)
 
 
+def measured_on(run: Run) -> str:
+    """The device the production numbers were measured on, for the sentence above the table: one, or the table's
+    column when the merged files name several (the card named the first file's device for every row)."""
+    devices = set(run.devices.values()) or {(run.header.get("environment") or {}).get("device")}
+    return (devices.pop() or MISSING) if len(devices) == 1 else "the device in each row"
+
+
 def production_section(run: Run) -> str:
-    rows, cached = [], False
+    rows, cached = [], []
+    per_row_device = measured_on(run) == "the device in each row"
+    # docs/s depends on the batch size (files written before it was recorded have none: no column of dashes)
+    batches = any((entry.get("production") or {}).get("docs_per_second_batch_size") for entry in run.datasets.values())
     for name, entry in run.datasets.items():
         production = entry.get("production") or {}
         row = [markdown_text(name)] + [fmt_production(k, production.get(k)) for k in PRODUCTION]
+        if batches:
+            row.insert(2, cell(production.get("docs_per_second_batch_size")))
         if production.get("docs_per_second_from_cache"):  # measured by the run that encoded the corpus
-            cached, row[1] = True, f"{row[1]}*"
+            row[1] = f"{row[1]}*"
+            when = [markdown_text(value) for value in (production.get("docs_per_second_device"),
+                                                       production.get("docs_per_second_encoded_at")) if value]
+            cached.append(markdown_text(name) + (f" ({', '.join(when)})" if when else ""))
+        if per_row_device:
+            row.append(markdown_text(run.devices.get(name) or MISSING))
         rows.append(row)
-    note = ("\n\n\\* Docs/s of the earlier run that encoded the corpus (the vectors came from the cache)."
-            if cached else "")
-    return table(["Dataset", *PRODUCTION.values()], rows) + note
+    note = ("\n\n\\* Docs/s of the earlier run that encoded the corpus (the vectors came from the cache): "
+            f"{'; '.join(cached)}." if cached else "")
+    header = ["Dataset", *PRODUCTION.values()]
+    if batches:
+        header.insert(2, "Batch")
+    return table(header + (["Device"] if per_row_device else []), rows) + note
 
 
 def rerun_commands(run: Run, repo_id: str, revision: Optional[str] = None) -> str:
@@ -622,7 +644,7 @@ def build_card(
         baselines=baselines_section(primary),
         cross_domain=cross_domain_section(primary, training_corpora(train_recipe)),
         production=production_section(primary),
-        device=environment.get("device") or MISSING,
+        device=measured_on(primary),
         training=training_section(runs, extra_logs, recipe_values, header),
         plots=[_image_link(path) for path in plots],
         evaluated_on=", ".join(f"{markdown_text(name)} ({entry.get('split', MISSING)})"

@@ -141,12 +141,20 @@ def environment(encoder) -> dict:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    device = str(encoder.device)
-    if encoder.device.type == "cpu":
-        import torch
+    return {"packages": packages, "device": device_label(encoder.device), "python": platform.python_version()}
 
-        device = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-    return {"packages": packages, "device": device, "python": platform.python_version()}
+
+def device_label(device) -> str:
+    """What the speed numbers were measured on: cores and threads of a CPU, the model of a GPU ("cuda:0" alone did
+    not tell an H200 from a T4)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 # ---- corpus encoding cache -------------------------------------------------------------------------------------
@@ -259,7 +267,7 @@ def encode_corpus(
     matrix = shards[0] if len(shards) == 1 else scipy.sparse.vstack(shards, format="csr")
     # docs/s belongs to how the vectors were encoded: a warm run reports that run's, with its batch size and date
     info = {"docs_per_second": len(texts) / seconds if seconds else 0.0, "encode_seconds": seconds,
-            "device": str(encoder.device), "batch_size": batch_size,
+            "device": device_label(encoder.device), "batch_size": batch_size,
             "encoded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if path:
         _save_csr(path, matrix, info)
@@ -346,6 +354,9 @@ def evaluate_dataset(
             # where docs/s comes from: this run's encoding, or (cached) the run that filled the cache entry
             "docs_per_second_from_cache": encode_info["cached"],
             "docs_per_second_batch_size": encode_info.get("batch_size"),  # None: an entry written before it was kept
+            # a cached entry's device and date (the run that encoded the corpus), not this run's
+            "docs_per_second_device": encode_info.get("device"),
+            "docs_per_second_encoded_at": encode_info.get("encoded_at"),
             "query_latency_ms_p50": float(np.percentile(timings, 50)),
             "query_latency_ms_p95": float(np.percentile(timings, 95)),
             "query_latency_queries": len(timings),  # --latency-queries, or every query of a smaller set

@@ -486,3 +486,30 @@ def test_the_cards_python_snippets_run_on_a_checkpoint_and_give_the_tables_vecto
             assert torch.equal(cut > 0, expected > 0) and torch.allclose(cut, expected, atol=1e-5)
             assert cut[cut > 0].min() >= 0.3
     assert namespace["vectors"].shape == (1, 30522)
+
+
+def test_production_rows_say_what_they_were_measured_on(tmp_path):
+    """Files of one model merged into one card: the card named the first file's device over every production row,
+    and never the batch size docs/s depends on; a cached docs/s did not say whose run measured it."""
+    first = json.loads(open(make_eval(tmp_path / "a.json")).read())
+    second = json.loads(open(make_eval(tmp_path / "b.json", datasets={"scifact": 0.6})).read())
+    first["environment"]["device"] = "cpu (2 cores, 2 torch threads)"
+    first["datasets"]["nfcorpus"]["production"].update(docs_per_second_batch_size=32)
+    second["environment"]["device"] = "cuda:0 (NVIDIA H200)"
+    second["datasets"]["scifact"]["production"].update(
+        docs_per_second_batch_size=8, docs_per_second_from_cache=True, docs_per_second_device="cuda:0 (NVIDIA H100)",
+        docs_per_second_encoded_at="2026-11-20T10:00:00Z")
+    for path, payload in ((tmp_path / "a.json", first), (tmp_path / "b.json", second)):
+        path.write_text(json.dumps(payload))
+    card = card_from(tmp_path, [str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert "Measured by `eval_fles1.py` on the device in each row:" in card.text
+    assert table_row(card.text, ["nfcorpus"], "Production") == [
+        "nfcorpus", "123.4", "32", "0.87", "1.93", "0.312", "0.102×", "cpu (2 cores, 2 torch threads)"]
+    assert table_row(card.text, ["scifact"], "Production") == [
+        "scifact", "123.4*", "8", "0.87", "1.93", "0.312", "0.102×", "cuda:0 (NVIDIA H200)"]
+    assert ("\\* Docs/s of the earlier run that encoded the corpus (the vectors came from the cache): scifact "
+            "(cuda:0 (NVIDIA H100), 2026-11-20T10:00:00Z).") in card.text
+    # one device: named once above the table, no column
+    alone = card_from(tmp_path, [str(tmp_path / "a.json")])
+    assert "on cpu (2 cores, 2 torch threads):" in alone.text
+    assert table_row(alone.text, ["nfcorpus"], "Production")[-1] == "0.102×"

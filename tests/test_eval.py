@@ -546,7 +546,7 @@ SHARED_KEYS = {
     "metrics": {"ndcg@10", "mrr@10", "recall@100", "map@100", "recall@1000", "nnz_doc", "nnz_query"},
     "production": {"docs_per_second", "query_latency_ms_p50", "query_latency_ms_p95", "index_bytes_per_1k_docs",
                    "index_ratio_to_dense_768", "docs_per_second_from_cache", "docs_per_second_batch_size",
-                   "query_latency_queries"},
+                   "docs_per_second_device", "docs_per_second_encoded_at", "query_latency_queries"},
 }
 
 
@@ -593,6 +593,9 @@ def test_cli_writes_shared_format_run_files_and_zero_shot_table(tiny_random_chec
     warm = json.loads(rerun.read_text())["datasets"]["toy"]["production"]
     assert warm["docs_per_second"] == toy["production"]["docs_per_second"]
     assert warm["docs_per_second_from_cache"] is True and warm["docs_per_second_batch_size"] == 32
+    # and where and when it was measured (the card's note names them): that run's device, threads included
+    assert warm["docs_per_second_device"] == toy["production"]["docs_per_second_device"] == results["environment"]["device"]
+    assert warm["docs_per_second_encoded_at"] == toy["production"]["docs_per_second_encoded_at"]
     assert f"| {warm['docs_per_second']:.1f}* |" in markdown_tables(json.loads(rerun.read_text()))
     assert "BM25: bm25s)" in table and "BM25: not run)" in markdown_tables(json.loads(rerun.read_text()))  # --no-bm25
 
@@ -911,3 +914,14 @@ def test_a_hub_models_fingerprint_reads_its_shards(tiny_random_checkpoint, tmp_p
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the cache answers
     assert model_fingerprint("org/fles1-sharded") == model_fingerprint(sharded)
+
+
+def test_the_device_label_names_a_gpus_model(monkeypatch):
+    """GPU numbers were labelled "cuda:0" alone: an H200's docs/s could not be told from a T4's."""
+    import torch
+
+    from fles1.evaluation import device_label
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_label("cuda:0") == "cuda:0 (NVIDIA H200)"
+    assert device_label("cpu") == f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
