@@ -12,7 +12,8 @@ Trainer, CLFR and crash states), training_log.json and loss.png, nnz.png, lambda
 the plots need at least training.logging_steps steps). An --output-dir holding an earlier run is refused unless
 --resume (continue it) or --overwrite (replace it); --resume CHECKPOINT of another run into such a folder needs
 --overwrite too (the folder's run is replaced by the continuation). --max-steps is not remembered: a resumed run
-ends at this command's --max-steps, else at the recipe's training.max_steps or num_train_epochs. Resuming from a
+ends at this command's --max-steps, else at the recipe's training.max_steps or num_train_epochs (another end than
+the checkpoint's run was scheduled for mixes two learning-rate schedules, with a warning). Resuming from a
 checkpoint past that step, or at it once the run has written training_log.json, is refused and leaves the run as
 it is, as is one whose weights do not fit --model / model.path; a run killed after its last checkpoint, while
 writing its final folder, plots or log, is finished by --resume. A triples TSV has no relevance judgements:

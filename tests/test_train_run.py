@@ -437,7 +437,14 @@ def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msma
     later = load_recipe(TINY_RECIPE, {**base, "data.source": os.path.join("data", "toy"), "training.logging_steps": 2,
                                       "training.num_train_epochs": 3, "training.adam_beta1": 0.9,
                                       "training.save_strategy": "steps"})
-    assert train(later, out, resume_from_checkpoint=True, max_steps=4)["global_step"] == 4
+    # a run scheduled for 2 steps continued to 4: step 3 trains at the checkpoint's last learning rate (0 at the end
+    # of the linear decay), then a 4-step schedule: neither run's, silently
+    with pytest.warns(UserWarning, match=r"checkpoint-2's run was scheduled for 2 steps and this one ends at step 4: "
+                                         r"the learning rate resumes from the checkpoint's \(step 3 trains at it\) and "
+                                         r"then follows a linear schedule over 4 steps"):
+        assert train(later, out, resume_from_checkpoint=True, max_steps=4)["global_step"] == 4
+    history = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))["log_history"]
+    assert [row["learning_rate"] for row in history if "learning_rate" in row][2] == 0.0  # what the warning says
     state = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))
     assert state["stateful_callbacks"]["fles1/recipe"]["recipe"]["training"]["logging_steps"] == 1  # the run's
     # a checkpoint from before runs recorded their recipe is not compared

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from fles1.atomic import atomic_write_json, path_within, require_writable, scratch_directory
 
+from .checks import is_int
 from .clfr import optimizer_steps_per_epoch
 from .plots import PLOT_FILES
 
@@ -247,7 +248,17 @@ def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | No
     if step >= end:
         raise ValueError(f"cannot resume from {checkpoint}: it is at step {step} and this run ends at step {end} "
                          "(--max-steps, else the recipe's training.max_steps or num_train_epochs): nothing to "
-                         "train; a larger --max-steps continues it")
+                         "train; a larger --max-steps continues it (see its learning-rate warning)")
+    planned = trainer_state.get("max_steps")
+    schedule = str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type))
+    if is_int(planned) and planned > 0 and planned != end and schedule not in ("constant", "constant_with_warmup"):
+        # the optimizer's learning rate comes back from the checkpoint (0 at the end of a linear decay) and drives
+        # the next step; the schedule after it is sized for `end` steps: neither run's schedule
+        warnings.warn(f"{checkpoint}'s run was scheduled for {planned} steps and this one ends at step {end}: the "
+                      f"learning rate resumes from the checkpoint's (step {step + 1} trains at it) and then follows "
+                      f"a {schedule} schedule over {end} steps, so the weights will not match "
+                      f"a run started with {end} steps; to extend a finished run on a schedule of its own, start a "
+                      f"new run from its weights (--model {checkpoint})")
     return False
 
 
