@@ -500,6 +500,12 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         self._copy_companion_files(save_directory)
         return saved
 
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        """transformers' upload step (``save_pretrained(push_to_hub=True)``, ``push_to_hub``): the companion files
+        first -- save_pretrained uploads before it returns, and fles1_encoder.py and the license were left out."""
+        self._copy_companion_files(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)

@@ -764,3 +764,24 @@ def test_published_yaml_keeps_its_types_and_drops_windows_paths_too(tmp_path):
     relative = tmp_path / "relative.yaml"
     relative.write_text("data:\n  source: ../shared/data/nfcorpus\n")
     assert publish_module.public_text(str(relative)) is None  # copied as it is
+
+
+@pytest.mark.parametrize("route", ["save_pretrained(push_to_hub=True)", "push_to_hub"])
+def test_transformers_own_push_routes_carry_the_encoder_file_and_license(fles1_checkpoint, fake_hub, monkeypatch,
+                                                                         tmp_path, route):
+    """save_pretrained(push_to_hub=True) uploads inside transformers' save, before FLES-1 copied fles1_encoder.py
+    (which the card's users fetch) and the backbone's LICENSE (Apache-2.0 section 4) into the folder: the repo had
+    neither, while model.push_to_hub had both."""
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model = FLES1ForMaskedLM.from_pretrained(fles1_checkpoint)
+    if route == "push_to_hub":
+        model.push_to_hub(REPO_ID)
+    else:
+        model.save_pretrained(str(tmp_path / "saved"), push_to_hub=True, repo_id=REPO_ID)
+    files = fake_hub.committed_files()
+    assert {"config.json", "model.safetensors", "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py",
+            "LICENSE"} <= set(files), sorted(files)
+    with open(os.path.join(fles1_checkpoint, "LICENSE"), "rb") as handle:
+        assert files["LICENSE"] == handle.read()
