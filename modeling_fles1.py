@@ -717,11 +717,13 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         input_ids: torch.LongTensor,
         token_type_ids: Optional[torch.Tensor] = None,
         projection_dtype: Optional[torch.dtype] = None,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
         """
         One text's active terms: (vocabulary ids, weights) of the entries of [`encode_sparse`] that are > 0, in
         vocabulary order -- the same values, without the dense (vocab,) vector when the CPU screens in int8 (the
-        single-query path of `FLES1Encoder`).
+        single-query path of `FLES1Encoder`). Takes the tokenizer's output as is (``**tokenizer(text,
+        return_tensors="pt")``); one text has no padding, so an ``attention_mask`` must be all ones.
 
         Example:
 
@@ -736,6 +738,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"encode_sparse_terms takes one text: input_ids of shape (1, length), got "
                              f"{tuple(input_ids.shape)}; use encode_sparse for batches")
+        if attention_mask is not None and not bool(attention_mask.all()):  # padding would be pooled as tokens
+            raise ValueError("encode_sparse_terms takes one text without padding: attention_mask has zeros; use "
+                             "encode_sparse for padded input")
         if not _screens_by_default(input_ids.device, self.bert.embeddings.word_embeddings.weight.dtype, projection_dtype):
             vector = self.encode_sparse(input_ids, token_type_ids=token_type_ids, projection_dtype=projection_dtype)
             vector = vector.sparse_embeddings[0]

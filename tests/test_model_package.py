@@ -772,6 +772,13 @@ def test_model_encode_sparse_terms_are_encode_sparse_nonzeros(screening, bias_me
             assert (weights - dense[ids]).abs().max().item() <= 1e-6
         with pytest.raises(ValueError, match="one text"):
             model.encode_sparse_terms(torch.randint(5, 9000, (2, 4)))
+        # the tokenizer's output as is (its attention_mask was a TypeError); padding is refused, not pooled
+        features = {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids),
+                    "attention_mask": torch.ones_like(input_ids)}
+        ids, weights = model.encode_sparse_terms(**features)
+        assert torch.equal(ids, dense.nonzero().squeeze(1)) and (weights - dense[ids]).abs().max().item() <= 1e-6
+        with pytest.raises(ValueError, match="attention_mask has zeros; use encode_sparse for padded input"):
+            model.encode_sparse_terms(**{**features, "attention_mask": torch.tensor([[1] * 39 + [0]])})
 
 
 def _encode_one_by_one(model, texts):
