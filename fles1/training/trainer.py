@@ -413,6 +413,15 @@ class FLES1Trainer(Trainer):
                 if not callback.restore(self.args, self.state):
                     raise FileNotFoundError(f"{os.path.join(checkpoint, callback.STATE_FILE)}: missing")
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """A checkpoint holds tied weights once (the decoder is the word embeddings, its bias the head's): their
+        keys are not missing, and transformers' "missing keys" warning on every resume said they were."""
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or ())
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        if len(missing) < len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Every checkpoint is a complete FLES-1 checkpoint folder (fles1.checkpoint.save_checkpoint)."""
         output_dir = output_dir or self.args.output_dir
