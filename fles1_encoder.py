@@ -431,7 +431,9 @@ class FLES1Encoder:
         except CheckpointError:  # an OSError too: not to be wrapped below
             raise
         except (ValueError, OSError) as error:
-            raise CheckpointError(f"{path_or_hub_id}: could not load the FLES-1 model ({error})") from error
+            # one line: transformers' offline message runs over two
+            raise CheckpointError(f"{path_or_hub_id}: could not load the FLES-1 model ({' '.join(str(error).split())})"
+                                  ) from error
         if not hasattr(model, "encode_sparse"):
             raise CheckpointError(
                 f"{path_or_hub_id}: config.json loads {type(model).__name__}, not a FLES-1 model "

@@ -246,6 +246,18 @@ def test_encoder_missing_folder_is_named_not_called_a_repo_id(tmp_path, monkeypa
         FLES1Encoder.from_pretrained(str(tmp_path / "weights.safetensors"))
 
 
+def test_an_unreachable_hub_id_is_one_error_line(monkeypatch, tmp_path):
+    """Offline, transformers' message ran over two lines, and so did every CLI's 'error:' line."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(CheckpointError, match=r"^someone/fles1-nowhere: could not load the FLES-1 model \(") as error:
+        FLES1Encoder.from_pretrained("someone/fles1-nowhere", device="cpu")
+    assert "\n" not in str(error.value)
+
+
 def test_encoder_decode_refuses_ids_outside_the_vocabulary(encoder):
     assert encoder.decode(np.array([0, encoder.config.vocab_size - 1])) == [encoder._vocab[0], encoder._vocab[-1]]
     assert encoder.decode(torch.tensor([5]), torch.tensor([0.5])) == {encoder._vocab[5]: 0.5}
