@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--plots", nargs="*", default=[], help="PNG files (default: MODEL/*.png)")
     parser.add_argument("--base-model", help="Hub id of the backbone for the card's base_model")
     parser.add_argument("--studies", help="Markdown study tables for the card (experiments/summarize.py)")
+    parser.add_argument("--license", help="Hub license id for the card (default: from MODEL/LICENSE, the backbone's: "
+                        "apache-2.0 for the Apache text, other for another text, unknown without one)")
     args = parser.parse_args(argv)
     with interrupts_exit():
         return _run(args)
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     try:
         card = CardInputs(results=args.results, training_logs=args.training_log, plots=args.plots,
-                          recipe=args.recipe, base_model=args.base_model, studies=args.studies)
+                          recipe=args.recipe, base_model=args.base_model, studies=args.studies, license=args.license)
         publish(args.model, args.repo_id, card, private=args.private, revision=args.revision,
                 create_pr=args.create_pr, dry_run=args.dry_run)
     except PublishError as error:

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import yaml
 
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
-from fles1.card import CardInputError, build_card, read_json, without_local_paths
+from fles1.card import CardInputError, build_card, license_of_folder, read_json, without_local_paths
 from fles1.checkpoint import (HUB_CODE_FILES, PROJECT_ROOT, TOKENIZER_CODE_REFUSED, drop_loader_flags,
                               load_source_tokenizer, tokenizer_code)
 
@@ -180,7 +180,8 @@ class CardInputs:
 
     results: eval_fles1.py JSON files (at least one to publish); training_logs: training_log.json files (default:
     the model folder's own); plots: PNG files (default: the model folder's); recipe: recipe YAML (default: the
-    training log's); base_model: Hub id of the backbone; studies: Markdown study tables (experiments/summarize.py).
+    training log's); base_model: Hub id of the backbone; studies: Markdown study tables (experiments/summarize.py);
+    license: Hub license id (default: from the model folder's LICENSE file, `license_of_folder`).
     """
 
     results: Sequence[str] = ()
@@ -189,6 +190,7 @@ class CardInputs:
     recipe: Optional[str] = None
     base_model: Optional[str] = None
     studies: Optional[str] = None
+    license: Optional[str] = None
 
 
 def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs(), check=None,
@@ -211,6 +213,11 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
         raise PublishError(f"{model_dir}: {error}") from None
     if code:  # the validation would run it, and users' loaders after them
         raise PublishError(f"{model_dir}: its tokenizer is code of its own ({code}), {TOKENIZER_CODE_REFUSED}")
+    shipped = license_of_folder(model_dir)  # the backbone's LICENSE, copied by convert; uploaded with the weights
+    if card.license is not None and shipped != "unknown" and (card.license == "apache-2.0") != (shipped == "apache-2.0"):
+        what = "the Apache-2.0 text" if shipped == "apache-2.0" else "another license's text"
+        raise PublishError(f"--license {card.license}, but {os.path.join(model_dir, 'LICENSE')} (the backbone's, "
+                           f"shipped with the weights) is {what}: the card's license must be the file's")
     if card.results:
         _check_results_are_of(model_dir, card.results[0])
     try:
@@ -295,7 +302,7 @@ def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs,
             card.results, card.training_logs, card.recipe, repo_id, card.base_model,
             [relative(p) for p in copied_plots],
             result_names={src: relative(dst) for src, dst in zip(card.results, copied_results)}, studies=card.studies,
-            revision=revision,
+            revision=revision, license=card.license or license_of_folder(model_dir),
         )
         model_card.save(os.path.join(out_dir, "README.md"))
         if card.studies:

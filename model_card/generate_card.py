@@ -28,6 +28,9 @@ def main(argv=None) -> int:
                              "rerun command use it")
     parser.add_argument("--revision", help="the branch the model is pushed to (default: main): the card's snippets "
                         "and rerun command load it")
+    parser.add_argument("--license", default="apache-2.0",
+                        help="Hub license id of the backbone (default: apache-2.0, the shipped splade-tiny's; "
+                             "push_fles1.py reads it from the model folder's LICENSE)")
     parser.add_argument("--base-model", help="Hub id of the backbone (default: from the recipe when it is a hub id)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG paths relative to the card, linked in it")
     parser.add_argument("--studies", help="Markdown study tables made from result files (experiments/summarize.py)")
@@ -37,7 +40,8 @@ def main(argv=None) -> int:
         if args.output != "-":
             require_writable(args.output, "--output")  # before reading anything
         card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots,
-                          studies=args.studies, revision=args.revision)
+                          studies=args.studies, revision=args.revision,
+                          license=args.license)
     except ValueError as error:  # CardInputError, or an --output that cannot be written
         parser.exit(2, f"error: {error}\n")
     if args.output == "-":

@@ -513,3 +513,11 @@ def test_production_rows_say_what_they_were_measured_on(tmp_path):
     alone = card_from(tmp_path, [str(tmp_path / "a.json")])
     assert "on cpu (2 cores, 2 torch threads):" in alone.text
     assert table_row(alone.text, ["nfcorpus"], "Production")[-1] == "0.102×"
+
+
+def test_the_license_is_a_hub_id_the_card_states(tmp_path):
+    results = make_eval(tmp_path / "eval.json")
+    card = card_from(tmp_path, [results], license="mit")
+    assert card.data.license == "mit" and "mit, the license of the backbone checkpoint" in card.text
+    with pytest.raises(CardInputError, match=r"license 'Apache 2' is not a Hub license id"):
+        build_card([results], license="Apache 2")

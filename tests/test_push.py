@@ -785,3 +785,50 @@ def test_transformers_own_push_routes_carry_the_encoder_file_and_license(fles1_c
             "LICENSE"} <= set(files), sorted(files)
     with open(os.path.join(fles1_checkpoint, "LICENSE"), "rb") as handle:
         assert files["LICENSE"] == handle.read()
+
+
+@pytest.mark.parametrize("license_text, flag, expected", [
+    (None, None, "apache-2.0"),  # the converted backbone's Apache-2.0 LICENSE
+    ("Creative Commons Attribution-NonCommercial 4.0 International\n", None, "other"),
+    ("Creative Commons Attribution-NonCommercial 4.0 International\n", "cc-by-nc-4.0", "cc-by-nc-4.0"),
+    ("", "missing", "unknown"),  # no LICENSE at all
+])
+def test_the_cards_license_is_the_backbones(source_checkpoint, result_files, tmp_path, monkeypatch, capsys,
+                                           license_text, flag, expected):
+    """The card said "Apache-2.0, the license of the backbone" whatever LICENSE the weights shipped with: a
+    non-commercial backbone's fine-tune was published as Apache-2.0."""
+    passing_validation(monkeypatch)
+    if flag == "missing":
+        os.remove(os.path.join(source_checkpoint, "LICENSE"))
+        flag = None
+    elif license_text is not None:
+        with open(os.path.join(source_checkpoint, "LICENSE"), "w") as handle:
+            handle.write(license_text)
+    out = str(tmp_path / "hub")
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", out,
+                          "--results", result_files["results"]] + (["--license", flag] if flag else []))
+    assert rc == 0, capsys.readouterr().err
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.license == expected
+    license_section = card.text.split("## License")[1]
+    assert ("Apache-2.0, the license of the backbone" in license_section) == (expected == "apache-2.0")
+    if expected == "other":
+        assert card.data.license_link == "LICENSE" and "[LICENSE](LICENSE)" in license_section
+    if expected == "unknown":
+        assert "shipped no license file" in license_section
+
+
+@pytest.mark.parametrize("license_text, flag", [
+    ("Creative Commons Attribution-NonCommercial 4.0 International\n", "apache-2.0"),
+    (None, "mit"),  # the file is the Apache text
+])
+def test_a_license_flag_that_contradicts_the_shipped_license_file_is_refused(source_checkpoint, result_files, tmp_path,
+                                                                            capsys, license_text, flag):
+    if license_text is not None:
+        with open(os.path.join(source_checkpoint, "LICENSE"), "w") as handle:
+            handle.write(license_text)
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "hub"),
+                          "--results", result_files["results"], "--license", flag])
+    assert rc == 2
+    assert f"error: --license {flag}, but " in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hub")
