@@ -43,6 +43,7 @@ class BEIRDataset:
     # (query id, doc id) judged relevant whose document is not in the corpus: kept in qrels (relevant documents no
     # run can retrieve, as BEIR and pytrec_eval count them; BEIR's ArguAna test qrels hold one)
     missing_documents: list[tuple[str, str]] = field(default_factory=list)
+    hub_id: str = ""  # the Hub dataset it was loaded from; "" for a local folder
 
     def document_text(self, doc_id: str) -> str:
         """Title and text joined as BEIR's and sentence-transformers' evaluators do."""
@@ -317,4 +318,4 @@ def load_beir_from_hub(dataset_id: str, split: str = "test", keep_missing_docume
         raise BEIRDataError(f"{dataset_id}-qrels {split}: no judgements")
     fingerprint = hashlib.sha256(f"{dataset_id}:{split}:{len(corpus)}:{len(qrels)}".encode()).hexdigest()[:16]
     return BEIRDataset(dataset_id.split("/")[-1], corpus, queries, qrels, split, fingerprint,
-                       _warn_missing(missing, f"{dataset_id} corpus"))
+                       _warn_missing(missing, f"{dataset_id} corpus"), hub_id=dataset_id)

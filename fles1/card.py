@@ -346,10 +346,28 @@ def dataset_id(name: str) -> str:
     return name if "/" in name else (f"BeIR/{name}" if name.lower() in BEIR_NAMES else name)
 
 
-def hub_id_or_none(value) -> Optional[str]:
-    if isinstance(value, str) and HUB_ID.match(value) and not os.path.exists(value):
+def local_only(name: str, entry: dict) -> bool:
+    """An evaluated dataset that was a local folder and is no Hub dataset (a BEIR name stands for BeIR/<name>): not
+    the card's metadata, and its rerun command needs the folder. Results written before eval recorded the source
+    count as Hub data."""
+    return entry.get("data_source") == "local folder" and "/" not in name and name.lower() not in BEIR_NAMES
+
+
+def hub_id_or_none(value, local: Optional[bool] = None) -> Optional[str]:
+    """`value` if it reads as a Hub id and was not a local path: ``local`` as the training log recorded it, else
+    (older logs, arguments) whether it exists here."""
+    local = os.path.exists(value) if local is None and isinstance(value, str) else local
+    if isinstance(value, str) and HUB_ID.match(value) and not local:
         return value
     return None
+
+
+def recipe_hub_id(train_recipe: dict, key: str) -> Optional[str]:
+    """A flattened recipe's value as a Hub id, None for a local path: training records which were local
+    (resolved.local_paths); judged from this folder instead, `outputs/bb` became the card's base model."""
+    recorded = train_recipe.get("resolved.local_paths")
+    local = (key in recorded) if isinstance(recorded, list) and key in ("model.path", "data.source") else None
+    return hub_id_or_none(train_recipe.get(key), local)
 
 
 # ---- sections ---------------------------------------------------------------------------------------------------
@@ -485,10 +503,12 @@ def rerun_commands(run: Run, repo_id: str, revision: Optional[str] = None) -> st
         download = (f"hf download {shlex.quote(repo_id)} --revision {shlex.quote(revision)} "
                     f"--local-dir {shlex.quote(model)}\n")
     by_split: dict[str, list[str]] = {}
+    local = [f"# {' '.join(name.split())}: a local BEIR folder, not on the Hub (data fingerprint {entry.get('data_fingerprint')}): "
+             f"give its path as --data" for name, entry in run.datasets.items() if local_only(name, entry)]
     for name, entry in run.datasets.items():
         by_split.setdefault(entry.get("split") or "test", []).append(dataset_id(name))
     threshold = run.header.get("threshold")
-    return download + "\n".join(
+    return download + "".join(f"{line}\n" for line in local) + "\n".join(
         f"python eval_fles1.py --model {shlex.quote(model)} --data {' '.join(shlex.quote(d) for d in datasets)} "
         f"--split {shlex.quote(split)}" + (f" --threshold {threshold}" if threshold is not None else "")
         + f" --output {shlex.quote(f'results_{split}.json' if len(by_split) > 1 else 'results.json')}"
@@ -636,10 +656,10 @@ def build_card(
     if base_model is not None and hub_id_or_none(base_model) is None:  # metadata and a huggingface.co link
         raise CardInputError(f"base model {base_model!r} is not a Hub model id (e.g. google-bert/bert-base-uncased)")
     base_model = base_model or next(
-        (hub_id_or_none(train_recipe.get(k)) for k in BASE_MODEL_KEYS if hub_id_or_none(train_recipe.get(k))), None)
-    datasets = [dataset_id(name) for name in primary.datasets]
+        (recipe_hub_id(train_recipe, k) for k in BASE_MODEL_KEYS if recipe_hub_id(train_recipe, k)), None)
+    datasets = [dataset_id(name) for name, entry in primary.datasets.items() if not local_only(name, entry)]
     for key in TRAIN_DATA_KEYS:
-        train_data = hub_id_or_none(train_recipe.get(key))
+        train_data = recipe_hub_id(train_recipe, key)
         if train_data and dataset_id(train_data) not in datasets:
             datasets.append(dataset_id(train_data))
     model_name = repo_id.split("/")[-1]

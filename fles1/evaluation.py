@@ -144,6 +144,9 @@ def environment(encoder) -> dict:
     return {"packages": packages, "device": device_label(encoder.device), "python": platform.python_version()}
 
 
+LOCAL_FOLDER = "local folder"
+
+
 def device_label(device) -> str:
     """What the speed numbers were measured on: cores and threads of a CPU, the model of a GPU ("cuda:0" alone did
     not tell an H200 from a T4)."""
@@ -328,6 +331,7 @@ def evaluate_dataset(
         "num_queries": len(query_ids),
         "num_docs": len(doc_ids),
         "data_fingerprint": dataset.fingerprint,
+        "data_source": dataset.hub_id or LOCAL_FOLDER,  # the card names a Hub dataset, and only a Hub dataset, as one
         # judged documents the corpus lacks: in every recall denominator, never retrievable (BEIR's convention)
         **({"judged_documents_missing": len(dataset.missing_documents)} if dataset.missing_documents else {}),
         "metrics": {

@@ -521,3 +521,35 @@ def test_the_license_is_a_hub_id_the_card_states(tmp_path):
     assert card.data.license == "mit" and "mit, the license of the backbone checkpoint" in card.text
     with pytest.raises(CardInputError, match=r"license 'Apache 2' is not a Hub license id"):
         build_card([results], license="Apache 2")
+
+
+def test_local_paths_never_become_hub_ids_wherever_the_card_is_written(tmp_path, monkeypatch):
+    """Judged from the card writer's folder, a training run's `outputs/bb` (and a published log's path cut to
+    `backbone`) became the card's base_model with a huggingface.co link, its triples file a dataset; a local
+    evaluation folder was listed as a Hub dataset and rerun by its bare name."""
+    monkeypatch.chdir(tmp_path)  # none of the paths exists here
+    results = make_eval(tmp_path / "eval.json", datasets={"nfsmall": 0.3, "nfcorpus": 0.31})
+    payload = json.loads(open(results).read())
+    for entry in payload["datasets"].values():
+        entry["data_source"] = "local folder"
+    open(results, "w").write(json.dumps(payload))
+    log = make_training_log(tmp_path / "outputs" / "seed1" / "training_log.json")
+    recorded = json.loads(open(log).read())
+    del recorded["recipe"]["model_name_or_path"]
+    recorded["recipe"].update(model={"path": "outputs/bb"}, data={"source": "outputs/train.tsv", "split": "train"},
+                              resolved={"local_paths": ["model.path", "data.source"]})
+    open(log, "w").write(json.dumps(recorded))
+    card = card_from(tmp_path, [results], [log])
+    assert card.data.base_model is None and "huggingface.co/outputs" not in card.text
+    assert card.data.datasets == ["BeIR/nfcorpus"]  # a local copy of a BEIR dataset stands for it; nfsmall is no id
+    rerun = card.text.split("```bash\n")[1].split("```")[0]
+    assert rerun.startswith("# nfsmall: a local BEIR folder, not on the Hub (data fingerprint data-nfsmall): give its "
+                            "path as --data\n")
+    # recorded as Hub ids: taken as such even where a folder of that name exists
+    recorded["recipe"].update(model={"path": "google-bert/bert-base-uncased"},
+                              data={"source": "BeIR/scifact", "split": "train"}, resolved={"local_paths": []})
+    open(log, "w").write(json.dumps(recorded))
+    os.makedirs(tmp_path / "google-bert" / "bert-base-uncased")
+    card = card_from(tmp_path, [results], [log])
+    assert card.data.base_model == "google-bert/bert-base-uncased"
+    assert card.data.datasets == ["BeIR/nfcorpus", "BeIR/scifact"]

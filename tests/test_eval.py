@@ -542,7 +542,7 @@ def test_a_resume_at_another_batch_size_encodes_the_saved_shards_again(tiny_rand
 
 SHARED_KEYS = {
     "top": {"model", "threshold", "query_max_length", "document_max_length", "environment", "datasets"},
-    "dataset": {"split", "num_queries", "num_docs", "data_fingerprint", "metrics", "bm25", "production"},
+    "dataset": {"split", "num_queries", "num_docs", "data_fingerprint", "data_source", "metrics", "bm25", "production"},
     "metrics": {"ndcg@10", "mrr@10", "recall@100", "map@100", "recall@1000", "nnz_doc", "nnz_query"},
     "production": {"docs_per_second", "query_latency_ms_p50", "query_latency_ms_p95", "index_bytes_per_1k_docs",
                    "index_ratio_to_dense_768", "docs_per_second_from_cache", "docs_per_second_batch_size",
@@ -576,6 +576,7 @@ def test_cli_writes_shared_format_run_files_and_zero_shot_table(tiny_random_chec
         )
     toy = results["datasets"]["toy"]
     assert toy["num_queries"] == 4 and toy["num_docs"] == len(CORPUS)
+    assert toy["data_source"] == "local folder"  # the card lists only Hub datasets as such
     run = read_trec_run(str(tmp_path / "out" / "run.toy.trec"))
     assert "q3" not in run  # blank query: no hits, yet counted in num_queries (it scores 0)
     assert "q2" not in run["q2"]  # the doc sharing the query's id is dropped
@@ -831,6 +832,7 @@ def test_hub_datasets_get_the_checks_a_folder_gets(tmp_path, monkeypatch):
     _fake_hub(monkeypatch, rows)
     hub, local = load_beir("BeIR/toy"), load_beir(write_beir(tmp_path / "toy"))
     assert (hub.corpus, hub.queries, hub.qrels) == (local.corpus, local.queries, local.qrels)
+    assert (hub.hub_id, local.hub_id) == ("BeIR/toy", "")
     for bad, message in [
         ({"query-id": "q1", "corpus-id": "d1", "score": 0.5}, r"BeIR/toy-qrels test row 5: score 0\.5 is not an integer"),
         ({"query-id": "q9", "corpus-id": "d1", "score": 1}, r"row 5: query id 'q9' is not in BeIR/toy queries"),

@@ -58,6 +58,8 @@ def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir,
     assert on_disk == json.loads(json.dumps(log))
     assert set(on_disk) == {"recipe", "seed", "global_step", "train_runtime_s", "history", "clfr", "crashes", "eval"}
     assert on_disk["global_step"] == 4 and [row["step"] for row in on_disk["history"]] == [1, 2, 3, 4]
+    # the card takes paths that were local at training time for what they are, wherever it is written
+    assert on_disk["recipe"]["resolved"]["local_paths"] == ["model.path", "data.source"]
     assert all(set(row) == set(HISTORY_KEYS) and row["nnz_doc"] > 0 for row in on_disk["history"])
     assert set(on_disk["crashes"]) == {"non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse", "total"}
     assert [row["step"] for row in on_disk["clfr"]] == [2, 4]

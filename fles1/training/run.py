@@ -300,6 +300,10 @@ def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
             "max_steps": trainer.state.max_steps,
             "clfr_interval_steps": getattr(clfr, "_interval", None),
             "train_examples": len(trainer.train_dataset),
+            # which of them named local files: the card takes the others as Hub ids, wherever it is written
+            "local_paths": [key for key, value in (("model.path", recipe["model"]["path"]),
+                                                   ("data.source", recipe["data"]["source"]))
+                            if isinstance(value, str) and os.path.exists(value)],
         }},
         "seed": trainer.args.seed,
         "global_step": trainer.state.global_step,
