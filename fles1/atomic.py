@@ -11,6 +11,7 @@ of its own host and pid namespace. A live writer's, another host's (a shared fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -122,12 +123,19 @@ def atomic_directory(path: str, replace: bool = False):
         _permissions_of_a_new(staging, 0o777)  # mkdtemp creates 0700
         plain_file_permissions(staging)
         retired = None
-        if replace and os.path.isdir(path) and os.listdir(path):
-            retired = f"{staging}.old"  # interrupted between the two renames: the old folder survives here
-            os.rename(path, retired)
-        elif os.path.isdir(path):
-            os.rmdir(path)  # fails unless empty: an existing result is never replaced
-        os.replace(staging, path)
+        try:
+            if replace and os.path.isdir(path) and os.listdir(path):
+                retired = f"{staging}.old"  # interrupted between the two renames: the old folder survives here
+                os.rename(path, retired)
+            elif os.path.isdir(path):
+                os.rmdir(path)  # fails unless empty: an existing result is never replaced
+            os.replace(staging, path)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # another process put its folder there since the start (two jobs to one output): theirs stays
+            raise FileExistsError(f"{path}: exists and is not empty (written meanwhile by another process); "
+                                  "nothing of this run was put there") from None
         if retired:
             shutil.rmtree(retired, ignore_errors=True)
         _remove_dead_writers_temporaries(path, retired=True)  # a dead writer's retired folder: `path` is in place

@@ -224,13 +224,16 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
         require_new_folder(out_dir, hint="; choose a new output folder")
     except OSError as error:
         raise PublishError(str(error)) from None
-    with atomic_directory(out_dir) as staging:
-        try:
-            _assemble_into(model_dir, staging, repo_id, card, revision)
-        except CardInputError as error:  # a results/log/recipe file that is not what the card reads: one line
-            raise PublishError(str(error)) from None
-        if check is not None:
-            check(staging)
+    try:
+        with atomic_directory(out_dir) as staging:
+            try:
+                _assemble_into(model_dir, staging, repo_id, card, revision)
+            except CardInputError as error:  # a results/log/recipe file that is not what the card reads: one line
+                raise PublishError(str(error)) from None
+            if check is not None:
+                check(staging)
+    except FileExistsError as error:  # another push wrote the folder meanwhile: a traceback, exit 1 (a Hub failure)
+        raise PublishError(f"{error}; choose a new output folder") from None
     return out_dir
 
 

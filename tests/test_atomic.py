@@ -6,11 +6,12 @@ import stat
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from fles1.atomic import atomic_write_json
+from fles1.atomic import atomic_directory, atomic_write_json
 
 
 def test_a_link_is_followed_and_kept(tmp_path):
@@ -173,3 +174,17 @@ def test_a_staging_folder_is_a_valid_module_name_once_transformers_sanitizes_it(
         assert is_staging_folder(staging)
         assert name.replace(".", "_dot_").replace("-", "_hyphen_").isidentifier(), name  # transformers' rule
     assert not is_staging_folder(str(tmp_path / "fles1-tiny"))
+
+
+def test_a_folder_written_meanwhile_by_another_process_is_kept_and_named(tmp_path):
+    """Two jobs to one new output folder: the later one ended with "OSError: Directory not empty" (a traceback, and
+    exit 1, push's code for a Hub failure; convert blamed its source model)."""
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError, match=r"out: exists and is not empty \(written meanwhile by another "
+                                              r"process\); nothing of this run was put there"):
+        with atomic_directory(str(out)) as staging:
+            (Path(staging) / "mine.txt").write_text("mine")
+            out.mkdir()  # the other job's folder lands first
+            (out / "theirs.txt").write_text("theirs")
+    assert os.listdir(out) == ["theirs.txt"]
+    assert [name for name in os.listdir(tmp_path) if name != "out"] == []  # this run's staging folder is gone

@@ -832,3 +832,21 @@ def test_a_license_flag_that_contradicts_the_shipped_license_file_is_refused(sou
     assert rc == 2
     assert f"error: --license {flag}, but " in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hub")
+
+
+def test_a_dry_run_folder_written_meanwhile_by_another_push_is_one_error_line(source_checkpoint, result_files,
+                                                                             tmp_path, monkeypatch, capsys):
+    out = tmp_path / "hub"
+
+    def another_push_lands_first(folder):
+        out.mkdir()
+        (out / "README.md").write_text("the other push's card")
+        return [publish_module.check_files(folder), publish_module.check_card(folder)]
+
+    monkeypatch.setattr(publish_module, "validate", another_push_lands_first)
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(out),
+                          "--results", result_files["results"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "hub: exists and is not empty (written meanwhile by another process)" in err
+    assert os.listdir(out) == ["README.md"] and (out / "README.md").read_text() == "the other push's card"
