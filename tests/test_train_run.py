@@ -267,6 +267,30 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
     assert json.load(open(os.path.join(out, "training_log.json")))["global_step"] == 2
 
 
+def test_an_output_dir_in_use_by_another_run_is_refused(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """Two runs started into one new folder both found it empty, wrote their checkpoints, weights and logs over each
+    other's, and both exited 0: the folder is held by the run using it."""
+    import fcntl
+
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    out = tmp_path / "run"
+    out.mkdir()
+    other_run = os.open(out, os.O_RDONLY)  # the lock another training process holds
+    try:
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TrainingSetupError, match=r"output_dir .*run is in use by another training run"):
+            train(recipe, str(out), max_steps=1)
+        assert os.listdir(out) == []
+    finally:
+        os.close(other_run)
+    assert train(recipe, str(out), max_steps=1)["global_step"] == 1  # released: the folder is free again
+    # a folder the run made and wrote nothing into is removed when setup fails
+    with pytest.raises(TrainingSetupError):
+        train(load_recipe(TINY_RECIPE, tiny_overrides(str(tmp_path / "no-model"), msmarco_toy_dir)),
+              str(tmp_path / "fresh"), max_steps=1)
+    assert not os.path.exists(tmp_path / "fresh")
+
+
 def test_a_batch_larger_than_the_data_fails_before_the_model_loads(msmarco_toy_dir, tmp_path, monkeypatch):
     """It was found by FLES1Trainer, after the model (bert-base: seconds to minutes) had loaded."""
     import fles1.training.run as run

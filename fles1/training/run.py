@@ -347,6 +347,52 @@ def evaluate_dev(output_dir: str, recipe: dict, skipped: str | None = None) -> d
 
 def train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps: int | None = None,
           eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None, overwrite: bool = False) -> dict | None:
+    """Run the recipe in `output_dir`, which no other run may use meanwhile (`_held_for_this_run`); see `_train`."""
+    with _held_for_this_run(output_dir):
+        return _train(recipe, output_dir, resume_from_checkpoint, max_steps, eval_dev, trace_nnz, trainer_class,
+                      overwrite)
+
+
+@contextlib.contextmanager
+def _held_for_this_run(output_dir: str):
+    """An exclusive lock on the output folder itself (flock on its descriptor: no file added to the folder, released
+    when the process ends, killed too), taken by the main process. Two runs started into one new folder both found
+    it empty and wrote their checkpoints, weights and logs over each other's, and both exited 0."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unguarded
+        fcntl = None
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0:  # under DDP rank 0 holds it for all
+        yield
+        return
+    created = False
+    try:
+        if not os.path.isdir(output_dir):
+            os.makedirs(output_dir)
+            created = True
+        descriptor = os.open(output_dir, os.O_RDONLY)
+    except OSError:  # not a folder, not writable: _train's checks name it
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TrainingSetupError(f"output_dir {output_dir} is in use by another training run (it holds the "
+                                     "folder until it ends): wait for it, or choose another --output-dir") from None
+        try:
+            yield
+        except BaseException:
+            if created and os.path.isdir(output_dir) and not os.listdir(output_dir):  # made here, nothing written
+                with contextlib.suppress(OSError):
+                    os.rmdir(output_dir)
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps: int | None = None,
+           eval_dev: bool = False, trace_nnz: bool = False, trainer_class=None, overwrite: bool = False) -> dict | None:
     """Run the recipe; returns the training log (on the main process; None on other ranks). An `output_dir` that
     holds an earlier run is refused unless resuming it, or `overwrite` (its checkpoints, log and plots are removed
     once the model has loaded, its final model when the new one is saved: `remove_previous_run`). Resuming from a
