@@ -101,9 +101,13 @@ def _run(args) -> int:
             if os.path.realpath(path) == os.path.realpath(earlier):
                 return bad_input(f"{option} {path} is the file {other} writes too; give each output its own path")
     try:
-        for option, path in (("--output", args.output), ("--markdown", args.markdown)):
+        # here, named as flags (evaluate() checks them too, named as its arguments)
+        for option, path, folder in (("--output", args.output, False), ("--markdown", args.markdown, False),
+                                     ("--cache-dir", None if args.no_cache else args.cache_dir, True),
+                                     ("--run-file", args.run_file, False), ("--index-dir", args.index_dir, True),
+                                     ("--export", args.export, True)):
             if path:
-                require_writable(path, option)
+                require_writable(path, option, folder=folder)
         results = evaluate(
             args.model, args.data, split=args.split, threshold=args.threshold,
             cache_dir=None if args.no_cache else args.cache_dir, bm25=not args.no_bm25,

@@ -515,6 +515,20 @@ def rerun_commands(run: Run, repo_id: str, revision: Optional[str] = None) -> st
         for split, datasets in by_split.items())
 
 
+GIT_REF_FORBIDDEN = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|//|/\.")
+
+
+def check_revision(revision: Optional[str]) -> None:
+    """A branch name git can create (git check-ref-format): the card names it in every snippet, and the Hub
+    refused it only at upload, after the assembly and validation."""
+    if revision is None:
+        return
+    if not isinstance(revision, str) or not revision or revision == "@" or GIT_REF_FORBIDDEN.search(revision) or \
+            revision.startswith(("-", "/", ".")) or revision.endswith(("/", ".", ".lock")):
+        raise CardInputError(f"revision {revision!r} is not a branch name git can create (no spaces, '..', '//', "
+                             "'@{', any of ~^:?*[\\, or a leading '-', '/' or '.', or a trailing '/', '.' or '.lock')")
+
+
 def revision_argument(revision: Optional[str]) -> str:
     """The card's snippets load what the push committed: a branch other than main is named in each of them."""
     return "" if revision in (None, "", "main") else f", revision={json.dumps(revision)}"
@@ -630,6 +644,10 @@ def build_card(
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise CardInputError(f"repo id {repo_id!r} is not a Hub repo id ({error})") from None
+    if "/" not in repo_id:  # the Hub would put it under the uploader's account; the snippets would miss it
+        raise CardInputError(f"repo id {repo_id!r} names no owner: the card's snippets load the repo by this id; give "
+                             f"it as <user or organization>/{repo_id} (e.g. mindoval/fles1-v14)")
+    check_revision(revision)
     short = distinct_names(results)
     name_of = lambda path: (result_names or {}).get(path) or short.get(path, os.path.basename(path))  # noqa: E731
     if not results:

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import yaml
 
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
-from fles1.card import CardInputError, build_card, license_of_folder, read_json, without_local_paths
+from fles1.card import CardInputError, build_card, check_revision, license_of_folder, read_json, without_local_paths
 from fles1.checkpoint import (HUB_CODE_FILES, PROJECT_ROOT, TOKENIZER_CODE_REFUSED, drop_loader_flags,
                               load_source_tokenizer, tokenizer_code)
 
@@ -496,6 +496,10 @@ def publish(
         validate_repo_id(repo_id)  # a dry run too: its card and folder name the repo
     except HFValidationError as error:
         raise PublishError(f"--repo-id {repo_id!r} is not a Hub repo id: {error}") from None
+    try:  # before any work: the Hub refused it only at upload
+        check_revision(revision)
+    except CardInputError as error:
+        raise PublishError(f"--{error}") from None
     if "/" not in repo_id:  # the Hub would put it under the token's account; the card's snippets would miss it
         raise PublishError(f"--repo-id {repo_id!r} names no owner: the card's snippets load the repo by this id; "
                            f"give it as <user or organization>/{repo_id} (e.g. mindoval/fles1-v14)")

@@ -553,3 +553,14 @@ def test_local_paths_never_become_hub_ids_wherever_the_card_is_written(tmp_path,
     card = card_from(tmp_path, [results], [log])
     assert card.data.base_model == "google-bert/bert-base-uncased"
     assert card.data.datasets == ["BeIR/nfcorpus", "BeIR/scifact"]
+
+
+def test_the_card_refuses_an_owner_less_repo_id_and_a_bad_revision(tmp_path):
+    """generate_card.py wrote snippets loading "bad" (push_fles1.py refused such an id) and a revision git cannot
+    create."""
+    results = make_eval(tmp_path / "eval.json")
+    with pytest.raises(CardInputError, match=r"repo id 'bad' names no owner"):
+        build_card([results], repo_id="bad")
+    with pytest.raises(CardInputError, match=r"revision 'bad branch\.\.' is not a branch name git can create"):
+        build_card([results], revision="bad branch..")
+    assert 'revision="release/v1.0"' in build_card([results], revision="release/v1.0").text

@@ -163,13 +163,13 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_random_checkpoin
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--cache-dir", "afile/cache", "cache_dir {}/afile/cache: cannot be written, {}/afile is a file"),
+    ("--cache-dir", "afile/cache", "--cache-dir {}/afile/cache: cannot be written, {}/afile is a file"),
     ("--output", "afile/deeper/results.json",
      "--output {}/afile/deeper/results.json: cannot be written, {}/afile is a file"),
     ("--markdown", ".", "--markdown {}: exists and is a folder"),
-    ("--run-file", "good", "run_file {}/good: exists and is a folder"),
-    ("--index-dir", "afile", "index_dir {}/afile: exists and is not a folder"),
-    ("--export", "afile/x", "export_dir {}/afile/x: cannot be written, {}/afile is a file"),
+    ("--run-file", "good", "--run-file {}/good: exists and is a folder"),
+    ("--index-dir", "afile", "--index-dir {}/afile: exists and is not a folder"),
+    ("--export", "afile/x", "--export {}/afile/x: cannot be written, {}/afile is a file"),
 ])
 def test_cli_unwritable_outputs_fail_before_any_work(tmp_path, tiny_random_checkpoint, capsys, monkeypatch, option,
                                                      value, message):

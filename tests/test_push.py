@@ -850,3 +850,14 @@ def test_a_dry_run_folder_written_meanwhile_by_another_push_is_one_error_line(so
     assert rc == 2 and "Traceback" not in err
     assert "hub: exists and is not empty (written meanwhile by another process)" in err
     assert os.listdir(out) == ["README.md"] and (out / "README.md").read_text() == "the other push's card"
+
+
+@pytest.mark.parametrize("revision", ["bad branch..", "-x", "v1.lock", "a:b"])
+def test_a_revision_git_cannot_create_is_refused_before_any_work(source_checkpoint, result_files, tmp_path, capsys,
+                                                                revision):
+    """Accepted: the dry run's card told users to load it, and a real push failed only at create_branch (exit 1)."""
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                          f"--revision={revision}", "--dry-run", str(tmp_path / "hub")])
+    assert rc == 2
+    assert f"error: --revision {revision!r} is not a branch name git can create" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hub")
