@@ -467,19 +467,18 @@ def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msma
     # of the linear decay), then a 4-step schedule: neither run's, silently
     import logging
 
-    from transformers.utils import logging as transformers_logging
-
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    transformers_logging.add_handler(handler)
+    library_logger = logging.getLogger("transformers")  # (transformers 5.9's remove_handler asserts the opposite)
+    library_logger.addHandler(handler)
     try:
         with pytest.warns(UserWarning, match=r"checkpoint-2's run was scheduled for 2 steps and this one ends at step "
                                              r"4: the learning rate resumes from the checkpoint's \(step 3 trains at "
                                              r"it\) and then follows a linear schedule over 4 steps"):
             assert train(later, out, resume_from_checkpoint=True, max_steps=4)["global_step"] == 4
     finally:
-        transformers_logging.remove_handler(handler)
+        library_logger.removeHandler(handler)
     # the checkpoint holds the tied decoder once: transformers warned of "missing keys" on every resume
     assert not [record for record in records if "missing keys" in record.getMessage()], records
     history = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))["log_history"]
