@@ -37,25 +37,12 @@ LICENSE = "apache-2.0"  # the shipped backbone's (splade-tiny); a model folder's
 LICENSE_TEXTS = {
     "apache-2.0": "Apache-2.0, the license of the backbone checkpoint this model was built from; the code files in "
                   "this repository are under the same license.",
-    "other": "The backbone checkpoint's own license (not Apache-2.0), in this repository's [LICENSE](LICENSE) file: "
+    "other": "The backbone checkpoint's own license (not Apache-2.0), in this repository's [{file}]({file}) file: "
              "the weights derive from that checkpoint.",
     "unknown": "Unknown: the backbone checkpoint this model was built from shipped no license file; check its terms "
                "before using or redistributing this model.",
 }
 DATASETS_LICENSE = " Evaluation datasets keep their own licenses."
-
-
-def license_of_folder(folder: str) -> str:
-    """The Hub license id of a model folder, from the LICENSE file convert copied from its backbone: "apache-2.0"
-    for the Apache text, "other" for any other text, "unknown" without one (the card said Apache-2.0 whatever the
-    backbone's license was)."""
-    try:
-        with open(os.path.join(folder, "LICENSE"), encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
-    except OSError:
-        return "unknown"
-    apache = re.search(r"Apache License\s+Version 2\.0", text) is not None
-    return "apache-2.0" if apache else "other"
 TAGS = ["sparse-retrieval", "splade", "learned-sparse", "sentence-transformers", "sparse-encoder", "fles1",
         "feature-extraction", "text-retrieval"]
 
@@ -75,6 +62,7 @@ TRAIN_DATA_KEYS = ("data.source", "data.dataset", "dataset", "train_dataset", "t
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # legacy ids like bert-base-uncased have no owner
 BEIR_NAMES = {"arguana", "climate-fever", "cqadupstack", "dbpedia-entity", "fever", "fiqa", "hotpotqa", "msmarco",
               "nfcorpus", "nq", "quora", "scidocs", "scifact", "trec-covid", "webis-touche2020", "touche2020"}
+
 
 
 class CardInputError(ValueError):
@@ -515,6 +503,12 @@ def rerun_commands(run: Run, repo_id: str, revision: Optional[str] = None) -> st
         for split, datasets in by_split.items())
 
 
+def check_license_id(license) -> None:
+    if not isinstance(license, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise CardInputError(f"license {license!r} is not a Hub license id (lower case, e.g. apache-2.0, mit, "
+                             "cc-by-nc-4.0, other)")
+
+
 GIT_REF_FORBIDDEN = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|//|/\.")
 
 
@@ -631,15 +625,15 @@ def build_card(
     studies: Optional[str] = None,
     revision: Optional[str] = None,
     license: str = LICENSE,
+    license_file: str = "LICENSE",
 ) -> ModelCard:
     """Model card from result files. ``plots`` are paths relative to the card (they are linked, not read);
     ``result_names`` maps a results path to the name the card shows for it (default: its file name, with as many
     parent folders as tell it from the others: ``seed1/eval_test.json``);
     ``studies`` is a Markdown file of study tables generated from result files (experiments/summarize.py),
     embedded as is; ``revision``: the branch the card's snippets and rerun command load (default: main);
-    ``license``: a Hub license id ("other": the repository's LICENSE file; see :func:`license_of_folder`)."""
-    if not isinstance(license, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
-        raise CardInputError(f"license {license!r} is not a Hub license id (e.g. apache-2.0, mit, cc-by-nc-4.0, other)")
+    ``license``: a Hub license id ("other": the repository's ``license_file``; fles1.checkpoint.license_of)."""
+    check_license_id(license)
     try:  # the card names it in its snippets, rerun commands and model-index (push_fles1.py checks it too)
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -683,7 +677,7 @@ def build_card(
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
         model_name=model_name, license=license, library_name="sentence-transformers",
-        **({"license_name": "backbone-license", "license_link": "LICENSE"} if license == "other" else {}),
+        **({"license_name": "backbone-license", "license_link": license_file} if license == "other" else {}),
         pipeline_tag="feature-extraction", tags=TAGS, base_model=base_model, datasets=datasets,
         language="en", eval_results=model_index(primary),
     )
@@ -713,7 +707,7 @@ def build_card(
         runs_note=("Results come from one training run; seed-to-seed spread is unknown." if len(runs) < 2 else
                    f"The spread over {len(runs)} runs is in the reproducibility table; more seeds narrow it."),
         license=LICENSE_TEXTS.get(license, f"{license}, the license of the backbone checkpoint this model was built "
-                                           "from.") + DATASETS_LICENSE,
+                                           "from.").format(file=license_file) + DATASETS_LICENSE,
         studies=_read_text(studies) if studies else "",
     )
     _check_template_names(template_path, set(card_data.to_dict()) | set(values))

@@ -74,6 +74,23 @@ def copy_license_files(source: Optional[str], out_dir: str) -> list[str]:
     return names
 
 
+APACHE_2 = re.compile(r"Apache License,?\s+Version 2\.0", re.IGNORECASE)  # the text, or its short notice
+
+
+def license_of(folder: str) -> tuple[str, Optional[str]]:
+    """(Hub license id, the license file's name) of a checkpoint folder, from the license files convert copied from
+    its backbone: "apache-2.0" when one is the Apache-2.0 text or notice, "other" for other texts, ("unknown",
+    None) without any. The card said Apache-2.0 whatever the weights shipped with."""
+    names = sorted(name for name in os.listdir(folder)
+                   if LICENSE_FILES.match(name) and os.path.isfile(os.path.join(folder, name)))
+    licenses = [name for name in names if not name.upper().startswith("NOTICE")] or names
+    for name in licenses:
+        with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as handle:
+            if APACHE_2.search(handle.read()):
+                return "apache-2.0", name
+    return ("other", licenses[0]) if licenses else ("unknown", None)
+
+
 def _hub_license_folder(repo_id: str) -> Optional[str]:
     from huggingface_hub import snapshot_download
 

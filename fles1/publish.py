@@ -30,8 +30,8 @@ from typing import Optional, Sequence
 import yaml
 
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
-from fles1.card import CardInputError, build_card, check_revision, license_of_folder, read_json, without_local_paths
-from fles1.checkpoint import (HUB_CODE_FILES, PROJECT_ROOT, TOKENIZER_CODE_REFUSED, drop_loader_flags,
+from fles1.card import CardInputError, build_card, check_license_id, check_revision, read_json, without_local_paths
+from fles1.checkpoint import (HUB_CODE_FILES, PROJECT_ROOT, TOKENIZER_CODE_REFUSED, drop_loader_flags, license_of,
                               load_source_tokenizer, tokenizer_code)
 
 REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights
@@ -181,7 +181,7 @@ class CardInputs:
     results: eval_fles1.py JSON files (at least one to publish); training_logs: training_log.json files (default:
     the model folder's own); plots: PNG files (default: the model folder's); recipe: recipe YAML (default: the
     training log's); base_model: Hub id of the backbone; studies: Markdown study tables (experiments/summarize.py);
-    license: Hub license id (default: from the model folder's LICENSE file, `license_of_folder`).
+    license: Hub license id (default: from the model folder's license files, `fles1.checkpoint.license_of`).
     """
 
     results: Sequence[str] = ()
@@ -213,11 +213,19 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
         raise PublishError(f"{model_dir}: {error}") from None
     if code:  # the validation would run it, and users' loaders after them
         raise PublishError(f"{model_dir}: its tokenizer is code of its own ({code}), {TOKENIZER_CODE_REFUSED}")
-    shipped = license_of_folder(model_dir)  # the backbone's LICENSE, copied by convert; uploaded with the weights
-    if card.license is not None and shipped != "unknown" and (card.license == "apache-2.0") != (shipped == "apache-2.0"):
-        what = "the Apache-2.0 text" if shipped == "apache-2.0" else "another license's text"
-        raise PublishError(f"--license {card.license}, but {os.path.join(model_dir, 'LICENSE')} (the backbone's, "
-                           f"shipped with the weights) is {what}: the card's license must be the file's")
+    shipped, license_file = license_of(model_dir)  # the backbone's, copied by convert; uploaded with the weights
+    if card.license is not None:
+        try:
+            check_license_id(card.license)
+        except CardInputError as error:
+            raise PublishError(f"--{error}") from None
+        if shipped != "unknown" and (card.license == "apache-2.0") != (shipped == "apache-2.0"):
+            what = "the Apache-2.0 text" if shipped == "apache-2.0" else "another license's text"
+            raise PublishError(f"--license {card.license}, but {os.path.join(model_dir, license_file)} (the "
+                               f"backbone's, shipped with the weights) is {what}: the card's license must be the file's")
+        if card.license == "other" and shipped == "unknown":  # the card would link a file the repo lacks
+            raise PublishError(f"--license other names the repository's license file, and {model_dir} has none: "
+                               "copy the backbone's license file into it, or give its Hub license id")
     if card.results:
         _check_results_are_of(model_dir, card.results[0])
     try:
@@ -299,13 +307,14 @@ def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs,
         _copy_unique([card.recipe], results_dir)
     copied_plots = _copy_unique(card.plots, plots_dir)
     if copied_results:
+        shipped, license_file = license_of(model_dir)
         relative = lambda path: os.path.relpath(path, out_dir).replace(os.sep, "/")  # noqa: E731
         # built from the original files: training logs pair with runs by their model folders
         model_card = build_card(
             card.results, card.training_logs, card.recipe, repo_id, card.base_model,
             [relative(p) for p in copied_plots],
             result_names={src: relative(dst) for src, dst in zip(card.results, copied_results)}, studies=card.studies,
-            revision=revision, license=card.license or license_of_folder(model_dir),
+            revision=revision, license=card.license or shipped, license_file=license_file or "LICENSE",
         )
         model_card.save(os.path.join(out_dir, "README.md"))
         if card.studies:

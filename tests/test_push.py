@@ -821,16 +821,21 @@ def test_the_cards_license_is_the_backbones(source_checkpoint, result_files, tmp
 @pytest.mark.parametrize("license_text, flag", [
     ("Creative Commons Attribution-NonCommercial 4.0 International\n", "apache-2.0"),
     (None, "mit"),  # the file is the Apache text
+    ("", "other"),  # no license file for the card to link
+    (None, "Apache-2.0"),  # not a Hub id (they are lower case)
 ])
 def test_a_license_flag_that_contradicts_the_shipped_license_file_is_refused(source_checkpoint, result_files, tmp_path,
                                                                             capsys, license_text, flag):
-    if license_text is not None:
+    if license_text == "":
+        os.remove(os.path.join(source_checkpoint, "LICENSE"))
+    elif license_text is not None:
         with open(os.path.join(source_checkpoint, "LICENSE"), "w") as handle:
             handle.write(license_text)
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "hub"),
                           "--results", result_files["results"], "--license", flag])
     assert rc == 2
-    assert f"error: --license {flag}, but " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --license ") and flag in err.splitlines()[0]
     assert not os.path.exists(tmp_path / "hub")
 
 
@@ -861,3 +866,20 @@ def test_a_revision_git_cannot_create_is_refused_before_any_work(source_checkpoi
     assert rc == 2
     assert f"error: --revision {revision!r} is not a branch name git can create" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hub")
+
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"LICENSE.md": "Licensed under the Apache License, Version 2.0 (the \"License\");"}, ("apache-2.0", "LICENSE.md")),
+    ({"LICENSE.txt": "CC BY-NC-SA 4.0", "NOTICE": "Apache License Version 2.0"}, ("other", "LICENSE.txt")),
+    ({"COPYING": "GPL"}, ("other", "COPYING")),
+    ({}, ("unknown", None)),
+])
+def test_license_detection_reads_every_license_file(tmp_path, files, expected):
+    """Only a file named LICENSE was read: LICENSE.md with the Apache text gave "unknown" (the card then said no
+    license file shipped while uploading it), the Apache short notice gave "other"."""
+    from fles1.checkpoint import license_of
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert license_of(str(tmp_path)) == expected
