@@ -500,11 +500,14 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         self._copy_companion_files(save_directory)
         return saved
 
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
+    def _upload_modified_files(self, working_dir, repo_id, files_timestamps, *args, **kwargs):
         """transformers' upload step (``save_pretrained(push_to_hub=True)``, ``push_to_hub``): the companion files
-        first -- save_pretrained uploads before it returns, and fles1_encoder.py and the license were left out."""
+        first -- save_pretrained uploads before it returns, and fles1_encoder.py and the license were left out -- and
+        always, also when an earlier save left them there (transformers uploads what changed since the save began)."""
         self._copy_companion_files(working_dir)
-        return super()._upload_modified_files(working_dir, *args, **kwargs)
+        companions = {ENCODER_FILE} | {name for name in os.listdir(working_dir) if LICENSE_FILES.match(name)}
+        files_timestamps = {name: stamp for name, stamp in files_timestamps.items() if name not in companions}
+        return super()._upload_modified_files(working_dir, repo_id, files_timestamps, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -778,7 +778,8 @@ def test_transformers_own_push_routes_carry_the_encoder_file_and_license(fles1_c
     model = FLES1ForMaskedLM.from_pretrained(fles1_checkpoint)
     if route == "push_to_hub":
         model.push_to_hub(REPO_ID)
-    else:
+    else:  # into a folder an earlier save filled: transformers uploads only what changed since this save began
+        model.save_pretrained(str(tmp_path / "saved"))
         model.save_pretrained(str(tmp_path / "saved"), push_to_hub=True, repo_id=REPO_ID)
     files = fake_hub.committed_files()
     assert {"config.json", "model.safetensors", "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py",
