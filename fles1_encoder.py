@@ -430,6 +430,13 @@ class FLES1Encoder:
                 )
         except CheckpointError:  # an OSError too: not to be wrapped below
             raise
+        except TypeError as error:  # a keyword no part takes (a typo): the model's constructor refused it
+            unknown = sorted(set(settings_and_model_options) & set(str(error).replace("'", " ").split()))
+            if not unknown:
+                raise
+            raise TypeError(f"FLES1Encoder.from_pretrained got {', '.join(unknown)}: neither a download option "
+                            f"({', '.join(DOWNLOAD_OPTIONS)}), the tokenizer's use_fast, a config setting nor a model "
+                            "loading option") from None
         except (ValueError, OSError) as error:
             # one line: transformers' offline message runs over two
             raise CheckpointError(f"{path_or_hub_id}: could not load the FLES-1 model ({' '.join(str(error).split())})"

@@ -131,6 +131,8 @@ def atomic_directory(path: str, replace: bool = False):
                 os.rmdir(path)  # fails unless empty: an existing result is never replaced
             os.replace(staging, path)
         except OSError as error:
+            if retired and not os.path.exists(path):  # the old folder back where it was
+                os.rename(retired, path)
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             # another process put its folder there since the start (two jobs to one output): theirs stays

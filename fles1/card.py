@@ -334,11 +334,14 @@ def dataset_id(name: str) -> str:
     return name if "/" in name else (f"BeIR/{name}" if name.lower() in BEIR_NAMES else name)
 
 
+LOCAL_FOLDER = "local folder"  # an eval results entry's data_source for a dataset read from a folder
+
+
 def local_only(name: str, entry: dict) -> bool:
     """An evaluated dataset that was a local folder and is no Hub dataset (a BEIR name stands for BeIR/<name>): not
     the card's metadata, and its rerun command needs the folder. Results written before eval recorded the source
     count as Hub data."""
-    return entry.get("data_source") == "local folder" and "/" not in name and name.lower() not in BEIR_NAMES
+    return entry.get("data_source") == LOCAL_FOLDER and "/" not in name and name.lower() not in BEIR_NAMES
 
 
 def hub_id_or_none(value, local: Optional[bool] = None) -> Optional[str]:
@@ -448,16 +451,21 @@ def cross_domain_section(run: Run, trained_on: Optional[set[str]]) -> str:
                   "NNZ doc"], rows)
 
 
+def devices(run: Run) -> set:
+    """The devices the run's files were evaluated on: several when files measured elsewhere were merged (the card
+    named the first file's device over every row)."""
+    return set(run.devices.values()) or {(run.header.get("environment") or {}).get("device")}
+
+
 def measured_on(run: Run) -> str:
-    """The device the production numbers were measured on, for the sentence above the table: one, or the table's
-    column when the merged files name several (the card named the first file's device for every row)."""
-    devices = set(run.devices.values()) or {(run.header.get("environment") or {}).get("device")}
-    return (devices.pop() or MISSING) if len(devices) == 1 else "the device in each row"
+    """For the sentence above the production table: the one device, or the table's Device column."""
+    found = devices(run)
+    return (found.pop() or MISSING) if len(found) == 1 else "the device in each row"
 
 
 def production_section(run: Run) -> str:
     rows, cached = [], []
-    per_row_device = measured_on(run) == "the device in each row"
+    per_row_device = len(devices(run)) > 1
     # docs/s depends on the batch size (files written before it was recorded have none: no column of dashes)
     batches = any((entry.get("production") or {}).get("docs_per_second_batch_size") for entry in run.datasets.values())
     for name, entry in run.datasets.items():
@@ -509,7 +517,7 @@ def check_license_id(license) -> None:
                              "cc-by-nc-4.0, other)")
 
 
-GIT_REF_FORBIDDEN = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{|//|/\.")
+GIT_REF_FORBIDDEN = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{")
 
 
 def check_revision(revision: Optional[str]) -> None:
@@ -517,10 +525,12 @@ def check_revision(revision: Optional[str]) -> None:
     refused it only at upload, after the assembly and validation."""
     if revision is None:
         return
-    if not isinstance(revision, str) or not revision or revision == "@" or GIT_REF_FORBIDDEN.search(revision) or \
-            revision.startswith(("-", "/", ".")) or revision.endswith(("/", ".", ".lock")):
-        raise CardInputError(f"revision {revision!r} is not a branch name git can create (no spaces, '..', '//', "
-                             "'@{', any of ~^:?*[\\, or a leading '-', '/' or '.', or a trailing '/', '.' or '.lock')")
+    parts = revision.split("/") if isinstance(revision, str) else [""]
+    if not revision or revision in ("@", "HEAD") or GIT_REF_FORBIDDEN.search(revision) or revision.startswith("-") \
+            or revision.endswith(".") or any(not part or part.startswith(".") or part.endswith(".lock") for part in parts):
+        raise CardInputError(f"revision {revision!r} is not a branch name git can create (not HEAD; no spaces, '..', "
+                             "'@{', any of ~^:?*[\\, a leading '-', an empty part between '/', a part that starts "
+                             "with '.' or ends with '.lock', or a trailing '.')")
 
 
 def revision_argument(revision: Optional[str]) -> str:

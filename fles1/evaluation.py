@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from fles1 import exports
 from fles1.atomic import atomic_directory, atomic_open, atomic_write_json, require_writable, scratch_directory
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
-from fles1.card import markdown_text
+from fles1.card import LOCAL_FOLDER, markdown_text
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
 from fles1.retrieval import InvertedIndex, apply_threshold, average_nnz
@@ -142,9 +142,6 @@ def environment(encoder) -> dict:
         except metadata.PackageNotFoundError:
             pass
     return {"packages": packages, "device": device_label(encoder.device), "python": platform.python_version()}
-
-
-LOCAL_FOLDER = "local folder"
 
 
 def device_label(device) -> str:

@@ -1116,6 +1116,10 @@ def test_fles1_encoder_sends_each_keyword_where_it_belongs(tiny_random_checkpoin
     with pytest.raises(CheckpointError, match="query_max_length=1000 exceeds max_position_embeddings"):
         FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", trust_remote_code=trust_remote_code,
                                      query_max_length=1000)
+    with pytest.raises(TypeError, match=r"^FLES1Encoder.from_pretrained got query_max_lenght: neither a download "
+                                        r"option \(revision, token"):  # a typo: FLES1ForMaskedLM.__init__'s TypeError
+        FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", trust_remote_code=trust_remote_code,
+                                     query_max_lenght=8)
     with pytest.raises(TypeError, match="does not take output_loading_info"):  # the model came back as a tuple
         FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", output_loading_info=True)
 

@@ -291,6 +291,23 @@ def test_an_output_dir_in_use_by_another_run_is_refused(sparse_tiny, msmarco_toy
     assert not os.path.exists(tmp_path / "fresh")
 
 
+def test_clfr_leaving_float_range_mid_run_is_one_error_naming_what_stays(sparse_tiny, msmarco_toy_dir, tmp_path,
+                                                                         monkeypatch):
+    """The controller's error escaped trainer.train(): a traceback and exit 1 from the CLI (which prints a
+    TrainingSetupError as one line, exit 2), maybe hours into the run."""
+    from fles1.training.clfr import CLFRController, CLFRDiverged
+
+    def diverge(self, measured_nnz, step):
+        raise CLFRDiverged(f"lambda_d left float range (1e+308 -> inf) at step {step}: ...")
+
+    monkeypatch.setattr(CLFRController, "update", diverge)
+    out = str(tmp_path / "run")
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"clfr.interval_steps": 1}))
+    with pytest.raises(TrainingSetupError, match=r"^CLFR: lambda_d left float range \(1e\+308 -> inf\) at step 1: "
+                                                 rf"\.\.\.; the checkpoints so far stay in {re.escape(out)}\."):
+        train(recipe, out, max_steps=2)
+
+
 def test_a_batch_larger_than_the_data_fails_before_the_model_loads(msmarco_toy_dir, tmp_path, monkeypatch):
     """It was found by FLES1Trainer, after the model (bert-base: seconds to minutes) had loaded."""
     import fles1.training.run as run

@@ -48,6 +48,10 @@ def optimizer_steps_per_epoch(batches: int, accumulation: int) -> int:
     return max(math.ceil(batches / accumulation), 1)
 
 
+class CLFRDiverged(ValueError):
+    """lambda_d left float range: the documents' non-zeros stayed far from the target whatever lambda_d was."""
+
+
 class CLFRController:
     """The multiplicative lambda_d update (module docstring); plain Python, no trainer needed."""
 
@@ -76,9 +80,9 @@ class CLFRController:
         log_step = max(-self.max_log_step, min(self.max_log_step, self.gain * error))
         before, after = self.lambda_d, self.lambda_d * math.exp(log_step)
         if not (math.isfinite(after) and after > 0):  # many steps one way: lambda_d left float range
-            raise ValueError(f"lambda_d left float range ({before!r} -> {after!r}) at step {step}: the documents' "
-                             f"non-zeros ({measured_nnz!r}) stay far from target_nnz ({self.target_nnz:g}) whatever "
-                             "lambda_d is; lower clfr.max_log_step or the gain, or check the target")
+            raise CLFRDiverged(f"lambda_d left float range ({before!r} -> {after!r}) at step {step}: the documents' "
+                               f"non-zeros ({measured_nnz!r}) stay far from target_nnz ({self.target_nnz:g}) whatever "
+                               "lambda_d is")
         self.lambda_d = after
         self.history.append(
             {

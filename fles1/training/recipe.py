@@ -136,7 +136,9 @@ def _check_training_arguments(training: dict) -> None:
         if value is None and type(None) in options:
             continue
         kinds = [kind for kind in options if kind is not type(None)]
-        if isinstance(value, bool) and bool not in kinds:  # "save_strategy: no" arrives as False
+        if isinstance(value, bool) and bool not in kinds and any(issubclass(k, str) for k in kinds if
+                                                                  isinstance(k, type)):
+            # "save_strategy: no" arrives as False (a number setting's true/false gets the type check below)
             raise ValueError(f"recipe.training.{key}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r} "
                              "(YAML 1.1 reads no/off/yes/on as false/true: quote it, e.g. 'no')")
         expected = kinds[0] if len(kinds) == 1 else None  # "str | bool" takes either

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from fles1.atomic import atomic_write_json, path_within, require_writable, scratch_directory
 
 from .checks import is_int
-from .clfr import optimizer_steps_per_epoch
+from .clfr import CLFRDiverged, optimizer_steps_per_epoch
 from .plots import PLOT_FILES
 
 HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse",
@@ -276,10 +276,12 @@ def _misfitting_weights(weights: str, model) -> list[tuple]:
     safetensors header only. No file (another format): [] -- transformers reports what it finds."""
     from safetensors import safe_open
 
+    from .trainer import tied_weight_names
+
     if not os.path.isfile(weights):
         return []
     expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-    for tied in getattr(model, "_tied_weights_keys", None) or ():  # not saved: they share another tensor
+    for tied in tied_weight_names(model):  # not saved: they share another tensor
         expected.pop(tied, None)
     with safe_open(weights, "pt") as handle:
         found = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
@@ -362,15 +364,19 @@ def _held_for_this_run(output_dir: str):
         import fcntl
     except ImportError:  # not POSIX: unguarded
         fcntl = None
-    if fcntl is None or int(os.environ.get("RANK", "0")) != 0:  # under DDP rank 0 holds it for all
+    # under DDP rank 0 holds it for all (a refused rank 0 ends the job: torchrun stops the other ranks)
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
     created = False
     try:
-        if not os.path.isdir(output_dir):
-            os.makedirs(output_dir)
+        os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+        try:
+            os.mkdir(output_dir)
             created = True
-        descriptor = os.open(output_dir, os.O_RDONLY)
+        except FileExistsError:  # an earlier run's, or one starting this moment: the lock decides
+            pass
+        descriptor = os.open(output_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:  # not a folder, not writable: _train's checks name it
         yield
         return
@@ -456,6 +462,10 @@ def _train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps
             trainer.restore_finished(resume_from_checkpoint)
         else:
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except CLFRDiverged as error:  # hours in, maybe: one line, and what is kept
+        raise TrainingSetupError(f"CLFR: {error}; the checkpoints so far stay in {output_dir}. Check clfr.target_nnz_d, "
+                                 "or lower clfr.gain / clfr.max_log_step in a new run (a resume keeps the run's "
+                                 "settings; --model CHECKPOINT starts from its weights)") from None
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a checkpoint file's objects
         # torch's own message advises weights_only=False, which would run whatever the file holds: not repeated
         refused = [line.strip() for line in str(error).splitlines() if "unsupported" in line.lower()]

@@ -222,6 +222,11 @@ def check_batch_fits(args, num_examples: int) -> None:
                          f"({num_examples} examples)")
 
 
+def tied_weight_names(model) -> set:
+    """Parameters that are another one (the decoder is the word embeddings): saved once, under the other's name."""
+    return set(getattr(model, "_tied_weights_keys", None) or ())
+
+
 class FLES1Trainer(Trainer):
     """Trainer for FLES-1 sparse encoders; ``model`` is a ``FLES1ForMaskedLM``.
 
@@ -416,7 +421,7 @@ class FLES1Trainer(Trainer):
     def _issue_warnings_after_load(self, load_result) -> None:
         """A checkpoint holds tied weights once (the decoder is the word embeddings, its bias the head's): their
         keys are not missing, and transformers' "missing keys" warning on every resume said they were."""
-        tied = set(getattr(self.model, "_tied_weights_keys", None) or ())
+        tied = tied_weight_names(self.model)
         missing = [key for key in load_result.missing_keys if key not in tied]
         if len(missing) < len(load_result.missing_keys):
             self.model.tie_weights()
