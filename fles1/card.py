@@ -310,6 +310,34 @@ def without_local_paths(value):
     return EMBEDDED_ABSOLUTE_PATH.sub(lambda match: _last_component(match.group()), value)
 
 
+# secrets a log or recipe may hold: a Hugging Face token (hub_token is a TrainingArguments setting), keys so named,
+# credentials in a URL
+HF_TOKEN_TEXT = re.compile(r"hf_[A-Za-z0-9]{20,}")
+SECRET_KEY = re.compile(r"(^|[._-])(token|api_?key|password|passwd|secret|access_key|credentials?)$", re.IGNORECASE)
+URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def publishable(value, key: str = ""):
+    """`value` as a published card, results or log file may show it: without absolute local paths
+    (`without_local_paths`) and without secrets -- the value of a key named like one (``hub_token``, ``api_key``),
+    Hugging Face tokens and URL credentials anywhere in text -- each replaced by ``<redacted>``.
+
+    >>> publishable({"training": {"hub_token": "hf_" + "x" * 34, "seed": 1}, "url": "https://me:pw@host/x"})
+    {'training': {'hub_token': '<redacted>', 'seed': 1}, 'url': 'https://<redacted>@host/x'}
+    """
+    if isinstance(value, dict):
+        return {name: publishable(item, str(name)) for name, item in value.items()}
+    if isinstance(value, list):
+        return [publishable(item, key) for item in value]
+    if not isinstance(value, str):
+        return value
+    if SECRET_KEY.search(key) and value:
+        return REDACTED
+    value = HF_TOKEN_TEXT.sub(REDACTED, without_local_paths(value))
+    return URL_CREDENTIALS.sub(lambda match: f"{match.group(1)}{REDACTED}@", value)
+
+
 def _last_component(path: str) -> str:
     return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path
 
@@ -557,7 +585,7 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     flat = flatten(recipe or {})
     if flat:
         recipe_part = "### Recipe\n\n" + table(["Setting", "Value"],
-                                                 [[f"`{k}`", cell(without_local_paths(v), "null")]
+                                                 [[f"`{k}`", cell(publishable(v, k), "null")]
                                                   for k, v in flat.items()])
         training_lengths = [f"`{key}`" for key in TRAINING_LENGTH_KEYS if flat.get(key) is not None]
         if training_lengths:  # they read like the model's own lengths, which config.json keeps (the card's top)
@@ -748,8 +776,8 @@ def _check_recipe_is_the_logs(path: str, values: dict, published: Run) -> None:
     if not isinstance((published.training_log or {}).get("recipe"), dict):
         return
     log_path, trained = published.training_log_path, flatten(published.training_log["recipe"])
-    differ = [f"{key} ({value!r} here, {trained[key]!r} there)" for key, value in flatten(values).items()
-              if key in trained and value != trained[key]]
+    differ = [f"{key} ({publishable(value, key)!r} here, {publishable(trained[key], key)!r} there)"
+              for key, value in flatten(values).items() if key in trained and value != trained[key]]
     if differ:
         raise CardInputError(f"{path}: not the recipe {log_path} was trained with: {'; '.join(differ[:6])}"
                              f"{' ...' if len(differ) > 6 else ''}; leave the recipe out (the card then shows the "
@@ -772,4 +800,4 @@ def _read_text(path: str, kind: str = "studies") -> str:
         raise CardInputError(f"{path}: cannot read the {kind} file ({error.strerror})") from None
 
 
-__all__ = ["build_card", "CardInputError", "group_runs", "model_index", "MISSING", "METRICS"]
+__all__ = ["build_card", "CardInputError", "publishable", "group_runs", "model_index", "MISSING", "METRICS"]

@@ -30,20 +30,23 @@ from typing import Optional, Sequence
 import yaml
 
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
-from fles1.card import CardInputError, build_card, check_license_id, check_revision, read_json, without_local_paths
+from fles1.card import CardInputError, build_card, check_license_id, check_revision, publishable, read_json
 from fles1.checkpoint import (HUB_CODE_FILES, PROJECT_ROOT, TOKENIZER_CODE_REFUSED, drop_loader_flags, license_of,
                               load_source_tokenizer, tokenizer_code)
+from modeling_fles1 import LICENSE_FILES
 
 REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights
-# Training leftovers that do not belong in the published model.
-SKIP_PATTERNS = ("checkpoint-*", "trainer_state.json", "runs", "__pycache__", "*.png", "training_log.json",
-                 "README.md", "results", "plots", "nnz_trace_rank*.json",
-                 # pickled weights and trainer state (optimizer.pt, training_args.bin, rng_state*.pth): published
-                 # weights are safetensors only, and a stale .bin would differ from them
-                 "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt",
-                 # dotfiles: .git, .cache, .env and editor files (maybe credentials), an interrupted assembly's
-                 # staging (.*.partial)
-                 ".*")
+# What a push publishes of the model folder: an allowlist (a training folder also holds logs, notes, wandb/, links
+# to files elsewhere: all were uploaded), plus the license files and the sentence-transformers module folders that
+# modules.json names. Weights are safetensors only (a stale pytorch_model.bin would differ from them).
+CHECKPOINT_FILES = ("config.json", "config_sentence_transformers.json", "modules.json", "sentence_bert_config.json",
+                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.txt", "*.safetensors", "*.safetensors.index.json", *HUB_CODE_FILES)
+# Left out without a word: what training writes beside the model (its log and plots are published as results/ and
+# plots/), the card the push replaces, dotfiles (.git, .env, an interrupted assembly's .*.partial); anything else
+# left out is named.
+TRAINING_LEFTOVERS = ("checkpoint-*", "trainer_state.json", "runs", "__pycache__", "*.png", "training_log.json",
+                      "README.md", "results", "plots", "nnz_trace_rank*.json", "training_args.bin", ".*")
 # What a push replaces as a whole on the branch it commits to: an earlier push's weights at the repo's root (sharded
 # ones after a single model.safetensors would leave that file, which the loaders prefer: users would get the old
 # model), results/ and plots/ (they would outlive the card that described them). Other files stay (fp16/..., notes).
@@ -95,13 +98,43 @@ def resolve_token() -> str:
 
 
 # ---- assembling -------------------------------------------------------------------------------------------------
-def _skip(_folder, names):
-    return {name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in SKIP_PATTERNS)}
+def published_entries(model_dir: str) -> tuple[list[str], list[str]]:
+    """(the model folder's entries a push publishes, the others that are not training leftovers: named, left out)."""
+    try:
+        with open(os.path.join(model_dir, "modules.json"), encoding="utf-8") as handle:
+            modules = {str(module.get("path") or "") for module in json.load(handle) if isinstance(module, dict)}
+    except (OSError, ValueError, TypeError, AttributeError):  # the checks name a missing or broken modules.json
+        modules = set()
+    published, left_out = [], []
+    for name in sorted(os.listdir(model_dir)):
+        if any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_FILES) or LICENSE_FILES.match(name) \
+                or (name in modules and os.path.isdir(os.path.join(model_dir, name))):
+            published.append(name)
+        elif not any(fnmatch.fnmatch(name, pattern) for pattern in TRAINING_LEFTOVERS):
+            left_out.append(name)
+    return published, left_out
+
+
+def _copy_published(model_dir: str, out_dir: str, log) -> None:
+    published, left_out = published_entries(model_dir)
+    if left_out:
+        log(f"left out of the upload (not part of a FLES-1 checkpoint): {', '.join(left_out)}")
+    for name in published:
+        source, target = os.path.join(model_dir, name), os.path.join(out_dir, name)
+        if not os.path.exists(source):  # a link to nothing
+            raise PublishError(f"{source}: a link to a file that does not exist ({os.readlink(source)})")
+        try:
+            if os.path.isdir(source):  # a module folder: its configs
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+            else:
+                shutil.copyfile(source, target)
+        except (shutil.Error, OSError) as error:
+            raise PublishError(f"{source}: cannot be copied ({error})") from None
 
 
 def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
     """Copy files into folder keeping their names (index-prefixed on a clash); returns paths relative to the root.
-    JSON and YAML copies name no absolute local path (`public_text`)."""
+    JSON and YAML copies name no absolute local path and hold no secret (`public_text`)."""
     os.makedirs(folder, exist_ok=True)
     copied = []
     for index, path in enumerate(paths):
@@ -122,10 +155,10 @@ def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
 
 
 def public_text(path: str) -> Optional[str]:
-    """A results JSON, training log or recipe YAML as published: each absolute local path in its values (an eval's
-    ``model.path``, a recipe's ``model.path`` / ``data.source`` / ``output_dir``, a note naming a file) cut to its
-    last component, as the card shows them (`fles1.card.without_local_paths`); None when there is none (or the file
-    is neither): the file is copied as it is."""
+    """A results JSON, training log or recipe YAML as published (`fles1.card.publishable`): each absolute local path
+    in its values (an eval's ``model.path``, a recipe's ``model.path`` / ``data.source`` / ``output_dir``, a note
+    naming a file) cut to its last component, as the card shows them, and secrets (a recipe's ``hub_token``, URL
+    credentials) redacted; None when there is none (or the file is neither): the file is copied as it is."""
     if not path.endswith((".json", ".yaml", ".yml")):
         return None
     try:
@@ -133,7 +166,7 @@ def public_text(path: str) -> Optional[str]:
             text = handle.read()
         if path.endswith(".json"):
             values = json.loads(text)
-            public = without_local_paths(values)
+            public = publishable(values)
             return None if public == values else json.dumps(public, indent=2, ensure_ascii=False) + "\n"
         return _public_yaml(text)
     except (OSError, ValueError, yaml.YAMLError):  # the card's reader reports what is wrong with it
@@ -145,15 +178,15 @@ def _public_yaml(text: str) -> Optional[str]:
     string (a bare ``2026-11-27`` or ``42`` would read back as a date or a number), comments and layout kept."""
     spans = []
 
-    def visit(node):
+    def visit(node, key=""):
         if isinstance(node, yaml.MappingNode):
-            for _, item in node.value:
-                visit(item)
+            for name, item in node.value:
+                visit(item, str(getattr(name, "value", "")))
         elif isinstance(node, yaml.SequenceNode):
             for item in node.value:
-                visit(item)
+                visit(item, key)
         elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
-            public = without_local_paths(node.value)
+            public = publishable(node.value, key)
             if public != node.value:
                 spans.append((node.start_mark.index, node.end_mark.index, json.dumps(public, ensure_ascii=False)))
 
@@ -169,9 +202,10 @@ def _training_log_name(index: int, path: str) -> str:
     try:
         with open(path, encoding="utf-8") as handle:
             seed = json.load(handle).get("seed")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # not a JSON object: the card's reader names the file
         seed = None
-    return "training_log.json" if seed is None else f"training_log_seed{seed}.json"
+    # an int only: a hand-edited "1/2" named a file in a folder that does not exist
+    return f"training_log_seed{seed}.json" if isinstance(seed, int) and not isinstance(seed, bool) else "training_log.json"
 
 
 @dataclass(frozen=True)
@@ -194,7 +228,7 @@ class CardInputs:
 
 
 def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = CardInputs(), check=None,
-             revision: Optional[str] = None) -> str:
+             revision: Optional[str] = None, log=print) -> str:
     """Write the Hub folder: checkpoint files + the project's code files + results/ + plots/ + README.md (the card).
 
     A training output folder's own ``training_log.json`` and ``*.png`` are used when none are given. The folder is
@@ -235,7 +269,7 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     try:
         with atomic_directory(out_dir) as staging:
             try:
-                _assemble_into(model_dir, staging, repo_id, card, revision)
+                _assemble_into(model_dir, staging, repo_id, card, revision, log)
             except CardInputError as error:  # a results/log/recipe file that is not what the card reads: one line
                 raise PublishError(str(error)) from None
             if check is not None:
@@ -291,12 +325,12 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
 
 
 def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs,
-                   revision: Optional[str] = None) -> None:
+                   revision: Optional[str] = None, log=print) -> None:
     if not card.training_logs and os.path.isfile(os.path.join(model_dir, "training_log.json")):
         card = replace(card, training_logs=[os.path.join(model_dir, "training_log.json")])
     if not card.plots:
         card = replace(card, plots=sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".png")))
-    shutil.copytree(model_dir, out_dir, ignore=_skip, dirs_exist_ok=True)
+    _copy_published(model_dir, out_dir, log)
     drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))  # a folder saved before checkpoint.py did it
     for name in HUB_CODE_FILES:  # the project's current code, not the copy saved with the weights (maybe older)
         shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
@@ -550,7 +584,8 @@ def publish(
     with scratch_directory("fles1-hub") as scratch:
         folder = dry_run or os.path.join(scratch, "hub")
         # the folder appears only once it passed; a pull request is merged into main, which the snippets then load
-        assemble(model_dir, folder, repo_id, card, check=validated, revision=None if create_pr else revision)
+        assemble(model_dir, folder, repo_id, card, check=validated, revision=None if create_pr else revision,
+                 log=log)
         if dry_run is not None:
             log(f"dry run: {folder} is the folder that would be uploaded to {repo_id}; nothing uploaded")
             return folder

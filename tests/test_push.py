@@ -884,3 +884,67 @@ def test_license_detection_reads_every_license_file(tmp_path, files, expected):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     assert license_of(str(tmp_path)) == expected
+
+
+def test_a_push_publishes_the_checkpoint_and_no_other_content_of_the_folder(source_checkpoint, result_files,
+                                                                            tmp_path, monkeypatch, capsys):
+    """Everything in the model folder but a few training leftovers was uploaded: logs, wandb/, notes, links to files
+    outside it (followed: their contents published); a link to nothing was a traceback, exit 1."""
+    passing_validation(monkeypatch)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for the hub")
+    model = tmp_path / "trained"  # source_checkpoint
+    os.symlink(outside / "secret.txt", model / "notes.txt")
+    os.symlink(outside, model / "extra")
+    for name in ("logs/train.log", "wandb/run-1/config.yaml", "nohup.out", "notes.json", "config.json~",
+                 "pytorch_model.bin"):
+        (model / name).parent.mkdir(parents=True, exist_ok=True)
+        (model / name).write_text("x")
+    out = str(tmp_path / "hub")
+    rc = push_fles1.main(["--model", str(model), "--repo-id", REPO_ID, "--dry-run", out,
+                          "--results", result_files["results"]])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
+    assert not names & {"notes.txt", "extra/secret.txt", "logs/train.log", "wandb/run-1/config.yaml", "nohup.out",
+                        "notes.json", "config.json~", "pytorch_model.bin"}, names
+    assert {"model.safetensors", "config.json", "1_SpladePooling/config.json", "LICENSE"} <= names
+    assert ("left out of the upload (not part of a FLES-1 checkpoint): config.json~, extra, logs, nohup.out, "
+            "notes.json, notes.txt, pytorch_model.bin, wandb") in printed.out
+    os.symlink(tmp_path / "rotated-away", model / "notes.md")  # not published: only named
+    os.symlink(tmp_path / "rotated-away", model / "vocab.txt")  # a published name linking to nothing
+    rc = push_fles1.main(["--model", str(model), "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "hub2"),
+                          "--results", result_files["results"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "vocab.txt: a link to a file that does not exist" in err
+
+
+def test_secrets_in_logs_and_recipes_are_not_published(source_checkpoint, result_files, tmp_path, monkeypatch,
+                                                       capsys):
+    """A recipe's training.hub_token (a TrainingArguments setting) went verbatim into the card's recipe table and
+    results/training_log*.json, and a --recipe differing from the log printed both tokens."""
+    passing_validation(monkeypatch)
+    token = "hf_" + "Ab1" * 12
+    log_path = os.path.join(source_checkpoint, "training_log.json")
+    log = json.load(open(log_path))
+    log["recipe"] = {**log.get("recipe", {}), "training": {"hub_token": token, "seed": 7},
+                     "data": {"source": "https://alice:pa55@data.example/nf"}}
+    log["seed"] = "1/2"  # hand-edited: named a file in a folder that does not exist
+    open(log_path, "w").write(json.dumps(log))
+    out = str(tmp_path / "hub")
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", out,
+                          "--results", result_files["results"]])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    published = "".join(open(os.path.join(d, f), encoding="utf-8", errors="replace").read()
+                        for d, _, fs in os.walk(out) for f in fs if f.endswith((".md", ".json", ".yaml")))
+    assert token not in published and "pa55" not in published and token not in printed.out + printed.err
+    assert "| `training.hub_token` | <redacted> |" in open(os.path.join(out, "README.md")).read()
+    assert os.path.isfile(os.path.join(out, "results", "training_log.json"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"training:\n  hub_token: hf_{'Zz9' * 12}\n  seed: 7\n")
+    rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "hub2"),
+                          "--results", result_files["results"], "--recipe", str(recipe)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "hf_Zz9" not in err and token not in err and "training.hub_token ('<redacted>' here" in err

@@ -363,6 +363,12 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.save_strategy", False, r"training.save_strategy: expected .*, got False \(YAML 1.1 reads no/off/yes/on "
                                       r"as false/true: quote it, e.g. 'no'\)"),
     ("training.eval_strategy", True, r"training.eval_strategy: expected .*, got True \(YAML 1.1"),
+    ("training.seed", False, r"training.seed: expected int, got False$"),  # no quoting advice for a number
+    # written into training_log.json and every checkpoint, then published: refused without echoing it
+    ("training.hub_token", "hf_" + "Ab1" * 12, r"^recipe.training.hub_token: a token in the recipe would be written "
+                                               r"into training_log.json and every checkpoint [^A]*$"),
+    ("training.push_to_hub", True, r"recipe.training.push_to_hub: True is not supported: the Trainer would upload "
+                                   r"the raw output folder"),
     ("crashes.spike_factor", None, "crashes.spike_factor must be a number > 1, got None"),
     ("crashes.nnz_floor", "abc", "crashes.nnz_floor must be a number >= 0, got 'abc'"),
     ("crashes.nnz_collapse_fraction", "x", r"crashes.nnz_collapse_fraction must be a number in \[0, 1\), got 'x'"),

@@ -111,7 +111,11 @@ _IGNORED_TRAINING = {
                                            "nothing would be compiled"),
     "label_smoothing_factor": (lambda v: v != 0, "the FLES-1 loss (InfoNCE, loss.temperature) takes no label "
                                                  "smoothing"),
+    "push_to_hub": (lambda v: v is True, "the Trainer would upload the raw output folder; push_fles1.py publishes "
+                                         "the trained folder, checked, with its card"),
 }
+# TrainingArguments takes a token; in the recipe it would be written into training_log.json and every checkpoint
+TRAINING_SECRETS = ("hub_token",)
 
 
 def _check_training_arguments(training: dict) -> None:
@@ -126,6 +130,10 @@ def _check_training_arguments(training: dict) -> None:
 
     hints = typing.get_type_hints(TrainingArguments)
     for key, value in training.items():
+        if key in TRAINING_SECRETS and value is not None:  # refused without echoing it
+            raise ValueError(f"recipe.training.{key}: a token in the recipe would be written into training_log.json "
+                             "and every checkpoint (and published with them); training needs none (log in with "
+                             "`hf auth login`, or set HF_TOKEN, to push with push_fles1.py)")
         if key == "output_dir":
             raise ValueError("recipe.training.output_dir: the output folder is train_fles1.py's --output-dir")
         if key not in hints:
