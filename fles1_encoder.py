@@ -99,6 +99,20 @@ def _read_json_or_none(path: str):
         return None
 
 
+def _warn_if_hub_checkpoint_cuts_elsewhere(repo_id: str, download: dict, config: dict) -> None:
+    """`_warn_if_sentence_transformers_cuts_elsewhere` for a hub checkpoint, on its snapshot folder (a hub load
+    was silent where the same files in a folder warned)."""
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(repo_id, "sentence_bert_config.json", **download,
+                            _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    except Exception:  # (an unreachable Hub, an unusual repo): the model loaded, the check is a courtesy
+        return
+    if found:
+        _warn_if_sentence_transformers_cuts_elsewhere(os.path.dirname(found), config)
+
+
 def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
     """sentence-transformers reads the lengths from sentence_bert_config.json (encode_query / encode_document) and
     the tokenizer's model_max_length (its ``max_seq_length``: ``encode`` without a task), FLES1Encoder and the model
@@ -453,6 +467,8 @@ class FLES1Encoder:
         except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
             raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, "
                                   f"tokenizer_config.json): {str(error).strip().splitlines()[0]}") from error
+        if not os.path.isdir(path_or_hub_id):  # a hub id: the check a folder gets, on the files downloaded
+            _warn_if_hub_checkpoint_cuts_elsewhere(path_or_hub_id, download, model.config.to_dict())
         return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
 
     @property

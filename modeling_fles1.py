@@ -513,8 +513,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
-        # the revision and cache a hub checkpoint came from: save_pretrained copies its companion files from there
-        model._fles1_loaded_from = (kwargs.get("revision"), kwargs.get("cache_dir"))
+        # where the checkpoint came from (revision, cache, subfolder): save_pretrained copies its companion files
+        model._fles1_loaded_from = (kwargs.get("revision"), kwargs.get("cache_dir"), kwargs.get("subfolder") or "")
         return loaded
 
     def _companion_file(self, name: str) -> Optional[str]:
@@ -523,17 +523,18 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         checkpoint): in the local cache, then -- for fles1_encoder.py and LICENSE only, and unless offline -- on
         the Hub (without a network each missing file cost ~20 s of retries)."""
         source = self.name_or_path
+        revision, cache_dir, subfolder = getattr(self, "_fles1_loaded_from", (None, None, ""))
         if not source or os.path.isdir(source):
-            path = os.path.join(source, name) if source else ""
+            path = os.path.join(source, subfolder, name) if source else ""
             return path if os.path.isfile(path) else None
         found = self.__dict__.setdefault("_fles1_companions", {})
         if name not in found:
-            revision, cache_dir = getattr(self, "_fles1_loaded_from", (None, None))
             found[name] = None
             for local_only in (True, False) if name in (ENCODER_FILE, "LICENSE") and not is_offline_mode() else (True,):
-                try:
+                try:  # in the subfolder loaded from, if any (the repo's root had other files, or none)
                     found[name] = cached_file(source, name, revision=revision, cache_dir=cache_dir,
-                                              local_files_only=local_only, _raise_exceptions_for_missing_entries=False,
+                                              subfolder=subfolder, local_files_only=local_only,
+                                              _raise_exceptions_for_missing_entries=False,
                                               _raise_exceptions_for_connection_errors=False)
                 except Exception:  # not a hub id after all: nothing to copy
                     pass
@@ -548,8 +549,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         -- a sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
         files already in the folder are kept. A hub checkpoint's files come from the local cache, else (online)
         the Hub; a missing encoder file or license is named in a warning."""
-        names = [ENCODER_FILE] + (sorted(name for name in os.listdir(self.name_or_path) if LICENSE_FILES.match(name))
-                                  if self.name_or_path and os.path.isdir(self.name_or_path) else HUB_LICENSE_FILES)
+        folder = os.path.join(self.name_or_path or "", getattr(self, "_fles1_loaded_from", ("", "", ""))[2])
+        names = [ENCODER_FILE] + (sorted(name for name in os.listdir(folder) if LICENSE_FILES.match(name))
+                                  if self.name_or_path and os.path.isdir(folder) else HUB_LICENSE_FILES)
         licensed = False
         for name in names:
             target = os.path.join(save_directory, name)

@@ -641,3 +641,38 @@ def test_encoder_shadowed_by_another_folders_model_files_refuses_rather_than_run
     with pytest.raises(CheckpointError, match=r"configuration_fles1 is imported from .*other/configuration_fles1\.py, "
                                               r"not from beside .*fles1_encoder\.py; pass trust_remote_code=True"):
         fles1_encoder.FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+
+
+def _hub_cache_with(checkpoint: str, cache, repo_id: str = "me/fles1", subfolder: str = "") -> str:
+    """`checkpoint` as huggingface_hub caches a download of `repo_id` (main), optionally under `subfolder`."""
+    snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("a" * 40)
+    shutil.copytree(checkpoint, snapshot / subfolder)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    return str(snapshot / subfolder)
+
+
+def test_a_hub_checkpoint_gets_the_length_check_a_folder_gets(fles1_checkpoint, tmp_path):
+    """The same files warned loaded from a folder and were silent loaded by hub id."""
+    snapshot = _hub_cache_with(fles1_checkpoint, tmp_path / "cache")
+    settings = json.loads(open(os.path.join(snapshot, "sentence_bert_config.json")).read())
+    with open(os.path.join(snapshot, "sentence_bert_config.json"), "w") as handle:
+        json.dump({**settings, "query_length": 16}, handle)
+    with pytest.warns(UserWarning, match=r"sentence-transformers cuts in encode_query at 16 tokens"):
+        FLES1Encoder.from_pretrained("me/fles1", device="cpu", cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_checkpoint_loaded_from_a_subfolder_saves_that_subfolders_companion_files(fles1_checkpoint, tmp_path):
+    """Its LICENSE and fles1_encoder.py were looked up at the repo's root: not saved, or another checkpoint's."""
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    for where, kwargs in (("folder", {}), ("hub", {"cache_dir": str(tmp_path / "cache")})):
+        if where == "folder":
+            shutil.copytree(fles1_checkpoint, tmp_path / "repo" / "fles1")
+            source, folder = str(tmp_path / "repo"), tmp_path / "repo" / "fles1"
+        else:
+            source, folder = "me/fles1", Path(_hub_cache_with(fles1_checkpoint, tmp_path / "cache", subfolder="fles1"))
+        (folder / "LICENSE").write_text(f"the {where} subfolder's license")
+        model = FLES1ForMaskedLM.from_pretrained(source, subfolder="fles1", **kwargs)
+        model.save_pretrained(str(tmp_path / f"saved-{where}"))
+        assert (tmp_path / f"saved-{where}" / "LICENSE").read_text() == f"the {where} subfolder's license"
