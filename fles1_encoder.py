@@ -467,7 +467,8 @@ class FLES1Encoder:
         except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
             raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, "
                                   f"tokenizer_config.json): {str(error).strip().splitlines()[0]}") from error
-        if not os.path.isdir(path_or_hub_id):  # a hub id: the check a folder gets, on the files downloaded
+        # a hub id: the check a folder gets, on the files downloaded (unless the caller set the lengths here)
+        if not os.path.isdir(path_or_hub_id) and set(settings_and_model_options) <= set(model_options):
             _warn_if_hub_checkpoint_cuts_elsewhere(path_or_hub_id, download, model.config.to_dict())
         return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
 

@@ -524,16 +524,19 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         the Hub (without a network each missing file cost ~20 s of retries)."""
         source = self.name_or_path
         revision, cache_dir, subfolder = getattr(self, "_fles1_loaded_from", (None, None, ""))
+        folders = [subfolder, ""] if subfolder else [""]  # the subfolder loaded from first, then the repo's root
         if not source or os.path.isdir(source):
-            path = os.path.join(source, subfolder, name) if source else ""
-            return path if os.path.isfile(path) else None
+            paths = [os.path.join(source, folder, name) for folder in folders] if source else []
+            return next((path for path in paths if os.path.isfile(path)), None)
         found = self.__dict__.setdefault("_fles1_companions", {})
         if name not in found:
             found[name] = None
-            for local_only in (True, False) if name in (ENCODER_FILE, "LICENSE") and not is_offline_mode() else (True,):
-                try:  # in the subfolder loaded from, if any (the repo's root had other files, or none)
+            online = name in (ENCODER_FILE, "LICENSE") and not is_offline_mode()
+            for local_only, folder in [(local_only, folder) for local_only in ((True, False) if online else (True,))
+                                       for folder in folders]:
+                try:
                     found[name] = cached_file(source, name, revision=revision, cache_dir=cache_dir,
-                                              subfolder=subfolder, local_files_only=local_only,
+                                              subfolder=folder, local_files_only=local_only,
                                               _raise_exceptions_for_missing_entries=False,
                                               _raise_exceptions_for_connection_errors=False)
                 except Exception:  # not a hub id after all: nothing to copy
@@ -549,9 +552,12 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         -- a sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
         files already in the folder are kept. A hub checkpoint's files come from the local cache, else (online)
         the Hub; a missing encoder file or license is named in a warning."""
-        folder = os.path.join(self.name_or_path or "", getattr(self, "_fles1_loaded_from", ("", "", ""))[2])
-        names = [ENCODER_FILE] + (sorted(name for name in os.listdir(folder) if LICENSE_FILES.match(name))
-                                  if self.name_or_path and os.path.isdir(folder) else HUB_LICENSE_FILES)
+        subfolder = getattr(self, "_fles1_loaded_from", ("", "", ""))[2]
+        folders = [os.path.join(self.name_or_path or "", part) for part in dict.fromkeys([subfolder, ""])]
+        local = bool(self.name_or_path) and os.path.isdir(self.name_or_path)
+        names = [ENCODER_FILE] + (sorted({name for folder in folders if os.path.isdir(folder)
+                                          for name in os.listdir(folder) if LICENSE_FILES.match(name)})
+                                  if local else HUB_LICENSE_FILES)
         licensed = False
         for name in names:
             target = os.path.join(save_directory, name)

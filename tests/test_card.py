@@ -564,3 +564,14 @@ def test_the_card_refuses_an_owner_less_repo_id_and_a_bad_revision(tmp_path):
     with pytest.raises(CardInputError, match=r"revision 'bad branch\.\.' is not a branch name git can create"):
         build_card([results], revision="bad branch..")
     assert 'revision="release/v1.0"' in build_card([results], revision="release/v1.0").text
+
+
+def test_publishable_redacts_secrets_not_tokenizer_settings():
+    from fles1.card import publishable
+
+    token = "hf_" + "Q7x" * 12
+    assert publishable({"pad_token": "[PAD]", "cls_token": "[CLS]", "max_tokens": 5, "hub_token": "abc",
+                        "training": {"token": "abc", "api_key": "k"}, "note": f"pushed with {token} to https://u:p@h/x"}) \
+        == {"pad_token": "[PAD]", "cls_token": "[CLS]", "max_tokens": 5, "hub_token": "<redacted>",
+            "training": {"token": "<redacted>", "api_key": "<redacted>"},
+            "note": "pushed with <redacted> to https://<redacted>@h/x"}

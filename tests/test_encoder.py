@@ -660,6 +660,11 @@ def test_a_hub_checkpoint_gets_the_length_check_a_folder_gets(fles1_checkpoint, 
         json.dump({**settings, "query_length": 16}, handle)
     with pytest.warns(UserWarning, match=r"sentence-transformers cuts in encode_query at 16 tokens"):
         FLES1Encoder.from_pretrained("me/fles1", device="cpu", cache_dir=str(tmp_path / "cache"))
+    import warnings
+
+    with warnings.catch_warnings():  # the caller's own length: its choice, not the checkpoint's mismatch
+        warnings.simplefilter("error")
+        FLES1Encoder.from_pretrained("me/fles1", device="cpu", cache_dir=str(tmp_path / "cache"), query_max_length=16)
 
 
 def test_a_checkpoint_loaded_from_a_subfolder_saves_that_subfolders_companion_files(fles1_checkpoint, tmp_path):
@@ -676,3 +681,9 @@ def test_a_checkpoint_loaded_from_a_subfolder_saves_that_subfolders_companion_fi
         model = FLES1ForMaskedLM.from_pretrained(source, subfolder="fles1", **kwargs)
         model.save_pretrained(str(tmp_path / f"saved-{where}"))
         assert (tmp_path / f"saved-{where}" / "LICENSE").read_text() == f"the {where} subfolder's license"
+        # a subfolder without one: the repo root's license covers it
+        (folder.parent / "LICENSE").write_text(f"the {where} root's license")
+        os.remove(folder / "LICENSE")
+        model = FLES1ForMaskedLM.from_pretrained(source, subfolder="fles1", **kwargs)
+        model.save_pretrained(str(tmp_path / f"saved-root-{where}"))
+        assert (tmp_path / f"saved-root-{where}" / "LICENSE").read_text() == f"the {where} root's license"
