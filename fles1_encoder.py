@@ -44,7 +44,8 @@ PROGRESS_BAR_MIN_TEXTS = 256  # below this a bar is noise
 SORT_WINDOW_TEXTS = 8192
 # Texts per call of the Rust tokenizer: its Encoding objects (~60 KB for a 256-token text) live only that long.
 TOKENIZE_CHUNK_TEXTS = 1024
-# from_pretrained's keyword arguments: where each goes (config settings are consumed by the config, the rest by the model)
+# from_pretrained's keyword arguments: where each goes (config settings are consumed by the config, the rest by the
+# model)
 DOWNLOAD_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder")
 TOKENIZER_OPTIONS = ("use_fast",)
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -88,8 +88,9 @@ def top10(queries: torch.Tensor, docs: torch.Tensor) -> list[list[int]]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="FLES-1 checkpoint folder (default: convert the shipped backbone)")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="BEIR folder with corpus.jsonl, queries.jsonl and qrels/test.tsv (loaded as a test "
-                        "split; its first --num-docs documents and --num-queries queries are timed)")
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="BEIR folder with corpus.jsonl, queries.jsonl and qrels/test.tsv (loaded as a test split; "
+                             "its first --num-docs documents and --num-queries queries are timed)")
     parser.add_argument("--num-docs", type=at_least(1), default=256, help="documents encoded by each encoder")
     parser.add_argument("--num-queries", type=at_least(1), default=200, help="single queries timed for the p50")
     parser.add_argument("--batch-size", type=at_least(1), default=32)

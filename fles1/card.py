@@ -528,8 +528,9 @@ def rerun_commands(run: Run, repo_id: str, revision: Optional[str] = None) -> st
         download = (f"hf download {shlex.quote(repo_id)} --revision {shlex.quote(revision)} "
                     f"--local-dir {shlex.quote(model)}\n")
     by_split: dict[str, list[str]] = {}
-    local = [f"# {' '.join(name.split())}: a local BEIR folder, not on the Hub (data fingerprint {entry.get('data_fingerprint')}): "
-             f"give its path as --data" for name, entry in run.datasets.items() if local_only(name, entry)]
+    local = [f"# {' '.join(name.split())}: a local BEIR folder, not on the Hub (data fingerprint "
+             f"{entry.get('data_fingerprint')}): give its path as --data"
+             for name, entry in run.datasets.items() if local_only(name, entry)]
     for name, entry in run.datasets.items():
         by_split.setdefault(entry.get("split") or "test", []).append(dataset_id(name))
     threshold = run.header.get("threshold")
@@ -556,7 +557,8 @@ def check_revision(revision: Optional[str]) -> None:
         return
     parts = revision.split("/") if isinstance(revision, str) else [""]
     if not revision or revision in ("@", "HEAD") or GIT_REF_FORBIDDEN.search(revision) or revision.startswith("-") \
-            or revision.endswith(".") or any(not part or part.startswith(".") or part.endswith(".lock") for part in parts):
+            or revision.endswith(".") or any(not part or part.startswith(".") or part.endswith(".lock")
+                                             for part in parts):
         raise CardInputError(f"revision {revision!r} is not a branch name git can create (not HEAD; no spaces, '..', "
                              "'@{', any of ~^:?*[\\, a leading '-', an empty part between '/', a part that starts "
                              "with '.' or ends with '.lock', or a trailing '.')")

@@ -205,7 +205,8 @@ def _training_log_name(index: int, path: str) -> str:
     except (OSError, ValueError, AttributeError):  # not a JSON object: the card's reader names the file
         seed = None
     # an int only: a hand-edited "1/2" named a file in a folder that does not exist
-    return f"training_log_seed{seed}.json" if isinstance(seed, int) and not isinstance(seed, bool) else "training_log.json"
+    integer = isinstance(seed, int) and not isinstance(seed, bool)
+    return f"training_log_seed{seed}.json" if integer else "training_log.json"
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,8 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
         if shipped != "unknown" and (card.license == "apache-2.0") != (shipped == "apache-2.0"):
             what = "the Apache-2.0 text" if shipped == "apache-2.0" else "another license's text"
             raise PublishError(f"--license {card.license}, but {os.path.join(model_dir, license_file)} (the "
-                               f"backbone's, shipped with the weights) is {what}: the card's license must be the file's")
+                               f"backbone's, shipped with the weights) is {what}: the card's license must be the "
+                               "file's")
         if card.license == "other" and shipped == "unknown":  # the card would link a file the repo lacks
             raise PublishError(f"--license other names the repository's license file, and {model_dir} has none: "
                                "copy the backbone's license file into it, or give its Hub license id")

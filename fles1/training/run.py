@@ -463,9 +463,9 @@ def _train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps
         else:
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except CLFRDiverged as error:  # hours in, maybe: one line, and what is kept
-        raise TrainingSetupError(f"CLFR: {error}; the checkpoints so far stay in {output_dir}. Check clfr.target_nnz_d, "
-                                 "or lower clfr.gain / clfr.max_log_step in a new run (a resume keeps the run's "
-                                 "settings; --model CHECKPOINT starts from its weights)") from None
+        raise TrainingSetupError(f"CLFR: {error}; the checkpoints so far stay in {output_dir}. Check "
+                                 "clfr.target_nnz_d, or lower clfr.gain / clfr.max_log_step in a new run (a resume "
+                                 "keeps the run's settings; --model CHECKPOINT starts from its weights)") from None
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a checkpoint file's objects
         # torch's own message advises weights_only=False, which would run whatever the file holds: not repeated
         refused = [line.strip() for line in str(error).splitlines() if "unsupported" in line.lower()]
