@@ -124,8 +124,12 @@ def _copy_published(model_dir: str, out_dir: str, log) -> None:
         if not os.path.exists(source):  # a link to nothing
             raise PublishError(f"{source}: a link to a file that does not exist ({os.readlink(source)})")
         try:
+            text = public_text(source) if os.path.isfile(source) else None  # a config naming a path or a token
             if os.path.isdir(source):  # a module folder: its configs
                 shutil.copytree(source, target, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+            elif text is not None:
+                with open(target, "w", encoding="utf-8") as handle:
+                    handle.write(text)
             else:
                 shutil.copyfile(source, target)
         except (shutil.Error, OSError) as error:

@@ -948,3 +948,22 @@ def test_secrets_in_logs_and_recipes_are_not_published(source_checkpoint, result
                           "--results", result_files["results"], "--recipe", str(recipe)])
     err = capsys.readouterr().err
     assert rc == 2 and "hf_Zz9" not in err and token not in err and "training.hub_token ('<redacted>' here" in err
+
+
+def test_the_checkpoints_own_configs_are_published_without_secrets_or_home_paths(source_checkpoint, result_files,
+                                                                                 tmp_path, monkeypatch):
+    """Only results, logs and recipes were scrubbed: a token or home path in config.json was uploaded as is."""
+    passing_validation(monkeypatch)
+    token = "hf_" + "Kq4" * 12
+    config_path = os.path.join(source_checkpoint, "config_sentence_transformers.json")  # not fingerprinted
+    config = json.load(open(config_path))
+    json.dump({**config, "hub_token": token, "src_url": "https://u:pw@example.com/x",
+               "source_dir": "/home/alice/private/splade"}, open(config_path, "w"))
+    out = tmp_path / "hub"
+    assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(out),
+                            "--results", result_files["results"]]) == 0
+    published = json.load(open(out / "config_sentence_transformers.json"))
+    assert (published["hub_token"], published["src_url"], published["source_dir"]) == \
+        ("<redacted>", "https://<redacted>@example.com/x", "splade")
+    with open(os.path.join(source_checkpoint, "tokenizer.json"), "rb") as original:  # nothing to scrub: as it was
+        assert (out / "tokenizer.json").read_bytes() == original.read()
