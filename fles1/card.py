@@ -313,8 +313,8 @@ def without_local_paths(value):
 # secrets a log or recipe may hold: a Hugging Face token (hub_token is a TrainingArguments setting), keys so named,
 # credentials in a URL
 HF_TOKEN_TEXT = re.compile(r"hf_[A-Za-z0-9]{20,}")
-SECRET_KEY = re.compile(r"(^|\.)token$|(^|[._-])((hub|hf|auth|access|api|bearer|refresh)_?token|api_?key|password|"
-                        r"passwd|secret|access_key|credentials?)$", re.IGNORECASE)  # not pad_token, cls_token
+SECRET_KEY = re.compile(r"(^|\.)token$|(^|[._-])((hub|hf|auth|access|api|bearer|refresh)[_-]?token|api[_-]?key|"
+                        r"password|passwd|secret|access[_-]key|credentials?)$", re.IGNORECASE)  # not pad_token
 URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 REDACTED = "<redacted>"
 

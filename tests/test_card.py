@@ -575,3 +575,21 @@ def test_publishable_redacts_secrets_not_tokenizer_settings():
         == {"pad_token": "[PAD]", "cls_token": "[CLS]", "max_tokens": 5, "hub_token": "<redacted>",
             "training": {"token": "<redacted>", "api_key": "<redacted>"},
             "note": "pushed with <redacted> to https://<redacted>@h/x"}
+
+
+@pytest.mark.parametrize("key", ["hub_token", "training.hub_token", "token", "x.token", "hf_token", "auth_token",
+                                 "refresh_token", "bearer_token", "api_key", "wandb.api-key", "apikey", "password",
+                                 "db.passwd", "secret", "aws.secret", "client_secret", "aws_secret_access_key",
+                                 "access_key", "credentials", "credential"])
+def test_every_secret_key_is_redacted(key):
+    from fles1.card import publishable
+
+    assert publishable({key: "s3cr3t"}) == {key: "<redacted>"}
+
+
+@pytest.mark.parametrize("key", ["pad_token", "cls_token", "tokens", "max_tokens", "chunk_tokens", "tokenizer",
+                                 "secret_sauce_ratio", "keyword"])
+def test_settings_named_like_secrets_are_kept(key):
+    from fles1.card import publishable
+
+    assert publishable({key: "[PAD]"}) == {key: "[PAD]"}

@@ -927,3 +927,22 @@ def test_the_device_label_names_a_gpus_model(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert device_label("cuda:0") == "cuda:0 (NVIDIA H200)"
     assert device_label("cpu") == f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def test_trec_order_breaks_ties_by_doc_id_descending_as_trec_eval_does(tmp_path):
+    """Flipping the tie order passed every test: MRR@10's cut and the run files' ranks would differ from trec_eval's."""
+    from fles1.metrics import per_query_metrics, trec_order
+
+    assert trec_order({"a": 1.0, "b": 1.0, "c": 2.0}) == [("c", 2.0), ("b", 1.0), ("a", 1.0)]
+    run = {"q": {f"d{i:02d}": 1.0 for i in range(12)}}  # all tied: trec_eval ranks d11 first, d00 last
+    assert per_query_metrics({"q": {"d11": 1}}, run)["q"]["mrr@10"] == 1.0
+    assert per_query_metrics({"q": {"d01": 1}}, run)["q"]["mrr@10"] == 0.0  # 11th: outside the cut
+    write_trec_run(run, str(tmp_path / "run.trec"))
+    assert open(tmp_path / "run.trec").readline().split()[2] == "d11"
+
+
+def test_to_run_keeps_exactly_k_hits_of_a_query_that_is_no_document():
+    docs = csr_matrix(np.array([[4.0], [3.0], [2.0], [1.0]], dtype=np.float32))
+    index = InvertedIndex(docs, ["a", "b", "c", "d"])
+    run = index.to_run(["q"], index.search(csr_matrix(np.array([[1.0]], dtype=np.float32)), k=4), k=3)
+    assert run == {"q": {"a": 4.0, "b": 3.0, "c": 2.0}}

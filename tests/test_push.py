@@ -967,3 +967,19 @@ def test_the_checkpoints_own_configs_are_published_without_secrets_or_home_paths
         ("<redacted>", "https://<redacted>@example.com/x", "splade")
     with open(os.path.join(source_checkpoint, "tokenizer.json"), "rb") as original:  # nothing to scrub: as it was
         assert (out / "tokenizer.json").read_bytes() == original.read()
+
+
+def test_a_sharded_checkpoint_is_published_with_its_index(source_checkpoint, result_files, tmp_path, monkeypatch):
+    """Without the index in the allowlist the shards would be uploaded unloadable: the real checks run here."""
+    from conftest import sharded_copy
+
+    folder = sharded_copy(source_checkpoint, tmp_path / "sharded")
+    published, _ = publish_module.published_entries(folder)
+    shards = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+    assert len(shards) > 1 and {"model.safetensors.index.json", *shards} <= set(published)
+    from fles1.evaluation import model_fingerprint
+
+    results = make_eval(tmp_path / "eval_sharded.json", model_path=folder, fingerprint=model_fingerprint(folder))
+    out = tmp_path / "hub"
+    assert push_fles1.main(["--model", folder, "--repo-id", REPO_ID, "--dry-run", str(out), "--results", results]) == 0
+    assert {"model.safetensors.index.json", *shards} <= set(os.listdir(out))
