@@ -200,6 +200,29 @@ def test_the_recipes_loss_settings_reach_every_loss_part(sparse_tiny, msmarco_to
     assert loss.item() == pytest.approx(float(sum(expected.values())), rel=1e-5)
 
 
+def test_the_false_negative_mask_reaches_the_contrastive_loss(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """Dropping the batch's mask in compute_loss passed every test (the collator and info_nce were tested apart):
+    data.mask_false_negatives would have masked nothing."""
+    from fles1.training.losses import info_nce
+    from fles1.training.run import build_trainer
+
+    trainer = build_trainer(load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
+                                                                     **{"clfr.enabled": False})), str(tmp_path))
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    trainer.model.train()  # (the log window counts training batches only)
+    rows, group_size = len(batch["query"]["input_ids"]), len(batch["documents"]["input_ids"]) // 4
+    mask = torch.zeros(rows, rows * group_size, dtype=torch.bool)
+    mask[0, group_size] = True  # query 0's score against query 1's positive: a judged-relevant document
+    torch.manual_seed(0)
+    trainer.compute_loss(trainer.model, {**batch, "false_negatives": mask})
+    torch.manual_seed(0)  # the same dropout masks
+    with torch.no_grad():
+        queries, documents = trainer.encode(trainer.model, batch["query"], batch["documents"])
+    masked = float(info_nce(queries, documents, group_size, trainer.temperature, mask))
+    assert masked != pytest.approx(float(info_nce(queries, documents, group_size, trainer.temperature)), rel=1e-6)
+    assert trainer._window["loss_contrastive"] == pytest.approx(masked, rel=1e-5)
+
+
 class _InterruptedWhileSaving(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == 4:
