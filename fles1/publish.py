@@ -275,7 +275,7 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     try:
         with atomic_directory(out_dir) as staging:
             try:
-                _assemble_into(model_dir, staging, repo_id, card, revision, log)
+                _assemble_into(model_dir, staging, repo_id, card, (shipped, license_file), revision, log)
             except CardInputError as error:  # a results/log/recipe file that is not what the card reads: one line
                 raise PublishError(str(error)) from None
             if check is not None:
@@ -330,8 +330,9 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
                            f"--threshold) or convert the model with --threshold {threshold}")
 
 
-def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs,
+def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs, shipped_license: tuple,
                    revision: Optional[str] = None, log=print) -> None:
+    """`assemble`'s work inside the staging folder; ``shipped_license``: `license_of(model_dir)`."""
     if not card.training_logs and os.path.isfile(os.path.join(model_dir, "training_log.json")):
         card = replace(card, training_logs=[os.path.join(model_dir, "training_log.json")])
     if not card.plots:
@@ -347,7 +348,7 @@ def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs,
         _copy_unique([card.recipe], results_dir)
     copied_plots = _copy_unique(card.plots, plots_dir)
     if copied_results:
-        shipped, license_file = license_of(model_dir)
+        shipped, license_file = shipped_license
         relative = lambda path: os.path.relpath(path, out_dir).replace(os.sep, "/")  # noqa: E731
         # built from the original files: training logs pair with runs by their model folders
         model_card = build_card(
