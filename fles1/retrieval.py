@@ -46,8 +46,8 @@ def average_nnz(matrix: csr_matrix) -> float:
 
 
 def top_k_rows(scores: csr_matrix, k: int, tie_ranks: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per row of a sparse score matrix: the k highest stored entries, score descending then ``tie_ranks[position]``
-    ascending (default: position ascending). Entries not stored (no shared term) are never hits."""
+    """Per row of a sparse score matrix: the k highest positive entries, score descending then ``tie_ranks[position]``
+    ascending (default: position ascending). Entries not stored or stored as zero (no shared term) are never hits."""
     hits = []
     for row in range(scores.shape[0]):
         start, end = scores.indptr[row], scores.indptr[row + 1]

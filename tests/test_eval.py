@@ -14,7 +14,7 @@ import eval_fles1
 from fles1.beir import BEIRDataError, load_beir
 from fles1.evaluation import encode_corpus, evaluate, markdown_tables
 from fles1.metrics import evaluate_run, read_trec_run, write_trec_run
-from fles1.retrieval import InvertedIndex, apply_threshold
+from fles1.retrieval import InvertedIndex, apply_threshold, top_k_rows
 
 CORPUS = [
     {"_id": "d1", "title": "Vitamin D", "text": "Vitamin D deficiency and bone health in older adults."},
@@ -236,6 +236,16 @@ def test_inverted_index_exact_top_k_and_conventions():
     assert dense_hits.tolist() == index.search(queries[0], k=3)[0][0].tolist()
     coo_hits = index.search(queries.tocoo(), k=7)  # scipy's COO cannot be sliced into query chunks: a TypeError
     assert [hit.tolist() for hit, _ in coo_hits] == [hit.tolist() for hit, _ in index.search(queries, k=7)]
+
+
+def test_top_k_rows_never_returns_a_stored_zero_score():
+    # a CSR can hold explicit zeros (a score that underflowed, a matrix built from (data, indices, indptr)): no term
+    # shared means no hit, stored or not
+    scores = csr_matrix((np.array([0.0, 2.0, 0.0], dtype=np.float32), np.array([0, 1, 2]), np.array([0, 3])),
+                        shape=(1, 3))
+    assert scores.nnz == 3
+    (positions, values), = top_k_rows(scores, k=3)
+    assert positions.tolist() == [1] and values.tolist() == [2.0]
 
 
 def test_inverted_index_refuses_repeated_ids_and_drops_self_hits_of_any_id_type():
