@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from fles1.retrieval import check_k
+
 BM25_SETTINGS = {"method": "lucene", "k1": 1.5, "b": 0.75}  # bm25s defaults: nfcorpus 0.3210 (Pyserini's 0.9/0.4: 0.3177)
 STOPWORDS = "en"
 STEMMER = "english"
@@ -44,6 +46,14 @@ def _bm25_index(dataset):
     return retriever, doc_ids, vocab, stemmer
 
 
+def _check_query_ids(dataset, query_ids) -> None:
+    if isinstance(query_ids, str):  # its characters would be taken for ids
+        raise TypeError(f"query_ids must be a sequence of query ids, got one str {query_ids!r}: wrap it in a list")
+    unknown = [qid for qid in query_ids if qid not in dataset.queries]
+    if unknown:
+        raise ValueError(f"{len(unknown)} query id(s) not in the dataset's queries, e.g. {unknown[0]!r}")
+
+
 def _query_tokens(dataset, query_ids, vocab, stemmer) -> list[list[str]]:
     """Each query's terms the corpus holds: out-of-vocabulary terms cannot match (a query left with none has no
     hits; bm25s would return arbitrary zero-score documents)."""
@@ -57,6 +67,8 @@ def _query_tokens(dataset, query_ids, vocab, stemmer) -> list[list[str]]:
 def bm25_run(dataset, query_ids: Sequence[str], k: int = 1000, drop_self: bool = True) -> dict[str, dict[str, float]]:
     """Top-k BM25 hits per query, BEIR conventions: a hit with the query's own id is dropped, a query sharing no
     term with the corpus gets no hits (bm25s would return arbitrary zero-score documents)."""
+    check_k(k)
+    _check_query_ids(dataset, query_ids)
     retriever, doc_ids, vocab, stemmer = _bm25_index(dataset)
     run = {str(qid): {} for qid in query_ids}
     if retriever is None:
@@ -85,6 +97,7 @@ def bm25_scores(dataset, wanted: dict[str, Sequence[str]]) -> dict[str, dict[str
     """BM25 scores of given documents per query, {qid: {doc_id: score}} for the scores > 0: one query's scores
     over the corpus at a time, so memory stays one corpus-length array (a full ranking per query grew with
     queries x documents: tens of GB for MS MARCO's training queries)."""
+    _check_query_ids(dataset, wanted)
     retriever, doc_ids, vocab, stemmer = _bm25_index(dataset)
     scores = {str(qid): {} for qid in wanted}
     if retriever is None:

@@ -67,11 +67,17 @@ def token_from_feature_name(name: str) -> str:
     return name.replace("%2E", ".").replace("%25", "%")
 
 
-def _rows(matrix: csr_matrix):
+def _rows(matrix: csr_matrix, ids: Sequence[str], vocab: Sequence[str], what: str):
+    """(term ids, weights) per row of `matrix`, one row per id of `ids`, checked before anything is written (a
+    mismatch was cut silently by zip)."""
     matrix = csr_matrix(matrix)
-    for row in range(matrix.shape[0]):
-        start, end = matrix.indptr[row], matrix.indptr[row + 1]
-        yield matrix.indices[start:end], matrix.data[start:end]
+    if len(ids) != matrix.shape[0]:
+        raise ValueError(f"{what}: {len(ids)} ids for a matrix of {matrix.shape[0]} rows (one id per row)")
+    if len(vocab) < matrix.shape[1]:
+        raise ValueError(f"{what}: a vocabulary of {len(vocab)} terms for a matrix of {matrix.shape[1]} columns")
+    bounds = matrix.indptr
+    return ((matrix.indices[bounds[row] : bounds[row + 1]], matrix.data[bounds[row] : bounds[row + 1]])
+            for row in range(matrix.shape[0]))
 
 
 def elasticsearch_mapping(field: str = RANK_FEATURES_FIELD) -> dict:
@@ -124,6 +130,7 @@ def write_elasticsearch(
     `part_bytes`) in out_dir, each file atomically; returns {"mapping": path, "bulk": [paths]}. The actions name
     the index ``elasticsearch_index_name(index_name)`` (a dataset folder may be "NFCorpus Tiny")."""
     check_elasticsearch_ids(doc_ids, index_name)
+    rows = _rows(doc_matrix, doc_ids, vocab, "write_elasticsearch")
     index_name = elasticsearch_index_name(index_name)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"mapping": os.path.join(out_dir, "mapping.json"), "bulk": []}
@@ -136,7 +143,7 @@ def write_elasticsearch(
         with atomic_open(paths["bulk"][-1], "wb") as handle:
             handle.writelines(part)
 
-    for doc_id, (ids, weights) in zip(doc_ids, _rows(doc_matrix)):
+    for doc_id, (ids, weights) in zip(doc_ids, rows):
         features = {}
         for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist()):
             w = float(f"{w:.{ES_WEIGHT_DIGITS}g}")  # significant digits: 6 decimals left 1.7e-6 at 2e-06 (+17%)
@@ -161,8 +168,9 @@ def write_elasticsearch_queries(
     """JSONL, one line per query: ``{"id": query id, "body": ...}``, the body for ``POST /<index>/_search`` (the
     top `size` by `elasticsearch_query` of the query's vector, the query's own id left out as eval does),
     atomically; returns the path."""
+    rows = _rows(query_matrix, query_ids, vocab, "write_elasticsearch_queries")
     with atomic_open(path) as handle:
-        for query_id, (ids, weights) in zip(query_ids, _rows(query_matrix)):
+        for query_id, (ids, weights) in zip(query_ids, rows):
             vector = {vocab[i]: w for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist())}
             body = {"size": size, **elasticsearch_query(vector, field, exclude_id=query_id)}
             handle.write(json.dumps({"id": query_id, "body": body}, ensure_ascii=False) + "\n")
@@ -202,9 +210,9 @@ def write_pyserini(
     path: str, doc_ids: Sequence[str], doc_matrix: csr_matrix, vocab: Sequence[str], scale: float = IMPACT_SCALE
 ) -> str:
     """``JsonVectorCollection`` JSONL with integer impacts, atomically; returns the path."""
-    impacts = quantize(doc_matrix, scale)
+    rows = _rows(quantize(doc_matrix, scale), doc_ids, vocab, "write_pyserini")
     with atomic_open(path) as handle:
-        for doc_id, (ids, values) in zip(doc_ids, _rows(impacts)):
+        for doc_id, (ids, values) in zip(doc_ids, rows):
             vector = {vocab[i]: int(v) for i, v in zip(ids.tolist(), values.tolist())}
             handle.write(json.dumps({"id": doc_id, "contents": "", "vector": vector}, ensure_ascii=False) + "\n")
     return path
@@ -219,9 +227,9 @@ def write_anserini_queries(
     whose impacts all round to 0 is left out (`empty_impact_rows` names them): Anserini's TsvString reader stops
     the whole search at a line without a text after its tab. An empty query matches nothing in eval either; one
     whose weights are all below 0.5 / scale (thresholds under 0.005) does match there."""
-    impacts = quantize(query_matrix, scale)
+    rows = _rows(quantize(query_matrix, scale), query_ids, vocab, "write_anserini_queries")
     with atomic_open(path) as handle:
-        for query_id, (ids, values) in zip(query_ids, _rows(impacts)):
+        for query_id, (ids, values) in zip(query_ids, rows):
             if not len(ids):
                 continue
             handle.write(query_id + "\t" + " ".join(" ".join([vocab[i]] * int(v)) for i, v in

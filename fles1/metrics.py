@@ -9,6 +9,8 @@ MRR@10 is trec_eval's ``recip_rank`` over each ranking cut to its top 10.
 
 from __future__ import annotations
 
+import math
+
 import pytrec_eval
 
 from fles1.atomic import atomic_open
@@ -29,11 +31,17 @@ def trec_order(ranking: dict[str, float]) -> list[tuple[str, float]]:
 
 
 def per_query_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """{qid: {metric: value}} for every query in qrels (0 where the run has nothing for it)."""
+    """{qid: {metric: value}} for every query in qrels (0 where the run has nothing for it). Ids are compared as
+    str (an int query id 1 is "1", as in the run file); grades must be integers, scores finite numbers."""
     _check_encodable(qrels, "qrels")
     _check_encodable(run, "run")
-    qrels = {qid: {did: int(rel) for did, rel in docs.items()} for qid, docs in qrels.items()}
-    run = {qid: {did: float(s) for did, s in docs.items()} for qid, docs in run.items() if qid in qrels and docs}
+    qrels = {str(qid): {str(did): _grade(rel, qid, did) for did, rel in docs.items()} for qid, docs in qrels.items()}
+    run_ids = {str(qid) for qid in run}
+    if run_ids and qrels and run_ids.isdisjoint(qrels):  # every query would score 0: ids that do not match, not a bad run
+        raise ValueError(f"none of the run's {len(run_ids)} query ids is in qrels (e.g. {next(iter(run_ids))!r}; "
+                         f"qrels has e.g. {next(iter(qrels))!r})")
+    run = {str(qid): {str(did): _score(s, qid, did) for did, s in docs.items()} for qid, docs in run.items()
+           if str(qid) in qrels and docs}
     scores = {qid: dict.fromkeys(METRIC_KEYS, 0.0) for qid in qrels}
     if run:
         evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100,1000", "map_cut.100"})
@@ -43,6 +51,25 @@ def per_query_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
         for qid, values in pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10).items():
             scores[qid]["mrr@10"] = values["recip_rank"]
     return scores
+
+
+def _grade(rel, qid, did) -> int:
+    """A qrels grade as int; 1.5 was truncated to 1 (load_qrels refuses it in files)."""
+    try:
+        grade = float(rel)
+    except (TypeError, ValueError):
+        grade = math.nan
+    if not grade.is_integer():
+        raise ValueError(f"qrels[{qid!r}][{did!r}] is {rel!r}: relevance grades are integers")
+    return int(grade)
+
+
+def _score(score, qid, did) -> float:
+    """A run score as float; a NaN made the ranking depend on dict order."""
+    value = float(score)
+    if not math.isfinite(value):
+        raise ValueError(f"run[{qid!r}][{did!r}] is {score!r}: scores must be finite numbers")
+    return value
 
 
 def _check_encodable(ids: dict[str, dict], what: str) -> None:

@@ -45,6 +45,12 @@ def average_nnz(matrix: csr_matrix) -> float:
     return float(matrix.getnnz(axis=1).mean()) if matrix.shape[0] else 0.0
 
 
+def check_k(k) -> None:
+    """A hit count: an int >= 1 (2.5 was numpy's TypeError, True one hit, 0 every hit)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+
+
 def top_k_rows(scores: csr_matrix, k: int, tie_ranks: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per row of a sparse score matrix: the k highest positive entries, score descending then ``tie_ranks[position]``
     ascending (default: position ascending). Entries not stored or stored as zero (no shared term) are never hits."""
@@ -111,8 +117,7 @@ class InvertedIndex:
     def search(self, query_matrix: csr_matrix, k: int = 1000) -> list[tuple[np.ndarray, np.ndarray]]:
         """Exact top-k per query row: [(doc positions, scores)], best first; equal scores in trec_eval's order (doc
         id descending), also where a tie straddles the k-th place, so the cut keeps what trec_eval would rank."""
-        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:  # 2.5: numpy's error
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        check_k(k)
         self._check_queries(query_matrix)
         if issparse(query_matrix) and query_matrix.format != "csr":  # COO cannot be sliced
             query_matrix = query_matrix.tocsr()
@@ -155,7 +160,12 @@ class InvertedIndex:
         self, query_ids: Sequence[str], hits, k: int | None = None, drop_self: bool = True
     ) -> dict[str, dict[str, float]]:
         """BEIR run dict {qid: {doc_id: score}}. BEIR drops a hit whose id equals the query id (search with
-        k + 1 to keep k hits). Every query gets an entry, possibly empty (it then scores 0)."""
+        k + 1 to keep k hits). Every query gets an entry, possibly empty (it then scores 0); `hits` holds one entry
+        per query id, as `search` returns them for the query rows."""
+        if k is not None:
+            check_k(k)
+        if len(query_ids) != len(hits):  # zip would drop the queries past the shorter one
+            raise ValueError(f"{len(query_ids)} query ids for {len(hits)} hit lists (one per query row)")
         run = {}
         for query_id, (positions, scores) in zip(query_ids, hits):
             query_id, ranked = str(query_id), {}

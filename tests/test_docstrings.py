@@ -2,6 +2,7 @@
 where they load the model (the project promises docstrings with a runnable example)."""
 
 import doctest
+import textwrap
 
 import pytest
 
@@ -45,3 +46,18 @@ def test_model_and_encoder_docstring_examples_run_on_the_shipped_backbone(fles1_
         assert all(HUB_ID in text for text in list(docs.values())[:1])
         result, report = run_examples(docs, {}, replace)
         assert result.attempted >= 3 and result.failed == 0, report
+
+
+def test_trainer_module_example_trains_a_step(tmp_path):
+    """fles1.training.trainer's example, verbatim but for one small step into tmp_path (its TrainingArguments were
+    a tuple away from running: load_model_for_training returns (model, tokenizer))."""
+    from fles1.training import trainer
+
+    example = textwrap.dedent(trainer.__doc__.split("Example::", 1)[1])
+    small = example.replace('TrainingArguments("out", per_device_train_batch_size=32)',
+                            f'TrainingArguments({str(tmp_path)!r}, per_device_train_batch_size=2, max_steps=1, '
+                            'report_to=[], save_strategy="no")')
+    assert small != example
+    namespace = {}
+    exec(compile(small, "fles1.training.trainer example", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 1

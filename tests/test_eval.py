@@ -248,6 +248,18 @@ def test_top_k_rows_never_returns_a_stored_zero_score():
     assert positions.tolist() == [1] and values.tolist() == [2.0]
 
 
+def test_to_run_refuses_ids_that_do_not_match_the_hits_and_a_bad_k():
+    docs = sparse_random(30, 50, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    index = InvertedIndex(docs, [f"d{i}" for i in range(30)])
+    hits = index.search(docs[:2], k=5)
+    with pytest.raises(ValueError, match=r"3 query ids for 2 hit lists"):  # zip dropped 'q3' from the run
+        index.to_run(["q1", "q2", "q3"], hits)
+    for k in (0, -1, 1.5):  # every hit came back
+        with pytest.raises(ValueError, match=rf"k must be an int >= 1, got {k!r}"):
+            index.to_run(["q1", "q2"], hits, k=k)
+    assert [len(ranked) for ranked in index.to_run(["q1", "q2"], hits, k=2).values()] == [2, 2]
+
+
 def test_inverted_index_refuses_repeated_ids_and_drops_self_hits_of_any_id_type():
     """A repeated id (passages under their document's id) kept its last hit's score in the run, not its best; an
     int query id never matched its own document's id."""
@@ -374,6 +386,36 @@ def test_metrics_refuse_ids_pytrec_eval_cannot_take(qrels, run, message):
     """pytrec_eval passes ids to C as UTF-8: a lone surrogate ended the process with a segmentation fault."""
     with pytest.raises(ValueError, match=message):
         evaluate_run(qrels, run)
+
+
+def test_metrics_compare_ids_as_text_and_refuse_what_they_cannot_score():
+    """An int query id scored every query 0 (the run file writes "1"); a NaN score made NDCG depend on dict order;
+    a grade 1.5 was truncated to 1; a run for other queries scored 0 without a word."""
+    assert evaluate_run({"1": {"d1": 1}}, {1: {"d1": 1.0}})["ndcg@10"] == 1.0
+    assert evaluate_run({1: {2: 1}}, {"1": {"2": 1.0}})["ndcg@10"] == 1.0
+    with pytest.raises(ValueError, match=r"run\['q1'\]\['da'\] is nan: scores must be finite"):
+        evaluate_run({"q1": {"d1": 1}}, {"q1": {"da": math.nan, "db": 0.5, "d1": 1.0}})
+    with pytest.raises(ValueError, match=r"qrels\['q1'\]\['d1'\] is 1.5: relevance grades are integers"):
+        evaluate_run({"q1": {"d1": 1.5}}, {"q1": {"d1": 1.0}})
+    with pytest.raises(ValueError, match=r"none of the run's 1 query ids is in qrels \(e.g. 'x'; qrels has e.g. 'q1'\)"):
+        evaluate_run({"q1": {"d1": 1}}, {"x": {"d1": 1.0}})
+    assert evaluate_run({"q1": {"d1": 1}}, {})["ndcg@10"] == 0.0  # no run at all still scores 0
+
+
+def test_bm25_run_checks_k_and_query_ids(tmp_path):
+    from fles1.bm25 import bm25_run, bm25_scores
+
+    data = load_beir(write_beir(tmp_path / "plain"))
+    for k in (0, -5, 2.5, True):  # 0 gave one hit, -5 and 2.5 bm25s's errors
+        with pytest.raises(ValueError, match=rf"k must be an int >= 1, got {k!r}"):
+            bm25_run(data, ["q1"], k=k)
+    with pytest.raises(TypeError, match="got one str 'q1': wrap it in a list"):  # was KeyError: 'q'
+        bm25_run(data, "q1")
+    with pytest.raises(ValueError, match=r"1 query id\(s\) not in the dataset's queries, e.g. 'nope'"):
+        bm25_run(data, ["q1", "nope"])
+    with pytest.raises(ValueError, match="e.g. 'nope'"):
+        bm25_scores(data, {"nope": ["d1"]})
+    assert len(bm25_run(data, ["q1"], k=1)["q1"]) == 1
 
 
 def test_bm25_of_a_corpus_without_an_indexable_term_has_no_hits(tmp_path):

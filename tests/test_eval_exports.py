@@ -10,7 +10,7 @@ from scipy.sparse import csr_matrix, random as sparse_random
 
 from fles1.exports import (
     elasticsearch_mapping, elasticsearch_query, feature_name, impact_error_bound, quantize, token_from_feature_name,
-    write_elasticsearch, write_pyserini,
+    write_anserini_queries, write_elasticsearch, write_elasticsearch_queries, write_pyserini,
 )
 
 VOCAB = ["[PAD]", ".", "u.s", "%", "%2E", "machine", "##ing", "...", "café"]
@@ -219,3 +219,25 @@ def test_datasets_whose_names_clean_to_one_index_get_an_index_each(tiny_random_c
         indices[name] = {action["index"]["_index"] for action in actions}
         assert indices[name] == {json.loads((folder / "export.json").read_text())["elasticsearch"]["index"]}
     assert indices == {"Tiny": {"tiny"}, "tiny": {"tiny-2"}}
+
+
+@pytest.mark.parametrize("write", [
+    lambda path, ids, matrix, vocab: write_elasticsearch(str(path), "x", ids, matrix, vocab),
+    lambda path, ids, matrix, vocab: write_elasticsearch_queries(str(path / "q.jsonl"), ids, matrix, vocab),
+    lambda path, ids, matrix, vocab: write_pyserini(str(path / "docs.jsonl"), ids, matrix, vocab),
+    lambda path, ids, matrix, vocab: write_anserini_queries(str(path / "topics.tsv"), ids, matrix, vocab),
+], ids=["elasticsearch", "elasticsearch_queries", "pyserini", "anserini_queries"])
+def test_exports_refuse_ids_or_vocabulary_that_do_not_fit_the_matrix(write, tmp_path):
+    """One id short, the rows past it were left out of the export without a word; a short vocabulary was an
+    IndexError."""
+    matrix = csr_matrix(np.array([[0, 1.5, 0, 2.0], [0.5, 0, 0, 0]], dtype=np.float32))
+    vocab = ["a", "b", "c", "d"]
+    for ids in (["r1"], ["r1", "r2", "r3"]):
+        with pytest.raises(ValueError, match=rf"{len(ids)} ids for a matrix of 2 rows"):
+            write(tmp_path / "out", ids, matrix, vocab)
+    with pytest.raises(ValueError, match="a vocabulary of 3 terms for a matrix of 4 columns"):
+        write(tmp_path / "out", ["r1", "r2"], matrix, vocab[:3])
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")  # nothing written
+    (tmp_path / "ok").mkdir()
+    write(tmp_path / "ok", ["r1", "r2"], matrix, vocab)
+    assert os.listdir(tmp_path / "ok")

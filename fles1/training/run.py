@@ -141,7 +141,8 @@ class TrainingSetupError(ValueError):
 
 
 def load_model_for_training(path: str):
-    """A FLES-1 checkpoint folder, or any BERT masked-LM (converted on the fly, weights from safetensors only)."""
+    """(model, tokenizer) of a FLES-1 checkpoint folder, or of any BERT masked-LM (converted on the fly, weights
+    from safetensors only)."""
     from transformers import AutoTokenizer
 
     from fles1.checkpoint import convert, is_fles1_source, load_source_tokenizer

@@ -14,6 +14,13 @@ Logged every ``logging_steps``, averaged over the window and over all ranks: ``l
 
 Example::
 
+    from transformers import TrainingArguments
+    from fles1.training.clfr import CLFRCallback, CLFRController
+    from fles1.training.data import load_training_examples
+    from fles1.training.run import load_model_for_training
+    from fles1.training.trainer import FLES1Trainer
+
+    model, tokenizer = load_model_for_training("../shared/models/splade-tiny")
     trainer = FLES1Trainer(model=model, args=TrainingArguments("out", per_device_train_batch_size=32),
                            train_dataset=load_training_examples("../shared/data/nfcorpus"),
                            processing_class=tokenizer, clfr=CLFRCallback(CLFRController(3e-5, 400, 0.1)))
