@@ -61,12 +61,13 @@ def test_dev_stdout_is_written_through_a_pipe_or_a_redirect(tmp_path):
     assert lines[:2] == ["earlier line", "before"] and lines[-1] == "after"
 
 
-def test_a_replaced_file_keeps_its_permissions(tmp_path):
+@pytest.mark.parametrize("mode", [0o600, 0o640])  # 0o600 is also what mkstemp creates: only 0o640 shows a copy
+def test_a_replaced_file_keeps_its_permissions(tmp_path, mode):
     secret = tmp_path / "secret.json"
     secret.write_text("{}")
-    os.chmod(secret, 0o600)
+    os.chmod(secret, mode)
     atomic_write_json(str(secret), {"a": 1})
-    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600 and json.loads(secret.read_text()) == {"a": 1}
+    assert stat.S_IMODE(os.stat(secret).st_mode) == mode and json.loads(secret.read_text()) == {"a": 1}
 
 
 def test_only_descriptors_are_written_through(tmp_path):

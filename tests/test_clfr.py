@@ -194,6 +194,22 @@ def test_an_interval_without_training_documents_is_warned_about():
     assert callback.controller.history == []
 
 
+def test_each_adjustment_measures_its_own_interval_and_eff_reg_sums_lambda_d():
+    """CLFR acts on the documents of the last interval (a running mean since the start would lag), and eff_reg is
+    the sum of lambda_d over steps, not the current lambda_d."""
+    from types import SimpleNamespace
+
+    callback = CLFRCallback(CLFRController(1.0, 400, gain=1.0), interval_steps=1)
+    callback._interval, callback._device = 1, None
+    control = SimpleNamespace(should_save=False)
+    callback.observe(800.0, 1)
+    callback.on_step_end(None, SimpleNamespace(global_step=1, stateful_callbacks={}), control)
+    callback.observe(400.0, 1)
+    callback.on_step_end(None, SimpleNamespace(global_step=2, stateful_callbacks={}), control)
+    assert [entry["measured_nnz"] for entry in callback.controller.history] == [800.0, 400.0]
+    assert callback.eff_reg == pytest.approx(1.0 + callback.controller.history[0]["lambda_d_after"])
+
+
 def test_callback_state_round_trip():
     """Each attribute a resumed run needs comes back (comparing two state_dict()s would miss one neither holds)."""
     import json

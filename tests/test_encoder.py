@@ -273,6 +273,8 @@ def test_encoder_decode_refuses_ids_outside_the_vocabulary(encoder):
             encoder.decode([5, flag])
     with pytest.raises(ValueError, match=r"ids and weights differ in length \(2 vs 1\)"):
         encoder.decode([1, 2], [0.5])
+    with pytest.raises(ValueError, match=r"ids and weights differ in length \(1 vs 2\)"):  # a weight left over
+        encoder.decode([5], [0.1, 0.2])
 
 
 def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):

@@ -418,6 +418,25 @@ def test_bm25_run_checks_k_and_query_ids(tmp_path):
     assert len(bm25_run(data, ["q1"], k=1)["q1"]) == 1
 
 
+def test_bm25_drops_the_query_own_document_and_still_fills_k(tmp_path):
+    """BEIR's convention (the toy corpus holds a document with the id of query q2): gone from the hits, and the
+    search goes one deeper so that k are left."""
+    from fles1.bm25 import bm25_run
+
+    data = load_beir(write_beir(tmp_path / "toy"))
+    assert "q2" in bm25_run(data, ["q2"], k=10, drop_self=False)["q2"]
+    for k in (1, 2):
+        hits = bm25_run(data, ["q2"], k=k)["q2"]
+        assert "q2" not in hits and len(hits) == k
+
+
+def test_a_document_reads_title_then_text(tmp_path):
+    """BEIR's and sentence-transformers' order: "title text" (another order changes every document vector)."""
+    data = load_beir(write_beir(tmp_path / "toy"))
+    assert data.document_text("d1") == "Vitamin D Vitamin D deficiency and bone health in older adults."
+    assert data.document_text("d4") == "Dietary fiber intake and colon cancer."
+
+
 def test_bm25_of_a_corpus_without_an_indexable_term_has_no_hits(tmp_path):
     """bm25s's index raised 'max() arg is an empty sequence' (training with data.positive=bm25 on such a corpus)."""
     from fles1.bm25 import bm25_run
@@ -740,6 +759,33 @@ def test_evaluate_threshold_reduces_nnz(tiny_random_checkpoint, beir_dir, tmp_pa
                     log=lambda *_: None)
     low, high = low["datasets"]["toy"]["metrics"], high["datasets"]["toy"]["metrics"]
     assert high["nnz_doc"] < low["nnz_doc"] and high["nnz_query"] <= low["nnz_query"]
+
+
+def test_evaluation_cuts_the_queries_at_the_threshold_too(tiny_random_checkpoint, beir_dir):
+    """Queries and documents alike: the random model's query weights are all small, so a cut at their median
+    (not 0.5) is what shows a query vector kept below the threshold."""
+    from fles1.evaluation import evaluate_dataset
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    data = load_beir(beir_dir)
+    raw = evaluate_dataset(encoder, data, 0.0, cache_dir=None, bm25=False, production=False)[2]["query_matrix"]
+    cut = float(np.median(raw.data))
+    queries = evaluate_dataset(encoder, data, cut, cache_dir=None, bm25=False, production=False)[2]["query_matrix"]
+    assert 0 < queries.nnz < raw.nnz and queries.data.min() >= cut
+
+
+def test_the_corpus_cache_is_keyed_by_the_document_max_length(tiny_random_checkpoint, beir_dir, tmp_path):
+    """Vectors of documents cut at another length are other vectors: never reused."""
+    from fles1_encoder import FLES1Encoder
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    data, cache = load_beir(beir_dir), str(tmp_path / "cache")
+    assert encode_corpus(encoder, data, cache)[2]["cached"] is False
+    assert encode_corpus(encoder, data, cache)[2]["cached"] is True
+    encoder.model.config.document_max_length = 4
+    assert encoder.max_lengths["document"] == 4
+    assert encode_corpus(encoder, data, cache)[2]["cached"] is False
 
 
 @pytest.mark.parametrize("score, message", [

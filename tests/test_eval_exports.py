@@ -241,3 +241,11 @@ def test_exports_refuse_ids_or_vocabulary_that_do_not_fit_the_matrix(write, tmp_
     (tmp_path / "ok").mkdir()
     write(tmp_path / "ok", ["r1", "r2"], matrix, vocab)
     assert os.listdir(tmp_path / "ok")
+
+
+def test_elasticsearch_query_leaves_out_weights_that_are_not_positive():
+    """A weight that is not positive scores nothing in eval: no clause for it, and a vector of zeros matches
+    nothing (an empty bool query would match every document)."""
+    assert elasticsearch_query({"a": 0.0}) == {"query": {"match_none": {}}}
+    clauses = elasticsearch_query({"a": 0.0, "b": 1.5})["query"]["bool"]["should"]
+    assert [clause["rank_feature"]["boost"] for clause in clauses] == [1.5]

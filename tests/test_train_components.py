@@ -646,3 +646,45 @@ def test_training_from_a_bert_backbone_leaves_no_temporary_copy(backbone_dir, tm
     with torch.no_grad():  # the weights outlive the deleted copy
         vector = model.encode_sparse(**tokenizer(["vitamin d and bone health"], return_tensors="pt")).sparse_embeddings
     assert model.config.model_type == "fles1" and vector.shape == (1, 30522) and vector.count_nonzero() > 0
+
+
+def test_the_default_recipe_is_the_fles1_recipe():
+    """The brief's recipe: InfoNCE tau 0.05 with 7 negatives, L1 FLOPS lambda_d 3e-5, anti-collapse, CLFR to 400
+    with gain 0.1, AdamW lr 2e-5, batch 32, 2 epochs -- the defaults, and the shipped v14 recipe alike."""
+    v14 = os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-v14.yaml")
+    cpu = {"training.bf16": False, "training.dataloader_num_workers": 0}  # the GPU settings TrainingArguments checks
+    for recipe in (load_recipe(None, {"model.path": "m", "data.source": "d"}), load_recipe(v14, cpu)):
+        assert (recipe["loss"]["temperature"], recipe["data"]["num_negatives"]) == (0.05, 7)
+        assert (recipe["loss"]["regularizer"], recipe["loss"]["lambda_d"]) == ("l1_flops", 3e-5)
+        assert recipe["loss"]["anticollapse_weight"] > 0
+        assert (recipe["clfr"]["enabled"], recipe["clfr"]["target_nnz_d"], recipe["clfr"]["gain"]) == (True, 400, 0.1)
+        training = recipe["training"]
+        assert (training["learning_rate"], training["per_device_train_batch_size"], training["num_train_epochs"]) \
+            == (2e-5, 32, 2)
+        assert training.get("optim", "adamw_torch") == "adamw_torch"
+
+
+def test_a_misspelt_data_key_is_refused():
+    with pytest.raises(ValueError, match="num_negative"):
+        load_recipe(None, {"model.path": "m", "data.source": "d", "data.num_negative": 3})
+
+
+def test_anti_collapse_refuses_a_mass_it_cannot_divide_by():
+    for mass in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="min_mass must be > 0"):
+            anti_collapse(torch.ones(2, 4), mass)
+
+
+def test_negatives_are_never_judged_documents_even_when_most_of_the_corpus_is(tmp_path):
+    """Judged documents (any grade, 0 included) are never drawn as negatives; with too few unjudged documents the
+    error says so (a sampler that miscounted them would loop for ever)."""
+    from test_eval import write_beir
+
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(6)]
+    qrels = [("q1", "d0", 1), ("q1", "d1", 0), ("q1", "d2", 1), ("q1", "d3", 0)]
+    data = load_beir(write_beir(tmp_path / "t", corpus, [{"_id": "q1", "text": "x"}], qrels, "train"), "train")
+    for seed in range(20):
+        row = beir_examples(data, num_negatives=2, seed=seed)[0]
+        assert {row["negative_1"], row["negative_2"]} == {"doc 4", "doc 5"}
+    with pytest.raises(ValueError, match="too few for 3 negatives"):
+        beir_examples(data, num_negatives=3)
