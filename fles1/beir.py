@@ -56,6 +56,8 @@ def utf8_lines(path: str, handle, error=BEIRDataError) -> Iterator[str]:
     not UTF-8 raises `error` naming the file and line; a text-mode handle fails inside a buffer read and names
     neither."""
     for number, raw in enumerate(handle, start=1):
+        if number == 1 and raw.startswith(b"\x1f\x8b"):  # gzip's magic bytes
+            raise error(f"{path}: gzip-compressed; gunzip it first")
         try:  # a byte-order mark (Windows editors write one) opens the file; it is not part of the first line
             yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as bad:
@@ -74,6 +76,8 @@ def tsv_rows(path: str, handle, error=BEIRDataError, **reader_options) -> Iterat
         except StopIteration:
             return
         except csv.Error as bad:
+            if "new-line character seen in unquoted field" in str(bad):  # its universal-newline advice does not apply
+                bad = "a carriage return inside a field (a line break of another system in the text?)"
             raise error(f"{path}:{reader.line_num}: {bad}") from None
         yield reader.line_num, row
 
@@ -170,8 +174,8 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, "rb") as handle:
-        for number, row in tsv_rows(path, handle):
+    with open(path, "rb") as handle:  # never quoted: a '"' opening an id glued the next lines onto it
+        for number, row in tsv_rows(path, handle, quoting=csv.QUOTE_NONE):
             if number == 1 and row[:1] == ["query-id"]:
                 continue
             if not row:
@@ -247,7 +251,8 @@ def load_beir(source: str, split: str = "test", keep_missing_documents: bool = F
         folder = os.path.join(source, "qrels")
         splits = sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".tsv")) \
             if os.path.isdir(folder) else []
-        raise BEIRSplitError(f"{qrels_path}: file not found (splits here: {', '.join(splits) or 'none'})")
+        gzipped = f"; {qrels_path}.gz is gzipped: gunzip it" if os.path.isfile(f"{qrels_path}.gz") else ""
+        raise BEIRSplitError(f"{qrels_path}: file not found (splits here: {', '.join(splits) or 'none'}){gzipped}")
     corpus = load_corpus(corpus_path)
     queries = load_queries(queries_path)
     missing = [] if keep_missing_documents else None

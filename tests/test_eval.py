@@ -1,5 +1,6 @@
 """eval_fles1.py on a small BEIR fixture written here: data errors, BEIR conventions, metrics, cache, outputs."""
 
+import gzip
 import io
 import json
 import math
@@ -82,6 +83,20 @@ def test_bad_data_names_file_and_line(tmp_path):
 
     with pytest.raises(BEIRDataError, match=r"qrels/dev\.tsv: file not found \(splits here: test\)$"):
         load_beir(write_beir(tmp_path / "split"), split="dev")
+    folder = write_beir(tmp_path / "gzipped")  # was "(splits here: none)" beside qrels/test.tsv.gz
+    qrels = os.path.join(folder, "qrels", "test.tsv")
+    with open(qrels, "rb") as plain, gzip.open(qrels + ".gz", "wb") as packed:
+        packed.write(plain.read())
+    os.remove(qrels)
+    with pytest.raises(BEIRDataError, match=r"test\.tsv: file not found \(splits here: none\); .*test\.tsv\.gz is "
+                                            r"gzipped: gunzip it$"):
+        load_beir(folder)
+
+    # qrels are never quoted: a '"' opening an id glued the lines up to the next '"' into one id (judgements lost)
+    quoted = [{"_id": '"d0', "title": "", "text": "zero"}, {"_id": 'd9"', "title": "", "text": "nine"}]
+    folder = write_beir(tmp_path / "quoted", corpus=CORPUS + quoted,
+                        qrels=[("q1", '"d0', 1), ("q2", "d2", 1), ("q4", 'd9"', 1)])
+    assert load_beir(folder).qrels == {"q1": {'"d0': 1}, "q2": {"d2": 1}, "q4": {'d9"': 1}}
 
     # the same id or pair twice, differently: the last one used to win silently; identical repeats are harmless
     repeated = CORPUS + [dict(CORPUS[0])]

@@ -1,5 +1,6 @@
 """Unit tests of the training pieces: sparse backward, loss and regularizer formulas, data, bad input."""
 
+import gzip
 import json
 import os
 
@@ -169,6 +170,14 @@ def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
     crlf = tmp_path / "crlf.tsv"  # Windows line ends read as the same triples
     crlf.write_bytes(b"".join(line.rstrip(b"\r\n") + b"\r\n" for line in lines))
     assert triples_examples(str(crlf))[:5] == triples_examples(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"))[:5]
+    gzipped = tmp_path / "raw.tsv.gz"  # was "not UTF-8 (byte 0x8b at 1)"
+    gzipped.write_bytes(gzip.compress(b"".join(lines)))
+    with pytest.raises(ValueError, match=r"raw\.tsv\.gz: gzip-compressed; gunzip it first"):
+        triples_examples(str(gzipped))
+    carriage = tmp_path / "cr.tsv"  # was the csv module's "do you need to open the file in universal-newline mode?"
+    carriage.write_bytes(b"".join(lines[:3]) + b"a query\tpositive\rtext\tnegative\n")
+    with pytest.raises(ValueError, match=r"cr\.tsv:4: a carriage return inside a field"):
+        triples_examples(str(carriage))
     blank = tmp_path / "blank.tsv"  # was "no query has a relevant document": BEIR's wording
     blank.write_bytes(b"\n\n")
     with pytest.raises(ValueError, match=r"blank\.tsv: no training examples \(no query <tab> positive <tab> negative"):
@@ -185,6 +194,12 @@ def test_a_triples_header_row_is_not_trained_as_an_example(msmarco_toy_dir, tmp_
         path = tmp_path / "header.tsv"
         path.write_bytes(header + body)
         assert triples_examples(str(path), num_negatives=7, seed=0)[:] == triples_examples(toy, 7, 0)[:], header
+    ids = tmp_path / "ids.tsv"  # MS MARCO's qidpidtriples: numbers, with or without their header
+    for header in (b"", b"qid\tpid_pos\tpid_neg\n"):
+        ids.write_bytes(header + b"".join(b"%d\t%d\t%d\n" % (i, 100 + i, 200 + i) for i in range(10)))
+        with pytest.raises(ValueError, match=r"ids\.tsv: every row is three numbers: id triples \(MS MARCO's "
+                                             r"qidpidtriples\), not texts"):
+            triples_examples(str(ids), num_negatives=2)
     later = tmp_path / "later.tsv"  # only a first row is a header: the same text further down is a triple
     later.write_bytes(body + b"query\tpositive\tnegative\n")
     assert len(triples_examples(str(later))) == 101
@@ -266,7 +281,7 @@ def test_tab_separated_files_csv_refuses_name_file_and_line_and_long_passages_lo
 
     stray = tmp_path / "stray.tsv"
     stray.write_bytes(b"q1\tp1\tn1\nq2\tp2 \r more\tn2\n")
-    with pytest.raises(ValueError, match=rf"stray\.tsv:2: new-line character seen in unquoted field"):
+    with pytest.raises(ValueError, match=rf"stray\.tsv:2: a carriage return inside a field"):
         read_triples(str(stray))
     long = tmp_path / "long.tsv"
     long.write_text("q1\t" + "word " * 40_000 + "\tn1\n")
@@ -274,7 +289,7 @@ def test_tab_separated_files_csv_refuses_name_file_and_line_and_long_passages_lo
     folder = write_beir(tmp_path / "beir")
     with open(os.path.join(folder, "qrels", "test.tsv"), "ab") as handle:
         handle.write(b"q1\td2\r\t1\n")
-    with pytest.raises(BEIRDataError, match=r"qrels[/\\]test\.tsv:\d+: new-line character seen"):
+    with pytest.raises(BEIRDataError, match=r"qrels[/\\]test\.tsv:\d+: a carriage return inside a field"):
         load_beir(folder)
 
 
@@ -688,3 +703,32 @@ def test_negatives_are_never_judged_documents_even_when_most_of_the_corpus_is(tm
         assert {row["negative_1"], row["negative_2"]} == {"doc 4", "doc 5"}
     with pytest.raises(ValueError, match="too few for 3 negatives"):
         beir_examples(data, num_negatives=3)
+
+
+def test_the_document_with_the_query_own_id_is_never_a_negative(tmp_path):
+    """Eval drops it from every ranking (BEIR's convention, e.g. Quora, where it is the query itself); training
+    drew it as a negative."""
+    from test_eval import write_beir
+
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(5)] + \
+        [{"_id": "q1", "title": "", "text": "the query itself"}]
+    data = load_beir(write_beir(tmp_path / "t", corpus, [{"_id": "q1", "text": "the query itself"}],
+                                [("q1", "d0", 1)], "train"), "train")
+    for seed in range(30):
+        row = beir_examples(data, num_negatives=4, seed=seed)[0]
+        assert {row[f"negative_{i}"] for i in range(1, 5)} == {"doc 1", "doc 2", "doc 3", "doc 4"}
+    with pytest.raises(ValueError, match="leaves 4 unjudged documents, too few for 5 negatives"):
+        beir_examples(data, num_negatives=5)
+
+
+def test_blank_texts_are_named_when_they_leave_no_example(tmp_path):
+    """The error said "no query has a relevant document" while every query had one: their texts were blank."""
+    from test_eval import write_beir
+
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(5)]
+    data = load_beir(write_beir(tmp_path / "t", corpus, [{"_id": "q1", "text": "  "}], [("q1", "d0", 1)], "train"),
+                     "train")
+    with pytest.warns(UserWarning, match="left out"), \
+            pytest.raises(ValueError, match=r"no training examples \(every query with a relevant document was left "
+                                            r"out: its query or its relevant documents are blank\)"):
+        beir_examples(data, num_negatives=2)

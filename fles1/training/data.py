@@ -53,9 +53,10 @@ def _columns(num_negatives: int) -> list[str]:
     return ["query", "positive"] + [f"negative_{i}" for i in range(1, num_negatives + 1)]
 
 
-def _to_dataset(rows: list[list[str]], num_negatives: int, source: str) -> Dataset:
+def _to_dataset(rows: list[list[str]], num_negatives: int, source: str,
+                why: str = "no query has a relevant document") -> Dataset:
     if not rows:
-        raise ValueError(f"{source}: no training examples (no query has a relevant document)")
+        raise ValueError(f"{source}: no training examples ({why})")
     columns = _columns(num_negatives)
     return Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(columns)})
 
@@ -107,14 +108,16 @@ def beir_examples(
         if not positives or _blank(dataset.queries[query_id]):
             left_out.append(f"query {query_id!r}")
             continue
-        unjudged = len(doc_ids) - sum(doc_id in dataset.corpus for doc_id in judged)
+        # nor the document with the query's own id: eval drops it from every ranking (BEIR's convention)
+        own = query_id in dataset.corpus and query_id not in judged
+        unjudged = len(doc_ids) - sum(doc_id in dataset.corpus for doc_id in judged) - own
         if unjudged < num_negatives:
             raise ValueError(f"{dataset.name}: query {query_id!r} leaves {unjudged} unjudged "
                              f"documents, too few for {num_negatives} negatives")
         negatives = []
         while len(negatives) < num_negatives:
             doc_id = doc_ids[rng.randrange(len(doc_ids))]
-            if doc_id not in judged and doc_id not in negatives:
+            if doc_id not in judged and doc_id != query_id and doc_id not in negatives:
                 negatives.append(doc_id)
         positive = positives[rng.randrange(len(positives))]  # drawn in both modes: same rng stream
         scored = [doc_id for doc_id in positives if doc_id in bm25.get(query_id, {})]
@@ -124,15 +127,18 @@ def beir_examples(
         relevance.append({"documents": [positive] + negatives, "relevant": relevant})
     source = f"{dataset.name} ({dataset.split})"
     _warn_left_out(source, left_out, "its query, or every relevant document, is")
-    examples = _to_dataset(rows, num_negatives, source)
+    why = "every query with a relevant document was left out: its query or its relevant documents are blank" \
+        if left_out else "no query has a relevant document"
+    examples = _to_dataset(rows, num_negatives, source, why)
     return examples.add_column("relevance", relevance) if with_ids else examples
 
 
 def is_triples_header(row: list[str]) -> bool:
     """Whether a triples file's first row names its columns (query / positive / negative and the usual variants)."""
     names = [field.strip().lower() for field in row]
-    return len(names) == 3 and names[0] in ("query", "queries", "question", "anchor", "q") \
-        and names[1].startswith("pos") and names[2].startswith("neg")
+    return len(names) == 3 and names[0] in ("query", "queries", "question", "anchor", "q", "qid", "query_id",
+                                            "query-id") \
+        and "pos" in names[1] and "neg" in names[2]
 
 
 def read_triples(path: str) -> list[tuple[int, str, str, str]]:
@@ -148,6 +154,9 @@ def read_triples(path: str) -> list[tuple[int, str, str, str]]:
                 raise ValueError(f"{path}:{number}: expected 3 tab-separated columns (query, positive, negative), "
                                  f"got {len(row)}")
             triples.append((number, row[0], row[1], row[2]))
+    if triples and all(field.strip().isdigit() for _, *fields in triples for field in fields):
+        raise ValueError(f"{path}: every row is three numbers: id triples (MS MARCO's qidpidtriples), not texts; "
+                         "replace the ids by their texts (queries.tsv, collection.tsv) first")
     return triples
 
 
