@@ -10,6 +10,7 @@ transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head ar
 """
 
 import functools
+import itertools
 import math
 import operator
 import os
@@ -195,11 +196,14 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _hooked(hook_dicts) -> bool:
+def _hooked(hook_dicts, module_dicts) -> bool:
     """Whether forward hooks could change what the traced modules compute (a trace would have baked them in or
-    missed them). `hook_dicts`: the modules' own hook dicts, which registering and removing a hook mutate."""
+    missed them). `hook_dicts`: the modules' own hook dicts, which registering and removing a hook mutate;
+    `module_dicts`: their instance ``__dict__``s, where accelerate's hooks (``add_hook_to_module``: device
+    placement, offloading) and other wrappers put a ``forward`` of their own (~1 us)."""
     state = torch.nn.modules.module
-    return bool(state._global_forward_hooks or state._global_forward_pre_hooks) or any(hook_dicts)
+    return bool(state._global_forward_hooks or state._global_forward_pre_hooks) or any(hook_dicts) \
+        or any(map(dict.__contains__, module_dicts, itertools.repeat("forward")))
 
 
 class _Int8Screen(NamedTuple):
@@ -468,11 +472,11 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         shipped model (`_module_views`)."""
         return any(map(_TRAINING, self._module_views()[1]))
 
-    def _module_views(self) -> tuple[list, tuple]:
+    def _module_views(self) -> tuple[list, tuple, list]:
         """What the single-text path asks of the modules on every call, collected once and rebuilt after any module
         or parameter registration on them: the forward (pre-)hook dicts of the modules a trace runs (any() over
-        them costs ~1 us on the shipped 2-layer model, ~5 us at 12 layers, asking each module ~9x that) and the
-        mode-dependent modules (`dropout_active`). Registering and removing hooks mutate those dicts; code that
+        them costs ~1 us on the shipped 2-layer model, ~5 us at 12 layers, asking each module ~9x that), the
+        mode-dependent modules (`dropout_active`) and the traced modules' instance dicts (`_hooked`). Registering and removing hooks mutate those dicts; code that
         assigns a module a new one (``module._forward_hooks = OrderedDict()``) is not seen until `clear_caches()`."""
         cached = self.__dict__.get("_fles1_module_views")
         if cached is None or cached[0] != _REGISTRATIONS[0]:
@@ -481,7 +485,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             hooks = [hooks for module in traced for hooks in (module._forward_hooks, module._forward_pre_hooks)]
             modes = tuple(module for module in self.modules() if isinstance(module, _MODE_DEPENDENT)
                           or any(isinstance(child, _MODE_DEPENDENT) for child in module.children()))
-            cached = self.__dict__["_fles1_module_views"] = (_REGISTRATIONS[0], (hooks, modes))
+            instances = [module.__dict__ for module in traced]
+            cached = self.__dict__["_fles1_module_views"] = (_REGISTRATIONS[0], (hooks, modes, instances))
         return cached[1]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -620,7 +625,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         # eager under autocast (a trace does not follow it) and while forward hooks are registered (a trace built
         # with them would keep them after their removal, one built before would miss them)
         if single and self.use_traced_backbone and input_ids.device.type == "cpu" and not self.training \
-                and not torch.is_grad_enabled() and not _cpu_autocast() and not _hooked(self._module_views()[0]) \
+                and not torch.is_grad_enabled() and not _cpu_autocast() and not _hooked(*self._module_views()[::2]) \
                 and not self.dropout_active():  # a trace built with dropout on would fail its check, for good
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
@@ -772,8 +777,13 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """Drop the decoder's int8 / packed copies and the traced backbone; they are rebuilt on the next call.
 
         They follow the weights and hooks by themselves (version counters, a sample of elements, module and hook
-        registrations), except after a write through ``.data`` to a few rows of the decoder (``weight.data[new_id] =
-        ...``) or a module's hook dict replaced by assignment: call this then.
+        registrations, a ``forward`` set on a module as accelerate's hooks do), except after edits that register
+        nothing -- call this then:
+
+        - a write through ``.data`` to a few rows of the decoder (``weight.data[new_id] = ...``);
+        - a module's hook dict replaced by assignment;
+        - a submodule or parameter removed (``del model.bert.encoder.layer[1]``, ``linear.bias = None``);
+        - a setting the trace holds as a constant (``LayerNorm.eps``, an attention module's ``scaling``).
         """
         for name in self._fles1_caches:
             self.__dict__.pop(name, None)

@@ -996,6 +996,39 @@ def test_model_single_text_path_follows_forward_hooks():
     assert all((path - plain).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))
 
 
+def test_model_single_text_path_follows_accelerate_hooks_and_documented_edits():
+    """accelerate's hooks (device placement, offloading) replace a module's forward in its __dict__: no hook dict
+    sees them, and the trace computed without (or kept) them. Removing a layer registers nothing: clear_caches()."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Shift(ModelHook):
+        def __init__(self, offset):
+            self.offset = offset
+
+        def post_forward(self, module, output):
+            return output + self.offset
+
+    model, features = tiny_model()
+    input_ids = features["input_ids"][:1]
+    mask = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    plain = naive_sparse(model, mask)
+    assert all((path - plain).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))  # traced
+    dense = model.bert.encoder.layer[-1].output.dense
+    add_hook_to_module(dense, Shift(torch.randn(model.config.hidden_size)))
+    with torch.no_grad():
+        hooked = naive_sparse(model, mask)
+    assert (hooked - plain).abs().max().item() > 1e-2
+    assert all((path - hooked).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))
+    remove_hook_from_module(dense)
+    assert all((path - plain).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))
+
+    del model.bert.encoder.layer[-1]
+    model.clear_caches()
+    pruned = naive_sparse(model, mask)
+    assert (pruned - plain).abs().max().item() > 1e-4  # a random tiny layer moves little, still 100x the tolerance
+    assert all((path - pruned).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))
+
+
 def test_model_encode_sparse_with_return_dict_false():
     """config.return_dict=False (a from_pretrained kwarg) made BERT return tuples: encode_sparse raised AttributeError."""
     model, features = tiny_model()
