@@ -551,10 +551,6 @@ class FLES1Encoder:
         with self._eval_mode():
             return self.model.encode_sparse(**features, projection_dtype=self.projection_dtype).sparse_embeddings
 
-    def _encode_dense(self, texts: list[str], kind: str) -> torch.Tensor:
-        """(len(texts), vocab) float32 before threshold; texts must be non-blank."""
-        return self._encode_ids_batch(self._tokenize(texts, kind))
-
     def _batches(self, texts: list[str], kind: str, batch_size: int, show_progress_bar: Optional[bool]):
         """Yield (positions, vectors) for the texts that have tokens. A window of texts at a time is tokenized and
         sorted by token count, then batched, so that padding is minimal and memory stays bounded."""

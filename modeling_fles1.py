@@ -448,8 +448,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     # Trace the backbone for single-text CPU inference (see `_hidden_states`); False keeps it eager.
     use_traced_backbone = True
 
-    # Derived caches (`_decoder_cache`, the single-text trace) live in __dict__ and are rebuilt on demand; copies,
-    # pickles and torch.save leave them out -- a TorchScript module and oneDNN's opaque packed tensors cannot be.
+    # Derived caches (`_decoder_cache`, the single-text trace, `_module_views`) live in __dict__ and are rebuilt on
+    # demand; copies, pickles and torch.save leave them out -- a TorchScript module and oneDNN's opaque packed
+    # tensors cannot be.
     _fles1_caches = ("_fles1_decoder_cache", "_fles1_traced_hidden_states", "_fles1_module_views")
 
     def __init__(self, config: FLES1Config):
@@ -555,8 +556,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         ``hf_hub_download``), from the checkpoint the model was loaded from (folder, or hub repo as cached) else
         from beside this file; and that checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint
         -- a sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
-        files already in the folder are kept. A hub checkpoint's files come from the local cache, else (online)
-        the Hub; a missing encoder file or license is named in a warning."""
+        files already in the folder are kept. A hub checkpoint's files come from the local cache, and
+        fles1_encoder.py and LICENSE, when not cached, from the Hub (online; `_companion_file`); a missing encoder
+        file or license is named in a warning."""
         subfolder = getattr(self, "_fles1_loaded_from", ("", "", ""))[2]
         folders = [os.path.join(self.name_or_path or "", part) for part in dict.fromkeys([subfolder, ""])]
         local = bool(self.name_or_path) and os.path.isdir(self.name_or_path)

@@ -24,7 +24,6 @@ from modeling_fles1 import ENCODER_FILE, LICENSE_FILES, FLES1ForMaskedLM
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
 DEFAULT_BACKBONE = os.path.join(os.path.dirname(PROJECT_ROOT), "shared", "models", "splade-tiny")
-SPARSE_SETTINGS = ("inference_threshold", "query_max_length", "document_max_length")
 
 
 def fles1_config_from(backbone_config, **sparse_settings) -> FLES1Config:

@@ -309,7 +309,7 @@ def evaluate_dataset(
     show_progress_bar: Optional[bool] = None,
 ) -> tuple[dict, dict, dict]:
     """(results entry in the shared format, run {qid: {doc_id: score}}, artifacts {index, doc_matrix,
-    query_matrix, query_ids}) for one dataset."""
+    query_matrix, query_ids, encode_info}) for one dataset (encode_info: `encode_corpus`'s)."""
     if production and not (isinstance(latency_queries, int) and latency_queries >= 1):
         raise ValueError(f"latency_queries must be an int >= 1 (or production=False), got {latency_queries!r}")
     query_ids = list(dataset.qrels)  # every judged query counts, hits or not

@@ -24,12 +24,11 @@ from scipy.sparse import csr_matrix, issparse
 from fles1.atomic import atomic_open
 from fles1_encoder import passes_threshold
 
+# Saved indices hold float16 weights: |w16 - w| <= 2**-11 |w| (round to nearest) for |w| >= 2**-14, float16's
+# smallest normal number; below it the error is at most 2**-25 absolute (subnormals; at threshold 0 a few weights
+# are that small). So any score moves by at most ~that fraction and two documents can only swap when their exact
+# scores are within ~2**-10 of each other (ties at that resolution).
 INDEX_FORMAT = "fles1-inverted-index/1"
-# float16 weights: |w16 - w| <= 2**-11 |w| (round to nearest) for |w| >= 2**-14, float16's smallest normal number;
-# below it the error is at most 2**-25 absolute (subnormals; at threshold 0 a few weights are that small). So any
-# score moves by at most ~that fraction and two documents can only swap when their exact scores are within ~2**-10
-# of each other (ties at that resolution).
-FLOAT16_RELATIVE_ERROR = 2.0**-11
 
 
 def apply_threshold(matrix: csr_matrix, threshold: float) -> csr_matrix:
