@@ -30,7 +30,8 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fles1 import PROJECT_ROOT
+
 TEMPLATE_PATH = os.path.join(PROJECT_ROOT, "model_card", "template.md")
 MISSING = "—"
 LICENSE = "apache-2.0"  # the shipped backbone's (splade-tiny); a model folder's own LICENSE file decides on push
@@ -550,6 +551,18 @@ def check_license_id(license) -> None:
 GIT_REF_FORBIDDEN = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]|\.\.|@\{")
 
 
+def check_repo_id(repo_id: str, label: str = "repo id") -> None:
+    """A Hub repo id with its owner (``label`` starts the error, e.g. the flag that gave it): an owner-less id
+    lands under the uploader's account, where the card's snippets would not find it."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise CardInputError(f"{label} {repo_id!r} is not a Hub repo id ({error})") from None
+    if "/" not in repo_id:
+        raise CardInputError(f"{label} {repo_id!r} names no owner: the card's snippets load the repo by this id; give "
+                             f"it as <user or organization>/{repo_id} (e.g. mindoval/fles1-v14)")
+
+
 def check_revision(revision: Optional[str]) -> None:
     """A branch name git can create (git check-ref-format): the card names it in every snippet, and the Hub
     refused it only at upload, after the assembly and validation."""
@@ -675,13 +688,7 @@ def build_card(
     embedded as is; ``revision``: the branch the card's snippets and rerun command load (default: main);
     ``license``: a Hub license id ("other": the repository's ``license_file``; fles1.checkpoint.license_of)."""
     check_license_id(license)
-    try:  # the card names it in its snippets, rerun commands and model-index (push_fles1.py checks it too)
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise CardInputError(f"repo id {repo_id!r} is not a Hub repo id ({error})") from None
-    if "/" not in repo_id:  # the Hub would put it under the uploader's account; the snippets would miss it
-        raise CardInputError(f"repo id {repo_id!r} names no owner: the card's snippets load the repo by this id; give "
-                             f"it as <user or organization>/{repo_id} (e.g. mindoval/fles1-v14)")
+    check_repo_id(repo_id)  # the card names it in its snippets, rerun commands and model-index
     check_revision(revision)
     short = distinct_names(results)
     name_of = lambda path: (result_names or {}).get(path) or short.get(path, os.path.basename(path))  # noqa: E731
@@ -723,7 +730,6 @@ def build_card(
         language="en", eval_results=model_index(primary),
     )
     header = primary.header
-    environment = header.get("environment") or {}
     values = dict(
         model_name=model_name,
         repo_id=repo_id,

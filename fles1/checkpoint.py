@@ -16,14 +16,20 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
 from configuration_fles1 import FLES1Config
+from fles1 import PROJECT_ROOT
 from fles1.atomic import (atomic_directory, atomic_write_json, is_staging_folder, path_within, plain_file_permissions,
                           require_new_folder)
 from fles1_encoder import is_local_path, not_a_folder
 from modeling_fles1 import ENCODER_FILE, LICENSE_FILES, FLES1ForMaskedLM
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
 DEFAULT_BACKBONE = os.path.join(os.path.dirname(PROJECT_ROOT), "shared", "models", "splade-tiny")
+
+
+def copy_code_files(out_dir: str) -> None:
+    """This project's Hub code files (HUB_CODE_FILES) into a checkpoint or Hub folder, over any older copies."""
+    for name in HUB_CODE_FILES:
+        shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
 
 
 def fles1_config_from(backbone_config, **sparse_settings) -> FLES1Config:
@@ -49,8 +55,7 @@ def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str, license_fr
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.model_max_length = model.config.document_max_length
     tokenizer.save_pretrained(out_dir)
-    for name in HUB_CODE_FILES:  # save_pretrained copied the checkpoint's own (maybe older) files: ship this code
-        shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
+    copy_code_files(out_dir)  # save_pretrained copied the checkpoint's own (maybe older) files: ship this code
     write_sentence_transformers_files(out_dir, model.config)  # re-saves the tokenizer
     drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))
     # training saves here directly, not through atomic_directory: the weights safetensors wrote 0600, nothing else

@@ -30,8 +30,9 @@ from typing import Optional, Sequence
 import yaml
 
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
-from fles1.card import CardInputError, build_card, check_license_id, check_revision, publishable, read_json
-from fles1.checkpoint import (HUB_CODE_FILES, PROJECT_ROOT, TOKENIZER_CODE_REFUSED, drop_loader_flags, license_of,
+from fles1.card import (CardInputError, build_card, check_license_id, check_repo_id, check_revision, publishable,
+                        read_json)
+from fles1.checkpoint import (HUB_CODE_FILES, TOKENIZER_CODE_REFUSED, copy_code_files, drop_loader_flags, license_of,
                               load_source_tokenizer, tokenizer_code)
 from modeling_fles1 import LICENSE_FILES
 
@@ -124,16 +125,22 @@ def _copy_published(model_dir: str, out_dir: str, log) -> None:
         if not os.path.exists(source):  # a link to nothing
             raise PublishError(f"{source}: a link to a file that does not exist ({os.readlink(source)})")
         try:
-            text = public_text(source) if os.path.isfile(source) else None  # a config naming a path or a token
             if os.path.isdir(source):  # a module folder: its configs
                 shutil.copytree(source, target, ignore=shutil.ignore_patterns(".*", "__pycache__"))
-            elif text is not None:
-                with open(target, "w", encoding="utf-8") as handle:
-                    handle.write(text)
             else:
-                shutil.copyfile(source, target)
+                _copy_public(source, target)
         except (shutil.Error, OSError) as error:
             raise PublishError(f"{source}: cannot be copied ({error})") from None
+
+
+def _copy_public(source: str, target: str) -> None:
+    """Copy a file; a JSON or YAML one as `public_text` writes it (no local path, no secret)."""
+    text = public_text(source)
+    if text is None:
+        shutil.copyfile(source, target)
+    else:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
 
 
 def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
@@ -148,12 +155,7 @@ def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
         prefix = index
         while os.path.exists(os.path.join(folder, name)):  # a prefixed name may be taken too ("2_eval.json")
             name, prefix = f"{prefix}_{base}", prefix + len(paths)
-        text = public_text(path)
-        if text is None:
-            shutil.copyfile(path, os.path.join(folder, name))
-        else:
-            with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
-                handle.write(text)
+        _copy_public(path, os.path.join(folder, name))
         copied.append(os.path.join(folder, name))
     return copied
 
@@ -339,8 +341,7 @@ def _assemble_into(model_dir: str, out_dir: str, repo_id: str, card: CardInputs,
         card = replace(card, plots=sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".png")))
     _copy_published(model_dir, out_dir, log)
     drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))  # a folder saved before checkpoint.py did it
-    for name in HUB_CODE_FILES:  # the project's current code, not the copy saved with the weights (maybe older)
-        shutil.copyfile(os.path.join(PROJECT_ROOT, name), os.path.join(out_dir, name))
+    copy_code_files(out_dir)  # the project's current code, not the copy saved with the weights (maybe older)
     results_dir, plots_dir = os.path.join(out_dir, "results"), os.path.join(out_dir, "plots")
     copied_results = _copy_unique(card.results, results_dir)
     _copy_unique(card.training_logs, results_dir, rename=_training_log_name)
@@ -540,19 +541,14 @@ def publish(
         raise PublishError("the model card needs at least one eval results JSON: pass --results (eval_fles1.py --output)")
     if dry_run is not None and not str(dry_run).strip():  # "" is no folder: it was written to a temporary, then lost
         raise PublishError("--dry-run needs the folder to write (e.g. --dry-run hub_out)")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)  # a dry run too: its card and folder name the repo
-    except HFValidationError as error:
-        raise PublishError(f"--repo-id {repo_id!r} is not a Hub repo id: {error}") from None
+    try:  # a dry run too: its card and folder name the repo
+        check_repo_id(repo_id, label="--repo-id")
+    except CardInputError as error:
+        raise PublishError(str(error)) from None
     try:  # before any work: the Hub refused it only at upload
         check_revision(revision)
     except CardInputError as error:
         raise PublishError(f"--{error}") from None
-    if "/" not in repo_id:  # the Hub would put it under the token's account; the card's snippets would miss it
-        raise PublishError(f"--repo-id {repo_id!r} names no owner: the card's snippets load the repo by this id; "
-                           f"give it as <user or organization>/{repo_id} (e.g. mindoval/fles1-v14)")
     token = None
     if dry_run is None:
         token = resolve_token()  # before any work
