@@ -36,8 +36,11 @@ DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus")
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for `device`'s queued kernels (cuda:1's, not the current device's), so timings end with the work."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def docs_per_second(encode, texts, device, rounds: int) -> list[float]:

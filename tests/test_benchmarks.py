@@ -55,6 +55,17 @@ def test_bench_train_refuses_a_gpu_its_trainers_would_not_run_on(monkeypatch):
         trainer_device(torch.device("xpu"))
 
 
+def test_bench_encode_waits_for_the_device_it_times(monkeypatch):
+    """torch.cuda.synchronize() waits on the current device: --device cuda:1 stopped the clock with its kernels
+    still queued, and mps was never waited for."""
+    synchronize, waited = load("bench_encode").synchronize, []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(("mps", None)))
+    for device in ("cuda:1", "mps", "cpu"):
+        synchronize(torch.device(device))
+    assert waited == [("cuda", torch.device("cuda:1")), ("mps", None)]
+
+
 def test_a_model_or_data_folder_that_will_not_do_is_one_error_line(backbone_dir, tmp_path, capsys):
     """Each was a traceback (CheckpointError, BEIRDataError, FileNotFoundError without the path)."""
     encode, train = load("bench_encode").main, load("bench_train").main

@@ -43,6 +43,22 @@ def test_info_nce_matches_explicit_formula():
         info_nce(queries, documents[:-1], group_size=4)
 
 
+def test_info_nce_scores_in_float32_under_bf16_autocast():
+    """The v14 recipe trains under bf16 autocast: the score matmul ran in bf16, where logits in the hundreds
+    (sparse dot products / 0.05) step by 2-4 -- the softmax, loss and gradients off by that much."""
+    torch.manual_seed(0)
+    queries = torch.rand(4, 64, requires_grad=True)
+    documents = torch.rand(4 * 8, 64) * 3
+    expected = info_nce(queries, documents, group_size=8, temperature=0.05)
+    (expected_grad,) = torch.autograd.grad(expected, queries)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = info_nce(queries, documents, group_size=8, temperature=0.05)
+    (grad,) = torch.autograd.grad(loss, queries)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+
+
 def test_false_negatives_are_left_out_of_the_denominator():
     from fles1.training.trainer import false_negative_mask
 
@@ -510,6 +526,10 @@ def test_trainer_rejects_empty_dataset_and_oversized_batch(tiny_random_checkpoin
     for length in (0, 2):  # 0 used to fall back to the config's length silently, 1-2 to train on [CLS] [SEP] only
         with pytest.raises(ValueError, match=rf"query_max_length must be an int >= 3 .*got {length}"):
             FLES1Trainer(model=model, args=small, train_dataset=rows, processing_class=tokenizer, query_max_length=length)
+    small._n_gpu = 2  # two GPUs seen by one process, no torchrun: DataParallel, whose model has no encode_sparse
+    with pytest.raises(ValueError, match=r"2 GPUs are visible to one process: train one process per GPU \(torchrun "
+                                         r"--nproc_per_node 2"):
+        FLES1Trainer(model=model, args=small, train_dataset=rows, processing_class=tokenizer)
 
 
 def test_int8_screened_forward_matches_float32():

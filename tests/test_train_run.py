@@ -60,6 +60,8 @@ def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir,
     assert on_disk["global_step"] == 4 and [row["step"] for row in on_disk["history"]] == [1, 2, 3, 4]
     # the card takes paths that were local at training time for what they are, wherever it is written
     assert on_disk["recipe"]["resolved"]["local_paths"] == ["model.path", "data.source"]
+    # what a torchrun of N processes trained: the recipe's per-device batch alone did not say
+    assert (on_disk["recipe"]["resolved"]["world_size"], on_disk["recipe"]["resolved"]["global_batch_size"]) == (1, 4)
     assert all(set(row) == set(HISTORY_KEYS) and row["nnz_doc"] > 0 for row in on_disk["history"])
     assert set(on_disk["crashes"]) == {"non_finite_loss", "non_finite_grad", "loss_spike", "nnz_collapse", "total"}
     assert [row["step"] for row in on_disk["clfr"]] == [2, 4]

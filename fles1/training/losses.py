@@ -38,7 +38,9 @@ def info_nce(
         where = "" if document_offset is None else f" from row {document_offset}"
         raise ValueError(f"expected {queries.shape[0]} x {group_size} documents{where} for {queries.shape[0]} "
                          f"queries, got {documents.shape[0]}")
-    scores = queries @ documents.t() / temperature
+    # float32 under bf16 autocast too: sparse dot products / 0.05 reach the hundreds, where bf16 steps by 2-4
+    with torch.autocast(queries.device.type, enabled=False):
+        scores = queries.float() @ documents.float().t() / temperature
     if false_negatives is not None:
         scores = scores.masked_fill(false_negatives.to(scores.device), float("-inf"))
     labels = torch.arange(queries.shape[0], device=queries.device) * group_size + (document_offset or 0)

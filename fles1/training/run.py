@@ -169,7 +169,7 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
     from .crashes import CrashMonitor
     from .data import load_training_examples
     from .recipe import training_arguments
-    from .trainer import FLES1Trainer, check_batch_fits
+    from .trainer import FLES1Trainer, check_batch_fits, check_one_process_per_gpu
 
     trainer_class = trainer_class or FLES1Trainer
     data, loss, clfr_cfg, model_cfg = recipe["data"], recipe["loss"], recipe["clfr"], recipe["model"]
@@ -181,7 +181,9 @@ def build_trainer(recipe: dict, output_dir: str, max_steps: int | None = None, t
     if max_steps is not None:
         training["max_steps"] = max_steps
     args = training_arguments(training, output_dir)
-    check_batch_fits(args, len(dataset))  # before the model loads (the trainer checks again, for its other callers)
+    # before the model loads (the trainer checks again, for its other callers)
+    check_batch_fits(args, len(dataset))
+    check_one_process_per_gpu(args)
     model, tokenizer = load_model_for_training(model_cfg["path"])
     clfr = None
     if clfr_cfg["enabled"]:
@@ -303,6 +305,10 @@ def training_log(trainer, recipe: dict, runtime_s: float) -> dict:
             "max_steps": trainer.state.max_steps,
             "clfr_interval_steps": getattr(clfr, "_interval", None),
             "train_examples": len(trainer.train_dataset),
+            # torchrun's processes: the batch each step trained on is per_device_train_batch_size times these
+            "world_size": trainer.args.world_size,
+            "global_batch_size": trainer.args.per_device_train_batch_size * trainer.args.world_size
+            * trainer.args.gradient_accumulation_steps,
             # which of them named local files: the card takes the others as Hub ids, wherever it is written
             "local_paths": [key for key, value in (("model.path", recipe["model"]["path"]),
                                                    ("data.source", recipe["data"]["source"]))

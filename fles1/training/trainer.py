@@ -229,6 +229,15 @@ def check_batch_fits(args, num_examples: int) -> None:
                          f"({num_examples} examples)")
 
 
+def check_one_process_per_gpu(args) -> None:
+    """ValueError when one process sees several GPUs: transformers' Trainer would wrap the model in DataParallel,
+    which hides `encode_sparse` (an AttributeError at step 1) and would split each batch's in-batch negatives
+    across GPUs; DDP (torchrun) trains what one process with the global batch does."""
+    if args.n_gpu > 1:
+        raise ValueError(f"{args.n_gpu} GPUs are visible to one process: train one process per GPU (torchrun "
+                         f"--nproc_per_node {args.n_gpu} train_fles1.py ...), or on one GPU (CUDA_VISIBLE_DEVICES=0)")
+
+
 def tied_weight_names(model) -> set:
     """Parameters that are another one (the decoder is the word embeddings): saved once, under the other's name."""
     return set(getattr(model, "_tied_weights_keys", None) or ())
@@ -294,6 +303,7 @@ class FLES1Trainer(Trainer):
         if args is not None:
             args.remove_unused_columns = False  # the collator needs the text columns
             check_batch_fits(args, len(train_dataset))
+            check_one_process_per_gpu(args)
         config = model.config
         # a recipe's lengths override the config's; checked now, not at the first long batch hours in
         query_max_length = check_max_length(
