@@ -303,6 +303,12 @@ def _screen(states: torch.Tensor, screen: _Int8Screen):
     return estimate, torch.from_numpy(survivors[upper > screen.cut])
 
 
+def _too_many(candidates: torch.Tensor, estimate: torch.Tensor) -> bool:
+    """Whether the screen passed over 1/8 of the vocabulary: one full float32 pass is then cheaper than gathering
+    the candidates' rows."""
+    return candidates.numel() > estimate.numel() // 8
+
+
 def _screened_max(states, screen: _Int8Screen, argmax=None, screened=None) -> torch.Tensor:
     """One text's exact float32 max over tokens of ``states @ weight.T + bias``, at int8 speed, (vocab,).
 
@@ -313,7 +319,7 @@ def _screened_max(states, screen: _Int8Screen, argmax=None, screened=None) -> to
     recomputed entry (what the sparse backward needs). ``screened``: `_screen`'s result, when the caller has it.
     """
     estimate, candidates = screened or _screen(states, screen)
-    if candidates.numel() > estimate.numel() // 8:  # dense (e.g. an untrained model): one full float32 pass
+    if _too_many(candidates, estimate):  # dense (e.g. an untrained model): one full float32 pass
         exact, token = torch.matmul(states, screen.weight.t()).max(dim=0)
         if argmax is not None:
             argmax.copy_(token)
@@ -767,7 +773,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         states = self._hidden_states(input_ids, None, token_type_ids)[0]
         screen = self._int8_screen()
         estimate, candidates = screened = _screen(states, screen)
-        if candidates.numel() > estimate.numel() // 8:  # dense (an untrained model): `_screened_max`'s full pass
+        if _too_many(candidates, estimate):  # dense (an untrained model): `_screened_max`'s full pass
             vector = torch.log1p(torch.relu(_screened_max(states, screen, screened=screened)))
             candidates = vector.nonzero().squeeze(1)
             return candidates, vector[candidates]

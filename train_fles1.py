@@ -31,30 +31,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_set(items):
-    import yaml
-
-    from fles1.cli import exit_bad_input
-    from fles1.training.recipe import yaml_problem
-
-    overrides = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            exit_bad_input(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            exit_bad_input(f"--set {item!r}: the value is not valid YAML{yaml_problem(error)}")
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        overrides[key] = value
-    return overrides
-
-
 def main(argv=None):
     from fles1.cli import at_least, interrupts_exit
 
@@ -85,9 +61,12 @@ def main(argv=None):
 
 def _run(args) -> None:
     from fles1.cli import exit_bad_input
-    from fles1.training.recipe import load_recipe
+    from fles1.training.recipe import load_recipe, parse_overrides
 
-    overrides = parse_set(args.set)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as error:
+        exit_bad_input(str(error))
     for key, value in (("model.path", args.model), ("data.source", args.data),
                        ("clfr.target_nnz_d", args.target_nnz_d), ("clfr.interval_steps", args.clfr_interval_steps)):
         if value is not None:

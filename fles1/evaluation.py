@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from fles1 import exports
 from fles1.atomic import atomic_directory, atomic_open, atomic_write_json, require_writable, scratch_directory
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
-from fles1.card import LOCAL_FOLDER, markdown_text
+from fles1.card import IR_METRICS, LOCAL_FOLDER, MISSING, SPARSITY_METRICS, markdown_text
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
 from fles1.retrieval import InvertedIndex, apply_threshold, average_nnz
@@ -522,7 +522,7 @@ def write_results(results: dict, path: str) -> None:
 
 # ---- Markdown for the model card -------------------------------------------------------------------------------
 def _fmt(value, digits=4):
-    return "–" if value is None else f"{value:.{digits}f}"
+    return MISSING if value is None else f"{value:.{digits}f}"
 
 
 def markdown_tables(results: dict) -> str:
@@ -536,8 +536,9 @@ def markdown_tables(results: dict) -> str:
         f"doc max length {results['document_max_length']}, top-{TOP_K} exact dot product; "
         f"BM25: {'bm25s' if bm25_ran else 'not run'})",
         "",
-        "| Dataset | NDCG@10 | MRR@10 | Recall@100 | MAP@100 | Recall@1000 | NNZ doc | NNZ query | BM25 NDCG@10 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(["Dataset", *(IR_METRICS[key] for key in METRIC_KEYS), *SPARSITY_METRICS.values(),
+                            "BM25 NDCG@10"]) + " |",
+        "|---" * (len(METRIC_KEYS) + len(SPARSITY_METRICS) + 2) + "|",
     ]
     rows = []
     for name, entry in datasets.items():
@@ -567,7 +568,7 @@ def markdown_tables(results: dict) -> str:
                 f"| {markdown_text(name)} | {values['docs_per_second']:.1f}{'*' * bool(values.get('docs_per_second_from_cache'))} | "
                 f"{values['query_latency_ms_p50']:.2f} | "
                 f"{values['query_latency_ms_p95']:.2f} | {values['index_bytes_per_1k_docs'] / 1e6:.3f} | "
-                f"{values['index_ratio_to_dense_768']:.3f}x |"
+                f"{values['index_ratio_to_dense_768']:.3f}× |"
             )
     return "\n".join(lines) + "\n"
 

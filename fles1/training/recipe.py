@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 
 import yaml
 
@@ -41,8 +42,31 @@ def _merge(base: dict, update: dict, where: str = "recipe") -> dict:
                 continue
             _merge(base[key], value, f"{where}.{key}")
         else:
-            base[key] = value
+            base[key] = _number_or_value(value)
     return base
+
+
+# PyYAML reads YAML 1.1, where an exponent needs a dot and a signed power: "2e-5" and "1e3" came back as text
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number_or_value(value):
+    """A setting as written: a number in exponent form YAML 1.1 read as text becomes that number (file and --set)."""
+    return float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) else value
+
+
+def parse_overrides(items) -> dict:
+    """``--set SECTION.KEY=VALUE`` items -> {dotted key: value}, each value read as YAML (ValueError naming it)."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML{yaml_problem(error)}") from None
+    return overrides
 
 
 def _yaml_kind(value) -> str:
@@ -55,14 +79,6 @@ def set_value(recipe: dict, dotted: str, value) -> None:
     if section not in recipe or not key:
         raise ValueError(f"{dotted!r}: expected SECTION.KEY with SECTION one of {sorted(recipe)}")
     _merge(recipe, {section: {key: value}})
-
-
-def _numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def training_arguments(training: dict, output_dir: str | None = None):
@@ -152,8 +168,7 @@ def _check_training_arguments(training: dict) -> None:
         expected = kinds[0] if len(kinds) == 1 else None  # "str | bool" takes either
         if (expected is bool and not isinstance(value, bool)) or (expected is float and not is_number(value)) or \
                 (expected is int and not is_int(value)):
-            note = " (YAML 1.1 reads 2e-5 as text: write 2.0e-5)" if isinstance(value, str) and _numeric(value) else ""
-            raise ValueError(f"recipe.training.{key}: expected {expected.__name__}, got {value!r}{note}")
+            raise ValueError(f"recipe.training.{key}: expected {expected.__name__}, got {value!r}")
     for key, (allowed, wording) in _TRAINING_RANGES.items():
         if key in training and not allowed(training[key]):
             raise ValueError(f"recipe.training.{key} must be {wording}, got {training[key]!r}")
