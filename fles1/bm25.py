@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
-from fles1.retrieval import check_k
+from fles1.retrieval import check_k, run_entry
 
 BM25_SETTINGS = {"method": "lucene", "k1": 1.5, "b": 0.75}  # bm25s defaults: nfcorpus 0.3210 (Pyserini's 0.9/0.4: 0.3177)
 STOPWORDS = "en"
@@ -81,15 +79,7 @@ def bm25_run(dataset, query_ids: Sequence[str], k: int = 1000, drop_self: bool =
             [query_tokens[i] for i in searchable], k=depth, show_progress=False, n_threads=1
         )
         for row, i in enumerate(searchable):
-            qid, ranked = str(query_ids[i]), {}
-            for position, score in zip(positions[row].tolist(), np.asarray(scores[row]).tolist()):
-                doc_id = doc_ids[position]
-                if score <= 0 or (drop_self and doc_id == qid):
-                    continue
-                ranked[doc_id] = float(score)
-                if len(ranked) == k:
-                    break
-            run[qid] = ranked
+            run[str(query_ids[i])] = run_entry(str(query_ids[i]), doc_ids, positions[row], scores[row], k, drop_self)
     return run
 
 

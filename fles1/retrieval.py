@@ -50,6 +50,20 @@ def check_k(k) -> None:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
 
 
+def run_entry(query_id: str, doc_ids: Sequence[str], positions, scores, k: int | None, drop_self: bool) -> dict:
+    """One query's run {doc_id: score} from its hits (doc positions, scores; best first): scores > 0 only, the
+    document with the query's own id dropped (BEIR's convention; both str, as the run file writes them), k at most."""
+    ranked = {}
+    for position, score in zip(np.asarray(positions).tolist(), np.asarray(scores).tolist()):
+        doc_id = doc_ids[position]
+        if score <= 0 or (drop_self and doc_id == query_id):
+            continue
+        ranked[doc_id] = float(score)
+        if k is not None and len(ranked) == k:
+            break
+    return ranked
+
+
 def top_k_rows(scores: csr_matrix, k: int, tie_ranks: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per row of a sparse score matrix: the k highest positive entries, score descending then ``tie_ranks[position]``
     ascending (default: position ascending). Entries not stored or stored as zero (no shared term) are never hits."""
@@ -165,18 +179,8 @@ class InvertedIndex:
             check_k(k)
         if len(query_ids) != len(hits):  # zip would drop the queries past the shorter one
             raise ValueError(f"{len(query_ids)} query ids for {len(hits)} hit lists (one per query row)")
-        run = {}
-        for query_id, (positions, scores) in zip(query_ids, hits):
-            query_id, ranked = str(query_id), {}
-            for position, score in zip(positions.tolist(), scores.tolist()):
-                doc_id = self.doc_ids[position]
-                if drop_self and doc_id == query_id:  # both str, as the run file writes them
-                    continue
-                ranked[doc_id] = score
-                if k is not None and len(ranked) == k:
-                    break
-            run[query_id] = ranked
-        return run
+        return {str(query_id): run_entry(str(query_id), self.doc_ids, positions, scores, k, drop_self)
+                for query_id, (positions, scores) in zip(query_ids, hits)}
 
     # ---- on disk -----------------------------------------------------------------------------------------------
     def save(self, path: str) -> int:
