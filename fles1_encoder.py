@@ -582,20 +582,63 @@ class FLES1Encoder:
         bounds = np.searchsorted(rows, np.arange(vectors.shape[0] + 1))
         return [(cols[bounds[i] : bounds[i + 1]], weights[bounds[i] : bounds[i + 1]]) for i in range(vectors.shape[0])]
 
-    def _encode_ids(self, texts, kind, batch_size, show_progress_bar, threshold):
+    def _checked(self, texts, kind: str, threshold) -> tuple[list[str], float]:
+        """(the texts as a list, the threshold to apply), or the error naming what is wrong."""
         self._check_kind(kind)
         texts = _validate_texts(texts)
-        threshold = self.threshold if threshold is None else _validate_threshold(threshold)
-        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
-        results = [empty] * len(texts)
+        return texts, self.threshold if threshold is None else _validate_threshold(threshold)
+
+    def _encoded_batches(self, texts: list[str], kind: str, batch_size, show_progress_bar):
+        """Yield (positions, vectors) per batch of the texts that have tokens; a non-finite vector is an error."""
         for positions, vectors in self._batches(texts, kind, batch_size, show_progress_bar):
             # a threshold would drop NaN silently, and an inf weight makes an index's scores inf or NaN
             not_finite = ~torch.isfinite(vectors).all(dim=1)
             if bool(not_finite.any()):
                 raise _not_finite(f"texts[{positions[int(not_finite.nonzero()[0])]}]")
+            yield positions, vectors
+
+    def _encode_ids(self, texts, kind, batch_size, show_progress_bar, threshold):
+        texts, threshold = self._checked(texts, kind, threshold)
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        results = [empty] * len(texts)
+        for positions, vectors in self._encoded_batches(texts, kind, batch_size, show_progress_bar):
             for position, pair in zip(positions, self._sparsify(vectors, threshold)):
                 results[position] = pair
         return results
+
+    def _encode_matrix(self, texts, kind, batch_size, show_progress_bar, threshold, output: str):
+        """The texts' CSR matrix, written from each batch's entries in CSR order (row, then id ascending: what
+        ``nonzero`` gives): ~2x the result at peak, where per-text (ids, weights) pairs took ~5x."""
+        texts, threshold = self._checked(texts, kind, threshold)
+        batches, lengths = [], np.zeros(len(texts), dtype=np.int64)
+        for positions, vectors in self._encoded_batches(texts, kind, batch_size, show_progress_bar):
+            vectors = vectors.float()
+            rows, cols = passes_threshold(vectors, threshold).nonzero(as_tuple=True)
+            weights = vectors[rows, cols].cpu().numpy()
+            counts = np.bincount(rows.cpu().numpy(), minlength=len(positions))
+            positions = np.asarray(positions, dtype=np.int64)
+            lengths[positions] = counts
+            batches.append((positions, counts, cols.cpu().numpy().astype(np.int32), weights))
+        indptr = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        indices, data = np.empty(indptr[-1], dtype=np.int32), np.empty(indptr[-1], dtype=np.float32)
+        for positions, counts, cols, weights in batches:
+            # each entry's slot: its row's start, plus its place within the row
+            first = np.repeat(np.cumsum(counts) - counts, counts)
+            slots = np.repeat(indptr[positions], counts) + np.arange(len(cols)) - first
+            indices[slots], data[slots] = cols, weights
+        del batches
+        shape = (len(texts), self.config.vocab_size)
+        if output == "torch":
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(
+                    torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(data),
+                    size=shape, check_invariants=False,
+                )
+        from scipy.sparse import csr_matrix
+
+        return csr_matrix((data, indices, indptr), shape=shape)
 
     def _token_ids_one(self, text: str, kind: str) -> list[int]:
         """One text's ids, as `_tokenize` gives them: half the time of the transformers wrapper for a query."""
@@ -656,12 +699,12 @@ class FLES1Encoder:
         """
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r} is not supported; choose one of {list(OUTPUTS)}")
+        if output in ("csr", "torch"):
+            return self._encode_matrix(texts, kind, batch_size, show_progress_bar, threshold, output)
         pairs = self._encode_ids(texts, kind, batch_size, show_progress_bar, threshold)
         if output == "dict":
             return [{self._vocab[i]: float(w) for i, w in zip(ids, weights)} for ids, weights in pairs]
-        if output == "ids":
-            return pairs
-        return self._to_matrix(pairs, output)
+        return pairs
 
     def encode_to_ids(
         self, text: str, kind: Kind = "document", threshold: Optional[float] = None
@@ -678,27 +721,6 @@ class FLES1Encoder:
     def encode_to_csr(self, texts: Sequence[str], kind: Kind = "document", batch_size: int = 32, **kwargs):
         """texts -> scipy.sparse.csr_matrix of shape (len(texts), vocab_size), float32."""
         return self.encode_batch(texts, batch_size=batch_size, kind=kind, output="csr", **kwargs)
-
-    def _to_matrix(self, pairs, output: str):
-        lengths = np.array([len(ids) for ids, _ in pairs], dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(lengths)])
-        indices = np.concatenate([ids for ids, _ in pairs]) if pairs else np.zeros(0, dtype=np.int64)
-        data = np.concatenate([w for _, w in pairs]).astype(np.float32) if pairs else np.zeros(0, np.float32)
-        # a row's ids come highest weight first; CSR wants them ascending (torch ops on an unsorted CSR tensor,
-        # such as mul, silently give wrong values)
-        order = np.lexsort((indices, np.repeat(np.arange(len(pairs)), lengths)))
-        indices, data = indices[order], data[order]
-        shape = (len(pairs), self.config.vocab_size)
-        if output == "torch":
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.sparse_csr_tensor(
-                    torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(data),
-                    size=shape, check_invariants=False,
-                )
-        from scipy.sparse import csr_matrix
-
-        return csr_matrix((data, indices, indptr), shape=shape)
 
     def vocabulary(self) -> list[str]:
         """The term of every vocabulary id (what `decode` gives): the tokenizer's tokens, and ``[vocab_<id>]`` for

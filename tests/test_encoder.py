@@ -350,6 +350,26 @@ def test_encoder_batch_refuses_mappings_and_frames(encoder):
     assert encoder.encode_batch(frame["text"]) == encoder.encode_batch(["heart disease", "diet"])
 
 
+def test_encoder_matrix_rows_land_where_their_texts_are_across_batches(encoder, monkeypatch):
+    """The matrix is written straight from each batch (texts sorted by length inside a window, blanks skipped):
+    every row must be its own text's, as the per-text (ids, weights) give it."""
+    import fles1_encoder
+
+    monkeypatch.setattr(fles1_encoder, "SORT_WINDOW_TEXTS", 7)  # several windows
+    words = "heart disease diet vitamin deficiency older adults statin cholesterol cancer tea".split()
+    texts = [" ".join(words[: (i * 5) % 11 + 1]) if i % 6 else "  " for i in range(23)]
+    pairs = encoder.encode_batch(texts, batch_size=3, output="ids")
+    for output in ("csr", "torch"):
+        matrix = encoder.encode_batch(texts, batch_size=3, output=output)
+        dense = matrix.toarray() if output == "csr" else matrix.to_dense().numpy()
+        expected = np.zeros_like(dense)
+        for row, (ids, weights) in enumerate(pairs):
+            expected[row, ids] = weights
+        assert np.array_equal(dense, expected) and (expected[::6] == 0).all() and (expected[1] > 0).any()
+    matrix = encoder.encode_to_csr(texts, batch_size=3)
+    assert matrix.has_sorted_indices and matrix.nnz == sum(len(ids) for ids, _ in pairs)
+
+
 def test_encoder_ids_csr_torch_and_decode_agree(encoder):
     texts = ["heart disease and diet", "", "vitamin d deficiency in older adults", "🚀"]
     dicts = encoder.encode_batch(texts)  # one batch everywhere: padding may move weights by ~1e-7
