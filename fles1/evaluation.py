@@ -168,7 +168,7 @@ CORPUS_SHARD_DOCS = 8192
 def _save_csr(path: str, matrix: csr_matrix, info: dict) -> None:
     with atomic_open(path, "wb") as handle:
         np.savez(
-            handle, data=matrix.data, indices=matrix.indices.astype(np.int32), indptr=matrix.indptr,
+            handle, data=matrix.data, indices=matrix.indices.astype(np.int32, copy=False), indptr=matrix.indptr,
             shape=np.array(matrix.shape), info=np.frombuffer(json.dumps(info).encode(), dtype=np.uint8),
         )
 
@@ -239,15 +239,15 @@ def encode_corpus(
         return doc_ids, cached[0], {**cached[1], "cached": True}
     if path and os.path.isfile(path):
         warnings.warn(f"{path}: unreadable corpus cache entry; encoding the corpus again to replace it")
-    texts = [dataset.document_text(doc_id) for doc_id in doc_ids]
     if show_progress_bar is None:
-        show_progress_bar = len(texts) >= PROGRESS_BAR_MIN_TEXTS
+        show_progress_bar = len(doc_ids) >= PROGRESS_BAR_MIN_TEXTS
     shards, seconds = [], 0.0
     # one shard: the encoder's own bar (per batch); several: one bar over the corpus, a shard at a time
-    with tqdm(total=len(texts), disable=not show_progress_bar or len(starts) < 2, desc="Encoding corpus",
+    with tqdm(total=len(doc_ids), disable=not show_progress_bar or len(starts) < 2, desc="Encoding corpus",
               unit="doc") as bar:
         for number, begin in enumerate(starts):
-            shard_texts = texts[begin : begin + shard_docs]
+            # a shard's texts at a time: the whole corpus as "title text" strings was a second copy of it
+            shard_texts = [dataset.document_text(doc_id) for doc_id in doc_ids[begin : begin + shard_docs]]
             part = os.path.join(parts, f"{number:06d}.npz") if parts and len(starts) > 1 else None
             finished = _load_saved(part, len(shard_texts)) if part else None
             if finished is not None and finished[1].get("batch_size") != batch_size:
@@ -266,7 +266,7 @@ def encode_corpus(
             bar.update(len(shard_texts))
     matrix = shards[0] if len(shards) == 1 else scipy.sparse.vstack(shards, format="csr")
     # docs/s belongs to how the vectors were encoded: a warm run reports that run's, with its batch size and date
-    info = {"docs_per_second": len(texts) / seconds if seconds else 0.0, "encode_seconds": seconds,
+    info = {"docs_per_second": len(doc_ids) / seconds if seconds else 0.0, "encode_seconds": seconds,
             "device": device_label(encoder.device), "batch_size": batch_size,
             "encoded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if path:
@@ -317,6 +317,7 @@ def evaluate_dataset(
         encoder, dataset, cache_dir, model_fp, batch_size=batch_size, show_progress_bar=show_progress_bar
     )
     doc_matrix = apply_threshold(raw_docs, threshold)
+    del raw_docs  # the corpus at threshold 0: one copy fewer held through search (the cache keeps it on disk)
     query_matrix = encoder.encode_batch(
         [dataset.queries[qid] for qid in query_ids], batch_size=batch_size, kind="query", threshold=threshold,
         show_progress_bar=show_progress_bar, output="csr",
@@ -474,6 +475,7 @@ def evaluate(
         results["datasets"][name] = entry
         cached = "cached" if artifacts["encode_info"]["cached"] else "encoded"
         log(f"[{name}] NDCG@10 {entry['metrics']['ndcg@10']:.4f} ({cached} corpus, {time.perf_counter() - start:.1f}s)")
+        del run, artifacts  # the index and vectors of one dataset at a time
     return results
 
 

@@ -33,11 +33,11 @@ INDEX_FORMAT = "fles1-inverted-index/1"
 
 def apply_threshold(matrix: csr_matrix, threshold: float) -> csr_matrix:
     """Keep entries >= threshold (> 0 when threshold is 0): FLES1Encoder's rule, applied to cached vectors."""
-    matrix = csr_matrix(matrix, dtype=np.float32, copy=True)
+    matrix = csr_matrix(matrix, dtype=np.float32)
     keep = passes_threshold(matrix.data, threshold)
-    matrix.data = np.where(keep, matrix.data, 0).astype(np.float32)
-    matrix.eliminate_zeros()
-    return matrix
+    # compact arrays of the kept entries (eliminate_zeros on a copy kept buffers of the input's size)
+    kept_before = np.concatenate([[0], np.cumsum(keep, dtype=matrix.indptr.dtype)])
+    return csr_matrix((matrix.data[keep], matrix.indices[keep], kept_before[matrix.indptr]), shape=matrix.shape)
 
 
 def average_nnz(matrix: csr_matrix) -> float:
