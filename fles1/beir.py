@@ -92,7 +92,7 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
     missing title). A ``.gz`` path is read through gzip."""
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
-    rows = {}  # id -> (its first line, row)
+    rows = {}  # id -> (its first line number, row: _id and text fields)
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as handle:
             _read_rows(path, handle, text_fields, rows)
@@ -102,7 +102,8 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
 
 
 def _read_rows(path: str, handle, text_fields: tuple[str, ...], rows: dict) -> None:
-    """Each JSON line of `handle` into `rows` (id -> (its first line, row)), its errors naming file and line."""
+    """Each JSON line of `handle` into `rows` (id -> (its first line number, its id and text fields)), its errors
+    naming file and line."""
     for number, line in enumerate(utf8_lines(path, handle), start=1):
         if not line.strip():
             continue
@@ -118,7 +119,8 @@ def _read_rows(path: str, handle, text_fields: tuple[str, ...], rows: dict) -> N
         if "text" not in keys:  # a row keyed otherwise ("query", "contents") would encode as blank: every score 0
             raise BEIRDataError(f"{path}:{number}: no 'text' field (BEIR rows hold their text under 'text', null or "
                                 f"\"\" for none; this one has {keys})")
-        _add_row(rows, _row_id(row["_id"], f"{path}:{number}"), row, text_fields, f"{path}:{number}", f"line {number}")
+        texts = {name: row[name] for name in ("_id", *text_fields)}  # the rest (metadata) would only be held
+        _add_row(rows, _row_id(row["_id"], f"{path}:{number}"), texts, text_fields, f"{path}:{number}", number, "line")
 
 
 def _row_id(value, where: str) -> str:
@@ -133,12 +135,12 @@ def _row_id(value, where: str) -> str:
     return str(value)
 
 
-def _add_row(rows: dict, row_id: str, row: dict, text_fields, where: str, position: str) -> None:
+def _add_row(rows: dict, row_id: str, row: dict, text_fields, where: str, position: int, unit: str) -> None:
     """rows[row_id] = (position, row) unless already there with the same texts; two texts for one id would keep
-    the last one silently (a repeated identical row is harmless)."""
+    the last one silently (a repeated identical row is harmless). `unit` names the position ("line", "row")."""
     first_position, first = rows.setdefault(row_id, (position, row))
     if any(first[name] != row[name] for name in text_fields):
-        raise BEIRDataError(f"{where}: _id {row_id!r} again, with another text (first at {first_position})")
+        raise BEIRDataError(f"{where}: _id {row_id!r} again, with another text (first at {unit} {first_position})")
 
 
 def _text_field(value, where: str) -> str:
@@ -308,7 +310,7 @@ def load_beir_from_hub(dataset_id: str, split: str = "test", keep_missing_docume
         for number, row in enumerate(_load_from_hub(dataset_id, config, split=config)):
             where = f"{dataset_id} {config} row {number}"
             texts = {name: _text_field(row.get(name), f"{where}: '{name}'") for name in fields}
-            _add_row(rows, _row_id(row["_id"], where), texts, fields, where, f"row {number}")
+            _add_row(rows, _row_id(row["_id"], where), texts, fields, where, number, "row")
     corpus = {row_id: row for row_id, (_, row) in tables["corpus"].items()}
     queries = {row_id: row["text"] for row_id, (_, row) in tables["queries"].items()}
     if not corpus:
