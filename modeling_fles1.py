@@ -785,13 +785,16 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """Drop the decoder's int8 / packed copies and the traced backbone; they are rebuilt on the next call.
 
         They follow the weights and hooks by themselves (version counters, a sample of elements, module and hook
-        registrations, a ``forward`` set on a module as accelerate's hooks do), except after edits that register
-        nothing -- call this then:
+        registrations, a ``forward`` set on a backbone or MLM-transform module as accelerate's hooks do), except
+        after edits that register nothing -- call this then:
 
         - a write through ``.data`` to a few rows of the decoder (``weight.data[new_id] = ...``);
         - a module's hook dict replaced by assignment;
         - a submodule or parameter removed (``del model.bert.encoder.layer[1]``, ``linear.bias = None``);
         - a setting the trace holds as a constant (``LayerNorm.eps``, an attention module's ``scaling``).
+
+        The sparse paths project with the decoder's weight themselves: hooks on ``cls.predictions`` or its
+        ``decoder`` act on `forward`'s logits only.
         """
         for name in self._fles1_caches:
             self.__dict__.pop(name, None)

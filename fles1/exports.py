@@ -129,6 +129,7 @@ def write_elasticsearch(
     """``mapping.json`` and ``bulk-00001.ndjson``, ``bulk-00002.ndjson``, ... (one ``POST /_bulk`` each, at most
     `part_bytes`) in out_dir, each file atomically; returns {"mapping": path, "bulk": [paths]}. The actions name
     the index ``elasticsearch_index_name(index_name)`` (a dataset folder may be "NFCorpus Tiny")."""
+    doc_ids = list(doc_ids)  # any iterable, as zip took them
     check_elasticsearch_ids(doc_ids, index_name)
     rows = _rows(doc_matrix, doc_ids, vocab, "write_elasticsearch")
     index_name = elasticsearch_index_name(index_name)
@@ -168,6 +169,7 @@ def write_elasticsearch_queries(
     """JSONL, one line per query: ``{"id": query id, "body": ...}``, the body for ``POST /<index>/_search`` (the
     top `size` by `elasticsearch_query` of the query's vector, the query's own id left out as eval does),
     atomically; returns the path."""
+    query_ids = list(query_ids)  # any iterable, as zip took them
     rows = _rows(query_matrix, query_ids, vocab, "write_elasticsearch_queries")
     with atomic_open(path) as handle:
         for query_id, (ids, weights) in zip(query_ids, rows):
@@ -210,6 +212,7 @@ def write_pyserini(
     path: str, doc_ids: Sequence[str], doc_matrix: csr_matrix, vocab: Sequence[str], scale: float = IMPACT_SCALE
 ) -> str:
     """``JsonVectorCollection`` JSONL with integer impacts, atomically; returns the path."""
+    doc_ids = list(doc_ids)  # any iterable, as zip took them
     rows = _rows(quantize(doc_matrix, scale), doc_ids, vocab, "write_pyserini")
     with atomic_open(path) as handle:
         for doc_id, (ids, values) in zip(doc_ids, rows):
@@ -227,6 +230,7 @@ def write_anserini_queries(
     whose impacts all round to 0 is left out (`empty_impact_rows` names them): Anserini's TsvString reader stops
     the whole search at a line without a text after its tab. An empty query matches nothing in eval either; one
     whose weights are all below 0.5 / scale (thresholds under 0.005) does match there."""
+    query_ids = list(query_ids)  # any iterable, as zip took them
     rows = _rows(quantize(query_matrix, scale), query_ids, vocab, "write_anserini_queries")
     with atomic_open(path) as handle:
         for query_id, (ids, values) in zip(query_ids, rows):

@@ -66,7 +66,10 @@ def _grade(rel, qid, did) -> int:
 
 def _score(score, qid, did) -> float:
     """A run score as float; a NaN made the ranking depend on dict order."""
-    value = float(score)
+    try:
+        value = float(score)
+    except (TypeError, ValueError):  # None, "high"
+        value = math.nan
     if not math.isfinite(value):
         raise ValueError(f"run[{qid!r}][{did!r}] is {score!r}: scores must be finite numbers")
     return value

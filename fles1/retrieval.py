@@ -177,6 +177,7 @@ class InvertedIndex:
         per query id, as `search` returns them for the query rows."""
         if k is not None:
             check_k(k)
+        query_ids, hits = list(query_ids), list(hits)  # any iterables, as zip took them
         if len(query_ids) != len(hits):  # zip would drop the queries past the shorter one
             raise ValueError(f"{len(query_ids)} query ids for {len(hits)} hit lists (one per query row)")
         return {str(query_id): run_entry(str(query_id), self.doc_ids, positions, scores, k, drop_self)

@@ -273,6 +273,7 @@ def test_to_run_refuses_ids_that_do_not_match_the_hits_and_a_bad_k():
         with pytest.raises(ValueError, match=rf"k must be an int >= 1, got {k!r}"):
             index.to_run(["q1", "q2"], hits, k=k)
     assert [len(ranked) for ranked in index.to_run(["q1", "q2"], hits, k=2).values()] == [2, 2]
+    assert index.to_run((q for q in ["q1", "q2"]), iter(hits)) == index.to_run(["q1", "q2"], hits)  # iterables
 
 
 def test_inverted_index_refuses_repeated_ids_and_drops_self_hits_of_any_id_type():
@@ -424,6 +425,8 @@ def test_metrics_compare_ids_as_text_and_refuse_what_they_cannot_score():
     assert evaluate_run({1: {2: 1}}, {"1": {"2": 1.0}})["ndcg@10"] == 1.0
     with pytest.raises(ValueError, match=r"run\['q1'\]\['da'\] is nan: scores must be finite"):
         evaluate_run({"q1": {"d1": 1}}, {"q1": {"da": math.nan, "db": 0.5, "d1": 1.0}})
+    with pytest.raises(ValueError, match=r"run\['q1'\]\['d1'\] is None: scores must be finite"):
+        evaluate_run({"q1": {"d1": 1}}, {"q1": {"d1": None}})
     with pytest.raises(ValueError, match=r"qrels\['q1'\]\['d1'\] is 1.5: relevance grades are integers"):
         evaluate_run({"q1": {"d1": 1.5}}, {"q1": {"d1": 1.0}})
     with pytest.raises(ValueError, match=r"none of the run's 1 query ids is in qrels \(e.g. 'x'; qrels has e.g. 'q1'\)"):

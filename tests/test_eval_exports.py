@@ -238,9 +238,12 @@ def test_exports_refuse_ids_or_vocabulary_that_do_not_fit_the_matrix(write, tmp_
     with pytest.raises(ValueError, match="a vocabulary of 3 terms for a matrix of 4 columns"):
         write(tmp_path / "out", ["r1", "r2"], matrix, vocab[:3])
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")  # nothing written
-    (tmp_path / "ok").mkdir()
-    write(tmp_path / "ok", ["r1", "r2"], matrix, vocab)
-    assert os.listdir(tmp_path / "ok")
+    for folder, ids in (("ok", ["r1", "r2"]), ("iterable", (r for r in ["r1", "r2"]))):  # any iterable of ids
+        (tmp_path / folder).mkdir()
+        write(tmp_path / folder, ids, matrix, vocab)
+    assert sorted(os.listdir(tmp_path / "ok")) == sorted(os.listdir(tmp_path / "iterable"))
+    for name in os.listdir(tmp_path / "ok"):
+        assert (tmp_path / "ok" / name).read_bytes() == (tmp_path / "iterable" / name).read_bytes()
 
 
 def test_elasticsearch_query_leaves_out_weights_that_are_not_positive():

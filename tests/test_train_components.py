@@ -56,6 +56,7 @@ def test_info_nce_scores_in_float32_under_bf16_autocast():
     (grad,) = torch.autograd.grad(loss, queries)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    assert info_nce(queries.double(), documents.double(), group_size=8).dtype == torch.float64  # never lowered
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
 
 
@@ -765,5 +766,9 @@ def test_exponent_numbers_read_as_numbers_in_a_recipe_file_and_in_set(tmp_path):
     for recipe in (from_file, from_set):
         assert (recipe["training"]["learning_rate"], recipe["loss"]["lambda_d"]) == (2e-5, 3e-5)
     assert parse_overrides(["data.split=nan", "data.seed=7"]) == {"data.split": "nan", "data.seed": 7}
+    # only where a number is expected: text settings keep their text
+    named = load_recipe(str(path), {"model.path": "m", "data.source": "d", "training.run_name": "1e3",
+                                    "data.max_examples": "1e3"})
+    assert (named["training"]["run_name"], named["data"]["max_examples"]) == ("1e3", 1000)
     with pytest.raises(ValueError, match="--set expects SECTION.KEY=VALUE, got 'lr'"):
         parse_overrides(["lr"])

@@ -38,9 +38,10 @@ def info_nce(
         where = "" if document_offset is None else f" from row {document_offset}"
         raise ValueError(f"expected {queries.shape[0]} x {group_size} documents{where} for {queries.shape[0]} "
                          f"queries, got {documents.shape[0]}")
-    # float32 under bf16 autocast too: sparse dot products / 0.05 reach the hundreds, where bf16 steps by 2-4
+    # at least float32, under bf16 autocast too: sparse dot products / 0.05 reach the hundreds, where bf16 steps by 2-4
+    dtype = torch.promote_types(torch.promote_types(queries.dtype, documents.dtype), torch.float32)
     with torch.autocast(queries.device.type, enabled=False):
-        scores = queries.float() @ documents.float().t() / temperature
+        scores = queries.to(dtype) @ documents.to(dtype).t() / temperature
     if false_negatives is not None:
         scores = scores.masked_fill(false_negatives.to(scores.device), float("-inf"))
     labels = torch.arange(queries.shape[0], device=queries.device) * group_size + (document_offset or 0)

@@ -42,7 +42,7 @@ def _merge(base: dict, update: dict, where: str = "recipe") -> dict:
                 continue
             _merge(base[key], value, f"{where}.{key}")
         else:
-            base[key] = _number_or_value(value)
+            base[key] = value
     return base
 
 
@@ -51,8 +51,19 @@ _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _number_or_value(value):
-    """A setting as written: a number in exponent form YAML 1.1 read as text becomes that number (file and --set)."""
-    return float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) else value
+    """A number setting as written: one in exponent form YAML 1.1 read as text becomes that number (file and --set);
+    only where a number is expected (a run_name "1e3" stays text)."""
+    if not (isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip())):
+        return value
+    number = float(value)
+    return int(number) if number.is_integer() and "." not in value else number  # 1e3: a count, as written
+
+
+# the recipe's number settings outside `training` (whose TrainingArguments types say which are numbers)
+NUMBER_SETTINGS = [(section, key) for section, values in DEFAULTS.items() if section != "training"
+                   for key, value in values.items() if is_number(value)] + \
+    [("data", "max_examples"), ("clfr", "interval_steps"), ("model", "query_max_length"),
+     ("model", "document_max_length")]
 
 
 def parse_overrides(items) -> dict:
@@ -166,6 +177,8 @@ def _check_training_arguments(training: dict) -> None:
             raise ValueError(f"recipe.training.{key}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r} "
                              "(YAML 1.1 reads no/off/yes/on as false/true: quote it, e.g. 'no')")
         expected = kinds[0] if len(kinds) == 1 else None  # "str | bool" takes either
+        if expected in (int, float):
+            value = training[key] = _number_or_value(value)
         if (expected is bool and not isinstance(value, bool)) or (expected is float and not is_number(value)) or \
                 (expected is int and not is_int(value)):
             raise ValueError(f"recipe.training.{key}: expected {expected.__name__}, got {value!r}")
@@ -200,6 +213,9 @@ def _culprit(training: dict) -> str:
 
 def validate(recipe: dict) -> dict:
     from configuration_fles1 import check_max_length
+
+    for section, key in NUMBER_SETTINGS:
+        recipe[section][key] = _number_or_value(recipe[section][key])
 
     from .clfr import CLFRController
     from .crashes import CrashMonitor
