@@ -40,6 +40,16 @@ ACCELERATOR_CHUNK_TOKENS = 16384  # 1 GB of bf16 logits: big enough to fill a GP
 ENCODER_FILE = "fles1_encoder.py"  # ships beside the model files; see `FLES1ForMaskedLM._copy_companion_files`
 LICENSE_FILES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING)([.-].*)?$", re.IGNORECASE)
 HUB_LICENSE_FILES = ["LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "COPYING"]  # looked up one by one
+
+
+def license_files(folder: str) -> list[str]:
+    """The names of `folder`'s license files (LICENSE, NOTICE, COPYING and their variants), sorted; [] for no
+    folder."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder)
+                  if LICENSE_FILES.match(name) and os.path.isfile(os.path.join(folder, name)))
+
 logger = logging.get_logger(__name__)
 # CPU inference projects one text at a time, CPU_TILE_TOKENS tokens at once, so that the (tokens x vocab) logits
 # tile stays in cache; no padding token is ever projected.
@@ -483,8 +493,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """What the single-text path asks of the modules on every call, collected once and rebuilt after any module
         or parameter registration on them: the forward (pre-)hook dicts of the modules a trace runs (any() over
         them costs ~1 us on the shipped 2-layer model, ~5 us at 12 layers, asking each module ~9x that), the
-        mode-dependent modules (`dropout_active`) and the traced modules' instance dicts (`_hooked`). Registering and removing hooks mutate those dicts; code that
-        assigns a module a new one (``module._forward_hooks = OrderedDict()``) is not seen until `clear_caches()`."""
+        mode-dependent modules (`dropout_active`) and the traced modules' instance dicts (`_hooked`). Registering
+        and removing hooks mutate those dicts; code that assigns a module a new one (``module._forward_hooks =
+        OrderedDict()``) is not seen until `clear_caches()`."""
         cached = self.__dict__.get("_fles1_module_views")
         if cached is None or cached[0] != _REGISTRATIONS[0]:
             _TRACED_MODULES.update(self.modules())  # a submodule registered on them from now on rebuilds the views
@@ -495,6 +506,11 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             instances = [module.__dict__ for module in traced]
             cached = self.__dict__["_fles1_module_views"] = (_REGISTRATIONS[0], (hooks, modes, instances))
         return cached[1]
+
+    def _forward_hooked(self) -> bool:
+        """`_hooked` over the traced modules: whether the single-text trace must give way to eager."""
+        hooks, _, instances = self._module_views()
+        return _hooked(hooks, instances)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save, plus `auto_map` for AutoModel too (both auto classes load this model), plus the
@@ -544,8 +560,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         if name not in found:
             found[name] = None
             online = name in (ENCODER_FILE, "LICENSE") and not is_offline_mode()
-            for local_only, folder in [(local_only, folder) for local_only in ((True, False) if online else (True,))
-                                       for folder in folders]:
+            for local_only, folder in itertools.product((True, False) if online else (True,), folders):
                 try:
                     found[name] = cached_file(source, name, revision=revision, cache_dir=cache_dir,
                                               subfolder=folder, local_files_only=local_only,
@@ -568,8 +583,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         subfolder = getattr(self, "_fles1_loaded_from", ("", "", ""))[2]
         folders = [os.path.join(self.name_or_path or "", part) for part in dict.fromkeys([subfolder, ""])]
         local = bool(self.name_or_path) and os.path.isdir(self.name_or_path)
-        names = [ENCODER_FILE] + (sorted({name for folder in folders if os.path.isdir(folder)
-                                          for name in os.listdir(folder) if LICENSE_FILES.match(name)})
+        names = [ENCODER_FILE] + (sorted({name for folder in folders for name in license_files(folder)})
                                   if local else HUB_LICENSE_FILES)
         licensed = False
         for name in names:
@@ -633,7 +647,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         # eager under autocast (a trace does not follow it) and while forward hooks are registered (a trace built
         # with them would keep them after their removal, one built before would miss them)
         if single and self.use_traced_backbone and input_ids.device.type == "cpu" and not self.training \
-                and not torch.is_grad_enabled() and not _cpu_autocast() and not _hooked(*self._module_views()[::2]) \
+                and not torch.is_grad_enabled() and not _cpu_autocast() and not self._forward_hooked() \
                 and not self.dropout_active():  # a trace built with dropout on would fail its check, for good
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)

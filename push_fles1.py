@@ -10,8 +10,9 @@ offline three ways (AutoModel and SparseEncoder with trust_remote_code=True, FLE
 encoding a probe text; any failed check refuses the upload. --dry-run writes the folder and uploads nothing.
 The commit replaces the branch's weights at the repo's root (*.safetensors, *.safetensors.index.json), results/ and
 plots/ from earlier pushes (users would otherwise get an earlier push's model.safetensors beside new shards); other
-files (fp16/..., notes) stay. Absolute local paths in the published JSON/YAML files are cut to their last component and secrets (token-named
-keys, hf_ tokens, URL credentials) redacted; of the model folder only the checkpoint's files are published.
+files (fp16/..., notes) stay. Absolute local paths in the published JSON/YAML files are cut to their last component
+and secrets (token-named keys, hf_ tokens, URL credentials) redacted; of the model folder only the checkpoint's files
+are published.
 The token comes from HF_TOKEN or a prior `hf auth login`; it is never printed. Exit status: 0 uploaded (or
 written, --dry-run); 2 bad input or a failed check (nothing uploaded); 1 the Hub refused the upload or was
 unreachable (no commit made).

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from fles1.metrics import relevance_grade
 from fles1_encoder import lone_surrogate
 
 
@@ -190,24 +191,15 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
     return qrels
 
 
-RELEVANCE_LIMIT = 2**31
-
-
 def _add_judgement(qrels, query_id: str, doc_id: str, score, where: str, corpus=None, queries=None,
                    sources=("queries.jsonl", "corpus.jsonl"), missing=None) -> None:
     """qrels[query_id][doc_id] = score as an int grade, after the checks every qrels source gets; ``where`` (file
     and line, or hub row) starts each error, ``sources`` name where the queries and the corpus came from. A
     document not in ``corpus`` is an error, or appended to ``missing`` as (where, query id, doc id) if given."""
     try:
-        grade = float(score)
-    except (TypeError, ValueError):
-        raise BEIRDataError(f"{where}: score {score!r} is not a number") from None
-    if not grade.is_integer():  # 0.5 became 0 (a relevant document judged non-relevant), inf a traceback
-        raise BEIRDataError(f"{where}: score {score!r} is not an integer relevance grade")
-    relevance = int(grade)
-    if not -RELEVANCE_LIMIT <= relevance < RELEVANCE_LIMIT:  # pytrec_eval holds grades in a C int, and fails late
-        raise BEIRDataError(f"{where}: score {score!r} is out of range for a relevance grade "
-                            f"([-{RELEVANCE_LIMIT}, {RELEVANCE_LIMIT - 1}])")
+        relevance = relevance_grade(score)
+    except ValueError as error:
+        raise BEIRDataError(f"{where}: score {score!r} is {error}") from None
     if queries is not None and query_id not in queries:
         raise BEIRDataError(f"{where}: query id {query_id!r} is not in {sources[0]}")
     if corpus is not None and doc_id not in corpus:

@@ -65,7 +65,6 @@ BEIR_NAMES = {"arguana", "climate-fever", "cqadupstack", "dbpedia-entity", "feve
               "nfcorpus", "nq", "quora", "scidocs", "scifact", "trec-covid", "webis-touche2020", "touche2020"}
 
 
-
 class CardInputError(ValueError):
     """A result file is missing or malformed; the message names the file."""
 

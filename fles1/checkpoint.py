@@ -20,7 +20,7 @@ from fles1 import PROJECT_ROOT
 from fles1.atomic import (atomic_directory, atomic_write_json, is_staging_folder, path_within, plain_file_permissions,
                           require_new_folder)
 from fles1_encoder import is_local_path, not_a_folder
-from modeling_fles1 import ENCODER_FILE, LICENSE_FILES, FLES1ForMaskedLM
+from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM, license_files
 
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
 DEFAULT_BACKBONE = os.path.join(os.path.dirname(PROJECT_ROOT), "shared", "models", "splade-tiny")
@@ -71,8 +71,7 @@ def copy_license_files(source: Optional[str], out_dir: str) -> list[str]:
         source = _hub_license_folder(source)
     if not source or not os.path.isdir(source) or os.path.realpath(source) == os.path.realpath(out_dir):
         return []
-    names = sorted(name for name in os.listdir(source)
-                   if LICENSE_FILES.match(name) and os.path.isfile(os.path.join(source, name)))
+    names = license_files(source)
     for name in names:
         shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
     return names
@@ -85,8 +84,7 @@ def license_of(folder: str) -> tuple[str, Optional[str]]:
     """(Hub license id, the license file's name) of a checkpoint folder, from the license files convert copied from
     its backbone: "apache-2.0" when one is the Apache-2.0 text or notice, "other" for other texts, ("unknown",
     None) without any. The card said Apache-2.0 whatever the weights shipped with."""
-    names = sorted(name for name in os.listdir(folder)
-                   if LICENSE_FILES.match(name) and os.path.isfile(os.path.join(folder, name)))
+    names = license_files(folder)
     licenses = [name for name in names if not name.upper().startswith("NOTICE")] or names
     for name in licenses:
         with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as handle:

@@ -37,7 +37,7 @@ def per_query_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
     _check_encodable(run, "run")
     qrels = {str(qid): {str(did): _grade(rel, qid, did) for did, rel in docs.items()} for qid, docs in qrels.items()}
     run_ids = {str(qid) for qid in run}
-    if run_ids and qrels and run_ids.isdisjoint(qrels):  # every query would score 0: ids that do not match, not a bad run
+    if run_ids and qrels and run_ids.isdisjoint(qrels):  # every query would score 0: ids that do not match
         raise ValueError(f"none of the run's {len(run_ids)} query ids is in qrels (e.g. {next(iter(run_ids))!r}; "
                          f"qrels has e.g. {next(iter(qrels))!r})")
     run = {str(qid): {str(did): _score(s, qid, did) for did, s in docs.items()} for qid, docs in run.items()
@@ -53,15 +53,29 @@ def per_query_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
     return scores
 
 
-def _grade(rel, qid, did) -> int:
-    """A qrels grade as int; 1.5 was truncated to 1 (load_qrels refuses it in files)."""
+RELEVANCE_LIMIT = 2**31  # pytrec_eval holds grades in a C int (and failed late, after the corpus was encoded)
+
+
+def relevance_grade(value) -> int:
+    """`value` (1, "1", 1.0) as an int relevance grade; ValueError naming why not -- its text reads after "is":
+    not a number, not an integer (0.5 became 0: a relevant document judged non-relevant), or out of C int range."""
     try:
-        grade = float(rel)
+        grade = float(value)
     except (TypeError, ValueError):
-        grade = math.nan
+        raise ValueError("not a number") from None
     if not grade.is_integer():
-        raise ValueError(f"qrels[{qid!r}][{did!r}] is {rel!r}: relevance grades are integers")
+        raise ValueError("not an integer relevance grade")
+    if not -RELEVANCE_LIMIT <= grade < RELEVANCE_LIMIT:
+        raise ValueError(f"out of range for a relevance grade ([-{RELEVANCE_LIMIT}, {RELEVANCE_LIMIT - 1}])")
     return int(grade)
+
+
+def _grade(rel, qid, did) -> int:
+    try:
+        return relevance_grade(rel)
+    except ValueError as error:
+        raise ValueError(f"qrels[{qid!r}][{did!r}] is {rel!r}: relevance grades are integers ({rel!r} is {error})") \
+            from None
 
 
 def _score(score, qid, did) -> float:

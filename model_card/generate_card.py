@@ -40,8 +40,7 @@ def main(argv=None) -> int:
         if args.output != "-":
             require_writable(args.output, "--output")  # before reading anything
         card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots,
-                          studies=args.studies, revision=args.revision,
-                          license=args.license)
+                          studies=args.studies, revision=args.revision, license=args.license)
     except ValueError as error:  # CardInputError, or an --output that cannot be written
         parser.exit(2, f"error: {error}\n")
     if args.output == "-":

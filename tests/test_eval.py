@@ -429,6 +429,8 @@ def test_metrics_compare_ids_as_text_and_refuse_what_they_cannot_score():
         evaluate_run({"q1": {"d1": 1}}, {"q1": {"d1": None}})
     with pytest.raises(ValueError, match=r"qrels\['q1'\]\['d1'\] is 1.5: relevance grades are integers"):
         evaluate_run({"q1": {"d1": 1.5}}, {"q1": {"d1": 1.0}})
+    with pytest.raises(ValueError, match=r"is 2147483648: relevance grades are integers .*out of range"):  # a C int
+        evaluate_run({"q1": {"d1": 2**31}}, {"q1": {"d1": 1.0}})
     with pytest.raises(ValueError, match=r"none of the run's 1 query ids is in qrels \(e.g. 'x'; qrels has e.g. 'q1'\)"):
         evaluate_run({"q1": {"d1": 1}}, {"x": {"d1": 1.0}})
     assert evaluate_run({"q1": {"d1": 1}}, {})["ndcg@10"] == 0.0  # no run at all still scores 0

@@ -214,14 +214,14 @@ def _culprit(training: dict) -> str:
 def validate(recipe: dict) -> dict:
     from configuration_fles1 import check_max_length
 
-    for section, key in NUMBER_SETTINGS:
-        recipe[section][key] = _number_or_value(recipe[section][key])
-
     from .clfr import CLFRController
     from .crashes import CrashMonitor
     from .data import POSITIVE_CHOICES, check_sampling
     from .regularizers import get_regularizer
     from .trainer import check_loss_settings
+
+    for section, key in NUMBER_SETTINGS:
+        recipe[section][key] = _number_or_value(recipe[section][key])
 
     if not recipe["model"]["path"]:
         raise ValueError("recipe.model.path is required (a FLES-1 checkpoint folder or a BERT masked-LM)")
