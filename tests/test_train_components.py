@@ -133,6 +133,19 @@ def test_beir_examples_are_seeded_and_negatives_unjudged(nfcorpus_dir):
         assert all(texts[row[f"negative_{i}"]] not in judged for i in range(1, 8))
 
 
+def test_beir_examples_built_in_chunks_equal_one_table(nfcorpus_dir, monkeypatch):
+    # rows become Arrow a chunk at a time (memory): chunk borders must not change a row, a column or its type
+    import fles1.training.data as data_module
+    from fles1.beir import load_beir
+
+    data = load_beir(nfcorpus_dir, "train")
+    whole = beir_examples(data, num_negatives=2, seed=4, with_ids=True, positive="bm25")
+    monkeypatch.setattr(data_module, "CHUNK_ROWS", 1000)  # 2590 rows: two full chunks and a part
+    chunked = beir_examples(data, num_negatives=2, seed=4, with_ids=True, positive="bm25")
+    assert chunked.features == whole.features and chunked.to_dict() == whole.to_dict()
+    assert len(chunked) == 2590 and chunked["relevance"][2589] == whole["relevance"][2589]
+
+
 def test_triples_examples_keep_own_negative(msmarco_toy_dir):
     rows = triples_examples(os.path.join(msmarco_toy_dir, "triplets", "raw.tsv"), num_negatives=7, seed=0)
     assert len(rows) == 100 and len(rows.column_names) == 9

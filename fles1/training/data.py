@@ -35,12 +35,13 @@ query's document that is relevant to this one). Off by default so that the colum
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import random
 import warnings
-from typing import Optional
+from typing import Iterable, Optional
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from fles1.beir import BEIRDataError, BEIRDataset, load_beir, tsv_rows
 
@@ -53,12 +54,24 @@ def _columns(num_negatives: int) -> list[str]:
     return ["query", "positive"] + [f"negative_{i}" for i in range(1, num_negatives + 1)]
 
 
-def _to_dataset(rows: list[list[str]], num_negatives: int, source: str,
-                why: str = "no query has a relevant document") -> Dataset:
-    if not rows:
-        raise ValueError(f"{source}: no training examples ({why})")
-    columns = _columns(num_negatives)
-    return Dataset.from_dict({name: [row[i] for row in rows] for i, name in enumerate(columns)})
+# Rows become Arrow a chunk at a time: every row as Python strings first peaked at ~6x the Arrow table (1.1 GB
+# for 60k queries of 60-word documents; 370 MB in chunks), ~7 GB extrapolated to MS MARCO's 500k training queries.
+CHUNK_ROWS = 8192
+
+
+def _to_dataset(rows: Iterable[list], columns: list[str]) -> Optional[Dataset]:
+    """The rows (one value per column each) as a Dataset, built CHUNK_ROWS rows at a time; None for no rows."""
+    chunks, rows = [], iter(rows)
+    while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
+        chunks.append(Dataset.from_dict({name: [row[i] for row in chunk] for i, name in enumerate(columns)}))
+        del chunk
+    if not chunks:
+        return None
+    return chunks[0] if len(chunks) == 1 else concatenate_datasets(chunks)
+
+
+def _no_examples(source: str, why: str = "no query has a relevant document") -> ValueError:
+    return ValueError(f"{source}: no training examples ({why})")
 
 
 POSITIVE_CHOICES = ("random", "bm25")
@@ -98,39 +111,44 @@ def beir_examples(
         bm25 = bm25_scores(dataset, relevant_of)
     rng = random.Random(seed)
     doc_ids = sorted(dataset.corpus)
-    rows, relevance, left_out = [], [], []
-    for query_id, relevant in relevant_of.items():
-        judged = dataset.qrels[query_id]
-        if not relevant:
-            continue
-        # a blank relevant document is no positive to draw, yet still judged: masked as an in-batch negative
-        positives = [doc_id for doc_id in relevant if not _blank(dataset.document_text(doc_id))]
-        if not positives or _blank(dataset.queries[query_id]):
-            left_out.append(f"query {query_id!r}")
-            continue
-        # nor the document with the query's own id: eval drops it from every ranking (BEIR's convention)
-        own = query_id in dataset.corpus and query_id not in judged
-        unjudged = len(doc_ids) - sum(doc_id in dataset.corpus for doc_id in judged) - own
-        if unjudged < num_negatives:
-            raise ValueError(f"{dataset.name}: query {query_id!r} leaves {unjudged} unjudged "
-                             f"documents, too few for {num_negatives} negatives")
-        negatives = []
-        while len(negatives) < num_negatives:
-            doc_id = doc_ids[rng.randrange(len(doc_ids))]
-            if doc_id not in judged and doc_id != query_id and doc_id not in negatives:
-                negatives.append(doc_id)
-        positive = positives[rng.randrange(len(positives))]  # drawn in both modes: same rng stream
-        scored = [doc_id for doc_id in positives if doc_id in bm25.get(query_id, {})]
-        if scored:
-            positive = max(scored, key=lambda doc_id: bm25[query_id][doc_id])
-        rows.append([dataset.queries[query_id]] + [dataset.document_text(d) for d in [positive] + negatives])
-        relevance.append({"documents": [positive] + negatives, "relevant": relevant})
+    left_out = []
+
+    def rows():  # one row per query, drawn in query order: the same seed gives the same rows
+        for query_id, relevant in relevant_of.items():
+            judged = dataset.qrels[query_id]
+            if not relevant:
+                continue
+            # a blank relevant document is no positive to draw, yet still judged: masked as an in-batch negative
+            positives = [doc_id for doc_id in relevant if not _blank(dataset.document_text(doc_id))]
+            if not positives or _blank(dataset.queries[query_id]):
+                left_out.append(f"query {query_id!r}")
+                continue
+            # nor the document with the query's own id: eval drops it from every ranking (BEIR's convention)
+            own = query_id in dataset.corpus and query_id not in judged
+            unjudged = len(doc_ids) - sum(doc_id in dataset.corpus for doc_id in judged) - own
+            if unjudged < num_negatives:
+                raise ValueError(f"{dataset.name}: query {query_id!r} leaves {unjudged} unjudged "
+                                 f"documents, too few for {num_negatives} negatives")
+            negatives = []
+            while len(negatives) < num_negatives:
+                doc_id = doc_ids[rng.randrange(len(doc_ids))]
+                if doc_id not in judged and doc_id != query_id and doc_id not in negatives:
+                    negatives.append(doc_id)
+            chosen = positives[rng.randrange(len(positives))]  # drawn in both modes: same rng stream
+            scored = [doc_id for doc_id in positives if doc_id in bm25.get(query_id, {})]
+            if scored:
+                chosen = max(scored, key=lambda doc_id: bm25[query_id][doc_id])
+            row = [dataset.queries[query_id]] + [dataset.document_text(d) for d in [chosen] + negatives]
+            yield row + [{"documents": [chosen] + negatives, "relevant": relevant}] * bool(with_ids)
+
+    columns = _columns(num_negatives) + ["relevance"] * bool(with_ids)
+    examples = _to_dataset(rows(), columns)
     source = f"{dataset.name} ({dataset.split})"
     _warn_left_out(source, left_out, "its query, or every relevant document, is")
-    why = "every query with a relevant document was left out: its query or its relevant documents are blank" \
-        if left_out else "no query has a relevant document"
-    examples = _to_dataset(rows, num_negatives, source, why)
-    return examples.add_column("relevance", relevance) if with_ids else examples
+    if examples is None:
+        raise _no_examples(source, "every query with a relevant document was left out: its query or its relevant "
+                                   "documents are blank" if left_out else "no query has a relevant document")
+    return examples
 
 
 def is_triples_header(row: list[str]) -> bool:
@@ -196,7 +214,7 @@ def triples_examples(path: str, num_negatives: int = DEFAULT_NUM_NEGATIVES, seed
     if judged:
         warnings.warn(f"{path}: {len(judged)} row(s) (first: line {judged[0]}) give as negative a passage the file "
                       "calls relevant to the same query; a random passage was drawn in its place", stacklevel=2)
-    return _to_dataset(rows, num_negatives, path)
+    return _to_dataset(rows, _columns(num_negatives))  # never None: at least one triple
 
 
 def triples_file(source: str) -> Optional[str]:
