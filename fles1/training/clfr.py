@@ -36,7 +36,7 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
-from .checks import is_int, is_number
+from .checks import check_count_or_none, is_number
 from .distributed import all_reduce_sum, rank
 
 STATE_FILE = "clfr_state.json"
@@ -117,8 +117,7 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
     STATE_FILE = STATE_FILE
 
     def __init__(self, controller: CLFRController, interval_steps: int | None = None):
-        if interval_steps is not None and not (is_int(interval_steps) and interval_steps >= 1):
-            raise ValueError(f"interval_steps must be an int >= 1 or None (one epoch), got {interval_steps!r}")
+        check_count_or_none(interval_steps, "interval_steps", "None (one epoch)")
         self.controller = controller
         self.interval_steps = interval_steps
         self._interval = interval_steps  # resolved at train begin when None

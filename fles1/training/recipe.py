@@ -11,7 +11,7 @@ import re
 
 import yaml
 
-from .checks import is_int, is_number
+from .checks import check_count_or_none, is_int, is_number
 
 DEFAULTS = {
     "model": {"path": None, "query_max_length": None, "document_max_length": None},
@@ -258,9 +258,7 @@ def validate(recipe: dict) -> dict:
         check_sampling(recipe["data"]["num_negatives"], recipe["data"]["seed"], minimum=0)
     except ValueError as error:
         raise ValueError(f"data.{error}") from None
-    limit = recipe["data"]["max_examples"]
-    if limit is not None and not (is_int(limit) and limit >= 1):
-        raise ValueError(f"data.max_examples must be an int >= 1 or null (every example), got {limit!r}")
+    check_count_or_none(recipe["data"]["max_examples"], "data.max_examples", "null (every example)")
     # checked with CLFR off too: the training log records them, and turning it on must not find them wrong
     try:
         CLFRController(loss["lambda_d"] if clfr["enabled"] else 1.0, clfr["target_nnz_d"], clfr["gain"],
@@ -268,9 +266,7 @@ def validate(recipe: dict) -> dict:
     except ValueError as error:  # named as the recipe's key, not the controller's argument
         argument, _, rest = str(error).partition(" ")
         raise ValueError(f"{CLFR_KEYS[argument]} {rest}") from None
-    interval = clfr["interval_steps"]
-    if interval is not None and not (is_int(interval) and interval >= 1):
-        raise ValueError(f"clfr.interval_steps must be an int >= 1 or null (one epoch), got {interval!r}")
+    check_count_or_none(clfr["interval_steps"], "clfr.interval_steps", "null (one epoch)")
     return recipe
 
 
