@@ -730,7 +730,8 @@ class FLES1Encoder:
 
     def decode(self, ids: Iterable[int], weights: Optional[Iterable[float]] = None):
         """Vocabulary ids -> terms; with weights, -> {term: weight}. An id outside the vocabulary (negative ones
-        included) or a weights list of another length is a ValueError naming it."""
+        included), a weights list of another length, or (with weights) an id given twice is a ValueError naming
+        it: a dict keeps one weight per term, and which of two is not for decode to guess."""
         self._sync()
         terms = []
         for position, token_id in enumerate(ids):
@@ -748,7 +749,13 @@ class FLES1Encoder:
         weights = [float(w) for w in weights]
         if len(weights) != len(terms):
             raise ValueError(f"ids and weights differ in length ({len(terms)} vs {len(weights)})")
-        return dict(zip(terms, weights))
+        decoded = dict(zip(terms, weights))
+        if len(decoded) < len(terms):
+            first = {}
+            for position, term in enumerate(terms):
+                if first.setdefault(term, position) != position:
+                    raise ValueError(f"ids[{position}] repeats ids[{first[term]}] ({term!r}): one weight per term")
+        return decoded
 
     def __repr__(self) -> str:
         return (

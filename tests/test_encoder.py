@@ -275,6 +275,10 @@ def test_encoder_decode_refuses_ids_outside_the_vocabulary(encoder):
         encoder.decode([1, 2], [0.5])
     with pytest.raises(ValueError, match=r"ids and weights differ in length \(1 vs 2\)"):  # a weight left over
         encoder.decode([5], [0.1, 0.2])
+    # the same id twice with weights: one would silently replace the other in the dict
+    with pytest.raises(ValueError, match=r"ids\[2\] repeats ids\[0\] \('\[unused4\]'\): one weight per term"):
+        encoder.decode([5, 7, 5], [1.0, 0.5, 2.0])
+    assert encoder.decode([5, 7, 5]) == [encoder._vocab[5], encoder._vocab[7], encoder._vocab[5]]  # terms: no dict
 
 
 def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
