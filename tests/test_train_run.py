@@ -162,10 +162,10 @@ def test_evaluation_batches_leave_clfr_crashes_and_the_log_window_alone(sparse_t
     trainer.model.eval()
     with torch.no_grad():
         assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
-    assert trainer.clfr.nnz_count == 0 and trainer.crash_monitor._nnz_count == 0 and not trainer._window
+    assert trainer.clfr.nnz_count == 0 and trainer.crash_monitor._nnz_count == 0 and not trainer.log_window.sums
     trainer.model.train()
     trainer.compute_loss(trainer.model, batch)
-    assert trainer.clfr.nnz_count == 4 * 8 and trainer.crash_monitor._nnz_count == 4 * 8 and trainer._window
+    assert trainer.clfr.nnz_count == 4 * 8 and trainer.crash_monitor._nnz_count == 4 * 8 and trainer.log_window.sums
 
 
 @pytest.mark.parametrize("regularizer", ["flops", "l1_flops"])
@@ -198,7 +198,7 @@ def test_the_recipes_loss_settings_reach_every_loss_part(sparse_tiny, msmarco_to
         }
     assert float(expected["loss_anticollapse"]) > 0 and float(expected["loss_reg_d"]) != float(expected["loss_reg_q"])
     for name, value in expected.items():
-        assert trainer._window[name] == pytest.approx(float(value), rel=1e-5), name
+        assert trainer.log_window.sums[name] == pytest.approx(float(value), rel=1e-5), name
     assert loss.item() == pytest.approx(float(sum(expected.values())), rel=1e-5)
 
 
@@ -222,7 +222,7 @@ def test_the_false_negative_mask_reaches_the_contrastive_loss(sparse_tiny, msmar
         queries, documents = trainer.encode(trainer.model, batch["query"], batch["documents"])
     masked = float(info_nce(queries, documents, group_size, trainer.temperature, mask))
     assert masked != pytest.approx(float(info_nce(queries, documents, group_size, trainer.temperature)), rel=1e-6)
-    assert trainer._window["loss_contrastive"] == pytest.approx(masked, rel=1e-5)
+    assert trainer.log_window.sums["loss_contrastive"] == pytest.approx(masked, rel=1e-5)
 
 
 class _InterruptedWhileSaving(TrainerCallback):
@@ -479,6 +479,29 @@ def test_a_run_killed_while_finishing_is_finished_by_resume(sparse_tiny, msmarco
     with pytest.raises(TrainingSetupError, match="it is at step 4 and this run ends at step 4"):  # another folder
         train(recipe, str(tmp_path / "elsewhere"), resume_from_checkpoint=str(out / "checkpoint-4"))
     assert _listing(out) == before
+
+
+def test_a_log_row_spanning_the_resumed_checkpoint_matches_the_uninterrupted_run(sparse_tiny, msmarco_toy_dir,
+                                                                                   tmp_path):
+    """Rows every 3 steps, checkpoints every 2: the row at step 6 covers steps 4-6. Resumed from checkpoint-4 it
+    covered steps 5-6 only (loss, its parts and NNZ alike), with nothing in the row to say so."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"training.logging_steps": 3}))
+    full = train(recipe, str(tmp_path / "full"), max_steps=6)
+    assert [row["step"] for row in full["history"]] == [3, 6]
+    checkpoint = str(tmp_path / "full" / "checkpoint-4")
+    resumed = train(recipe, str(tmp_path / "resumed"), resume_from_checkpoint=checkpoint, max_steps=6)
+    assert resumed["history"] == full["history"]
+    row = full["history"][1]
+    assert row["loss"] == pytest.approx(row["loss_contrastive"] + row["loss_reg_d"] + row["loss_reg_q"]
+                                        + row["loss_anticollapse"], rel=1e-6)
+    # a checkpoint written before the window was saved resumes too, from an empty window
+    os.remove(os.path.join(checkpoint, "log_window.json"))
+    state_path = os.path.join(checkpoint, "trainer_state.json")
+    state = json.load(open(state_path))
+    del state["stateful_callbacks"]["fles1/log_window.json"]
+    json.dump(state, open(state_path, "w"))
+    older = train(recipe, str(tmp_path / "older"), resume_from_checkpoint=checkpoint, max_steps=6)
+    assert [row["step"] for row in older["history"]] == [3, 6] and older["history"][1] != full["history"][1]
 
 
 def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msmarco_toy_dir, tmp_path, monkeypatch):

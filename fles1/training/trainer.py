@@ -35,7 +35,6 @@ import math
 import os
 import types
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -52,7 +51,8 @@ from .clfr import STATE_FILE as CLFR_STATE_FILE
 from .clfr import CLFRCallback
 from .crashes import STATE_FILE as CRASH_STATE_FILE
 from .crashes import CrashMonitor
-from .distributed import all_reduce_sum, world_size
+from .log_window import LogWindow
+from .distributed import world_size
 from .losses import info_nce
 from .regularizers import anti_collapse, get_regularizer
 
@@ -206,6 +206,10 @@ def _holds_json(path: str) -> bool:
     return True
 
 
+# the loss and its parts, as compute_loss sums them into the log window (a batch mean each)
+WINDOW_LOSSES = ("loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse")
+
+
 def checkpoint_state_files(clfr: bool) -> list[str]:
     """What the callbacks add to each checkpoint (before trainer_state.json): a complete checkpoint holds them."""
     return [CRASH_STATE_FILE] + ([CLFR_STATE_FILE] if clfr else [])
@@ -299,7 +303,8 @@ class FLES1Trainer(Trainer):
         self.gather_across_devices = gather_across_devices
         self.clfr = clfr
         self.crash_monitor = crash_monitor or CrashMonitor()
-        callbacks = list(callbacks or []) + [self.crash_monitor] + ([clfr] if clfr is not None else [])
+        self.log_window = LogWindow()  # saved with each checkpoint: a resumed run's first row covers its whole window
+        callbacks = list(callbacks or []) + [self.crash_monitor, self.log_window] + ([clfr] if clfr is not None else [])
         if args is not None:
             args.remove_unused_columns = False  # the collator needs the text columns
             check_batch_fits(args, len(train_dataset))
@@ -323,7 +328,6 @@ class FLES1Trainer(Trainer):
             data_collator=data_collator, callbacks=callbacks, **kwargs,
         )
         self.loss_is_scaled_for_ga = False  # compute_loss returns a batch mean: the Trainer divides by GA steps
-        self._window = defaultdict(float)
         self.nnz_trace: list[dict] = []  # this rank's per-micro-batch document non-zeros (DDP checks)
 
     def current_lambda_d(self) -> float:
@@ -374,39 +378,39 @@ class FLES1Trainer(Trainer):
         self.crash_monitor.observe(parts[0], nnz_doc, num_docs)
         self.nnz_trace.append({"step": self.state.global_step + 1, "nnz_sum": nnz_doc, "count": num_docs,
                                "ddp": isinstance(model, torch.nn.parallel.DistributedDataParallel)})
-        window = self._window
+        window = self.log_window
         # weighted as transformers weights "loss": each micro-batch by 1 / the micro-batches of its optimizer step
         # (fewer in an epoch's last step), the sum then divided by the steps; a plain mean over micro-batches made
         # the logged parts disagree with the logged loss (loss_contrastive above loss)
         weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        for name, value in zip(("loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse"), parts[1:]):
-            window[name] += value * weight
-        window["steps"] += weight
-        window["non_finite_batches"] += not math.isfinite(parts[0])
-        window["nnz_doc_sum"] += nnz_doc
-        window["docs"] += num_docs
-        window["nnz_query_sum"] += nnz_query
-        window["queries"] += num_queries
+        for name, value in zip(WINDOW_LOSSES, parts):
+            window.add(name, value * weight)
+        window.add("steps", weight)
+        window.add("non_finite_batches", not math.isfinite(parts[0]))
+        window.add("nnz_doc_sum", nnz_doc)
+        window.add("docs", num_docs)
+        window.add("nnz_query_sum", nnz_query)
+        window.add("queries", num_queries)
         return (loss, {"queries": queries, "documents": documents}) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs:  # a training log (not the end-of-training summary): add the window's FLES-1 metrics
-            keys = ["loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse", "steps",
-                    "nnz_doc_sum", "docs", "nnz_query_sum", "queries", "non_finite_batches"]
-            totals = dict(zip(keys, all_reduce_sum([self._window[k] for k in keys], self.args.device)))
+            totals = self.log_window.take(list(WINDOW_LOSSES) + ["steps", "nnz_doc_sum", "docs", "nnz_query_sum",
+                                                                "queries", "non_finite_batches"], self.args.device)
+            steps = totals["steps"] or 1.0
+            # the loss too is the window's: transformers' own total restarts at a resumed step, so the first row
+            # after a resume averaged fewer steps than the uninterrupted run's row
+            for name in WINDOW_LOSSES:
+                logs[name] = totals[name] / steps
             if totals["non_finite_batches"]:
                 # transformers' logging_nan_inf_filter logs a NaN/inf loss as the window's finite mean (0.0 when
                 # none): a diverged window would look perfect. The crash monitor skipped those updates.
                 logs["loss"] = float("nan")
-            steps = totals["steps"] or 1.0
-            for name in keys[:4]:
-                logs[name] = totals[name] / steps
             logs["nnz_doc"] = totals["nnz_doc_sum"] / max(totals["docs"], 1.0)
             logs["nnz_query"] = totals["nnz_query_sum"] / max(totals["queries"], 1.0)
             logs["lambda_d"] = getattr(self, "_lambda_d_used", self.current_lambda_d())
             logs["lambda_q"] = self.lambda_q
             logs["eff_reg"] = self.clfr.eff_reg if self.clfr is not None else self.lambda_d * self.state.global_step
-            self._window = defaultdict(float)
         super().log(logs, start_time)
 
     @property
@@ -416,7 +420,7 @@ class FLES1Trainer(Trainer):
     def train(self, resume_from_checkpoint=None, **kwargs):
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir,
                                                 self.checkpoint_state_files)
-        for callback in (self.clfr, self.crash_monitor):
+        for callback in (self.clfr, self.crash_monitor, self.log_window):
             if callback is not None:
                 callback.resume_from = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

@@ -1,0 +1,64 @@
+"""The sums behind the next training-log row, saved with each checkpoint.
+
+A log row averages its window: the micro-batches since the previous row. A checkpoint saved between two rows
+(``save_steps`` not a multiple of ``logging_steps``) used to lose the window's first part, so a resumed run's first
+row averaged fewer steps than the uninterrupted run's, with nothing to say so. The window now travels with the
+checkpoint (``log_window.json``); a checkpoint without one (written before this file existed) resumes with an
+empty window, as before.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from transformers import TrainerCallback
+
+from .checkpoint_state import CheckpointStateMixin
+from .distributed import all_reduce_sum, rank
+
+STATE_FILE = "log_window.json"
+
+
+class LogWindow(CheckpointStateMixin, TrainerCallback):
+    """Named sums (loss parts, non-zeros, counts) since the last log row: the trainer `add`s per micro-batch and
+    `take`s them (summed over ranks) when it logs."""
+
+    STATE_FILE = STATE_FILE
+
+    def __init__(self):
+        self.sums = defaultdict(float)
+        self.resume_from: str | None = None
+        self._logs_now = False  # the step being saved also logs: the row takes the window, the checkpoint none
+
+    def add(self, name: str, value: float) -> None:
+        self.sums[name] += value
+
+    def take(self, names: list[str], device=None) -> dict:
+        """The window's sums over every rank (each rank calls this at the same step), then an empty window."""
+        totals = dict(zip(names, all_reduce_sum([self.sums[name] for name in names], device)))
+        self.sums = defaultdict(float)
+        return totals
+
+    def state_dict(self) -> dict:
+        return {} if self._logs_now else dict(self.sums)
+
+    def load_state_dict(self, state: dict) -> None:
+        # the file holds every rank's sums (`write_state`): one rank carries them on
+        self.sums = defaultdict(float, state if rank() == 0 else {})
+
+    def write_state(self, args, state) -> None:
+        """Rank 0 writes the checkpoint's file: every rank's sums move onto it first (as CLFR's do)."""
+        if not self._logs_now:
+            names = sorted(self.sums)
+            totals = all_reduce_sum([self.sums[name] for name in names], args.device)
+            self.sums = defaultdict(float, dict(zip(names, totals)) if rank() == 0 else {})
+        super().write_state(args, state)
+
+    def save_ahead(self, args, state, control) -> None:
+        self._logs_now = control.should_log  # set by transformers' flow callback before this one, like should_save
+        super().save_ahead(args, state, control)
+        self._logs_now = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:  # resuming: a checkpoint without the file (older) starts from an empty window
+            self.restore(args, state)
