@@ -51,8 +51,8 @@ from .clfr import STATE_FILE as CLFR_STATE_FILE
 from .clfr import CLFRCallback
 from .crashes import STATE_FILE as CRASH_STATE_FILE
 from .crashes import CrashMonitor
-from .log_window import LogWindow
 from .distributed import world_size
+from .log_window import LogWindow
 from .losses import info_nce
 from .regularizers import anti_collapse, get_regularizer
 
