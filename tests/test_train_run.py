@@ -658,27 +658,33 @@ def test_sigkill_and_resume_matches_uninterrupted_run(sparse_tiny, msmarco_toy_d
 
 
 def test_torchrun_two_ranks_log_the_global_nnz(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """Rows every 2 steps, a checkpoint at step 3 inside a row's window: the window's sums (each rank's) travel with
+    it, and a two-rank resume from it logs what the uninterrupted run logged (the window's reduce once hung: the
+    ranks reduced lists of different lengths)."""
     recipe_path = str(tmp_path / "recipe.yaml")
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir,
-                                                     **{"training.save_steps": 100}))
+                                                     **{"training.save_steps": 3, "training.logging_steps": 2}))
     with open(recipe_path, "w") as handle:
         yaml.safe_dump(recipe, handle)
     out = str(tmp_path / "ddp")
     # two ranks on one machine: gloo on the CPU, also where there is a GPU (NCCL refuses two ranks on one GPU)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **CPU_ONLY}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path, "--output-dir", out,
-               "--max-steps", "4", "--trace-nnz"]
-    _run(command, env)
+               os.path.join(ROOT, "train_fles1.py"), "--recipe", recipe_path, "--max-steps", "4"]
+    _run(command + ["--output-dir", out, "--trace-nnz"], env)
     log = json.load(open(os.path.join(out, "training_log.json")))
     traces = [json.load(open(os.path.join(out, f"nnz_trace_rank{rank}.json"))) for rank in (0, 1)]
     assert traces[0] != traces[1]  # the ranks saw different documents
     assert all(t["ddp"] for trace in traces for t in trace)  # the model ran under DistributedDataParallel
+    assert [row["step"] for row in log["history"]] == [2, 4]
     for row in log["history"]:
-        local = [t for trace in traces for t in trace if t["step"] == row["step"]]
-        assert len(local) == 2
+        local = [t for trace in traces for t in trace if row["step"] - 2 < t["step"] <= row["step"]]
+        assert len(local) == 4
         expected = sum(t["nnz_sum"] for t in local) / sum(t["count"] for t in local)
         assert row["nnz_doc"] == pytest.approx(expected, rel=1e-12)
+    resumed = str(tmp_path / "resumed")
+    _run(command + ["--output-dir", resumed, "--resume", os.path.join(out, "checkpoint-3")], env)
+    assert json.load(open(os.path.join(resumed, "training_log.json")))["history"] == log["history"]
     for adjustment in log["clfr"]:  # the controller acted on the global mean of its interval
         local = [t for trace in traces for t in trace if adjustment["step"] - 2 < t["step"] <= adjustment["step"]]
         expected = sum(t["nnz_sum"] for t in local) / sum(t["count"] for t in local)

@@ -20,22 +20,25 @@ STATE_FILE = "log_window.json"
 
 
 class LogWindow(CheckpointStateMixin, TrainerCallback):
-    """Named sums (loss parts, non-zeros, counts) since the last log row: the trainer `add`s per micro-batch and
-    `take`s them (summed over ranks) when it logs."""
+    """Sums of the named quantities (loss parts, non-zeros, counts) since the last log row: the trainer `add`s per
+    micro-batch and `take`s them (summed over ranks) when it logs."""
 
     STATE_FILE = STATE_FILE
 
-    def __init__(self):
+    def __init__(self, names: list[str]):
+        self.names = list(names)  # every rank reduces the same list, in this order (gloo/NCCL hang otherwise)
         self.sums = defaultdict(float)
         self.resume_from: str | None = None
         self._logs_now = False  # the step being saved also logs: the row takes the window, the checkpoint none
 
     def add(self, name: str, value: float) -> None:
+        if name not in self.names:  # summed here, never reduced nor logged: a typo
+            raise KeyError(f"{name!r} is not one of the log window's {self.names}")
         self.sums[name] += value
 
-    def take(self, names: list[str], device=None) -> dict:
+    def take(self, device=None) -> dict:
         """The window's sums over every rank (each rank calls this at the same step), then an empty window."""
-        totals = dict(zip(names, all_reduce_sum([self.sums[name] for name in names], device)))
+        totals = dict(zip(self.names, all_reduce_sum([self.sums[name] for name in self.names], device)))
         self.sums = defaultdict(float)
         return totals
 
@@ -49,9 +52,8 @@ class LogWindow(CheckpointStateMixin, TrainerCallback):
     def write_state(self, args, state) -> None:
         """Rank 0 writes the checkpoint's file: every rank's sums move onto it first (as CLFR's do)."""
         if not self._logs_now:
-            names = sorted(self.sums)
-            totals = all_reduce_sum([self.sums[name] for name in names], args.device)
-            self.sums = defaultdict(float, dict(zip(names, totals)) if rank() == 0 else {})
+            totals = all_reduce_sum([self.sums[name] for name in self.names], args.device)
+            self.sums = defaultdict(float, dict(zip(self.names, totals)) if rank() == 0 else {})
         super().write_state(args, state)
 
     def save_ahead(self, args, state, control) -> None:

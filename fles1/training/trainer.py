@@ -206,8 +206,9 @@ def _holds_json(path: str) -> bool:
     return True
 
 
-# the loss and its parts, as compute_loss sums them into the log window (a batch mean each)
+# the loss and its parts, as compute_loss sums them into the log window (a batch mean each), and its counts
 WINDOW_LOSSES = ("loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse")
+WINDOW_COUNTS = ("steps", "non_finite_batches", "nnz_doc_sum", "docs", "nnz_query_sum", "queries")
 
 
 def checkpoint_state_files(clfr: bool) -> list[str]:
@@ -303,7 +304,8 @@ class FLES1Trainer(Trainer):
         self.gather_across_devices = gather_across_devices
         self.clfr = clfr
         self.crash_monitor = crash_monitor or CrashMonitor()
-        self.log_window = LogWindow()  # saved with each checkpoint: a resumed run's first row covers its whole window
+        # saved with each checkpoint: a resumed run's first row covers its whole window
+        self.log_window = LogWindow(WINDOW_LOSSES + WINDOW_COUNTS)
         callbacks = list(callbacks or []) + [self.crash_monitor, self.log_window] + ([clfr] if clfr is not None else [])
         if args is not None:
             args.remove_unused_columns = False  # the collator needs the text columns
@@ -395,8 +397,7 @@ class FLES1Trainer(Trainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs:  # a training log (not the end-of-training summary): add the window's FLES-1 metrics
-            totals = self.log_window.take(list(WINDOW_LOSSES) + ["steps", "nnz_doc_sum", "docs", "nnz_query_sum",
-                                                                "queries", "non_finite_batches"], self.args.device)
+            totals = self.log_window.take(self.args.device)
             steps = totals["steps"] or 1.0
             # the loss too is the window's: transformers' own total restarts at a resumed step, so the first row
             # after a resume averaged fewer steps than the uninterrupted run's row
