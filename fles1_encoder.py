@@ -48,6 +48,9 @@ TOKENIZE_CHUNK_TEXTS = 1024
 # model)
 DOWNLOAD_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder")
 TOKENIZER_OPTIONS = ("use_fast",)
+# the model's own loading options, never config settings: given to the config, dtype="auto" became config.dtype and
+# failed as torch.auto
+MODEL_DTYPE_OPTIONS = ("dtype", "torch_dtype")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -308,8 +311,9 @@ class FLES1Encoder:
         tokenizer: its tokenizer.
         threshold: weights below it are dropped (default: `config.inference_threshold`, 0.3, followed when the
             config is edited, as are its query/document max lengths).
-        projection_dtype: dtype of the vocabulary projection; `torch.bfloat16` is faster on CPUs with bf16
-            support at a small precision cost (see benchmarks/bench_encode.py).
+        projection_dtype: dtype of the vocabulary projection (None: the model's; `torch.bfloat16` or "bfloat16",
+            float16, float32, float64); bfloat16 is an approximation, no faster than the exact float32 path on CPUs
+            with int8 VNNI (see benchmarks/bench_encode.py). Checked when set: another value is a ValueError.
     """
 
     def __init__(self, model, tokenizer, threshold: Optional[float] = None, projection_dtype=None):
@@ -322,6 +326,15 @@ class FLES1Encoder:
         self.projection_dtype = projection_dtype
         self._synced_with = None
         self._sync()
+
+    @property
+    def projection_dtype(self) -> Optional[torch.dtype]:
+        return self._projection_dtype
+
+    @projection_dtype.setter
+    def projection_dtype(self, value) -> None:
+        check = getattr(self.model, "projection_dtype_of", None)  # a FLES-1 model's; another model takes it as is
+        self._projection_dtype = check(value) if check is not None else value
 
     @property
     def threshold(self) -> float:
@@ -423,7 +436,8 @@ class FLES1Encoder:
         # the rest: config settings first (the config consumes them), what is left goes to the model; sent to every
         # loader, query_max_length reached the model's constructor and use_fast the model (TypeErrors)
         settings_and_model_options = {key: value for key, value in hub_kwargs.items()
-                                      if key not in DOWNLOAD_OPTIONS and key not in TOKENIZER_OPTIONS}
+                                      if key not in DOWNLOAD_OPTIONS + TOKENIZER_OPTIONS + MODEL_DTYPE_OPTIONS}
+        dtype_options = {key: value for key, value in hub_kwargs.items() if key in MODEL_DTYPE_OPTIONS}
         try:
             if own is not None:
                 settings, unused = own[0].get_config_dict(path_or_hub_id, **download)  # config.json, read once
@@ -434,14 +448,14 @@ class FLES1Encoder:
                 config, model_options = own[0].from_dict(settings, return_unused_kwargs=True,
                                                          **{**unused, **settings_and_model_options})
                 model = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True, **download,
-                                               **model_options)
+                                               **model_options, **dtype_options)
             else:
                 config, model_options = AutoConfig.from_pretrained(
                     path_or_hub_id, trust_remote_code=True, return_unused_kwargs=True, **download,
                     **settings_and_model_options)
                 model = AutoModelForMaskedLM.from_pretrained(
                     path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True, **download,
-                    **model_options
+                    **model_options, **dtype_options
                 )
         except CheckpointError:  # an OSError too: not to be wrapped below
             raise
@@ -759,8 +773,11 @@ class FLES1Encoder:
 
     def __repr__(self) -> str:
         return (
-            f"FLES1Encoder(model={self.config.name_or_path!r}, device={self.device}, threshold={self.threshold}, "
-            f"max_lengths={self.max_lengths})"
+            f"FLES1Encoder(model={self.config.name_or_path!r}, device={self.device}, "
+            f"dtype={str(self._embeddings.weight.dtype).replace('torch.', '')}, threshold={self.threshold}, "
+            f"max_lengths={self.max_lengths}"
+            + (f", projection_dtype={str(self.projection_dtype).replace('torch.', '')})" if self.projection_dtype
+               else ")")
         )
 
 

@@ -192,6 +192,22 @@ def int8_screening_available() -> bool:
     return all(bool(result.all()) for result in exact)
 
 
+PROJECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                     "float64": torch.float64}
+
+
+def projection_dtype_of(value) -> Optional[torch.dtype]:
+    """A projection dtype as given (None, a floating torch dtype, or its name: "bfloat16", "torch.bfloat16") ->
+    the torch dtype or None; anything else is a ValueError listing the choices (an integer dtype projected into
+    wrong vectors, a name failed later as a device string)."""
+    if value is None or (isinstance(value, torch.dtype) and value in PROJECTION_DTYPES.values()):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in PROJECTION_DTYPES:
+        return PROJECTION_DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"projection_dtype={value!r} is not supported; choose None (the model's dtype) or one of "
+                     f"{list(PROJECTION_DTYPES)} (as torch dtypes or names)")
+
+
 def _screens_by_default(device: torch.device, dtype: torch.dtype, projection_dtype=None) -> bool:
     """Whether a float32 projection goes through int8 screening (`_screened_max`) unless told otherwise. Not
     under CPU autocast: it would run the exact recompute in bf16 (the batched paths follow autocast instead)."""
@@ -463,6 +479,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     config: FLES1Config
     # Trace the backbone for single-text CPU inference (see `_hidden_states`); False keeps it eager.
     use_traced_backbone = True
+    # The projection dtypes encode_sparse takes, and their check (FLES1Encoder checks its own setting with it).
+    projection_dtype_of = staticmethod(projection_dtype_of)
 
     # Derived caches (`_decoder_cache`, the single-text trace, `_module_views`) live in __dict__ and are rebuilt on
     # demand; copies, pickles and torch.save leave them out -- a TorchScript module and oneDNN's opaque packed
@@ -478,8 +496,11 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .half() / .double(): the trace holds the parameter tensors themselves, and torch refuses to swap
-        # a tensor something else holds (torch.__future__.set_swap_module_params_on_conversion, DTensor)
+        # a tensor something else holds (torch.__future__.set_swap_module_params_on_conversion, DTensor); the
+        # decoder copies would be rebuilt on the next call anyway, but the old ones (an int8 screen holding the
+        # float32 weight, a copy per dtype) stayed alive beside the converted weights
         self.__dict__.pop("_fles1_traced_hidden_states", None)
+        self.__dict__.pop("_fles1_decoder_cache", None)
         return super()._apply(fn, *args, **kwargs)
 
     def dropout_active(self) -> bool:
@@ -707,8 +728,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
         Args:
             input_ids, attention_mask, token_type_ids: as returned by the tokenizer.
-            projection_dtype: dtype of the vocabulary projection (e.g. `torch.bfloat16` for speed); the backbone
-                runs in the model's dtype. Defaults to the model's dtype.
+            projection_dtype: dtype of the vocabulary projection (e.g. `torch.bfloat16` or "bfloat16" for speed;
+                one of `PROJECTION_DTYPES`); the backbone runs in the model's dtype. Defaults to the model's dtype.
             chunk_tokens: tokens projected onto the vocabulary at once (memory/speed trade-off). Setting it
                 on CPU selects the batched projection instead of the per-text tiled one.
             screening: CPU inference only: find the float32 result through an int8 pass that bounds every
@@ -722,6 +743,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         inference it runs per text, a cache-sized tile of tokens at a time against a oneDNN-packed weight,
         skipping padding; a single text's backbone runs through a TorchScript trace (see `_hidden_states`).
         """
+        projection_dtype = projection_dtype_of(projection_dtype)
         hidden = self._hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
         decoder = self.cls.predictions.decoder
         bias = self._decoder_bias()
@@ -773,6 +795,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
         ```
         """
+        projection_dtype = projection_dtype_of(projection_dtype)
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"encode_sparse_terms takes one text: input_ids of shape (1, length), got "
                              f"{tuple(input_ids.shape)}; use encode_sparse for batches")
@@ -822,4 +845,5 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 FLES1Config.register_for_auto_class()
 FLES1ForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
-__all__ = ["FLES1ForMaskedLM", "FLES1SparseOutput", "max_pooled_logits", "int8_screening_available"]
+__all__ = ["FLES1ForMaskedLM", "FLES1SparseOutput", "max_pooled_logits", "int8_screening_available",
+           "projection_dtype_of"]

@@ -272,7 +272,9 @@ OVERWRITE_HINT = " (--overwrite / overwrite=True replaces it)"
 
 def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_settings) -> str:
     """Any BERT masked-LM checkpoint (folder or hub id) -> FLES-1 checkpoint folder. ``out_dir`` must be new or
-    empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place)."""
+    empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place).
+    The weights are written in float32 whatever the source's dtype (with a warning when that casts them): the
+    exact int8-screened CPU path and the loaders' 1e-5 agreement are float32's; load in bf16 with ``dtype=``."""
     require_new_folder(out_dir, overwrite, hint=OVERWRITE_HINT)  # before the load
     if not os.path.isdir(source) and is_local_path(source):
         raise FileNotFoundError(not_a_folder(source))  # a path, not a hub id: transformers would say "bad repo id"
@@ -292,6 +294,10 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     if missing or unexpected:
         raise ValueError(f"not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
+    if source_model.dtype != torch.float32:  # a bf16 source doubles in size: said, not done silently
+        warnings.warn(f"{source}: weights are {str(source_model.dtype).replace('torch.', '')}; the FLES-1 folder "
+                      "holds them in float32 (twice the size; load with dtype=torch.bfloat16 to run in bf16)",
+                      stacklevel=2)
     tokenizer = load_source_tokenizer(source, source_model.config)
     check_tokenizer(tokenizer, config.vocab_size)
     with atomic_directory(out_dir, replace=overwrite) as staging:

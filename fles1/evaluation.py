@@ -218,6 +218,7 @@ def encode_corpus(
         raise ValueError(f"shard_docs must be an int >= 1, got {shard_docs!r}")
     doc_ids = list(dataset.corpus)
     projection = str(encoder.projection_dtype).replace("torch.", "") if encoder.projection_dtype else "model"
+    model_dtype = str(getattr(encoder.model, "dtype", "float32")).replace("torch.", "")
     path = parts = None
     if cache_dir:  # the key hashes the corpus and maybe every weight: only when a cache will use it
         key = "-".join(
@@ -229,6 +230,8 @@ def encode_corpus(
                 encoding_fingerprint(encoder),
             ]
             + ([] if shard_docs == CORPUS_SHARD_DOCS else [f"S{shard_docs}"])  # the default keeps older entries valid
+            # the model's dtype: a folder loaded in bf16 (dtype=) has the float32 weights' fingerprint
+            + ([] if model_dtype == "float32" else [model_dtype])
         )
         path = os.path.join(cache_dir, f"{key}.npz")
         parts = os.path.join(cache_dir, f"{key}.parts")  # finished shards of an unfinished run

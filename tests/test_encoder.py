@@ -281,6 +281,24 @@ def test_encoder_decode_refuses_ids_outside_the_vocabulary(encoder):
     assert encoder.decode([5, 7, 5]) == [encoder._vocab[5], encoder._vocab[7], encoder._vocab[5]]  # terms: no dict
 
 
+def test_encoder_dtype_and_projection_dtype_options(tiny_random_checkpoint):
+    """dtype="auto" went to the config and failed as torch.auto; projection_dtype took anything (torch.int8 gave
+    wrong vectors, "bfloat16" failed at the first encode as a device string)."""
+    for options in ({"dtype": "auto"}, {"dtype": "bfloat16"}, {"dtype": torch.float16}):
+        loaded = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", **options)
+        expected = {"auto": torch.float32, "bfloat16": torch.bfloat16}.get(options["dtype"], options["dtype"])
+        assert loaded.model.dtype == expected and f"dtype={str(expected)[6:]}," in repr(loaded)
+        assert loaded.encode("aspirin and the heart") == loaded.encode_batch(["aspirin and the heart"])[0]
+    by_name = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", projection_dtype="bfloat16")
+    assert by_name.projection_dtype is torch.bfloat16 and "projection_dtype=bfloat16)" in repr(by_name)
+    choices = r"choose None \(the model's dtype\) or one of \['float32', 'bfloat16', 'float16', 'float64'\]"
+    with pytest.raises(ValueError, match=r"projection_dtype=torch.int8 is not supported; " + choices):
+        FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", projection_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"projection_dtype='cuda' is not supported"):
+        by_name.projection_dtype = "cuda"
+    assert by_name.projection_dtype is torch.bfloat16  # unchanged by the refused setting
+
+
 def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
     text = "aspirin lowers the risk of heart attacks in older adults"
     everything = encoder.encode(text, threshold=0.0)

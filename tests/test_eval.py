@@ -822,6 +822,25 @@ def test_the_corpus_cache_is_keyed_by_the_document_max_length(tiny_random_checkp
     assert encode_corpus(encoder, data, cache)[2]["cached"] is False
 
 
+def test_the_corpus_cache_is_keyed_by_the_models_dtype(tiny_random_checkpoint, beir_dir, tmp_path):
+    """A folder loaded in bf16 (dtype=) has the float32 folder's fingerprint: it got the float32 vectors."""
+    import torch
+
+    from fles1.evaluation import model_fingerprint
+    from fles1_encoder import FLES1Encoder
+
+    data, cache = load_beir(beir_dir), str(tmp_path / "cache")
+    fingerprint = model_fingerprint(tiny_random_checkpoint)
+    float32 = encode_corpus(FLES1Encoder.from_pretrained(tiny_random_checkpoint), data, cache, fingerprint)
+    assert float32[2]["cached"] is False
+    half = FLES1Encoder.from_pretrained(tiny_random_checkpoint, dtype=torch.bfloat16)
+    assert half.model.dtype == torch.bfloat16
+    bf16 = encode_corpus(half, data, cache, fingerprint)
+    assert bf16[2]["cached"] is False and abs(bf16[1] - float32[1]).max() > 0
+    assert encode_corpus(half, data, cache, fingerprint)[2]["cached"] is True
+    assert encode_corpus(FLES1Encoder.from_pretrained(tiny_random_checkpoint), data, cache, fingerprint)[2]["cached"]
+
+
 @pytest.mark.parametrize("score, message", [
     ("0.5", r"test\.tsv:2: score '0\.5' is not an integer relevance grade"),  # was truncated to 0: not relevant
     ("inf", r"test\.tsv:2: score 'inf' is not an integer relevance grade"),  # was an OverflowError traceback

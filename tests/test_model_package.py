@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,25 @@ def test_model_convert_leaves_no_code_copy_and_weights_others_can_read(tiny_rand
                  if os.path.isfile(tmp_path / folder / name)}
         assert set(modes.values()) == {"0o644"}, (folder, modes)
     assert os.stat(tmp_path / "checkpoint-2" / "notes" / ".env").st_mode & 0o777 == 0o600
+
+
+def test_model_convert_writes_float32_and_says_so_for_a_bf16_source(tiny_random_checkpoint, tmp_path):
+    """A bf16 source became float32 weights (twice its size) without a word."""
+    from safetensors import safe_open
+    from transformers import BertTokenizerFast
+
+    from fles1.checkpoint import convert, save_checkpoint
+
+    source = str(tmp_path / "bf16")
+    save_checkpoint(FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint, dtype=torch.bfloat16),
+                    BertTokenizerFast.from_pretrained(tiny_random_checkpoint), source)
+    with pytest.warns(UserWarning, match=r"bf16: weights are bfloat16; the FLES-1 folder holds them in float32"):
+        out = convert(source, str(tmp_path / "converted"))
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float32}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float32 source: nothing to say
+        convert(out, str(tmp_path / "again"))
 
 
 def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):
@@ -862,6 +882,41 @@ def test_model_backbone_falls_back_to_eager_when_tracing_fails(monkeypatch):
     for expected, actual in zip(eager, _encode_one_by_one(model, texts)):
         assert torch.equal(expected, actual)
     assert model._fles1_traced_hidden_states[1] is None
+
+
+def test_model_projection_dtype_is_a_floating_dtype_or_its_name():
+    """torch.int8 projected into wrong vectors (max abs diff 2.5), "bfloat16" failed later as a device string."""
+    model, features = tiny_model()
+    single = features["input_ids"][:1, : int(features["attention_mask"][0].sum())]
+    with torch.inference_mode():
+        by_dtype = model.encode_sparse(**features, projection_dtype=torch.bfloat16).sparse_embeddings
+        by_name = model.encode_sparse(**features, projection_dtype="bfloat16").sparse_embeddings
+        assert torch.equal(by_dtype, by_name)
+        assert all(torch.equal(a, b) for a, b in zip(model.encode_sparse_terms(single, projection_dtype="torch.float16"),
+                                                     model.encode_sparse_terms(single, projection_dtype=torch.float16)))
+        for bad in (torch.int8, torch.int32, "bogus", "cpu", 16):
+            for call in (lambda: model.encode_sparse(**features, projection_dtype=bad),
+                         lambda: model.encode_sparse_terms(single, projection_dtype=bad)):
+                with pytest.raises(ValueError, match=r"projection_dtype=.* is not supported; choose None \(the model's "
+                                                     r"dtype\) or one of \['float32', 'bfloat16', 'float16', "
+                                                     r"'float64'\]"):
+                    call()
+
+
+def test_model_dtype_change_drops_the_decoder_copies():
+    """.to(bf16) after an encode kept the int8 screen (holding the float32 decoder weight) and a copy per dtype."""
+    model, features = tiny_model()
+    with torch.inference_mode():
+        model.encode_sparse(**features)
+    assert model.__dict__.get("_fles1_decoder_cache")
+    model.to(torch.bfloat16)
+    assert "_fles1_decoder_cache" not in model.__dict__
+    with torch.inference_mode():
+        half = model.encode_sparse(**features).sparse_embeddings
+    model.float()
+    assert "_fles1_decoder_cache" not in model.__dict__
+    with torch.inference_mode():
+        assert (model.encode_sparse(**features).sparse_embeddings - half).abs().max() < 0.1
 
 
 def test_model_bf16_projection_is_close_and_reported_as_approximate():
