@@ -1,6 +1,7 @@
 """Unit tests of the training pieces: sparse backward, loss and regularizer formulas, data, bad input."""
 
 import gzip
+import importlib.util
 import json
 import os
 
@@ -459,6 +460,18 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.torch_compile", True, "recipe.training.torch_compile: True is not supported: FLES1Trainer encodes "
                                      "through encode_sparse"),
     ("training.label_smoothing_factor", 0.1, "recipe.training.label_smoothing_factor: 0.1 is not supported"),
+    ("training.include_num_input_tokens_seen", True, r"recipe.training.include_num_input_tokens_seen: True is not "
+                                                     r"supported: FLES-1 batches hold query and documents"),
+    # what FLES1Trainer has not: refused by transformers (or a traceback) only after the model loaded
+    ("training.eval_strategy", "steps", r"recipe.training.eval_strategy: 'steps' is not supported: FLES-1 training "
+                                        r"runs no evaluation while it trains .*--eval-dev"),
+    ("training.save_strategy", "best", r"recipe.training.save_strategy: 'best' is not supported"),
+    ("training.train_sampling_strategy", "group_by_length", r"recipe.training.train_sampling_strategy: "
+                                                            r"'group_by_length' is not supported: transformers' "
+                                                            r"length samplers measure input_ids"),
+    pytest.param("training.optim", "adamw_bnb_8bit", r"^recipe.training.optim: adamw_bnb_8bit: You need to install "
+                 r"`bitsandbytes`", marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
+                                                             reason="the optimizer's package is installed here")),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}

@@ -504,6 +504,25 @@ def test_a_log_row_spanning_the_resumed_checkpoint_matches_the_uninterrupted_run
     assert [row["step"] for row in older["history"]] == [3, 6] and older["history"][1] != full["history"][1]
 
 
+def test_resume_refuses_a_save_only_model_checkpoint_and_takes_gradient_checkpointing(sparse_tiny, msmarco_toy_dir,
+                                                                                       tmp_path):
+    """A save_only_model checkpoint holds no optimizer, scheduler or RNG state: the resume restarted them (step 3
+    at the first step's learning rate) and exited 0. Gradient checkpointing, a memory-only setting, was refused."""
+    base = tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"data.max_examples": 8})
+    only_model = load_recipe(TINY_RECIPE, {**base, "training.save_only_model": True})
+    out = str(tmp_path / "only-model")
+    train(only_model, out, max_steps=2)
+    assert not os.path.exists(os.path.join(out, "checkpoint-2", "optimizer.pt"))
+    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: its run saved with "
+                                                 r"training.save_only_model, so it holds no optimizer"):
+        train(only_model, str(tmp_path / "continued"), resume_from_checkpoint=os.path.join(out, "checkpoint-2"),
+              max_steps=4)
+    full = str(tmp_path / "full")
+    train(load_recipe(TINY_RECIPE, base), full, max_steps=2)
+    lighter = load_recipe(TINY_RECIPE, {**base, "training.gradient_checkpointing": True})
+    assert train(lighter, full, resume_from_checkpoint=True, max_steps=4)["global_step"] == 4
+
+
 def test_resume_refuses_a_changed_recipe_and_takes_a_later_end(sparse_tiny, msmarco_toy_dir, tmp_path, monkeypatch):
     """A resume with --set training.learning_rate=1e-3 loss.temperature=1.0 ran: the learning rate never applied
     (the scheduler came back from the checkpoint), the temperature applied from the resumed step on, and the log

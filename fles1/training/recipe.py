@@ -140,6 +140,17 @@ _IGNORED_TRAINING = {
                                                  "smoothing"),
     "push_to_hub": (lambda v: v is True, "the Trainer would upload the raw output folder; push_fles1.py publishes "
                                          "the trained folder, checked, with its card"),
+    "include_num_input_tokens_seen": (lambda v: v not in (False, "no"), "FLES-1 batches hold query and documents, "
+                                      "not input_ids: transformers would count 0 tokens (and warn at every step)"),
+}
+# Settings that need what FLES1Trainer does not have: refused before the model loads, not by transformers after it.
+_UNAVAILABLE_TRAINING = {
+    "eval_strategy": (lambda v: v != "no", "FLES-1 training runs no evaluation while it trains (no eval dataset); "
+                                           "train_fles1.py --eval-dev evaluates the dev split when training ends"),
+    "save_strategy": (lambda v: v == "best", "'best' needs evaluations while training, which FLES-1 training does "
+                                             "not run; use 'steps' or 'epoch' (--eval-dev evaluates at the end)"),
+    "train_sampling_strategy": (lambda v: v in ("group_by_length", "batch_rebalance"), "transformers' length "
+                                "samplers measure input_ids, and FLES-1's rows are texts: use 'random' or 'sequential'"),
 }
 # TrainingArguments takes a token; in the recipe it would be written into training_log.json and every checkpoint
 TRAINING_SECRETS = ("hub_token",)
@@ -152,7 +163,7 @@ def _check_training_arguments(training: dict) -> None:
     import difflib
     import typing
 
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
     from transformers.integrations import get_available_reporting_integrations
 
     hints = typing.get_type_hints(TrainingArguments)
@@ -192,6 +203,16 @@ def _check_training_arguments(training: dict) -> None:
         args = training_arguments(training)
     except (ValueError, RuntimeError, ImportError) as error:
         raise ValueError(f"recipe.training{_culprit(training)}: {error}") from None
+    for key, (unavailable, reason) in _UNAVAILABLE_TRAINING.items():
+        value = getattr(args, key, None)
+        value = getattr(value, "value", value)  # transformers' enums: IntervalStrategy.NO -> "no"
+        if unavailable(value):
+            raise ValueError(f"recipe.training.{key}: {value!r} is not supported: {reason}")
+    try:  # an optimizer whose package is missing (torchao, bitsandbytes, galore, ...) fails here, not after loading
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"recipe.training.optim: {args.optim.value if hasattr(args.optim, 'value') else args.optim}: "
+                         f"{' '.join(str(error).split())}") from None
     available = get_available_reporting_integrations()
     missing = [name for name in args.report_to if name not in available]
     if missing:  # else a RuntimeError (e.g. "WandbCallback requires wandb") once the model has loaded

@@ -59,7 +59,9 @@ RESUMABLE_CHANGES = {f"training.{key}" for key in (
     "max_steps", "num_train_epochs", "logging_steps", "logging_strategy", "logging_first_step", "logging_dir",
     "log_level", "log_level_replica", "save_steps", "save_strategy", "save_total_limit", "report_to", "run_name",
     "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor")}
+    "dataloader_prefetch_factor",
+    # memory only (the same loss and gradients): the fix for an out-of-memory batch part-way through a run
+    "gradient_checkpointing", "activation_checkpointing", "gradient_checkpointing_kwargs")}
 PATH_SETTINGS = ("model.path", "data.source")
 
 
@@ -248,6 +250,10 @@ def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | No
     end = last_step(trainer)
     if own and step == end and not _finished(trainer.args.output_dir, step):
         return True
+    if trainer.args.save_only_model:  # the recipe's, and so the checkpoint's run's (a change is refused above)
+        raise ValueError(f"cannot resume from {checkpoint}: its run saved with training.save_only_model, so it holds "
+                         "no optimizer, learning-rate schedule or RNG state; a resume would restart them while the log "
+                         f"called it one run. Start a new run from its weights (--model {checkpoint})")
     if step >= end:
         raise ValueError(f"cannot resume from {checkpoint}: it is at step {step} and this run ends at step {end} "
                          "(--max-steps, else the recipe's training.max_steps or num_train_epochs): nothing to "
