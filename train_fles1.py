@@ -8,17 +8,18 @@
     torchrun --nproc_per_node 2 train_fles1.py --recipe ... --output-dir ...                           # DDP
 
 Writes OUTPUT_DIR/: the trained FLES-1 checkpoint folder, checkpoint-<step>/ folders (each also one, plus the
-Trainer, CLFR and crash states), training_log.json and loss.png, nnz.png, lambda_d.png (the log's history and
-the plots need at least training.logging_steps steps). An --output-dir holding an earlier run is refused unless
---resume (continue it) or --overwrite (replace it); --resume CHECKPOINT of another run into such a folder needs
---overwrite too (the folder's run is replaced by the continuation). --max-steps is not remembered: a resumed run
-ends at this command's --max-steps, else at the recipe's training.max_steps or num_train_epochs (another end than
-the checkpoint's run was scheduled for mixes two learning-rate schedules, with a warning). Resuming from a
-checkpoint past that step, or at it once the run has written training_log.json, is refused and leaves the run as
-it is, as is one whose weights do not fit --model / model.path; a run killed after its last checkpoint, while
-writing its final folder, plots or log, is finished by --resume. A triples TSV has no relevance judgements:
-data.positive=bm25 and data.mask_false_negatives=true need a BEIR source. Exit status: 0 trained; 2 bad input
-(one "error: ..." line; setup problems are found before the first step).
+Trainer, CLFR, crash and log-window states), training_log.json and loss.png, nnz.png, lambda_d.png (the log's
+history and the plots need at least training.logging_steps steps). An --output-dir holding an earlier run is refused
+unless --resume (continue it) or --overwrite (replace it); --resume CHECKPOINT of another run into such a folder
+needs --overwrite too (the folder's run is replaced by the continuation). --max-steps is not remembered: a resumed
+run ends at this command's --max-steps, else at the recipe's training.max_steps or num_train_epochs (another end
+than the checkpoint's run was scheduled for mixes two learning-rate schedules, with a warning). Resuming from a
+checkpoint past that step, or at it once the run has written training_log.json, is refused and leaves the run as it
+is, as is one whose weights do not fit --model / model.path or that saved with training.save_only_model (no
+optimizer state to resume); a run killed after its last checkpoint, while writing its final folder, plots or log, is
+finished by --resume. A triples TSV has no relevance judgements: data.positive=bm25 and
+data.mask_false_negatives=true need a BEIR source. Exit status: 0 trained; 2 bad input (one "error: ..." line; setup
+problems are found before the first step).
 """
 
 import argparse

@@ -246,7 +246,8 @@ def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | No
                          "change would not apply, or only from this step on, while the log recorded it for the whole "
                          f"run: resume with the run's settings (in {TRAINER_STATE_NAME}, key {RECIPE_STATE_KEY!r}), "
                          f"or start a new run from its weights (--model {checkpoint}). Only when the run ends "
-                         "(--max-steps, training.max_steps, num_train_epochs) and logging/saving settings may change")
+                         "(--max-steps, training.max_steps, num_train_epochs), logging/saving settings and gradient "
+                         "checkpointing may change")
     end = last_step(trainer)
     if own and step == end and not _finished(trainer.args.output_dir, step):
         return True
