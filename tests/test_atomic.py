@@ -163,6 +163,34 @@ def test_files_in_a_written_folder_get_a_plain_files_permissions(tmp_path):
         os.umask(umask)
     for name in ("model.safetensors", os.path.join("sub", "more.safetensors")):
         assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644, name
+    # only 0600 files: a script made executable (0755) or one private to its group (0640) keeps its mode
+    with atomic_directory(str(tmp_path / "kept")) as staging:
+        for name, mode in (("run.sh", 0o755), ("notes", 0o640)):
+            open(os.path.join(staging, name), "w").close()
+            os.chmod(os.path.join(staging, name), mode)
+    assert {name: stat.S_IMODE(os.stat(tmp_path / "kept" / name).st_mode) for name in ("run.sh", "notes")} == \
+        {"run.sh": 0o755, "notes": 0o640}
+
+
+def test_a_live_writer_of_another_user_is_not_swept(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on another user's live process raises PermissionError: that writer is alive, and its
+    temporary folder (a checkpoint being written) must stay."""
+    from fles1.atomic import _writer, atomic_directory
+
+    others = 999_999  # another user's writer: os.kill is patched to answer as for one
+    left = tmp_path / f".out.{_writer()}{others}.abcdefgh.partial"
+    left.mkdir()
+    real_kill = os.kill
+
+    def kill(pid, signal):
+        if pid == others:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, signal)
+
+    monkeypatch.setattr(os, "kill", kill)
+    with atomic_directory(str(tmp_path / "out")):
+        pass
+    assert left.is_dir()
 
 
 def test_a_staging_folder_is_a_valid_module_name_once_transformers_sanitizes_it(tmp_path):

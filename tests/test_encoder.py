@@ -1,5 +1,6 @@
 """FLES1Encoder: the seed snippet, outputs, thresholds and every bad input of the issue."""
 
+import itertools
 import json
 import os
 import re
@@ -284,9 +285,11 @@ def test_encoder_decode_refuses_ids_outside_the_vocabulary(encoder):
 def test_encoder_dtype_and_projection_dtype_options(tiny_random_checkpoint):
     """dtype="auto" went to the config and failed as torch.auto; projection_dtype took anything (torch.int8 gave
     wrong vectors, "bfloat16" failed at the first encode as a device string)."""
-    for options in ({"dtype": "auto"}, {"dtype": "bfloat16"}, {"dtype": torch.float16}):
-        loaded = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", **options)
-        expected = {"auto": torch.float32, "bfloat16": torch.bfloat16}.get(options["dtype"], options["dtype"])
+    for options, remote in itertools.product(({"dtype": "auto"}, {"dtype": "bfloat16"}, {"dtype": torch.float16},
+                                              {"torch_dtype": "auto"}, {"torch_dtype": torch.bfloat16}), (None, True)):
+        loaded = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", trust_remote_code=remote, **options)
+        wanted = next(iter(options.values()))
+        expected = {"auto": torch.float32, "bfloat16": torch.bfloat16}.get(wanted, wanted)
         assert loaded.model.dtype == expected and f"dtype={str(expected)[6:]}," in repr(loaded)
         assert loaded.encode("aspirin and the heart") == loaded.encode_batch(["aspirin and the heart"])[0]
     by_name = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", projection_dtype="bfloat16")

@@ -105,6 +105,14 @@ def test_bad_data_names_file_and_line(tmp_path):
     folder = write_beir(tmp_path / "dup", corpus=CORPUS + [{**CORPUS[0], "text": "another text"}])
     with pytest.raises(BEIRDataError, match=r"corpus\.jsonl:7: _id 'd1' again, with another text \(first at line 1"):
         load_beir(folder)
+    folder = write_beir(tmp_path / "retitled", corpus=CORPUS + [{**CORPUS[0], "title": "another title"}])
+    with pytest.raises(BEIRDataError, match=r"corpus\.jsonl:7: _id 'd1' again, with another text"):  # encoded too
+        load_beir(folder)
+    # blank lines (a trailing newline too many, an editor's blank line) are no rows
+    folder = write_beir(tmp_path / "blank")
+    with open(os.path.join(folder, "corpus.jsonl"), "a") as handle:
+        handle.write("\n   \n" + json.dumps({"_id": "d99", "title": "", "text": "late"}) + "\n\n")
+    assert len(load_beir(folder).corpus) == len(CORPUS) + 1
     folder = write_beir(tmp_path / "rejudged", qrels=QRELS + [(QRELS[0][0], QRELS[0][1], QRELS[0][2] + 1)])
     with pytest.raises(BEIRDataError, match=r"test\.tsv:7: .* judged again with another score"):
         load_beir(folder)
@@ -379,6 +387,10 @@ def test_apply_threshold_keeps_compact_arrays_and_leaves_its_input_alone():
     assert (cut != raw.multiply(raw.toarray() >= 0.5)).nnz == 0 and cut.has_sorted_indices
     assert (raw != before).nnz == 0 and raw.nnz == before.nnz
     assert apply_threshold(raw[:0], 0.5).shape == (0, 300)
+    # threshold 0 keeps the positive entries only (the encoder's rule): a stored zero is no term
+    stored = csr_matrix((np.array([0.0, 0.2, 0.0], dtype=np.float32), np.array([1, 2, 3]), np.array([0, 3])),
+                        shape=(1, 5))
+    assert apply_threshold(stored, 0.0).indices.tolist() == [2]
 
 
 def test_apply_threshold_matches_encoder_threshold(tiny_random_checkpoint, beir_dir):
@@ -839,6 +851,9 @@ def test_the_corpus_cache_is_keyed_by_the_models_dtype(tiny_random_checkpoint, b
     assert bf16[2]["cached"] is False and abs(bf16[1] - float32[1]).max() > 0
     assert encode_corpus(half, data, cache, fingerprint)[2]["cached"] is True
     assert encode_corpus(FLES1Encoder.from_pretrained(tiny_random_checkpoint), data, cache, fingerprint)[2]["cached"]
+    # nor the projection's dtype (a float32 model projecting in bf16)
+    projected = FLES1Encoder.from_pretrained(tiny_random_checkpoint, projection_dtype=torch.bfloat16)
+    assert encode_corpus(projected, data, cache, fingerprint)[2]["cached"] is False
 
 
 @pytest.mark.parametrize("score, message", [

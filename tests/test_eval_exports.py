@@ -252,3 +252,31 @@ def test_elasticsearch_query_leaves_out_weights_that_are_not_positive():
     assert elasticsearch_query({"a": 0.0}) == {"query": {"match_none": {}}}
     clauses = elasticsearch_query({"a": 0.0, "b": 1.5})["query"]["bool"]["should"]
     assert [clause["rank_feature"]["boost"] for clause in clauses] == [1.5]
+
+
+def test_impacts_that_round_to_zero_leave_no_entry_and_no_query_line(tmp_path):
+    """A query whose weights all round to 0 wrote 'q1\\t' (Anserini stops the whole search there) and a
+    pyserini vector {'a': 0} when the rounding kept its zeros."""
+    from fles1.exports import empty_impact_rows
+
+    matrix = csr_matrix(np.array([[0.001, 0.002, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 2.0, 0, 0, 0]],
+                                 dtype=np.float32))
+    assert quantize(matrix).nnz == 1
+    assert empty_impact_rows(["q1", "q2"], matrix) == ["q1"]
+    lines = open(write_anserini_queries(str(tmp_path / "q.tsv"), ["q1", "q2"], matrix, VOCAB)).read().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["q2"]
+    vectors = [json.loads(line)["vector"] for line in open(write_pyserini(str(tmp_path / "d.jsonl"), ["d1", "d2"],
+                                                                         matrix, VOCAB))]
+    assert vectors[0] == {} and vectors[1] == {"machine": 200}
+
+
+def test_an_empty_corpus_exports_one_empty_bulk_part_and_index_names_are_cleaned(tmp_path):
+    from fles1.exports import elasticsearch_index_name
+
+    paths = write_elasticsearch(str(tmp_path), "x", [], csr_matrix((0, len(VOCAB)), dtype=np.float32), VOCAB)
+    assert [os.path.basename(path) for path in paths["bulk"]] == ["bulk-00001.ndjson"]
+    assert open(paths["bulk"][0]).read() == ""
+    # Elasticsearch refuses names starting with - _ +, upper case, spaces and its reserved characters
+    assert elasticsearch_index_name("_My Data") == "my-data"
+    assert elasticsearch_index_name("+-x/y") == "x-y"
+    assert elasticsearch_index_name("..") == "fles1"

@@ -215,6 +215,17 @@ def test_triples_file_errors_name_file_and_line(msmarco_toy_dir, tmp_path):
         triples_examples(str(blank))
 
 
+def test_triples_with_too_few_passages_for_the_negatives_are_refused_not_drawn_forever(tmp_path):
+    """A row whose own negative is its positive brings no negative: it needs all num_negatives from the pool."""
+    path = tmp_path / "triples.tsv"
+    path.write_text("q1\tA\tA\nq2\tB\tC\nq3\tD\tE\n")  # 5 passages; q1 may draw from B, C, D, E only
+    with pytest.warns(UserWarning, match="give as negative a passage the file calls relevant"):
+        assert len(triples_examples(str(path), num_negatives=4)) == 3
+    with pytest.raises(ValueError, match=r"triples.tsv:1: the row's query has 4 passages left to draw from .* too "
+                                         r"few for 5 negatives"):
+        triples_examples(str(path), num_negatives=5)
+
+
 def test_a_triples_header_row_is_not_trained_as_an_example(msmarco_toy_dir, tmp_path):
     """A header line ("query <tab> positive <tab> negative") was example 1: the model was taught that the word
     "query" matches "positive" and not "negative"."""

@@ -102,6 +102,14 @@ def test_logged_loss_parts_add_up_to_the_loss_under_gradient_accumulation(sparse
     for row in history:
         parts = row["loss_contrastive"] + row["loss_reg_d"] + row["loss_reg_q"] + row["loss_anticollapse"]
         assert parts == pytest.approx(row["loss"], rel=1e-5), row
+    # the logged loss is the log window's (it survives a resume): per optimizer step, as transformers' own
+    from fles1.training.run import build_trainer
+
+    trainer = build_trainer(recipe, str(tmp_path / "again"), max_steps=8)
+    output = trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss_contrastive" in row]
+    assert [row["loss"] for row in rows] == [row["loss"] for row in history]
+    assert sum(row["loss"] for row in rows) / len(rows) == pytest.approx(output.training_loss, rel=1e-5)
 
 
 def test_failing_dev_evaluation_keeps_the_training_log_and_plots(sparse_tiny, msmarco_toy_dir, tmp_path, monkeypatch):
@@ -491,6 +499,12 @@ def test_a_log_row_spanning_the_resumed_checkpoint_matches_the_uninterrupted_run
     checkpoint = str(tmp_path / "full" / "checkpoint-4")
     resumed = train(recipe, str(tmp_path / "resumed"), resume_from_checkpoint=checkpoint, max_steps=6)
     assert resumed["history"] == full["history"]
+    # a checkpoint at a logging step holds an empty window (the row took it), in its file and its trainer-state copy
+    six = str(tmp_path / "full" / "checkpoint-6")
+    state = json.load(open(os.path.join(six, "trainer_state.json")))["stateful_callbacks"]["fles1/log_window.json"]
+    for saved in (json.load(open(os.path.join(six, "log_window.json"))), state["state"]):
+        assert not any(saved.values())  # {} or zeros
+    assert json.load(open(os.path.join(checkpoint, "log_window.json")))["steps"] == 1.0  # step 4 of the 4-6 row
     row = full["history"][1]
     assert row["loss"] == pytest.approx(row["loss_contrastive"] + row["loss_reg_d"] + row["loss_reg_q"]
                                         + row["loss_anticollapse"], rel=1e-6)
