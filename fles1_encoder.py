@@ -333,7 +333,10 @@ class FLES1Encoder:
 
     @projection_dtype.setter
     def projection_dtype(self, value) -> None:
-        check = getattr(self.model, "projection_dtype_of", None)  # a FLES-1 model's; another model takes it as is
+        check = getattr(self.model, "projection_dtype_of", None)  # a FLES-1 model's check
+        if check is None and isinstance(value, str):  # a model whose code predates it takes torch dtypes only
+            named = getattr(torch, value.removeprefix("torch."), None)
+            value = named if isinstance(named, torch.dtype) else value
         self._projection_dtype = check(value) if check is not None else value
 
     @property

@@ -302,6 +302,15 @@ def test_encoder_dtype_and_projection_dtype_options(tiny_random_checkpoint):
     assert by_name.projection_dtype is torch.bfloat16  # unchanged by the refused setting
 
 
+def test_encoder_names_a_projection_dtype_for_a_model_without_the_check(tiny_random_checkpoint, monkeypatch):
+    """A checkpoint whose modeling code predates `projection_dtype_of` (the Hub's older revisions) takes torch
+    dtypes only: the name "bfloat16" failed there at the first encode as a device string."""
+    loaded = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    monkeypatch.setattr(type(loaded.model), "projection_dtype_of", None)
+    loaded.projection_dtype = "bfloat16"
+    assert loaded.projection_dtype is torch.bfloat16 and loaded.encode("aspirin and the heart")
+
+
 def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):
     text = "aspirin lowers the risk of heart attacks in older adults"
     everything = encoder.encode(text, threshold=0.0)
