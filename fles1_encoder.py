@@ -303,6 +303,22 @@ def _resolve_device(device) -> torch.device:
     return resolved
 
 
+# What modeling_fles1.projection_dtype_of accepts, checked here too (this file ships alone): a checkpoint whose
+# modeling code predates that check took torch.int8 into wrong vectors and a name as a device string.
+PROJECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                     "float64": torch.float64}
+
+
+def _projection_dtype_of(value) -> Optional[torch.dtype]:
+    """None, a floating torch dtype, or its name ("bfloat16", "torch.bfloat16") -> the torch dtype or None."""
+    if value is None or (isinstance(value, torch.dtype) and value in PROJECTION_DTYPES.values()):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in PROJECTION_DTYPES:
+        return PROJECTION_DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"projection_dtype={value!r} is not supported; choose None (the model's dtype) or one of "
+                     f"{list(PROJECTION_DTYPES)} (as torch dtypes or names)")
+
+
 class FLES1Encoder:
     """Encode texts into sparse vocabulary-weight vectors with a FLES-1 model.
 
@@ -333,11 +349,7 @@ class FLES1Encoder:
 
     @projection_dtype.setter
     def projection_dtype(self, value) -> None:
-        check = getattr(self.model, "projection_dtype_of", None)  # a FLES-1 model's check
-        if check is None and isinstance(value, str):  # a model whose code predates it takes torch dtypes only
-            named = getattr(torch, value.removeprefix("torch."), None)
-            value = named if isinstance(named, torch.dtype) else value
-        self._projection_dtype = check(value) if check is not None else value
+        self._projection_dtype = _projection_dtype_of(value)
 
     @property
     def threshold(self) -> float:

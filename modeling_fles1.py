@@ -479,8 +479,6 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     config: FLES1Config
     # Trace the backbone for single-text CPU inference (see `_hidden_states`); False keeps it eager.
     use_traced_backbone = True
-    # The projection dtypes encode_sparse takes, and their check (FLES1Encoder checks its own setting with it).
-    projection_dtype_of = staticmethod(projection_dtype_of)
 
     # Derived caches (`_decoder_cache`, the single-text trace, `_module_views`) live in __dict__ and are rebuilt on
     # demand; copies, pickles and torch.save leave them out -- a TorchScript module and oneDNN's opaque packed

@@ -294,10 +294,11 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     if missing or unexpected:
         raise ValueError(f"not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
-    if source_model.dtype != torch.float32:  # a bf16 source doubles in size: said, not done silently
+    if source_model.dtype != torch.float32:  # a bf16 source doubles in size, a float64 one is rounded: said
+        wider = source_model.dtype.itemsize < 4
         warnings.warn(f"{source}: weights are {str(source_model.dtype).replace('torch.', '')}; the FLES-1 folder "
-                      "holds them in float32 (twice the size; load with dtype=torch.bfloat16 to run in bf16)",
-                      stacklevel=2)
+                      "holds them in float32 (" + ("twice the size; load with dtype=torch.bfloat16 to run in bf16)"
+                                                   if wider else "half the size, rounded to float32)"), stacklevel=2)
     tokenizer = load_source_tokenizer(source, source_model.config)
     check_tokenizer(tokenizer, config.vocab_size)
     with atomic_directory(out_dir, replace=overwrite) as staging:

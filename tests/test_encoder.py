@@ -302,13 +302,21 @@ def test_encoder_dtype_and_projection_dtype_options(tiny_random_checkpoint):
     assert by_name.projection_dtype is torch.bfloat16  # unchanged by the refused setting
 
 
-def test_encoder_names_a_projection_dtype_for_a_model_without_the_check(tiny_random_checkpoint, monkeypatch):
+def test_encoder_checks_its_projection_dtype_for_a_model_whose_code_predates_the_check(tiny_random_checkpoint,
+                                                                                     monkeypatch):
     """A checkpoint whose modeling code predates `projection_dtype_of` (the Hub's older revisions) takes torch
-    dtypes only: the name "bfloat16" failed there at the first encode as a device string."""
+    dtypes only and checks nothing: the name "bfloat16" failed at the first encode as a device string, torch.int8
+    gave every text the same function words."""
+    import modeling_fles1
+
     loaded = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
-    monkeypatch.setattr(type(loaded.model), "projection_dtype_of", None)
+    monkeypatch.setattr(modeling_fles1, "projection_dtype_of", lambda value: value)  # the old code's (no) check
     loaded.projection_dtype = "bfloat16"
     assert loaded.projection_dtype is torch.bfloat16 and loaded.encode("aspirin and the heart")
+    for bad in (torch.int8, "int8", "cpu", 3):
+        with pytest.raises(ValueError, match=r"projection_dtype=.* is not supported; choose None"):
+            loaded.projection_dtype = bad
+    assert loaded.projection_dtype is torch.bfloat16
 
 
 def test_encoder_threshold_semantics(encoder, tiny_random_checkpoint):

@@ -290,6 +290,12 @@ def test_model_convert_writes_float32_and_says_so_for_a_bf16_source(tiny_random_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a float32 source: nothing to say
         convert(out, str(tmp_path / "again"))
+    wide = str(tmp_path / "float64")  # rounded, and half the size: not "twice"
+    save_checkpoint(FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint, dtype=torch.float64),
+                    BertTokenizerFast.from_pretrained(tiny_random_checkpoint), wide)
+    with pytest.warns(UserWarning, match=r"weights are float64; the FLES-1 folder holds them in float32 \(half the "
+                                         r"size, rounded to float32\)"):
+        convert(wide, str(tmp_path / "from-float64"))
 
 
 def test_model_convert_cli_sets_sparse_settings(backbone_dir, tmp_path):

@@ -490,6 +490,26 @@ def test_bad_recipe_values(key, value, message):
         load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml"), overrides)
 
 
+def test_an_optimizer_that_needs_the_model_is_left_to_the_trainer(monkeypatch):
+    """Without a model LOMO / GaLore / Apollo say they need one (a ValueError): only a missing package is refused."""
+    import transformers.trainer_optimizer as optimizers
+
+    monkeypatch.setattr(optimizers, "is_lomo_available", lambda: True)  # as if installed
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml")
+    assert load_recipe(path, {"model.path": "m", "data.source": "d", "training.optim": "lomo"})["training"]["optim"] \
+        == "lomo"
+
+
+def test_memory_only_settings_may_change_on_resume():
+    from fles1.training.run import recipe_changes
+
+    saved = {"recipe": {"training": {"gradient_checkpointing": None}}}
+    for changed in ({"gradient_checkpointing": True}, {"gradient_checkpointing_kwargs": {"use_reentrant": False}},
+                    {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}):
+        assert recipe_changes(saved, {"training": changed}) == [], changed
+    assert recipe_changes(saved, {"training": {"learning_rate": 1.0}}) != []
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("clfr.gain", 5, r"clfr.gain must be a number in \(0, 1\], got 5"),
     ("clfr.interval_steps", 0, "clfr.interval_steps must be an int >= 1 or null"),

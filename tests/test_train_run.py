@@ -505,6 +505,15 @@ def test_a_log_row_spanning_the_resumed_checkpoint_matches_the_uninterrupted_run
     for saved in (json.load(open(os.path.join(six, "log_window.json"))), state["state"]):
         assert not any(saved.values())  # {} or zeros
     assert json.load(open(os.path.join(checkpoint, "log_window.json")))["steps"] == 1.0  # step 4 of the 4-6 row
+    # rows per epoch: the epoch's row is logged after its last step's checkpoint, and takes the window then
+    epochs = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{
+        "data.max_examples": 8, "training.logging_strategy": "epoch", "training.num_train_epochs": 2}))
+    full = train(epochs, str(tmp_path / "epochs"))
+    resumed = train(epochs, str(tmp_path / "epochs-resumed"),
+                    resume_from_checkpoint=str(tmp_path / "epochs" / "checkpoint-2"))
+    # (the epoch-1 row itself was logged after checkpoint-2's trainer state was written: transformers' history
+    # resumed from there lacks it)
+    assert [row["step"] for row in full["history"]] == [2, 4] and resumed["history"] == full["history"][1:]
     row = full["history"][1]
     assert row["loss"] == pytest.approx(row["loss_contrastive"] + row["loss_reg_d"] + row["loss_reg_q"]
                                         + row["loss_anticollapse"], rel=1e-6)

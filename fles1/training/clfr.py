@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
 from .checks import check_count_or_none, is_number
-from .distributed import all_reduce_sum, rank
+from .distributed import all_reduce_sum, first_rank_only, sums_onto_first_rank
 
 STATE_FILE = "clfr_state.json"
 MAX_LOG_STEP_LIMIT = 10.0  # a factor e^10 per adjustment; beyond that it is a switch, not a controller
@@ -153,15 +153,14 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
         self.eff_reg = state["eff_reg"]
         # the interval's sums so far are all ranks' (`write_state`): one rank carries them on, or a resumed run's
         # next adjustment would count them once per rank
-        first = rank() == 0
-        self.nnz_sum, self.nnz_count = (state["nnz_sum"], state["nnz_count"]) if first else (0.0, 0.0)
+        self.nnz_sum, self.nnz_count = first_rank_only([state["nnz_sum"], state["nnz_count"]])
 
     def write_state(self, args, state) -> None:
         """Rank 0 writes the checkpoint's file: first move every rank's non-zero sums since the last adjustment onto
         it (their total is unchanged; every rank calls this at the same checkpoints), so the file holds the
         interval's sums over all ranks -- rank 0's own alone made a resumed run's next adjustment differ."""
-        total, count = all_reduce_sum([self.nnz_sum, self.nnz_count], getattr(self, "_device", None))
-        self.nnz_sum, self.nnz_count = (total, count) if rank() == 0 else (0.0, 0.0)
+        self.nnz_sum, self.nnz_count = sums_onto_first_rank([self.nnz_sum, self.nnz_count],
+                                                            getattr(self, "_device", None))
         super().write_state(args, state)
 
     # --- trainer events ---------------------------------------------------------------------------------------

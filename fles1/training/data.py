@@ -70,10 +70,6 @@ def _to_dataset(rows: Iterable[list], columns: list[str]) -> Optional[Dataset]:
     return chunks[0] if len(chunks) == 1 else concatenate_datasets(chunks)
 
 
-def _no_examples(source: str, why: str = "no query has a relevant document") -> ValueError:
-    return ValueError(f"{source}: no training examples ({why})")
-
-
 POSITIVE_CHOICES = ("random", "bm25")
 
 
@@ -146,8 +142,9 @@ def beir_examples(
     source = f"{dataset.name} ({dataset.split})"
     _warn_left_out(source, left_out, "its query, or every relevant document, is")
     if examples is None:
-        raise _no_examples(source, "every query with a relevant document was left out: its query or its relevant "
-                                   "documents are blank" if left_out else "no query has a relevant document")
+        why = "every query with a relevant document was left out: its query or its relevant documents are blank" \
+            if left_out else "no query has a relevant document"
+        raise ValueError(f"{source}: no training examples ({why})")
     return examples
 
 

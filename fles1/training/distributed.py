@@ -15,6 +15,19 @@ def all_reduce_sum(values, device=None) -> list[float]:
     return tensor.tolist()
 
 
+def sums_onto_first_rank(values, device=None) -> list[float]:
+    """Every rank's values summed onto rank 0, zeros on the others: what a checkpoint (written by rank 0) saves of
+    per-rank running sums, whose total over ranks is unchanged. Every rank must call it at the same point."""
+    totals = all_reduce_sum(values, device)
+    return totals if rank() == 0 else [0.0] * len(totals)
+
+
+def first_rank_only(values) -> list[float]:
+    """Sums read back from a checkpoint: rank 0 carries them on, the others start from zero (else a resumed run
+    counted them once per rank)."""
+    return [float(v) for v in values] if rank() == 0 else [0.0] * len(values)
+
+
 def rank() -> int:
     from sentence_transformers.util.distributed import get_rank  # 0 when not distributed
 

@@ -14,9 +14,16 @@ from collections import defaultdict
 from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
-from .distributed import all_reduce_sum, rank
+from .distributed import all_reduce_sum, first_rank_only, sums_onto_first_rank
 
 STATE_FILE = "log_window.json"
+
+
+def _epoch_row_follows(args, state) -> bool:
+    """Under logging_strategy epoch, an epoch's last step: its row is logged at the epoch's end, after the step's
+    checkpoint is saved, and takes the window then."""
+    strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
+    return strategy == "epoch" and float(state.epoch or 0).is_integer()
 
 
 class LogWindow(CheckpointStateMixin, TrainerCallback):
@@ -47,18 +54,25 @@ class LogWindow(CheckpointStateMixin, TrainerCallback):
 
     def load_state_dict(self, state: dict) -> None:
         # the file holds every rank's sums (`write_state`): one rank carries them on
-        self.sums = defaultdict(float, state if rank() == 0 else {})
+        self.sums = defaultdict(float, zip(state, first_rank_only(list(state.values()))))
 
     def write_state(self, args, state) -> None:
         """Rank 0 writes the checkpoint's file: every rank's sums move onto it first (as CLFR's do)."""
         if not self._logs_now:
-            totals = all_reduce_sum([self.sums[name] for name in self.names], args.device)
-            self.sums = defaultdict(float, dict(zip(self.names, totals)) if rank() == 0 else {})
+            totals = sums_onto_first_rank([self.sums[name] for name in self.names], args.device)
+            self.sums = defaultdict(float, zip(self.names, totals))
         super().write_state(args, state)
 
     def save_ahead(self, args, state, control) -> None:
-        self._logs_now = control.should_log  # set by transformers' flow callback before this one, like should_save
+        # a row follows at this step (should_log: set by transformers' flow callback before this one)
+        self._logs_now = control.should_log or _epoch_row_follows(args, state)
         super().save_ahead(args, state, control)
+        self._logs_now = False
+
+    def on_save(self, args, state, control, **kwargs):
+        # after the step's row (taken already), but before an epoch's row
+        self._logs_now = _epoch_row_follows(args, state)
+        super().on_save(args, state, control, **kwargs)
         self._logs_now = False
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -149,8 +149,9 @@ _UNAVAILABLE_TRAINING = {
                                            "train_fles1.py --eval-dev evaluates the dev split when training ends"),
     "save_strategy": (lambda v: v == "best", "'best' needs evaluations while training, which FLES-1 training does "
                                              "not run; use 'steps' or 'epoch' (--eval-dev evaluates at the end)"),
-    "train_sampling_strategy": (lambda v: v in ("group_by_length", "batch_rebalance"), "transformers' length "
-                                "samplers measure input_ids, and FLES-1's rows are texts: use 'random' or 'sequential'"),
+    "train_sampling_strategy": (lambda v: v in ("group_by_length", "batch_rebalance"),
+                                "transformers' length samplers measure input_ids, and FLES-1's rows are texts: use "
+                                "'random' or 'sequential'"),
 }
 # TrainingArguments takes a token; in the recipe it would be written into training_log.json and every checkpoint
 TRAINING_SECRETS = ("hub_token",)
@@ -211,8 +212,10 @@ def _check_training_arguments(training: dict) -> None:
     try:  # an optimizer whose package is missing (torchao, bitsandbytes, galore, ...) fails here, not after loading
         Trainer.get_optimizer_cls_and_kwargs(args)
     except (ImportError, ValueError) as error:
-        raise ValueError(f"recipe.training.optim: {args.optim.value if hasattr(args.optim, 'value') else args.optim}: "
-                         f"{' '.join(str(error).split())}") from None
+        # without a model, LOMO / GaLore / Apollo say they need one (a ValueError): the Trainer passes it
+        if isinstance(error, ImportError) or "install" in str(error).lower():
+            optim = getattr(args.optim, "value", args.optim)
+            raise ValueError(f"recipe.training.optim: {optim}: {' '.join(str(error).split())}") from None
     available = get_available_reporting_integrations()
     missing = [name for name in args.report_to if name not in available]
     if missing:  # else a RuntimeError (e.g. "WandbCallback requires wandb") once the model has loaded

@@ -61,7 +61,9 @@ RESUMABLE_CHANGES = {f"training.{key}" for key in (
     "disable_tqdm", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
     "dataloader_prefetch_factor",
     # memory only (the same loss and gradients): the fix for an out-of-memory batch part-way through a run
-    "gradient_checkpointing", "activation_checkpointing", "gradient_checkpointing_kwargs")}
+    # (activation_* are the names transformers 5.24 moved to; 5.9 has the gradient_* ones only)
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
+    "activation_checkpointing_kwargs")}
 PATH_SETTINGS = ("model.path", "data.source")
 
 

@@ -404,8 +404,8 @@ class FLES1Trainer(Trainer):
             for name in WINDOW_LOSSES:
                 logs[name] = totals[name] / steps
             if totals["non_finite_batches"]:
-                # transformers' logging_nan_inf_filter logs a NaN/inf loss as the window's finite mean (0.0 when
-                # none): a diverged window would look perfect. The crash monitor skipped those updates.
+                # NaN, not inf (an inf batch): the row says the window diverged; the crash monitor skipped those
+                # updates (transformers' logging_nan_inf_filter would show the finite batches' mean instead)
                 logs["loss"] = float("nan")
             logs["nnz_doc"] = totals["nnz_doc_sum"] / max(totals["docs"], 1.0)
             logs["nnz_query"] = totals["nnz_query_sum"] / max(totals["queries"], 1.0)
