@@ -440,6 +440,25 @@ class FLES1Trainer(Trainer):
                 if not callback.restore(self.args, self.state):
                     raise FileNotFoundError(f"{os.path.join(checkpoint, callback.STATE_FILE)}: missing")
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """transformers before ~5.2x mapped a multi-process CPU run's optimizer state to ``args.device``, "cpu:0",
+        which torch.load cannot restore to: a two-rank CPU resume failed on the floor (5.9). Load to plain "cpu",
+        as later transformers does."""
+        if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load = torch.load
+
+        def load_to_cpu(*args, **kwargs):
+            if str(kwargs.get("map_location", "")).startswith("cpu"):
+                kwargs["map_location"] = "cpu"
+            return load(*args, **kwargs)
+
+        torch.load = load_to_cpu  # transformers calls torch.load by attribute; put back at once
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            torch.load = load
+
     def _issue_warnings_after_load(self, load_result) -> None:
         """A checkpoint holds tied weights once (the decoder is the word embeddings, its bias the head's): their
         keys are not missing, and transformers' "missing keys" warning on every resume said they were."""
