@@ -309,6 +309,11 @@ PROJECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "floa
                      "float64": torch.float64}
 
 
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (as config.json and the choices name it)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _projection_dtype_of(value) -> Optional[torch.dtype]:
     """None, a floating torch dtype, or its name ("bfloat16", "torch.bfloat16") -> the torch dtype or None."""
     if value is None or (isinstance(value, torch.dtype) and value in PROJECTION_DTYPES.values()):
@@ -789,11 +794,11 @@ class FLES1Encoder:
     def __repr__(self) -> str:
         return (
             f"FLES1Encoder(model={self.config.name_or_path!r}, device={self.device}, "
-            f"dtype={str(self._embeddings.weight.dtype).replace('torch.', '')}, threshold={self.threshold}, "
+            f"dtype={dtype_name(self._embeddings.weight.dtype)}, threshold={self.threshold}, "
             f"max_lengths={self.max_lengths}"
-            + (f", projection_dtype={str(self.projection_dtype).replace('torch.', '')})" if self.projection_dtype
-               else ")")
+            + (f", projection_dtype={dtype_name(self.projection_dtype)}" if self.projection_dtype else "") + ")"
         )
 
 
-__all__ = ["FLES1Encoder", "CheckpointError", "passes_threshold", "is_local_path", "not_a_folder", "lone_surrogate"]
+__all__ = ["FLES1Encoder", "CheckpointError", "dtype_name", "passes_threshold", "is_local_path", "not_a_folder",
+           "lone_surrogate"]

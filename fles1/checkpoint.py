@@ -19,7 +19,7 @@ from configuration_fles1 import FLES1Config
 from fles1 import PROJECT_ROOT
 from fles1.atomic import (atomic_directory, atomic_write_json, is_staging_folder, path_within, plain_file_permissions,
                           require_new_folder)
-from fles1_encoder import is_local_path, not_a_folder
+from fles1_encoder import dtype_name, is_local_path, not_a_folder
 from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM, license_files
 
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
@@ -296,7 +296,7 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     model.tie_weights()
     if source_model.dtype != torch.float32:  # a bf16 source doubles in size, a float64 one is rounded: said
         wider = source_model.dtype.itemsize < 4
-        warnings.warn(f"{source}: weights are {str(source_model.dtype).replace('torch.', '')}; the FLES-1 folder "
+        warnings.warn(f"{source}: weights are {dtype_name(source_model.dtype)}; the FLES-1 folder "
                       "holds them in float32 (" + ("twice the size; load with dtype=torch.bfloat16 to run in bf16)"
                                                    if wider else "half the size, rounded to float32)"), stacklevel=2)
     tokenizer = load_source_tokenizer(source, source_model.config)

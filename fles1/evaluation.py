@@ -38,7 +38,7 @@ from fles1.card import IR_METRICS, LOCAL_FOLDER, MISSING, SPARSITY_METRICS, mark
 from fles1.exports import check_elasticsearch_ids
 from fles1.metrics import METRIC_KEYS, check_trec_ids, evaluate_run, rounded_run, write_trec_run
 from fles1.retrieval import InvertedIndex, apply_threshold, average_nnz
-from fles1_encoder import PROGRESS_BAR_MIN_TEXTS, safetensors_files
+from fles1_encoder import PROGRESS_BAR_MIN_TEXTS, dtype_name, safetensors_files
 
 TOP_K = 1000
 DENSE_768_BYTES_PER_DOC = 768 * 4  # float32 768-d vector: 3.07 MB per 1,000 docs
@@ -217,8 +217,8 @@ def encode_corpus(
     if isinstance(shard_docs, bool) or not isinstance(shard_docs, int) or shard_docs < 1:
         raise ValueError(f"shard_docs must be an int >= 1, got {shard_docs!r}")
     doc_ids = list(dataset.corpus)
-    projection = str(encoder.projection_dtype).replace("torch.", "") if encoder.projection_dtype else "model"
-    model_dtype = str(getattr(encoder.model, "dtype", "float32")).replace("torch.", "")
+    projection = dtype_name(encoder.projection_dtype) if encoder.projection_dtype else "model"
+    model_dtype = dtype_name(getattr(encoder.model, "dtype", "float32"))
     path = parts = None
     if cache_dir:  # the key hashes the corpus and maybe every weight: only when a cache will use it
         key = "-".join(

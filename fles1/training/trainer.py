@@ -385,14 +385,9 @@ class FLES1Trainer(Trainer):
         # (fewer in an epoch's last step), the sum then divided by the steps; a plain mean over micro-batches made
         # the logged parts disagree with the logged loss (loss_contrastive above loss)
         weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        for name, value in zip(WINDOW_LOSSES, parts):
-            window.add(name, value * weight)
-        window.add("steps", weight)
-        window.add("non_finite_batches", not math.isfinite(parts[0]))
-        window.add("nnz_doc_sum", nnz_doc)
-        window.add("docs", num_docs)
-        window.add("nnz_query_sum", nnz_query)
-        window.add("queries", num_queries)
+        counts = (weight, not math.isfinite(parts[0]), nnz_doc, num_docs, nnz_query, num_queries)
+        for name, value in zip(WINDOW_LOSSES + WINDOW_COUNTS, [part * weight for part in parts] + list(counts)):
+            window.add(name, value)
         return (loss, {"queries": queries, "documents": documents}) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None) -> None:
