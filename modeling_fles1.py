@@ -58,6 +58,11 @@ CPU_TILE_TOKENS = 32
 # (the kernel's output and the float32 reference's 128-term sums are within 2^-17 of |h| |w|; 2^-16 covers them).
 SCREEN_SLACK = 1 + 2.0**-8
 FLOAT32_ROUNDING = 2.0**-16
+# bf16 / fp16 screening (`_half_screen`): a float32 sum of n products is within n 2^-24 of the sum of their
+# magnitudes, allowed twice over; subnormal products and sums flushed to zero cost under 2^-100 a logit.
+HALF_SCREEN_DTYPES = (torch.bfloat16, torch.float16)
+FLOAT32_SUM_ROUNDING = 2.0**-23
+FLUSHED_SUBNORMALS = 2.0**-100
 
 
 @dataclass
@@ -196,6 +201,26 @@ PROJECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "floa
                      "float64": torch.float64}
 
 
+@functools.lru_cache(maxsize=None)
+def half_screening_available(dtype: torch.dtype) -> bool:
+    """True where the CPU projection in `dtype` (bf16 or fp16: oneDNN's packed linear, else a matmul) sums its
+    products in float32, as `_half_screen`'s bound assumes. The probe: 63 values in [1, 2) and their negatives,
+    plus 2^-10, in shuffled order -- float32 sums them to 2^-10 exactly, a half-precision running sum does not."""
+    if dtype not in HALF_SCREEN_DTYPES:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = torch.randint(128, 256, (32, 63), generator=generator) / 128
+    values = torch.cat([magnitudes, -magnitudes, torch.full((32, 1), 2.0**-10), torch.zeros(32, 1)], dim=1)
+    rows = values.gather(1, torch.rand(32, 128, generator=generator).argsort(dim=1)).to(dtype)
+    try:
+        packed = _pack_for_onednn(rows)
+        sums = [_max_over_tokens(torch.ones((tokens, 128), dtype=dtype), rows, packed)
+                for tokens in (1, CPU_TILE_TOKENS + 1)]  # one token, and two tiles
+    except Exception:  # no such kernel on this CPU: no screening, nothing else lost
+        return False
+    return all(bool((result == 2.0**-10).all()) for result in sums)
+
+
 def projection_dtype_of(value) -> Optional[torch.dtype]:
     """A projection dtype as given (None, a floating torch dtype, or its name: "bfloat16", "torch.bfloat16") ->
     the torch dtype or None; anything else is a ValueError listing the choices (an integer dtype projected into
@@ -213,6 +238,13 @@ def _screens_by_default(device: torch.device, dtype: torch.dtype, projection_dty
     under CPU autocast: it would run the exact recompute in bf16 (the batched paths follow autocast instead)."""
     return (device.type == "cpu" and dtype == torch.float32 and projection_dtype in (None, torch.float32)
             and not _cpu_autocast() and int8_screening_available())
+
+
+def _half_screens_by_default(device: torch.device, dtype: torch.dtype, projection_dtype) -> bool:
+    """Whether a bf16/fp16 projection of float32 states is screened (`_half_screen`): float32's vectors at the
+    half-precision projection's cost. Not under CPU autocast, for the reason `_screens_by_default` gives."""
+    return (device.type == "cpu" and dtype == torch.float32 and projection_dtype in HALF_SCREEN_DTYPES
+            and not _cpu_autocast() and half_screening_available(projection_dtype))
 
 
 def _cpu_autocast() -> bool:
@@ -264,6 +296,72 @@ def _int8_screen(weight: torch.Tensor, bias: torch.Tensor) -> _Int8Screen:
         finite = bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())
     return _Int8Screen(weight, packed, scales, zero_points, bias, row_error, row_l1, row_error.max().item(),
                        row_l1.max().item(), cut, finite)
+
+
+class _HalfScreen(NamedTuple):
+    """The decoder for `_half_screen`: its rows rounded to bf16 or fp16 (subnormals flushed, so that kernels
+    which flush them read the same values), packed, and per row what the rounding may cost (float64)."""
+
+    weight: torch.Tensor  # float32 (vocab, hidden): the exact recompute's
+    bias: torch.Tensor  # float32
+    rows: torch.Tensor  # the rounded rows, in the half dtype
+    packed: Optional[torch.Tensor]  # their oneDNN layout, or None
+    bias_slack: torch.Tensor  # float32 |b_v| 2^-20: covers the float32 rounding of the first, coarse test
+    row_norm: torch.Tensor  # |w_v|
+    rounded_norm: torch.Tensor  # |w~_v|
+    row_error: torch.Tensor  # |w_v - w~_v|
+    largest_norms: tuple[float, float, float]  # the three norms' maxima over the vocabulary
+
+
+def _rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`values` in `dtype`, subnormals flushed to zero."""
+    rounded = values.to(dtype)
+    return rounded.masked_fill_(rounded.abs() < torch.finfo(dtype).tiny, 0)
+
+
+def _half_screen_of(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> _HalfScreen:
+    with torch.no_grad():
+        weight, bias = weight.detach().float(), bias.detach().float()
+        rows = _rounded(weight, dtype).contiguous()
+        exact, rounded = weight.double(), rows.double()
+        norms = exact.norm(dim=1), rounded.norm(dim=1), (exact - rounded).norm(dim=1)
+    return _HalfScreen(weight, bias, rows, _pack_for_onednn(rows), bias.abs() * 2.0**-20, *norms,
+                       tuple(float(norm.max()) for norm in norms))
+
+
+def _half_screen(states: torch.Tensor, screen: _HalfScreen):
+    """The bf16/fp16 pass of `_screened_max`, in place of `_screen`'s int8 one: (float32 estimate of every max
+    logit, ids of the entries that can be > 0).
+
+    The states are rounded like the rows (h~_t) and projected with float32 sums, so each logit is within
+    |h_t - h~_t| |w_v| + |h~_t| |w_v - w~_v| (the rounded inputs) plus the float32 rounding of that sum and of the
+    reference's own of its float32 value; the kernel's half-precision output adds one rounding (eps/2 |x|).
+    """
+    dtype = screen.rows.dtype
+    rounded = _rounded(states, dtype)
+    largest = _max_over_tokens(rounded, screen.rows, screen.packed).float()  # before the bias; exact in float32
+    exact, rounded = states.double(), rounded.double()
+    input_error = float((exact - rounded).norm(dim=1).max())
+    longest, longest_rounded = float(exact.norm(dim=1).max()), float(rounded.norm(dim=1).max())
+    sums = FLOAT32_SUM_ROUNDING * states.shape[1]
+
+    def bound(row_norm, rounded_norm, row_error):  # each logit's distance from its float32 value, but the output's
+        return row_norm * (input_error + sums * longest) + row_error * longest_rounded \
+            + rounded_norm * (sums * longest_rounded) + FLUSHED_SUBNORMALS
+
+    # First against the largest bound, in float32 over the vocabulary (ndarrays: a few us an operation); its own
+    # rounding (~2^-22 of the magnitudes) is covered by 2^-20 of |largest| and |b|. Then each survivor's own bound,
+    # in float64.
+    output_rounding = torch.finfo(dtype).eps / 2
+    values, estimate = largest.numpy(), (largest + screen.bias).numpy()
+    coarse = abs(values) * (output_rounding + 2.0**-20) + estimate + screen.bias_slack.numpy()
+    survivors = torch.from_numpy((~(coarse <= -bound(*screen.largest_norms) * SCREEN_SLACK)).nonzero()[0])
+    upper = (largest[survivors].double() + screen.bias[survivors].double()
+             + (bound(screen.row_norm[survivors], screen.rounded_norm[survivors], screen.row_error[survivors])
+                + largest[survivors].double().abs() * output_rounding) * SCREEN_SLACK)
+    # NaN or inf anywhere (weights, states, fp16's overflow past 65,504) bounds nothing: recomputed in float32,
+    # which gives the reference's NaN
+    return torch.from_numpy(estimate), survivors[(upper > 0) | ~torch.isfinite(upper)]
 
 
 def _pack_for_onednn(rows: torch.Tensor):
@@ -329,22 +427,28 @@ def _screen(states: torch.Tensor, screen: _Int8Screen):
     return estimate, torch.from_numpy(survivors[upper > screen.cut])
 
 
+def _screening_pass(states, screen):
+    """`_screen` for an int8 screen, `_half_screen` for a bf16/fp16 one."""
+    return (_half_screen if isinstance(screen, _HalfScreen) else _screen)(states, screen)
+
+
 def _too_many(candidates: torch.Tensor, estimate: torch.Tensor) -> bool:
     """Whether the screen passed over 1/8 of the vocabulary: one full float32 pass is then cheaper than gathering
     the candidates' rows."""
     return candidates.numel() > estimate.numel() // 8
 
 
-def _screened_max(states, screen: _Int8Screen, argmax=None, screened=None) -> torch.Tensor:
+def _screened_max(states, screen, argmax=None, screened=None) -> torch.Tensor:
     """One text's exact float32 max over tokens of ``states @ weight.T + bias``, at int8 speed, (vocab,).
 
-    An int8 pass (`_screen`) bounds every logit's distance from its float32 value, so an entry whose bound stays
-    <= 0 has a float32 maximum <= 0: weight 0 and gradient 0 after ReLU. Only the other candidates (~30 of
-    30,522 for a query, ~500 for a document) are recomputed in float32; the entries screened out keep their
-    negative int8 estimate. ``argmax`` (int32, (vocab,)), when given, receives the arg-max token of every
-    recomputed entry (what the sparse backward needs). ``screened``: `_screen`'s result, when the caller has it.
+    An int8 pass (`_screen`; or bf16/fp16, `_half_screen`, for a `_HalfScreen`) bounds every logit's distance from
+    its float32 value, so an entry whose bound stays <= 0 has a float32 maximum <= 0: weight 0 and gradient 0
+    after ReLU. Only the other candidates (~30 of 30,522 for a query, ~500 for a document) are recomputed in
+    float32; the entries screened out keep their negative estimate. ``argmax`` (int32, (vocab,)), when given,
+    receives the arg-max token of every recomputed entry (what the sparse backward needs). ``screened``: the
+    screening pass's result, when the caller has it.
     """
-    estimate, candidates = screened or _screen(states, screen)
+    estimate, candidates = screened or _screening_pass(states, screen)
     if _too_many(candidates, estimate):  # dense (e.g. an untrained model): one full float32 pass
         exact, token = torch.matmul(states, screen.weight.t()).max(dim=0)
         if argmax is not None:
@@ -654,6 +758,18 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def _int8_screen(self) -> "_Int8Screen":
         return self._decoder_cache("int8-screen", _int8_screen)
 
+    def _half_screen(self, dtype: torch.dtype) -> _HalfScreen:
+        return self._decoder_cache(f"screen-{dtype}", functools.partial(_half_screen_of, dtype=dtype))
+
+    def _default_screen(self, device, dtype, projection_dtype):
+        """The screen CPU inference uses unless told otherwise: int8 for a float32 projection, the projection's own
+        dtype for a bf16/fp16 one (both where this CPU's kernels allow them), else None."""
+        if _screens_by_default(device, dtype, projection_dtype):
+            return self._int8_screen()
+        if _half_screens_by_default(device, dtype, projection_dtype):
+            return self._half_screen(projection_dtype)
+        return None
+
     def _hidden_states(self, input_ids, attention_mask, token_type_ids, position_ids=None) -> torch.Tensor:
         """MLM-head-transformed hidden states (batch, length, hidden).
 
@@ -687,15 +803,13 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         return self.cls.predictions.transform(outputs.last_hidden_state)
 
     @torch.no_grad()
-    def _cpu_max_logits(self, hidden, attention_mask, bias, projection_dtype, screening) -> torch.Tensor:
+    def _cpu_max_logits(self, hidden, attention_mask, bias, projection_dtype, screen) -> torch.Tensor:
         """Inference-only CPU projection, one text at a time, padding skipped: (batch, vocab) float32.
 
-        With `screening`, the float32 result comes at int8 speed through `_screened_max`; entries screened out
-        keep their (negative) int8 estimate in `max_logits`.
+        With a `screen` (int8 or half precision), the float32 result comes through `_screened_max`; entries
+        screened out keep their (negative) estimate in `max_logits`.
         """
-        if screening:
-            screen = self._int8_screen()
-        else:
+        if screen is None:
             dtype = projection_dtype or hidden.dtype
             rows, packed = self._projection_weight(dtype)
             bias = bias.detach().float()
@@ -705,7 +819,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             states = hidden[row] if keep is None else hidden[row][keep[row]]
             if len(states) == 0:  # no token attended: the max over none, as the batched path gives it
                 values[row] = -math.inf
-            elif screening:
+            elif screen is not None:
                 values[row] = _screened_max(states, screen)
             else:
                 values[row] = torch.add(_max_over_tokens(states.to(dtype), rows, packed), bias)
@@ -728,11 +842,15 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             input_ids, attention_mask, token_type_ids: as returned by the tokenizer.
             projection_dtype: dtype of the vocabulary projection (e.g. `torch.bfloat16` or "bfloat16" for speed;
                 one of `PROJECTION_DTYPES`); the backbone runs in the model's dtype. Defaults to the model's dtype.
+                A bf16/fp16 projection of a float32 model at CPU inference is screened (see `screening`): the
+                float32 vectors; on accelerators, under autograd or with ``screening=False`` it rounds them (~2e-2).
             chunk_tokens: tokens projected onto the vocabulary at once (memory/speed trade-off). Setting it
                 on CPU selects the batched projection instead of the per-text tiled one.
             screening: CPU inference only: find the float32 result through an int8 pass that bounds every
                 logit, plus a float32 recompute of the few entries that can be positive (same vectors, about 2x
-                faster). Defaults to on for float32 models where `int8_screening_available()`.
+                faster). Defaults to on for float32 models where `int8_screening_available()`; by default a
+                bf16/fp16 `projection_dtype` screens in that dtype instead, the same way, where
+                `half_screening_available(dtype)`. False: no screening.
             position_ids: passed to BERT. By default a text's tokens sit at positions 0, 1, ... of the padded
                 row, as in transformers: under left padding they are shifted, and the vectors change (as they do
                 in `forward` and sentence-transformers); `(attention_mask.cumsum(1) - 1).clamp(min=0)` undoes it.
@@ -749,9 +867,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad
                                                       or bias.requires_grad)
         if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None:
-            if screening is None:
-                screening = _screens_by_default(hidden.device, hidden.dtype, projection_dtype)
-            max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, screening)
+            screen = self._int8_screen() if screening else None if screening is False \
+                else self._default_screen(hidden.device, hidden.dtype, projection_dtype)
+            max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, screen)
             return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
         attended = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         if attended is not None:
@@ -800,14 +918,15 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         if attention_mask is not None and not bool(attention_mask.all()):  # padding would be pooled as tokens
             raise ValueError("encode_sparse_terms takes one text without padding: attention_mask has zeros; use "
                              "encode_sparse for padded input")
-        if not _screens_by_default(input_ids.device, self.bert.embeddings.word_embeddings.weight.dtype, projection_dtype):
+        screen = self._default_screen(input_ids.device, self.bert.embeddings.word_embeddings.weight.dtype,
+                                      projection_dtype)
+        if screen is None:
             vector = self.encode_sparse(input_ids, token_type_ids=token_type_ids, projection_dtype=projection_dtype)
             vector = vector.sparse_embeddings[0]
             ids = vector.nonzero().squeeze(1)
             return ids, vector[ids]
         states = self._hidden_states(input_ids, None, token_type_ids)[0]
-        screen = self._int8_screen()
-        estimate, candidates = screened = _screen(states, screen)
+        estimate, candidates = screened = _screening_pass(states, screen)
         if _too_many(candidates, estimate):  # dense (an untrained model): `_screened_max`'s full pass
             vector = torch.log1p(torch.relu(_screened_max(states, screen, screened=screened)))
             candidates = vector.nonzero().squeeze(1)
@@ -844,4 +963,4 @@ FLES1Config.register_for_auto_class()
 FLES1ForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
 __all__ = ["FLES1ForMaskedLM", "FLES1SparseOutput", "max_pooled_logits", "int8_screening_available",
-           "projection_dtype_of"]
+           "half_screening_available", "projection_dtype_of"]
