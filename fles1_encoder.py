@@ -333,8 +333,10 @@ class FLES1Encoder:
         threshold: weights below it are dropped (default: `config.inference_threshold`, 0.3, followed when the
             config is edited, as are its query/document max lengths).
         projection_dtype: dtype of the vocabulary projection (None: the model's; `torch.bfloat16` or "bfloat16",
-            float16, float32, float64); bfloat16 is an approximation, no faster than the exact float32 path on CPUs
-            with int8 VNNI (see benchmarks/bench_encode.py). Checked when set: another value is a ValueError.
+            float16, float32, float64). On CPU a bf16/fp16 projection of a float32 model screens the vocabulary
+            in that dtype and recomputes the candidates in float32 (the float32 vectors), where the CPU sums it in
+            float32; elsewhere (accelerators, older checkpoint code) it rounds them. On CPUs with int8 VNNI the
+            default is faster (see benchmarks/bench_encode.py). Checked when set: another value is a ValueError.
     """
 
     def __init__(self, model, tokenizer, threshold: Optional[float] = None, projection_dtype=None):
