@@ -344,24 +344,25 @@ def _half_screen(states: torch.Tensor, screen: _HalfScreen):
     input_error = float((exact - rounded).norm(dim=1).max())
     longest, longest_rounded = float(exact.norm(dim=1).max()), float(rounded.norm(dim=1).max())
     sums = FLOAT32_SUM_ROUNDING * states.shape[1]
+    # the output's rounding: eps/2 of its size, and below the half dtype's smallest normal a fixed step (fp16: 2^-24
+    # apart from 2^-14 down) that a kernel may also flush -- the smallest normal covers both
+    output_rounding, output_floor = torch.finfo(dtype).eps / 2, torch.finfo(dtype).smallest_normal
 
     def bound(row_norm, rounded_norm, row_error):  # each logit's distance from its float32 value, but the output's
         return row_norm * (input_error + sums * longest) + row_error * longest_rounded \
-            + rounded_norm * (sums * longest_rounded) + FLUSHED_SUBNORMALS
+            + rounded_norm * (sums * longest_rounded) + (FLUSHED_SUBNORMALS + output_floor)
 
-    # First against the largest bound, in float32 over the vocabulary (ndarrays: a few us an operation); its own
-    # rounding (~2^-22 of the magnitudes) is covered by 2^-20 of |largest| and |b|. Then each survivor's own bound,
-    # in float64.
-    output_rounding = torch.finfo(dtype).eps / 2
-    values, estimate = largest.numpy(), (largest + screen.bias).numpy()
-    coarse = abs(values) * (output_rounding + 2.0**-20) + estimate + screen.bias_slack.numpy()
-    survivors = torch.from_numpy((~(coarse <= -bound(*screen.largest_norms) * SCREEN_SLACK)).nonzero()[0])
+    # First against the largest bound, in float32 over the vocabulary; its own rounding (~2^-22 of the magnitudes)
+    # is covered by 2^-20 of |largest| and |b|. Then each survivor's own bound, in float64.
+    estimate = largest + screen.bias
+    coarse = largest.abs().mul_(output_rounding + 2.0**-20).add_(estimate).add_(screen.bias_slack)
+    survivors = (~(coarse <= -bound(*screen.largest_norms) * SCREEN_SLACK)).nonzero().squeeze(1)
     upper = (largest[survivors].double() + screen.bias[survivors].double()
              + (bound(screen.row_norm[survivors], screen.rounded_norm[survivors], screen.row_error[survivors])
                 + largest[survivors].double().abs() * output_rounding) * SCREEN_SLACK)
     # NaN or inf anywhere (weights, states, fp16's overflow past 65,504) bounds nothing: recomputed in float32,
     # which gives the reference's NaN
-    return torch.from_numpy(estimate), survivors[(upper > 0) | ~torch.isfinite(upper)]
+    return estimate, survivors[(upper > 0) | ~torch.isfinite(upper)]
 
 
 def _pack_for_onednn(rows: torch.Tensor):

@@ -778,6 +778,38 @@ def test_half_screen_bound_holds_where_the_rounding_error_is_largest(dtype, erro
     assert 0 in candidates.tolist()
 
 
+def test_half_screen_bound_holds_for_an_fp16_output_below_the_smallest_normal():
+    """Below 2^-14 fp16's steps are a fixed 2^-24 (a kernel may also flush them): the output rounding there is no
+    fraction of the value. Exact fp16 inputs whose float32 logit (~1.48 x 2^-24) is a hair above 0 after the bias,
+    while the rounded output, 2^-24, leaves the estimate below 0: the entry was dropped (found by a probe)."""
+    import modeling_fles1
+
+    state, row = torch.zeros(128), torch.zeros(128)
+    state[0], row[0] = 1.5 * 2.0**-12, 2027 * 2.0**-23  # both exact in fp16
+    weight = torch.cat([row[None], torch.randn(255, 128) * 2.0**-7])
+    bias = torch.full((256,), -100.0)
+    bias[0] = -(2.0**-24) - 2.0**-33
+    estimate, candidates = modeling_fles1._half_screen(state[None],
+                                                       modeling_fles1._half_screen_of(weight, bias, torch.float16))
+    assert (state @ row + bias[0]).item() > 0 and estimate[0].item() < 0
+    assert 0 in candidates.tolist()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_model_half_screen_says_nothing_when_fp16_overflows(dtype):
+    """A logit past fp16's 65,504 (inf in the kernel's output) is recomputed in float32, without a numpy
+    'invalid value' warning from the screen's arithmetic on it (found by a probe)."""
+    model, features = tiny_model()
+    with torch.no_grad():
+        model.cls.predictions.decoder.weight.mul_(1e6)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reference = model.encode_sparse(**features, screening=False).sparse_embeddings
+        screened = model.encode_sparse(**features, projection_dtype=dtype).sparse_embeddings
+    assert torch.isfinite(reference).all() and (reference > 10).any()
+    assert torch.allclose(screened, reference, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_screening_probe_says_no_to_half_precision_sums_and_encoding_still_works(dtype, monkeypatch):
     """The bound assumes float32 sums of the half-precision products; a kernel summing in the half dtype breaks it
