@@ -79,6 +79,7 @@ def _check_local_checkpoint(path: str) -> None:
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
     _warn_if_sentence_transformers_cuts_elsewhere(path, config)
+    _warn_if_sentence_transformers_prompts_or_prunes(path)
     from safetensors import safe_open
 
     for weights_path in safetensors_files(path):
@@ -108,13 +109,16 @@ def _warn_if_hub_checkpoint_cuts_elsewhere(repo_id: str, download: dict, config:
     was silent where the same files in a folder warned)."""
     from transformers.utils import cached_file
 
-    try:
-        found = cached_file(repo_id, "sentence_bert_config.json", **download,
-                            _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
-    except Exception:  # (an unreachable Hub, an unusual repo): the model loaded, the check is a courtesy
-        return
-    if found:
-        _warn_if_sentence_transformers_cuts_elsewhere(os.path.dirname(found), config)
+    for name, warn in (("sentence_bert_config.json", lambda folder: _warn_if_sentence_transformers_cuts_elsewhere(
+                                folder, config)),
+                       ("config_sentence_transformers.json", _warn_if_sentence_transformers_prompts_or_prunes)):
+        try:
+            found = cached_file(repo_id, name, **download, _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+        except Exception:  # (an unreachable Hub, an unusual repo): the model loaded, the check is a courtesy
+            continue
+        if found:
+            warn(os.path.dirname(found))
 
 
 def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
@@ -148,6 +152,34 @@ def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
                       "FLES1Encoder and the model use): SparseEncoder and FLES1Encoder give different vectors for "
                       "longer texts; `python convert_fles1.py FOLDER OUT --query-max-length N --document-max-length "
                       "M` writes all three files alike", stacklevel=3)
+
+
+def _prompt_of(settings: dict, names: tuple[str, ...]):
+    """The prompt sentence-transformers prepends for a task: the first of `names` among its prompts, else (none
+    there) the default prompt's, else None."""
+    prompts = settings.get("prompts") if isinstance(settings.get("prompts"), dict) else {}
+    name = next((name for name in names if name in prompts), settings.get("default_prompt_name"))
+    return prompts.get(name) if isinstance(name, str) else None
+
+
+def _warn_if_sentence_transformers_prompts_or_prunes(path: str) -> None:
+    """sentence-transformers applies the prompts, default prompt and ``max_active_dims`` saved in
+    config_sentence_transformers.json (``SparseEncoder(..., prompts={"query": "query: "})`` or ``max_active_dims=64``,
+    then ``save``) on every later load; FLES1Encoder and the model encode the texts as given, every term kept."""
+    settings = _read_json_or_none(os.path.join(path, "config_sentence_transformers.json"))
+    if not isinstance(settings, dict):
+        return
+    differ = [f"{method} prepends {prompt!r}" for method, names in (
+        ("encode_query", ("query",)), ("encode_document", ("document", "passage", "corpus")), ("encode (no task)", ()))
+        if isinstance(prompt := _prompt_of(settings, names), str) and prompt]
+    if settings.get("max_active_dims") is not None:
+        differ.append(f"every vector keeps its top {settings['max_active_dims']} terms (max_active_dims)")
+    if differ:
+        warnings.warn(f"{path}: sentence-transformers' config_sentence_transformers.json says: {'; '.join(differ)}. "
+                      "FLES1Encoder and the model encode the texts as given, every term kept: SparseEncoder and "
+                      "FLES1Encoder give different vectors; "
+                      "to match, save the SparseEncoder after `model.prompts = {'query': '', 'document': ''}; "
+                      "model.default_prompt_name = None; model.max_active_dims = None`", stacklevel=3)
 
 
 def safetensors_files(path: str) -> list[str]:

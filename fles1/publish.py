@@ -406,7 +406,7 @@ except (AttributeError, OSError):  # no prctl: not Linux
 # long enough to be cut at both max lengths: a folder whose sentence-transformers files cut queries or documents
 # elsewhere than config.json says must not pass on a probe too short to reach either cut
 probe = " ".join([probe] * 64)
-checks, vectors = [], {}
+checks, vectors, causes = [], {}, []
 
 def check(name, load):
     try:
@@ -442,8 +442,13 @@ def fles1_encoder():
     import fles1_encoder, os
     if os.path.dirname(os.path.abspath(fles1_encoder.__file__)) != os.path.abspath(folder):
         raise ImportError(f"imported {fles1_encoder.__file__}, not the folder's fles1_encoder.py")
-    # the card's snippet fetches fles1_encoder.py alone and loads the repo's code: that path
-    encoder = FLES1Encoder.from_pretrained(folder, device="cpu", trust_remote_code=True)
+    # the card's snippet fetches fles1_encoder.py alone and loads the repo's code: that path; its warnings about
+    # sentence-transformers files that encode otherwise say why vectors differ
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoder = FLES1Encoder.from_pretrained(folder, device="cpu", trust_remote_code=True)
+    causes.extend(str(warning.message) for warning in caught if "sentence-transformers" in str(warning.message))
     return {kind: encoder.encode_batch([probe], kind=kind, threshold=0, output="torch").to_dense()[0]
             for kind in ("query", "document")}
 
@@ -459,7 +464,8 @@ if len(vectors) == 6:
         ok &= diff <= float(sys.argv[3]) and int((reference > 0).sum()) > 0
         details.append(f"{kind}: max abs difference {diff:.2e}, {int((reference > 0).sum())} non-zeros")
     checks.append({"name": "vectors agree", "ok": ok,
-                   "detail": "; ".join(details) + f" (tolerance {sys.argv[3]}; a probe cut at both max lengths)"})
+                   "detail": "; ".join(details) + f" (tolerance {sys.argv[3]}; a probe cut at both max lengths)"
+                             + ("".join(f" -- {cause}" for cause in causes) if not ok else "")})
 else:
     checks.append({"name": "vectors agree", "ok": False, "detail": "not every loader produced a vector"})
 with open(sys.argv[4], "w") as handle:

@@ -92,6 +92,28 @@ def test_a_sentence_transformers_max_seq_length_saved_with_the_folder_is_warned_
     assert encoder.max_lengths["document"] == 256
 
 
+@pytest.mark.parametrize("options, says", [
+    ({"prompts": {"query": "query: ", "document": "passage: "}},
+     r"says: encode_query prepends 'query: '; encode_document prepends 'passage: '"),
+    ({"prompts": {"query": "", "document": "", "task": "hello: "}, "default_prompt_name": "task"},
+     r"says: encode \(no task\) prepends 'hello: '\."),
+    ({"max_active_dims": 4}, r"says: every vector keeps its top 4 terms \(max_active_dims\)"),
+])
+def test_sentence_transformers_prompts_and_pruning_saved_with_the_folder_are_warned_about(options, says,
+                                                                                         fles1_checkpoint, tmp_path):
+    """`SparseEncoder(folder, prompts=...)` or `max_active_dims=4`, saved: every later SparseEncoder load prepends
+    the prompt or keeps 4 terms, FLES1Encoder neither -- query vectors 2.2 apart (or 4 terms vs 18), silently."""
+    from sentence_transformers import SparseEncoder
+
+    SparseEncoder(fles1_checkpoint, trust_remote_code=True, device="cpu", **options).save_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"config_sentence_transformers\.json " + says + r".* different vectors"):
+        FLES1Encoder.from_pretrained(str(tmp_path))
+    snapshot = _hub_cache_with(str(tmp_path), tmp_path / "cache")  # and by hub id, from the cache
+    with pytest.warns(UserWarning, match=r"config_sentence_transformers\.json " + says):
+        FLES1Encoder.from_pretrained("me/fles1", device="cpu", cache_dir=str(tmp_path / "cache"))
+    assert os.path.isdir(snapshot)
+
+
 def test_encoder_emoji_and_non_english(shipped):
     for text in ("🚀🔥", "日本語のテキスト", "Brustkrebs und Vitamin D", "¿qué dice la evidencia? naïve café"):
         vector = shipped.encode(text)

@@ -348,21 +348,29 @@ def test_broken_folder_refused_naming_the_checks(source_checkpoint, result_files
     assert TOKEN not in printed.out + printed.err
 
 
-def test_folder_whose_loaders_cut_queries_elsewhere_is_refused(source_checkpoint, result_files, tmp_path, capsys):
+@pytest.mark.parametrize("edit", ["query-length", "query-prompt"])
+def test_folder_whose_loaders_encode_queries_otherwise_is_refused_naming_why(edit, source_checkpoint, result_files,
+                                                                               tmp_path, capsys):
     """sentence_bert_config.json cutting queries at 8 tokens (config.json: 64) passed: the probe (one short text,
     encoded as a document only) reached neither cut, while SparseEncoder.encode_query and FLES1Encoder then differed
-    by 1.78 on a 16-word query."""
-    path = os.path.join(source_checkpoint, "sentence_bert_config.json")
+    by 1.78 on a 16-word query. A query prompt saved in config_sentence_transformers.json was refused with only the
+    difference, not its cause."""
+    name, key, value = {"query-length": ("sentence_bert_config.json", "query_length", 8),
+                        "query-prompt": ("config_sentence_transformers.json", "prompts", {"query": "query: "})}[edit]
+    path = os.path.join(source_checkpoint, name)
     with open(path) as handle:
         settings = json.load(handle)
-    settings["query_length"] = 8  # (a document_length of 8 cut the old probe too: it was refused already)
+    settings[key] = value  # (a document_length of 8 cut the old probe too: it was refused already)
     with open(path, "w") as handle:
         json.dump(settings, handle)
     out = tmp_path / "hub"
     rc = push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
                           "--dry-run", str(out)])
     assert rc == 2 and not out.exists()
-    assert re.search(r"\[FAILED\] vectors agree: query: max abs difference [1-9]", capsys.readouterr().err)
+    cause = {"query-length": r"sentence-transformers cuts in encode_query at 8 tokens",
+             "query-prompt": r"config_sentence_transformers\.json says: encode_query prepends 'query: '"}[edit]
+    assert re.search(r"\[FAILED\] vectors agree: query: max abs difference [1-9].* -- .*" + cause,
+                     capsys.readouterr().err)
 
 
 def test_sharded_weights_count_as_the_weights(tiny_random_checkpoint, tmp_path):
