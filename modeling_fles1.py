@@ -868,8 +868,10 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad
                                                       or bias.requires_grad)
         if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None:
-            screen = self._int8_screen() if screening else None if screening is False \
-                else self._default_screen(hidden.device, hidden.dtype, projection_dtype)
+            if screening is None:
+                screen = self._default_screen(hidden.device, hidden.dtype, projection_dtype)
+            else:
+                screen = self._int8_screen() if screening else None
             max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, screen)
             return FLES1SparseOutput(sparse_embeddings=torch.log1p(torch.relu(max_logits)), max_logits=max_logits)
         attended = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
@@ -898,8 +900,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
         """
         One text's active terms: (vocabulary ids, weights) of the entries of [`encode_sparse`] that are > 0, in
-        vocabulary order -- the same values, without the dense (vocab,) vector when the CPU screens in int8 (the
-        single-query path of `FLES1Encoder`). Takes the tokenizer's output as is (``**tokenizer(text,
+        vocabulary order -- the same values, without the dense (vocab,) vector when the CPU screens (int8, or a
+        bf16/fp16 `projection_dtype`; the single-query path of `FLES1Encoder`). Takes the tokenizer's output as is (``**tokenizer(text,
         return_tensors="pt")``); one text has no padding, so an ``attention_mask`` must be all ones.
 
         Example:
