@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import numbers
@@ -109,8 +110,8 @@ def _warn_if_hub_checkpoint_cuts_elsewhere(repo_id: str, download: dict, config:
     was silent where the same files in a folder warned)."""
     from transformers.utils import cached_file
 
-    for name, warn in (("sentence_bert_config.json", lambda folder: _warn_if_sentence_transformers_cuts_elsewhere(
-                                folder, config)),
+    for name, warn in (("sentence_bert_config.json", functools.partial(_warn_if_sentence_transformers_cuts_elsewhere,
+                                                                       config=config)),
                        ("config_sentence_transformers.json", _warn_if_sentence_transformers_prompts_or_prunes)):
         try:
             found = cached_file(repo_id, name, **download, _raise_exceptions_for_missing_entries=False,
@@ -151,15 +152,7 @@ def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
         warnings.warn(f"{path}: sentence-transformers cuts in {'; '.join(differ)} (config.json's is what "
                       "FLES1Encoder and the model use): SparseEncoder and FLES1Encoder give different vectors for "
                       "longer texts; `python convert_fles1.py FOLDER OUT --query-max-length N --document-max-length "
-                      "M` writes all three files alike", stacklevel=3)
-
-
-def _prompt_of(settings: dict, names: tuple[str, ...]):
-    """The prompt sentence-transformers prepends for a task: the first of `names` among its prompts, else (none
-    there) the default prompt's, else None."""
-    prompts = settings.get("prompts") if isinstance(settings.get("prompts"), dict) else {}
-    name = next((name for name in names if name in prompts), settings.get("default_prompt_name"))
-    return prompts.get(name) if isinstance(name, str) else None
+                      "M` writes all three files alike", stacklevel=4)
 
 
 def _warn_if_sentence_transformers_prompts_or_prunes(path: str) -> None:
@@ -169,9 +162,14 @@ def _warn_if_sentence_transformers_prompts_or_prunes(path: str) -> None:
     settings = _read_json_or_none(os.path.join(path, "config_sentence_transformers.json"))
     if not isinstance(settings, dict):
         return
-    differ = [f"{method} prepends {prompt!r}" for method, names in (
-        ("encode_query", ("query",)), ("encode_document", ("document", "passage", "corpus")), ("encode (no task)", ()))
-        if isinstance(prompt := _prompt_of(settings, names), str) and prompt]
+    prompts = settings.get("prompts") if isinstance(settings.get("prompts"), dict) else {}
+    default = settings.get("default_prompt_name")
+    # sentence-transformers holds a "query" and a "document" prompt ("" unless saved) and uses them for
+    # encode_query / encode_document, empty or not; the default prompt serves encode() without a task only
+    differ = [f"{method} prepends {prompt!r}" for method, prompt in (
+        ("encode_query", prompts.get("query")), ("encode_document", prompts.get("document")),
+        ("encode (no task)", prompts.get(default) if isinstance(default, str) else None))
+        if isinstance(prompt, str) and prompt]
     if settings.get("max_active_dims") is not None:
         differ.append(f"every vector keeps its top {settings['max_active_dims']} terms (max_active_dims)")
     if differ:
@@ -179,7 +177,7 @@ def _warn_if_sentence_transformers_prompts_or_prunes(path: str) -> None:
                       "FLES1Encoder and the model encode the texts as given, every term kept: SparseEncoder and "
                       "FLES1Encoder give different vectors; "
                       "to match, save the SparseEncoder after `model.prompts = {'query': '', 'document': ''}; "
-                      "model.default_prompt_name = None; model.max_active_dims = None`", stacklevel=3)
+                      "model.default_prompt_name = None; model.max_active_dims = None`", stacklevel=4)
 
 
 def safetensors_files(path: str) -> list[str]:

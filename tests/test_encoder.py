@@ -114,6 +114,27 @@ def test_sentence_transformers_prompts_and_pruning_saved_with_the_folder_are_war
     assert os.path.isdir(snapshot)
 
 
+def test_the_prompts_warning_names_only_what_sentence_transformers_prepends(fles1_checkpoint, tmp_path):
+    """A hand-written config without "query" / "document" prompts (or one from an older sentence-transformers):
+    sentence-transformers adds them empty and uses them for encode_query / encode_document, the default prompt only
+    for encode() without a task -- the warning named 'q: ' and 'p: ' for both methods, which prepend nothing."""
+    from sentence_transformers import SparseEncoder
+
+    folder = tmp_path / "hand-written"
+    shutil.copytree(fles1_checkpoint, folder)
+    settings = json.loads((folder / "config_sentence_transformers.json").read_text())
+    settings.update(prompts={"q": "q: ", "passage": "p: "}, default_prompt_name="q")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    with pytest.warns(UserWarning, match=r"json says: encode \(no task\) prepends 'q: '\. FLES1Encoder") as caught:
+        encoder = FLES1Encoder.from_pretrained(str(folder))
+    assert {warning.filename for warning in caught} == {__file__}  # the caller's line, not the library's
+    st = SparseEncoder(str(folder), trust_remote_code=True, device="cpu")
+    texts = ["vitamin d and breast cancer"]
+    for kind, encode in (("query", st.encode_query), ("document", st.encode_document)):
+        ours = encoder.encode_batch(texts, kind=kind, threshold=0.0, output="torch").to_dense()
+        assert (encode(texts, convert_to_tensor=True).to_dense() - ours).abs().max().item() <= 1e-5
+
+
 def test_encoder_emoji_and_non_english(shipped):
     for text in ("🚀🔥", "日本語のテキスト", "Brustkrebs und Vitamin D", "¿qué dice la evidencia? naïve café"):
         vector = shipped.encode(text)
