@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from scipy.sparse import csr_matrix, random as sparse_random
+from scipy.sparse import csr_matrix, hstack, random as sparse_random
 
 import eval_fles1
 from fles1.beir import BEIRDataError, load_beir
@@ -344,8 +344,13 @@ def test_saved_index_round_trip_keeps_top10_beyond_ties(tmp_path):
 @pytest.mark.parametrize("num_docs, density", [(70_000, 0.0005), (40, 0.0), (0, 0.0)])
 def test_saved_index_round_trip_edge_cases(tmp_path, num_docs, density):
     """uint32 gaps (>= 65,536 documents), an index without postings, an empty corpus: the loader decodes the gaps in
-    place now (its peak was ~4x the loaded index)."""
+    place now (its peak was ~4x the loaded index). Two terms need the wide gaps: one on the first and last document
+    (a gap of num_docs - 1), one on the last only (its first posting is absolute)."""
     docs = sparse_random(num_docs, 300, density=density, format="csr", dtype=np.float32, random_state=4) + 0.0
+    if num_docs > 2**16:
+        far = np.zeros((num_docs, 2), dtype=np.float32)
+        far[[0, -1], 0] = far[-1, 1] = 1.0
+        docs = hstack([docs, csr_matrix(far)]).tocsr()
     index = InvertedIndex(csr_matrix(docs), [f"d{i}" for i in range(num_docs)])
     index.save(str(tmp_path / "index.npz"))
     loaded = InvertedIndex.load(str(tmp_path / "index.npz"))
@@ -353,6 +358,9 @@ def test_saved_index_round_trip_edge_cases(tmp_path, num_docs, density):
     np.testing.assert_array_equal(loaded.postings.indptr, index.postings.indptr)
     np.testing.assert_array_equal(loaded.postings.indices, index.postings.indices)
     np.testing.assert_allclose(loaded.postings.data, index.postings.data, rtol=2**-11)
+    if num_docs > 2**16:
+        query = csr_matrix(([1.0], ([0], [300])), shape=(1, 302), dtype=np.float32)
+        assert loaded.search(query, 3)[0][0].tolist() == [num_docs - 1, 0]
 
 
 def test_loading_an_index_peaks_near_its_own_size(tmp_path):

@@ -810,6 +810,37 @@ def test_model_half_screen_says_nothing_when_fp16_overflows(dtype):
     assert torch.allclose(screened, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_dtype", HALF_DTYPES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_model_in_half_precision_projects_in_half_precision_unscreened(model_dtype, dtype):
+    """The screen bounds float32 states only: a bf16/fp16 model's own states, projected in either half dtype, take
+    the plain projection (screening them crashed: float32 rows against half-precision states)."""
+    model, features = tiny_model()
+    model.to(model_dtype)
+    with torch.inference_mode():
+        plain = model.encode_sparse(**features, projection_dtype=dtype, screening=False).sparse_embeddings
+        default = model.encode_sparse(**features, projection_dtype=dtype).sparse_embeddings
+        terms = model.encode_sparse_terms(features["input_ids"][:1], projection_dtype=dtype)
+    assert torch.equal(default, plain) and (plain > 0).sum() > 10
+    assert not any(name.startswith("screen-") for name in model.__dict__.get("_fles1_decoder_cache", {}))
+    assert torch.equal(terms[0], plain[0].nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_screen_stays_off_under_cpu_autocast_and_flushes_subnormals(dtype):
+    """Under CPU autocast the float32 recompute would run in bf16: no exact result to promise, so no screen (as
+    for int8). The rounded states and rows have no subnormals, which some kernels read as zero."""
+    import modeling_fles1
+
+    cpu = torch.device("cpu")
+    assert modeling_fles1._half_screens_by_default(cpu, torch.float32, dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not modeling_fles1._half_screens_by_default(cpu, torch.float32, dtype)
+    tiny = torch.finfo(dtype).tiny
+    rounded = modeling_fles1._rounded(torch.tensor([tiny / 4, -tiny / 2, tiny, 1.0]), dtype)
+    assert rounded.dtype == dtype and rounded.tolist() == [0.0, 0.0, tiny, 1.0]
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_screening_probe_says_no_to_half_precision_sums_and_encoding_still_works(dtype, monkeypatch):
     """The bound assumes float32 sums of the half-precision products; a kernel summing in the half dtype breaks it
