@@ -1,5 +1,6 @@
 """CLFR controller: simulated plant, update direction, state, and the sentence-transformers slot."""
 
+import json
 import math
 import os
 import random
@@ -76,6 +77,22 @@ def test_a_measurement_that_is_no_count_is_refused(measured):
     with pytest.raises(ValueError, match=r"measured_nnz must be a finite number >= 0"):
         controller.update(measured, step=1)
     assert controller.lambda_d == 3e-5 and controller.history == []
+
+
+def test_fully_collapsed_documents_are_a_measurement_and_lower_lambda_d():
+    """0 non-zeros (every document collapsed) is a valid count, the furthest below the target: refusing it as
+    "no count" left lambda_d where it was exactly when it most needs to come down."""
+    controller = CLFRController(3e-5, 400, 0.1)
+    assert controller.update(0, step=1) == pytest.approx(3e-5 * math.exp(-0.1))  # error -1: a step of gain down
+    assert controller.history[0]["measured_nnz"] == 0.0
+
+
+def test_the_ends_of_the_allowed_settings_are_accepted():
+    """gain is in (0, 1] and max_log_step in (0, 10]: gain=1 (the module docstring's stable limit) and a step of
+    exactly the cap were refused by an open interval."""
+    controller = CLFRController(3e-5, 400, gain=1.0, max_log_step=10.0)
+    assert (controller.gain, controller.max_log_step) == (1.0, 10.0)
+    assert controller.update(800, step=1) == pytest.approx(3e-5 * math.e)  # error +1, gain 1: a full step of 1
 
 
 def test_lambda_d_leaving_float_range_is_an_error_naming_the_cause():
@@ -306,6 +323,32 @@ def test_splade_callback_resumes_from_a_checkpoint_folder_anywhere(tiny_random_c
     assert resumed.controller.history[0] == straight.controller.history[0]
     assert resumed.controller.lambda_d == pytest.approx(straight.controller.lambda_d, rel=1e-4)
     assert resumed.eff_reg == pytest.approx(straight.eff_reg, rel=1e-4)
+
+
+def test_a_stale_state_copy_in_the_trainer_state_is_not_restored_over_the_checkpoints_file(tmp_path):
+    """The copy inside trainer_state.json can be older than the checkpoint (a save the trainer was not told of in
+    advance writes trainer_state.json before on_save): restoring it regardless put back an earlier step's lambda_d,
+    sums and eff_reg instead of the checkpoint's own clfr_state.json."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    saved = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=2)
+    saved._interval, saved._device = 2, None
+    stateful = {}
+    saved.observe(800.0, 4)
+    saved.write_state(args, SimpleNamespace(global_step=2, stateful_callbacks=stateful))  # the copy at step 2
+    stale = json.loads(json.dumps(stateful))
+    saved.controller.update(600, 4)
+    saved.eff_reg = 2e-4
+    saved.write_state(args, SimpleNamespace(global_step=4, stateful_callbacks={}))  # checkpoint-4's own file
+    restored = CLFRCallback(CLFRController(3e-5, 400, 0.1), interval_steps=2)
+    assert restored.restore(args, SimpleNamespace(global_step=4, stateful_callbacks=stale))
+    assert restored.lambda_d == saved.lambda_d != 3e-5 and restored.eff_reg == 2e-4
+    assert restored.controller.history == saved.controller.history and len(restored.controller.history) == 1
+    # a copy written with the checkpoint (same step) is the one taken, the folder's file aside
+    current = {saved.state_key: {"global_step": 4, "state": {**saved.state_dict(), "eff_reg": 5e-4}}}
+    assert restored.restore(args, SimpleNamespace(global_step=4, stateful_callbacks=current))
+    assert restored.eff_reg == 5e-4
 
 
 def _clfr_resume_on_rank(rank: int, port: int, folder: str) -> None:

@@ -79,6 +79,54 @@ def test_false_negatives_are_left_out_of_the_denominator():
     assert info_nce(queries, documents, 2, 0.05, false_negatives=mask) < info_nce(queries, documents, 2, 0.05)
 
 
+def test_false_negatives_leave_the_denominator_even_at_scores_near_zero():
+    """A masked score set to 0 instead of -inf still adds exp(0) = 1 to the denominator: invisible next to
+    scores in the tens (the test above), a large error when every score is near 0 (an early, sparse model)."""
+    from fles1.training.trainer import false_negative_mask
+
+    relevance = [
+        {"documents": ["d1", "n1"], "relevant": ["d1", "d2"]},
+        {"documents": ["d2", "n2"], "relevant": ["d2"]},
+    ]
+    torch.manual_seed(0)
+    queries, documents = torch.rand(2, 5) * 0.001, torch.rand(4, 5)
+    scores = queries @ documents.t() / 0.05
+    kept = [0, 1, 3]  # query 0 without d2
+    expected = (torch.logsumexp(scores[0, kept], 0) - scores[0, 0] + torch.logsumexp(scores[1], 0) - scores[1, 2]) / 2
+    got = info_nce(queries, documents, 2, 0.05, false_negatives=false_negative_mask(relevance))
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_ranks_queries_are_scored_against_every_ranks_documents_from_its_offset():
+    """Under DDP the queries meet all ranks' documents, their own groups from ``document_offset`` on: labels
+    without the offset pointed at rank 0's positives, and a matrix holding exactly the rows needed was refused."""
+    torch.manual_seed(0)
+    queries, documents = torch.rand(2, 6), torch.rand(10, 6)  # 2 queries x group 2 at rows 4-7 of 10
+    scores = queries @ documents.t() / 0.05
+    expected = sum(torch.logsumexp(scores[i], 0) - scores[i, 4 + i * 2] for i in range(2)) / 2
+    torch.testing.assert_close(info_nce(queries, documents, 2, 0.05, document_offset=4), expected)
+    # the last rank: its groups end the matrix, exactly offset + B * group rows
+    tail = documents[:8]
+    tail_scores = queries @ tail.t() / 0.05
+    expected = sum(torch.logsumexp(tail_scores[i], 0) - tail_scores[i, 4 + i * 2] for i in range(2)) / 2
+    torch.testing.assert_close(info_nce(queries, tail, 2, 0.05, document_offset=4), expected)
+    with pytest.raises(ValueError, match="expected 2 x 2 documents from row 5 for 2 queries, got 8"):
+        info_nce(queries, tail, 2, 0.05, document_offset=5)
+
+
+def test_the_false_negative_mask_spares_each_querys_own_positive_at_the_offset():
+    """Over all ranks' documents a query's own positive is row ``offset + i * group``: without the offset the
+    positive of this rank's query was masked out of its own numerator's row (-inf: an infinite loss) and rank 0's
+    row at i * group spared instead."""
+    from fles1.training.trainer import false_negative_mask
+
+    relevance = [{"documents": ["d3", "n3"], "relevant": ["d3", "d1"]}]  # rank 1's only query
+    everything = ["d1", "n1", "d3", "n3"]  # rank 0's group, then rank 1's
+    mask = false_negative_mask(relevance, everything, offset=2)
+    assert mask.tolist() == [[True, False, False, False]]  # d1 (rank 0's positive) masked; its own d3 kept
+    assert false_negative_mask(relevance, everything).tolist() == [[False, False, True, False]]  # offset 0 differs
+
+
 def test_beir_examples_with_ids_feed_the_mask(nfcorpus_dir, backbone_dir):
     from transformers import AutoTokenizer
 

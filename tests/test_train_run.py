@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -157,6 +158,38 @@ def test_non_finite_loss_is_skipped_counted_and_training_continues(sparse_tiny, 
     weights = {step: load_file(os.path.join(out, f"checkpoint-{step}", "model.safetensors")) for step in (2, 4)}
     assert all(torch.isfinite(t).all() for t in weights[4].values())
     assert any(not torch.equal(weights[2][k], weights[4][k]) for k in weights[2])  # steps 3-4 did update
+
+
+class InfOnStep2(FLES1Trainer):
+    """An infinite (not NaN) regularizer, hence an infinite loss, in the second optimizer step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        plain = self.regularizer
+        self.regularizer = lambda vectors: plain(vectors) * (float("inf") if self.state.global_step == 1 else 1.0)
+
+
+def test_an_infinite_loss_step_is_logged_as_nan_like_a_nan_step(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """A NaN batch makes its row NaN by itself, an inf batch does not: without the non-finite count's override the
+    row of a skipped inf step showed loss inf, as if it had trained (only NaN says the window diverged)."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir))
+    log = train(recipe, str(tmp_path / "inf"), max_steps=3, trainer_class=InfOnStep2)
+    assert log["crashes"]["non_finite_loss"] == 1 and log["global_step"] == 3
+    rows = {row["step"]: row for row in log["history"]}
+    assert rows[2]["loss_reg_d"] == float("inf")  # the injected step: its parts as they were
+    assert math.isnan(rows[2]["loss"]) and math.isfinite(rows[1]["loss"]) and math.isfinite(rows[3]["loss"])
+
+
+def test_with_clfr_off_eff_reg_is_the_fixed_lambda_d_summed_over_steps(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """eff_reg is the sum of lambda_d over the optimizer steps so far (CLFR's callback sums it; with CLFR off the
+    trainer multiplies): logging the bare lambda_d made a CLFR-off run's eff_reg flat, so runs compared on it
+    disagreed by a factor of the step."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{
+        "clfr.enabled": False, "loss.lambda_d": 0.002}))
+    log = train(recipe, str(tmp_path / "off"), max_steps=3)
+    assert [row["step"] for row in log["history"]] == [1, 2, 3] and log["clfr"] == []
+    for row in log["history"]:
+        assert row["lambda_d"] == 0.002 and row["eff_reg"] == pytest.approx(0.002 * row["step"], rel=1e-12), row
 
 
 def test_evaluation_batches_leave_clfr_crashes_and_the_log_window_alone(sparse_tiny, msmarco_toy_dir, tmp_path):
@@ -525,6 +558,20 @@ def test_a_log_row_spanning_the_resumed_checkpoint_matches_the_uninterrupted_run
     json.dump(state, open(state_path, "w"))
     older = train(recipe, str(tmp_path / "older"), resume_from_checkpoint=checkpoint, max_steps=6)
     assert [row["step"] for row in older["history"]] == [3, 6] and older["history"][1] != full["history"][1]
+
+
+def test_under_epoch_logging_a_mid_epoch_checkpoint_keeps_its_window(sparse_tiny, msmarco_toy_dir, tmp_path):
+    """With rows per epoch only an epoch's last checkpoint hands its window to the row that follows it: a checkpoint
+    saved inside an epoch (3 steps an epoch, saves every 2) kept an empty window too, so a run resumed from
+    checkpoint-4 logged an epoch-2 row over steps 5-6 instead of 4-6."""
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{
+        "data.max_examples": 12, "training.logging_strategy": "epoch", "training.num_train_epochs": 2}))
+    full = train(recipe, str(tmp_path / "full"))
+    assert [row["step"] for row in full["history"]] == [3, 6]
+    checkpoint = str(tmp_path / "full" / "checkpoint-4")
+    assert json.load(open(os.path.join(checkpoint, "log_window.json")))["steps"] == 1.0  # step 4 of the 4-6 row
+    resumed = train(recipe, str(tmp_path / "resumed"), resume_from_checkpoint=checkpoint)
+    assert resumed["history"] == full["history"]
 
 
 def test_resume_refuses_a_save_only_model_checkpoint_and_takes_gradient_checkpointing(sparse_tiny, msmarco_toy_dir,
