@@ -59,6 +59,11 @@ class CheckpointError(OSError):
     """A FLES-1 checkpoint folder is missing a file or holds a corrupt one; the message names the file."""
 
 
+class SparseEncoderMismatchWarning(UserWarning):
+    """The checkpoint's sentence-transformers files make SparseEncoder encode otherwise than FLES1Encoder and the
+    model (other max lengths, prompts, max_active_dims): the three loaders' vectors differ."""
+
+
 def is_local_path(name: str) -> bool:
     """Whether `name` is written as a path (absolute, ./, ../ or ~), never a Hub id (``owner/name``)."""
     return os.path.isabs(name) or name.startswith((".", "~"))
@@ -105,14 +110,17 @@ def _read_json_or_none(path: str):
         return None
 
 
-def _warn_if_hub_checkpoint_cuts_elsewhere(repo_id: str, download: dict, config: dict) -> None:
-    """`_warn_if_sentence_transformers_cuts_elsewhere` for a hub checkpoint, on its snapshot folder (a hub load
-    was silent where the same files in a folder warned)."""
+def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict, config: dict, lengths: bool) -> None:
+    """A folder's checks of its sentence-transformers files, for a hub checkpoint, on its snapshot folder (a hub load
+    was silent where the same files in a folder warned); the lengths' only when the caller set none."""
     from transformers.utils import cached_file
 
-    for name, warn in (("sentence_bert_config.json", functools.partial(_warn_if_sentence_transformers_cuts_elsewhere,
-                                                                       config=config)),
-                       ("config_sentence_transformers.json", _warn_if_sentence_transformers_prompts_or_prunes)):
+    # functools.partial, not a lambda: no frame of its own, so each warning's stacklevel still reaches the caller
+    checks = [("config_sentence_transformers.json", _warn_if_sentence_transformers_prompts_or_prunes)]
+    if lengths:
+        checks.append(("sentence_bert_config.json",
+                       functools.partial(_warn_if_sentence_transformers_cuts_elsewhere, config=config)))
+    for name, warn in checks:
         try:
             found = cached_file(repo_id, name, **download, _raise_exceptions_for_missing_entries=False,
                                 _raise_exceptions_for_connection_errors=False)
@@ -152,7 +160,7 @@ def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
         warnings.warn(f"{path}: sentence-transformers cuts in {'; '.join(differ)} (config.json's is what "
                       "FLES1Encoder and the model use): SparseEncoder and FLES1Encoder give different vectors for "
                       "longer texts; `python convert_fles1.py FOLDER OUT --query-max-length N --document-max-length "
-                      "M` writes all three files alike", stacklevel=4)
+                      "M` writes all three files alike", SparseEncoderMismatchWarning, stacklevel=4)
 
 
 def _warn_if_sentence_transformers_prompts_or_prunes(path: str) -> None:
@@ -177,7 +185,8 @@ def _warn_if_sentence_transformers_prompts_or_prunes(path: str) -> None:
                       "FLES1Encoder and the model encode the texts as given, every term kept: SparseEncoder and "
                       "FLES1Encoder give different vectors; "
                       "to match, save the SparseEncoder after `model.prompts = {'query': '', 'document': ''}; "
-                      "model.default_prompt_name = None; model.max_active_dims = None`", stacklevel=4)
+                      "model.default_prompt_name = None; model.max_active_dims = None`", SparseEncoderMismatchWarning,
+                      stacklevel=4)
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -534,9 +543,10 @@ class FLES1Encoder:
         except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
             raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, "
                                   f"tokenizer_config.json): {str(error).strip().splitlines()[0]}") from error
-        # a hub id: the check a folder gets, on the files downloaded (unless the caller set the lengths here)
-        if not os.path.isdir(path_or_hub_id) and set(settings_and_model_options) <= set(model_options):
-            _warn_if_hub_checkpoint_cuts_elsewhere(path_or_hub_id, download, model.config.to_dict())
+        if not os.path.isdir(path_or_hub_id):  # a hub id: the checks a folder gets, on the files downloaded
+            _warn_if_hub_sentence_transformers_files_differ(
+                path_or_hub_id, download, model.config.to_dict(),
+                lengths=set(settings_and_model_options) <= set(model_options))  # unless the caller set lengths
         return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
 
     @property
@@ -832,5 +842,5 @@ class FLES1Encoder:
         )
 
 
-__all__ = ["FLES1Encoder", "CheckpointError", "dtype_name", "passes_threshold", "is_local_path", "not_a_folder",
-           "lone_surrogate"]
+__all__ = ["FLES1Encoder", "CheckpointError", "SparseEncoderMismatchWarning", "dtype_name", "passes_threshold",
+           "is_local_path", "not_a_folder", "lone_surrogate"]

@@ -20,7 +20,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from transformers import BertForMaskedLM
@@ -58,8 +58,9 @@ CPU_TILE_TOKENS = 32
 # (the kernel's output and the float32 reference's 128-term sums are within 2^-17 of |h| |w|; 2^-16 covers them).
 SCREEN_SLACK = 1 + 2.0**-8
 FLOAT32_ROUNDING = 2.0**-16
-# bf16 / fp16 screening (`_half_screen`): a float32 sum of n products is within n 2^-24 of the sum of their
-# magnitudes, allowed twice over; subnormal products and sums flushed to zero cost under 2^-100 a logit.
+# bf16 / fp16 screening (`_half_screen_pass`): a float32 sum of n products rounds by at most n 2^-24 times the sum
+# of their magnitudes (<= |h| |w|), allowed twice over; subnormal products and sums flushed to zero cost under
+# 2^-100 a logit.
 HALF_SCREEN_DTYPES = (torch.bfloat16, torch.float16)
 FLOAT32_SUM_ROUNDING = 2.0**-23
 FLUSHED_SUBNORMALS = 2.0**-100
@@ -202,19 +203,22 @@ PROJECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "floa
 
 
 @functools.lru_cache(maxsize=None)
-def half_screening_available(dtype: torch.dtype) -> bool:
-    """True where the CPU projection in `dtype` (bf16 or fp16: oneDNN's packed linear, else a matmul) sums its
-    products in float32, as `_half_screen`'s bound assumes. The probe: 63 values in [1, 2) and their negatives,
-    plus 2^-10, in shuffled order -- float32 sums them to 2^-10 exactly, a half-precision running sum does not."""
-    if dtype not in HALF_SCREEN_DTYPES:
+def half_screening_available(dtype: torch.dtype, hidden_size: int = 128) -> bool:
+    """True where the CPU projection in `dtype` (bf16 or fp16: oneDNN's packed linear, else a matmul) of
+    `hidden_size`-long states sums its products in float32, as `_half_screen_pass`'s bound assumes. The probe:
+    values in [1, 2) and their negatives, plus 2^-10, shuffled -- float32 sums them to 2^-10 exactly (up to 4,096
+    terms), a half-precision running sum does not."""
+    if dtype not in HALF_SCREEN_DTYPES or not 4 <= hidden_size <= 4096:
         return False
     generator = torch.Generator().manual_seed(0)
-    magnitudes = torch.randint(128, 256, (32, 63), generator=generator) / 128
-    values = torch.cat([magnitudes, -magnitudes, torch.full((32, 1), 2.0**-10), torch.zeros(32, 1)], dim=1)
-    rows = values.gather(1, torch.rand(32, 128, generator=generator).argsort(dim=1)).to(dtype)
+    pairs = (hidden_size - 1) // 2
+    magnitudes = torch.randint(128, 256, (32, pairs), generator=generator) / 128
+    values = torch.cat([magnitudes, -magnitudes, torch.full((32, 1), 2.0**-10),
+                        torch.zeros(32, hidden_size - 2 * pairs - 1)], dim=1)
+    rows = values.gather(1, torch.rand(32, hidden_size, generator=generator).argsort(dim=1)).to(dtype)
     try:
         packed = _pack_for_onednn(rows)
-        sums = [_max_over_tokens(torch.ones((tokens, 128), dtype=dtype), rows, packed)
+        sums = [_max_over_tokens(torch.ones((tokens, hidden_size), dtype=dtype), rows, packed)
                 for tokens in (1, CPU_TILE_TOKENS + 1)]  # one token, and two tiles
     except Exception:  # no such kernel on this CPU: no screening, nothing else lost
         return False
@@ -240,11 +244,11 @@ def _screens_by_default(device: torch.device, dtype: torch.dtype, projection_dty
             and not _cpu_autocast() and int8_screening_available())
 
 
-def _half_screens_by_default(device: torch.device, dtype: torch.dtype, projection_dtype) -> bool:
-    """Whether a bf16/fp16 projection of float32 states is screened (`_half_screen`): float32's vectors at the
+def _half_screens_by_default(device: torch.device, dtype: torch.dtype, projection_dtype, hidden_size: int) -> bool:
+    """Whether a bf16/fp16 projection of float32 states is screened (`_half_screen_pass`): float32's vectors at the
     half-precision projection's cost. Not under CPU autocast, for the reason `_screens_by_default` gives."""
     return (device.type == "cpu" and dtype == torch.float32 and projection_dtype in HALF_SCREEN_DTYPES
-            and not _cpu_autocast() and half_screening_available(projection_dtype))
+            and not _cpu_autocast() and half_screening_available(projection_dtype, hidden_size))
 
 
 def _cpu_autocast() -> bool:
@@ -299,12 +303,13 @@ def _int8_screen(weight: torch.Tensor, bias: torch.Tensor) -> _Int8Screen:
 
 
 class _HalfScreen(NamedTuple):
-    """The decoder for `_half_screen`: its rows rounded to bf16 or fp16 (subnormals flushed, so that kernels
+    """The decoder for `_half_screen_pass`: its rows rounded to bf16 or fp16 (subnormals flushed, so that kernels
     which flush them read the same values), packed, and per row what the rounding may cost (float64)."""
 
     weight: torch.Tensor  # float32 (vocab, hidden): the exact recompute's
     bias: torch.Tensor  # float32
-    rows: torch.Tensor  # the rounded rows, in the half dtype
+    dtype: torch.dtype  # bf16 or fp16
+    rows: Optional[torch.Tensor]  # the rounded rows, where oneDNN cannot pack them (else None)
     packed: Optional[torch.Tensor]  # their oneDNN layout, or None
     bias_slack: torch.Tensor  # float32 |b_v| 2^-20: covers the float32 rounding of the first, coarse test
     row_norm: torch.Tensor  # |w_v|
@@ -314,22 +319,23 @@ class _HalfScreen(NamedTuple):
 
 
 def _rounded(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`values` in `dtype`, subnormals flushed to zero."""
+    """A copy of `values` in `dtype`, subnormals flushed to zero."""
     rounded = values.to(dtype)
-    return rounded.masked_fill_(rounded.abs() < torch.finfo(dtype).tiny, 0)
+    return rounded.masked_fill(rounded.abs() < torch.finfo(dtype).tiny, 0)
 
 
-def _half_screen_of(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> _HalfScreen:
+def _half_screen(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> _HalfScreen:
     with torch.no_grad():
         weight, bias = weight.detach().float(), bias.detach().float()
         rows = _rounded(weight, dtype).contiguous()
         exact, rounded = weight.double(), rows.double()
         norms = exact.norm(dim=1), rounded.norm(dim=1), (exact - rounded).norm(dim=1)
-    return _HalfScreen(weight, bias, rows, _pack_for_onednn(rows), bias.abs() * 2.0**-20, *norms,
+        packed = _pack_for_onednn(rows)
+    return _HalfScreen(weight, bias, dtype, rows if packed is None else None, packed, bias.abs() * 2.0**-20, *norms,
                        tuple(float(norm.max()) for norm in norms))
 
 
-def _half_screen(states: torch.Tensor, screen: _HalfScreen):
+def _half_screen_pass(states: torch.Tensor, screen: _HalfScreen):
     """The bf16/fp16 pass of `_screened_max`, in place of `_screen`'s int8 one: (float32 estimate of every max
     logit, ids of the entries that can be > 0).
 
@@ -337,20 +343,20 @@ def _half_screen(states: torch.Tensor, screen: _HalfScreen):
     |h_t - h~_t| |w_v| + |h~_t| |w_v - w~_v| (the rounded inputs) plus the float32 rounding of that sum and of the
     reference's own of its float32 value; the kernel's half-precision output adds one rounding (eps/2 |x|).
     """
-    dtype = screen.rows.dtype
+    dtype = screen.dtype
     rounded = _rounded(states, dtype)
     largest = _max_over_tokens(rounded, screen.rows, screen.packed).float()  # before the bias; exact in float32
-    exact, rounded = states.double(), rounded.double()
-    input_error = float((exact - rounded).norm(dim=1).max())
-    longest, longest_rounded = float(exact.norm(dim=1).max()), float(rounded.norm(dim=1).max())
-    sums = FLOAT32_SUM_ROUNDING * states.shape[1]
+    exact64, rounded64 = states.double(), rounded.double()
+    input_error = float((exact64 - rounded64).norm(dim=1).max())
+    longest, longest_rounded = float(exact64.norm(dim=1).max()), float(rounded64.norm(dim=1).max())
+    sum_rounding = FLOAT32_SUM_ROUNDING * states.shape[1]
     # the output's rounding: eps/2 of its size, and below the half dtype's smallest normal a fixed step (fp16: 2^-24
     # apart from 2^-14 down) that a kernel may also flush -- the smallest normal covers both
     output_rounding, output_floor = torch.finfo(dtype).eps / 2, torch.finfo(dtype).smallest_normal
 
     def bound(row_norm, rounded_norm, row_error):  # each logit's distance from its float32 value, but the output's
-        return row_norm * (input_error + sums * longest) + row_error * longest_rounded \
-            + rounded_norm * (sums * longest_rounded) + (FLUSHED_SUBNORMALS + output_floor)
+        return row_norm * (input_error + sum_rounding * longest) + row_error * longest_rounded \
+            + rounded_norm * (sum_rounding * longest_rounded) + (FLUSHED_SUBNORMALS + output_floor)
 
     # First against the largest bound, in float32 over the vocabulary; its own rounding (~2^-22 of the magnitudes)
     # is covered by 2^-20 of |largest| and |b|. Then each survivor's own bound, in float64.
@@ -429,8 +435,8 @@ def _screen(states: torch.Tensor, screen: _Int8Screen):
 
 
 def _screening_pass(states, screen):
-    """`_screen` for an int8 screen, `_half_screen` for a bf16/fp16 one."""
-    return (_half_screen if isinstance(screen, _HalfScreen) else _screen)(states, screen)
+    """`_screen` for an int8 screen, `_half_screen_pass` for a bf16/fp16 one."""
+    return (_half_screen_pass if isinstance(screen, _HalfScreen) else _screen)(states, screen)
 
 
 def _too_many(candidates: torch.Tensor, estimate: torch.Tensor) -> bool:
@@ -439,10 +445,10 @@ def _too_many(candidates: torch.Tensor, estimate: torch.Tensor) -> bool:
     return candidates.numel() > estimate.numel() // 8
 
 
-def _screened_max(states, screen, argmax=None, screened=None) -> torch.Tensor:
-    """One text's exact float32 max over tokens of ``states @ weight.T + bias``, at int8 speed, (vocab,).
+def _screened_max(states, screen: "Union[_Int8Screen, _HalfScreen]", argmax=None, screened=None) -> torch.Tensor:
+    """One text's exact float32 max over tokens of ``states @ weight.T + bias``, at the screen's speed, (vocab,).
 
-    An int8 pass (`_screen`; or bf16/fp16, `_half_screen`, for a `_HalfScreen`) bounds every logit's distance from
+    An int8 pass (`_screen`; or bf16/fp16, `_half_screen_pass`, for a `_HalfScreen`) bounds every logit's distance from
     its float32 value, so an entry whose bound stays <= 0 has a float32 maximum <= 0: weight 0 and gradient 0
     after ReLU. Only the other candidates (~30 of 30,522 for a query, ~500 for a document) are recomputed in
     float32; the entries screened out keep their negative estimate. ``argmax`` (int32, (vocab,)), when given,
@@ -760,14 +766,15 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         return self._decoder_cache("int8-screen", _int8_screen)
 
     def _half_screen(self, dtype: torch.dtype) -> _HalfScreen:
-        return self._decoder_cache(f"screen-{dtype}", functools.partial(_half_screen_of, dtype=dtype))
+        return self._decoder_cache(f"half-screen-{dtype}", functools.partial(_half_screen, dtype=dtype))
 
     def _default_screen(self, device, dtype, projection_dtype):
         """The screen CPU inference uses unless told otherwise: int8 for a float32 projection, the projection's own
-        dtype for a bf16/fp16 one (both where this CPU's kernels allow them), else None."""
+        dtype for a bf16/fp16 one (an explicit choice, though int8 is faster where both run), each where this CPU's
+        kernels allow it; else None."""
         if _screens_by_default(device, dtype, projection_dtype):
             return self._int8_screen()
-        if _half_screens_by_default(device, dtype, projection_dtype):
+        if _half_screens_by_default(device, dtype, projection_dtype, self.config.hidden_size):
             return self._half_screen(projection_dtype)
         return None
 
@@ -841,8 +848,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
         Args:
             input_ids, attention_mask, token_type_ids: as returned by the tokenizer.
-            projection_dtype: dtype of the vocabulary projection (e.g. `torch.bfloat16` or "bfloat16" for speed;
-                one of `PROJECTION_DTYPES`); the backbone runs in the model's dtype. Defaults to the model's dtype.
+            projection_dtype: dtype of the vocabulary projection (e.g. `torch.bfloat16` or "bfloat16"; one of
+                `PROJECTION_DTYPES`); the backbone runs in the model's dtype. Defaults to the model's dtype.
                 A bf16/fp16 projection of a float32 model at CPU inference is screened (see `screening`): the
                 float32 vectors; on accelerators, under autograd or with ``screening=False`` it rounds them (~2e-2).
             chunk_tokens: tokens projected onto the vocabulary at once (memory/speed trade-off). Setting it
@@ -851,7 +858,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
                 logit, plus a float32 recompute of the few entries that can be positive (same vectors, about 2x
                 faster). Defaults to on for float32 models where `int8_screening_available()`; by default a
                 bf16/fp16 `projection_dtype` screens in that dtype instead, the same way, where
-                `half_screening_available(dtype)`. False: no screening.
+                `half_screening_available(dtype, hidden_size)`. True: the int8 screen, whatever the projection
+                dtype. False: no screening.
             position_ids: passed to BERT. By default a text's tokens sit at positions 0, 1, ... of the padded
                 row, as in transformers: under left padding they are shifted, and the vectors change (as they do
                 in `forward` and sentence-transformers); `(attention_mask.cumsum(1) - 1).clamp(min=0)` undoes it.
@@ -901,8 +909,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """
         One text's active terms: (vocabulary ids, weights) of the entries of [`encode_sparse`] that are > 0, in
         vocabulary order -- the same values, without the dense (vocab,) vector when the CPU screens (int8, or a
-        bf16/fp16 `projection_dtype`; the single-query path of `FLES1Encoder`). Takes the tokenizer's output as is (``**tokenizer(text,
-        return_tensors="pt")``); one text has no padding, so an ``attention_mask`` must be all ones.
+        bf16/fp16 `projection_dtype`; the single-query path of `FLES1Encoder`). Takes the tokenizer's output as is
+        (``**tokenizer(text, return_tensors="pt")``); one text has no padding, so an ``attention_mask`` must be all
+        ones.
 
         Example:
 

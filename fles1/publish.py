@@ -443,12 +443,17 @@ def fles1_encoder():
     if os.path.dirname(os.path.abspath(fles1_encoder.__file__)) != os.path.abspath(folder):
         raise ImportError(f"imported {fles1_encoder.__file__}, not the folder's fles1_encoder.py")
     # the card's snippet fetches fles1_encoder.py alone and loads the repo's code: that path; its warnings about
-    # sentence-transformers files that encode otherwise say why vectors differ
+    # sentence-transformers files that encode otherwise say why vectors differ (the others are shown as they were)
     import warnings
+    mismatch = getattr(fles1_encoder, "SparseEncoderMismatchWarning", None)  # None: an older fles1_encoder.py
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         encoder = FLES1Encoder.from_pretrained(folder, device="cpu", trust_remote_code=True)
-    causes.extend(str(warning.message) for warning in caught if "sentence-transformers" in str(warning.message))
+    for warning in caught:
+        if mismatch is not None and issubclass(warning.category, mismatch):
+            causes.append(str(warning.message))
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     return {kind: encoder.encode_batch([probe], kind=kind, threshold=0, output="torch").to_dense()[0]
             for kind in ("query", "document")}
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fles1_encoder import CheckpointError, FLES1Encoder
+from fles1_encoder import CheckpointError, FLES1Encoder, SparseEncoderMismatchWarning
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,10 @@ def test_sentence_transformers_prompts_and_pruning_saved_with_the_folder_are_war
     with pytest.warns(UserWarning, match=r"config_sentence_transformers\.json " + says + r".* different vectors"):
         FLES1Encoder.from_pretrained(str(tmp_path))
     snapshot = _hub_cache_with(str(tmp_path), tmp_path / "cache")  # and by hub id, from the cache
-    with pytest.warns(UserWarning, match=r"config_sentence_transformers\.json " + says):
-        FLES1Encoder.from_pretrained("me/fles1", device="cpu", cache_dir=str(tmp_path / "cache"))
+    for lengths in ({}, {"query_max_length": 16}):  # the caller's own lengths skip the length check only
+        with pytest.warns(SparseEncoderMismatchWarning, match=r"config_sentence_transformers\.json " + says) as caught:
+            FLES1Encoder.from_pretrained("me/fles1", device="cpu", cache_dir=str(tmp_path / "cache"), **lengths)
+        assert {warning.filename for warning in caught} == {__file__}  # the caller's line
     assert os.path.isdir(snapshot)
 
 

@@ -734,11 +734,12 @@ def test_half_screen_keeps_every_entry_that_float32_makes_positive(dtype, length
     states[0, 0] = 12 * spread
     maxima = (states @ weight.t()).amax(dim=0)
     bias = -maxima + torch.empty(4096).uniform_(-1e-5, 1e-5)
-    estimate, candidates = modeling_fles1._half_screen(states, modeling_fles1._half_screen_of(weight, bias, dtype))
+    estimate, candidates = modeling_fles1._half_screen_pass(states, modeling_fles1._half_screen(weight, bias, dtype))
     positive = torch.nonzero(maxima + bias > 0).squeeze(1)
     assert 1500 < positive.numel() < 2500 and (estimate - maxima - bias).abs().max() > 1e-3
     assert torch.isin(positive, candidates).all()
-    far = modeling_fles1._half_screen(states, modeling_fles1._half_screen_of(weight, -maxima - 0.5 * spread, dtype))[1]
+    far_screen = modeling_fles1._half_screen(weight, -maxima - 0.5 * spread, dtype)
+    far = modeling_fles1._half_screen_pass(states, far_screen)[1]
     assert far.numel() == 0  # and the bound is not vacuous
 
 
@@ -772,7 +773,8 @@ def test_half_screen_bound_holds_where_the_rounding_error_is_largest(dtype, erro
     weight = torch.cat([row[None], torch.randn(255, 128) * 2.0**-7])
     bias = torch.full((256,), -100.0)
     bias[0] = -logit + 1e-3 * abs(logit) * torch.finfo(dtype).eps
-    estimate, candidates = modeling_fles1._half_screen(state[None], modeling_fles1._half_screen_of(weight, bias, dtype))
+    screen = modeling_fles1._half_screen(weight, bias, dtype)
+    estimate, candidates = modeling_fles1._half_screen_pass(state[None], screen)
     error = {"output": 8 * torch.finfo(dtype).eps / 2, "row": 128 * 0.499 * torch.finfo(dtype).eps * 2.0**-4}
     assert (state @ row + bias[0]).item() > 0 and estimate[0].item() < -0.9 * error.get(error_source, error["row"])
     assert 0 in candidates.tolist()
@@ -789,8 +791,8 @@ def test_half_screen_bound_holds_for_an_fp16_output_below_the_smallest_normal():
     weight = torch.cat([row[None], torch.randn(255, 128) * 2.0**-7])
     bias = torch.full((256,), -100.0)
     bias[0] = -(2.0**-24) - 2.0**-33
-    estimate, candidates = modeling_fles1._half_screen(state[None],
-                                                       modeling_fles1._half_screen_of(weight, bias, torch.float16))
+    estimate, candidates = modeling_fles1._half_screen_pass(state[None],
+                                                       modeling_fles1._half_screen(weight, bias, torch.float16))
     assert (state @ row + bias[0]).item() > 0 and estimate[0].item() < 0
     assert 0 in candidates.tolist()
 
@@ -822,7 +824,7 @@ def test_model_in_half_precision_projects_in_half_precision_unscreened(model_dty
         default = model.encode_sparse(**features, projection_dtype=dtype).sparse_embeddings
         terms = model.encode_sparse_terms(features["input_ids"][:1], projection_dtype=dtype)
     assert torch.equal(default, plain) and (plain > 0).sum() > 10
-    assert not any(name.startswith("screen-") for name in model.__dict__.get("_fles1_decoder_cache", {}))
+    assert not any(name.startswith("half-screen-") for name in model.__dict__.get("_fles1_decoder_cache", {}))
     assert torch.equal(terms[0], plain[0].nonzero().squeeze(1))
 
 
@@ -833,12 +835,14 @@ def test_half_screen_stays_off_under_cpu_autocast_and_flushes_subnormals(dtype):
     import modeling_fles1
 
     cpu = torch.device("cpu")
-    assert modeling_fles1._half_screens_by_default(cpu, torch.float32, dtype)
+    assert modeling_fles1._half_screens_by_default(cpu, torch.float32, dtype, 128)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not modeling_fles1._half_screens_by_default(cpu, torch.float32, dtype)
+        assert not modeling_fles1._half_screens_by_default(cpu, torch.float32, dtype, 128)
     tiny = torch.finfo(dtype).tiny
     rounded = modeling_fles1._rounded(torch.tensor([tiny / 4, -tiny / 2, tiny, 1.0]), dtype)
     assert rounded.dtype == dtype and rounded.tolist() == [0.0, 0.0, tiny, 1.0]
+    given = torch.tensor([tiny / 4, 1.0], dtype=dtype)  # already in the dtype: a copy, the caller's left alone
+    assert modeling_fles1._rounded(given, dtype).tolist() == [0.0, 1.0] and given[0] == tiny / 4
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -862,12 +866,13 @@ def test_half_screening_probe_says_no_to_half_precision_sums_and_encoding_still_
         assert probe(dtype) is False  # cached: probed once per process
         probe.cache_clear()
         assert probe(dtype) is True and probe(torch.float32) is False
-        monkeypatch.setattr(modeling_fles1, "half_screening_available", lambda dtype: False)
+        assert probe(dtype, 16) is True and probe(dtype, 769) is True and probe(dtype, 3) is False  # any hidden size
+        monkeypatch.setattr(modeling_fles1, "half_screening_available", lambda dtype, hidden_size: False)
         model, features = tiny_model()
         with torch.inference_mode():
             rounded = model.encode_sparse(**features, projection_dtype=dtype).sparse_embeddings
             reference = naive_sparse(model, features)
-        assert f"screen-{dtype}" not in model.__dict__.get("_fles1_decoder_cache", {})
+        assert f"half-screen-{dtype}" not in model.__dict__.get("_fles1_decoder_cache", {})
         assert 0 < (rounded - reference).abs().max().item() < 0.1
     finally:
         probe.cache_clear()
@@ -884,7 +889,7 @@ def test_model_half_projection_gives_float32_vectors_on_cpu_and_rounds_them_unsc
         screened = model.encode_sparse(**features, projection_dtype=dtype)
         terms = model.encode_sparse_terms(features["input_ids"][:1], projection_dtype=dtype)
         rounded = model.encode_sparse(**features, projection_dtype=dtype, screening=False).sparse_embeddings
-    assert f"screen-{dtype}" in model._fles1_decoder_cache
+    assert f"half-screen-{dtype}" in model._fles1_decoder_cache
     assert (reference > 0).sum() > 10
     assert (screened.sparse_embeddings - reference).abs().max().item() <= 1e-5
     positive = reference > 0
@@ -942,7 +947,7 @@ def test_model_inference_projection_paths_match_naive(options, tile_tokens, pack
     if options == {"screening": True}:
         assert "int8-screen" in cache  # the screened path ran
     if options.get("projection_dtype") in HALF_DTYPES:
-        assert f"screen-{options['projection_dtype']}" in cache  # the half-precision screen ran
+        assert f"half-screen-{options['projection_dtype']}" in cache  # the half-precision screen ran
     assert (reference > 0).sum() > 10
     assert (output.sparse_embeddings - reference).abs().max().item() <= 1e-5
     positive = reference > 0  # max_logits is exact wherever the weight is non-zero
