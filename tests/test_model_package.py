@@ -642,6 +642,18 @@ def test_model_screened_training_forward_keeps_values_and_arg_max(bias_mean):
     assert torch.equal(chosen[clear], expected[clear])  # the same token (or an identical padding copy)
 
 
+def _screen_edge_case(length: int, spread: float):
+    """A decoder (rows of two norms), `length` token states with an outlier, their float32 max logits, and biases
+    that put every max logit within 1e-5 of 0 (about half above): (weight, states, maxima, bias)."""
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 128) * 0.05
+    weight[::7] *= 4
+    states = torch.randn(length, 128) * spread
+    states[0, 0] = 12 * spread
+    maxima = (states @ weight.t()).amax(dim=0)
+    return weight, states, maxima, -maxima + torch.empty(4096).uniform_(-1e-5, 1e-5)
+
+
 @pytest.mark.parametrize("length, spread", [(1, 1.0), (9, 2.0), (40, 1.0), (70, 5.0)])  # 70 tokens: three tiles
 def test_int8_screen_keeps_every_entry_that_float32_makes_positive(length, spread):
     """The screen's bound at its edge: the biases put every float32 max logit within 1e-5 of 0, about half of them
@@ -650,13 +662,7 @@ def test_int8_screen_keeps_every_entry_that_float32_makes_positive(length, sprea
     import modeling_fles1
 
     assert modeling_fles1.int8_screening_available(), "needs oneDNN int8 with exact integer sums (x86 VNNI/AMX)"
-    torch.manual_seed(0)
-    weight = torch.randn(4096, 128) * 0.05
-    weight[::7] *= 4
-    states = torch.randn(length, 128) * spread
-    states[0, 0] = 12 * spread
-    maxima = (states @ weight.t()).amax(dim=0)
-    bias = -maxima + torch.empty(4096).uniform_(-1e-5, 1e-5)
+    weight, states, maxima, bias = _screen_edge_case(length, spread)
     estimate, candidates = modeling_fles1._screen(states, modeling_fles1._int8_screen(weight, bias))
     positive = torch.nonzero(maxima + bias > 0).squeeze(1)
     assert 1500 < positive.numel() < 2500 and (estimate - maxima - bias).abs().max() > 0.1
@@ -727,13 +733,7 @@ def test_half_screen_keeps_every_entry_that_float32_makes_positive(dtype, length
     import modeling_fles1
 
     assert modeling_fles1.half_screening_available(dtype), "this CPU's half-precision projection sums in float32"
-    torch.manual_seed(0)
-    weight = torch.randn(4096, 128) * 0.05
-    weight[::7] *= 4
-    states = torch.randn(length, 128) * spread
-    states[0, 0] = 12 * spread
-    maxima = (states @ weight.t()).amax(dim=0)
-    bias = -maxima + torch.empty(4096).uniform_(-1e-5, 1e-5)
+    weight, states, maxima, bias = _screen_edge_case(length, spread)
     estimate, candidates = modeling_fles1._half_screen_pass(states, modeling_fles1._half_screen(weight, bias, dtype))
     positive = torch.nonzero(maxima + bias > 0).squeeze(1)
     assert 1500 < positive.numel() < 2500 and (estimate - maxima - bias).abs().max() > 1e-3
