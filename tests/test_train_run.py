@@ -560,18 +560,38 @@ def test_a_log_row_spanning_the_resumed_checkpoint_matches_the_uninterrupted_run
     assert [row["step"] for row in older["history"]] == [3, 6] and older["history"][1] != full["history"][1]
 
 
+class CountingRowSteps(FLES1Trainer):
+    """Records how many steps each log row averages (its window's step count)."""
+
+    row_steps: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        take = self.log_window.take
+
+        def counted(device=None):
+            totals = take(device)
+            CountingRowSteps.row_steps.append(totals["steps"])
+            return totals
+
+        self.log_window.take = counted
+
+
 def test_under_epoch_logging_a_mid_epoch_checkpoint_keeps_its_window(sparse_tiny, msmarco_toy_dir, tmp_path):
     """With rows per epoch only an epoch's last checkpoint hands its window to the row that follows it: a checkpoint
     saved inside an epoch (3 steps an epoch, saves every 2) kept an empty window too, so a run resumed from
-    checkpoint-4 logged an epoch-2 row over steps 5-6 instead of 4-6."""
+    checkpoint-4 logged an epoch-2 row over steps 5-6 instead of 4-6. (Counted, not compared with the full run's
+    row: transformers 5.9 draws another order for the rest of a later epoch resumed mid-way.)"""
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{
         "data.max_examples": 12, "training.logging_strategy": "epoch", "training.num_train_epochs": 2}))
-    full = train(recipe, str(tmp_path / "full"))
-    assert [row["step"] for row in full["history"]] == [3, 6]
+    CountingRowSteps.row_steps = []
+    full = train(recipe, str(tmp_path / "full"), trainer_class=CountingRowSteps)
+    assert [row["step"] for row in full["history"]] == [3, 6] and CountingRowSteps.row_steps == [3.0, 3.0]
     checkpoint = str(tmp_path / "full" / "checkpoint-4")
     assert json.load(open(os.path.join(checkpoint, "log_window.json")))["steps"] == 1.0  # step 4 of the 4-6 row
-    resumed = train(recipe, str(tmp_path / "resumed"), resume_from_checkpoint=checkpoint)
-    assert resumed["history"] == full["history"]
+    CountingRowSteps.row_steps = []
+    resumed = train(recipe, str(tmp_path / "resumed"), resume_from_checkpoint=checkpoint, trainer_class=CountingRowSteps)
+    assert [row["step"] for row in resumed["history"]] == [3, 6] and CountingRowSteps.row_steps == [3.0]
 
 
 def test_resume_refuses_a_save_only_model_checkpoint_and_takes_gradient_checkpointing(sparse_tiny, msmarco_toy_dir,
