@@ -363,9 +363,10 @@ def _half_screen_pass(states: torch.Tensor, screen: _HalfScreen):
     estimate = largest + screen.bias
     coarse = largest.abs().mul_(output_rounding + 2.0**-20).add_(estimate).add_(screen.bias_slack)
     survivors = (~(coarse <= -bound(*screen.largest_norms) * SCREEN_SLACK)).nonzero().squeeze(1)
-    upper = (largest[survivors].double() + screen.bias[survivors].double()
+    largest64 = largest[survivors].double()
+    upper = (largest64 + screen.bias[survivors].double()
              + (bound(screen.row_norm[survivors], screen.rounded_norm[survivors], screen.row_error[survivors])
-                + largest[survivors].double().abs() * output_rounding) * SCREEN_SLACK)
+                + largest64.abs() * output_rounding) * SCREEN_SLACK)
     # NaN or inf anywhere (weights, states, fp16's overflow past 65,504) bounds nothing: recomputed in float32,
     # which gives the reference's NaN
     return estimate, survivors[(upper > 0) | ~torch.isfinite(upper)]
