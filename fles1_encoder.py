@@ -348,6 +348,17 @@ PROJECTION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "floa
                      "float64": torch.float64}
 
 
+def _execution_device(module) -> Optional[torch.device]:
+    """The device accelerate's hook on `module` runs it on (its weights offloaded to the meta device between calls),
+    or None without such a hook."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # a SequentialHook, or one
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
+
+
 def dtype_name(dtype) -> str:
     """torch.bfloat16 -> "bfloat16" (as config.json and the choices name it)."""
     return str(dtype).removeprefix("torch.")
@@ -551,7 +562,10 @@ class FLES1Encoder:
 
     @property
     def device(self) -> torch.device:
-        return self._embeddings.weight.device  # not next(parameters()): that walks the modules on every call
+        weight = self._embeddings.weight  # not next(parameters()): that walks the modules on every call
+        if weight.is_meta:  # offloaded by accelerate (cpu_offload, disk_offload): inputs go where its hook runs it
+            return _execution_device(self._embeddings) or weight.device
+        return weight.device
 
     # ---- core -------------------------------------------------------------------------------------------------
     def _check_kind(self, kind: str) -> None:

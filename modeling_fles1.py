@@ -9,6 +9,7 @@ Shipped to the Hub next to ``configuration_fles1.py``; imports torch and transfo
 transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head are not reimplemented here.
 """
 
+import contextlib
 import functools
 import itertools
 import math
@@ -739,7 +740,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         return CPU_CHUNK_TOKENS if device.type == "cpu" else ACCELERATOR_CHUNK_TOKENS
 
     def _decoder_cache(self, name: str, build):
-        """``build(weight, bias)`` for the decoder, cached under `name` until the weight or bias changes.
+        """``build(weight, bias)`` for the decoder, cached under `name` until the weight or bias changes; None while
+        they are on the meta device (offloaded).
 
         The key holds their storage and version counters, so an optimizer step, `load_state_dict` or `.to()`
         invalidates it. Writes through ``.data`` (some EMA and weight-averaging code) bump no version counter: a
@@ -747,6 +749,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         to a few rows, `clear_caches()`.
         """
         weight, bias = self.cls.predictions.decoder.weight, self._decoder_bias()
+        if weight.is_meta or bias.is_meta:  # offloaded: loaded per call (`_decoder_in_memory`), nothing to cache
+            return None
         key = (weight.data_ptr(), _version(weight), weight.dtype, bias.data_ptr(), _version(bias))
         cache = self.__dict__.setdefault("_fles1_decoder_cache", {})
         entry = cache.get(name)
@@ -852,7 +856,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             projection_dtype: dtype of the vocabulary projection (e.g. `torch.bfloat16` or "bfloat16"; one of
                 `PROJECTION_DTYPES`); the backbone runs in the model's dtype. Defaults to the model's dtype.
                 A bf16/fp16 projection of a float32 model at CPU inference is screened (see `screening`): the
-                float32 vectors; on accelerators, under autograd or with ``screening=False`` it rounds them (~2e-2).
+                float32 vectors; on accelerators, under autograd, with ``screening=False`` or an offloaded decoder it
+                rounds them (~2e-2).
             chunk_tokens: tokens projected onto the vocabulary at once (memory/speed trade-off). Setting it
                 on CPU selects the batched projection instead of the per-text tiled one.
             screening: CPU inference only: find the float32 result through an int8 pass that bounds every
@@ -867,16 +872,24 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
         Under autograd the projection keeps only each entry's max and argmax (sparse backward); on CPU at
         inference it runs per text, a cache-sized tile of tokens at a time against a oneDNN-packed weight,
-        skipping padding; a single text's backbone runs through a TorchScript trace (see `_hidden_states`).
+        skipping padding; a single text's backbone runs through a TorchScript trace (see `_hidden_states`). A model
+        whose weights accelerate offloads (``cpu_offload``, ``disk_offload``) loads them per call through its hooks,
+        as `forward` does, and projects them without screening.
         """
         projection_dtype = projection_dtype_of(projection_dtype)
         hidden = self._hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
+        with self._decoder_in_memory() as offloaded:
+            return self._project(hidden, attention_mask, projection_dtype, chunk_tokens, screening, offloaded)
+
+    def _project(self, hidden, attention_mask, projection_dtype, chunk_tokens, screening, offloaded):
+        """`encode_sparse` past the backbone: the vocabulary projection, max-pooled. ``offloaded``: the decoder's
+        weights were loaded for this call alone (`_decoder_in_memory`), so nothing is cached from them."""
         decoder = self.cls.predictions.decoder
         bias = self._decoder_bias()
         # any of the three: training the vocabulary bias alone (the rest frozen) needs its gradient too
         differentiable = torch.is_grad_enabled() and (hidden.requires_grad or decoder.weight.requires_grad
                                                       or bias.requires_grad)
-        if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None:
+        if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None and not offloaded:
             if screening is None:
                 screen = self._default_screen(hidden.device, hidden.dtype, projection_dtype)
             else:
@@ -932,7 +945,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             raise ValueError("encode_sparse_terms takes one text without padding: attention_mask has zeros; use "
                              "encode_sparse for padded input")
         screen = self._default_screen(input_ids.device, self.bert.embeddings.word_embeddings.weight.dtype,
-                                      projection_dtype)
+                                      projection_dtype)  # None for an offloaded decoder too (`_decoder_cache`)
         if screen is None:
             vector = self.encode_sparse(input_ids, token_type_ids=token_type_ids, projection_dtype=projection_dtype)
             vector = vector.sparse_embeddings[0]
@@ -969,6 +982,39 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def _decoder_bias(self) -> torch.Tensor:
         decoder = self.cls.predictions.decoder
         return decoder.bias if decoder.bias is not None else self.cls.predictions.bias
+
+    def _decoder_offloaded(self) -> bool:
+        """Whether the vocabulary projection's weight or bias is on the meta device (accelerate's offloading, or a
+        model built under ``init_empty_weights``)."""
+        return self.cls.predictions.decoder.weight.is_meta or self._decoder_bias().is_meta
+
+    @contextlib.contextmanager
+    def _decoder_in_memory(self):
+        """The vocabulary projection's weights in memory while the sparse paths read them; yields whether they were
+        offloaded. accelerate's offloading hooks (``cpu_offload``, ``disk_offload``, a ``device_map`` offloading
+        ``cls``) keep them on the meta device between forwards and load them in their ``pre_forward``: the sparse
+        paths read the decoder without calling its forward, so they load them the same way (duck-typed: no
+        accelerate import), and cache nothing from them -- a kept copy would undo the offload. Weights on the meta
+        device with no hook to load them are a ValueError (they read as garbage)."""
+        if not self._decoder_offloaded():
+            yield False
+            return
+        head = self.cls.predictions
+        loaded = []
+        try:
+            for module in (head, head.decoder):  # the order forward's hooks run in
+                hook = getattr(module, "_hf_hook", None)
+                if hook is not None:
+                    hook.pre_forward(module)
+                    loaded.append(module)
+            if self._decoder_offloaded():
+                raise ValueError("the vocabulary projection's weights (cls.predictions.decoder) are on the meta device "
+                                 "and no accelerate offloading hook loads them: a model built under init_empty_weights "
+                                 "needs its weights loaded (load_checkpoint_and_dispatch, or from_pretrained)")
+            yield True
+        finally:
+            for module in reversed(loaded):
+                module._hf_hook.post_forward(module, None)
 
 
 # save_pretrained copies this file and configuration_fles1.py next to the weights.

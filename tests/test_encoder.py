@@ -655,6 +655,22 @@ def test_encoder_encodes_in_eval_mode_and_leaves_a_training_model_training(tiny_
     assert encoder.model.training and rewrapped.encode(texts[1], threshold=0.0) == pytest.approx(expected[0], abs=1e-6)
 
 
+def test_encoder_runs_a_model_that_accelerate_offloads(tiny_random_checkpoint):
+    """cpu_offload leaves every weight on the meta device between forwards: the encoder sent its inputs there (its
+    device was the embeddings' meta), and nothing could be computed."""
+    from accelerate import cpu_offload
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu")
+    texts = ["statins lower ldl cholesterol", "vitamin d and breast cancer risk in older women"]
+    # 1e-3: no weight within the paths' float32 differences (~1e-6) of the cut
+    expected = encoder.encode(texts[1], threshold=1e-3), encoder.encode_batch(texts, threshold=1e-3)
+    offloaded = FLES1Encoder(cpu_offload(encoder.model, execution_device=torch.device("cpu")), encoder.tokenizer)
+    assert offloaded.model.bert.embeddings.word_embeddings.weight.is_meta and offloaded.device == torch.device("cpu")
+    single, batch = offloaded.encode(texts[1], threshold=1e-3), offloaded.encode_batch(texts, threshold=1e-3)
+    assert single == pytest.approx(expected[0], abs=1e-5) and set(single) == set(expected[0])
+    assert all(got == pytest.approx(want, abs=1e-5) for got, want in zip(batch, expected[1]))
+
+
 def test_encoder_switches_dropout_off_when_only_a_submodule_is_training(tiny_random_checkpoint):
     """``model.eval(); model.bert.train()``: the encoder and the trace looked at the root's flag only, so every call
     ran dropout (other vectors each time) and the trace built meanwhile failed its check and stayed off."""

@@ -1289,6 +1289,39 @@ def test_model_single_text_path_follows_accelerate_hooks_and_documented_edits():
     assert all((path - pruned).abs().max().item() <= 1e-5 for path in _single_text_paths(model, input_ids))
 
 
+def test_model_sparse_paths_load_a_decoder_that_accelerate_offloads():
+    """accelerate's cpu_offload keeps each module's weights on the meta device between forwards and loads them in its
+    hooks: the sparse paths read the decoder without calling its forward -- the batched projection copied a meta
+    result into an uninitialised buffer (garbage, different on every call), the CPU paths failed inside oneDNN."""
+    from accelerate import cpu_offload
+
+    model, features = tiny_model()
+    single = features["input_ids"][:1]
+    with torch.no_grad():
+        expected = naive_sparse(model, features)
+        expected_single = naive_sparse(model, {"input_ids": single, "attention_mask": torch.ones_like(single)})[0]
+    model = cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.cls.predictions.decoder.weight.is_meta
+    with torch.no_grad():
+        for options in ({}, {"screening": False}, {"screening": True}, {"chunk_tokens": 4}):
+            for _ in range(2):  # the garbage differed from call to call
+                vectors = model.encode_sparse(**features, **options).sparse_embeddings
+                assert (vectors - expected).abs().max().item() <= 1e-5, options
+        ids, weights = model.encode_sparse_terms(single)
+    assert torch.equal(ids, expected_single.nonzero().squeeze(1))
+    assert (weights - expected_single[ids]).abs().max().item() <= 1e-5
+    # still offloaded after the calls, and nothing cached from the weights loaded for them
+    assert model.cls.predictions.decoder.weight.is_meta and model.cls.predictions.bias.is_meta
+    assert not model.__dict__.get("_fles1_decoder_cache")
+
+    untied, _ = tiny_model()
+    untied.config.tie_word_embeddings = False
+    untied.cls.predictions.decoder.weight = torch.nn.Parameter(torch.empty_like(untied.cls.predictions.decoder.weight,
+                                                                                device="meta"))
+    with pytest.raises(ValueError, match="meta device and no accelerate offloading hook"), torch.no_grad():
+        untied.encode_sparse(**features)  # no hook to load it: not garbage
+
+
 def test_model_encode_sparse_with_return_dict_false():
     """config.return_dict=False (a from_pretrained kwarg) made BERT return tuples: encode_sparse raised AttributeError."""
     model, features = tiny_model()
