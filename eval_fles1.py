@@ -29,10 +29,13 @@ run.<dataset>.trec per dataset. --export DIR writes, per dataset, DIR/<dataset>/
 bulk-00001.ndjson ... of at most 16 MiB each for POST /_bulk -- rank_features, 9 significant bits per stored weight
 -- and queries.jsonl, one _search body per query) and DIR/<dataset>/pyserini/ (collection/docs.jsonl:
 JsonVectorCollection, integer impacts = round(100 w); queries.tsv: Anserini impact topics, each token repeated by
-its impact), each with an export.json naming the model, threshold, split and the commands to index and search; an
-earlier export's two folders are replaced together. Every output is written atomically; bad data (qrels scores must
-be integer grades) stops the run with its file and line and writes nothing, as do ids the requested outputs cannot
-carry (whitespace in a TREC run file or an export, an Elasticsearch _id over 512 bytes).
+its impact), each with an export.json naming the model (path and fingerprint), threshold, split and the commands
+to index and search, run from DIR/<dataset> (Elasticsearch: curl and jq against $ES, the responses written to
+elasticsearch-responses.tsv, a query id and its response per line; Anserini: pyserini's indexer and its
+SearchCollection); an earlier export's two folders are replaced together. Every output is written atomically;
+bad data (qrels scores must be integer grades) stops the run with its file and line and writes nothing, as do ids
+the requested outputs cannot carry (whitespace in a TREC run file or an export, an Elasticsearch _id over 512
+bytes).
 Exit status: 0 ok, 2 bad input (data or checkpoint).
 """
 

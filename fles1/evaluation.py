@@ -461,7 +461,7 @@ def evaluate(
     index_names = elasticsearch_index_names(names)
     if export_dir:
         vocab = encoder.vocabulary()  # wordless rows of a padded vocabulary named, not None
-        export_settings = {"model_fingerprint": model_fp, "split": split,
+        export_settings = {"model": model, "model_fingerprint": model_fp, "split": split,
                            **{key: results[key] for key in ("threshold", "query_max_length", "document_max_length")}}
     for name, dataset in zip(names, datasets):
         log(f"[{name}] {len(dataset.corpus)} docs, {len(dataset.qrels)} {split} queries, threshold {threshold}")
@@ -491,7 +491,8 @@ def elasticsearch_index_names(names: Sequence[str]) -> dict[str, str]:
 
 def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settings: dict) -> None:
     """folder/elasticsearch/ and folder/pyserini/: documents, the split's queries (thresholded as eval's) and an
-    ``export.json`` saying what they were made with and how to run them. Both are written beside them before
+    ``export.json`` saying what they were made with and how to run them (`exports.ELASTICSEARCH_COMMANDS`, the
+    ANSERINI_* commands). Both are written beside them before
     either replaces an earlier export (never one engine's files at one threshold and the other's at another);
     anything else in the folder (a run file, say) stays."""
     doc_ids, doc_matrix = artifacts["index"].doc_ids, artifacts["doc_matrix"]
@@ -508,7 +509,8 @@ def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settin
             "bulk_files": [os.path.basename(path) for path in paths["bulk"]],
             "feature_names": "vocabulary tokens with '%' -> '%25' and '.' -> '%2E' (fles1.exports.feature_name)",
             "precision": f"weights written to {exports.ES_WEIGHT_DIGITS} significant digits; rank_features keeps "
-                         "9 significant bits: document weights within 2^-8 relative"}})
+                         "9 significant bits: document weights within 2^-8 relative",
+            "run_from": exports.ANSERINI_RUN_FROM, **exports.elasticsearch_commands(index_name)}})
         os.makedirs(os.path.join(pyserini, "collection"))
         exports.write_pyserini(os.path.join(pyserini, "collection", "docs.jsonl"), doc_ids, doc_matrix, vocab)
         exports.write_anserini_queries(os.path.join(pyserini, "queries.tsv"), query_ids, query_matrix, vocab)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from typing import Sequence
 
 import numpy as np
@@ -54,6 +55,27 @@ ANSERINI_SEARCH_COMMAND = ("java -cp ANSERINI_JAR io.anserini.search.SearchColle
                            "-removeQuery -hits 1001")
 # the commands' relative paths start in the dataset's export folder, the one holding pyserini/ and elasticsearch/
 ANSERINI_RUN_FROM = "the dataset's export folder (DIR/<dataset>, holding pyserini/ and elasticsearch/)"
+# Elasticsearch / OpenSearch over HTTP (curl, and jq to read queries.jsonl); $ES is the server's URL and INDEX the
+# index (export.json puts its name in). Refreshed after the bulk requests, so that the searches see every document;
+# each response is written as "<query id>\t<response JSON>", one line per query (ids hold no whitespace).
+ELASTICSEARCH_COMMANDS = {
+    "create_index_command": "curl -sS -XPUT \"$ES/INDEX\" -H 'Content-Type: application/json' "
+                            "--data-binary @elasticsearch/mapping.json",
+    "index_command": "for part in elasticsearch/bulk-*.ndjson; do curl -sS -XPOST \"$ES/_bulk\" "
+                     "-H 'Content-Type: application/x-ndjson' --data-binary @\"$part\"; done; "
+                     "curl -sS -XPOST \"$ES/INDEX/_refresh\"",
+    # the body through stdin: a query at threshold 0 (every term) is past the 128 KiB one argument may have
+    "search_command": "jq -r '.id, (.body | tojson)' elasticsearch/queries.jsonl | while read -r id && read -r body; "
+                      "do printf '%s\\t' \"$id\"; printf '%s' \"$body\" | curl -sS -XPOST \"$ES/INDEX/_search\" "
+                      "-H 'Content-Type: application/json' --data-binary @-; echo; done > elasticsearch-responses.tsv",
+}
+
+
+def elasticsearch_commands(index_name: str) -> dict:
+    """`ELASTICSEARCH_COMMANDS` for the index `index_name`, percent-encoded: an index name may hold characters a
+    URL reserves (``&``, ``%``, non-ASCII) or a shell expands in double quotes (``$``, a backquote)."""
+    path = urllib.parse.quote(index_name, safe="")
+    return {step: command.replace("INDEX", path) for step, command in ELASTICSEARCH_COMMANDS.items()}
 
 
 def feature_name(token: str) -> str:

@@ -65,6 +65,74 @@ def test_elasticsearch_bulk_is_cut_into_requests_the_engines_take(tmp_path):
     assert all(len(open(path, encoding="utf-8").read().splitlines()) % 2 == 0 for path in parts)
 
 
+def test_elasticsearch_commands_send_the_exported_files(tiny_random_checkpoint, tmp_path):
+    """export.json's three commands, run as written from the dataset's export folder against a stand-in server,
+    send the mapping, every bulk part byte for byte, a refresh, and each query's search body."""
+    import http.server
+    import shutil
+    import subprocess
+    import threading
+
+    from fles1.evaluation import evaluate
+    from test_eval import write_beir
+
+    if not (shutil.which("curl") and shutil.which("jq")):
+        pytest.skip("the commands need curl and jq on PATH")
+    requests = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            requests.append((self.command, self.path, self.headers.get("Content-Type"), body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_PUT = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    data, export = write_beir(tmp_path / "toy"), tmp_path / "export"
+    evaluate(tiny_random_checkpoint, [data], threshold=0.0, export_dir=str(export), cache_dir=None, bm25=False,
+             production=False)
+    folder = export / "toy"
+    manifest = json.loads((folder / "elasticsearch" / "export.json").read_text())["elasticsearch"]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        environment = {**os.environ, "ES": f"http://127.0.0.1:{server.server_address[1]}"}
+        for step in ("create_index_command", "index_command", "search_command"):
+            done = subprocess.run(["bash", "-c", manifest[step]], cwd=folder, env=environment, timeout=60,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, (step, done.stderr)
+    finally:
+        server.shutdown()
+    parts = sorted((folder / "elasticsearch").glob("bulk-*.ndjson"))
+    queries = [json.loads(line) for line in (folder / "elasticsearch" / "queries.jsonl").read_text().splitlines()]
+    assert [request[:2] for request in requests] == [("PUT", "/toy")] + [("POST", "/_bulk")] * len(parts) + [
+        ("POST", "/toy/_refresh")] + [("POST", "/toy/_search")] * len(queries)
+    assert requests[0][3] == (folder / "elasticsearch" / "mapping.json").read_bytes()
+    assert [request[3] for request in requests[1:1 + len(parts)]] == [part.read_bytes() for part in parts]
+    assert all(request[2] == "application/x-ndjson" for request in requests[1:1 + len(parts)])
+    assert [json.loads(request[3]) for request in requests[-len(queries):]] == [query["body"] for query in queries]
+    # each response beside its query's id, one line per query
+    responses = (folder / "elasticsearch-responses.tsv").read_text().splitlines()
+    assert [line.split("\t") for line in responses] == [[query["id"], "{}"] for query in queries]
+
+
+def test_elasticsearch_commands_quote_what_an_index_name_may_hold():
+    """An index name keeps characters a URL reserves or a shell expands inside double quotes: percent-encoded."""
+    from fles1.exports import elasticsearch_commands, elasticsearch_index_name
+
+    name = elasticsearch_index_name("Médecine & $HOME `x` 100%")
+    assert name == "médecine-&-$home-`x`-100%"  # what Elasticsearch accepts as an index name
+    commands = elasticsearch_commands(name)
+    encoded = "m%C3%A9decine-%26-%24home-%60x%60-100%25"
+    assert all(f'"$ES/{encoded}' in command for command in commands.values())
+
+
 def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
     """Only documents were exported: a user had to re-encode the queries at the same threshold and quantize them
     to search the exported index as eval did, and nothing said which threshold or model the files came from."""
@@ -81,7 +149,16 @@ def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
         manifest = json.loads((folder / "export.json").read_text())
         assert manifest["threshold"] == 0.3 and manifest["model_fingerprint"] == results["model"]["fingerprint"]
         assert (manifest["documents"], manifest["queries"], manifest["split"]) == (6, 4, "test")
+        assert manifest["model"] == tiny_random_checkpoint  # named, as eval_fles1.py --help says
     assert json.loads((pyserini / "export.json").read_text())["pyserini"]["impact_scale"] == 100
+    # the Elasticsearch export said what it held but not how to load and search it (the help promised commands)
+    commands = json.loads((elasticsearch / "export.json").read_text())["elasticsearch"]
+    assert commands["create_index_command"].startswith('curl -sS -XPUT "$ES/toy" ')
+    assert commands["create_index_command"].endswith("--data-binary @elasticsearch/mapping.json")
+    assert "elasticsearch/bulk-*.ndjson" in commands["index_command"] and '"$ES/toy/_refresh"' in commands["index_command"]
+    assert "elasticsearch/queries.jsonl" in commands["search_command"]
+    assert '"$ES/toy/_search"' in commands["search_command"]
+    assert "DIR/<dataset>" in commands["run_from"] and commands["index"] == "toy"
     # Anserini indexes every file of --input: the collection has a folder of its own
     assert os.listdir(pyserini / "collection") == ["docs.jsonl"]
     assert "--input pyserini/collection " in json.loads((pyserini / "export.json").read_text())["pyserini"][
