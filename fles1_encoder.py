@@ -242,9 +242,24 @@ def _validate_texts(texts) -> list[str]:
     return texts
 
 
-# models switched to eval mode by encoders that are encoding: id -> [calls in flight, each module's training flag]
+# models switched to eval mode by encoders that are encoding: id -> [calls in flight, each module's training flag,
+# the modules whose train() `_train_while_encoding` stands in for]
 _EVAL_SWITCHES: dict = {}
 _MODE_LOCK = threading.Lock()
+
+
+def _train_while_encoding(entry: list, module, mode: bool = True):
+    """``module.train(mode)`` (and ``module.eval()``) while encodes hold its model in eval mode: the mode is recorded
+    for the module and its submodules, and applied when the last of those encodes returns -- instead of being
+    undone then, as the flags saved when they began are put back."""
+    if not isinstance(mode, bool):
+        raise ValueError("training mode is expected to be boolean")  # nn.Module.train's own check
+    with _MODE_LOCK:
+        if entry[0] > 0:
+            subtree = set(map(id, module.modules()))
+            entry[1] = [(child, mode if id(child) in subtree else training) for child, training in entry[1]]
+            return module
+    return torch.nn.Module.train(module, mode)  # the encodes ended meanwhile
 
 
 def _not_finite(name: str) -> FloatingPointError:
@@ -390,15 +405,25 @@ class FLES1Encoder:
     """
 
     def __init__(self, model, tokenizer, threshold: Optional[float] = None, projection_dtype=None):
+        self._synced_with = None
         self.model = model  # encoded in eval mode always; a model that is training is left training (`_eval_mode`)
         self.tokenizer = tokenizer
-        self.config = model.config
         self._threshold = None  # None: config.inference_threshold, followed as it changes (`_sync`)
         if threshold is not None:
             self.threshold = threshold
         self.projection_dtype = projection_dtype
-        self._synced_with = None
         self._sync()
+
+    @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        """A model assigned later (a server swapping in new weights) brings its own config: its threshold (unless
+        this encoder was given one), max lengths, vocabulary, device and dtype."""
+        self._model, self.config = value, value.config
+        self._synced_with = None  # `_sync` derives the rest again
 
     @property
     def projection_dtype(self) -> Optional[torch.dtype]:
@@ -605,13 +630,21 @@ class FLES1Encoder:
     def _eval_mode(self):
         """Dropout off while encoding, also for a model that is training (an encoder evaluating between training
         steps); each module's mode is restored after the last of the calls encoding at once (threads) returns --
-        a per-call restore would switch dropout back on under another thread still encoding."""
+        a per-call restore would switch dropout back on under another thread still encoding. ``train()`` /
+        ``eval()`` called on the model or a submodule meanwhile takes effect then (`_train_while_encoding`); a
+        ``training`` flag assigned directly meanwhile is put back."""
         model = self.model
         with _MODE_LOCK:
             entry = _EVAL_SWITCHES.get(id(model))
             if entry is None and _dropout_active(model):
-                entry = _EVAL_SWITCHES[id(model)] = [0, [(module, module.training) for module in model.modules()]]
+                modules = list(model.modules())
+                # modules with a train of their own (an instance attribute) are left alone
+                standing_in = [module for module in modules if "train" not in vars(module)]
+                entry = _EVAL_SWITCHES[id(model)] = [0, [(module, module.training) for module in modules],
+                                                     standing_in]
                 model.eval()
+                for module in standing_in:
+                    vars(module)["train"] = functools.partial(_train_while_encoding, entry, module)
             if entry is not None:
                 entry[0] += 1
         try:
@@ -622,6 +655,10 @@ class FLES1Encoder:
                     entry[0] -= 1
                     if entry[0] == 0:
                         del _EVAL_SWITCHES[id(model)]
+                        for module in entry[2]:
+                            stand_in = vars(module).get("train")
+                            if getattr(stand_in, "func", None) is _train_while_encoding:
+                                del vars(module)["train"]
                         for module, training in entry[1]:
                             module.training = training
 

@@ -706,6 +706,62 @@ def test_encoder_keeps_a_training_model_in_eval_mode_while_threads_encode(tiny_r
     assert not encoder.model.bert.embeddings.training and not encoder.model.bert.embeddings.dropout.training
 
 
+@pytest.mark.parametrize("target, mode", [("model", False), ("embeddings", False), ("model", True)])
+def test_encoder_keeps_a_mode_set_by_another_thread_while_it_encodes(tiny_random_checkpoint, target, mode):
+    """The flags saved when an encode of a training model began were put back when it returned: a model.eval()
+    called meanwhile was undone, leaving dropout on for everything else using the model."""
+    import threading
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    model, text = encoder.model, "statin use and breast cancer survival"
+    module = model if target == "model" else model.bert.embeddings
+    expected = encoder.encode(text, threshold=0.0)
+    inside, go = threading.Event(), threading.Event()
+
+    def hold(*_):  # keeps the encode in flight while the main thread changes the mode
+        inside.set()
+        assert go.wait(30)
+
+    model.train()
+    handle = model.bert.encoder.register_forward_pre_hook(hold)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(encoder.encode(text, threshold=0.0)))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        assert (module.train() if mode else module.eval()) is module  # as nn.Module.train returns
+        in_flight_dropout = model.dropout_active()
+    finally:
+        go.set()
+        worker.join(30)
+        handle.remove()
+    assert not in_flight_dropout  # the encode in flight keeps dropout off
+    assert results == [expected]
+    assert all(child.training == mode for child in module.modules())
+    if target == "embeddings":  # the rest still training
+        assert model.training and model.bert.encoder.training
+    assert not any("train" in vars(child) for child in model.modules())  # the stand-ins are gone
+    model.train()
+    assert model.dropout_active()  # nn.Module.train again
+
+
+def test_encoder_follows_a_model_assigned_to_it(tiny_random_checkpoint):
+    """``encoder.model = other`` (a server swapping in new weights) encoded with the first model's threshold and
+    max lengths, and reported its dtype and device."""
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    text = " ".join(["statins lower ldl cholesterol in older adults"] * 4)
+    encoder.encode(text, kind="query")
+    other = FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint, inference_threshold=0.05, query_max_length=8)
+    encoder.model = other.eval().double()
+    assert encoder.config is other.config and encoder.threshold == 0.05 and encoder.max_lengths["query"] == 8
+    assert "dtype=float64" in repr(encoder)
+    fresh = FLES1Encoder(other, encoder.tokenizer)
+    assert encoder.encode(text, kind="query") == fresh.encode(text, kind="query")
+    assert encoder.encode_to_ids(text, kind="query") == fresh.encode_to_ids(text, kind="query")
+
+
 def test_encoder_follows_a_truncation_side_set_after_first_use(shipped):
     from transformers import AutoTokenizer
 
