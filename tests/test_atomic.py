@@ -217,3 +217,103 @@ def test_a_folder_written_meanwhile_by_another_process_is_kept_and_named(tmp_pat
             (out / "theirs.txt").write_text("theirs")
     assert os.listdir(out) == ["theirs.txt"]
     assert [name for name in os.listdir(tmp_path) if name != "out"] == []  # this run's staging folder is gone
+
+
+def test_a_file_is_on_disk_in_full_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Without the flush and fsync before os.replace a power loss could leave results.json renamed into place but
+    empty or cut short -- the partial file atomic output exists to prevent."""
+    from fles1.atomic import atomic_open
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.fstat(descriptor).st_size))  # what the kernel holds when it is synced
+        return real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", os.path.basename(target)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    text = "x" * 100_000 + "\n"
+    with atomic_open(str(tmp_path / "results.json")) as handle:
+        handle.write(text[:-1])
+        handle.write(text[-1])  # a short last write stays in Python's buffer until a flush
+    assert events[:2] == [("fsync", len(text)), ("replace", "results.json")], events
+    assert (tmp_path / "results.json").read_text() == text
+
+
+def test_an_interrupted_write_leaves_no_temporary_and_the_earlier_file(tmp_path):
+    """Ctrl-C inside the block: only an Exception-based cleanup left '.results.json.<writer>.tmp' behind for good."""
+    from fles1.atomic import atomic_open
+
+    (tmp_path / "results.json").write_text('{"earlier": true}')
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(str(tmp_path / "results.json")) as handle:
+            handle.write('{"partial": ')
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["results.json"]
+    assert json.loads((tmp_path / "results.json").read_text()) == {"earlier": True}
+
+
+def test_a_new_file_gets_a_plain_files_permissions(tmp_path):
+    """mkstemp creates 0600: results, run files and exports were unreadable to the other users of a shared machine."""
+    umask = os.umask(0o022)
+    try:
+        atomic_write_json(str(tmp_path / "new.json"), {"a": 1})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == 0o644
+
+
+def test_a_replacement_that_cannot_be_renamed_in_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """--overwrite moves the old result aside before renaming the new one in: when that rename fails the old
+    folder must be back at its place, not left under a hidden '.partial.old' name (the only copy of the model)."""
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the old result")
+    real_replace = os.replace
+
+    def replace(source, target):
+        if os.path.basename(target) == "out":
+            raise OSError(errno.EACCES, "Permission denied")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="Permission denied"):
+        with atomic_directory(str(out), replace=True) as staging:
+            (Path(staging) / "model.safetensors").write_text("the new result")
+    assert (out / "model.safetensors").read_text() == "the old result"
+    assert os.listdir(tmp_path) == ["out"]  # neither the staging folder nor a retired copy is left
+
+
+def test_a_replaced_folder_leaves_no_copy_of_the_old_one_behind(tmp_path):
+    """--overwrite moves the old result aside (.out.<writer>.partial.old) and must delete it once the new one is in
+    place: left there, every overwrite kept a hidden copy of a whole checkpoint."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the old result")
+    with atomic_directory(str(out), replace=True) as staging:
+        (Path(staging) / "model.safetensors").write_text("the new result")
+    assert os.listdir(tmp_path) == ["out"] and (out / "model.safetensors").read_text() == "the new result"
+
+
+def test_a_folder_that_is_not_empty_is_refused_before_the_work(tmp_path):
+    """Callers check the output first (train, convert) so that a run is not lost at its end: a non-empty folder
+    must be refused by require_new_folder, and by atomic_directory before its block runs."""
+    from fles1.atomic import require_new_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("an earlier result")
+    with pytest.raises(FileExistsError, match="out: exists and is not empty; pass --overwrite"):
+        require_new_folder(str(out), hint="; pass --overwrite")
+    entered = []
+    with pytest.raises(FileExistsError, match="exists and is not empty$"):
+        with atomic_directory(str(out)):
+            entered.append(True)
+    assert not entered and os.listdir(out) == ["model.safetensors"]

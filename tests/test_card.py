@@ -593,3 +593,73 @@ def test_settings_named_like_secrets_are_kept(key):
     from fles1.card import publishable
 
     assert publishable({key: "[PAD]"}) == {key: "[PAD]"}
+
+
+def table_under(text, header_start):
+    """The rows of the Markdown table whose header line starts with `header_start` cells, as {header: cell}."""
+    lines = text.splitlines()
+    prefix = "| " + " | ".join(header_start) + " |"
+    (start,) = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    split = lambda line: [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # noqa: E731
+    header, rows = split(lines[start]), []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = split(line)
+        assert len(cells) == len(header), line
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def test_every_cell_of_the_per_dataset_production_and_clfr_tables_is_its_headers_number(tmp_path):
+    """Only the leading cells of these rows were checked: a Recall@1000 under "Recall@100", BM25's MRR@10 under
+    "BM25 NDCG@10", the query count under "Docs", p50 and p95 swapped, the first CLFR update's numbers as the
+    last, a crash total without NNZ collapses or the dev metrics under other headers all passed."""
+    results = make_eval(tmp_path / "eval.json", datasets={"nfcorpus": 0.31234567, "scifact": 0.6123})
+    with open(results) as handle:
+        expected = json.load(handle)["datasets"]
+    log = make_training_log(tmp_path / "run" / "training_log.json", crashes=(0, 2, 1, 3))
+    with open(log) as handle:
+        payload = json.load(handle)
+    payload["eval"] = dev = {"split": "dev", "ndcg@10": 0.2891, "mrr@10": 0.4512, "recall@100": 0.2233,
+                             "map@100": 0.1234, "recall@1000": 0.5678, "nnz_doc": 140.25, "nnz_query": 9.5}
+    with open(log, "w") as handle:
+        json.dump(payload, handle)
+    card = card_from(tmp_path, [results], [log])
+    per_dataset = table_under(card.text, ["Dataset", "Training data"])
+    assert per_dataset == [
+        {"Dataset": name, "Training data": "in-domain" if name == "nfcorpus" else "zero-shot", "Split": "test",
+         "Queries": str(entry["num_queries"]), "Docs": str(entry["num_docs"]),
+         "NDCG@10": f"{entry['metrics']['ndcg@10']:.4f}", "Recall@100": f"{entry['metrics']['recall@100']:.4f}",
+         "BM25 NDCG@10": f"{entry['bm25']['metrics']['ndcg@10']:.4f}", "NNZ doc": f"{entry['metrics']['nnz_doc']:.1f}"}
+        for name, entry in expected.items()]
+    assert table_under(card.text, ["Dataset", "Docs/s"])[0] == {
+        "Dataset": "nfcorpus", "Docs/s": "123.4", "Query p50 (ms)": "0.87", "Query p95 (ms)": "1.93",
+        "Index MB / 1k docs": "0.312", "Index size vs dense-768": "0.102×"}
+    # the training log's CLFR updates: 3e-5 -> 3.6e-5 first, 3.6e-5 -> 3.61e-5 last (measured 402.5 of 400)
+    assert table_under(card.text, ["Seed", "Adjustments"]) == [
+        {"Seed": "1", "Adjustments": "2", "λ_d first": "3e-05", "λ_d last": "3.61e-05", "NNZ measured (last)": "402.5",
+         "Target NNZ": "400.0"}]
+    assert table_under(card.text, ["Seed", "Steps"]) == [
+        {"Seed": "1", "Steps": "12500", "Runtime (s)": "2590", "Final loss": "0.4321", "Final NNZ doc": "402.5",
+         "Final NNZ query": "31.5", "Non-finite loss": "0", "Non-finite grad": "2", "Loss spike": "1",
+         "NNZ collapse": "3", "Total": "6"}]
+    assert table_under(card.text, ["Seed", "Split"]) == [
+        {"Seed": "1", "Split": "dev", "NDCG@10": "0.2891", "MRR@10": "0.4512", "Recall@100": "0.2233",
+         "MAP@100": "0.1234", "Recall@1000": "0.5678", "NNZ doc": f"{dev['nnz_doc']:.1f}", "NNZ query": "9.5"}]
+
+
+def test_one_model_evaluated_from_two_folders_is_one_run(tmp_path):
+    """Results files are grouped by the model's fingerprint: the same weights evaluated from a copy (another path)
+    must merge into the published run, not appear as a second seed beside it (a spread of 0 over 'two runs')."""
+    results = [make_eval(tmp_path / "nf.json", model_path="outputs/run", fingerprint="fp-a"),
+               make_eval(tmp_path / "sf.json", model_path="/mnt/copy/run", fingerprint="fp-a",
+                         datasets={"scifact": 0.6})]
+    card = card_from(tmp_path, results)
+    assert "One run: no spread across seeds is reported." in card.text and "mean ± std" not in card.text
+    assert {r.dataset_name for r in card.data.eval_results} == {"nfcorpus", "scifact"}
+    # two models at one path (a folder trained again) are two runs, never merged
+    again = [make_eval(tmp_path / "first.json", model_path="outputs/run", fingerprint="fp-a"),
+             make_eval(tmp_path / "second.json", model_path="outputs/run", fingerprint="fp-b",
+                       datasets={"nfcorpus": 0.29})]
+    assert table_row(card_from(tmp_path, again).text, ["mean ± std (n=2)"])

@@ -1120,3 +1120,76 @@ def test_to_run_keeps_exactly_k_hits_of_a_query_that_is_no_document():
     index = InvertedIndex(docs, ["a", "b", "c", "d"])
     run = index.to_run(["q"], index.search(csr_matrix(np.array([[1.0]], dtype=np.float32)), k=4), k=3)
     assert run == {"q": {"a": 4.0, "b": 3.0, "c": 2.0}}
+
+
+def test_search_in_several_query_chunks_keeps_every_query():
+    """Queries are scored query_chunk_size (256) at a time: a chunk cut one short dropped queries past the first
+    256 without a word (the toy tests never reach a second chunk)."""
+    docs = sparse_random(60, 40, density=0.2, format="csr", dtype=np.float32, random_state=5)
+    queries = sparse_random(7, 40, density=0.2, format="csr", dtype=np.float32, random_state=6)
+    index = InvertedIndex(docs, [f"d{i}" for i in range(60)])
+    alone = [index.search(queries[row], k=5)[0] for row in range(7)]
+    index.query_chunk_size = 3  # chunks of 3, 3 and 1 queries
+    chunked = index.search(queries, k=5)
+    assert len(chunked) == 7
+    for (positions, scores), (want_positions, want_scores) in zip(chunked, alone):
+        assert positions.tolist() == want_positions.tolist() and scores.tolist() == want_scores.tolist()
+
+
+def test_saved_index_round_trip_with_a_vocabulary_past_65536_terms(tmp_path):
+    """Term ids are saved as uint16 below 65,536 terms only: a larger vocabulary (XLM-R's 250k) saved them wrapped,
+    and the loaded index searched other terms' posting lists."""
+    vocab_size = 70_000
+    docs = csr_matrix((np.array([1.0, 2.0, 3.0], dtype=np.float32), np.array([5, 65_540, 69_999]),
+                       np.array([0, 1, 2, 3])), shape=(3, vocab_size))
+    index = InvertedIndex(docs, ["a", "b", "c"])
+    index.save(str(tmp_path / "index.npz"))
+    loaded = InvertedIndex.load(str(tmp_path / "index.npz"))
+    assert (loaded.doc_matrix() != index.doc_matrix()).nnz == 0
+    query = csr_matrix(([1.0], ([0], [69_999])), shape=(1, vocab_size), dtype=np.float32)
+    assert loaded.to_run(["q"], loaded.search(query, k=3)) == {"q": {"c": 3.0}}
+
+
+def test_bm25_hits_share_a_term_with_the_query(tmp_path):
+    """bm25s fills its top-k with documents of score 0 when fewer match: those are no hits (they inflated BM25's
+    recall with arbitrary documents)."""
+    from fles1.bm25 import bm25_run
+
+    data = load_beir(write_beir(tmp_path / "toy"))
+    run = bm25_run(data, ["q1", "q2", "q4"], k=10)
+    assert all(score > 0 for hits in run.values() for score in hits.values())
+    assert list(run["q1"]) == ["d1"]  # "vitamin D bones": only d1 holds vitamin or bone
+
+
+def test_bm25_keeps_k_hits_and_reads_titles(tmp_path):
+    """k hits, not the k + 1 searched for a possible self-hit; a word found only in a document's title matches it
+    (BEIR's "title text", as the encoder reads documents)."""
+    from fles1.bm25 import bm25_run
+
+    data = load_beir(write_beir(tmp_path / "toy"))
+    assert list(bm25_run(data, ["q4"], k=1)["q4"]) == ["d3"]  # "green tea cancer": four documents hold "cancer"
+    corpus = [{"_id": "d1", "title": "Aspirin", "text": "Pain relief trials."},
+              {"_id": "d2", "title": "", "text": "Heart health and pain."}]
+    titled = load_beir(write_beir(tmp_path / "titled", corpus, [{"_id": "q1", "text": "aspirin"}], [("q1", "d1", 1)]))
+    assert list(bm25_run(titled, ["q1"])["q1"]) == ["d1"]
+
+
+def test_bm25_on_nfcorpus_reproduces_the_readmes_baseline(nfcorpus_dir):
+    """The README's and the cards' BM25 row (bm25s: Lucene, k1 1.5, b 0.75, English stop words, Snowball stemmer,
+    title + text): nfcorpus test NDCG@10 0.3210, Recall@100 0.2466. Another k1 or no stop words passed every test."""
+    from fles1.bm25 import bm25_run
+
+    data = load_beir(nfcorpus_dir, "test")
+    metrics = evaluate_run(data.qrels, bm25_run(data, sorted(data.qrels), k=1000))
+    assert (round(metrics["ndcg@10"], 4), round(metrics["recall@100"], 4)) == (0.3210, 0.2466)
+
+
+def test_each_metric_is_its_own_trec_eval_measure_and_cut():
+    """recall@100 read from recall_1000, or map@100 from another measure, passed: no test had a relevant document
+    between ranks 100 and 1000. Here one relevant document is at rank 1, the other at 150."""
+    qrels = {"a": {"x": 1, "y": 1}}
+    run = {"a": {"x": 1000.0, **{f"n{i:03d}": 999.0 - i for i in range(148)}, "y": 1.0}}
+    assert list(run["a"]).index("y") == 149  # rank 150
+    metrics = evaluate_run(qrels, run)
+    assert metrics == pytest.approx({"ndcg@10": 1 / (1 + 1 / math.log2(3)), "mrr@10": 1.0, "recall@100": 0.5,
+                                     "map@100": 0.5, "recall@1000": 1.0})

@@ -991,3 +991,18 @@ def test_a_sharded_checkpoint_is_published_with_its_index(source_checkpoint, res
     out = tmp_path / "hub"
     assert push_fles1.main(["--model", folder, "--repo-id", REPO_ID, "--dry-run", str(out), "--results", results]) == 0
     assert {"model.safetensors.index.json", *shards} <= set(os.listdir(out))
+
+
+def test_a_training_folders_own_log_and_plots_are_published_by_default(source_checkpoint, result_files, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Without --training-log / --plots a push takes the model folder's training_log.json and *.png: published as
+    results/training_log_seed<seed>.json and plots/, and linked from the card (a push without them lost the
+    training curves; logs of several seeds, all named training_log.json, got index-prefixed names)."""
+    passing_validation(monkeypatch)
+    shutil.copy(result_files["plot"], os.path.join(source_checkpoint, "nnz.png"))
+    out = tmp_path / "hub"
+    assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(out),
+                            "--results", result_files["results"]]) == 0, capsys.readouterr().err
+    assert sorted(os.listdir(out / "plots")) == ["nnz.png"]
+    assert sorted(os.listdir(out / "results")) == ["eval_nfcorpus.json", "training_log_seed7.json"]
+    assert "![plots/nnz.png](plots/nnz.png)" in (out / "README.md").read_text()
