@@ -110,6 +110,50 @@ def _read_json_or_none(path: str):
         return None
 
 
+def write_sentence_transformers_files(folder: str, config) -> type:
+    """modules.json & co. in a checkpoint folder that holds the model and tokenizer already, written by
+    sentence-transformers itself: Transformer(fill-mask) + SpladePooling(max, relu), cutting queries and documents
+    where `config` does. Returns the model class it loaded (remote code: transformers copied it into its modules
+    cache)."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    transformer = Transformer(
+        folder,
+        transformer_task="fill-mask",
+        model_kwargs={"trust_remote_code": True},
+        config_kwargs={"trust_remote_code": True},
+        processor_kwargs={"trust_remote_code": True},
+        max_seq_length=config.document_max_length,
+        query_length=config.query_max_length,
+        document_length=config.document_max_length,
+    )
+    encoder = SparseEncoder(modules=[transformer, SpladePooling(pooling_strategy="max", activation_function="relu")])
+    encoder.save_pretrained(folder, create_model_card=False)
+    return type(getattr(transformer, "model", None) or transformer.auto_model)
+
+
+def drop_loader_flags(path: str) -> None:
+    """transformers saves the loading call's ``local_files_only`` and ``is_local`` into tokenizer_config.json (true
+    on an offline machine, for a folder); they describe that machine and load, not the tokenizer (transformers
+    sets both anew at every load), so they are not shipped."""
+    settings = _read_json_or_none(path)
+    if not isinstance(settings, dict):
+        return
+    if [flag for flag in ("local_files_only", "is_local") if settings.pop(flag, None) is not None]:
+        _write_json(path, settings)
+
+
+def _write_json(path: str, value) -> None:
+    """`value` as JSON at `path`, replacing it only once complete."""
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    os.replace(partial, path)
+
+
 def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict, config: dict, lengths: bool) -> None:
     """A folder's checks of its sentence-transformers files, for a hub checkpoint, on its snapshot folder (a hub load
     was silent where the same files in a folder warned); the lengths' only when the caller set none."""
@@ -883,6 +927,41 @@ class FLES1Encoder:
                 if first.setdefault(term, position) != position:
                     raise ValueError(f"ids[{position}] repeats ids[{first[term]}] ({term!r}): one weight per term")
         return decoded
+
+    def save_pretrained(self, save_directory: str) -> str:
+        """Save a FLES-1 checkpoint folder that loads back as this encoder -- through `from_pretrained`,
+        AutoModel / AutoModelForMaskedLM (``trust_remote_code=True``) and sentence-transformers' SparseEncoder alike:
+        the model's weights (safetensors), config (``auto_map``; this encoder's threshold as
+        ``inference_threshold`` when one was given) and code files with this file and the license files it came
+        with, the tokenizer, and the sentence-transformers files (written by sentence-transformers, cutting where
+        the config does; where it is not installed they are left out, with a warning). Returns the folder.
+
+        Example:
+
+        ```python
+        >>> encoder = FLES1Encoder.from_pretrained(dir, threshold=0.5)
+        >>> folder = encoder.save_pretrained("fles1-t05")
+        >>> FLES1Encoder.from_pretrained(folder).threshold
+        0.5
+
+        ```
+        """
+        self._sync()
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory, safe_serialization=True)
+        if self._threshold is not None:  # this encoder's own threshold, the folder's default from now on
+            path = os.path.join(save_directory, "config.json")
+            _write_json(path, {**_read_json_or_none(path), "inference_threshold": self._threshold})
+        self.tokenizer.save_pretrained(save_directory)
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            warnings.warn(f"{save_directory}: no sentence-transformers files (modules.json & co.) written: "
+                          "sentence-transformers is not installed", stacklevel=2)
+        else:
+            write_sentence_transformers_files(save_directory, self.config)
+        drop_loader_flags(os.path.join(save_directory, "tokenizer_config.json"))
+        return save_directory
 
     def __repr__(self) -> str:
         return (

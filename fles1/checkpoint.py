@@ -19,7 +19,8 @@ from configuration_fles1 import FLES1Config
 from fles1 import PROJECT_ROOT
 from fles1.atomic import (atomic_directory, atomic_write_json, is_staging_folder, path_within, plain_file_permissions,
                           require_new_folder)
-from fles1_encoder import dtype_name, is_local_path, not_a_folder
+from fles1_encoder import dtype_name, drop_loader_flags, is_local_path, not_a_folder
+from fles1_encoder import write_sentence_transformers_files as _write_sentence_transformers_files
 from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM, license_files
 
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
@@ -104,39 +105,12 @@ def _hub_license_folder(repo_id: str) -> Optional[str]:
         return None
 
 
-def drop_loader_flags(path: str) -> None:
-    """transformers saves the loading call's ``local_files_only`` and ``is_local`` into tokenizer_config.json (true
-    on an offline machine, for a folder); they describe that machine and load, not the tokenizer (transformers
-    sets both anew at every load), so they are not shipped."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        settings = json.load(handle)
-    dropped = [flag for flag in ("local_files_only", "is_local") if settings.pop(flag, None) is not None]
-    if dropped:
-        atomic_write_json(path, settings, ensure_ascii=False)
-
-
 def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None:
-    """modules.json & co., written by sentence-transformers itself: Transformer(fill-mask) + SpladePooling(max)."""
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.base.modules import Transformer
-    from sentence_transformers.sparse_encoder.modules import SpladePooling
-
-    transformer = Transformer(
-        out_dir,
-        transformer_task="fill-mask",
-        model_kwargs={"trust_remote_code": True},
-        config_kwargs={"trust_remote_code": True},
-        processor_kwargs={"trust_remote_code": True},
-        max_seq_length=config.document_max_length,
-        query_length=config.query_max_length,
-        document_length=config.document_max_length,
-    )
-    encoder = SparseEncoder(modules=[transformer, SpladePooling(pooling_strategy="max", activation_function="relu")])
-    encoder.save_pretrained(out_dir, create_model_card=False)
+    """`fles1_encoder.write_sentence_transformers_files`; in a staging folder (a random name, never loaded again)
+    without leaving its remote-code copy behind."""
+    model_class = _write_sentence_transformers_files(out_dir, config)
     if is_staging_folder(out_dir):
-        _drop_remote_code_copy(type(getattr(transformer, "model", None) or transformer.auto_model))
+        _drop_remote_code_copy(model_class)
 
 
 def _drop_remote_code_copy(model_class) -> None:

@@ -40,6 +40,48 @@ def test_encoder_seed_snippet_runs_verbatim(fles1_checkpoint):
     assert encoder.decode(ids, weights) == sparse
 
 
+def test_encoder_save_pretrained_loads_back_through_every_loader(fles1_checkpoint, tmp_path, monkeypatch):
+    """The encoder had no save: a threshold chosen on it, or a config edit, could not be kept with the weights."""
+    import doctest
+    import warnings
+
+    from sentence_transformers import SparseEncoder
+    from transformers import AutoModelForMaskedLM
+
+    encoder = FLES1Encoder.from_pretrained(fles1_checkpoint, threshold=0.5)
+    encoder.model.config.query_max_length = 12  # a config edit, followed by the encoder and saved
+    query = "what are the effects of vitamin d supplements on bone density in older women with osteoporosis"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SparseEncoderMismatchWarning)  # its sentence-transformers files agree
+        saved = encoder.save_pretrained(str(tmp_path / "saved"))
+        loaded = FLES1Encoder.from_pretrained(saved)
+    files = set(os.listdir(saved))
+    assert {"config.json", "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py", "model.safetensors",
+            "tokenizer.json", "modules.json", "sentence_bert_config.json", "LICENSE"} <= files
+    config = json.loads(Path(saved, "config.json").read_text())
+    assert config["inference_threshold"] == 0.5 and config["query_max_length"] == 12 and "AutoModel" in config["auto_map"]
+    assert "local_files_only" not in json.loads(Path(saved, "tokenizer_config.json").read_text())
+    assert loaded.threshold == 0.5 and loaded.max_lengths["query"] == 12
+    assert loaded.encode(query, kind="query") == pytest.approx(encoder.encode(query, kind="query"), abs=1e-6)
+
+    ids = loaded.tokenizer(query, truncation=True, max_length=12, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == 12
+    reference = loaded.encode_batch([query], kind="query", threshold=0.0, output="torch").to_dense()[0]
+    by_sentence_transformers = SparseEncoder(saved, trust_remote_code=True, device="cpu").encode_query(
+        query, convert_to_tensor=True).to_dense()
+    by_transformers = AutoModelForMaskedLM.from_pretrained(saved, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert (by_sentence_transformers - reference).abs().max().item() <= 1e-5  # cut at 12 tokens too
+        assert (by_transformers.encode_sparse(ids).sparse_embeddings[0] - reference).abs().max().item() <= 1e-5
+
+    monkeypatch.chdir(tmp_path)  # the docstring's example saves into the working folder
+    example = doctest.DocTestParser().get_doctest(FLES1Encoder.save_pretrained.__doc__,
+                                                  {"FLES1Encoder": FLES1Encoder, "dir": fles1_checkpoint}, "save", None, 0)
+    runner = doctest.DocTestRunner()
+    runner.run(example)
+    assert runner.summarize(verbose=False) == (0, 3)
+
+
 def test_readme_usage_snippet_runs_and_shows_what_it_prints(fles1_checkpoint):
     """The README's Python block, with the hub id as the converted shipped backbone; it once used an undefined
     `documents`. Its comment's weights (splade-tiny) are what encode returns, to the shown decimals."""
