@@ -17,7 +17,7 @@ from transformers.utils import cached_file
 
 from configuration_fles1 import FLES1Config
 from fles1 import PROJECT_ROOT
-from fles1.atomic import (atomic_directory, atomic_write_json, is_staging_folder, path_within, plain_file_permissions,
+from fles1.atomic import (atomic_directory, is_staging_folder, path_within, plain_file_permissions,
                           require_new_folder)
 from fles1_encoder import dtype_name, drop_loader_flags, is_local_path, not_a_folder
 from fles1_encoder import write_sentence_transformers_files as _write_sentence_transformers_files
