@@ -45,10 +45,26 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
         else:
             _permissions_of_a_new(temporary, 0o666)  # mkstemp creates 0600
         os.replace(temporary, path)
+        _fsync(directory)  # the rename itself, on disk
     except BaseException:  # KeyboardInterrupt included: never leave the temporary behind
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def _fsync(path: str) -> None:
+    """A file's or folder's (its entries: a rename into it) writes on disk. A folder that cannot be opened for it
+    (Windows) is left to the file system."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _through_a_descriptor(path: str) -> bool:
@@ -122,6 +138,13 @@ def atomic_directory(path: str, replace: bool = False):
         yield staging
         _permissions_of_a_new(staging, 0o777)  # mkdtemp creates 0700
         plain_file_permissions(staging)
+        # on disk before the rename: after a power loss the folder is there complete, or not at all (the writers --
+        # safetensors, transformers -- leave their files to the page cache)
+        for folder, _, names in os.walk(staging):
+            for name in names:
+                if os.path.isfile(os.path.join(folder, name)) and not os.path.islink(os.path.join(folder, name)):
+                    _fsync(os.path.join(folder, name))
+            _fsync(folder)
         retired = None
         try:
             if replace and os.path.isdir(path) and os.listdir(path):
@@ -138,6 +161,7 @@ def atomic_directory(path: str, replace: bool = False):
             # another process put its folder there since the start (two jobs to one output): theirs stays
             raise FileExistsError(f"{path}: exists and is not empty (written meanwhile by another process); "
                                   "nothing of this run was put there") from None
+        _fsync(parent)  # the rename itself, on disk
         if retired:
             shutil.rmtree(retired, ignore_errors=True)
         _remove_dead_writers_temporaries(path, retired=True)  # a dead writer's retired folder: `path` is in place

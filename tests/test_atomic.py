@@ -317,3 +317,40 @@ def test_a_folder_that_is_not_empty_is_refused_before_the_work(tmp_path):
         with atomic_directory(str(out)):
             entered.append(True)
     assert not entered and os.listdir(out) == ["model.safetensors"]
+
+
+def test_a_folder_is_on_disk_in_full_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """atomic_directory renamed the staging folder in with its files (written by safetensors, transformers) still
+    in the page cache only: after a power loss the checkpoint folder could be there with files cut short."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.fstat(descriptor).st_ino))
+        return real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", os.path.basename(target)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    with atomic_directory(str(out)) as staging:
+        (Path(staging) / "model.safetensors").write_bytes(b"w" * 10_000)
+        (Path(staging) / "1_SpladePooling").mkdir()
+        (Path(staging) / "1_SpladePooling" / "config.json").write_text("{}")
+    synced_before = {inode for kind, inode in events[:events.index(("replace", "out"))] if kind == "fsync"}
+    for path in (out / "model.safetensors", out / "1_SpladePooling" / "config.json", out / "1_SpladePooling", out):
+        assert os.stat(path).st_ino in synced_before, path  # the files and the folders' entries
+    assert ("fsync", os.stat(tmp_path).st_ino) in events[events.index(("replace", "out")):]  # then the rename
+
+
+def test_a_renamed_file_is_synced_in_its_folder(tmp_path, monkeypatch):
+    """atomic_open synced the file, not the rename: after a power loss the folder could still name the old file."""
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda descriptor: events.append(os.fstat(descriptor).st_ino)
+                        or real_fsync(descriptor))
+    atomic_write_json(str(tmp_path / "results.json"), {"a": 1})
+    assert events[-1] == os.stat(tmp_path).st_ino and os.stat(tmp_path / "results.json").st_ino in events
