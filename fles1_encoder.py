@@ -286,24 +286,60 @@ def _validate_texts(texts) -> list[str]:
     return texts
 
 
-# models switched to eval mode by encoders that are encoding: id -> [calls in flight, each module's training flag,
-# the modules whose train() `_train_while_encoding` stands in for]
+# models switched to eval mode by encoders that are encoding: id -> `_EvalSwitch`
 _EVAL_SWITCHES: dict = {}
 _MODE_LOCK = threading.Lock()
 
 
-def _train_while_encoding(entry: list, module, mode: bool = True):
-    """``module.train(mode)`` (and ``module.eval()``) while encodes hold its model in eval mode: the mode is recorded
-    for the module and its submodules, and applied when the last of those encodes returns -- instead of being
-    undone then, as the flags saved when they began are put back."""
-    if not isinstance(mode, bool):
-        raise ValueError("training mode is expected to be boolean")  # nn.Module.train's own check
-    with _MODE_LOCK:
-        if entry[0] > 0:
-            subtree = set(map(id, module.modules()))
-            entry[1] = [(child, mode if id(child) in subtree else training) for child, training in entry[1]]
-            return module
-    return torch.nn.Module.train(module, mode)  # the encodes ended meanwhile
+class _EvalSwitch:
+    """A model held in eval mode while encodes run: how many are in flight, each module's training flag from
+    before, the modules whose ``train`` a `_TrainWhileEncoding` stands in for, and the ``train(mode)`` calls made
+    meanwhile (replayed, in order, when the last encode returns)."""
+
+    def __init__(self, model):
+        modules = list(model.modules())
+        self.in_flight = 0
+        self.flags = [(module, module.training) for module in modules]
+        self.calls = []
+        # modules with a train of their own (an instance attribute) are left alone
+        self.stood_in = [module for module in modules if "train" not in vars(module)]
+        model.eval()
+        for module in self.stood_in:
+            vars(module)["train"] = _TrainWhileEncoding(self, module)
+
+    def release(self) -> None:
+        """Back to the flags from before, then the calls made meanwhile, through each module's own train."""
+        for module in self.stood_in:
+            if isinstance(vars(module).get("train"), _TrainWhileEncoding):
+                del vars(module)["train"]
+        for module, training in self.flags:
+            module.training = training
+        for module, mode in self.calls:
+            module.train(mode)
+
+
+class _TrainWhileEncoding:
+    """``module.train(mode)`` (and ``module.eval()``) while encodes hold its model in eval mode: recorded, and made
+    when the last of them returns -- instead of being undone then, as the flags from before are put back."""
+
+    __slots__ = ("switch", "module")
+
+    def __init__(self, switch: _EvalSwitch, module):
+        self.switch, self.module = switch, module
+
+    def __call__(self, mode: bool = True):
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")  # nn.Module.train's own check
+        with _MODE_LOCK:
+            if self.switch.in_flight > 0:
+                self.switch.calls.append((self.module, mode))
+                return self.module
+        return type(self.module).train(self.module, mode)  # the encodes ended meanwhile
+
+    def __reduce__(self):
+        # a copy or pickle of the module taken meanwhile (deepcopy, torch.save) gets its class's train back, bound to
+        # the copy: looked up while the copy is rebuilt, before its instance attributes are set
+        return getattr, (self.module, "train")
 
 
 def _not_finite(name: str) -> FloatingPointError:
@@ -467,6 +503,7 @@ class FLES1Encoder:
         """A model assigned later (a server swapping in new weights) brings its own config: its threshold (unless
         this encoder was given one), max lengths, vocabulary, device and dtype."""
         self._model, self.config = value, value.config
+        self._embeddings = value.get_input_embeddings()  # `device` at once
         self._synced_with = None  # `_sync` derives the rest again
 
     @property
@@ -675,36 +712,24 @@ class FLES1Encoder:
         """Dropout off while encoding, also for a model that is training (an encoder evaluating between training
         steps); each module's mode is restored after the last of the calls encoding at once (threads) returns --
         a per-call restore would switch dropout back on under another thread still encoding. ``train()`` /
-        ``eval()`` called on the model or a submodule meanwhile takes effect then (`_train_while_encoding`); a
+        ``eval()`` called on the model or a submodule meanwhile takes effect then (`_TrainWhileEncoding`); a
         ``training`` flag assigned directly meanwhile is put back."""
         model = self.model
         with _MODE_LOCK:
-            entry = _EVAL_SWITCHES.get(id(model))
-            if entry is None and _dropout_active(model):
-                modules = list(model.modules())
-                # modules with a train of their own (an instance attribute) are left alone
-                standing_in = [module for module in modules if "train" not in vars(module)]
-                entry = _EVAL_SWITCHES[id(model)] = [0, [(module, module.training) for module in modules],
-                                                     standing_in]
-                model.eval()
-                for module in standing_in:
-                    vars(module)["train"] = functools.partial(_train_while_encoding, entry, module)
-            if entry is not None:
-                entry[0] += 1
+            switch = _EVAL_SWITCHES.get(id(model))
+            if switch is None and _dropout_active(model):
+                switch = _EVAL_SWITCHES[id(model)] = _EvalSwitch(model)
+            if switch is not None:
+                switch.in_flight += 1
         try:
             yield
         finally:
-            if entry is not None:
+            if switch is not None:
                 with _MODE_LOCK:
-                    entry[0] -= 1
-                    if entry[0] == 0:
+                    switch.in_flight -= 1
+                    if switch.in_flight == 0:
                         del _EVAL_SWITCHES[id(model)]
-                        for module in entry[2]:
-                            stand_in = vars(module).get("train")
-                            if getattr(stand_in, "func", None) is _train_while_encoding:
-                                del vars(module)["train"]
-                        for module, training in entry[1]:
-                            module.training = training
+                        switch.release()
 
     @torch.inference_mode()
     def _encode_ids_batch(self, token_ids: list[list[int]]) -> torch.Tensor:

@@ -531,6 +531,8 @@ _REGISTRATIONS = [0]
 # One trace at a time: tracing mutes transformers' logging and Python's warnings process-wide and restores them
 # after; two threads doing that at once (a server's first queries) could leave them muted for good.
 _TRACE_LOCK = threading.Lock()
+# `encode_sparse` of a model whose decoder accelerate offloads: one call at a time
+_OFFLOADED_LOCK = threading.RLock()
 
 
 def _count_registration(module, *_):
@@ -874,12 +876,15 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         inference it runs per text, a cache-sized tile of tokens at a time against a oneDNN-packed weight,
         skipping padding; a single text's backbone runs through a TorchScript trace (see `_hidden_states`). A model
         whose weights accelerate offloads (``cpu_offload``, ``disk_offload``) loads them per call through its hooks,
-        as `forward` does, and projects them without screening.
+        as `forward` does, and projects them without screening, one call at a time across threads.
         """
         projection_dtype = projection_dtype_of(projection_dtype)
-        hidden = self._hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
-        with self._decoder_in_memory() as offloaded:
-            return self._project(hidden, attention_mask, projection_dtype, chunk_tokens, screening, offloaded)
+        # an offloaded model one call at a time: accelerate's hooks load and unload weights per call, and a thread's
+        # unload would pull them from under another's
+        with _OFFLOADED_LOCK if self._decoder_offloaded() else contextlib.nullcontext():
+            hidden = self._hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
+            with self._decoder_in_memory() as offloaded:
+                return self._project(hidden, attention_mask, projection_dtype, chunk_tokens, screening, offloaded)
 
     def _project(self, hidden, attention_mask, projection_dtype, chunk_tokens, screening, offloaded):
         """`encode_sparse` past the backbone: the vocabulary projection, max-pooled. ``offloaded``: the decoder's
@@ -1000,21 +1005,17 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             yield False
             return
         head = self.cls.predictions
-        loaded = []
-        try:
+        with _OFFLOADED_LOCK, contextlib.ExitStack() as unload:  # (`encode_sparse` holds it already)
             for module in (head, head.decoder):  # the order forward's hooks run in
                 hook = getattr(module, "_hf_hook", None)
                 if hook is not None:
                     hook.pre_forward(module)
-                    loaded.append(module)
+                    unload.callback(hook.post_forward, module, None)
             if self._decoder_offloaded():
                 raise ValueError("the vocabulary projection's weights (cls.predictions.decoder) are on the meta device "
                                  "and no accelerate offloading hook loads them: a model built under init_empty_weights "
                                  "needs its weights loaded (load_checkpoint_and_dispatch, or from_pretrained)")
             yield True
-        finally:
-            for module in reversed(loaded):
-                module._hf_hook.post_forward(module, None)
 
 
 # save_pretrained copies this file and configuration_fles1.py next to the weights.

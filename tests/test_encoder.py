@@ -787,6 +787,55 @@ def test_encoder_keeps_a_mode_set_by_another_thread_while_it_encodes(tiny_random
     assert model.dropout_active()  # nn.Module.train again
 
 
+class FrozenDropout(torch.nn.Module):
+    """A submodule that stays in eval mode whatever train() asks (module level: a model holding it pickles)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+def test_encoder_mode_changes_meanwhile_go_through_each_modules_own_train_and_spare_copies(tiny_random_checkpoint):
+    """The stand-ins for train() while an encode runs wrote flags straight into the subtree, so a class's own
+    train() (a frozen submodule that stays in eval) never ran; and a copy or pickle of the model taken meanwhile kept
+    a stand-in whose train() did nothing, for good."""
+    import copy
+    import pickle
+    import threading
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    model = encoder.model
+    model.frozen = FrozenDropout()
+    model.train()
+    assert not model.frozen.training and not model.frozen.drop.training
+    copies = []
+
+    def meanwhile(*_):  # inside the encode: copies of the model, then a train() for the replay
+        handle.remove()  # not copied with the model (a local function does not pickle)
+        if not copies:
+            copies.extend([copy.deepcopy(model), pickle.loads(pickle.dumps(model))])
+            assert b"TrainWhileEncoding" not in pickle.dumps(model)  # no fles1_encoder object in a saved model
+            model.train()
+
+    handle = model.bert.encoder.register_forward_pre_hook(meanwhile)
+    thread = threading.Thread(target=encoder.encode, args=("statin use and breast cancer survival",))
+    thread.start()
+    thread.join(30)
+    assert len(copies) == 2
+    assert model.training and model.bert.encoder.training and model.dropout_active()
+    assert not model.frozen.training and not model.frozen.drop.training  # its own train() ran
+    for copied in copies:  # taken in eval mode; their train() is the class's
+        assert not copied.dropout_active()
+        copied.train()
+        assert copied.dropout_active() and copied.bert.encoder.layer[0].attention.self.dropout.training
+        assert not copied.frozen.training
+        copied.eval()
+        assert not copied.dropout_active()
+
+
 def test_encoder_follows_a_model_assigned_to_it(tiny_random_checkpoint):
     """``encoder.model = other`` (a server swapping in new weights) encoded with the first model's threshold and
     max lengths, and reported its dtype and device."""
@@ -797,8 +846,8 @@ def test_encoder_follows_a_model_assigned_to_it(tiny_random_checkpoint):
     encoder.encode(text, kind="query")
     other = FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint, inference_threshold=0.05, query_max_length=8)
     encoder.model = other.eval().double()
+    assert "dtype=float64" in repr(encoder)  # at once, before anything syncs the encoder
     assert encoder.config is other.config and encoder.threshold == 0.05 and encoder.max_lengths["query"] == 8
-    assert "dtype=float64" in repr(encoder)
     fresh = FLES1Encoder(other, encoder.tokenizer)
     assert encoder.encode(text, kind="query") == fresh.encode(text, kind="query")
     assert encoder.encode_to_ids(text, kind="query") == fresh.encode_to_ids(text, kind="query")

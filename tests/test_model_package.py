@@ -1310,6 +1310,15 @@ def test_model_sparse_paths_load_a_decoder_that_accelerate_offloads():
         ids, weights = model.encode_sparse_terms(single)
     assert torch.equal(ids, expected_single.nonzero().squeeze(1))
     assert (weights - expected_single[ids]).abs().max().item() <= 1e-5
+    # threads: one's post_forward sent the weights back to meta under another's projection (errors, wrong vectors)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def encode(_):
+        with torch.no_grad():
+            return (model.encode_sparse(**features, chunk_tokens=4).sparse_embeddings - expected).abs().max().item()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(encode, range(80))) <= 1e-5
     # still offloaded after the calls, and nothing cached from the weights loaded for them
     assert model.cls.predictions.decoder.weight.is_meta and model.cls.predictions.bias.is_meta
     assert not model.__dict__.get("_fles1_decoder_cache")
