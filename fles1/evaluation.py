@@ -298,6 +298,14 @@ def query_latencies_ms(encoder, index: InvertedIndex, texts: Sequence[str], thre
     return timings
 
 
+def own_id_judgements(dataset: BEIRDataset) -> list[str]:
+    """The queries whose qrels judge the document of their own id relevant (grade > 0). BEIR drops a query's own id
+    from its hits (ArguAna, Quora: queries are documents there, never relevant to themselves); a dataset judging
+    such pairs relevant has query and document ids that only share their spelling ("1", "2", ...), so eval keeps
+    those hits there -- dropped, they could never count."""
+    return [query_id for query_id, judged in dataset.qrels.items() if judged.get(query_id, 0) > 0]
+
+
 def evaluate_dataset(
     encoder,
     dataset: BEIRDataset,
@@ -326,7 +334,13 @@ def evaluate_dataset(
         show_progress_bar=show_progress_bar, output="csr",
     )
     index = InvertedIndex(doc_matrix, doc_ids)
-    run = rounded_run(index.to_run(query_ids, index.search(query_matrix, k=TOP_K + 1), k=TOP_K))
+    own_ids_judged = own_id_judgements(dataset)
+    if own_ids_judged:
+        warnings.warn(f"{dataset.name}: {len(own_ids_judged)} relevant judgement(s) pair a query with the document of "
+                      f"its own id (e.g. {own_ids_judged[0]!r}): its query and document ids are not one namespace, so "
+                      "no hit is dropped as the query's own document (BEIR's convention elsewhere)", stacklevel=2)
+    drop_self = not own_ids_judged
+    run = rounded_run(index.to_run(query_ids, index.search(query_matrix, k=TOP_K + 1), k=TOP_K, drop_self=drop_self))
     entry = {
         "split": dataset.split,
         "num_queries": len(query_ids),
@@ -335,6 +349,8 @@ def evaluate_dataset(
         "data_source": dataset.hub_id or LOCAL_FOLDER,  # the card names a Hub dataset, and only a Hub dataset, as one
         # judged documents the corpus lacks: in every recall denominator, never retrievable (BEIR's convention)
         **({"judged_documents_missing": len(dataset.missing_documents)} if dataset.missing_documents else {}),
+        # relevant own-id judgements: own-id hits kept, in FLES-1's run and BM25's (`own_id_judgements`)
+        **({"own_id_judgements": len(own_ids_judged)} if own_ids_judged else {}),
         "metrics": {
             **evaluate_run(dataset.qrels, run),
             "nnz_doc": average_nnz(doc_matrix),
@@ -346,7 +362,8 @@ def evaluate_dataset(
     if bm25:
         from fles1.bm25 import bm25_library, bm25_run
 
-        entry["bm25"] = {"library": bm25_library(), "metrics": evaluate_run(dataset.qrels, bm25_run(dataset, query_ids))}
+        bm25_metrics = evaluate_run(dataset.qrels, bm25_run(dataset, query_ids, drop_self=drop_self))
+        entry["bm25"] = {"library": bm25_library(), "metrics": bm25_metrics}
     index_bytes = index.save(index_path) if index_path else None  # asked for: saved with or without production
     if production:
         if index_bytes is None:
@@ -369,7 +386,7 @@ def evaluate_dataset(
             "index_ratio_to_dense_768": index_bytes / (len(doc_ids) * DENSE_768_BYTES_PER_DOC),
         }
     artifacts = {"index": index, "doc_matrix": doc_matrix, "query_matrix": query_matrix, "query_ids": query_ids,
-                 "encode_info": encode_info}
+                 "encode_info": encode_info, "drop_self": drop_self}
     return entry, run, artifacts
 
 
@@ -503,7 +520,7 @@ def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settin
             atomic_directory(os.path.join(folder, "pyserini"), replace=True) as pyserini:
         paths = exports.write_elasticsearch(elasticsearch, index_name, doc_ids, doc_matrix, vocab)
         exports.write_elasticsearch_queries(os.path.join(elasticsearch, "queries.jsonl"), query_ids, query_matrix,
-                                            vocab, size=TOP_K)
+                                            vocab, size=TOP_K, exclude_own_id=artifacts["drop_self"])
         atomic_write_json(os.path.join(elasticsearch, "export.json"), {**manifest, "elasticsearch": {
             "index": index_name, "field": exports.RANK_FEATURES_FIELD,
             "bulk_files": [os.path.basename(path) for path in paths["bulk"]],
@@ -516,7 +533,8 @@ def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settin
         exports.write_anserini_queries(os.path.join(pyserini, "queries.tsv"), query_ids, query_matrix, vocab)
         atomic_write_json(os.path.join(pyserini, "export.json"), {**manifest, "pyserini": {
             "impact_scale": exports.IMPACT_SCALE, "run_from": exports.ANSERINI_RUN_FROM,
-            "index_command": exports.ANSERINI_INDEX_COMMAND, "search_command": exports.ANSERINI_SEARCH_COMMAND,
+            "index_command": exports.ANSERINI_INDEX_COMMAND, "search_command": exports.ANSERINI_SEARCH_COMMAND if artifacts["drop_self"]
+            else exports.ANSERINI_SEARCH_COMMAND_KEEPING_OWN_IDS,
             # no impact >= 1: left out of queries.tsv (Anserini cannot read such a line; eval scores an empty query
             # 0, but a query of weights all under 0.005 still matches there), and documents Anserini skips as empty
             "empty_impact_queries": exports.empty_impact_rows(query_ids, query_matrix),

@@ -53,6 +53,8 @@ ANSERINI_INDEX_COMMAND = ("python -m pyserini.index.lucene --collection JsonVect
 ANSERINI_SEARCH_COMMAND = ("java -cp ANSERINI_JAR io.anserini.search.SearchCollection -index INDEX -topics "
                            "pyserini/queries.tsv -topicReader TsvString -output run.trec -impact -pretokenized "
                            "-removeQuery -hits 1001")
+# where a dataset's own-id documents are kept (`fles1.evaluation.own_id_judgements`): no -removeQuery, 1000 hits
+ANSERINI_SEARCH_COMMAND_KEEPING_OWN_IDS = ANSERINI_SEARCH_COMMAND.replace(" -removeQuery -hits 1001", " -hits 1000")
 # the commands' relative paths start in the dataset's export folder, the one holding pyserini/ and elasticsearch/
 ANSERINI_RUN_FROM = "the dataset's export folder (DIR/<dataset>, holding pyserini/ and elasticsearch/)"
 # Elasticsearch / OpenSearch over HTTP (curl, and jq to read queries.jsonl); $ES is the server's URL and INDEX the
@@ -186,17 +188,18 @@ def write_elasticsearch(
 
 def write_elasticsearch_queries(
     path: str, query_ids: Sequence[str], query_matrix: csr_matrix, vocab: Sequence[str], size: int = 1000,
-    field: str = RANK_FEATURES_FIELD,
+    field: str = RANK_FEATURES_FIELD, exclude_own_id: bool = True,
 ) -> str:
     """JSONL, one line per query: ``{"id": query id, "body": ...}``, the body for ``POST /<index>/_search`` (the
-    top `size` by `elasticsearch_query` of the query's vector, the query's own id left out as eval does),
+    top `size` by `elasticsearch_query` of the query's vector, the query's own id left out as eval does unless
+    ``exclude_own_id`` is False),
     atomically; returns the path."""
     query_ids = list(query_ids)  # any iterable, as zip took them
     rows = _rows(query_matrix, query_ids, vocab, "write_elasticsearch_queries")
     with atomic_open(path) as handle:
         for query_id, (ids, weights) in zip(query_ids, rows):
             vector = {vocab[i]: w for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist())}
-            body = {"size": size, **elasticsearch_query(vector, field, exclude_id=query_id)}
+            body = {"size": size, **elasticsearch_query(vector, field, exclude_id=query_id if exclude_own_id else None)}
             handle.write(json.dumps({"id": query_id, "body": body}, ensure_ascii=False) + "\n")
     return path
 

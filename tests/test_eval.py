@@ -31,7 +31,7 @@ QUERIES = [
     {"_id": "q3", "text": "   "},  # encodes to an empty vector: no hits, still counted
     {"_id": "q4", "text": "green tea cancer"},
 ]
-QRELS = [("q1", "d1", 1), ("q2", "d2", 2), ("q2", "q2", 1), ("q3", "d4", 1), ("q4", "d3", 1)]
+QRELS = [("q1", "d1", 1), ("q2", "d2", 2), ("q2", "q2", 0), ("q3", "d4", 1), ("q4", "d3", 1)]  # q2 names a document too
 
 
 def write_beir(folder, corpus=CORPUS, queries=QUERIES, qrels=QRELS, split="test"):

@@ -122,6 +122,37 @@ def test_elasticsearch_commands_send_the_exported_files(tiny_random_checkpoint, 
     assert [line.split("\t") for line in responses] == [[query["id"], "{}"] for query in queries]
 
 
+def test_a_dataset_judging_own_id_documents_relevant_keeps_them_everywhere(tiny_random_checkpoint, tmp_path):
+    """Query "1" judged document "1" relevant (ids that only share their spelling): eval, BM25 and the exports
+    dropped that hit as the query's own document (BEIR's convention for datasets whose queries are documents), so
+    the judgement could never count -- NDCG 0 for every system, without a word."""
+    from fles1.evaluation import evaluate
+    from test_eval import write_beir
+
+    corpus = [{"_id": str(i), "title": title, "text": text} for i, (title, text) in enumerate([
+        ("Vitamin D", "Vitamin D deficiency and bone health in older adults."),
+        ("Statins", "Cholesterol lowering statin drugs and breast cancer risk."),
+        ("Green tea", "Green tea polyphenols in cancer prevention trials.")])]
+    queries = [{"_id": "1", "text": "statin drugs breast cancer"}, {"_id": "2", "text": "green tea cancer"}]
+    data = write_beir(tmp_path / "ints", corpus, queries, [("1", "1", 1), ("2", "2", 1)])
+    export = tmp_path / "export"
+    with pytest.warns(UserWarning, match=r"ints: 2 relevant judgement\(s\) pair a query with the document of its own "
+                                         r"id \(e\.g\. '1'\)"):
+        results = evaluate(tiny_random_checkpoint, [data], threshold=0.0, export_dir=str(export), cache_dir=None,
+                           bm25=True, production=False, run_file=str(tmp_path / "run.trec"))
+    entry = results["datasets"]["ints"]
+    assert entry["own_id_judgements"] == 2
+    assert entry["bm25"]["metrics"]["ndcg@10"] == 1.0  # each query's words are its own-id document's only
+    from fles1.metrics import read_trec_run
+
+    run = read_trec_run(str(tmp_path / "run.trec"))
+    assert "1" in run["1"] and "2" in run["2"]
+    queries_exported = [json.loads(line) for line in (export / "ints" / "elasticsearch" / "queries.jsonl").open()]
+    assert all("must_not" not in query["body"]["query"]["bool"] for query in queries_exported)
+    anserini = json.loads((export / "ints" / "pyserini" / "export.json").read_text())["pyserini"]["search_command"]
+    assert "-removeQuery" not in anserini and anserini.endswith(" -hits 1000")
+
+
 def test_elasticsearch_commands_quote_what_an_index_name_may_hold():
     """An index name keeps characters a URL reserves or a shell expands inside double quotes: percent-encoded."""
     from fles1.exports import elasticsearch_commands, elasticsearch_index_name
