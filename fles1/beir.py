@@ -133,6 +133,8 @@ def _row_id(value, where: str) -> str:
     if position is not None:  # pytrec_eval's C code crashed the process on it, after the corpus was encoded
         raise BEIRDataError(f"{where}: '_id' holds a lone surrogate {value[position]!r} at character {position} "
                             "(a broken \\u escape)")
+    if isinstance(value, str) and "\0" in value:  # pytrec_eval's C code cuts an id there: a KeyError after the encoding
+        raise BEIRDataError(f"{where}: '_id' holds a NUL character (\\u0000) at character {value.index(chr(0))}")
     return str(value)
 
 

@@ -123,6 +123,8 @@ def test_bad_data_names_file_and_line(tmp_path):
     (b'{"_id": "d7", "text": "broken \\ud83d escape"}\n', r"corpus\.jsonl:7: 'text' holds a lone surrogate"),
     # pytrec_eval crashed the process (SIGSEGV) on such an id, after the whole corpus had been encoded
     (b'{"_id": "d\\ud83d", "text": "x"}\n', r"corpus\.jsonl:7: '_id' holds a lone surrogate '\\ud83d' at character 1"),
+    # pytrec_eval cut the id at the NUL: a KeyError traceback once the corpus was encoded
+    (b'{"_id": "d\\u0000z", "text": "x"}\n', r"corpus\.jsonl:7: '_id' holds a NUL character \(\\u0000\) at character 1"),
     (b'{"_id": "d7", "title": ["a", "list"]}\n', r"corpus\.jsonl:7: 'title' is list, expected a string"),
     (b'{"_id": "d7", "text": 42}\n', r"corpus\.jsonl:7: 'text' is int, expected a string"),
 ])
