@@ -16,8 +16,8 @@ a BM25 baseline (bm25s), production numbers (docs/s, query latency, index size) 
 MODEL is a FLES-1 checkpoint folder or hub id. DATA is a BEIR folder (corpus.jsonl, queries.jsonl,
 qrels/<split>.tsv) or a BEIR hub dataset id. BEIR conventions: every judged query counts (no hits = 0), a hit
 whose id equals the query id is dropped (not where the qrels judge such a pair relevant: ids like "1", "2" that only
-share their spelling; warned, counted as own_id_judgements), documents are "title text". A judged document missing from the corpus is an
-error, or with --keep-missing-docs stays judged (a relevant one no run can retrieve, as BEIR counts it; warned, and
+share their spelling; warned, counted as own_id_judgements), documents are "title text". A judged document missing
+from the corpus is an error, or with --keep-missing-docs stays judged (a relevant one no run can retrieve, as BEIR counts it; warned, and
 counted as judged_documents_missing in the output). Metrics come from pytrec_eval.
 
 Document vectors are cached at threshold 0 under --cache-dir (default ~/.cache/fles1/corpus), keyed by the model

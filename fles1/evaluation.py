@@ -340,6 +340,13 @@ def evaluate_dataset(
                       f"its own id (e.g. {own_ids_judged[0]!r}): its query and document ids are not one namespace, so "
                       "no hit is dropped as the query's own document (BEIR's convention elsewhere)", stacklevel=2)
     drop_self = not own_ids_judged
+    # judged only as non-relevant (grade 0): every metric 0 whatever the ranking (BEIR and pytrec_eval count them)
+    without_relevant = [query_id for query_id, judged in dataset.qrels.items()
+                        if not any(grade > 0 for grade in judged.values())]
+    if without_relevant:
+        warnings.warn(f"{dataset.name}: {len(without_relevant)} of {len(query_ids)} judged queries have no relevant "
+                      f"document (grade > 0; first: {without_relevant[0]!r}): they score 0 on every metric",
+                      stacklevel=2)
     run = rounded_run(index.to_run(query_ids, index.search(query_matrix, k=TOP_K + 1), k=TOP_K, drop_self=drop_self))
     entry = {
         "split": dataset.split,
@@ -351,6 +358,7 @@ def evaluate_dataset(
         **({"judged_documents_missing": len(dataset.missing_documents)} if dataset.missing_documents else {}),
         # relevant own-id judgements: own-id hits kept, in FLES-1's run and BM25's (`own_id_judgements`)
         **({"own_id_judgements": len(own_ids_judged)} if own_ids_judged else {}),
+        **({"queries_without_relevant": len(without_relevant)} if without_relevant else {}),
         "metrics": {
             **evaluate_run(dataset.qrels, run),
             "nnz_doc": average_nnz(doc_matrix),
@@ -533,7 +541,8 @@ def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settin
         exports.write_anserini_queries(os.path.join(pyserini, "queries.tsv"), query_ids, query_matrix, vocab)
         atomic_write_json(os.path.join(pyserini, "export.json"), {**manifest, "pyserini": {
             "impact_scale": exports.IMPACT_SCALE, "run_from": exports.ANSERINI_RUN_FROM,
-            "index_command": exports.ANSERINI_INDEX_COMMAND, "search_command": exports.ANSERINI_SEARCH_COMMAND if artifacts["drop_self"]
+            "index_command": exports.ANSERINI_INDEX_COMMAND,
+            "search_command": exports.ANSERINI_SEARCH_COMMAND if artifacts["drop_self"]
             else exports.ANSERINI_SEARCH_COMMAND_KEEPING_OWN_IDS,
             # no impact >= 1: left out of queries.tsv (Anserini cannot read such a line; eval scores an empty query
             # 0, but a query of weights all under 0.005 still matches there), and documents Anserini skips as empty

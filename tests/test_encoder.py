@@ -59,7 +59,8 @@ def test_encoder_save_pretrained_loads_back_through_every_loader(fles1_checkpoin
     assert {"config.json", "configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py", "model.safetensors",
             "tokenizer.json", "modules.json", "sentence_bert_config.json", "LICENSE"} <= files
     config = json.loads(Path(saved, "config.json").read_text())
-    assert config["inference_threshold"] == 0.5 and config["query_max_length"] == 12 and "AutoModel" in config["auto_map"]
+    assert config["inference_threshold"] == 0.5 and config["query_max_length"] == 12
+    assert "AutoModel" in config["auto_map"]
     assert "local_files_only" not in json.loads(Path(saved, "tokenizer_config.json").read_text())
     assert loaded.threshold == 0.5 and loaded.max_lengths["query"] == 12
     assert loaded.encode(query, kind="query") == pytest.approx(encoder.encode(query, kind="query"), abs=1e-6)
@@ -75,8 +76,8 @@ def test_encoder_save_pretrained_loads_back_through_every_loader(fles1_checkpoin
         assert (by_transformers.encode_sparse(ids).sparse_embeddings[0] - reference).abs().max().item() <= 1e-5
 
     monkeypatch.chdir(tmp_path)  # the docstring's example saves into the working folder
-    example = doctest.DocTestParser().get_doctest(FLES1Encoder.save_pretrained.__doc__,
-                                                  {"FLES1Encoder": FLES1Encoder, "dir": fles1_checkpoint}, "save", None, 0)
+    example = doctest.DocTestParser().get_doctest(
+        FLES1Encoder.save_pretrained.__doc__, {"FLES1Encoder": FLES1Encoder, "dir": fles1_checkpoint}, "save", None, 0)
     runner = doctest.DocTestRunner()
     runner.run(example)
     assert runner.summarize(verbose=False) == (0, 3)

@@ -153,6 +153,19 @@ def test_a_dataset_judging_own_id_documents_relevant_keeps_them_everywhere(tiny_
     assert "-removeQuery" not in anserini and anserini.endswith(" -hits 1000")
 
 
+def test_a_query_judged_only_non_relevant_is_counted_and_named(tiny_random_checkpoint, tmp_path):
+    """A query whose judgements are all grade 0 scores 0 on every metric whatever the model does: said, not silent."""
+    from fles1.evaluation import evaluate
+    from test_eval import QRELS, QUERIES, write_beir
+
+    data = write_beir(tmp_path / "toy", qrels=QRELS + [("q5", "d1", 0)],
+                      queries=QUERIES + [{"_id": "q5", "text": "vitamin"}])
+    with pytest.warns(UserWarning, match=r"toy: 1 of 5 judged queries have no relevant document \(grade > 0; first: "
+                                         r"'q5'\): they score 0 on every metric"):
+        results = evaluate(tiny_random_checkpoint, [data], cache_dir=None, bm25=False, production=False)
+    assert results["datasets"]["toy"]["queries_without_relevant"] == 1
+
+
 def test_elasticsearch_commands_quote_what_an_index_name_may_hold():
     """An index name keeps characters a URL reserves or a shell expands inside double quotes: percent-encoded."""
     from fles1.exports import elasticsearch_commands, elasticsearch_index_name
@@ -186,7 +199,8 @@ def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
     commands = json.loads((elasticsearch / "export.json").read_text())["elasticsearch"]
     assert commands["create_index_command"].startswith('curl -sS -XPUT "$ES/toy" ')
     assert commands["create_index_command"].endswith("--data-binary @elasticsearch/mapping.json")
-    assert "elasticsearch/bulk-*.ndjson" in commands["index_command"] and '"$ES/toy/_refresh"' in commands["index_command"]
+    assert "elasticsearch/bulk-*.ndjson" in commands["index_command"]
+    assert '"$ES/toy/_refresh"' in commands["index_command"]
     assert "elasticsearch/queries.jsonl" in commands["search_command"]
     assert '"$ES/toy/_search"' in commands["search_command"]
     assert "DIR/<dataset>" in commands["run_from"] and commands["index"] == "toy"

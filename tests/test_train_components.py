@@ -326,6 +326,32 @@ def test_blank_queries_and_positives_are_left_out_with_a_warning(tmp_path):
         assert beir_examples(data, 2, 0, with_ids=True)["relevance"][0]["relevant"] == ["d0", "d3"]
 
 
+def test_beir_examples_name_judged_queries_without_a_relevant_document(tmp_path):
+    """A query judged only with grade 0 (or only relevant to documents the corpus lacks) gave no example, without a
+    word -- where a blank one was warned about and counted."""
+    import warnings
+
+    from fles1.beir import load_beir
+    from fles1.training.data import beir_examples
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}"}) + "\n"
+                                                 for i in range(8)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": f"query {q}"}) + "\n"
+                                                  for q in ("q1", "qzero")))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nqzero\td2\t0\n")
+    data = load_beir(str(folder), "train")
+    with pytest.warns(UserWarning, match=r"beir \(train\): 1 judged quer\(ies\) without a relevant document \(grade > "
+                                         r"0\) in the corpus, no training example \(first: 'qzero'\)"):
+        examples = beir_examples(data, num_negatives=2)
+    assert examples["query"] == ["query q1"]
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every judged query gives its example: nothing to say
+        beir_examples(load_beir(str(folder), "train"), num_negatives=2)
+
+
 def test_num_negatives_and_seed_are_named_as_the_recipes_keys(msmarco_toy_dir):
     recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "fles1-tiny-nfcorpus.yaml")
     for key, value, message in (("data.num_negatives", -1, "data.num_negatives must be an int >= 0, got -1"),

@@ -108,6 +108,8 @@ def beir_examples(
     rng = random.Random(seed)
     doc_ids = sorted(dataset.corpus)
     left_out = []
+    # judged, but only as non-relevant (grade 0) or with relevant documents the corpus lacks: no positive to train on
+    without_relevant = [query_id for query_id, relevant in relevant_of.items() if not relevant]
 
     def rows():  # one row per query, drawn in query order: the same seed gives the same rows
         for query_id, relevant in relevant_of.items():
@@ -141,6 +143,9 @@ def beir_examples(
     examples = _to_dataset(rows(), columns)
     source = f"{dataset.name} ({dataset.split})"
     _warn_left_out(source, left_out, "its query, or every relevant document, is")
+    if without_relevant and examples is not None:  # (with no example at all, the error below says it)
+        warnings.warn(f"{source}: {len(without_relevant)} judged quer(ies) without a relevant document (grade > 0) in "
+                      f"the corpus, no training example (first: {without_relevant[0]!r})", stacklevel=2)
     if examples is None:
         why = "every query with a relevant document was left out: its query or its relevant documents are blank" \
             if left_out else "no query has a relevant document"
