@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -467,12 +468,18 @@ def _is_triples(source: str) -> bool:
     return source.lower().endswith((".tsv", ".tsv.gz", ".csv", ".txt"))
 
 
-def cross_domain_section(run: Run, trained_on: Optional[set[str]]) -> str:
-    """One row per dataset, each marked in-domain (its corpus is the training data's) or zero-shot."""
+def cross_domain_section(run: Run, trained_on: Optional[set[str]], training_split: Optional[str] = None) -> str:
+    """One row per dataset, each marked in-domain (its corpus is the training data's) or zero-shot; in-domain and
+    scored on the split the recipe trained on (`training_split`) is said, and warned about: those numbers measure
+    the training data, not the model."""
     rows = []
     for name, entry in run.datasets.items():
         metrics, bm25 = entry["metrics"], (entry.get("bm25") or {}).get("metrics") or {}
         relation = MISSING if trained_on is None else "in-domain" if name.lower() in trained_on else "zero-shot"
+        if relation == "in-domain" and training_split is not None and entry.get("split") == training_split:
+            relation = "in-domain, **trained on this split**"
+            warnings.warn(f"{name}: scored on its {training_split!r} split, the split the recipe trained on; the card "
+                          "says so in its per-dataset table", stacklevel=2)
         rows.append([markdown_text(name), relation, cell(entry.get("split")), cell(entry.get("num_queries")),
                      cell(entry.get("num_docs")), fmt(metrics.get("ndcg@10")), fmt(metrics.get("recall@100")),
                      fmt(bm25.get("ndcg@10")), fmt_metric("nnz_doc", metrics.get("nnz_doc"))])
@@ -743,7 +750,8 @@ def build_card(
         environment=environment_section(primary),
         rerun=rerun_commands(primary, repo_id, revision),
         baselines=baselines_section(primary),
-        cross_domain=cross_domain_section(primary, training_corpora(train_recipe)),
+        cross_domain=cross_domain_section(primary, training_corpora(train_recipe),
+                                          train_recipe.get("data.split", "train")),  # the recipe's default
         production=production_section(primary),
         device=measured_on(primary),
         training=training_section(runs, extra_logs, recipe_values, header),

@@ -172,6 +172,22 @@ def test_several_runs_per_seed_table_and_mean_std(tmp_path):
         assert f"| {seed} | 12500 | 2590 | 0.4321 | 402.5 | 31.5 | {crashes} |" in card.text
 
 
+def test_a_dataset_scored_on_the_split_it_was_trained_on_is_said_and_warned():
+    """Trained on a dataset's test split and scored on it, the card said "in-domain ... on another split"."""
+    import warnings
+
+    from fles1.card import Run, cross_domain_section
+
+    entry = {"split": "test", "num_queries": 5, "num_docs": 40, "metrics": {"ndcg@10": 0.9}}
+    run = Run(key="k", model_path=None, header={}, datasets={"d3": entry, "other": {**entry}})
+    with pytest.warns(UserWarning, match=r"d3: scored on its 'test' split, the split the recipe trained on"):
+        section = cross_domain_section(run, {"d3"}, "test")
+    assert "| d3 | in-domain, **trained on this split** | test |" in section and "| other | zero-shot | test |" in section
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trained on train, scored on test: in-domain, nothing to warn about
+        assert "| d3 | in-domain | test |" in cross_domain_section(run, {"d3"}, "train")
+
+
 def test_recipe_file_and_plots(tmp_path):
     results = make_eval(tmp_path / "eval.json")
     recipe = tmp_path / "recipe.yaml"
