@@ -1178,12 +1178,13 @@ def test_bm25_keeps_k_hits_and_reads_titles(tmp_path):
 
 def test_bm25_on_nfcorpus_reproduces_the_readmes_baseline(nfcorpus_dir):
     """The README's and the cards' BM25 row (bm25s: Lucene, k1 1.5, b 0.75, English stop words, Snowball stemmer,
-    title + text): nfcorpus test NDCG@10 0.3210, Recall@100 0.2466. Another k1 or no stop words passed every test."""
+    title + text): nfcorpus test NDCG@10 0.3210, Recall@100 0.2466. Another k1 or no stop words passed every test
+    (k1 1.2: 0.3180; no stop words: 0.3195). bm25s 0.2.10, the floor, gives 0.3208."""
     from fles1.bm25 import bm25_run
 
     data = load_beir(nfcorpus_dir, "test")
     metrics = evaluate_run(data.qrels, bm25_run(data, sorted(data.qrels), k=1000))
-    assert (round(metrics["ndcg@10"], 4), round(metrics["recall@100"], 4)) == (0.3210, 0.2466)
+    assert metrics["ndcg@10"] == pytest.approx(0.3210, abs=5e-4) and round(metrics["recall@100"], 4) == 0.2466
 
 
 def test_each_metric_is_its_own_trec_eval_measure_and_cut():
