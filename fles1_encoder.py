@@ -301,8 +301,9 @@ class _EvalSwitch:
         self.in_flight = 0
         self.flags = [(module, module.training) for module in modules]
         self.calls = []
-        # modules with a train of their own (an instance attribute) are left alone
-        self.stood_in = [module for module in modules if "train" not in vars(module)]
+        # modules with a train of their own (an instance attribute) are left alone -- but for the class's own, bound,
+        # that a copy taken during an earlier encode holds (`_TrainWhileEncoding.__reduce__`)
+        self.stood_in = [module for module in modules if "train" not in vars(module) or _class_train(module)]
         model.eval()
         for module in self.stood_in:
             vars(module)["train"] = _TrainWhileEncoding(self, module)
@@ -316,6 +317,12 @@ class _EvalSwitch:
             module.training = training
         for module, mode in self.calls:
             module.train(mode)
+
+
+def _class_train(module) -> bool:
+    """Whether `module`'s instance attribute ``train`` is its class's own train, bound to it."""
+    own = vars(module).get("train")
+    return getattr(own, "__self__", None) is module and getattr(own, "__func__", None) is type(module).train
 
 
 class _TrainWhileEncoding:

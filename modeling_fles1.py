@@ -531,7 +531,7 @@ _REGISTRATIONS = [0]
 # One trace at a time: tracing mutes transformers' logging and Python's warnings process-wide and restores them
 # after; two threads doing that at once (a server's first queries) could leave them muted for good.
 _TRACE_LOCK = threading.Lock()
-# `encode_sparse` of a model whose decoder accelerate offloads: one call at a time
+# the sparse paths of a model carrying accelerate's hooks (offloading): one call at a time
 _OFFLOADED_LOCK = threading.RLock()
 
 
@@ -623,13 +623,13 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         shipped model (`_module_views`)."""
         return any(map(_TRAINING, self._module_views()[1]))
 
-    def _module_views(self) -> tuple[list, tuple, list]:
+    def _module_views(self) -> tuple[list, tuple, list, list]:
         """What the single-text path asks of the modules on every call, collected once and rebuilt after any module
         or parameter registration on them: the forward (pre-)hook dicts of the modules a trace runs (any() over
         them costs ~1 us on the shipped 2-layer model, ~5 us at 12 layers, asking each module ~9x that), the
-        mode-dependent modules (`dropout_active`) and the traced modules' instance dicts (`_hooked`). Registering
-        and removing hooks mutate those dicts; code that assigns a module a new one (``module._forward_hooks =
-        OrderedDict()``) is not seen until `clear_caches()`."""
+        mode-dependent modules (`dropout_active`), the traced modules' instance dicts (`_hooked`) and every module's
+        (`_one_call_at_a_time_if_hooked`). Registering and removing hooks mutate those dicts; code that assigns a
+        module a new one (``module._forward_hooks = OrderedDict()``) is not seen until `clear_caches()`."""
         cached = self.__dict__.get("_fles1_module_views")
         if cached is None or cached[0] != _REGISTRATIONS[0]:
             _TRACED_MODULES.update(self.modules())  # a submodule registered on them from now on rebuilds the views
@@ -638,12 +638,13 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             modes = tuple(module for module in self.modules() if isinstance(module, _MODE_DEPENDENT)
                           or any(isinstance(child, _MODE_DEPENDENT) for child in module.children()))
             instances = [module.__dict__ for module in traced]
-            cached = self.__dict__["_fles1_module_views"] = (_REGISTRATIONS[0], (hooks, modes, instances))
+            every = [module.__dict__ for module in self.modules()]  # where accelerate puts its `_hf_hook`s
+            cached = self.__dict__["_fles1_module_views"] = (_REGISTRATIONS[0], (hooks, modes, instances, every))
         return cached[1]
 
     def _forward_hooked(self) -> bool:
         """`_hooked` over the traced modules: whether the single-text trace must give way to eager."""
-        hooks, _, instances = self._module_views()
+        hooks, _, instances, _ = self._module_views()
         return _hooked(hooks, instances)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -876,12 +877,11 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         inference it runs per text, a cache-sized tile of tokens at a time against a oneDNN-packed weight,
         skipping padding; a single text's backbone runs through a TorchScript trace (see `_hidden_states`). A model
         whose weights accelerate offloads (``cpu_offload``, ``disk_offload``) loads them per call through its hooks,
-        as `forward` does, and projects them without screening, one call at a time across threads.
+        as `forward` does, and projects them without screening; a model carrying accelerate's hooks encodes one
+        call at a time across threads.
         """
         projection_dtype = projection_dtype_of(projection_dtype)
-        # an offloaded model one call at a time: accelerate's hooks load and unload weights per call, and a thread's
-        # unload would pull them from under another's
-        with _OFFLOADED_LOCK if self._decoder_offloaded() else contextlib.nullcontext():
+        with self._one_call_at_a_time_if_hooked():
             hidden = self._hidden_states(input_ids, attention_mask, token_type_ids, position_ids)
             with self._decoder_in_memory() as offloaded:
                 return self._project(hidden, attention_mask, projection_dtype, chunk_tokens, screening, offloaded)
@@ -949,6 +949,11 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         if attention_mask is not None and not bool(attention_mask.all()):  # padding would be pooled as tokens
             raise ValueError("encode_sparse_terms takes one text without padding: attention_mask has zeros; use "
                              "encode_sparse for padded input")
+        with self._one_call_at_a_time_if_hooked():
+            return self._sparse_terms(input_ids, token_type_ids, projection_dtype)
+
+    def _sparse_terms(self, input_ids, token_type_ids, projection_dtype):
+        """`encode_sparse_terms` past its checks."""
         screen = self._default_screen(input_ids.device, self.bert.embeddings.word_embeddings.weight.dtype,
                                       projection_dtype)  # None for an offloaded decoder too (`_decoder_cache`)
         if screen is None:
@@ -987,6 +992,13 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def _decoder_bias(self) -> torch.Tensor:
         decoder = self.cls.predictions.decoder
         return decoder.bias if decoder.bias is not None else self.cls.predictions.bias
+
+    def _one_call_at_a_time_if_hooked(self):
+        """`_OFFLOADED_LOCK` for a model carrying accelerate's hooks (offloading: they load and unload weights per
+        call, and one thread's unload would pull them from under another's -- wrong vectors, no error), else a
+        context that does nothing (~1 us to tell)."""
+        hooked = any(map(dict.__contains__, self._module_views()[3], itertools.repeat("_hf_hook")))
+        return _OFFLOADED_LOCK if hooked else contextlib.nullcontext()
 
     def _decoder_offloaded(self) -> bool:
         """Whether the vocabulary projection's weight or bias is on the meta device (accelerate's offloading, or a

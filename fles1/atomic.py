@@ -53,12 +53,12 @@ def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
 
 
 def _fsync(path: str) -> None:
-    """A file's or folder's (its entries: a rename into it) writes on disk. A folder that cannot be opened for it
-    (Windows) is left to the file system."""
+    """A file's or folder's (its entries: a rename into it) writes on disk. One that cannot be opened for it (a
+    folder on Windows, a file its writer made unreadable) is left to the file system."""
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError:
-        if os.path.isdir(path):
+        if os.path.isdir(path) or not os.access(path, os.R_OK):
             return
         raise
     try:

@@ -835,6 +835,19 @@ def test_encoder_mode_changes_meanwhile_go_through_each_modules_own_train_and_sp
         assert not copied.frozen.training
         copied.eval()
         assert not copied.dropout_active()
+    # a copy's class train, bound in its dict, was taken for "a train of its own": no stand-in, and an eval() during
+    # the copy's own encode was undone again
+    copied = copies[0]
+    copied.train()
+    copy_encoder = FLES1Encoder(copied, encoder.tokenizer)
+
+    def evaluate_meanwhile(*_):
+        copy_handle.remove()
+        copied.eval()
+
+    copy_handle = copied.bert.encoder.register_forward_pre_hook(evaluate_meanwhile)
+    copy_encoder.encode("statin use and breast cancer survival")
+    assert not copied.dropout_active() and not any("train" in vars(module) for module in copied.modules())
 
 
 def test_encoder_follows_a_model_assigned_to_it(tiny_random_checkpoint):

@@ -1331,6 +1331,33 @@ def test_model_sparse_paths_load_a_decoder_that_accelerate_offloads():
         untied.encode_sparse(**features)  # no hook to load it: not garbage
 
 
+def test_model_partly_offloaded_encodes_right_from_several_threads(tmp_path):
+    """The backbone offloaded to disk, the decoder in memory (BERT's usual split: the tied decoder stays with the
+    embeddings): no lock was taken, and one thread's unload pulled the weights from under another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from accelerate import dispatch_model
+
+    model, features = tiny_model()
+    single = features["input_ids"][:1]
+    with torch.no_grad():
+        expected = naive_sparse(model, features)
+        expected_single = naive_sparse(model, {"input_ids": single, "attention_mask": torch.ones_like(single)})[0]
+    model = dispatch_model(model, device_map={"bert.embeddings": "cpu", "bert.encoder": "disk", "cls": "cpu"},
+                           offload_dir=str(tmp_path), main_device="cpu")
+    assert not model.cls.predictions.decoder.weight.is_meta
+
+    def encode(call):
+        with torch.no_grad():
+            if call % 2:
+                return (model.encode_sparse(**features).sparse_embeddings - expected).abs().max().item()
+            ids, weights = model.encode_sparse_terms(single)
+            return (torch.zeros_like(expected_single).index_put_((ids,), weights) - expected_single).abs().max().item()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(encode, range(80))) <= 1e-5
+
+
 def test_model_encode_sparse_with_return_dict_false():
     """config.return_dict=False (a from_pretrained kwarg) made BERT return tuples: encode_sparse raised AttributeError."""
     model, features = tiny_model()
