@@ -219,16 +219,14 @@ def test_a_folder_written_meanwhile_by_another_process_is_kept_and_named(tmp_pat
     assert [name for name in os.listdir(tmp_path) if name != "out"] == []  # this run's staging folder is gone
 
 
-def test_a_file_is_on_disk_in_full_before_it_is_renamed_into_place(tmp_path, monkeypatch):
-    """Without the flush and fsync before os.replace a power loss could leave results.json renamed into place but
-    empty or cut short -- the partial file atomic output exists to prevent."""
-    from fles1.atomic import atomic_open
-
+def record_syncs_and_renames(monkeypatch, fact: str) -> list:
+    """The os.fsync and os.replace calls from now on, in order: ("fsync", the synced file's os.fstat `fact`) and
+    ("replace", the target's name)."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(descriptor):
-        events.append(("fsync", os.fstat(descriptor).st_size))  # what the kernel holds when it is synced
+        events.append(("fsync", getattr(os.fstat(descriptor), fact)))
         return real_fsync(descriptor)
 
     def replace(source, target):
@@ -237,6 +235,15 @@ def test_a_file_is_on_disk_in_full_before_it_is_renamed_into_place(tmp_path, mon
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_a_file_is_on_disk_in_full_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Without the flush and fsync before os.replace a power loss could leave results.json renamed into place but
+    empty or cut short -- the partial file atomic output exists to prevent."""
+    from fles1.atomic import atomic_open
+
+    events = record_syncs_and_renames(monkeypatch, "st_size")  # the size the kernel holds when it is synced
     text = "x" * 100_000 + "\n"
     with atomic_open(str(tmp_path / "results.json")) as handle:
         handle.write(text[:-1])
@@ -322,19 +329,7 @@ def test_a_folder_that_is_not_empty_is_refused_before_the_work(tmp_path):
 def test_a_folder_is_on_disk_in_full_before_it_is_renamed_into_place(tmp_path, monkeypatch):
     """atomic_directory renamed the staging folder in with its files (written by safetensors, transformers) still
     in the page cache only: after a power loss the checkpoint folder could be there with files cut short."""
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(descriptor):
-        events.append(("fsync", os.fstat(descriptor).st_ino))
-        return real_fsync(descriptor)
-
-    def replace(source, target):
-        events.append(("replace", os.path.basename(target)))
-        return real_replace(source, target)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_syncs_and_renames(monkeypatch, "st_ino")
     out = tmp_path / "out"
     with atomic_directory(str(out)) as staging:
         (Path(staging) / "model.safetensors").write_bytes(b"w" * 10_000)
@@ -348,9 +343,7 @@ def test_a_folder_is_on_disk_in_full_before_it_is_renamed_into_place(tmp_path, m
 
 def test_a_renamed_file_is_synced_in_its_folder(tmp_path, monkeypatch):
     """atomic_open synced the file, not the rename: after a power loss the folder could still name the old file."""
-    events = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda descriptor: events.append(os.fstat(descriptor).st_ino)
-                        or real_fsync(descriptor))
+    events = record_syncs_and_renames(monkeypatch, "st_ino")
     atomic_write_json(str(tmp_path / "results.json"), {"a": 1})
-    assert events[-1] == os.stat(tmp_path).st_ino and os.stat(tmp_path / "results.json").st_ino in events
+    assert events[-1] == ("fsync", os.stat(tmp_path).st_ino)
+    assert ("fsync", os.stat(tmp_path / "results.json").st_ino) in events
