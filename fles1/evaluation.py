@@ -517,9 +517,8 @@ def elasticsearch_index_names(names: Sequence[str]) -> dict[str, str]:
 def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settings: dict) -> None:
     """folder/elasticsearch/ and folder/pyserini/: documents, the split's queries (thresholded as eval's) and an
     ``export.json`` saying what they were made with and how to run them (`exports.ELASTICSEARCH_COMMANDS`, the
-    ANSERINI_* commands). Both are written beside them before
-    either replaces an earlier export (never one engine's files at one threshold and the other's at another);
-    anything else in the folder (a run file, say) stays."""
+    ANSERINI_* commands). Both are written beside them before either replaces an earlier export (never one engine's
+    files at one threshold and the other's at another); anything else in the folder (a run file, say) stays."""
     doc_ids, doc_matrix = artifacts["index"].doc_ids, artifacts["doc_matrix"]
     query_ids, query_matrix = artifacts["query_ids"], artifacts["query_matrix"]
     manifest = {**settings, "documents": len(doc_ids), "queries": len(query_ids), "top_k": TOP_K}
