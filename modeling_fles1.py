@@ -1017,7 +1017,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             yield False
             return
         head = self.cls.predictions
-        with _OFFLOADED_LOCK, contextlib.ExitStack() as unload:  # (`encode_sparse` holds it already)
+        # (`encode_sparse` holds `_OFFLOADED_LOCK` whenever a hook is here: the load and unload are one call's)
+        with contextlib.ExitStack() as unload:
             for module in (head, head.decoder):  # the order forward's hooks run in
                 hook = getattr(module, "_hf_hook", None)
                 if hook is not None:

@@ -718,6 +718,8 @@ def build_card(
                                  "table compares runs on one split: pass every run's results on that split")
     if recipe_values is not None:
         _check_recipe_is_the_logs(recipe, recipe_values, primary)
+    from fles1.training.recipe import DEFAULTS as RECIPE_DEFAULTS
+
     train_recipe = flatten(recipe_values or (primary.training_log or {}).get("recipe") or {})
     if base_model is not None and hub_id_or_none(base_model) is None:  # metadata and a huggingface.co link
         raise CardInputError(f"base model {base_model!r} is not a Hub model id (e.g. google-bert/bert-base-uncased)")
@@ -751,7 +753,7 @@ def build_card(
         rerun=rerun_commands(primary, repo_id, revision),
         baselines=baselines_section(primary),
         cross_domain=cross_domain_section(primary, training_corpora(train_recipe),
-                                          train_recipe.get("data.split", "train")),  # the recipe's default
+                                          train_recipe.get("data.split", RECIPE_DEFAULTS["data"]["split"])),
         production=production_section(primary),
         device=measured_on(primary),
         training=training_section(runs, extra_logs, recipe_values, header),
