@@ -57,19 +57,29 @@ ANSERINI_SEARCH_COMMAND = ("java -cp ANSERINI_JAR io.anserini.search.SearchColle
 ANSERINI_SEARCH_COMMAND_KEEPING_OWN_IDS = ANSERINI_SEARCH_COMMAND.replace(" -removeQuery -hits 1001", " -hits 1000")
 # the commands' relative paths start in the dataset's export folder, the one holding pyserini/ and elasticsearch/
 ANSERINI_RUN_FROM = "the dataset's export folder (DIR/<dataset>, holding pyserini/ and elasticsearch/)"
-# Elasticsearch / OpenSearch over HTTP (curl, and jq to read queries.jsonl); $ES is the server's URL and INDEX the
-# index (export.json puts its name in). Refreshed after the bulk requests, so that the searches see every document;
-# each response is written as "<query id>\t<response JSON>", one line per query (ids hold no whitespace).
+# Elasticsearch / OpenSearch over HTTP (curl 7.76+ for --fail-with-body, and jq); $ES is the server's URL and INDEX
+# the index (export.json puts its name in). Each command exits non-zero on the first refusal -- an index that exists
+# already, a bulk request with a failed item (every bulk response is kept in elasticsearch-bulk-responses.ndjson),
+# a search error -- so that `create && index && search` stops there instead of searching a short index. Refreshed
+# after the bulk requests, so that the searches see every document; each search response is written as
+# "<query id>\t<response JSON>", one line per query (ids hold no whitespace).
+_ES_SET = ': "${ES:?set ES to the server URL, e.g. http://localhost:9200}"'
 ELASTICSEARCH_COMMANDS = {
-    "create_index_command": "curl -sS -XPUT \"$ES/INDEX\" -H 'Content-Type: application/json' "
-                            "--data-binary @elasticsearch/mapping.json",
-    "index_command": "for part in elasticsearch/bulk-*.ndjson; do curl -sS -XPOST \"$ES/_bulk\" "
-                     "-H 'Content-Type: application/x-ndjson' --data-binary @\"$part\"; done; "
-                     "curl -sS -XPOST \"$ES/INDEX/_refresh\"",
+    "create_index_command": f"{_ES_SET} && curl -sS --fail-with-body -XPUT \"$ES/INDEX\" "
+                            "-H 'Content-Type: application/json' --data-binary @elasticsearch/mapping.json",
+    # an empty part (an empty corpus) is skipped: the engines refuse an empty bulk body
+    "index_command": f"{_ES_SET} && ( set -o pipefail; : > elasticsearch-bulk-responses.ndjson; "
+                     "for part in elasticsearch/bulk-*.ndjson; do [ -s \"$part\" ] || continue; "
+                     "curl -sS --fail-with-body -XPOST \"$ES/_bulk\" -H 'Content-Type: application/x-ndjson' "
+                     "--data-binary @\"$part\" | jq -c . | tee -a elasticsearch-bulk-responses.ndjson "
+                     "| jq -e '.errors == false' > /dev/null || { echo \"$part: refused, or some of its documents "
+                     "were (elasticsearch-bulk-responses.ndjson)\" >&2; exit 1; }; done ) "
+                     "&& curl -sS --fail-with-body -XPOST \"$ES/INDEX/_refresh\"",
     # the body through stdin: a query at threshold 0 (every term) is past the 128 KiB one argument may have
-    "search_command": "jq -r '.id, (.body | tojson)' elasticsearch/queries.jsonl | while read -r id && read -r body; "
-                      "do printf '%s\\t' \"$id\"; printf '%s' \"$body\" | curl -sS -XPOST \"$ES/INDEX/_search\" "
-                      "-H 'Content-Type: application/json' --data-binary @-; echo; done > elasticsearch-responses.tsv",
+    "search_command": f"{_ES_SET} && ( set -o pipefail; jq -r '.id, (.body | tojson)' elasticsearch/queries.jsonl "
+                      "| while read -r id && read -r body; do printf '%s\\t' \"$id\"; printf '%s' \"$body\" "
+                      "| curl -sS --fail-with-body -XPOST \"$ES/INDEX/_search\" -H 'Content-Type: application/json' "
+                      "--data-binary @- || exit 1; echo; done > elasticsearch-responses.tsv )",
 }
 
 
@@ -91,10 +101,23 @@ def token_from_feature_name(name: str) -> str:
     return name.replace("%2E", ".").replace("%25", "%")
 
 
+def _checked_weights(matrix, what: str) -> csr_matrix:
+    """`matrix` as CSR, refused when a weight is negative or not finite (naming the first): SPLADE weights are >= 0,
+    and the writers treated such entries apart -- Elasticsearch's left them out, the Anserini files wrote negative
+    impacts and queries of nothing but negative weights as the empty line that stops Anserini's whole search."""
+    matrix = csr_matrix(matrix)
+    bad = np.flatnonzero(~(matrix.data >= 0))  # NaN too
+    if len(bad):
+        row = int(np.searchsorted(matrix.indptr, bad[0], side="right")) - 1
+        raise ValueError(f"{what}: row {row} has the weight {float(matrix.data[bad[0]])!r} (column "
+                         f"{matrix.indices[bad[0]]}); the exports take weights >= 0, as FLES-1 vectors are")
+    return matrix
+
+
 def _rows(matrix: csr_matrix, ids: Sequence[str], vocab: Sequence[str], what: str):
     """(term ids, weights) per row of `matrix`, one row per id of `ids`, checked before anything is written (a
-    mismatch was cut silently by zip)."""
-    matrix = csr_matrix(matrix)
+    mismatch was cut silently by zip; weights by `_checked_weights`)."""
+    matrix = _checked_weights(matrix, what)
     if len(ids) != matrix.shape[0]:
         raise ValueError(f"{what}: {len(ids)} ids for a matrix of {matrix.shape[0]} rows (one id per row)")
     if len(vocab) < matrix.shape[1]:
@@ -199,7 +222,10 @@ def write_elasticsearch_queries(
     with atomic_open(path) as handle:
         for query_id, (ids, weights) in zip(query_ids, rows):
             vector = {vocab[i]: w for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist())}
-            body = {"size": size, **elasticsearch_query(vector, field, exclude_id=query_id if exclude_own_id else None)}
+            # ids and scores are what a run needs: without "_source": false each hit carries its document's whole
+            # vector (~5 KB on nfcorpus, ~5 MB a response at 1000 hits); no total count to track either
+            body = {"size": size, "_source": False, "track_total_hits": False,
+                    **elasticsearch_query(vector, field, exclude_id=query_id if exclude_own_id else None)}
             handle.write(json.dumps({"id": query_id, "body": body}, ensure_ascii=False) + "\n")
     return path
 
@@ -212,10 +238,10 @@ def empty_impact_rows(ids: Sequence[str], matrix: csr_matrix, scale: float = IMP
 
 
 def quantize(matrix: csr_matrix, scale: float = IMPACT_SCALE) -> csr_matrix:
-    """Integer impacts round(w * scale) (int32 CSR); weights rounding to 0 are dropped."""
+    """Integer impacts round(w * scale) (int32 CSR); weights rounding to 0 are dropped; weights must be >= 0."""
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
-    matrix = csr_matrix(matrix, dtype=np.float64, copy=True)
+    matrix = csr_matrix(_checked_weights(matrix, "quantize"), dtype=np.float64, copy=True)
     matrix.data = np.rint(matrix.data * scale)
     matrix.eliminate_zeros()
     return matrix.astype(np.int32)
@@ -238,7 +264,7 @@ def write_pyserini(
 ) -> str:
     """``JsonVectorCollection`` JSONL with integer impacts, atomically; returns the path."""
     doc_ids = list(doc_ids)  # any iterable, as zip took them
-    rows = _rows(quantize(doc_matrix, scale), doc_ids, vocab, "write_pyserini")
+    rows = _rows(quantize(_checked_weights(doc_matrix, "write_pyserini"), scale), doc_ids, vocab, "write_pyserini")
     with atomic_open(path) as handle:
         for doc_id, (ids, values) in zip(doc_ids, rows):
             vector = {vocab[i]: int(v) for i, v in zip(ids.tolist(), values.tolist())}
@@ -256,7 +282,8 @@ def write_anserini_queries(
     the whole search at a line without a text after its tab. An empty query matches nothing in eval either; one
     whose weights are all below 0.5 / scale (thresholds under 0.005) does match there."""
     query_ids = list(query_ids)  # any iterable, as zip took them
-    rows = _rows(quantize(query_matrix, scale), query_ids, vocab, "write_anserini_queries")
+    rows = _rows(quantize(_checked_weights(query_matrix, "write_anserini_queries"), scale), query_ids, vocab,
+                 "write_anserini_queries")
     with atomic_open(path) as handle:
         for query_id, (ids, values) in zip(query_ids, rows):
             if not len(ids):

@@ -87,7 +87,7 @@ def test_elasticsearch_commands_send_the_exported_files(tiny_random_checkpoint, 
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(b'{"took": 1, "errors": false, "items": []}' if self.path == "/_bulk" else b"{}")
 
         do_PUT = do_POST = answer
 
@@ -120,6 +120,106 @@ def test_elasticsearch_commands_send_the_exported_files(tiny_random_checkpoint, 
     # each response beside its query's id, one line per query
     responses = (folder / "elasticsearch-responses.tsv").read_text().splitlines()
     assert [line.split("\t") for line in responses] == [[query["id"], "{}"] for query in queries]
+    bulk_responses = (folder / "elasticsearch-bulk-responses.ndjson").read_text().splitlines()
+    assert [json.loads(line)["errors"] for line in bulk_responses] == [False] * len(parts)
+
+
+def _stand_in_elasticsearch(answers: dict):
+    """A local HTTP server answering (method, path suffix) -> (status, body), 200 {} otherwise; returns (server, the
+    requests it got)."""
+    import http.server
+    import threading
+
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            requests.append((self.command, self.path))
+            status, body = next((answer for (method, suffix), answer in answers.items()
+                                 if method == self.command and self.path.endswith(suffix)), (200, b"{}"))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, requests
+
+
+def test_elasticsearch_commands_fail_where_the_engine_refuses(tmp_path):
+    """export.json's commands exited 0 whatever the server answered -- an index that exists already (400), a bulk
+    request with failed items, a failing search -- so `create && index && search` went on to search a short or old
+    index and wrote a full-looking responses file; without $ES set they exited 0 with nothing done."""
+    import shutil
+    import subprocess
+
+    from fles1.exports import elasticsearch_commands, write_elasticsearch, write_elasticsearch_queries
+
+    if not (shutil.which("curl") and shutil.which("jq")):
+        pytest.skip("the commands need curl and jq on PATH")
+    matrix = csr_matrix(np.array([[0.5, 0.0], [0.0, 1.5]]))
+    write_elasticsearch(str(tmp_path / "elasticsearch"), "toy", ["d1", "d2"], matrix, ["a", "b"])
+    write_elasticsearch_queries(str(tmp_path / "elasticsearch" / "queries.jsonl"), ["q1", "q2"], matrix, ["a", "b"])
+    commands = elasticsearch_commands("toy")
+
+    def run(step, answers, es=True):
+        server, requests = _stand_in_elasticsearch(answers)
+        try:
+            environment = {name: value for name, value in os.environ.items() if name != "ES"}
+            if es:
+                environment["ES"] = f"http://127.0.0.1:{server.server_address[1]}"
+            done = subprocess.run(["bash", "-c", commands[step]], cwd=tmp_path, env=environment, timeout=60,
+                                  capture_output=True, text=True)
+        finally:
+            server.shutdown()
+        return done, requests
+
+    done, _ = run("create_index_command", {("PUT", "/toy"): (400, b'{"error": {"type": '
+                                                                  b'"resource_already_exists_exception"}}')})
+    assert done.returncode != 0 and "resource_already_exists_exception" in done.stdout
+    done, requests = run("index_command", {("POST", "/_bulk"): (200, b'{"errors": true, "items": [{"index": '
+                                                                     b'{"status": 400}}]}')})
+    assert done.returncode != 0 and "bulk-00001.ndjson: refused" in done.stderr
+    assert ("POST", "/toy/_refresh") not in requests  # stopped at the failed part
+    assert json.loads((tmp_path / "elasticsearch-bulk-responses.ndjson").read_text())["errors"] is True
+    done, requests = run("search_command", {("POST", "/_search"): (500, b'{"error": "boom"}')})
+    assert done.returncode != 0 and requests == [("POST", "/toy/_search")]  # the first failure stops the searches
+    for step in commands:
+        done, requests = run(step, {}, es=False)
+        assert done.returncode != 0 and "set ES to the server URL" in done.stderr and requests == []
+    # the same commands against an engine that takes everything: exit 0; an empty part (empty corpus) is not sent
+    done, requests = run("index_command", {("POST", "/_bulk"): (200, b'{"errors": false, "items": []}')})
+    assert done.returncode == 0 and requests == [("POST", "/_bulk"), ("POST", "/toy/_refresh")]
+    write_elasticsearch(str(tmp_path / "elasticsearch"), "toy", [], csr_matrix((0, 2)), ["a", "b"])
+    assert (tmp_path / "elasticsearch" / "bulk-00001.ndjson").stat().st_size == 0
+    done, requests = run("index_command", {})
+    assert done.returncode == 0 and requests == [("POST", "/toy/_refresh")], done.stderr
+
+
+def test_exports_refuse_negative_or_nan_weights(tmp_path):
+    """A negative weight reached the Anserini files (a negative impact; a query of only negative weights became the
+    empty line that stops Anserini's whole search) while Elasticsearch's files left it out: refused, named."""
+    from fles1.exports import (empty_impact_rows, quantize, write_anserini_queries, write_elasticsearch,
+                               write_elasticsearch_queries, write_pyserini)
+
+    negative = csr_matrix(np.array([[0.5, 0.0], [0.3, -0.2]]))
+    for write in (write_anserini_queries, write_pyserini, write_elasticsearch_queries):
+        with pytest.raises(ValueError, match=rf"{write.__name__}: row 1 has the weight -0.2 \(column 1\); the exports "
+                                             r"take weights >= 0"):
+            write(str(tmp_path / "out"), ["q1", "q2"], negative, ["a", "b"])
+    with pytest.raises(ValueError, match=r"write_elasticsearch: row 0 has the weight nan"):
+        write_elasticsearch(str(tmp_path / "es"), "toy", ["d1"], csr_matrix(np.array([[np.nan, 1.0]])), ["a", "b"])
+    with pytest.raises(ValueError, match=r"quantize: row 1 has the weight -0.2"):
+        empty_impact_rows(["q1", "q2"], negative)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "es").exists()  # refused before anything is written
+    assert quantize(csr_matrix(np.array([[0.0, 0.004, 0.5]]))).toarray().tolist() == [[0, 0, 50]]
 
 
 def test_a_dataset_judging_own_id_documents_relevant_keeps_them_everywhere(tiny_random_checkpoint, tmp_path):
@@ -197,7 +297,7 @@ def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
     assert json.loads((pyserini / "export.json").read_text())["pyserini"]["impact_scale"] == 100
     # the Elasticsearch export said what it held but not how to load and search it (the help promised commands)
     commands = json.loads((elasticsearch / "export.json").read_text())["elasticsearch"]
-    assert commands["create_index_command"].startswith('curl -sS -XPUT "$ES/toy" ')
+    assert 'curl -sS --fail-with-body -XPUT "$ES/toy" ' in commands["create_index_command"]
     assert commands["create_index_command"].endswith("--data-binary @elasticsearch/mapping.json")
     assert "elasticsearch/bulk-*.ndjson" in commands["index_command"]
     assert '"$ES/toy/_refresh"' in commands["index_command"]
@@ -213,6 +313,8 @@ def test_exported_queries_score_as_eval_ranks(tiny_random_checkpoint, tmp_path):
     documents = {doc["id"]: doc["tokens"] for doc in bulk}
     queries = [json.loads(line) for line in (elasticsearch / "queries.jsonl").read_text().splitlines()]
     assert [query["id"] for query in queries] == ["q1", "q2", "q3", "q4"] and queries[0]["body"]["size"] == 1000
+    # ids and scores only: each of 1000 hits carried its document's whole vector (~5 MB a response on nfcorpus)
+    assert all(query["body"]["_source"] is False and query["body"]["track_total_hits"] is False for query in queries)
     # a blank query matches nothing (a bool without clauses matches every document)
     assert queries[2]["body"]["query"] == {"match_none": {}} and run.get("q3", {}) == {}
     for query in queries[:2] + queries[3:]:
