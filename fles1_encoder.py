@@ -25,6 +25,11 @@ import math
 import numbers
 import operator
 import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Mapping
@@ -152,6 +157,153 @@ def _write_json(path: str, value) -> None:
         json.dump(value, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
     os.replace(partial, path)
+
+
+SAVE_STAGING_PREFIX = ".fles1-save."  # + host.pid. : a save's staging folder inside the folder it saves to
+# weight files of a transformers save (model[.<variant>][-0000i-of-0000n].safetensors[.index.json]): an earlier
+# save's of the same variant that this one did not write are removed -- model.safetensors beside a new sharded index
+# is what the loaders read first (modeling_fles1.py has the same pattern: each shipped file stands alone)
+WEIGHT_FILES = re.compile(r"model(\.[\w-]+)?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[float] = None, prepare=None) -> str:
+    """Write a FLES-1 checkpoint folder that all three loaders read (`FLES1Encoder.save_pretrained` and the
+    project's `fles1.checkpoint.save_checkpoint` share this): the model's weights (safetensors), config and code
+    files, `threshold` (when given) as the config's ``inference_threshold``, the tokenizer cutting where the
+    config's document max length does, and the sentence-transformers files (written by sentence-transformers,
+    which loads the folder; without it installed they are left out, with a warning). ``prepare(staging)``, when
+    given, runs before those load it (the project puts its code and license files in).
+
+    Everything is written into a staging folder inside `folder` first, then moved in file by file, its config.json
+    taken out first and put back last: a save interrupted before the moves leaves the earlier checkpoint whole, one
+    interrupted during them leaves no config.json (the loaders say so) -- never one model's config beside another's
+    weights. Weight files of an earlier save this one does not write are removed; other files in `folder` stay.
+    """
+    config = model.config
+    os.makedirs(folder, exist_ok=True)
+    _remove_dead_writers_stagings(folder)
+    staging = tempfile.mkdtemp(prefix=f"{SAVE_STAGING_PREFIX}{socket.gethostname()}.{os.getpid()}.",
+                               suffix=".partial", dir=folder)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        config_path = os.path.join(staging, "config.json")
+        if threshold is not None:  # this encoder's own threshold, the folder's default from now on
+            _write_json(config_path, {**_read_json_or_none(config_path), "inference_threshold": threshold})
+        length, tokenizer.model_max_length = tokenizer.model_max_length, config.document_max_length
+        try:
+            tokenizer.save_pretrained(staging)
+        finally:
+            tokenizer.model_max_length = length
+        if prepare is not None:
+            prepare(staging)
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            warnings.warn(f"{folder}: no sentence-transformers files (modules.json & co.) written: "
+                          "sentence-transformers is not installed", stacklevel=3)
+        else:
+            _drop_remote_code_copy(write_sentence_transformers_files(staging, config))
+        drop_loader_flags(os.path.join(staging, "tokenizer_config.json"))
+        _cut_tokenizer_file(os.path.join(staging, "tokenizer.json"), config.document_max_length)
+        _plain_file_permissions(staging)
+        _move_staged_into(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _move_staged_into(staging: str, folder: str) -> None:
+    """`save_checkpoint_folder`'s last step: staged files on disk, the folder's config.json out, stale weight files
+    out, each staged file renamed into place, config.json last."""
+    staged = [os.path.relpath(os.path.join(parent, name), staging)
+              for parent, _, names in os.walk(staging) for name in names]
+    staged.sort(key=lambda name: name == "config.json")  # the folder's config.json last: it makes the folder load
+    for name in staged:
+        _fsync(os.path.join(staging, name))
+    variants = {WEIGHT_FILES.fullmatch(name).group(1) for name in staged if WEIGHT_FILES.fullmatch(name)}
+    stale = [name for name in os.listdir(folder) if name not in staged and WEIGHT_FILES.fullmatch(name)
+             and WEIGHT_FILES.fullmatch(name).group(1) in variants]  # another variant's files (fp16) stay
+    for name in ["config.json"] + stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    _fsync(folder)
+    for name in staged:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    _fsync(folder)
+
+
+def _fsync(path: str) -> None:
+    """A file's or folder's content on disk, where the system allows it (best effort: a power loss is the rare case)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _plain_file_permissions(folder: str) -> None:
+    """The files transformers' save made 0600 (its weights) get the permissions a plainly created file has (the
+    umask's), as the tokenizer and config files have: weights the other users of a shared machine could not read."""
+    probe = os.path.join(folder, ".permissions")
+    with open(probe, "w"):
+        pass
+    plain = os.stat(probe).st_mode & 0o777
+    os.remove(probe)
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path) and os.stat(path).st_mode & 0o777 == 0o600:
+                os.chmod(path, plain)
+
+
+def _remove_dead_writers_stagings(folder: str) -> None:
+    """Staging folders a save on this host left when its process was killed outright."""
+    pattern = re.compile(re.escape(f"{SAVE_STAGING_PREFIX}{socket.gethostname()}.") + r"(\d+)\.[^/]*\.partial")
+    for name in os.listdir(folder):
+        match = pattern.fullmatch(name)
+        if match and int(match.group(1)) != os.getpid():
+            try:
+                os.kill(int(match.group(1)), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            except OSError:  # another user's live process
+                pass
+
+
+def _cut_tokenizer_file(path: str, length: int) -> None:
+    """tokenizer.json's own truncation (what Rust tooling reading it applies; transformers sets its own per call)
+    at the document max length, not where the last call before the save (training's, the source's) left it."""
+    if not os.path.isfile(path):
+        return
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(path)
+    if backend.truncation is not None and backend.truncation["max_length"] != length:
+        backend.enable_truncation(length, stride=backend.truncation["stride"],
+                                  strategy=backend.truncation["strategy"], direction=backend.truncation["direction"])
+        backend.save(path)
+
+
+def _drop_remote_code_copy(model_class) -> None:
+    """Loading remote code, transformers copies it into its modules cache under the folder's name
+    (transformers_modules/<folder>/<hash>/); for a staging folder (a random name, never loaded again) that was one
+    orphaned copy per save."""
+    from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
+    from transformers.utils import HF_MODULES_CACHE
+
+    parts = model_class.__module__.split(".")  # transformers_modules.<folder>.<hash>.modeling_fles1
+    if len(parts) < 3 or parts[0] != TRANSFORMERS_DYNAMIC_MODULE_NAME:
+        return
+    shutil.rmtree(os.path.join(HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME, parts[1]), ignore_errors=True)
+    package = f"{TRANSFORMERS_DYNAMIC_MODULE_NAME}.{parts[1]}"
+    for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
+        del sys.modules[name]
 
 
 def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict, config: dict, lengths: bool) -> None:
@@ -979,20 +1131,7 @@ class FLES1Encoder:
         ```
         """
         self._sync()
-        os.makedirs(save_directory, exist_ok=True)
-        self.model.save_pretrained(save_directory, safe_serialization=True)
-        if self._threshold is not None:  # this encoder's own threshold, the folder's default from now on
-            path = os.path.join(save_directory, "config.json")
-            _write_json(path, {**_read_json_or_none(path), "inference_threshold": self._threshold})
-        self.tokenizer.save_pretrained(save_directory)
-        try:
-            import sentence_transformers  # noqa: F401
-        except ImportError:
-            warnings.warn(f"{save_directory}: no sentence-transformers files (modules.json & co.) written: "
-                          "sentence-transformers is not installed", stacklevel=2)
-        else:
-            write_sentence_transformers_files(save_directory, self.config)
-        drop_loader_flags(os.path.join(save_directory, "tokenizer_config.json"))
+        save_checkpoint_folder(save_directory, self.model, self.tokenizer, threshold=self._threshold)
         return save_directory
 
     def __repr__(self) -> str:

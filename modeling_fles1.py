@@ -40,6 +40,10 @@ CPU_CHUNK_TOKENS = 256
 ACCELERATOR_CHUNK_TOKENS = 16384  # 1 GB of bf16 logits: big enough to fill a GPU, small for its allocator
 ENCODER_FILE = "fles1_encoder.py"  # ships beside the model files; see `FLES1ForMaskedLM._copy_companion_files`
 LICENSE_FILES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING)([.-].*)?$", re.IGNORECASE)
+# imported from transformers' modules cache (trust_remote_code) rather than as a plain module
+_REMOTE_CODE = __name__.split(".")[0] == "transformers_modules"
+# a transformers save's weight files: model[.<variant>][-0000i-of-0000n].safetensors[.index.json]
+WEIGHT_FILES = re.compile(r"model(\.[\w-]+)?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 HUB_LICENSE_FILES = ["LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "COPYING"]  # looked up one by one
 
 
@@ -507,6 +511,29 @@ SAMPLED_ELEMENTS = 257
 _INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bits compared, NaN included
 
 
+def _weight_files(folder) -> dict:
+    """{weight file name: (inode, size, mtime)} of a transformers save in `folder` (`WEIGHT_FILES`)."""
+    try:
+        names = [name for name in os.listdir(folder) if WEIGHT_FILES.fullmatch(name)]
+    except OSError:
+        return {}
+    return {name: (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            for name, stat in ((name, os.stat(os.path.join(folder, name))) for name in names)}
+
+
+def _remove_stale_weight_files(folder, earlier: dict) -> None:
+    """Remove what an earlier save of the same variant left that this one did not rewrite: transformers removes
+    stale shards only, so a sharded save over an unsharded one left model.safetensors -- which the loaders read
+    first, the earlier weights -- and the reverse left a stale index."""
+    now = _weight_files(folder)
+    written = {name for name, signature in now.items() if earlier.get(name) != signature}
+    variants = {WEIGHT_FILES.fullmatch(name).group(1) for name in written}
+    for name in now.keys() - written:
+        if WEIGHT_FILES.fullmatch(name).group(1) in variants:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+
+
 class _TransformedHiddenStates(torch.nn.Module):
     """Backbone + MLM-head transform of one unpadded text: the part of `encode_sparse` that gets traced."""
 
@@ -659,7 +686,10 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             "AutoModel": "modeling_fles1.FLES1ForMaskedLM",
             "AutoModelForMaskedLM": "modeling_fles1.FLES1ForMaskedLM",
         }
+        earlier = _weight_files(save_directory)
         saved = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            _remove_stale_weight_files(save_directory, earlier)
         self._copy_companion_files(save_directory)
         return saved
 
@@ -709,8 +739,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
 
     def _copy_companion_files(self, save_directory) -> None:
         """transformers copies only the code it imports. Also saved: fles1_encoder.py (users fetch it with
-        ``hf_hub_download``), from the checkpoint the model was loaded from (folder, or hub repo as cached) else
-        from beside this file; and that checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint
+        ``hf_hub_download``) -- the one beside this file where it was imported as a plain module (the code running),
+        else (remote code) the checkpoint's the model was loaded from (folder, or hub repo as cached); and that checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint
         -- a sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
         files already in the folder are kept. A hub checkpoint's files come from the local cache, and
         fles1_encoder.py and LICENSE, when not cached, from the Hub (online; `_companion_file`); a missing encoder
@@ -721,13 +751,16 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         names = [ENCODER_FILE] + (sorted({name for folder in folders for name in license_files(folder)})
                                   if local else HUB_LICENSE_FILES)
         licensed = False
+        beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), ENCODER_FILE)
+        beside = beside if os.path.isfile(beside) else None
         for name in names:
             target = os.path.join(save_directory, name)
-            source = self._companion_file(name)
+            # imported as a plain module, this is the code running and the modeling file transformers saves: the
+            # encoder file beside it matches it (a checkpoint's own could be older); remote code has none beside it
+            source = beside if name == ENCODER_FILE and beside and not _REMOTE_CODE else self._companion_file(name)
             licensed |= name != ENCODER_FILE and (source is not None or os.path.exists(target))
             if source is None and name == ENCODER_FILE:
-                source = os.path.join(os.path.dirname(os.path.abspath(__file__)), ENCODER_FILE)
-                source = source if os.path.isfile(source) else None
+                source = beside
                 if source is None and not os.path.exists(target):
                     logger.warning_once(f"{ENCODER_FILE} not saved: it is not in the local cache of "
                                         f"{self.name_or_path}; hf_hub_download({self.name_or_path!r}, "

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import warnings
 from typing import Optional
 
@@ -17,10 +16,8 @@ from transformers.utils import cached_file
 
 from configuration_fles1 import FLES1Config
 from fles1 import PROJECT_ROOT
-from fles1.atomic import (atomic_directory, is_staging_folder, path_within, plain_file_permissions,
-                          require_new_folder)
-from fles1_encoder import dtype_name, drop_loader_flags, is_local_path, not_a_folder
-from fles1_encoder import write_sentence_transformers_files as _write_sentence_transformers_files
+from fles1.atomic import atomic_directory, path_within, require_new_folder
+from fles1_encoder import dtype_name, is_local_path, not_a_folder, save_checkpoint_folder
 from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM, license_files
 
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
@@ -46,23 +43,17 @@ def fles1_config_from(backbone_config, **sparse_settings) -> FLES1Config:
 
 
 def save_checkpoint(model: FLES1ForMaskedLM, tokenizer, out_dir: str, license_from: Optional[str] = None) -> str:
-    """Write the weights (safetensors), config with auto_map, code files, tokenizer and the
-    sentence-transformers files, so that all three loaders read the folder -- and the license files (LICENSE,
-    NOTICE, ...) of the folder the weights came from (`license_from`, default the model's own ``name_or_path``):
-    a derived checkpoint is a redistribution of them (Apache-2.0 section 4)."""
-    os.makedirs(out_dir, exist_ok=True)
-    copy_license_files(license_from or getattr(model, "name_or_path", None), out_dir)
+    """`fles1_encoder.save_checkpoint_folder` (weights, config with auto_map, tokenizer, sentence-transformers
+    files; staged and moved in, config.json last), with this project's code files over the ones the model came with
+    and the license files (LICENSE, NOTICE, ...) of the folder the weights came from (`license_from`, default the
+    model's own ``name_or_path``): a derived checkpoint is a redistribution of them (Apache-2.0 section 4)."""
     model.config.architectures = ["FLES1ForMaskedLM"]
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.model_max_length = model.config.document_max_length
-    tokenizer.save_pretrained(out_dir)
-    copy_code_files(out_dir)  # save_pretrained copied the checkpoint's own (maybe older) files: ship this code
-    write_sentence_transformers_files(out_dir, model.config)  # re-saves the tokenizer
-    drop_loader_flags(os.path.join(out_dir, "tokenizer_config.json"))
-    # training saves here directly, not through atomic_directory: the weights safetensors wrote 0600, nothing else
-    weights = [name for name in os.listdir(out_dir) if re.fullmatch(r"model.*\.safetensors", name)]
-    plain_file_permissions(out_dir, weights)
-    return out_dir
+
+    def prepare(staging: str) -> None:  # before sentence-transformers loads the folder: it runs this code
+        copy_license_files(license_from or getattr(model, "name_or_path", None), staging)
+        copy_code_files(staging)  # save_pretrained copied the checkpoint's own (maybe older) files: ship this code
+
+    return save_checkpoint_folder(out_dir, model, tokenizer, prepare=prepare)
 
 
 def copy_license_files(source: Optional[str], out_dir: str) -> list[str]:
@@ -103,30 +94,6 @@ def _hub_license_folder(repo_id: str) -> Optional[str]:
         warnings.warn(f"{repo_id}: its license files could not be fetched ({type(error).__name__}); a checkpoint "
                       "derived from it should carry them: copy them into the folder")
         return None
-
-
-def write_sentence_transformers_files(out_dir: str, config: FLES1Config) -> None:
-    """`fles1_encoder.write_sentence_transformers_files`; in a staging folder (a random name, never loaded again)
-    without leaving its remote-code copy behind."""
-    model_class = _write_sentence_transformers_files(out_dir, config)
-    if is_staging_folder(out_dir):
-        _drop_remote_code_copy(model_class)
-
-
-def _drop_remote_code_copy(model_class) -> None:
-    """Loading remote code, transformers copies it into its modules cache under the folder's name
-    (transformers_modules/<folder>/<hash>/); for a staging folder (a random name, never loaded again) that was one
-    orphaned copy per convert."""
-    from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
-    from transformers.utils import HF_MODULES_CACHE
-
-    parts = model_class.__module__.split(".")  # transformers_modules.<folder>.<hash>.modeling_fles1
-    if len(parts) < 3 or parts[0] != TRANSFORMERS_DYNAMIC_MODULE_NAME:
-        return
-    shutil.rmtree(os.path.join(HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME, parts[1]), ignore_errors=True)
-    package = f"{TRANSFORMERS_DYNAMIC_MODULE_NAME}.{parts[1]}"
-    for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
-        del sys.modules[name]
 
 
 def is_fles1_source(source: str) -> bool:

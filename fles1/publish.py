@@ -32,8 +32,9 @@ import yaml
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
 from fles1.card import (CardInputError, build_card, check_license_id, check_repo_id, check_revision, publishable,
                         read_json)
-from fles1.checkpoint import (HUB_CODE_FILES, TOKENIZER_CODE_REFUSED, copy_code_files, drop_loader_flags, license_of,
+from fles1.checkpoint import (HUB_CODE_FILES, TOKENIZER_CODE_REFUSED, copy_code_files, license_of,
                               load_source_tokenizer, tokenizer_code)
+from fles1_encoder import drop_loader_flags
 from modeling_fles1 import LICENSE_FILES
 
 REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights

@@ -83,6 +83,135 @@ def test_encoder_save_pretrained_loads_back_through_every_loader(fles1_checkpoin
     assert runner.summarize(verbose=False) == (0, 3)
 
 
+@pytest.mark.parametrize("interrupted", ["weights", "tokenizer", "sentence-transformers", "moving in"])
+@pytest.mark.parametrize("saver", ["encoder", "save_checkpoint"])
+def test_an_interrupted_save_over_a_checkpoint_never_mixes_two_models(tiny_random_checkpoint, tmp_path, monkeypatch,
+                                                                      interrupted, saver):
+    """Saving over an earlier checkpoint wrote into it file by file: interrupted, the folder loaded silently with
+    the new config (threshold) beside the old weights or tokenizer. Now it holds the earlier checkpoint whole until
+    the new one is complete, and while files are being moved in it has no config.json (loaders refuse it)."""
+    import fles1_encoder
+    from fles1.checkpoint import save_checkpoint
+
+    first = FLES1Encoder.from_pretrained(tiny_random_checkpoint, threshold=0.5)
+    folder = first.save_pretrained(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "notes.txt").write_text("mine")  # another file there stays
+    second = FLES1Encoder.from_pretrained(tiny_random_checkpoint, threshold=0.9)
+    with torch.no_grad():
+        second.model.cls.predictions.bias.add_(1.0)  # another model: every weight differs
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if interrupted == "weights":
+        import transformers.modeling_utils
+
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", interrupt)
+    elif interrupted == "tokenizer":
+        monkeypatch.setattr(type(second.tokenizer), "save_pretrained", interrupt)
+    elif interrupted == "sentence-transformers":
+        monkeypatch.setattr(fles1_encoder, "write_sentence_transformers_files", interrupt)
+    else:  # the third file moved in
+        moves, replace = [], os.replace
+
+        def replace_then_interrupt(source, target):
+            moves.append(target)
+            if len(moves) == 3 and fles1_encoder.SAVE_STAGING_PREFIX in source:
+                raise KeyboardInterrupt
+            return replace(source, target)
+
+        monkeypatch.setattr(fles1_encoder.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        if saver == "encoder":
+            second.save_pretrained(folder)
+        else:
+            save_checkpoint(second.model, second.tokenizer, folder)
+    monkeypatch.undo()
+    names = os.listdir(folder)
+    assert "notes.txt" in names and not [name for name in names if name.startswith(".fles1-save.")]  # no staging left
+    if interrupted == "moving in":  # half moved: not loadable, and the loaders say why
+        assert "config.json" not in names
+        with pytest.raises(CheckpointError, match="config.json"):
+            FLES1Encoder.from_pretrained(folder)
+        return
+    reloaded = FLES1Encoder.from_pretrained(folder)  # the earlier checkpoint, whole
+    assert reloaded.threshold == 0.5
+    assert torch.equal(reloaded.model.cls.predictions.bias, first.model.cls.predictions.bias)
+    second.save_pretrained(folder)  # and a save that completes replaces it
+    reloaded = FLES1Encoder.from_pretrained(folder)
+    assert reloaded.threshold == 0.9 and "notes.txt" in os.listdir(folder)
+    assert torch.equal(reloaded.model.cls.predictions.bias, second.model.cls.predictions.bias)
+
+
+def test_a_sharded_save_over_an_unsharded_one_loads_the_new_weights(tiny_random_checkpoint, tmp_path):
+    """transformers removes an earlier save's stale shards only: a sharded save over model.safetensors left it
+    there, and the loaders read it first -- the earlier weights, silently. The reverse left a stale index."""
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    folder = tmp_path / "model"
+    model = FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint)
+    model.save_pretrained(folder)
+    model.save_pretrained(folder, variant="v2")  # another variant's file stays through both saves below
+    with torch.no_grad():
+        model.cls.predictions.bias.add_(1.0)
+    model.save_pretrained(folder, max_shard_size="300KB")
+    names = set(os.listdir(folder))
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    assert "model.v2.safetensors" in names
+    assert torch.equal(FLES1ForMaskedLM.from_pretrained(folder).cls.predictions.bias, model.cls.predictions.bias)
+    with torch.no_grad():
+        model.cls.predictions.bias.add_(1.0)
+    model.save_pretrained(folder)  # unsharded again: no stale index or shards
+    names = set(os.listdir(folder))
+    assert {name for name in names if "safetensors" in name} == {"model.safetensors", "model.v2.safetensors"}
+    assert torch.equal(FLES1ForMaskedLM.from_pretrained(folder).cls.predictions.bias, model.cls.predictions.bias)
+    # the encoder's save over a sharded folder likewise
+    FLES1Encoder.from_pretrained(tiny_random_checkpoint).save_pretrained(str(tmp_path / "encoder"))
+    model.save_pretrained(tmp_path / "encoder", max_shard_size="300KB")
+    FLES1Encoder.from_pretrained(tiny_random_checkpoint).save_pretrained(str(tmp_path / "encoder"))
+    assert not [name for name in os.listdir(tmp_path / "encoder") if "index" in name or "-of-" in name]
+
+
+def test_an_encoder_save_ships_the_encoder_file_of_the_code_running(tiny_random_checkpoint, tmp_path):
+    """A model imported from this project, loaded from a folder with older code files, was saved with this
+    project's modeling and configuration files but the folder's older fles1_encoder.py: a mismatched pair."""
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_random_checkpoint, old)
+    for name in ("configuration_fles1.py", "modeling_fles1.py", "fles1_encoder.py"):
+        with open(old / name, "a") as handle:
+            handle.write("# OLD COPY\n")
+    here = Path(__file__).resolve().parents[1] / "fles1_encoder.py"
+    FLES1ForMaskedLM.from_pretrained(old).save_pretrained(tmp_path / "saved")  # this project's modeling_fles1
+    assert (tmp_path / "saved" / "fles1_encoder.py").read_bytes() == here.read_bytes()
+    assert (tmp_path / "saved" / "modeling_fles1.py").read_bytes() == (here.parent / "modeling_fles1.py").read_bytes()
+    from transformers import AutoModelForMaskedLM
+
+    AutoModelForMaskedLM.from_pretrained(old, trust_remote_code=True).save_pretrained(tmp_path / "remote")
+    for name in ("modeling_fles1.py", "fles1_encoder.py"):  # remote code: the folder's own files, all of them
+        assert (tmp_path / "remote" / name).read_text().endswith("# OLD COPY\n")
+
+
+def test_a_saved_folder_cuts_tokenizer_json_where_its_config_does_and_reads_for_all(tiny_random_checkpoint, tmp_path):
+    """tokenizer.json kept the truncation the last call before the save left on the tokenizer (training's cut, the
+    source's 512): Rust tooling reading it cut elsewhere than the config says. And the encoder's save left its
+    weights 0600 (transformers' save), unreadable to the other users of a shared machine beside 0644 files."""
+    from tokenizers import Tokenizer
+
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint)
+    encoder.tokenizer("a text " * 100, truncation=True, max_length=7)  # leaves the backend cutting at 7
+    assert encoder.tokenizer.backend_tokenizer.truncation["max_length"] == 7
+    length = encoder.tokenizer.model_max_length
+    folder = encoder.save_pretrained(str(tmp_path / "saved"))
+    assert Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).truncation["max_length"] == 48
+    assert encoder.tokenizer.model_max_length == length  # the encoder's own tokenizer keeps its setting
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: os.stat(os.path.join(folder, name)).st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == {"model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
+
+
 def test_readme_usage_snippet_runs_and_shows_what_it_prints(fles1_checkpoint):
     """The README's Python block, with the hub id as the converted shipped backbone; it once used an undefined
     `documents`. Its comment's weights (splade-tiny) are what encode returns, to the shown decimals."""
