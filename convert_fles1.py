@@ -9,8 +9,8 @@ setting out of range), with one "error: ..." line.
 import argparse
 import sys
 
-from fles1.atomic import require_new_folder, require_writable
-from fles1.checkpoint import OVERWRITE_HINT, convert
+from fles1.atomic import require_writable
+from fles1.checkpoint import convert, require_new_folder_for
 from fles1.cli import at_least, bad_input, interrupts_exit
 
 
@@ -33,7 +33,7 @@ def main(argv=None):
 
 def _run(args) -> int:
     try:  # before the model loads; an OSError below is then the source's
-        require_new_folder(args.out, args.overwrite, hint=OVERWRITE_HINT)
+        require_new_folder_for(args.source, args.out, args.overwrite)
         require_writable(args.out, "OUT", folder=True)
     except (FileExistsError, NotADirectoryError, ValueError) as error:
         return bad_input(str(error))

@@ -104,14 +104,30 @@ def is_fles1_source(source: str) -> bool:
 SUPPORTED_MODEL_TYPES = ("bert", FLES1Config.model_type)
 
 
+def require_new_folder_for(source: str, out_dir: str, overwrite: bool) -> None:
+    """`require_new_folder` for convert's output; where it is refused as not empty and it is the source or holds
+    it, that is the error: "exists and is not empty (--overwrite replaces it)" pointed to a flag then refused."""
+    try:
+        require_new_folder(out_dir, overwrite, hint=OVERWRITE_HINT)
+    except FileExistsError:
+        refuse_output_holding_source(source, out_dir)
+        raise
+
+
+def refuse_output_holding_source(source: str, out_dir: str) -> None:
+    """A ValueError where the output folder is a local source or holds it."""
+    if os.path.isdir(source) and path_within(source, out_dir):
+        raise ValueError(f"the output folder {out_dir} is the source or holds it: --overwrite would delete the "
+                         "source; write the conversion elsewhere")
+
+
 def check_source(source: str, out_dir: Optional[str] = None) -> str:
     """What convert refuses before loading any weights, as a ValueError saying what is supported; the source's
     model_type. A folder must hold safetensors weights, and a sentence-transformers SPLADE folder must pool as
     FLES-1 does (max over tokens of log(1 + ReLU)): another pooling would convert into a different model."""
     local = os.path.isdir(source)
-    if local and out_dir is not None and path_within(source, out_dir):
-        raise ValueError(f"the output folder {out_dir} is the source or holds it: --overwrite would delete the "
-                         "source; write the conversion elsewhere")
+    if out_dir is not None:
+        refuse_output_holding_source(source, out_dir)
     settings = PreTrainedConfig.get_config_dict(source)[0]
     if not settings:  # transformers reads a folder without config.json as {}
         routed = any(str(module.get("type", "")).endswith("Router") for module in _modules(source))
@@ -216,7 +232,7 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     empty unless ``overwrite``; it appears complete or not at all (built beside it, then renamed into place).
     The weights are written in float32 whatever the source's dtype (with a warning when that casts them): the
     exact int8-screened CPU path and the loaders' 1e-5 agreement are float32's; load in bf16 with ``dtype=``."""
-    require_new_folder(out_dir, overwrite, hint=OVERWRITE_HINT)  # before the load
+    require_new_folder_for(source, out_dir, overwrite)  # before the load
     if not os.path.isdir(source) and is_local_path(source):
         raise FileNotFoundError(not_a_folder(source))  # a path, not a hub id: transformers would say "bad repo id"
     # A FLES-1 source (to change its settings) loads through this project's class: through the Auto classes its

@@ -502,6 +502,13 @@ def test_model_convert_refuses_sources_that_would_convert_into_another_model(bac
     assert not marker.exists()
     assert convert_fles1.main([same, same, "--overwrite"]) == 2
     assert "is the source or holds it" in capsys.readouterr().err
+    # without --overwrite too: "exists and is not empty (--overwrite replaces it)" pointed to a flag then refused
+    assert convert_fles1.main([same, same]) == 2
+    assert "is the source or holds it" in capsys.readouterr().err
+    from fles1.checkpoint import convert
+
+    with pytest.raises(ValueError, match="is the source or holds it"):
+        convert(same, same)
     assert (tmp_path / "same" / "README.md").read_text() == "keep me\n"
     assert convert_fles1.main([same, str(tmp_path), "--overwrite"]) == 2  # a folder holding the source
     assert os.path.isfile(os.path.join(same, "model.safetensors"))
