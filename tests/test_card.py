@@ -679,3 +679,27 @@ def test_one_model_evaluated_from_two_folders_is_one_run(tmp_path):
              make_eval(tmp_path / "second.json", model_path="outputs/run", fingerprint="fp-b",
                        datasets={"nfcorpus": 0.29})]
     assert table_row(card_from(tmp_path, again).text, ["mean ± std (n=2)"])
+
+
+def test_the_committed_card_is_what_the_template_writes_from_the_committed_results(tmp_path):
+    """results/model_card/README.md (the card as push publishes it) kept a paragraph the template had since changed:
+    regenerated from the committed result files, it equals the committed card but for the paths push rewrites."""
+    runs = [os.path.join(ROOT, "results", "runs", f"probe-bm25pos-tau1-seed{seed}") for seed in range(3)]
+    plots = [os.path.join(runs[0], f"{name}.png") for name in ("loss", "nnz", "lambda_d")] + [
+        os.path.join(ROOT, "results", "plots", f"{name}_nnz.png")
+        for name in ("seeds", "clfr_vs_fixed", "l1_vs_squared", "exploration", "gpu_full_schedule")]
+    out = tmp_path / "card.md"
+    process = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"),
+         "--results", *[os.path.join(run, "eval_test.json") for run in runs],
+         "--training-log", *[os.path.join(run, "training_log.json") for run in runs],
+         "--plots", *plots, "--studies", os.path.join(ROOT, "results", "STUDY.md"), "--output", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert process.returncode == 0, process.stderr
+
+    def without_paths(card: str) -> list[str]:  # push names the result files and plots by their Hub paths
+        card = re.sub(r"`[^`\n]*eval_test\.json`", "`RESULTS`", card)
+        return re.sub(r"!\[[^\]\n]*\]\([^)\n]*\)", "![PLOT](PLOT)", card).splitlines()
+
+    committed = open(os.path.join(ROOT, "results", "model_card", "README.md"), encoding="utf-8").read()
+    assert without_paths(committed) == without_paths(out.read_text(encoding="utf-8"))
