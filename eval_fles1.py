@@ -31,7 +31,7 @@ bulk-00001.ndjson ... of at most 16 MiB each for POST /_bulk -- rank_features, 9
 -- and queries.jsonl, one _search body per query) and DIR/<dataset>/pyserini/ (collection/docs.jsonl:
 JsonVectorCollection, integer impacts = round(100 w); queries.tsv: Anserini impact topics, each token repeated by
 its impact), each with an export.json naming the model (path and fingerprint), threshold, split and the commands
-to index and search, run from DIR/<dataset> (Elasticsearch: curl 7.76+ and jq against $ES, each command exiting
+to index and search, run from DIR/<dataset> (Elasticsearch: sh with curl 7.76+ and jq against $ES, each command exiting
 non-zero at the first refusal, bulk responses kept in elasticsearch-bulk-responses.ndjson, search responses (ids and
 scores) written to elasticsearch-responses.tsv, a query id and its response per line; Anserini: pyserini's indexer
 and its SearchCollection); an earlier export's two folders are replaced together. Every output is written atomically;

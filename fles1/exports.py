@@ -57,29 +57,36 @@ ANSERINI_SEARCH_COMMAND = ("java -cp ANSERINI_JAR io.anserini.search.SearchColle
 ANSERINI_SEARCH_COMMAND_KEEPING_OWN_IDS = ANSERINI_SEARCH_COMMAND.replace(" -removeQuery -hits 1001", " -hits 1000")
 # the commands' relative paths start in the dataset's export folder, the one holding pyserini/ and elasticsearch/
 ANSERINI_RUN_FROM = "the dataset's export folder (DIR/<dataset>, holding pyserini/ and elasticsearch/)"
-# Elasticsearch / OpenSearch over HTTP (curl 7.76+ for --fail-with-body, and jq); $ES is the server's URL and INDEX
-# the index (export.json puts its name in). Each command exits non-zero on the first refusal -- an index that exists
-# already, a bulk request with a failed item (every bulk response is kept in elasticsearch-bulk-responses.ndjson),
-# a search error -- so that `create && index && search` stops there instead of searching a short index. Refreshed
-# after the bulk requests, so that the searches see every document; each search response is written as
+# Elasticsearch / OpenSearch over HTTP (curl 7.76+ for --fail-with-body, and jq; POSIX sh or bash); $ES is the
+# server's URL and INDEX the index (export.json puts its name in). Each command exits non-zero on the first refusal --
+# an index that exists already, a bulk request with a failed item (every bulk response is kept in
+# elasticsearch-bulk-responses.ndjson), a search error -- so that `create && index && search` stops there instead of
+# searching a short index; each runs in a subshell, so that pasted into a terminal its `exit` ends only itself.
+# Refreshed after the bulk requests, so that the searches see every document; each search response is written as
 # "<query id>\t<response JSON>", one line per query (ids hold no whitespace).
 _ES_SET = ': "${ES:?set ES to the server URL, e.g. http://localhost:9200}"'
 ELASTICSEARCH_COMMANDS = {
     "create_index_command": f"{_ES_SET} && curl -sS --fail-with-body -XPUT \"$ES/INDEX\" "
                             "-H 'Content-Type: application/json' --data-binary @elasticsearch/mapping.json",
     # an empty part (an empty corpus) is skipped: the engines refuse an empty bulk body
-    "index_command": f"{_ES_SET} && ( set -o pipefail; : > elasticsearch-bulk-responses.ndjson; "
+    "index_command": f"{_ES_SET} && ( rm -f elasticsearch-bulk-responses.ndjson; "
                      "for part in elasticsearch/bulk-*.ndjson; do [ -s \"$part\" ] || continue; "
+                     "rm -f elasticsearch-bulk-response.json; "
                      "curl -sS --fail-with-body -XPOST \"$ES/_bulk\" -H 'Content-Type: application/x-ndjson' "
-                     "--data-binary @\"$part\" | jq -c . | tee -a elasticsearch-bulk-responses.ndjson "
-                     "| jq -e '.errors == false' > /dev/null || { echo \"$part: refused, or some of its documents "
-                     "were (elasticsearch-bulk-responses.ndjson)\" >&2; exit 1; }; done ) "
+                     "--data-binary @\"$part\" -o elasticsearch-bulk-response.json; sent=$?; "
+                     "jq -c . elasticsearch-bulk-response.json >> elasticsearch-bulk-responses.ndjson 2> /dev/null; "
+                     "[ $sent -eq 0 ] && jq -e '.errors == false' elasticsearch-bulk-response.json > /dev/null "
+                     "|| { rm -f elasticsearch-bulk-response.json; echo \"$part: refused, or some of its documents "
+                     "were (elasticsearch-bulk-responses.ndjson)\" >&2; exit 1; }; done; "
+                     "rm -f elasticsearch-bulk-response.json ) "
                      "&& curl -sS --fail-with-body -XPOST \"$ES/INDEX/_refresh\"",
     # the body through stdin: a query at threshold 0 (every term) is past the 128 KiB one argument may have
-    "search_command": f"{_ES_SET} && ( set -o pipefail; jq -r '.id, (.body | tojson)' elasticsearch/queries.jsonl "
-                      "| while read -r id && read -r body; do printf '%s\\t' \"$id\"; printf '%s' \"$body\" "
-                      "| curl -sS --fail-with-body -XPOST \"$ES/INDEX/_search\" -H 'Content-Type: application/json' "
-                      "--data-binary @- || exit 1; echo; done > elasticsearch-responses.tsv )",
+    "search_command": f"{_ES_SET} && ( jq -r '.id, (.body | tojson)' elasticsearch/queries.jsonl "
+                      "> elasticsearch-search-bodies.txt || exit 1; failed=; while read -r id && read -r body; do "
+                      "printf '%s\\t' \"$id\"; printf '%s' \"$body\" | curl -sS --fail-with-body -XPOST "
+                      "\"$ES/INDEX/_search\" -H 'Content-Type: application/json' --data-binary @- "
+                      "|| { failed=1; break; }; echo; done < elasticsearch-search-bodies.txt "
+                      "> elasticsearch-responses.tsv; rm -f elasticsearch-search-bodies.txt; [ -z \"$failed\" ] )",
 }
 
 
@@ -106,7 +113,7 @@ def _checked_weights(matrix, what: str) -> csr_matrix:
     and the writers treated such entries apart -- Elasticsearch's left them out, the Anserini files wrote negative
     impacts and queries of nothing but negative weights as the empty line that stops Anserini's whole search."""
     matrix = csr_matrix(matrix)
-    bad = np.flatnonzero(~(matrix.data >= 0))  # NaN too
+    bad = np.flatnonzero(~(np.isfinite(matrix.data) & (matrix.data >= 0)))
     if len(bad):
         row = int(np.searchsorted(matrix.indptr, bad[0], side="right")) - 1
         raise ValueError(f"{what}: row {row} has the weight {float(matrix.data[bad[0]])!r} (column "
@@ -243,6 +250,9 @@ def quantize(matrix: csr_matrix, scale: float = IMPACT_SCALE) -> csr_matrix:
         raise ValueError(f"scale must be > 0, got {scale!r}")
     matrix = csr_matrix(_checked_weights(matrix, "quantize"), dtype=np.float64, copy=True)
     matrix.data = np.rint(matrix.data * scale)
+    if len(matrix.data) and matrix.data.max() > np.iinfo(np.int32).max:  # wrapped to negative impacts
+        raise ValueError(f"quantize: a weight of {matrix.data.max() / scale:g} at scale {scale:g} is past the int32 "
+                         "impacts Lucene stores")
     matrix.eliminate_zeros()
     return matrix.astype(np.int32)
 

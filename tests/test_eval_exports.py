@@ -104,7 +104,8 @@ def test_elasticsearch_commands_send_the_exported_files(tiny_random_checkpoint, 
     try:
         environment = {**os.environ, "ES": f"http://127.0.0.1:{server.server_address[1]}"}
         for step in ("create_index_command", "index_command", "search_command"):
-            done = subprocess.run(["bash", "-c", manifest[step]], cwd=folder, env=environment, timeout=60,
+            # POSIX sh (dash here, what subprocess(shell=True) and Docker's RUN use), not only bash
+            done = subprocess.run(["sh", "-c", manifest[step]], cwd=folder, env=environment, timeout=60,
                                   capture_output=True, text=True)
             assert done.returncode == 0, (step, done.stderr)
     finally:
@@ -153,7 +154,8 @@ def _stand_in_elasticsearch(answers: dict):
     return server, requests
 
 
-def test_elasticsearch_commands_fail_where_the_engine_refuses(tmp_path):
+@pytest.mark.parametrize("shell", ["bash", "sh"])
+def test_elasticsearch_commands_fail_where_the_engine_refuses(tmp_path, shell):
     """export.json's commands exited 0 whatever the server answered -- an index that exists already (400), a bulk
     request with failed items, a failing search -- so `create && index && search` went on to search a short or old
     index and wrote a full-looking responses file; without $ES set they exited 0 with nothing done."""
@@ -162,8 +164,8 @@ def test_elasticsearch_commands_fail_where_the_engine_refuses(tmp_path):
 
     from fles1.exports import elasticsearch_commands, write_elasticsearch, write_elasticsearch_queries
 
-    if not (shutil.which("curl") and shutil.which("jq")):
-        pytest.skip("the commands need curl and jq on PATH")
+    if not (shutil.which("curl") and shutil.which("jq") and shutil.which(shell)):
+        pytest.skip(f"the commands need curl, jq and {shell} on PATH")
     matrix = csr_matrix(np.array([[0.5, 0.0], [0.0, 1.5]]))
     write_elasticsearch(str(tmp_path / "elasticsearch"), "toy", ["d1", "d2"], matrix, ["a", "b"])
     write_elasticsearch_queries(str(tmp_path / "elasticsearch" / "queries.jsonl"), ["q1", "q2"], matrix, ["a", "b"])
@@ -175,7 +177,7 @@ def test_elasticsearch_commands_fail_where_the_engine_refuses(tmp_path):
             environment = {name: value for name, value in os.environ.items() if name != "ES"}
             if es:
                 environment["ES"] = f"http://127.0.0.1:{server.server_address[1]}"
-            done = subprocess.run(["bash", "-c", commands[step]], cwd=tmp_path, env=environment, timeout=60,
+            done = subprocess.run([shell, "-c", commands[step]], cwd=tmp_path, env=environment, timeout=60,
                                   capture_output=True, text=True)
         finally:
             server.shutdown()
@@ -191,6 +193,8 @@ def test_elasticsearch_commands_fail_where_the_engine_refuses(tmp_path):
     assert json.loads((tmp_path / "elasticsearch-bulk-responses.ndjson").read_text())["errors"] is True
     done, requests = run("search_command", {("POST", "/_search"): (500, b'{"error": "boom"}')})
     assert done.returncode != 0 and requests == [("POST", "/toy/_search")]  # the first failure stops the searches
+    assert sorted(os.listdir(tmp_path)) == ["elasticsearch", "elasticsearch-bulk-responses.ndjson",
+                                            "elasticsearch-responses.tsv"]  # no scratch file left behind
     for step in commands:
         done, requests = run(step, {}, es=False)
         assert done.returncode != 0 and "set ES to the server URL" in done.stderr and requests == []
@@ -216,9 +220,13 @@ def test_exports_refuse_negative_or_nan_weights(tmp_path):
             write(str(tmp_path / "out"), ["q1", "q2"], negative, ["a", "b"])
     with pytest.raises(ValueError, match=r"write_elasticsearch: row 0 has the weight nan"):
         write_elasticsearch(str(tmp_path / "es"), "toy", ["d1"], csr_matrix(np.array([[np.nan, 1.0]])), ["a", "b"])
+    with pytest.raises(ValueError, match=r"write_elasticsearch_queries: row 0 has the weight inf"):  # "Infinity"
+        write_elasticsearch_queries(str(tmp_path / "q"), ["q1"], csr_matrix(np.array([[0.5, np.inf]])), ["a", "b"])
+    with pytest.raises(ValueError, match=r"quantize: a weight of 3e\+07 at scale 100 is past the int32 impacts"):
+        quantize(csr_matrix(np.array([[3e7, 1.0]])))  # wrapped to a negative impact
     with pytest.raises(ValueError, match=r"quantize: row 1 has the weight -0.2"):
         empty_impact_rows(["q1", "q2"], negative)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "es").exists()  # refused before anything is written
+    assert not [name for name in os.listdir(tmp_path)]  # refused before anything is written
     assert quantize(csr_matrix(np.array([[0.0, 0.004, 0.5]]))).toarray().tolist() == [[0, 0, 50]]
 
 
