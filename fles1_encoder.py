@@ -27,6 +27,7 @@ import operator
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -159,11 +160,10 @@ def _write_json(path: str, value) -> None:
     os.replace(partial, path)
 
 
-SAVE_STAGING_PREFIX = ".fles1-save."  # + host.pid. : a save's staging folder inside the folder it saves to
-# weight files of a transformers save (model[.<variant>][-0000i-of-0000n].safetensors[.index.json]): an earlier
-# save's of the same variant that this one did not write are removed -- model.safetensors beside a new sharded index
-# is what the loaders read first (modeling_fles1.py has the same pattern: each shipped file stands alone)
-WEIGHT_FILES = re.compile(r"model(\.[\w-]+)?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+SAVE_STAGING_PREFIX = ".fles1-save."  # + writer (host, pid namespace, pid): a save's staging folder in its folder
+# the weight files a save writes (no variant: model.safetensors, or shards and their index): an earlier save's that
+# this one did not write are removed -- model.safetensors beside a new sharded index is what the loaders read first
+WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
 def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[float] = None, prepare=None) -> str:
@@ -182,8 +182,8 @@ def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[fl
     config = model.config
     os.makedirs(folder, exist_ok=True)
     _remove_dead_writers_stagings(folder)
-    staging = tempfile.mkdtemp(prefix=f"{SAVE_STAGING_PREFIX}{socket.gethostname()}.{os.getpid()}.",
-                               suffix=".partial", dir=folder)
+    staging = tempfile.mkdtemp(prefix=f"{SAVE_STAGING_PREFIX}{_writer()}.{os.getpid()}.", suffix=".partial",
+                               dir=folder)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         config_path = os.path.join(staging, "config.json")
@@ -202,14 +202,35 @@ def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[fl
             warnings.warn(f"{folder}: no sentence-transformers files (modules.json & co.) written: "
                           "sentence-transformers is not installed", stacklevel=3)
         else:
-            _drop_remote_code_copy(write_sentence_transformers_files(staging, config))
+            write_sentence_transformers_files(staging, config)
         drop_loader_flags(os.path.join(staging, "tokenizer_config.json"))
         _cut_tokenizer_file(os.path.join(staging, "tokenizer.json"), config.document_max_length)
         _plain_file_permissions(staging)
-        _move_staged_into(staging, folder)
+        with _signals_held():  # milliseconds: a Ctrl-C meanwhile lands once every file is in place
+            _move_staged_into(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        _drop_remote_code_copy(os.path.basename(staging))
     return folder
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """A SIGINT or SIGTERM arriving while the block runs (main thread) is recorded and sent again after it: any
+    thread of the process may receive it, so the handlers stand in rather than a thread's signal mask."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received, previous = [], {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in received:
+            os.kill(os.getpid(), number)
 
 
 def _move_staged_into(staging: str, folder: str) -> None:
@@ -220,10 +241,8 @@ def _move_staged_into(staging: str, folder: str) -> None:
     staged.sort(key=lambda name: name == "config.json")  # the folder's config.json last: it makes the folder load
     for name in staged:
         _fsync(os.path.join(staging, name))
-    variants = {WEIGHT_FILES.fullmatch(name).group(1) for name in staged if WEIGHT_FILES.fullmatch(name)}
-    stale = [name for name in os.listdir(folder) if name not in staged and WEIGHT_FILES.fullmatch(name)
-             and WEIGHT_FILES.fullmatch(name).group(1) in variants]  # another variant's files (fp16) stay
-    for name in ["config.json"] + stale:
+    stale = [name for name in os.listdir(folder) if name not in staged and WEIGHT_FILES.fullmatch(name)]
+    for name in ["config.json"] + stale:  # (another variant's files, model.fp16.safetensors, stay)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))
     _fsync(folder)
@@ -262,9 +281,22 @@ def _plain_file_permissions(folder: str) -> None:
                 os.chmod(path, plain)
 
 
+def _writer() -> str:
+    """This process's host and pid namespace (containers sharing the host's name have namespaces of their own):
+    where its pid names this process. (`fles1.atomic` names its temporaries the same way.)"""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        namespace = 0
+    return f"{socket.gethostname()}_ns{namespace}"
+
+
 def _remove_dead_writers_stagings(folder: str) -> None:
-    """Staging folders a save on this host left when its process was killed outright."""
-    pattern = re.compile(re.escape(f"{SAVE_STAGING_PREFIX}{socket.gethostname()}.") + r"(\d+)\.[^/]*\.partial")
+    """Staging folders a save of this host and pid namespace left when its process was killed outright, and their
+    copies in transformers' modules cache."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return
+    pattern = re.compile(re.escape(f"{SAVE_STAGING_PREFIX}{_writer()}.") + r"(\d+)\.[^/]*\.partial")
     for name in os.listdir(folder):
         match = pattern.fullmatch(name)
         if match and int(match.group(1)) != os.getpid():
@@ -272,6 +304,7 @@ def _remove_dead_writers_stagings(folder: str) -> None:
                 os.kill(int(match.group(1)), 0)
             except ProcessLookupError:
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                _drop_remote_code_copy(name)
             except OSError:  # another user's live process
                 pass
 
@@ -290,20 +323,18 @@ def _cut_tokenizer_file(path: str, length: int) -> None:
         backend.save(path)
 
 
-def _drop_remote_code_copy(model_class) -> None:
-    """Loading remote code, transformers copies it into its modules cache under the folder's name
-    (transformers_modules/<folder>/<hash>/); for a staging folder (a random name, never loaded again) that was one
-    orphaned copy per save."""
-    from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
+def _drop_remote_code_copy(folder_name: str) -> None:
+    """Loading a folder's remote code (sentence-transformers does, writing its files), transformers copies it into its
+    modules cache under the folder's name (transformers_modules/<name>/) and imports it; for a staging folder (a
+    random name, never loaded again) that was one orphaned copy per save -- also where the save was interrupted."""
+    from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME, _sanitize_module_name
     from transformers.utils import HF_MODULES_CACHE
 
-    parts = model_class.__module__.split(".")  # transformers_modules.<folder>.<hash>.modeling_fles1
-    if len(parts) < 3 or parts[0] != TRANSFORMERS_DYNAMIC_MODULE_NAME:
-        return
-    shutil.rmtree(os.path.join(HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME, parts[1]), ignore_errors=True)
-    package = f"{TRANSFORMERS_DYNAMIC_MODULE_NAME}.{parts[1]}"
-    for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
-        del sys.modules[name]
+    name = _sanitize_module_name(folder_name)
+    shutil.rmtree(os.path.join(HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME, name), ignore_errors=True)
+    package = f"{TRANSFORMERS_DYNAMIC_MODULE_NAME}.{name}"
+    for module in [module for module in sys.modules if module == package or module.startswith(f"{package}.")]:
+        del sys.modules[module]
 
 
 def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict, config: dict, lengths: bool) -> None:

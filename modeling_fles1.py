@@ -42,8 +42,6 @@ ENCODER_FILE = "fles1_encoder.py"  # ships beside the model files; see `FLES1For
 LICENSE_FILES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING)([.-].*)?$", re.IGNORECASE)
 # imported from transformers' modules cache (trust_remote_code) rather than as a plain module
 _REMOTE_CODE = __name__.split(".")[0] == "transformers_modules"
-# a transformers save's weight files: model[.<variant>][-0000i-of-0000n].safetensors[.index.json]
-WEIGHT_FILES = re.compile(r"model(\.[\w-]+)?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 HUB_LICENSE_FILES = ["LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "COPYING"]  # looked up one by one
 
 
@@ -511,27 +509,36 @@ SAMPLED_ELEMENTS = 257
 _INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bits compared, NaN included
 
 
-def _weight_files(folder) -> dict:
-    """{weight file name: (inode, size, mtime)} of a transformers save in `folder` (`WEIGHT_FILES`)."""
+def _weight_file_pattern(variant: Optional[str]) -> "re.Pattern":
+    """The names a transformers save of `variant` writes: model[.<variant>][-0000i-of-0000n].safetensors, and the
+    shards' index model.safetensors.index[.<variant>].json."""
+    suffix = re.escape(f".{variant}") if variant else ""
+    return re.compile(rf"model{suffix}(-\d{{5}}-of-\d{{5}})?\.safetensors|model\.safetensors\.index{suffix}\.json")
+
+
+@contextlib.contextmanager
+def _earlier_weights_set_aside(folder, variant: Optional[str]):
+    """An earlier save's weight files of the same variant moved aside while transformers saves, removed once it has
+    (put back if it fails): transformers removes an earlier save's stale shards only, so a sharded save over an
+    unsharded one left model.safetensors -- which the loaders read first: the earlier weights -- and the reverse a
+    stale index."""
+    pattern = _weight_file_pattern(variant)
     try:
-        names = [name for name in os.listdir(folder) if WEIGHT_FILES.fullmatch(name)]
-    except OSError:
-        return {}
-    return {name: (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            for name, stat in ((name, os.stat(os.path.join(folder, name))) for name in names)}
-
-
-def _remove_stale_weight_files(folder, earlier: dict) -> None:
-    """Remove what an earlier save of the same variant left that this one did not rewrite: transformers removes
-    stale shards only, so a sharded save over an unsharded one left model.safetensors -- which the loaders read
-    first, the earlier weights -- and the reverse left a stale index."""
-    now = _weight_files(folder)
-    written = {name for name, signature in now.items() if earlier.get(name) != signature}
-    variants = {WEIGHT_FILES.fullmatch(name).group(1) for name in written}
-    for name in now.keys() - written:
-        if WEIGHT_FILES.fullmatch(name).group(1) in variants:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
+        names = [name for name in os.listdir(folder) if pattern.fullmatch(name)]
+    except OSError:  # no folder yet
+        names = []
+    aside = {name: os.path.join(folder, f".{name}.fles1-earlier") for name in names}
+    for name, path in aside.items():
+        os.replace(os.path.join(folder, name), path)
+    try:
+        yield
+    except BaseException:
+        for name, path in aside.items():
+            os.replace(path, os.path.join(folder, name))
+        raise
+    for path in aside.values():
+        with contextlib.suppress(OSError):  # (Windows: still mapped by the model saving it)
+            os.remove(path)
 
 
 class _TransformedHiddenStates(torch.nn.Module):
@@ -686,10 +693,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             "AutoModel": "modeling_fles1.FLES1ForMaskedLM",
             "AutoModelForMaskedLM": "modeling_fles1.FLES1ForMaskedLM",
         }
-        earlier = _weight_files(save_directory)
-        saved = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            _remove_stale_weight_files(save_directory, earlier)
+        main = kwargs.get("is_main_process", True)  # (the other ranks write nothing)
+        with _earlier_weights_set_aside(save_directory, kwargs.get("variant")) if main else contextlib.nullcontext():
+            saved = super().save_pretrained(save_directory, *args, **kwargs)
         self._copy_companion_files(save_directory)
         return saved
 

@@ -50,7 +50,9 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --output-dir that holds an earlier run (its checkpoint-*, "
                              "training_log.json and plots are removed at the start, its final model once the new "
-                             "run saves its own: an interrupted overwrite leaves the old model loadable)")
+                             "run saves its own: an interrupted overwrite leaves the old model loadable -- but for a "
+                             "kill -9 in the final save's few milliseconds of file moves, which leaves no config.json: "
+                             "--resume finishes it)")
     parser.add_argument("--eval-dev", action="store_true", help="evaluate dev NDCG@10 at the end (BEIR data)")
     parser.add_argument("--trace-nnz", action="store_true", help="write each rank's per-batch doc non-zeros (of "
                         "the steps this process trains: a resumed run's trace starts after its checkpoint)")

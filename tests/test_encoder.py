@@ -83,13 +83,22 @@ def test_encoder_save_pretrained_loads_back_through_every_loader(fles1_checkpoin
     assert runner.summarize(verbose=False) == (0, 3)
 
 
-@pytest.mark.parametrize("interrupted", ["weights", "tokenizer", "sentence-transformers", "moving in"])
+@pytest.mark.parametrize("interrupted", ["weights", "tokenizer", "sentence-transformers", "Ctrl-C moving in",
+                                         "failure moving in"])
 @pytest.mark.parametrize("saver", ["encoder", "save_checkpoint"])
 def test_an_interrupted_save_over_a_checkpoint_never_mixes_two_models(tiny_random_checkpoint, tmp_path, monkeypatch,
                                                                       interrupted, saver):
     """Saving over an earlier checkpoint wrote into it file by file: interrupted, the folder loaded silently with
     the new config (threshold) beside the old weights or tokenizer. Now it holds the earlier checkpoint whole until
-    the new one is complete, and while files are being moved in it has no config.json (loaders refuse it)."""
+    the new one is complete; a Ctrl-C while files are moved in lands once they all are, and a failure meanwhile leaves
+    no config.json (loaders refuse it). Nothing is left behind: no staging folder, no copy of it in transformers'
+    modules cache (sentence-transformers loads the staging folder as remote code)."""
+    import signal
+
+    import sentence_transformers
+    from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME, _sanitize_module_name
+    from transformers.utils import HF_MODULES_CACHE
+
     import fles1_encoder
     from fles1.checkpoint import save_checkpoint
 
@@ -103,25 +112,28 @@ def test_an_interrupted_save_over_a_checkpoint_never_mixes_two_models(tiny_rando
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
+    moves, replace = [], os.replace
     if interrupted == "weights":
         import transformers.modeling_utils
 
         monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", interrupt)
     elif interrupted == "tokenizer":
         monkeypatch.setattr(type(second.tokenizer), "save_pretrained", interrupt)
-    elif interrupted == "sentence-transformers":
-        monkeypatch.setattr(fles1_encoder, "write_sentence_transformers_files", interrupt)
-    else:  # the third file moved in
-        moves, replace = [], os.replace
+    elif interrupted == "sentence-transformers":  # once it has loaded the staging folder (its remote code)
+        monkeypatch.setattr(sentence_transformers.SparseEncoder, "save_pretrained", interrupt)
+    else:  # at the third file moved from the staging folder into the folder
 
         def replace_then_interrupt(source, target):
-            moves.append(target)
-            if len(moves) == 3 and fles1_encoder.SAVE_STAGING_PREFIX in source:
-                raise KeyboardInterrupt
+            if fles1_encoder.SAVE_STAGING_PREFIX in source and fles1_encoder.SAVE_STAGING_PREFIX not in target:
+                moves.append(target)
+                if len(moves) == 3:
+                    if interrupted == "failure moving in":
+                        raise OSError(28, "No space left on device")
+                    os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C
             return replace(source, target)
 
         monkeypatch.setattr(fles1_encoder.os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(OSError if interrupted == "failure moving in" else KeyboardInterrupt):
         if saver == "encoder":
             second.save_pretrained(folder)
         else:
@@ -129,47 +141,106 @@ def test_an_interrupted_save_over_a_checkpoint_never_mixes_two_models(tiny_rando
     monkeypatch.undo()
     names = os.listdir(folder)
     assert "notes.txt" in names and not [name for name in names if name.startswith(".fles1-save.")]  # no staging left
-    if interrupted == "moving in":  # half moved: not loadable, and the loaders say why
-        assert "config.json" not in names
+    cache = os.path.join(HF_MODULES_CACHE, TRANSFORMERS_DYNAMIC_MODULE_NAME)
+    ours = _sanitize_module_name(f"{fles1_encoder.SAVE_STAGING_PREFIX}{fles1_encoder._writer()}.{os.getpid()}.")
+    assert not [name for name in os.listdir(cache) if name.startswith(ours)]
+    if interrupted == "failure moving in":  # half moved: not loadable, and the loaders say why
+        assert len(moves) == 3 and "config.json" not in names
         with pytest.raises(CheckpointError, match="config.json"):
             FLES1Encoder.from_pretrained(folder)
         return
-    reloaded = FLES1Encoder.from_pretrained(folder)  # the earlier checkpoint, whole
-    assert reloaded.threshold == 0.5
-    assert torch.equal(reloaded.model.cls.predictions.bias, first.model.cls.predictions.bias)
+    if interrupted == "Ctrl-C moving in":  # held back until every file was in place: the new checkpoint, whole
+        assert len(moves) > 3
+        expected = second
+    else:  # the earlier checkpoint, whole
+        expected = first
+    reloaded = FLES1Encoder.from_pretrained(folder)
+    # save_checkpoint saves the model's config, whose threshold is its own (the encoder's is the encoder's save's)
+    threshold = second.config.inference_threshold if expected is second and saver != "encoder" else expected.threshold
+    assert reloaded.threshold == threshold
+    assert torch.equal(reloaded.model.cls.predictions.bias, expected.model.cls.predictions.bias)
     second.save_pretrained(folder)  # and a save that completes replaces it
     reloaded = FLES1Encoder.from_pretrained(folder)
     assert reloaded.threshold == 0.9 and "notes.txt" in os.listdir(folder)
     assert torch.equal(reloaded.model.cls.predictions.bias, second.model.cls.predictions.bias)
 
 
-def test_a_sharded_save_over_an_unsharded_one_loads_the_new_weights(tiny_random_checkpoint, tmp_path):
+@pytest.mark.parametrize("variant", [None, "v2"])
+def test_a_sharded_save_over_an_unsharded_one_loads_the_new_weights(tiny_random_checkpoint, tmp_path, monkeypatch,
+                                                                    variant):
     """transformers removes an earlier save's stale shards only: a sharded save over model.safetensors left it
-    there, and the loaders read it first -- the earlier weights, silently. The reverse left a stale index."""
+    there, and the loaders read it first -- the earlier weights, silently. The reverse left a stale index. (A first
+    fix told files rewritten by their timestamps: on a filesystem of 1-second timestamps a second sharded save within
+    the second removed its own index.)"""
+    import transformers.modeling_utils
+
     from modeling_fles1 import FLES1ForMaskedLM
 
     folder = tmp_path / "model"
     model = FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint)
-    model.save_pretrained(folder)
-    model.save_pretrained(folder, variant="v2")  # another variant's file stays through both saves below
-    with torch.no_grad():
-        model.cls.predictions.bias.add_(1.0)
-    model.save_pretrained(folder, max_shard_size="300KB")
-    names = set(os.listdir(folder))
-    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
-    assert "model.v2.safetensors" in names
-    assert torch.equal(FLES1ForMaskedLM.from_pretrained(folder).cls.predictions.bias, model.cls.predictions.bias)
-    with torch.no_grad():
-        model.cls.predictions.bias.add_(1.0)
-    model.save_pretrained(folder)  # unsharded again: no stale index or shards
-    names = set(os.listdir(folder))
-    assert {name for name in names if "safetensors" in name} == {"model.safetensors", "model.v2.safetensors"}
-    assert torch.equal(FLES1ForMaskedLM.from_pretrained(folder).cls.predictions.bias, model.cls.predictions.bias)
+    # another variant's file stays through every save below (unsharded: transformers' own clean-up of stale shards
+    # takes any model*-0000i-of-0000n file, another variant's too)
+    other = "v3" if variant is None else None
+    model.save_pretrained(folder, variant=other)
+    kept = {name: (folder / name).read_bytes() for name in os.listdir(folder) if "safetensors" in name}
+    suffix = f".{variant}" if variant else ""
+
+    def saved_weights():
+        names = {name for name in os.listdir(folder) if "safetensors" in name and name not in kept}
+        loaded = FLES1ForMaskedLM.from_pretrained(folder, variant=variant).cls.predictions.bias
+        return names, torch.equal(loaded, model.cls.predictions.bias)
+
+    model.save_pretrained(folder, variant=variant)
+    for shard_size in ("300KB", "300KB", None):  # sharded over unsharded, sharded again, unsharded over sharded
+        with torch.no_grad():
+            model.cls.predictions.bias.add_(1.0)
+        model.save_pretrained(folder, variant=variant, **({"max_shard_size": shard_size} if shard_size else {}))
+        names, new_weights = saved_weights()
+        if shard_size:
+            assert f"model.safetensors.index{suffix}.json" in names and f"model{suffix}.safetensors" not in names
+            assert len(names) > 2
+        else:
+            assert names == {f"model{suffix}.safetensors"}
+        assert new_weights
+    assert all((folder / name).read_bytes() == content for name, content in kept.items())
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder) if name.startswith("model")}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", interrupt)
+    with pytest.raises(KeyboardInterrupt):  # a save that fails puts the earlier weights back
+        model.save_pretrained(folder, variant=variant, max_shard_size="300KB")
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder) if name.startswith("model")} == before
+    assert not [name for name in os.listdir(folder) if name.startswith(".")]
+    monkeypatch.undo()
     # the encoder's save over a sharded folder likewise
     FLES1Encoder.from_pretrained(tiny_random_checkpoint).save_pretrained(str(tmp_path / "encoder"))
     model.save_pretrained(tmp_path / "encoder", max_shard_size="300KB")
     FLES1Encoder.from_pretrained(tiny_random_checkpoint).save_pretrained(str(tmp_path / "encoder"))
     assert not [name for name in os.listdir(tmp_path / "encoder") if "index" in name or "-of-" in name]
+
+
+def test_a_save_sweeps_the_staging_folder_of_a_killed_save_only(tiny_random_checkpoint, tmp_path):
+    """A save killed outright leaves its staging folder in the folder: the next save removes it -- only where its
+    writer is dead and of this host and pid namespace (another container's live save kept its own)."""
+    import subprocess
+
+    import fles1_encoder
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid names no process now
+    prefix = f"{fles1_encoder.SAVE_STAGING_PREFIX}{fles1_encoder._writer()}"
+    left = folder / f"{prefix}.{finished.pid}.x1.partial"
+    alive = folder / f"{prefix}.{os.getppid()}.x2.partial"
+    elsewhere = folder / f"{fles1_encoder.SAVE_STAGING_PREFIX}otherhost_ns1.{finished.pid}.x3.partial"
+    for staging in (left, alive, elsewhere):
+        staging.mkdir()
+    FLES1Encoder.from_pretrained(tiny_random_checkpoint).save_pretrained(str(folder))
+    assert not left.exists() and alive.exists() and elsewhere.exists()
+    assert "_ns" in prefix
 
 
 def test_an_encoder_save_ships_the_encoder_file_of_the_code_running(tiny_random_checkpoint, tmp_path):

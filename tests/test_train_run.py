@@ -475,7 +475,7 @@ def test_resume_loads_no_pickled_weights_or_objects(sparse_tiny, msmarco_toy_dir
     torch.save(weights, checkpoint / "pytorch_model.bin")
     os.remove(checkpoint / "model.safetensors")
     with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: not a training checkpoint folder "
-                                                 r"\(no model\.safetensors \(weights are resumed from safetensors only"):
+                                                 r"\(no model\.safetensors -- weights are resumed from safetensors only"):
         train(recipe, str(out), resume_from_checkpoint=str(checkpoint), max_steps=4)
     os.remove(checkpoint / "pytorch_model.bin")
     from safetensors.torch import save_file

@@ -172,7 +172,7 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
         try:
             safetensors_files(folder)
         except CheckpointError:  # transformers would load a pytorch_model.bin instead (or a shard would be missing)
-            absent.append("model.safetensors (weights are resumed from safetensors only)")
+            absent.append("model.safetensors -- weights are resumed from safetensors only")
         if not absent and not _holds_json(os.path.join(folder, TRAINER_STATE_NAME)):
             absent.append(f"readable {TRAINER_STATE_NAME}")  # transformers writes it in place: a kill cuts it short
         return absent
