@@ -206,12 +206,20 @@ def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[fl
         drop_loader_flags(os.path.join(staging, "tokenizer_config.json"))
         _cut_tokenizer_file(os.path.join(staging, "tokenizer.json"), config.document_max_length)
         _plain_file_permissions(staging)
-        with _signals_held():  # milliseconds: a Ctrl-C meanwhile lands once every file is in place
-            _move_staged_into(staging, folder)
+        with _signals_held():  # milliseconds: a Ctrl-C (SIGTERM) meanwhile lands once all is in place and cleaned
+            try:
+                _move_staged_into(staging, folder)
+            finally:
+                _remove_staging(staging)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        _drop_remote_code_copy(os.path.basename(staging))
+        _remove_staging(staging)
     return folder
+
+
+def _remove_staging(staging: str) -> None:
+    """A save's staging folder and its copy in transformers' modules cache (`_drop_remote_code_copy`)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    _drop_remote_code_copy(os.path.basename(staging))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ transformers' own ``BertForMaskedLM``: attention, embeddings and the MLM head ar
 
 import contextlib
 import functools
+import inspect
 import itertools
 import math
 import operator
@@ -516,29 +517,38 @@ def _weight_file_pattern(variant: Optional[str]) -> "re.Pattern":
     return re.compile(rf"model{suffix}(-\d{{5}}-of-\d{{5}})?\.safetensors|model\.safetensors\.index{suffix}\.json")
 
 
-@contextlib.contextmanager
-def _earlier_weights_set_aside(folder, variant: Optional[str]):
-    """An earlier save's weight files of the same variant moved aside while transformers saves, removed once it has
-    (put back if it fails): transformers removes an earlier save's stale shards only, so a sharded save over an
-    unsharded one left model.safetensors -- which the loaders read first: the earlier weights -- and the reverse a
-    stale index."""
-    pattern = _weight_file_pattern(variant)
-    try:
-        names = [name for name in os.listdir(folder) if pattern.fullmatch(name)]
-    except OSError:  # no folder yet
-        names = []
-    aside = {name: os.path.join(folder, f".{name}.fles1-earlier") for name in names}
-    for name, path in aside.items():
-        os.replace(os.path.join(folder, name), path)
-    try:
-        yield
-    except BaseException:
-        for name, path in aside.items():
-            os.replace(path, os.path.join(folder, name))
-        raise
-    for path in aside.values():
-        with contextlib.suppress(OSError):  # (Windows: still mapped by the model saving it)
-            os.remove(path)
+class _EarlierWeights:
+    """An earlier save's config.json and weight files of the same variant, moved aside while transformers saves into
+    their folder: transformers removes an earlier save's stale shards only, so a sharded save over an unsharded one
+    left model.safetensors -- which the loaders read first: the earlier weights -- and the reverse a stale index. Once
+    the save has written its weights (`done`, before any upload) they are removed; a save that fails before that gets
+    them back (`put_back`: its own partial files out, the earlier ones in, config.json too)."""
+
+    def __init__(self, folder, variant: Optional[str]):
+        self.folder, self.pattern = folder, _weight_file_pattern(variant)
+        try:
+            names = [name for name in os.listdir(folder) if self.pattern.fullmatch(name) or name == "config.json"]
+        except OSError:  # no folder yet
+            names = []
+        self.aside = {}
+        for name in names:
+            self.aside[name] = os.path.join(folder, f".{name}.fles1-earlier")
+            os.replace(os.path.join(folder, name), self.aside[name])
+
+    def done(self) -> None:
+        for path in self.aside.values():
+            with contextlib.suppress(OSError):  # (Windows: still mapped by the model saving it)
+                os.remove(path)
+        self.aside = {}
+
+    def put_back(self) -> None:
+        if self.aside:
+            for name in os.listdir(self.folder):
+                if self.pattern.fullmatch(name) and name not in self.aside:  # the failed save's own
+                    os.remove(os.path.join(self.folder, name))
+        for name, path in self.aside.items():
+            os.replace(path, os.path.join(self.folder, name))
+        self.aside = {}
 
 
 class _TransformedHiddenStates(torch.nn.Module):
@@ -693,9 +703,22 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             "AutoModel": "modeling_fles1.FLES1ForMaskedLM",
             "AutoModelForMaskedLM": "modeling_fles1.FLES1ForMaskedLM",
         }
-        main = kwargs.get("is_main_process", True)  # (the other ranks write nothing)
-        with _earlier_weights_set_aside(save_directory, kwargs.get("variant")) if main else contextlib.nullcontext():
+        arguments = inspect.signature(BertForMaskedLM.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        main = arguments.arguments.get("is_main_process", True)
+        if hasattr(self, "should_save_on_this_rank"):  # transformers >= 5.10: rank 0 of torch.distributed too
+            main = self.should_save_on_this_rank(main)
+        if not main:  # this rank writes nothing (another one does)
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        earlier = self.__dict__["_fles1_earlier_weights"] = _EarlierWeights(
+            save_directory, arguments.arguments.get("variant"))
+        try:
             saved = super().save_pretrained(save_directory, *args, **kwargs)
+        except BaseException:
+            earlier.put_back()  # nothing, where the weights were written before the failure (an upload's)
+            raise
+        finally:
+            self.__dict__.pop("_fles1_earlier_weights", None)
+        earlier.done()
         self._copy_companion_files(save_directory)
         return saved
 
@@ -703,6 +726,9 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """transformers' upload step (``save_pretrained(push_to_hub=True)``, ``push_to_hub``): the companion files
         first -- save_pretrained uploads before it returns, and fles1_encoder.py and the license were left out -- and
         always, also when an earlier save left them there (transformers uploads what changed since the save began)."""
+        earlier = self.__dict__.get("_fles1_earlier_weights")
+        if earlier is not None:  # the weights are written: the local save is done, whatever the upload does
+            earlier.done()
         self._copy_companion_files(working_dir)
         companions = {ENCODER_FILE} | {name for name in os.listdir(working_dir) if LICENSE_FILES.match(name)}
         files_timestamps = {name: stamp for name, stamp in files_timestamps.items() if name not in companions}

@@ -221,6 +221,70 @@ def test_a_sharded_save_over_an_unsharded_one_loads_the_new_weights(tiny_random_
     assert not [name for name in os.listdir(tmp_path / "encoder") if "index" in name or "-of-" in name]
 
 
+def test_a_model_save_on_a_rank_that_writes_nothing_leaves_the_folder_alone(tiny_random_checkpoint, tmp_path,
+                                                                              monkeypatch):
+    """Setting an earlier save's weights aside took ``is_main_process`` from the keywords only: passed positionally
+    (or on a torch.distributed rank other than 0) the save wrote nothing and the earlier weights were deleted. And a
+    failing save left its own partial model.safetensors beside the earlier shards put back (read first: unloadable)."""
+    import transformers.modeling_utils
+
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    folder = tmp_path / "model"
+    model = FLES1ForMaskedLM.from_pretrained(tiny_random_checkpoint)
+    model.save_pretrained(folder, max_shard_size="300KB")
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    model.save_pretrained(folder, False)  # is_main_process=False, positionally
+    if hasattr(model, "should_save_on_this_rank"):
+        monkeypatch.setattr(type(model), "should_save_on_this_rank", lambda self, main: False)  # rank 1 of torchrun
+        model.save_pretrained(folder)
+        monkeypatch.undo()
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+    write = transformers.modeling_utils.safe_save_file
+
+    def write_half_then_fail(tensors, path, *args, **kwargs):
+        write(tensors, path, *args, **kwargs)
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", write_half_then_fail)
+    with pytest.raises(OSError):
+        model.save_pretrained(folder)  # unsharded over the shards, failing halfway
+    monkeypatch.undo()
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before  # config.json included
+    assert torch.equal(FLES1ForMaskedLM.from_pretrained(folder).cls.predictions.bias, model.cls.predictions.bias)
+
+
+def test_a_sigterm_while_files_move_in_ends_the_process_after_the_save_and_its_clean_up(tiny_random_checkpoint,
+                                                                                         tmp_path):
+    """A SIGTERM with its default action (a job scheduler's stop) during the moves ended the process before the staging
+    folder and its copy in transformers' modules cache were removed: held back until both are gone."""
+    import signal
+    import subprocess
+
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import fles1_encoder
+from fles1_encoder import FLES1Encoder
+move = fles1_encoder._move_staged_into
+def terminated_meanwhile(staging, folder):
+    os.kill(os.getpid(), signal.SIGTERM)
+    move(staging, folder)
+fles1_encoder._move_staged_into = terminated_meanwhile
+FLES1Encoder.from_pretrained({tiny_random_checkpoint!r}).save_pretrained({str(tmp_path / "saved")!r})
+print("not reached")
+"""
+    modules = tmp_path / "modules"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_MODULES_CACHE": str(modules), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == -signal.SIGTERM and "not reached" not in done.stdout, done.stderr
+    assert FLES1Encoder.from_pretrained(str(tmp_path / "saved")).threshold == 0.3  # complete
+    assert not [name for name in os.listdir(tmp_path / "saved") if name.startswith(".")]
+    assert not [name for name in os.listdir(modules / "transformers_modules") if "fles1_hyphen_save" in name]
+
+
 def test_a_save_sweeps_the_staging_folder_of_a_killed_save_only(tiny_random_checkpoint, tmp_path):
     """A save killed outright leaves its staging folder in the folder: the next save removes it -- only where its
     writer is dead and of this host and pid namespace (another container's live save kept its own)."""

@@ -796,6 +796,35 @@ def test_transformers_own_push_routes_carry_the_encoder_file_and_license(fles1_c
         assert files["LICENSE"] == handle.read()
 
 
+def test_a_failed_upload_keeps_the_local_save_it_follows(fles1_checkpoint, fake_hub, monkeypatch, tmp_path):
+    """save_pretrained(push_to_hub=True) uploads inside transformers' save: an upload that failed (or a Ctrl-C)
+    after the weights were written put the earlier weights back beside the new config -- the local save, which had
+    worked, silently half undone."""
+    import torch
+    from transformers.utils.hub import PushToHubMixin
+
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    folder = tmp_path / "saved"
+    model = FLES1ForMaskedLM.from_pretrained(fles1_checkpoint)
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        model.cls.predictions.bias.add_(1.0)
+    model.config.query_max_length = 33
+
+    def upload_fails(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", upload_fails)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(folder, push_to_hub=True, repo_id=REPO_ID)
+    saved = FLES1ForMaskedLM.from_pretrained(folder)
+    assert saved.config.query_max_length == 33
+    assert torch.equal(saved.cls.predictions.bias, model.cls.predictions.bias)
+    assert not [name for name in os.listdir(folder) if name.startswith(".")]
+
+
 @pytest.mark.parametrize("license_text, flag, expected", [
     (None, None, "apache-2.0"),  # the converted backbone's Apache-2.0 LICENSE
     ("Creative Commons Attribution-NonCommercial 4.0 International\n", None, "other"),
