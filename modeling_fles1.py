@@ -510,45 +510,12 @@ SAMPLED_ELEMENTS = 257
 _INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bits compared, NaN included
 
 
-def _weight_file_pattern(variant: Optional[str]) -> "re.Pattern":
-    """The names a transformers save of `variant` writes: model[.<variant>][-0000i-of-0000n].safetensors, and the
-    shards' index model.safetensors.index[.<variant>].json."""
-    suffix = re.escape(f".{variant}") if variant else ""
-    return re.compile(rf"model{suffix}(-\d{{5}}-of-\d{{5}})?\.safetensors|model\.safetensors\.index{suffix}\.json")
-
-
-class _EarlierWeights:
-    """An earlier save's config.json and weight files of the same variant, moved aside while transformers saves into
-    their folder: transformers removes an earlier save's stale shards only, so a sharded save over an unsharded one
-    left model.safetensors -- which the loaders read first: the earlier weights -- and the reverse a stale index. Once
-    the save has written its weights (`done`, before any upload) they are removed; a save that fails before that gets
-    them back (`put_back`: its own partial files out, the earlier ones in, config.json too)."""
-
-    def __init__(self, folder, variant: Optional[str]):
-        self.folder, self.pattern = folder, _weight_file_pattern(variant)
-        try:
-            names = [name for name in os.listdir(folder) if self.pattern.fullmatch(name) or name == "config.json"]
-        except OSError:  # no folder yet
-            names = []
-        self.aside = {}
-        for name in names:
-            self.aside[name] = os.path.join(folder, f".{name}.fles1-earlier")
-            os.replace(os.path.join(folder, name), self.aside[name])
-
-    def done(self) -> None:
-        for path in self.aside.values():
-            with contextlib.suppress(OSError):  # (Windows: still mapped by the model saving it)
-                os.remove(path)
-        self.aside = {}
-
-    def put_back(self) -> None:
-        if self.aside:
-            for name in os.listdir(self.folder):
-                if self.pattern.fullmatch(name) and name not in self.aside:  # the failed save's own
-                    os.remove(os.path.join(self.folder, name))
-        for name, path in self.aside.items():
-            os.replace(path, os.path.join(self.folder, name))
-        self.aside = {}
+def _weight_layouts(folder, variant: Optional[str]) -> tuple[str, str]:
+    """The two files that tell a transformers save's layout: model[.<variant>].safetensors (one file) and
+    model.safetensors.index[.<variant>].json (shards)."""
+    suffix = f".{variant}" if variant else ""
+    return (os.path.join(folder, f"model{suffix}.safetensors"),
+            os.path.join(folder, f"model.safetensors.index{suffix}.json"))
 
 
 class _TransformedHiddenStates(torch.nn.Module):
@@ -703,22 +670,17 @@ class FLES1ForMaskedLM(BertForMaskedLM):
             "AutoModel": "modeling_fles1.FLES1ForMaskedLM",
             "AutoModelForMaskedLM": "modeling_fles1.FLES1ForMaskedLM",
         }
-        arguments = inspect.signature(BertForMaskedLM.save_pretrained).bind(self, save_directory, *args, **kwargs)
-        main = arguments.arguments.get("is_main_process", True)
-        if hasattr(self, "should_save_on_this_rank"):  # transformers >= 5.10: rank 0 of torch.distributed too
-            main = self.should_save_on_this_rank(main)
-        if not main:  # this rank writes nothing (another one does)
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        earlier = self.__dict__["_fles1_earlier_weights"] = _EarlierWeights(
-            save_directory, arguments.arguments.get("variant"))
-        try:
-            saved = super().save_pretrained(save_directory, *args, **kwargs)
-        except BaseException:
-            earlier.put_back()  # nothing, where the weights were written before the failure (an upload's)
-            raise
-        finally:
-            self.__dict__.pop("_fles1_earlier_weights", None)
-        earlier.done()
+        # transformers removes an earlier save's stale shards only: a sharded save over an unsharded one left
+        # model.safetensors -- which the loaders read first: the earlier weights -- and the reverse a stale index.
+        # Where both are there after the save and one was not before, that one is this save's and the other stale.
+        variant = inspect.signature(BertForMaskedLM.save_pretrained).bind(
+            self, save_directory, *args, **kwargs).arguments.get("variant")
+        layouts = _weight_layouts(save_directory, variant)
+        existed = [os.path.isfile(path) for path in layouts]
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        if all(map(os.path.isfile, layouts)) and not all(existed):
+            with contextlib.suppress(FileNotFoundError):  # (another rank's call removed it first)
+                os.remove(layouts[1] if not existed[0] else layouts[0])
         self._copy_companion_files(save_directory)
         return saved
 
@@ -726,9 +688,6 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         """transformers' upload step (``save_pretrained(push_to_hub=True)``, ``push_to_hub``): the companion files
         first -- save_pretrained uploads before it returns, and fles1_encoder.py and the license were left out -- and
         always, also when an earlier save left them there (transformers uploads what changed since the save began)."""
-        earlier = self.__dict__.get("_fles1_earlier_weights")
-        if earlier is not None:  # the weights are written: the local save is done, whatever the upload does
-            earlier.done()
         self._copy_companion_files(working_dir)
         companions = {ENCODER_FILE} | {name for name in os.listdir(working_dir) if LICENSE_FILES.match(name)}
         files_timestamps = {name: stamp for name, stamp in files_timestamps.items() if name not in companions}

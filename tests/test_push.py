@@ -796,11 +796,13 @@ def test_transformers_own_push_routes_carry_the_encoder_file_and_license(fles1_c
         assert files["LICENSE"] == handle.read()
 
 
-def test_a_failed_upload_keeps_the_local_save_it_follows(fles1_checkpoint, fake_hub, monkeypatch, tmp_path):
-    """save_pretrained(push_to_hub=True) uploads inside transformers' save: an upload that failed (or a Ctrl-C)
-    after the weights were written put the earlier weights back beside the new config -- the local save, which had
-    worked, silently half undone."""
+@pytest.mark.parametrize("failing", ["card", "upload"])
+def test_a_failed_upload_keeps_the_local_save_it_follows(fles1_checkpoint, fake_hub, monkeypatch, tmp_path, failing):
+    """save_pretrained(push_to_hub=True) uploads inside transformers' save: an upload that failed (or a Ctrl-C), or
+    the model card's download before it, after the weights were written put the earlier weights back beside the new
+    config (a first fix of stale weight files) -- the local save, which had worked, silently half undone."""
     import torch
+    import transformers.modeling_utils
     from transformers.utils.hub import PushToHubMixin
 
     from modeling_fles1 import FLES1ForMaskedLM
@@ -816,7 +818,10 @@ def test_a_failed_upload_keeps_the_local_save_it_follows(fles1_checkpoint, fake_
     def upload_fails(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", upload_fails)
+    if failing == "card":
+        monkeypatch.setattr(transformers.modeling_utils, "create_and_tag_model_card", upload_fails)
+    else:
+        monkeypatch.setattr(PushToHubMixin, "_upload_modified_files", upload_fails)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(folder, push_to_hub=True, repo_id=REPO_ID)
     saved = FLES1ForMaskedLM.from_pretrained(folder)
