@@ -175,9 +175,10 @@ def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[fl
     given, runs before those load it (the project puts its code and license files in).
 
     Everything is written into a staging folder inside `folder` first, then moved in file by file, its config.json
-    taken out first and put back last: a save interrupted before the moves leaves the earlier checkpoint whole, one
-    interrupted during them leaves no config.json (the loaders say so) -- never one model's config beside another's
-    weights. Weight files of an earlier save this one does not write are removed; other files in `folder` stay.
+    taken out first and put back last, Ctrl-C and SIGTERM held for those milliseconds: a save interrupted before the
+    moves leaves the earlier checkpoint whole, a crash or kill -9 during them no config.json (the loaders say so) --
+    never one model's config beside another's weights. Weight files of an earlier save this one does not write are
+    removed; other files in `folder` stay.
     """
     config = model.config
     os.makedirs(folder, exist_ok=True)
@@ -1157,7 +1158,9 @@ class FLES1Encoder:
         the model's weights (safetensors), config (``auto_map``; this encoder's threshold as
         ``inference_threshold`` when one was given) and code files with this file and the license files it came
         with, the tokenizer, and the sentence-transformers files (written by sentence-transformers, cutting where
-        the config does; where it is not installed they are left out, with a warning). Returns the folder.
+        the config does; where it is not installed they are left out, with a warning). Returns the folder. Over an
+        earlier checkpoint, the save is written beside its files and moved in with config.json last
+        (`save_checkpoint_folder`): interrupted, the folder holds one model or the other, never a mix.
 
         Example:
 

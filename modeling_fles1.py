@@ -41,9 +41,9 @@ CPU_CHUNK_TOKENS = 256
 ACCELERATOR_CHUNK_TOKENS = 16384  # 1 GB of bf16 logits: big enough to fill a GPU, small for its allocator
 ENCODER_FILE = "fles1_encoder.py"  # ships beside the model files; see `FLES1ForMaskedLM._copy_companion_files`
 LICENSE_FILES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING)([.-].*)?$", re.IGNORECASE)
+HUB_LICENSE_FILES = ["LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "COPYING"]  # looked up one by one
 # imported from transformers' modules cache (trust_remote_code) rather than as a plain module
 _REMOTE_CODE = __name__.split(".")[0] == "transformers_modules"
-HUB_LICENSE_FILES = ["LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "COPYING"]  # looked up one by one
 
 
 def license_files(folder: str) -> list[str]:
@@ -731,7 +731,8 @@ class FLES1ForMaskedLM(BertForMaskedLM):
     def _copy_companion_files(self, save_directory) -> None:
         """transformers copies only the code it imports. Also saved: fles1_encoder.py (users fetch it with
         ``hf_hub_download``) -- the one beside this file where it was imported as a plain module (the code running),
-        else (remote code) the checkpoint's the model was loaded from (folder, or hub repo as cached); and that checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint
+        else (remote code) that of the checkpoint the model was loaded from (folder, or hub repo as cached); and that
+        checkpoint's license files (LICENSE, NOTICE, COPYING): a derived checkpoint
         -- a sentence-transformers fine-tune saved or pushed -- redistributes them (Apache-2.0 section 4). License
         files already in the folder are kept. A hub checkpoint's files come from the local cache, and
         fles1_encoder.py and LICENSE, when not cached, from the Hub (online; `_companion_file`); a missing encoder
