@@ -1160,7 +1160,8 @@ class FLES1Encoder:
         with, the tokenizer, and the sentence-transformers files (written by sentence-transformers, cutting where
         the config does; where it is not installed they are left out, with a warning). Returns the folder. Over an
         earlier checkpoint, the save is written beside its files and moved in with config.json last
-        (`save_checkpoint_folder`): interrupted, the folder holds one model or the other, never a mix.
+        (`save_checkpoint_folder`): interrupted, the folder holds one model or the other -- a kill -9 or crash during
+        the moves leaves no config.json (the loaders refuse it) -- never a mix.
 
         Example:
 

@@ -673,13 +673,21 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         # transformers removes an earlier save's stale shards only: a sharded save over an unsharded one left
         # model.safetensors -- which the loaders read first: the earlier weights -- and the reverse a stale index.
         # Where both are there after the save and one was not before, that one is this save's and the other stale.
-        variant = inspect.signature(BertForMaskedLM.save_pretrained).bind(
-            self, save_directory, *args, **kwargs).arguments.get("variant")
-        layouts = _weight_layouts(save_directory, variant)
+        # Only where this process writes the model's weights (not another rank's, not a PEFT adapter's save).
+        arguments = inspect.signature(BertForMaskedLM.save_pretrained).bind(
+            self, save_directory, *args, **kwargs).arguments
+        saving = arguments.get("is_main_process", True)
+        if hasattr(self, "should_save_on_this_rank"):  # transformers >= 5.10: rank 0 of torch.distributed too
+            saving = self.should_save_on_this_rank(saving)
+        tidy = saving and not getattr(self, "_hf_peft_config_loaded", False)
+        layouts = _weight_layouts(save_directory, arguments.get("variant"))
         existed = [os.path.isfile(path) for path in layouts]
+        if tidy and all(existed):  # both left by earlier saves: the index is stale either way (a sharded save
+            os.remove(layouts[1])  # writes its own), and the rule below then tells the stale single file
+            existed[1] = False
         saved = super().save_pretrained(save_directory, *args, **kwargs)
-        if all(map(os.path.isfile, layouts)) and not all(existed):
-            with contextlib.suppress(FileNotFoundError):  # (another rank's call removed it first)
+        if tidy and all(map(os.path.isfile, layouts)) and not all(existed):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(layouts[1] if not existed[0] else layouts[0])
         self._copy_companion_files(save_directory)
         return saved

@@ -200,6 +200,19 @@ def test_a_sharded_save_over_an_unsharded_one_loads_the_new_weights(tiny_random_
             assert names == {f"model{suffix}.safetensors"}
         assert new_weights
     assert all((folder / name).read_bytes() == content for name, content in kept.items())
+    # a folder holding both layouts already (a plain transformers save made it): a FLES-1 save tidies it either way
+    from transformers import BertForMaskedLM
+
+    for shard_size in ("300KB", None):
+        BertForMaskedLM.save_pretrained(model, folder, variant=variant)
+        BertForMaskedLM.save_pretrained(model, folder, variant=variant, max_shard_size="300KB")
+        assert {f"model{suffix}.safetensors", f"model.safetensors.index{suffix}.json"} <= set(os.listdir(folder))
+        with torch.no_grad():
+            model.cls.predictions.bias.add_(1.0)
+        model.save_pretrained(folder, variant=variant, **({"max_shard_size": shard_size} if shard_size else {}))
+        names, new_weights = saved_weights()
+        assert new_weights and (f"model{suffix}.safetensors" in names) != bool(shard_size)
+        assert (f"model.safetensors.index{suffix}.json" in names) == bool(shard_size)
     # the encoder's save over a sharded folder likewise
     FLES1Encoder.from_pretrained(tiny_random_checkpoint).save_pretrained(str(tmp_path / "encoder"))
     model.save_pretrained(tmp_path / "encoder", max_shard_size="300KB")
