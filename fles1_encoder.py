@@ -207,13 +207,14 @@ def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[fl
         drop_loader_flags(os.path.join(staging, "tokenizer_config.json"))
         _cut_tokenizer_file(os.path.join(staging, "tokenizer.json"), config.document_max_length)
         _plain_file_permissions(staging)
-        with _signals_held():  # milliseconds: a Ctrl-C (SIGTERM) meanwhile lands once all is in place and cleaned
-            try:
-                _move_staged_into(staging, folder)
-            finally:
-                _remove_staging(staging)
-    finally:
+    except BaseException:
         _remove_staging(staging)
+        raise
+    with _signals_held():  # milliseconds: a Ctrl-C (SIGTERM) meanwhile lands once all is in place and cleaned
+        try:
+            _move_staged_into(staging, folder)
+        finally:
+            _remove_staging(staging)
     return folder
 
 

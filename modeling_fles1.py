@@ -26,7 +26,8 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 from transformers import BertForMaskedLM
-from transformers.utils import ModelOutput, cached_file, logging
+from transformers.modeling_utils import _add_variant
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, cached_file, logging
 from transformers.utils.hub import is_offline_mode
 
 try:  # loaded as remote code: a package-relative import, which transformers copies along
@@ -511,11 +512,10 @@ _INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int
 
 
 def _weight_layouts(folder, variant: Optional[str]) -> tuple[str, str]:
-    """The two files that tell a transformers save's layout: model[.<variant>].safetensors (one file) and
-    model.safetensors.index[.<variant>].json (shards)."""
-    suffix = f".{variant}" if variant else ""
-    return (os.path.join(folder, f"model{suffix}.safetensors"),
-            os.path.join(folder, f"model.safetensors.index{suffix}.json"))
+    """The two files that tell a transformers save's layout, named as transformers names them: model[.<variant>]
+    .safetensors (one file) and model.safetensors.index[.<variant>].json (shards)."""
+    return tuple(os.path.join(folder, _add_variant(name, variant)) for name in (SAFE_WEIGHTS_NAME,
+                                                                                SAFE_WEIGHTS_INDEX_NAME))
 
 
 class _TransformedHiddenStates(torch.nn.Module):

@@ -122,9 +122,9 @@ def _checked_weights(matrix, what: str) -> csr_matrix:
 
 
 def _rows(matrix: csr_matrix, ids: Sequence[str], vocab: Sequence[str], what: str):
-    """(term ids, weights) per row of `matrix`, one row per id of `ids`, checked before anything is written (a
-    mismatch was cut silently by zip; weights by `_checked_weights`)."""
-    matrix = _checked_weights(matrix, what)
+    """(term ids, weights) per row of `matrix` (its weights checked already: `_checked_weights`, or `quantize`), one
+    row per id of `ids`, checked before anything is written (a mismatch was cut silently by zip)."""
+    matrix = csr_matrix(matrix)
     if len(ids) != matrix.shape[0]:
         raise ValueError(f"{what}: {len(ids)} ids for a matrix of {matrix.shape[0]} rows (one id per row)")
     if len(vocab) < matrix.shape[1]:
@@ -185,7 +185,7 @@ def write_elasticsearch(
     the index ``elasticsearch_index_name(index_name)`` (a dataset folder may be "NFCorpus Tiny")."""
     doc_ids = list(doc_ids)  # any iterable, as zip took them
     check_elasticsearch_ids(doc_ids, index_name)
-    rows = _rows(doc_matrix, doc_ids, vocab, "write_elasticsearch")
+    rows = _rows(_checked_weights(doc_matrix, "write_elasticsearch"), doc_ids, vocab, "write_elasticsearch")
     index_name = elasticsearch_index_name(index_name)
     os.makedirs(out_dir, exist_ok=True)
     paths = {"mapping": os.path.join(out_dir, "mapping.json"), "bulk": []}
@@ -225,7 +225,8 @@ def write_elasticsearch_queries(
     ``exclude_own_id`` is False),
     atomically; returns the path."""
     query_ids = list(query_ids)  # any iterable, as zip took them
-    rows = _rows(query_matrix, query_ids, vocab, "write_elasticsearch_queries")
+    rows = _rows(_checked_weights(query_matrix, "write_elasticsearch_queries"), query_ids, vocab,
+                 "write_elasticsearch_queries")
     with atomic_open(path) as handle:
         for query_id, (ids, weights) in zip(query_ids, rows):
             vector = {vocab[i]: w for i, w in zip(ids.tolist(), weights.astype(np.float64).tolist())}
@@ -244,14 +245,15 @@ def empty_impact_rows(ids: Sequence[str], matrix: csr_matrix, scale: float = IMP
     return [row_id for row_id, count in zip(ids, rows.tolist()) if count == 0]
 
 
-def quantize(matrix: csr_matrix, scale: float = IMPACT_SCALE) -> csr_matrix:
-    """Integer impacts round(w * scale) (int32 CSR); weights rounding to 0 are dropped; weights must be >= 0."""
+def quantize(matrix: csr_matrix, scale: float = IMPACT_SCALE, *, what: str = "quantize") -> csr_matrix:
+    """Integer impacts round(w * scale) (int32 CSR); weights rounding to 0 are dropped; weights must be >= 0 (a
+    ValueError starting with `what` otherwise)."""
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
-    matrix = csr_matrix(_checked_weights(matrix, "quantize"), dtype=np.float64, copy=True)
+    matrix = csr_matrix(_checked_weights(matrix, what), dtype=np.float64, copy=True)
     matrix.data = np.rint(matrix.data * scale)
     if len(matrix.data) and matrix.data.max() > np.iinfo(np.int32).max:  # wrapped to negative impacts
-        raise ValueError(f"quantize: a weight of {matrix.data.max() / scale:g} at scale {scale:g} is past the int32 "
+        raise ValueError(f"{what}: a weight of {matrix.data.max() / scale:g} at scale {scale:g} is past the int32 "
                          "impacts Lucene stores")
     matrix.eliminate_zeros()
     return matrix.astype(np.int32)
@@ -274,7 +276,7 @@ def write_pyserini(
 ) -> str:
     """``JsonVectorCollection`` JSONL with integer impacts, atomically; returns the path."""
     doc_ids = list(doc_ids)  # any iterable, as zip took them
-    rows = _rows(quantize(_checked_weights(doc_matrix, "write_pyserini"), scale), doc_ids, vocab, "write_pyserini")
+    rows = _rows(quantize(doc_matrix, scale, what="write_pyserini"), doc_ids, vocab, "write_pyserini")
     with atomic_open(path) as handle:
         for doc_id, (ids, values) in zip(doc_ids, rows):
             vector = {vocab[i]: int(v) for i, v in zip(ids.tolist(), values.tolist())}
@@ -292,7 +294,7 @@ def write_anserini_queries(
     the whole search at a line without a text after its tab. An empty query matches nothing in eval either; one
     whose weights are all below 0.5 / scale (thresholds under 0.005) does match there."""
     query_ids = list(query_ids)  # any iterable, as zip took them
-    rows = _rows(quantize(_checked_weights(query_matrix, "write_anserini_queries"), scale), query_ids, vocab,
+    rows = _rows(quantize(query_matrix, scale, what="write_anserini_queries"), query_ids, vocab,
                  "write_anserini_queries")
     with atomic_open(path) as handle:
         for query_id, (ids, values) in zip(query_ids, rows):

@@ -68,39 +68,20 @@ def test_elasticsearch_bulk_is_cut_into_requests_the_engines_take(tmp_path):
 def test_elasticsearch_commands_send_the_exported_files(tiny_random_checkpoint, tmp_path):
     """export.json's three commands, run as written from the dataset's export folder against a stand-in server,
     send the mapping, every bulk part byte for byte, a refresh, and each query's search body."""
-    import http.server
     import shutil
     import subprocess
-    import threading
 
     from fles1.evaluation import evaluate
     from test_eval import write_beir
 
     if not (shutil.which("curl") and shutil.which("jq")):
         pytest.skip("the commands need curl and jq on PATH")
-    requests = []
-
-    class Recorder(http.server.BaseHTTPRequestHandler):
-        def answer(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            requests.append((self.command, self.path, self.headers.get("Content-Type"), body))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"took": 1, "errors": false, "items": []}' if self.path == "/_bulk" else b"{}")
-
-        do_PUT = do_POST = answer
-
-        def log_message(self, *args):
-            pass
-
     data, export = write_beir(tmp_path / "toy"), tmp_path / "export"
     evaluate(tiny_random_checkpoint, [data], threshold=0.0, export_dir=str(export), cache_dir=None, bm25=False,
              production=False)
     folder = export / "toy"
     manifest = json.loads((folder / "elasticsearch" / "export.json").read_text())["elasticsearch"]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, requests = _stand_in_elasticsearch({("POST", "/_bulk"): (200, b'{"took": 1, "errors": false}')})
     try:
         environment = {**os.environ, "ES": f"http://127.0.0.1:{server.server_address[1]}"}
         for step in ("create_index_command", "index_command", "search_command"):
@@ -127,7 +108,7 @@ def test_elasticsearch_commands_send_the_exported_files(tiny_random_checkpoint, 
 
 def _stand_in_elasticsearch(answers: dict):
     """A local HTTP server answering (method, path suffix) -> (status, body), 200 {} otherwise; returns (server, the
-    requests it got)."""
+    requests it got: method, path, content type, body)."""
     import http.server
     import threading
 
@@ -135,8 +116,8 @@ def _stand_in_elasticsearch(answers: dict):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def answer(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            requests.append((self.command, self.path))
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            requests.append((self.command, self.path, self.headers.get("Content-Type"), body))
             status, body = next((answer for (method, suffix), answer in answers.items()
                                  if method == self.command and self.path.endswith(suffix)), (200, b"{}"))
             self.send_response(status)
@@ -181,7 +162,7 @@ def test_elasticsearch_commands_fail_where_the_engine_refuses(tmp_path, shell):
                                   capture_output=True, text=True)
         finally:
             server.shutdown()
-        return done, requests
+        return done, [request[:2] for request in requests]
 
     done, _ = run("create_index_command", {("PUT", "/toy"): (400, b'{"error": {"type": '
                                                                   b'"resource_already_exists_exception"}}')})
