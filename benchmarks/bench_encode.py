@@ -30,6 +30,7 @@ from fles1.atomic import atomic_write_json, require_writable  # noqa: E402
 from fles1.beir import BEIRDataError, load_beir  # noqa: E402
 from fles1.checkpoint import DEFAULT_BACKBONE, convert  # noqa: E402
 from fles1.cli import at_least, interrupts_exit  # noqa: E402
+from fles1.evaluation import device_label  # noqa: E402
 from fles1_encoder import CheckpointError, FLES1Encoder, _resolve_device  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "nfcorpus")
@@ -178,7 +179,7 @@ def run(args, model_dir: str) -> dict:
     results = {
         "model": args.model or f"{DEFAULT_BACKBONE} (converted)",  # not the temporary folder it converts into
         "data": args.data,
-        "device": str(device),
+        "device": device_label(device),  # the CPU's or GPU's model: absolute numbers differ ~2x between CPUs
         "torch_threads": torch.get_num_threads(),
         "num_docs": len(docs),
         "num_queries": len(queries),
@@ -197,7 +198,7 @@ def run(args, model_dir: str) -> dict:
         "bf16_top10_unchanged": f"{unchanged}/{len(queries)}",
         "projection_floor_docs_per_second_at_256_tokens": floor,
     }
-    print(f"device {device} ({torch.get_num_threads()} threads), {len(docs)} {data.name} docs at <= "
+    print(f"device {results['device']}, {len(docs)} {data.name} docs at <= "
           f"{fles1.max_lengths['document']} tokens, {len(queries)} queries, batch {batch}")
     print(f"SparseEncoder      {best['sentence_transformers']:8.1f} docs/s   query p50 {p50['sentence_transformers']:.3f} ms")
     print(f"FLES1Encoder fp32  {best['fles1']:8.1f} docs/s   query p50 {p50['fles1']:.3f} ms   "

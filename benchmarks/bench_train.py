@@ -30,6 +30,7 @@ from transformers import TrainerCallback  # noqa: E402
 from fles1.atomic import atomic_write_json, require_writable  # noqa: E402
 from fles1.beir import BEIRDataError  # noqa: E402
 from fles1.cli import at_least, interrupts_exit  # noqa: E402
+from fles1.evaluation import device_label  # noqa: E402
 from fles1_encoder import _resolve_device  # noqa: E402
 
 
@@ -178,7 +179,7 @@ def run(args, work: str) -> None:
         folder = convert(args.model, os.path.join(work, "model"), document_max_length=args.max_length)
     except (OSError, ValueError) as error:  # no such model, not a BERT masked-LM, --max-length above its positions
         raise ValueError(f"{args.model}: {error}") from None
-    results = {"model": args.model, "data": args.data, "device": str(args.device),
+    results = {"model": args.model, "data": args.data, "device": device_label(args.device),
                "torch_threads": torch.get_num_threads(), "batch_size": args.batch_size, "documents_per_query": 8,
                "max_length": args.max_length, "query_max_length": query_max_length(args), "steps": args.steps,
                "warmup": args.warmup, "bf16": args.bf16, "dataloader_workers": args.workers,

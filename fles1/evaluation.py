@@ -145,17 +145,31 @@ def environment(encoder) -> dict:
 
 
 def device_label(device) -> str:
-    """What the speed numbers were measured on: cores and threads of a CPU, the model of a GPU ("cuda:0" alone did
-    not tell an H200 from a T4)."""
+    """What the speed numbers were measured on: the model, cores and threads of a CPU, the model of a GPU ("cuda:0"
+    alone did not tell an H200 from a T4; "cpu" alone not an AMD EPYC from a Xeon, ~2x apart on a query's latency)."""
     import torch
 
     device = torch.device(device)
     if device.type == "cpu":
-        return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        model = cpu_model()
+        return f"cpu ({model + ', ' if model else ''}{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
 
+
+
+def cpu_model() -> Optional[str]:
+    """The CPU's model name: /proc/cpuinfo's on Linux, else `platform.processor()`; None where neither names one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name") and ":" in line:
+                    return " ".join(line.split(":", 1)[1].split()) or None
+    except OSError:  # not Linux
+        pass
+    name = platform.processor()
+    return name if name and name != "unknown" else None
 
 # ---- corpus encoding cache -------------------------------------------------------------------------------------
 # Documents per cache shard. A corpus is encoded a shard at a time and each finished shard is saved, so an
