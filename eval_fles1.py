@@ -120,6 +120,8 @@ def _run(args) -> int:
             export_dir=args.export, batch_size=args.batch_size, device=args.device,
             latency_queries=args.latency_queries, keep_missing_documents=args.keep_missing_docs,
             log=lambda message: print(message, file=sys.stderr),
+            written_after={option: path for option, path in (("--output", args.output), ("--markdown", args.markdown))
+                           if path},
         )
     except (BEIRDataError, CheckpointError, ValueError) as error:  # ValueError: e.g. a device not usable here
         return bad_input(str(error))

@@ -460,12 +460,14 @@ def evaluate(
     show_progress_bar: Optional[bool] = None,
     keep_missing_documents: bool = False,
     log=print,
+    written_after: Optional[dict[str, str]] = None,
 ) -> dict:
     """Evaluate a FLES-1 folder/hub id on BEIR datasets; returns the results dict (shared format).
 
     All datasets are loaded (and validated), and every output location checked, before any encoding, so bad data
     or a path that cannot be written fails fast. Run files, indices and exports are written atomically; nothing
-    claims completeness before the results dict is returned.
+    claims completeness before the results dict is returned. ``written_after``: files the caller writes from the
+    results (``{"--output": path}``); a run file or index that would be one of them is refused before the encoding.
     """
     from fles1_encoder import FLES1Encoder
 
@@ -475,6 +477,10 @@ def evaluate(
             require_writable(path, option, folder=folder)
     datasets = [load_beir(source, split, keep_missing_documents) for source in data]
     names = dataset_names(datasets)
+    run_paths = run_file_paths(run_file, names) if run_file else {}
+    _refuse_shared_outputs({**{f"run file of {name}": path for name, path in run_paths.items()},
+                            **{f"index of {name}": _index_path(index_dir, name) for name in names if index_dir},
+                            **(written_after or {})})
     for dataset in datasets:  # ids the requested outputs cannot carry fail now, not after the encoding
         if run_file or export_dir:  # the export too: Anserini writes TREC runs, reads whitespace-separated topics
             remedy = "leave out the run file" if run_file else "leave out --export"
@@ -496,7 +502,6 @@ def evaluate(
         "environment": environment(encoder),
         "datasets": {},
     }
-    run_paths = run_file_paths(run_file, names) if run_file else {}
     index_names = elasticsearch_index_names(names)
     if export_dir:
         vocab = encoder.vocabulary()  # wordless rows of a padded vocabulary named, not None
@@ -507,7 +512,7 @@ def evaluate(
         start = time.perf_counter()
         entry, run, artifacts = evaluate_dataset(
             encoder, dataset, threshold, model_fp=model_fp, cache_dir=cache_dir, bm25=bm25, production=production,
-            index_path=os.path.join(index_dir, f"{name}.index.npz") if index_dir else None,
+            index_path=_index_path(index_dir, name) if index_dir else None,
             batch_size=batch_size, latency_queries=latency_queries, show_progress_bar=show_progress_bar,
         )
         if name in run_paths:
@@ -519,6 +524,23 @@ def evaluate(
         log(f"[{name}] NDCG@10 {entry['metrics']['ndcg@10']:.4f} ({cached} corpus, {time.perf_counter() - start:.1f}s)")
         del run, artifacts  # the index and vectors of one dataset at a time
     return results
+
+
+def _index_path(index_dir: str, name: str) -> str:
+    return os.path.join(index_dir, f"{name}.index.npz")
+
+
+def _refuse_shared_outputs(outputs: dict[str, str]) -> None:
+    """ValueError where two outputs (what -> path) are one file: one would be written over the other (with several
+    datasets, run files are named per dataset, so the CLI's check of the flags' own paths could not see it)."""
+    seen: dict[str, str] = {}
+    for what, path in outputs.items():
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{what} {path} is the file the {seen[real]} is written to; give each output its own path")
+        seen[real] = what
 
 
 def elasticsearch_index_names(names: Sequence[str]) -> dict[str, str]:

@@ -748,6 +748,25 @@ def test_cli_refuses_two_outputs_on_one_path(tiny_random_checkpoint, beir_dir, t
     assert not os.path.exists(same)
 
 
+
+def test_cli_refuses_an_output_on_a_datasets_run_file(tiny_random_checkpoint, tmp_path, capsys):
+    """With several datasets the run files are run.<name>.trec: --output run.two.trec exited 0 with the results
+    JSON in place of dataset two's run (the flags' own paths all differed)."""
+    for name in ("one", "two"):
+        write_beir(tmp_path / name)
+    run_file, output = tmp_path / "runs" / "run.trec", tmp_path / "runs" / "run.two.trec"
+    base = ["--model", tiny_random_checkpoint, "--data", str(tmp_path / "one"), str(tmp_path / "two"),
+            "--no-cache", "--no-bm25", "--no-production", "--run-file", str(run_file)]
+    for flag in ("--output", "--markdown"):
+        assert eval_fles1.main(base + [flag, str(output)]) == 2
+        assert f"error: {flag} {output} is the file the run file of two is written to" in capsys.readouterr().err
+        assert not output.exists()
+    index = tmp_path / "index"
+    assert eval_fles1.main(base[:-2] + ["--index-dir", str(index), "--output", str(index / "one.index.npz")]) == 2
+    assert "is the file the index of one is written to" in capsys.readouterr().err
+    assert eval_fles1.main(base + ["--output", str(tmp_path / "results.json")]) == 0  # apart: both written
+    assert output.read_text().startswith("q") and json.loads((tmp_path / "results.json").read_text())["datasets"]
+
 def test_dataset_named_after_its_folder_when_given_as_dot_or_dot_dot(tiny_random_checkpoint, beir_dir, tmp_path,
                                                                       monkeypatch):
     """`--data ..` named the dataset "..": `--export DIR` then wrote DIR/../elasticsearch, replacing a sibling
