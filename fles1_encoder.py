@@ -90,8 +90,7 @@ def _check_local_checkpoint(path: str) -> None:
             config = json.load(handle)
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
-    _warn_if_sentence_transformers_cuts_elsewhere(path, config)
-    _warn_if_sentence_transformers_prompts_or_prunes(path)
+    _warn_if_sentence_transformers_prompts_or_prunes(path)  # the lengths' check once the config is built
     from safetensors import safe_open
 
     for weights_path in safetensors_files(path):
@@ -367,7 +366,7 @@ def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict
             warn(os.path.dirname(found))
 
 
-def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
+def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config, stacklevel: int = 4) -> None:
     """sentence-transformers reads the lengths from sentence_bert_config.json (encode_query / encode_document) and
     the tokenizer's model_max_length (its ``max_seq_length``: ``encode`` without a task), FLES1Encoder and the model
     from config.json; a SparseEncoder saved after ``model[0].query_length = 32`` or ``model.max_seq_length = 32``
@@ -397,7 +396,7 @@ def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config) -> None:
         warnings.warn(f"{path}: sentence-transformers cuts in {'; '.join(differ)} (config.json's is what "
                       "FLES1Encoder and the model use): SparseEncoder and FLES1Encoder give different vectors for "
                       "longer texts; `python convert_fles1.py FOLDER OUT --query-max-length N --document-max-length "
-                      "M` writes all three files alike", SparseEncoderMismatchWarning, stacklevel=4)
+                      "M` writes all three files alike", SparseEncoderMismatchWarning, stacklevel=stacklevel)
 
 
 def _warn_if_sentence_transformers_prompts_or_prunes(path: str) -> None:
@@ -860,10 +859,14 @@ class FLES1Encoder:
         except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
             raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, "
                                   f"tokenizer_config.json): {str(error).strip().splitlines()[0]}") from error
-        if not os.path.isdir(path_or_hub_id):  # a hub id: the checks a folder gets, on the files downloaded
-            _warn_if_hub_sentence_transformers_files_differ(
-                path_or_hub_id, download, model.config.to_dict(),
-                lengths=set(settings_and_model_options) <= set(model_options))  # unless the caller set lengths
+        # the lengths' check unless the caller set lengths (config settings): 16 given for a folder whose
+        # sentence-transformers files cut at 16 warned that config.json's 64 differed
+        lengths = set(settings_and_model_options) <= set(model_options)
+        if os.path.isdir(path_or_hub_id):
+            if lengths:
+                _warn_if_sentence_transformers_cuts_elsewhere(path_or_hub_id, model.config.to_dict(), stacklevel=3)
+        else:  # a hub id: the checks a folder gets, on the files downloaded
+            _warn_if_hub_sentence_transformers_files_differ(path_or_hub_id, download, model.config.to_dict(), lengths)
         return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
 
     @property

@@ -363,9 +363,14 @@ def test_a_folder_whose_sentence_transformers_files_cut_elsewhere_is_warned_abou
     (folder / "sentence_bert_config.json").write_text(json.dumps({**settings, "query_length": 32}))
     with pytest.warns(UserWarning, match=r"sentence-transformers cuts in encode_query at 32 tokens "
                                          r"\(sentence_bert_config\.json query_length\), config\.json "
-                                         r"query_max_length 64 .*different vectors"):
+                                         r"query_max_length 64 .*different vectors") as caught:
         encoder = FLES1Encoder.from_pretrained(str(folder))
     assert encoder.max_lengths["query"] == 64
+    assert {warning.filename for warning in caught} == {__file__}  # the caller's line
+    with warnings.catch_warnings():  # the caller's own length (as a hub load already was): it said config.json's
+        warnings.simplefilter("error")  # 64 was used, where the encoder cut at 32 as sentence-transformers does
+        encoder = FLES1Encoder.from_pretrained(str(folder), query_max_length=32)
+    assert encoder.max_lengths["query"] == 32
 
 
 def test_a_sentence_transformers_max_seq_length_saved_with_the_folder_is_warned_about(fles1_checkpoint, tmp_path):
