@@ -15,14 +15,16 @@ needs --overwrite too (the folder's run is replaced by the continuation). --max-
 run ends at this command's --max-steps, else at the recipe's training.max_steps or num_train_epochs (another end
 than the checkpoint's run was scheduled for mixes two learning-rate schedules, with a warning). Resuming from a
 checkpoint past that step, or at it once the run has written training_log.json, is refused and leaves the run as it
-is, as is one whose weights do not fit --model / model.path or that saved with training.save_only_model (no
-optimizer state to resume); a run killed after its last checkpoint, while writing its final folder, plots or log, is
+is, as is one whose weights do not fit --model / model.path, that saved with training.save_only_model (no
+optimizer state to resume) or that lacks a whole optimizer, scheduler, RNG state or weights file (--resume alone
+takes the newest whole checkpoint); a run killed after its last checkpoint, while writing its final folder, plots or log, is
 finished by --resume. A triples TSV has no relevance judgements: data.positive=bm25 and
 data.mask_false_negatives=true need a BEIR source. Exit status: 0 trained; 2 bad input (one "error: ..." line; setup
 problems are found before the first step).
 """
 
 import argparse
+import glob
 import json
 import warnings
 import os
@@ -30,6 +32,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 
 def main(argv=None):
@@ -76,7 +79,12 @@ def _run(args) -> None:
             overrides[key] = value
     try:
         recipe = load_recipe(args.recipe, overrides)
-    except (ValueError, OSError) as error:  # OSError: no such recipe file
+    except FileNotFoundError:  # which ones there are, not only errno 2
+        shipped = [path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+                   for path in sorted(glob.glob(os.path.join(RECIPES, "*.yaml")))]
+        exit_bad_input(f"--recipe {args.recipe}: no such file; the shipped recipes: "
+                       f"{', '.join(shipped) or 'none found in ' + RECIPES}")
+    except (ValueError, OSError) as error:  # OSError: e.g. a folder given
         exit_bad_input(str(error))
     ignored = [flag for flag, value in (("--target-nnz-d", args.target_nnz_d),
                                         ("--clfr-interval-steps", args.clfr_interval_steps)) if value is not None]

@@ -108,6 +108,8 @@ def require_writable(path: str, what: str, folder: bool = False) -> None:
     nearest existing ancestor is a folder a file can be created in -- tried with a temporary file, removed at once
     (permission bits alone pass root everywhere, /proc and read-only mounts included). ``what`` names the option in
     the error."""
+    if not path:  # abspath("") is the working folder: an unset $OUT passed, and failed later, blamed elsewhere
+        raise ValueError(f"{what} is empty: name a {'folder' if folder else 'file'}")
     path = os.path.abspath(path)
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise ValueError(f"{what} {path}: exists and is {'not ' if folder else ''}a folder")

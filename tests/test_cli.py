@@ -182,3 +182,21 @@ def test_clfr_flags_with_clfr_off_warn_that_they_do_nothing(tmp_path, monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # with CLFR on, the same flag is what it says
         train_fles1.main(argv[:4] + flags)
+
+
+def test_train_names_the_shipped_recipes_and_an_empty_output_dir(tiny_random_checkpoint, tmp_path, monkeypatch, capsys):
+    """`--recipe fles1-v14` said "[Errno 2] No such file or directory: 'fles1-v14'"; `--output-dir ""` (an unset
+    $OUT) loaded the model, then blamed model.path for os.makedirs('')."""
+    import train_fles1
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exited:
+        train_fles1.main(["--recipe", "fles1-v14", "--output-dir", str(tmp_path / "run")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == ("error: --recipe fles1-v14: no such file; the shipped recipes: "
+                                       "recipes/fles1-tiny-nfcorpus.yaml, recipes/fles1-v14.yaml\n")
+    with pytest.raises(SystemExit) as exited:
+        train_fles1.main(["--recipe", "recipes/fles1-tiny-nfcorpus.yaml", "--output-dir", "",
+                          "--model", tiny_random_checkpoint])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: output_dir is empty: name a folder\n"

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from fles1.training.recipe import load_recipe
@@ -474,12 +474,11 @@ def test_resume_loads_no_pickled_weights_or_objects(sparse_tiny, msmarco_toy_dir
     weights = load_file(checkpoint / "model.safetensors")
     torch.save(weights, checkpoint / "pytorch_model.bin")
     os.remove(checkpoint / "model.safetensors")
-    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: not a training checkpoint folder "
-                                                 r"\(no model\.safetensors -- weights are resumed from safetensors only"):
+    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: not a complete training "
+                                                 r"checkpoint folder \(no model\.safetensors -- weights are resumed "
+                                                 r"from safetensors only"):
         train(recipe, str(out), resume_from_checkpoint=str(checkpoint), max_steps=4)
     os.remove(checkpoint / "pytorch_model.bin")
-    from safetensors.torch import save_file
-
     save_file(weights, checkpoint / "model.safetensors")
     marker = tmp_path / "the-pickle-ran"
     torch.save({"state": _OpensAFile(str(marker))}, checkpoint / "optimizer.pt")
@@ -489,6 +488,10 @@ def test_resume_loads_no_pickled_weights_or_objects(sparse_tiny, msmarco_toy_dir
                     r"rng_state\*\.pth\) holds more than tensors and plain values, and is not loaded \(.*open",
                     str(error.value)), str(error.value)
     assert "weights_only" not in str(error.value) and not marker.exists()
+    os.remove(checkpoint / "optimizer.pt")  # pruned: transformers resumed without it (and the schedule), exit 0
+    with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-2: not a complete training "
+                                                 r"checkpoint folder \(no optimizer\.pt\); a resume restores"):
+        train(recipe, str(out), resume_from_checkpoint=str(checkpoint), max_steps=4)
 
 
 def test_a_run_killed_while_finishing_is_finished_by_resume(sparse_tiny, msmarco_toy_dir, tmp_path):
@@ -690,6 +693,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
         (out / f"checkpoint-{step}").mkdir(parents=True)
         for name in names:
             (out / f"checkpoint-{step}" / name).write_text("{}")
+        save_file({"weight": torch.zeros(1)}, out / f"checkpoint-{step}" / "model.safetensors")
     # transformers writes trainer_state.json in place: killed mid-write (a bare JSON error stopped --resume)
     (out / "checkpoint-8" / "trainer_state.json").write_text('{"best_global_step": null, "best_metric')
     with pytest.warns(UserWarning) as caught:
@@ -701,11 +705,57 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     shutil.rmtree(out / "checkpoint-8")
     with pytest.warns(UserWarning, match="checkpoint-6 is incomplete"):  # CLFR off: checkpoint-4 is complete
         assert resolve_resume(True, str(out), ["crash_state.json"]) == str(out / "checkpoint-4")
-    with pytest.raises(ValueError, match=r"checkpoint-4: not a training checkpoint folder \(no clfr_state.json\)"):
+    with pytest.raises(ValueError, match=r"checkpoint-4: not a complete training checkpoint folder \(no "
+                                         r"clfr_state.json\)$"):
         resolve_resume(str(out / "checkpoint-4"), str(out), ["crash_state.json", "clfr_state.json"])
     (out / "checkpoint-2" / "clfr_state.json").unlink()
     with pytest.raises(ValueError, match="nothing to resume: no checkpoint-\\* folder in .* is complete"):
         resolve_resume(True, str(out), ["crash_state.json", "clfr_state.json"])
+
+
+def test_resume_wants_the_optimizer_scheduler_and_rng_states_whole(tmp_path):
+    """A checkpoint without optimizer.pt or scheduler.pt (pruned to save disk: twice the model) resumed, exit 0:
+    transformers then skips both -- AdamW's moments and the learning-rate schedule started over (step 5 at 2e-5
+    instead of 6.7e-6) -- and without rng_state.pth the data order; one cut short was a traceback from
+    torch.load (exit 1), a cut model.safetensors one from safetensors."""
+    from fles1.training.trainer import resolve_resume
+
+    out = tmp_path / "run"
+    whole = ["trainer_state.json", "crash_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"]
+    for step in (2, 4):
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in whole:
+            if name.endswith((".pt", ".pth")):
+                torch.save({"step": step}, folder / name)
+            else:
+                (folder / name).write_text("{}")
+        save_file({"weight": torch.zeros(4)}, folder / "model.safetensors")
+    newest = out / "checkpoint-4"
+    assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True) == str(newest)
+    for damage, says in (("optimizer.pt", "no optimizer.pt"), ("scheduler.pt", "no scheduler.pt"),
+                         ("rng_state.pth", "no rng_state.pth"), ("optimizer.pt cut", "no readable optimizer.pt"),
+                         ("model.safetensors cut", "no readable model.safetensors")):
+        name = damage.split()[0]
+        kept = (newest / name).read_bytes()
+        if damage.endswith("cut"):
+            (newest / name).write_bytes(kept[: len(kept) // 2])
+        else:
+            (newest / name).unlink()
+        with pytest.raises(ValueError) as error:
+            resolve_resume(str(newest), str(out), ["crash_state.json"], optimizer_state=True)
+        assert f"cannot resume from {newest}: not a complete training checkpoint folder ({says})" in str(error.value)
+        # the states alone missing: the weights are whole, a new run can start from them
+        assert ("start a new run from its weights (--model" in str(error.value)) == ("model" not in damage)
+        with pytest.warns(UserWarning, match=f"checkpoint-4 is incomplete \\({says}: interrupted while saving, or a "
+                                             "file removed since\\); resuming from .*checkpoint-2"):
+            assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True) == str(out / "checkpoint-2")
+        (newest / name).write_bytes(kept)
+    (newest / "rng_state.pth").rename(newest / "rng_state_0.pth")  # a DDP run's, one per rank
+    assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True) == str(newest)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pth"):  # save_only_model: weights only, by design
+        (newest / name).unlink()
+    assert resolve_resume(str(newest), str(out), ["crash_state.json"]) == str(newest)
 
 # The CPU, even on a GPU machine (CUDA_VISIBLE_DEVICES=""): bitwise-equal results are a CPU property.
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
@@ -910,7 +960,7 @@ def test_cli_on_beir_folder_with_dev_eval(sparse_tiny, tmp_path, capsys):
           "--set", "model.query_max_length=1"], r"^error: model\.query_max_length must be an int >= 3"),
     ):
         assert_bad_input(capsys, message, ["--recipe", TINY_RECIPE, "--output-dir", fresh, *argv])
-    assert_bad_input(capsys, "error: .*No such file",
+    assert_bad_input(capsys, r"^error: --recipe .*no-recipe\.yaml: no such file; the shipped recipes: .*fles1-v14\.yaml$",
                      ["--recipe", str(tmp_path / "no-recipe.yaml"), "--output-dir", fresh])
     assert_bad_input(capsys, "^error: --set expects SECTION.KEY=VALUE, got 'lr'",
                      ["--recipe", TINY_RECIPE, "--output-dir", fresh, "--set", "lr"])

@@ -454,12 +454,14 @@ def _train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps
                              "with it: --resume continues it, --overwrite replaces it, or choose another folder")
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
             warnings.simplefilter("ignore")
-            resolve_resume(resume_from_checkpoint, output_dir, checkpoint_state_files(recipe["clfr"]["enabled"]))
+            resolve_resume(resume_from_checkpoint, output_dir, checkpoint_state_files(recipe["clfr"]["enabled"]),
+                           not recipe["training"].get("save_only_model", False))
         dev_skipped = check_dev_data(recipe["data"]["source"]) if eval_dev else None
         if dev_skipped:
             warnings.warn(f"--eval-dev: {dev_skipped}")
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
-        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files)
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files,
+                                                not trainer.args.save_only_model)
         unfinished = bool(resume_from_checkpoint) and check_resumable(
             resume_from_checkpoint, trainer, recipe["model"]["path"], recipe, own=own)
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id

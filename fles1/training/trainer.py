@@ -30,16 +30,18 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
 import types
 import warnings
+import zipfile
 from collections.abc import Sequence
 
 import torch
 from transformers import Trainer
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import sort_checkpoints
 
 from configuration_fles1 import check_max_length
@@ -160,19 +162,32 @@ def _forward_as_encode_pair(module):
             module.forward = saved
 
 
-def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequence[str] = ()):
+def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequence[str] = (),
+                   optimizer_state: bool = False):
     """``True`` -> the newest complete checkpoint-* in output_dir; a folder -> itself, if complete. Complete: it holds
-    `state_files` (the callbacks' states, written first) and trainer_state.json (transformers' last file). A newer
-    checkpoint that a kill interrupted while saving is skipped, with a warning. Else a ValueError naming the folder
-    (train_fles1.py checks before loading anything)."""
+    `state_files` (the callbacks' states, written first), trainer_state.json (transformers' last file) and, with
+    `optimizer_state` (a run not saving with save_only_model), the optimizer, scheduler and RNG states. A newer
+    checkpoint that a kill interrupted while saving (or that lost a file since) is skipped, with a warning. Else a
+    ValueError naming the folder (train_fles1.py checks before loading anything)."""
     required = (TRAINER_STATE_NAME, *state_files)
 
     def missing(folder: str) -> list[str]:
         absent = [name for name in required if not os.path.isfile(os.path.join(folder, name))]
+        if optimizer_state:  # transformers resumes without them silently: optimizer, schedule and RNG start over
+            ranks = [os.path.basename(path) for path in glob.glob(os.path.join(glob.escape(folder), "rng_state*.pth"))]
+            for shown, names in ((OPTIMIZER_NAME, (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)),
+                                 (SCHEDULER_NAME, (SCHEDULER_NAME,)), ("rng_state.pth", ranks)):  # DDP: per rank
+                found = [name for name in names if os.path.isfile(os.path.join(folder, name))]
+                if not found:
+                    absent.append(shown)
+                # torch.save writes zip files: one cut short (a copy that stopped) was a traceback inside train()
+                absent += [f"readable {name}" for name in found if not zipfile.is_zipfile(os.path.join(folder, name))]
         try:
-            safetensors_files(folder)
+            weights = safetensors_files(folder)
         except CheckpointError:  # transformers would load a pytorch_model.bin instead (or a shard would be missing)
             absent.append("model.safetensors -- weights are resumed from safetensors only")
+        else:
+            absent += [f"readable {os.path.basename(path)}" for path in weights if not _safetensors_readable(path)]
         if not absent and not _holds_json(os.path.join(folder, TRAINER_STATE_NAME)):
             absent.append(f"readable {TRAINER_STATE_NAME}")  # transformers writes it in place: a kill cuts it short
         return absent
@@ -187,14 +202,32 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
             if not missing(folder):
                 for skipped in newest_first[:position]:
                     warnings.warn(f"{skipped} is incomplete (no {', '.join(missing(skipped))}: interrupted while "
-                                  f"saving); resuming from {folder}", stacklevel=2)
+                                  f"saving, or a file removed since); resuming from {folder}", stacklevel=2)
                 return folder
+        expected = [*required, "model.safetensors"] + (
+            [OPTIMIZER_NAME, SCHEDULER_NAME, "rng_state.pth"] if optimizer_state else [])
         raise ValueError(f"nothing to resume: no checkpoint-* folder in {output_dir} is complete (each lacks one of "
-                         f"{', '.join(required)}, model.safetensors)")
-    if resume_from_checkpoint and missing(resume_from_checkpoint):
-        raise ValueError(f"cannot resume from {resume_from_checkpoint}: not a training checkpoint folder "
-                         f"(no {', '.join(missing(resume_from_checkpoint))})")
+                         f"{', '.join(expected)})")
+    absent = missing(resume_from_checkpoint) if resume_from_checkpoint else []
+    if absent:
+        model_only = all(name.split()[-1].startswith(("optimizer.", "scheduler.", "rng_state")) for name in absent)
+        raise ValueError(f"cannot resume from {resume_from_checkpoint}: not a complete training checkpoint folder "
+                         f"(no {', '.join(absent)})" + (
+                             "; a resume restores the optimizer, learning-rate schedule and RNG from them: start a "
+                             f"new run from its weights (--model {resume_from_checkpoint})" if model_only else ""))
     return resume_from_checkpoint
+
+
+def _safetensors_readable(path: str) -> bool:
+    """Whether the header of a safetensors file reads and fits its size (safetensors checks; no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except Exception:  # SafetensorError (not an OSError), or an OSError
+        return False
+    return True
 
 
 def _holds_json(path: str) -> bool:
@@ -415,7 +448,7 @@ class FLES1Trainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir,
-                                                self.checkpoint_state_files)
+                                                self.checkpoint_state_files, not self.args.save_only_model)
         for callback in (self.clfr, self.crash_monitor, self.log_window):
             if callback is not None:
                 callback.resume_from = resume_from_checkpoint or None
