@@ -87,7 +87,7 @@ def _check_local_checkpoint(path: str) -> None:
         raise CheckpointError(f"{config_path}: missing; a FLES-1 checkpoint folder needs config.json")
     try:
         with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
+            json.load(handle)  # valid JSON, else named here
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
     _warn_if_sentence_transformers_prompts_or_prunes(path)  # the lengths' check once the config is built
