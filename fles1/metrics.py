@@ -110,11 +110,14 @@ def evaluate_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
 
 
 def format_score(score: float) -> str:
-    return f"{score:.6f}"
+    # significant digits (float32's 9), not decimals: 6 decimals tied every score under ~1e-6 (weights of a model
+    # scaled down, or a threshold of 0), and trec_eval's tie order by doc id then changed the metrics
+    return f"{score:.9g}"
 
 
 def rounded_run(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """The run as its TREC file stores it (6 decimals), so metrics from the dict and the file agree exactly."""
+    """The run as its TREC file stores it (9 significant digits), so metrics from the dict and the file agree
+    exactly."""
     return {qid: {did: float(format_score(s)) for did, s in docs.items()} for qid, docs in run.items()}
 
 

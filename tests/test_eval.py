@@ -533,12 +533,26 @@ def test_trec_run_file_round_trip(tmp_path):
     run = {"q1": {"d1": 1.25, "d2": 3.5}, "q2": {}}
     write_trec_run(run, str(tmp_path / "run.trec"), tag="t")
     lines = (tmp_path / "run.trec").read_text().splitlines()
-    assert lines[0] == "q1 Q0 d2 1 3.500000 t" and len(lines) == 2
+    assert lines[0] == "q1 Q0 d2 1 3.5 t" and len(lines) == 2
     assert read_trec_run(str(tmp_path / "run.trec")) == {"q1": {"d2": 3.5, "d1": 1.25}}
     (tmp_path / "bad.trec").write_text("q1 Q0 d1 1 3.5 t\nq1 Q0 d2 2 abc t\n")
     with pytest.raises(ValueError, match=r"bad\.trec:2: score 'abc' is not a number"):
         read_trec_run(str(tmp_path / "bad.trec"))
 
+
+
+def test_run_files_keep_small_scores_apart():
+    """Scores went to the run file (and the metrics) at 6 decimals: a ranking scaled by 1e-6 -- the same ranking --
+    tied its lower scores, trec_eval ordered the ties by doc id, and NDCG@10 fell 0.52 -> 0.51."""
+    from fles1.metrics import rounded_run
+
+    qrels = {"q1": {"d1": 1, "d3": 2}, "q2": {"d4": 1}}
+    run = {"q1": {"d1": 0.75, "d2": 0.7500004, "d3": 0.7500009, "d4": 0.25}, "q2": {"d4": 1e-3, "d5": 1.2e-3}}
+    expected = evaluate_run(qrels, run)
+    for scale in (1.0, 1e-6, 1e-12):
+        scaled = {qid: {did: score * scale for did, score in docs.items()} for qid, docs in run.items()}
+        assert evaluate_run(qrels, rounded_run(scaled)) == expected
+    assert rounded_run({"q": {"d": 0.1 + 0.2}}) == {"q": {"d": 0.3}}  # digits past float32's are noise
 
 # ---- the pipeline --------------------------------------------------------------------------------------------------
 def test_corpus_cache_is_reused_and_interrupts_leave_none(tiny_random_checkpoint, beir_dir, tmp_path, monkeypatch):
