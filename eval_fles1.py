@@ -111,7 +111,7 @@ def _run(args) -> int:
                                      ("--cache-dir", None if args.no_cache else args.cache_dir, True),
                                      ("--run-file", args.run_file, False), ("--index-dir", args.index_dir, True),
                                      ("--export", args.export, True)):
-            if path:
+            if path is not None:  # "" too (an unset $OUT): refused, not taken for "not given"
                 require_writable(path, option, folder=folder)
         results = evaluate(
             args.model, args.data, split=args.split, threshold=args.threshold,

@@ -346,16 +346,15 @@ def _drop_remote_code_copy(folder_name: str) -> None:
         del sys.modules[module]
 
 
-def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict, config: dict, lengths: bool) -> None:
+def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict, config: dict) -> None:
     """A folder's checks of its sentence-transformers files, for a hub checkpoint, on its snapshot folder (a hub load
-    was silent where the same files in a folder warned); the lengths' only when the caller set none."""
+    was silent where the same files in a folder warned); `config`: the settings to compare the lengths with."""
     from transformers.utils import cached_file
 
     # functools.partial, not a lambda: no frame of its own, so each warning's stacklevel still reaches the caller
-    checks = [("config_sentence_transformers.json", _warn_if_sentence_transformers_prompts_or_prunes)]
-    if lengths:
-        checks.append(("sentence_bert_config.json",
-                       functools.partial(_warn_if_sentence_transformers_cuts_elsewhere, config=config)))
+    checks = [("config_sentence_transformers.json", _warn_if_sentence_transformers_prompts_or_prunes),
+              ("sentence_bert_config.json",
+               functools.partial(_warn_if_sentence_transformers_cuts_elsewhere, config=config))]
     for name, warn in checks:
         try:
             found = cached_file(repo_id, name, **download, _raise_exceptions_for_missing_entries=False,
@@ -859,14 +858,15 @@ class FLES1Encoder:
         except Exception as error:  # the Rust tokenizer raises a bare Exception on a corrupt tokenizer.json
             raise CheckpointError(f"{path_or_hub_id}: could not load the tokenizer (tokenizer.json, "
                                   f"tokenizer_config.json): {str(error).strip().splitlines()[0]}") from error
-        # the lengths' check unless the caller set lengths (config settings): 16 given for a folder whose
-        # sentence-transformers files cut at 16 warned that config.json's 64 differed
-        lengths = set(settings_and_model_options) <= set(model_options)
+        # the lengths' check on the config.json settings used: a length the caller set is its choice, not compared
+        # (query_max_length=16 for a folder whose sentence-transformers files cut at 16 warned that config.json's 64
+        # differed; any other option given skipped every comparison)
+        compared = {key: value for key, value in model.config.to_dict().items()
+                    if key not in settings_and_model_options}
         if os.path.isdir(path_or_hub_id):
-            if lengths:
-                _warn_if_sentence_transformers_cuts_elsewhere(path_or_hub_id, model.config.to_dict(), stacklevel=3)
+            _warn_if_sentence_transformers_cuts_elsewhere(path_or_hub_id, compared, stacklevel=3)
         else:  # a hub id: the checks a folder gets, on the files downloaded
-            _warn_if_hub_sentence_transformers_files_differ(path_or_hub_id, download, model.config.to_dict(), lengths)
+            _warn_if_hub_sentence_transformers_files_differ(path_or_hub_id, download, compared)
         return cls(model.to(device), tokenizer, threshold=threshold, projection_dtype=projection_dtype)
 
     @property

@@ -107,7 +107,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        if args.output:
+        if args.output is not None:  # "" refused too
             require_writable(args.output, "--output")  # before the run, not after it
         args.device = _resolve_device(args.device)
         # interrupted (Ctrl-C, SIGTERM): one line, and the scratch folder goes too

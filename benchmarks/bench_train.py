@@ -150,7 +150,7 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per trainer")
     args = parser.parse_args(argv)
     try:
-        if args.output:
+        if args.output is not None:  # "" refused too
             require_writable(args.output, "--output")  # before the run, not after it
         args.device = _resolve_device(args.device)  # a device that is not here was run on the CPU and labelled
         trainer_device(args.device)

@@ -32,7 +32,8 @@ from scipy.sparse import csr_matrix
 from tqdm.auto import tqdm
 
 from fles1 import exports
-from fles1.atomic import atomic_directory, atomic_open, atomic_write_json, require_writable, scratch_directory
+from fles1.atomic import (atomic_directory, atomic_open, atomic_write_json, path_within, require_writable,
+                          scratch_directory)
 from fles1.beir import BEIRDataset, fingerprint_files, load_beir
 from fles1.card import IR_METRICS, LOCAL_FOLDER, MISSING, SPARSITY_METRICS, markdown_text
 from fles1.exports import check_elasticsearch_ids
@@ -160,7 +161,8 @@ def device_label(device) -> str:
 
 
 def cpu_model() -> Optional[str]:
-    """The CPU's model name: /proc/cpuinfo's on Linux, else `platform.processor()`; None where neither names one."""
+    """The CPU's model name: /proc/cpuinfo's on Linux (x86: ARM's has none), `platform.processor()` on Windows (its
+    family and model); None elsewhere (macOS and Linux's `platform.processor()` name the architecture only)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
@@ -168,8 +170,7 @@ def cpu_model() -> Optional[str]:
                     return " ".join(line.split(":", 1)[1].split()) or None
     except OSError:  # not Linux
         pass
-    name = platform.processor()
-    return name if name and name != "unknown" else None
+    return (platform.processor() or None) if platform.system() == "Windows" else None
 
 # ---- corpus encoding cache -------------------------------------------------------------------------------------
 # Documents per cache shard. A corpus is encoded a shard at a time and each finished shard is saved, so an
@@ -480,7 +481,9 @@ def evaluate(
     run_paths = run_file_paths(run_file, names) if run_file else {}
     _refuse_shared_outputs({**{f"run file of {name}": path for name, path in run_paths.items()},
                             **{f"index of {name}": _index_path(index_dir, name) for name in names if index_dir},
-                            **(written_after or {})})
+                            **(written_after or {}), **({"cache_dir": cache_dir} if cache_dir else {})},
+                           {f"{engine} export of {name}": os.path.join(export_dir, name, engine)
+                            for name in names for engine in EXPORT_ENGINES} if export_dir else {})
     for dataset in datasets:  # ids the requested outputs cannot carry fail now, not after the encoding
         if run_file or export_dir:  # the export too: Anserini writes TREC runs, reads whitespace-separated topics
             remedy = "leave out the run file" if run_file else "leave out --export"
@@ -530,9 +533,11 @@ def _index_path(index_dir: str, name: str) -> str:
     return os.path.join(index_dir, f"{name}.index.npz")
 
 
-def _refuse_shared_outputs(outputs: dict[str, str]) -> None:
-    """ValueError where two outputs (what -> path) are one file: one would be written over the other (with several
-    datasets, run files are named per dataset, so the CLI's check of the flags' own paths could not see it)."""
+def _refuse_shared_outputs(outputs: dict[str, str], replaced: dict[str, str]) -> None:
+    """ValueError where two outputs (what -> path) are one file, or one lies in a folder an export replaces whole
+    (what -> folder): one would be written over the other (with several datasets, run files are named per dataset,
+    so the CLI's check of the flags' own paths could not see it; a run file in DIR/toy/pyserini went with the
+    export's swap)."""
     seen: dict[str, str] = {}
     for what, path in outputs.items():
         if not path:
@@ -541,6 +546,10 @@ def _refuse_shared_outputs(outputs: dict[str, str]) -> None:
         if real in seen:
             raise ValueError(f"{what} {path} is the file the {seen[real]} is written to; give each output its own path")
         seen[real] = what
+        for whole, folder in replaced.items():
+            if path_within(path, folder):
+                raise ValueError(f"{what} {path} lies in {folder}, which the {whole} replaces whole; give it a path "
+                                 "outside it")
 
 
 def elasticsearch_index_names(names: Sequence[str]) -> dict[str, str]:
@@ -548,6 +557,9 @@ def elasticsearch_index_names(names: Sequence[str]) -> dict[str, str]:
     clean to one index ("nf corpus" and "nf-corpus", "Tiny" and "tiny"), whose documents would otherwise mix in it
     and overwrite each other's ids; within the 255 bytes an index name may have."""
     return dict(zip(names, numbered_apart([exports.elasticsearch_index_name(name) for name in names], max_bytes=255)))
+
+
+EXPORT_ENGINES = ("elasticsearch", "pyserini")  # the folders an export writes per dataset, each replaced whole
 
 
 def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settings: dict) -> None:
@@ -559,8 +571,8 @@ def _export_dataset(folder: str, index_name: str, artifacts: dict, vocab, settin
     query_ids, query_matrix = artifacts["query_ids"], artifacts["query_matrix"]
     manifest = {**settings, "documents": len(doc_ids), "queries": len(query_ids), "top_k": TOP_K}
     # both written in their staging folders before either replaces its earlier export (two renames apart)
-    with atomic_directory(os.path.join(folder, "elasticsearch"), replace=True) as elasticsearch, \
-            atomic_directory(os.path.join(folder, "pyserini"), replace=True) as pyserini:
+    with atomic_directory(os.path.join(folder, EXPORT_ENGINES[0]), replace=True) as elasticsearch, \
+            atomic_directory(os.path.join(folder, EXPORT_ENGINES[1]), replace=True) as pyserini:
         paths = exports.write_elasticsearch(elasticsearch, index_name, doc_ids, doc_matrix, vocab)
         exports.write_elasticsearch_queries(os.path.join(elasticsearch, "queries.jsonl"), query_ids, query_matrix,
                                             vocab, size=TOP_K, exclude_own_id=artifacts["drop_self"])

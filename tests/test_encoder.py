@@ -371,6 +371,9 @@ def test_a_folder_whose_sentence_transformers_files_cut_elsewhere_is_warned_abou
         warnings.simplefilter("error")  # 64 was used, where the encoder cut at 32 as sentence-transformers does
         encoder = FLES1Encoder.from_pretrained(str(folder), query_max_length=32)
     assert encoder.max_lengths["query"] == 32
+    for options in ({"inference_threshold": 0.5}, {"document_max_length": 256}, {"attn_implementation": "eager"}):
+        with pytest.warns(SparseEncoderMismatchWarning, match=r"encode_query at 32 tokens"):  # any option given
+            FLES1Encoder.from_pretrained(str(folder), **options)  # skipped the whole check
 
 
 def test_a_sentence_transformers_max_seq_length_saved_with_the_folder_is_warned_about(fles1_checkpoint, tmp_path):

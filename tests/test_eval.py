@@ -760,6 +760,10 @@ def test_cli_refuses_two_outputs_on_one_path(tiny_random_checkpoint, beir_dir, t
         assert eval_fles1.main(argv) == 2
         assert f"error: {second} {tmp_path}/./same.out is the file {first} writes too" in capsys.readouterr().err
     assert not os.path.exists(same)
+    for flag, kind in (("--output", "file"), ("--markdown", "file"), ("--run-file", "file"),
+                       ("--index-dir", "folder"), ("--export", "folder")):  # an unset $OUT: exit 0, nothing written
+        assert eval_fles1.main(["--model", tiny_random_checkpoint, "--data", beir_dir, flag, ""]) == 2
+        assert capsys.readouterr().err.endswith(f"error: {flag} is empty: name a {kind}\n")
 
 
 
@@ -778,8 +782,18 @@ def test_cli_refuses_an_output_on_a_datasets_run_file(tiny_random_checkpoint, tm
     index = tmp_path / "index"
     assert eval_fles1.main(base[:-2] + ["--index-dir", str(index), "--output", str(index / "one.index.npz")]) == 2
     assert "is the file the index of one is written to" in capsys.readouterr().err
+    exported = tmp_path / "exported"  # the export replaces DIR/<dataset>/pyserini and elasticsearch whole
+    for flag, path, folder in (("--run-file", exported / "two" / "pyserini" / "run.trec", "two/pyserini"),
+                               ("--index-dir", exported / "one" / "elasticsearch" / "indices", "one/elasticsearch"),
+                               ("--cache-dir", exported / "one" / "pyserini", "one/pyserini")):
+        argv = [arg for arg in base if arg != "--no-cache"][:-2] + ["--export", str(exported), flag, str(path)]
+        assert eval_fles1.main(argv) == 2
+        assert f"lies in {exported}/{folder}, which the {folder[4:]} export of {folder[:3]} replaces" in \
+            capsys.readouterr().err
+    assert not exported.exists()
     assert eval_fles1.main(base + ["--output", str(tmp_path / "results.json")]) == 0  # apart: both written
     assert output.read_text().startswith("q") and json.loads((tmp_path / "results.json").read_text())["datasets"]
+
 
 def test_dataset_named_after_its_folder_when_given_as_dot_or_dot_dot(tiny_random_checkpoint, beir_dir, tmp_path,
                                                                       monkeypatch):

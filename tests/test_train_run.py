@@ -751,10 +751,17 @@ def test_resume_wants_the_optimizer_scheduler_and_rng_states_whole(tmp_path):
                                              "file removed since\\); resuming from .*checkpoint-2"):
             assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True) == str(out / "checkpoint-2")
         (newest / name).write_bytes(kept)
-    (newest / "rng_state.pth").rename(newest / "rng_state_0.pth")  # a DDP run's, one per rank
-    assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True) == str(newest)
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pth"):  # save_only_model: weights only, by design
-        (newest / name).unlink()
+    # a DDP run's: one per rank, each rank's needed (a kill between two ranks' saves, or one pruned, restarted that
+    # rank's RNG with an info line); any rng_state*.pth passed
+    (newest / "rng_state.pth").rename(newest / "rng_state_0.pth")
+    with pytest.raises(ValueError, match=r"\(no rng_state_1\.pth\); a resume restores"):
+        resolve_resume(str(newest), str(out), ["crash_state.json"], optimizer_state=True, world_size=2)
+    with pytest.raises(ValueError, match=r"\(no rng_state\.pth\); a resume restores"):  # resumed by one process
+        resolve_resume(str(newest), str(out), ["crash_state.json"], optimizer_state=True)
+    shutil.copyfile(newest / "rng_state_0.pth", newest / "rng_state_1.pth")
+    assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True, world_size=2) == str(newest)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"):  # save_only_model: weights
+        (newest / name).unlink()  # only, by design
     assert resolve_resume(str(newest), str(out), ["crash_state.json"]) == str(newest)
 
 # The CPU, even on a GPU machine (CUDA_VISIBLE_DEVICES=""): bitwise-equal results are a CPU property.

@@ -1,5 +1,7 @@
 """The collectives the training code needs (no-ops in a single process): a sum over ranks, the rank, the world size."""
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -38,3 +40,12 @@ def world_size() -> int:
     from sentence_transformers.util.distributed import get_world_size  # 1 when not distributed
 
     return get_world_size()
+
+
+def launched_world_size() -> int:
+    """The processes torchrun (or accelerate launch) started, from WORLD_SIZE: known before the process group is
+    set up (what `world_size` reads), so before any loading."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1

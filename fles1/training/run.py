@@ -19,6 +19,7 @@ from fles1.atomic import atomic_write_json, path_within, require_writable, scrat
 
 from .checks import is_int
 from .clfr import CLFRDiverged, optimizer_steps_per_epoch
+from .distributed import launched_world_size
 from .plots import PLOT_FILES
 
 HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss_reg_q", "loss_anticollapse",
@@ -455,13 +456,13 @@ def _train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
             warnings.simplefilter("ignore")
             resolve_resume(resume_from_checkpoint, output_dir, checkpoint_state_files(recipe["clfr"]["enabled"]),
-                           not recipe["training"].get("save_only_model", False))
+                           not recipe["training"].get("save_only_model", False), launched_world_size())
         dev_skipped = check_dev_data(recipe["data"]["source"]) if eval_dev else None
         if dev_skipped:
             warnings.warn(f"--eval-dev: {dev_skipped}")
         trainer = build_trainer(recipe, output_dir, max_steps, trainer_class)
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, output_dir, trainer.checkpoint_state_files,
-                                                not trainer.args.save_only_model)
+                                                not trainer.args.save_only_model, trainer.args.world_size)
         unfinished = bool(resume_from_checkpoint) and check_resumable(
             resume_from_checkpoint, trainer, recipe["model"]["path"], recipe, own=own)
     except (ValueError, OSError) as error:  # transformers reports a missing model folder as a bad repo id

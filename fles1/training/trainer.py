@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
@@ -163,20 +162,23 @@ def _forward_as_encode_pair(module):
 
 
 def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequence[str] = (),
-                   optimizer_state: bool = False):
+                   optimizer_state: bool = False, world_size: int = 1):
     """``True`` -> the newest complete checkpoint-* in output_dir; a folder -> itself, if complete. Complete: it holds
     `state_files` (the callbacks' states, written first), trainer_state.json (transformers' last file) and, with
-    `optimizer_state` (a run not saving with save_only_model), the optimizer, scheduler and RNG states. A newer
+    `optimizer_state` (a run not saving with save_only_model), the optimizer and scheduler states and the RNG state of
+    each of the `world_size` processes resuming (transformers names them per rank in DDP). A newer
     checkpoint that a kill interrupted while saving (or that lost a file since) is skipped, with a warning. Else a
     ValueError naming the folder (train_fles1.py checks before loading anything)."""
     required = (TRAINER_STATE_NAME, *state_files)
+    # one per process; transformers skips a missing one with an info line (that process's RNG starts over)
+    rng_files = [(name, (name,)) for name in (
+        ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)])]
 
     def missing(folder: str) -> list[str]:
         absent = [name for name in required if not os.path.isfile(os.path.join(folder, name))]
         if optimizer_state:  # transformers resumes without them silently: optimizer, schedule and RNG start over
-            ranks = [os.path.basename(path) for path in glob.glob(os.path.join(glob.escape(folder), "rng_state*.pth"))]
             for shown, names in ((OPTIMIZER_NAME, (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)),
-                                 (SCHEDULER_NAME, (SCHEDULER_NAME,)), ("rng_state.pth", ranks)):  # DDP: per rank
+                                 (SCHEDULER_NAME, (SCHEDULER_NAME,)), *rng_files):
                 found = [name for name in names if os.path.isfile(os.path.join(folder, name))]
                 if not found:
                     absent.append(shown)
@@ -205,7 +207,7 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
                                   f"saving, or a file removed since); resuming from {folder}", stacklevel=2)
                 return folder
         expected = [*required, "model.safetensors"] + (
-            [OPTIMIZER_NAME, SCHEDULER_NAME, "rng_state.pth"] if optimizer_state else [])
+            [OPTIMIZER_NAME, SCHEDULER_NAME, *(name for name, _ in rng_files)] if optimizer_state else [])
         raise ValueError(f"nothing to resume: no checkpoint-* folder in {output_dir} is complete (each lacks one of "
                          f"{', '.join(expected)})")
     absent = missing(resume_from_checkpoint) if resume_from_checkpoint else []
@@ -448,7 +450,8 @@ class FLES1Trainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir,
-                                                self.checkpoint_state_files, not self.args.save_only_model)
+                                                self.checkpoint_state_files, not self.args.save_only_model,
+                                                self.args.world_size)
         for callback in (self.clfr, self.crash_monitor, self.log_window):
             if callback is not None:
                 callback.resume_from = resume_from_checkpoint or None
