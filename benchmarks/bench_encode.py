@@ -107,6 +107,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.model == "":  # an unset $MODEL: not the shipped backbone's numbers under another name
+            raise ValueError("--model is empty: name a FLES-1 folder, or leave it out for the shipped backbone")
         if args.output is not None:  # "" refused too
             require_writable(args.output, "--output")  # before the run, not after it
         args.device = _resolve_device(args.device)

@@ -550,6 +550,9 @@ def _refuse_shared_outputs(outputs: dict[str, str], replaced: dict[str, str]) ->
             if path_within(path, folder):
                 raise ValueError(f"{what} {path} lies in {folder}, which the {whole} replaces whole; give it a path "
                                  "outside it")
+            if path_within(folder, path):  # DIR/<dataset> itself, or a folder above it
+                raise ValueError(f"{what} {path} would hold {folder}, which the {whole} writes; give it a path "
+                                 "outside the export")
 
 
 def elasticsearch_index_names(names: Sequence[str]) -> dict[str, str]:

@@ -790,6 +790,10 @@ def test_cli_refuses_an_output_on_a_datasets_run_file(tiny_random_checkpoint, tm
         assert eval_fles1.main(argv) == 2
         assert f"lies in {exported}/{folder}, which the {folder[4:]} export of {folder[:3]} replaces" in \
             capsys.readouterr().err
+    for flag in ("--output", "--markdown"):  # the export's dataset folder itself: after the whole run, a traceback
+        argv = base[:-2] + ["--export", str(exported), flag, str(exported / "one")]  # or the results lost
+        assert eval_fles1.main(argv) == 2
+        assert f"would hold {exported}/one/elasticsearch, which the elasticsearch export" in capsys.readouterr().err
     assert not exported.exists()
     assert eval_fles1.main(base + ["--output", str(tmp_path / "results.json")]) == 0  # apart: both written
     assert output.read_text().startswith("q") and json.loads((tmp_path / "results.json").read_text())["datasets"]

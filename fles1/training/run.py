@@ -231,6 +231,8 @@ def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | No
     finishing, and only its final folder, plots and log remain to write (`FLES1Trainer.restore_finished`)."""
     from transformers.trainer import TRAINER_STATE_NAME
 
+    from .trainer import rng_state_files, saved_rng_states
+
     wrong = _misfitting_weights(os.path.join(checkpoint, "model.safetensors"), trainer.model)
     if wrong:
         name, found, expected = wrong[0]
@@ -262,6 +264,13 @@ def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | No
         raise ValueError(f"cannot resume from {checkpoint}: it is at step {step} and this run ends at step {end} "
                          "(--max-steps, else the recipe's training.max_steps or num_train_epochs): nothing to "
                          "train; a larger --max-steps continues it (see its learning-rate warning)")
+    expected, saved = rng_state_files(trainer.args.world_size), saved_rng_states(checkpoint)
+    if set(saved) != set(expected):  # transformers skips each missing one with an info line
+        warnings.warn(f"{checkpoint} holds the RNG states {', '.join(saved)} and this run of "
+                      f"{trainer.args.world_size} process(es) needs {', '.join(expected)}: the optimizer and schedule "
+                      "resume, the RNG states of the processes without one do not (dropout, and the data each process "
+                      "sees, differ from an uninterrupted run); resume on the number of processes it was saved by "
+                      "to continue it exactly")
     planned = trainer_state.get("max_steps")
     schedule = str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type))
     if is_int(planned) and planned > 0 and planned != end and schedule not in ("constant", "constant_with_warmup"):

@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import types
 import warnings
 import zipfile
@@ -165,18 +166,22 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
                    optimizer_state: bool = False, world_size: int = 1):
     """``True`` -> the newest complete checkpoint-* in output_dir; a folder -> itself, if complete. Complete: it holds
     `state_files` (the callbacks' states, written first), trainer_state.json (transformers' last file) and, with
-    `optimizer_state` (a run not saving with save_only_model), the optimizer and scheduler states and the RNG state of
-    each of the `world_size` processes resuming (transformers names them per rank in DDP). A newer
+    `optimizer_state` (a run not saving with save_only_model), the optimizer and scheduler states and RNG states
+    (those of a run of `world_size` processes named where there are none). A newer
     checkpoint that a kill interrupted while saving (or that lost a file since) is skipped, with a warning. Else a
     ValueError naming the folder (train_fles1.py checks before loading anything)."""
     required = (TRAINER_STATE_NAME, *state_files)
     # one per process; transformers skips a missing one with an info line (that process's RNG starts over)
-    rng_files = [(name, (name,)) for name in (
-        ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)])]
+    rng_names = rng_state_files(world_size)
 
     def missing(folder: str) -> list[str]:
         absent = [name for name in required if not os.path.isfile(os.path.join(folder, name))]
         if optimizer_state:  # transformers resumes without them silently: optimizer, schedule and RNG start over
+            # the RNG states saved (one per process in DDP): another set than this run's -- a kill between two
+            # ranks' saves, a run resumed on another number of processes -- is resumed with a warning
+            # (`check_resumable`): transformers then restores the optimizer and schedule but not each RNG
+            saved = saved_rng_states(folder)
+            rng_files = [(name, (name,)) for name in saved] or [(" / ".join(rng_names), rng_names)]
             for shown, names in ((OPTIMIZER_NAME, (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)),
                                  (SCHEDULER_NAME, (SCHEDULER_NAME,)), *rng_files):
                 found = [name for name in names if os.path.isfile(os.path.join(folder, name))]
@@ -207,7 +212,7 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
                                   f"saving, or a file removed since); resuming from {folder}", stacklevel=2)
                 return folder
         expected = [*required, "model.safetensors"] + (
-            [OPTIMIZER_NAME, SCHEDULER_NAME, *(name for name, _ in rng_files)] if optimizer_state else [])
+            [OPTIMIZER_NAME, SCHEDULER_NAME, *rng_names] if optimizer_state else [])
         raise ValueError(f"nothing to resume: no checkpoint-* folder in {output_dir} is complete (each lacks one of "
                          f"{', '.join(expected)})")
     absent = missing(resume_from_checkpoint) if resume_from_checkpoint else []
@@ -218,6 +223,17 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
                              "; a resume restores the optimizer, learning-rate schedule and RNG from them: start a "
                              f"new run from its weights (--model {resume_from_checkpoint})" if model_only else ""))
     return resume_from_checkpoint
+
+
+def rng_state_files(world_size: int) -> list[str]:
+    """The RNG state files transformers writes for a run of `world_size` processes (one per rank in DDP)."""
+    return ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+
+
+def saved_rng_states(folder: str) -> list[str]:
+    """The RNG state files in a checkpoint folder."""
+    return sorted(name for name in os.listdir(folder) if re.fullmatch(r"rng_state(_\d+)?\.pth", name)) \
+        if os.path.isdir(folder) else []
 
 
 def _safetensors_readable(path: str) -> bool:
