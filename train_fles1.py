@@ -16,8 +16,9 @@ run ends at this command's --max-steps, else at the recipe's training.max_steps 
 than the checkpoint's run was scheduled for mixes two learning-rate schedules, with a warning). Resuming from a
 checkpoint past that step, or at it once the run has written training_log.json, is refused and leaves the run as it
 is, as is one whose weights do not fit --model / model.path, that saved with training.save_only_model (no
-optimizer state to resume) or that lacks a whole optimizer, scheduler, RNG state (one per process: a DDP run
-resumes on as many) or weights file (--resume alone takes the newest whole checkpoint); a run killed after its last checkpoint, while writing its final folder, plots or log, is
+optimizer state to resume) or that lacks a whole optimizer, scheduler, RNG state or weights file (--resume alone
+takes the newest whole checkpoint; a DDP run's RNG states resumed on another number of processes warn that they do
+not come back); a run killed after its last checkpoint, while writing its final folder, plots or log, is
 finished by --resume. A triples TSV has no relevance judgements: data.positive=bm25 and
 data.mask_false_negatives=true need a BEIR source. Exit status: 0 trained; 2 bad input (one "error: ..." line; setup
 problems are found before the first step).
