@@ -239,7 +239,7 @@ def _signals_held():
         for number, handler in previous.items():
             signal.signal(number, handler)
         for number in received:
-            os.kill(os.getpid(), number)
+            signal.raise_signal(number)  # to this (the main) thread: handled here, not whenever another runs
 
 
 def _move_staged_into(staging: str, folder: str) -> None:
