@@ -91,17 +91,23 @@ def _check_local_checkpoint(path: str) -> None:
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
     _warn_if_sentence_transformers_prompts_or_prunes(path)  # the lengths' check once the config is built
-    from safetensors import safe_open
-
     for weights_path in safetensors_files(path):
-        try:
-            with safe_open(weights_path, framework="pt") as handle:
-                handle.keys()
-        except Exception as error:  # safetensors raises its own error types
-            raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from error
+        check_safetensors_header(weights_path)
     if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "vocab.txt")):
         raise CheckpointError(f"{os.path.join(path, 'tokenizer.json')}: missing (nor is there a vocab.txt); a FLES-1 "
                               "checkpoint folder holds its tokenizer")
+
+
+def check_safetensors_header(path: str) -> None:
+    """CheckpointError naming `path` unless its safetensors header reads and fits the file's size (safetensors
+    checks both; no tensor is read): a file cut short fails here, not deep inside a load."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own error types (not OSErrors)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
 
 
 def _read_json_or_none(path: str):

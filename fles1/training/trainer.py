@@ -46,7 +46,7 @@ from transformers.trainer_utils import sort_checkpoints
 
 from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
-from fles1_encoder import CheckpointError, safetensors_files
+from fles1_encoder import CheckpointError, check_safetensors_header, safetensors_files
 
 from .checks import is_number
 from .clfr import STATE_FILE as CLFR_STATE_FILE
@@ -237,13 +237,9 @@ def saved_rng_states(folder: str) -> list[str]:
 
 
 def _safetensors_readable(path: str) -> bool:
-    """Whether the header of a safetensors file reads and fits its size (safetensors checks; no tensor is read)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except Exception:  # SafetensorError (not an OSError), or an OSError
+        check_safetensors_header(path)
+    except CheckpointError:
         return False
     return True
 
