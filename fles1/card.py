@@ -84,13 +84,48 @@ def read_json(path: str, kind: str) -> dict:
     return data
 
 
+def _check_types(path: str, data: dict, expected: dict, prefix: str = "") -> None:
+    """Each `expected` key of `data` absent, null or of its types; a nested dict of types checks an object's keys
+    (a hand-edited file: `"model": "x"` was an AttributeError deep in the card)."""
+    for key, types in expected.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(types, dict):
+            if not isinstance(value, dict):
+                raise CardInputError(f"{path}: {prefix}{key} is {type(value).__name__}, expected an object")
+            _check_types(path, value, types, f"{prefix}{key}.")
+        elif not isinstance(value, types) or isinstance(value, bool) and bool not in (
+                types if isinstance(types, tuple) else (types,)):
+            names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise CardInputError(f"{path}: {prefix}{key} is {type(value).__name__}, expected {names}")
+
+
+def _check_items(path: str, values, item_type: type, where: str) -> None:
+    for index, item in enumerate(values or ()):
+        if not isinstance(item, item_type):
+            raise CardInputError(f"{path}: {where}[{index}] is {type(item).__name__}, expected {item_type.__name__}")
+
+
+EVAL_HEADER = {"model": {"path": str, "fingerprint": str, "tokenizer_fingerprint": str},
+               "environment": {"device": str, "python": str, "packages": dict}}
+EVAL_DATASET = {"num_queries": int, "num_docs": int, "data_fingerprint": str, "metrics": dict,
+                "bm25": {"library": str, "metrics": dict}, "production": dict}
+TRAINING_LOG = {"recipe": dict, "history": list, "clfr": list, "crashes": dict, "eval": dict}
+
+
 def read_eval(path: str) -> dict:
     data = read_json(path, "eval results")
     if not isinstance(data.get("datasets"), dict) or not data["datasets"]:
         raise CardInputError(f"{path}: no 'datasets' object; expected the eval_fles1.py --output format")
+    _check_types(path, data, EVAL_HEADER)
     for name, entry in data["datasets"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
             raise CardInputError(f"{path}: datasets.{name} has no 'metrics' object")
+        _check_types(path, entry, EVAL_DATASET, f"datasets.{name}.")
+        if not isinstance(entry.get("split"), str) or not entry["split"]:  # eval_fles1.py always records it
+            raise CardInputError(f"{path}: datasets.{name}.split is {entry.get('split')!r}, expected the split's "
+                                 "name (e.g. 'test')")
         tables = {"metrics": entry["metrics"], "bm25.metrics": (entry.get("bm25") or {}).get("metrics"),
                   "production": entry.get("production")}
         for table_name, values in tables.items():
@@ -105,6 +140,9 @@ def read_training_log(path: str) -> dict:
     data = read_json(path, "training log")
     if "recipe" not in data and "history" not in data:
         raise CardInputError(f"{path}: neither 'recipe' nor 'history'; expected a train_fles1.py training_log.json")
+    _check_types(path, data, TRAINING_LOG)
+    _check_items(path, data.get("history"), dict, "history")
+    _check_items(path, data.get("clfr"), dict, "clfr")
     return data
 
 
@@ -175,6 +213,18 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
     returns the logs left unpaired."""
     unpaired = []
     for path, log in logs:
+        recorded = log.get("model_fingerprint")  # train_fles1.py records the model it saved
+        if isinstance(recorded, str):
+            match = next((r for r in runs if r.training_log is None and r.key == recorded), None)
+            if match is not None:
+                match.training_log, match.training_log_path = log, path
+            elif any(r.key == recorded for r in runs):
+                unpaired.append((path, log))  # a second log of one model (a copy): shown beside, not as its log
+            else:
+                raise CardInputError(f"{path}: the log of a model (fingerprint {recorded}) that no results file "
+                                     "evaluated (a model changed after training has another); leave the log out, "
+                                     "or pass that model's results too")
+            continue
         # beside the log, and beside the file a link to it points to
         folders = {os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.dirname(os.path.realpath(path))}
         output_dir = (log.get("recipe") or {}).get("output_dir")
@@ -198,8 +248,13 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
             unpaired.append((path, log))
         else:
             match.training_log, match.training_log_path = log, path
-    # one run and one log: the log is that run's (e.g. a results/ folder holding copies of both)
-    if len(runs) == 1 and runs[0].training_log is None and len(unpaired) == 1:
+    # one run and one log that records no model (written before logs did): taken as that run's (e.g. a results/
+    # folder holding copies of both), said, as nothing proves it
+    if len(runs) == 1 and runs[0].training_log is None and len(unpaired) == 1 \
+            and not isinstance(unpaired[0][1].get("model_fingerprint"), str):
+        warnings.warn(f"{unpaired[0][0]} records no model fingerprint (a log written before train_fles1.py recorded "
+                      f"one): taken as the log of the one model evaluated ({runs[0].key}); check that it trained "
+                      "that model", stacklevel=2)
         (runs[0].training_log_path, runs[0].training_log), unpaired = unpaired[0], []
     return unpaired
 
@@ -716,6 +771,13 @@ def build_card(
             raise CardInputError(f"{run.sources[primary_dataset]}: {primary_dataset} split {here!r}, but the published "
                                  f"run's ({primary.sources[primary_dataset]}) is {published!r}; the reproducibility "
                                  "table compares runs on one split: pass every run's results on that split")
+        for key in ("data_fingerprint", "num_docs", "num_queries"):  # its mean and std would mix corpora
+            here, published = run.datasets[primary_dataset].get(key), primary.datasets[primary_dataset].get(key)
+            if here is not None and published is not None and here != published:
+                raise CardInputError(f"{run.sources[primary_dataset]}: {primary_dataset} {key} {here!r}, but the "
+                                     f"published run's ({primary.sources[primary_dataset]}) is {published!r}: "
+                                     "evaluated on other data; the reproducibility table compares runs on the same "
+                                     "documents, queries and judgements")
     if recipe_values is not None:
         _check_recipe_is_the_logs(recipe, recipe_values, primary)
     from fles1.training.recipe import DEFAULTS as RECIPE_DEFAULTS

@@ -38,6 +38,7 @@ from fles1_encoder import drop_loader_flags
 from modeling_fles1 import LICENSE_FILES
 
 REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # one of them: the WordPiece vocabulary
 # What a push publishes of the model folder: an allowlist (a training folder also holds logs, notes, wandb/, links
 # to files elsewhere: all were uploaded), plus the license files and the sentence-transformers module folders that
 # modules.json names. Weights are safetensors only (a stale pytorch_model.bin would differ from them).
@@ -270,7 +271,7 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
             raise PublishError(f"--license other names the repository's license file, and {model_dir} has none: "
                                "copy the backbone's license file into it, or give its Hub license id")
     if card.results:
-        _check_results_are_of(model_dir, card.results[0])
+        _check_results_are_of(model_dir, card.results)
     try:
         require_new_folder(out_dir, hint="; choose a new output folder")
     except OSError as error:
@@ -288,18 +289,20 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     return out_dir
 
 
-def _check_results_are_of(model_dir: str, results: str) -> None:
+def _check_results_are_of(model_dir: str, results: Sequence[str]) -> None:
     """The first results file is the published model's (the card's metrics); its model fingerprint must be the
-    folder's, or the card would show another model's numbers."""
+    folder's, or the card would show another model's numbers. Every file of the folder's model (the headline table
+    merges them) must have been evaluated with the folder's tokenizer."""
     from fles1.evaluation import model_fingerprint
     from fles1_encoder import CheckpointError
 
     config_path = os.path.join(model_dir, "config.json")
     try:
-        evaluated = read_json(results, "eval results")
+        every = [(path, read_json(path, "eval results")) for path in results]
         config = read_json(config_path, "model config") if os.path.isfile(config_path) else {}
     except CardInputError as error:
         raise PublishError(str(error)) from None
+    results, evaluated = every[0]
     recorded = (evaluated.get("model") or {}).get("fingerprint")
     try:
         actual = model_fingerprint(model_dir) if recorded else None
@@ -309,18 +312,13 @@ def _check_results_are_of(model_dir: str, results: str) -> None:
         raise PublishError(f"{results}: evaluated the model with fingerprint {recorded}, not {model_dir} "
                            f"({actual}); evaluate it (eval_fles1.py --model {model_dir}) and pass that file "
                            "first -- further --results files (other seeds) may be other models")
-    recorded_tokenizer = (evaluated.get("model") or {}).get("tokenizer_fingerprint")  # absent in older files
-    if actual and recorded_tokenizer:
-        from configuration_fles1 import FLES1Config
-        from fles1.evaluation import tokenizer_fingerprint
-
-        try:
-            tokenizer = load_source_tokenizer(model_dir, FLES1Config.from_pretrained(model_dir))
-            folder_tokenizer = tokenizer_fingerprint(tokenizer)
-        except (OSError, ValueError):  # no usable tokenizer: the checks say so, naming the file
-            folder_tokenizer = None
-        if folder_tokenizer and folder_tokenizer != recorded_tokenizer:
-            raise PublishError(f"{results}: evaluated with a tokenizer (fingerprint {recorded_tokenizer}) other than "
+    folder_tokenizer = _tokenizer_fingerprint_of(model_dir) if actual else None
+    for path, data in every:  # older files record no tokenizer
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        recorded_tokenizer = model.get("tokenizer_fingerprint")
+        if folder_tokenizer and model.get("fingerprint") == actual and recorded_tokenizer \
+                and recorded_tokenizer != folder_tokenizer:
+            raise PublishError(f"{path}: evaluated with a tokenizer (fingerprint {recorded_tokenizer}) other than "
                                f"{model_dir}'s ({folder_tokenizer}); its numbers are not this folder's: evaluate it "
                                f"(eval_fles1.py --model {model_dir})")
     # The card states the results' threshold as the model's inference threshold: it must be the one users get.
@@ -485,10 +483,26 @@ for package in {name.split(".")[1] for name in sys.modules if name.startswith("t
 """
 
 
+def _tokenizer_fingerprint_of(model_dir: str) -> Optional[str]:
+    """`fles1.evaluation.tokenizer_fingerprint` of the folder's tokenizer; None where it has no tokenizer files
+    (transformers would build a stand-in: `check_files` names what is missing) or none loads."""
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        return None
+    from configuration_fles1 import FLES1Config
+    from fles1.evaluation import tokenizer_fingerprint
+
+    try:
+        return tokenizer_fingerprint(load_source_tokenizer(model_dir, FLES1Config.from_pretrained(model_dir)))
+    except (OSError, ValueError):  # no usable tokenizer: the checks say so, naming the file
+        return None
+
+
 def check_files(folder: str) -> Check:
     from fles1_encoder import CheckpointError, safetensors_files
 
     missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))  # else every loader builds a stand-in: all words [UNK]
     try:
         safetensors_files(folder)  # model.safetensors, or the shards its index lists
     except CheckpointError as error:

@@ -34,11 +34,15 @@ def main(argv=None) -> int:
     parser.add_argument("--base-model", help="Hub id of the backbone (default: from the recipe when it is a hub id)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG paths relative to the card, linked in it")
     parser.add_argument("--studies", help="Markdown study tables made from result files (experiments/summarize.py)")
-    parser.add_argument("--output", default="-", help="README path ('-': stdout)")
+    parser.add_argument("--output", default="-", help="README path ('-': stdout); an existing file is refused "
+                        "unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
     try:
         if args.output != "-":
             require_writable(args.output, "--output")  # before reading anything
+            if os.path.lexists(args.output) and not args.overwrite:  # e.g. the project's own README.md
+                raise ValueError(f"--output {args.output} exists; pass --overwrite to replace it")
         card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots,
                           studies=args.studies, revision=args.revision, license=args.license)
     except ValueError as error:  # CardInputError, or an --output that cannot be written

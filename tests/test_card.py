@@ -243,6 +243,16 @@ def test_generate_card_cli(tmp_path):
     process = subprocess.run([sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"), "--results",
                               results, "--output", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert process.returncode == 2 and f"error: --output {tmp_path}: exists and is a folder" in process.stderr
+    # an existing file (the project's own README.md, say) is replaced only when asked
+    out.write_text("someone's README\n")
+    command = [sys.executable, os.path.join(ROOT, "model_card", "generate_card.py"), "--results", results,
+               "--output", str(out)]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2 and f"error: --output {out} exists; pass --overwrite" in process.stderr
+    assert out.read_text() == "someone's README\n"
+    process = subprocess.run(command + ["--overwrite"], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert ModelCard.load(str(out)).data.eval_results[0].metric_value == 0.31234567
 
 
 def test_runs_pair_with_logs_beside_their_results_and_must_share_the_setting(tmp_path):
@@ -429,7 +439,81 @@ def test_a_log_paired_with_another_run_never_lends_the_published_model_its_recip
     assert "| `clfr.target_nnz_d` |" not in text and "| `learning_rate` |" not in text
     # a lone log paired with no run is still taken as the published run's
     alone = make_training_log(tmp_path / "elsewhere" / "training_log.json")
-    assert "| `learning_rate` | 2e-05 |" in card_from(tmp_path, [results[0]], [alone]).text
+    with pytest.warns(UserWarning, match=r"records no model fingerprint .* taken as the log of the one model "
+                                         r"evaluated \(fp-base\)"):
+        assert "| `learning_rate` | 2e-05 |" in card_from(tmp_path, [results[0]], [alone]).text
+
+
+def test_a_log_recording_its_model_pairs_by_it_and_another_models_log_is_refused(tmp_path):
+    """A lone log was taken as the published model's whatever it trained: another run's 60 steps, loss and NNZ
+    were shown as the untrained backbone's training. train_fles1.py records the model it saved."""
+    results = [make_eval(tmp_path / "base.json", model_path="outputs/base", fingerprint="fp-base")]
+    log = make_training_log(tmp_path / "elsewhere" / "training_log.json", seed=7)
+    payload = json.loads(open(log).read())
+    payload["model_fingerprint"] = "fp-other"
+    open(log, "w").write(json.dumps(payload))
+    with pytest.raises(CardInputError, match=r"training_log\.json: the log of a model \(fingerprint fp-other\) "
+                                             r"that no results file evaluated"):
+        build_card(results, [log])
+    payload["model_fingerprint"] = "fp-base"
+    open(log, "w").write(json.dumps(payload))
+    results.append(make_eval(tmp_path / "seed1.json", model_path="outputs/seed1", fingerprint="fp-seed1"))
+    text = card_from(tmp_path, results, [log]).text  # paired by it, though neither folder is beside it
+    assert table_row(text, ["published"], "Reproducibility")[1] == "7"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(model="x"), r"model is str, expected an object"),
+    (lambda d: d.update(environment="x"), r"environment is str, expected an object"),
+    (lambda d: d["environment"].update(packages=["torch"]), r"environment\.packages is list, expected dict"),
+    (lambda d: d["datasets"]["nfcorpus"].update(bm25="x"), r"datasets\.nfcorpus\.bm25 is str, expected an object"),
+    (lambda d: d["datasets"]["nfcorpus"]["bm25"].update(metrics=[1]), r"datasets\.nfcorpus\.bm25\.metrics is list"),
+    (lambda d: d["datasets"]["nfcorpus"].update(production=[1]), r"datasets\.nfcorpus\.production is list"),
+    (lambda d: d["datasets"]["nfcorpus"].update(split=["a"]), r"datasets\.nfcorpus\.split is \['a'\], expected"),
+    (lambda d: d["datasets"]["nfcorpus"].update(split=None), r"datasets\.nfcorpus\.split is None, expected"),
+    (lambda d: d["datasets"]["nfcorpus"].update(num_docs=True), r"datasets\.nfcorpus\.num_docs is bool, expected int"),
+])
+def test_an_eval_file_of_the_wrong_shape_is_named_not_a_traceback(tmp_path, edit, message):
+    """A hand-edited value of the wrong type was an AttributeError / TypeError deep in the card (push: exit 1, which
+    its docstring keeps for the Hub)."""
+    path = make_eval(tmp_path / "eval.json")
+    payload = json.loads(open(path).read())
+    edit(payload)
+    open(path, "w").write(json.dumps(payload))
+    with pytest.raises(CardInputError, match=rf"eval\.json: {message}"):
+        build_card([path])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("recipe", [1], "recipe is list, expected dict"), ("history", {}, None), ("history", [1], r"history\[0\] is int"),
+    ("clfr", {"a": 1}, "clfr is dict, expected list"), ("crashes", [1], "crashes is list, expected dict"),
+])
+def test_a_training_log_of_the_wrong_shape_is_named_not_a_traceback(tmp_path, key, value, message):
+    results = [make_eval(tmp_path / "eval.json")]
+    log = make_training_log(tmp_path / "run" / "training_log.json")
+    payload = json.loads(open(log).read())
+    payload[key] = value
+    open(log, "w").write(json.dumps(payload))
+    with pytest.raises(CardInputError, match=rf"training_log\.json: {message or 'history is dict, expected list'}"):
+        build_card(results, [log])
+
+
+def test_runs_on_other_data_never_share_the_reproducibility_table(tmp_path):
+    """A 60-document subset's run was averaged with full nfcorpus's in the mean and std: only the dataset's name
+    and split were compared."""
+    results = [make_eval(tmp_path / "a.json", model_path="outputs/a", fingerprint="fp-a"),
+               make_eval(tmp_path / "b.json", model_path="outputs/b", fingerprint="fp-b")]
+    assert "mean ± std (n=2)" in card_from(tmp_path, results).text
+    for key, value in (("data_fingerprint", "data-subset"), ("num_docs", 60)):
+        payload = json.loads(open(results[1]).read())
+        original = payload["datasets"]["nfcorpus"][key]
+        payload["datasets"]["nfcorpus"][key] = value
+        open(results[1], "w").write(json.dumps(payload))
+        with pytest.raises(CardInputError, match=rf"b\.json: nfcorpus {key} {value!r}, but the published run's "
+                                                 rf"\(.*a\.json\) is {original!r}: evaluated on other data"):
+            build_card(results)
+        payload["datasets"]["nfcorpus"][key] = original
+        open(results[1], "w").write(json.dumps(payload))
 
 
 @pytest.mark.parametrize("table, key", [("metrics", "ndcg@10"), ("production", "docs_per_second"),

@@ -348,6 +348,19 @@ def test_broken_folder_refused_naming_the_checks(source_checkpoint, result_files
     assert TOKEN not in printed.out + printed.err
 
 
+def test_a_folder_without_tokenizer_files_is_refused_naming_them(source_checkpoint, result_files, tmp_path, capsys):
+    """Without tokenizer.json, transformers built a stand-in (every word [UNK]): push blamed the results' tokenizer
+    fingerprint, and with results recording none its file check said [ok]."""
+    os.remove(os.path.join(source_checkpoint, "tokenizer.json"))
+    if os.path.exists(os.path.join(source_checkpoint, "vocab.txt")):
+        os.remove(os.path.join(source_checkpoint, "vocab.txt"))
+    assert push_fles1.main(["--model", source_checkpoint, "--repo-id", REPO_ID, "--results", result_files["results"],
+                            "--dry-run", str(tmp_path / "out")]) == 2
+    printed = capsys.readouterr().err
+    assert "[FAILED] required files: missing tokenizer.json or vocab.txt" in printed
+    assert "evaluated with a tokenizer" not in printed
+
+
 @pytest.mark.parametrize("edit", ["query-length", "query-prompt"])
 def test_folder_whose_loaders_encode_queries_otherwise_is_refused_naming_why(edit, source_checkpoint, result_files,
                                                                                tmp_path, capsys):
@@ -642,6 +655,14 @@ def test_results_or_logs_of_another_model_than_the_folder_are_refused(source_che
         assert push_fles1.main(argv + [str(path), "--dry-run", str(tmp_path / f"o-{name}")]) == expected
     assert "evaluated with a tokenizer (fingerprint 0123456789abcdef) other than" in capsys.readouterr().err
     assert not (tmp_path / "o-other").exists()
+    # every file of the folder's model is checked, not the first alone (the headline table merges them)
+    second = tmp_path / "scifact.json"
+    second.write_text(json.dumps({**recorded, "model": {**recorded["model"], "tokenizer_fingerprint": "feedbeef"},
+                                  "datasets": {"trec-covid": recorded["datasets"]["nfcorpus"]}}))
+    assert push_fles1.main(argv + [str(tmp_path / "same.json"), str(second), "--dry-run",
+                                   str(tmp_path / "o-second")]) == 2
+    assert f"{second}: evaluated with a tokenizer (fingerprint feedbeef) other than" in capsys.readouterr().err
+    assert not (tmp_path / "o-second").exists()
     other_run = tmp_path / "other-run"
     shutil.copytree(tiny_random_checkpoint, other_run)  # another model, with its own training log
     log = make_training_log(other_run / "training_log.json", seed=42)

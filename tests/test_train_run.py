@@ -57,7 +57,12 @@ def test_short_run_writes_checkpoint_log_and_plots(sparse_tiny, msmarco_toy_dir,
     log = train(recipe, out, max_steps=4)
     on_disk = json.load(open(os.path.join(out, "training_log.json")))
     assert on_disk == json.loads(json.dumps(log))
-    assert set(on_disk) == {"recipe", "seed", "global_step", "train_runtime_s", "history", "clfr", "crashes", "eval"}
+    assert set(on_disk) == {"recipe", "seed", "global_step", "train_runtime_s", "history", "clfr", "crashes", "eval",
+                            "model_fingerprint"}
+    # the model it saved, as eval's results name it: the card pairs a log with its results by it
+    from fles1.evaluation import model_fingerprint
+
+    assert on_disk["model_fingerprint"] == model_fingerprint(out)
     assert on_disk["global_step"] == 4 and [row["step"] for row in on_disk["history"]] == [1, 2, 3, 4]
     # the card takes paths that were local at training time for what they are, wherever it is written
     assert on_disk["recipe"]["resolved"]["local_paths"] == ["model.path", "data.source"]

@@ -512,6 +512,10 @@ def _train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps
     if not trainer.is_world_process_zero():
         return None
     log = training_log(trainer, recipe, runtime)
+    from fles1.evaluation import model_fingerprint  # here: it loads the encoder module
+
+    # the model this log trained, as eval's results name it: the card pairs the two by it
+    log["model_fingerprint"] = model_fingerprint(output_dir)
     if unfinished:
         log["finished_from"] = resume_from_checkpoint  # train_runtime_s: the checkpoint's total
     if log["history"]:
