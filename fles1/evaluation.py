@@ -444,6 +444,10 @@ def dataset_names(datasets: Sequence[BEIRDataset]) -> list[str]:
     return numbered_apart([dataset.name for dataset in datasets])
 
 
+def _as_str(path):
+    return os.fspath(path) if isinstance(path, os.PathLike) else path
+
+
 def evaluate(
     model: str,
     data: Sequence[str],
@@ -472,6 +476,12 @@ def evaluate(
     """
     from fles1_encoder import FLES1Encoder
 
+    if isinstance(data, (str, bytes, os.PathLike)):  # each character was taken for a dataset ("." the cwd, "n" a hub id)
+        raise TypeError(f"data must be a list of BEIR folders or hub ids, got one {type(data).__name__}: "
+                        f"evaluate(model, [{str(data)!r}])")
+    # pathlib.Path works as a str does (one in the results dict was a TypeError when it was written, after the work)
+    model, data = _as_str(model), [_as_str(source) for source in data]
+    cache_dir, run_file, index_dir, export_dir = map(_as_str, (cache_dir, run_file, index_dir, export_dir))
     for option, path, folder in (("cache_dir", cache_dir, True), ("run_file", run_file, False),
                                  ("index_dir", index_dir, True), ("export_dir", export_dir, True)):
         if path:  # a typo here should not cost the corpus encoding

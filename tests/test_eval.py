@@ -868,6 +868,27 @@ def test_evaluate_threshold_reduces_nnz(tiny_random_checkpoint, beir_dir, tmp_pa
     assert high["nnz_doc"] < low["nnz_doc"] and high["nnz_query"] <= low["nnz_query"]
 
 
+def test_evaluate_takes_paths_as_strings_and_refuses_one_dataset_not_in_a_list(tiny_random_checkpoint, beir_dir,
+                                                                               tmp_path):
+    """A pathlib.Path model was a TypeError when the results were written, after the encoding (an export_dir one
+    left an empty export folder); one string for `data` was taken a character at a time ("." the cwd)."""
+    from pathlib import Path
+
+    from fles1.evaluation import write_results
+
+    with pytest.raises(TypeError, match=r"data must be a list of BEIR folders or hub ids, got one str: "
+                                        r"evaluate\(model, \['"):
+        evaluate(tiny_random_checkpoint, beir_dir, cache_dir=None, bm25=False, production=False)
+    results = evaluate(Path(tiny_random_checkpoint), [Path(beir_dir)], cache_dir=Path(tmp_path / "cache"), bm25=False,
+                       production=False, run_file=Path(tmp_path / "run.trec"), export_dir=Path(tmp_path / "export"),
+                       log=lambda *_: None)
+    assert results["model"]["path"] == tiny_random_checkpoint
+    write_results(results, str(tmp_path / "results.json"))
+    assert json.load(open(tmp_path / "results.json"))["datasets"]["toy"]["metrics"] == \
+        results["datasets"]["toy"]["metrics"]
+    assert (tmp_path / "run.trec").is_file() and (tmp_path / "export" / "toy" / "elasticsearch").is_dir()
+
+
 def test_evaluation_cuts_the_queries_at_the_threshold_too(tiny_random_checkpoint, beir_dir):
     """Queries and documents alike: the random model's query weights are all small, so a cut at their median
     (not 0.5) is what shows a query vector kept below the threshold."""
