@@ -80,6 +80,30 @@ def not_a_folder(path: str) -> str:
     return "a file, not a folder" if os.path.exists(path) else "no such folder"
 
 
+class SettingError(ValueError):
+    """A setting given to `FLES1Encoder.from_pretrained` that the checkpoint cannot take (the checkpoint is fine)."""
+
+
+def _config_with(build, given: dict, source: str):
+    """``build(**given)``: the config with the caller's settings. A setting it refuses is the caller's
+    `SettingError`, when the config builds without them; else config.json is at fault (a `CheckpointError` naming
+    it): both were "could not load the FLES-1 model", as if the folder were broken."""
+    try:
+        return build(**given)
+    except (OSError, TypeError):
+        raise
+    except Exception as error:  # ValueError; huggingface_hub's StrictDataclassError ("hidden_size": "abc")
+        reason = " ".join(str(error).split())
+        if given:
+            try:
+                build()
+            except Exception:
+                pass
+            else:
+                raise SettingError(f"FLES1Encoder.from_pretrained: {reason}") from None
+        raise CheckpointError(f"{source}: config.json: {reason}") from error
+
+
 def _check_local_checkpoint(path: str) -> None:
     """Fail early, naming the file, instead of deep inside transformers."""
     config_path = os.path.join(path, "config.json")
@@ -87,9 +111,11 @@ def _check_local_checkpoint(path: str) -> None:
         raise CheckpointError(f"{config_path}: missing; a FLES-1 checkpoint folder needs config.json")
     try:
         with open(config_path, encoding="utf-8") as handle:
-            json.load(handle)  # valid JSON, else named here
+            settings = json.load(handle)  # valid JSON, else named here
     except (ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object of settings (a {type(settings).__name__})")
     _warn_if_sentence_transformers_prompts_or_prunes(path)  # the lengths' check once the config is built
     for weights_path in safetensors_files(path):
         check_safetensors_header(weights_path)
@@ -799,6 +825,12 @@ class FLES1Encoder:
         if threshold is not None:
             _validate_threshold(threshold)
         device = _resolve_device(device)  # before the load: a wrong device should not cost a download
+        for key in MODEL_DTYPE_OPTIONS:  # transformers refuses it once the config is read, as a ValueError
+            value = hub_kwargs.get(key)
+            dtype = getattr(torch, value, None) if isinstance(value, str) else value
+            if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+                raise SettingError(f"{key}={value!r} is not a floating-point dtype; load in torch.float32 (the "
+                                   "folder's), torch.bfloat16 or torch.float16")
         if os.path.isdir(path_or_hub_id):
             _check_local_checkpoint(path_or_hub_id)
         elif is_local_path(path_or_hub_id):  # transformers would call it an invalid repo id
@@ -827,20 +859,31 @@ class FLES1Encoder:
                     raise CheckpointError(
                         f"{path_or_hub_id}: config.json has model_type {settings.get('model_type')!r}, not a FLES-1 "
                         "model (expected 'fles1'; convert a BERT checkpoint with convert_fles1.py)")
-                config, model_options = own[0].from_dict(settings, return_unused_kwargs=True,
-                                                         **{**unused, **settings_and_model_options})
-                model = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True, **download,
-                                               **model_options, **dtype_options)
+                config, model_options = _config_with(
+                    lambda **given: own[0].from_dict(settings, return_unused_kwargs=True, **{**unused, **given}),
+                    settings_and_model_options, path_or_hub_id)
+                model, loading = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True,
+                                                        output_loading_info=True, **download, **model_options,
+                                                        **dtype_options)
             else:
-                config, model_options = AutoConfig.from_pretrained(
-                    path_or_hub_id, trust_remote_code=True, return_unused_kwargs=True, **download,
-                    **settings_and_model_options)
-                model = AutoModelForMaskedLM.from_pretrained(
-                    path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True, **download,
-                    **model_options, **dtype_options
+                config, model_options = _config_with(
+                    lambda **given: AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True,
+                                                               return_unused_kwargs=True, **download, **given),
+                    settings_and_model_options, path_or_hub_id)
+                model, loading = AutoModelForMaskedLM.from_pretrained(
+                    path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True,
+                    output_loading_info=True, **download, **model_options, **dtype_options
                 )
-        except CheckpointError:  # an OSError too: not to be wrapped below
-            raise
+            # transformers starts weights the file lacks at random (a log line): the vectors would be wrong and
+            # differ from load to load (a config.json with more layers than the weights, a file missing tensors)
+            missing = sorted(key for key in loading["missing_keys"]
+                             if not key.endswith(("position_ids", "token_type_ids")))
+            if missing:
+                raise CheckpointError(f"{path_or_hub_id}: its weights (model.safetensors) lack {len(missing)} "
+                                      f"tensor(s) config.json's model has ({', '.join(missing[:4])}"
+                                      f"{', ...' if len(missing) > 4 else ''})")
+        except (CheckpointError, SettingError):  # a CheckpointError is an OSError, a SettingError a ValueError:
+            raise  # neither is wrapped below
         except TypeError as error:  # a keyword no part takes (a typo): the model's constructor refused it
             unknown = sorted(set(settings_and_model_options) & set(str(error).replace("'", " ").split()))
             if not unknown:

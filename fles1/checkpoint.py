@@ -11,6 +11,7 @@ import warnings
 from typing import Optional
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import cached_file
 
@@ -129,6 +130,9 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
     if out_dir is not None:
         refuse_output_holding_source(source, out_dir)
     settings = PreTrainedConfig.get_config_dict(source)[0]
+    if local and os.path.isfile(os.path.join(source, "config.json")) \
+            and not isinstance(_read_json(os.path.join(source, "config.json")), dict):
+        raise ValueError("its config.json is not a JSON object of settings")
     if not settings:  # transformers reads a folder without config.json as {}
         routed = any(str(module.get("type", "")).endswith("Router") for module in _modules(source))
         raise ValueError("no config.json at its root: FLES-1 converts BERT masked-LM checkpoints and FLES-1 folders"
@@ -238,8 +242,11 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     # A FLES-1 source (to change its settings) loads through this project's class: through the Auto classes its
     # config's auto_map would make it remote code, and transformers would stop to ask whether to run it.
     is_fles1 = check_source(source, out_dir) == FLES1Config.model_type
-    source_model, loading = (FLES1ForMaskedLM if is_fles1 else AutoModelForMaskedLM).from_pretrained(
-        source, use_safetensors=True, output_loading_info=True)
+    try:
+        source_model, loading = (FLES1ForMaskedLM if is_fles1 else AutoModelForMaskedLM).from_pretrained(
+            source, use_safetensors=True, output_loading_info=True)
+    except StrictDataclassError as error:  # a config.json setting of the wrong type ("hidden_size": "abc")
+        raise ValueError(f"config.json: {' '.join(str(error).split())}") from None
     missing = [key for key in loading["missing_keys"] if "position_ids" not in key]
     if missing:  # transformers initialised them at random: a BertModel's missing MLM head would be a random projection
         raise ValueError(f"not a BERT masked-LM checkpoint: its weights lack {', '.join(sorted(missing))} "

@@ -566,6 +566,53 @@ def test_encoder_missing_or_corrupt_file_names_the_file(tiny_random_checkpoint, 
         FLES1Encoder.from_pretrained(str(folder))
 
 
+@pytest.mark.parametrize("trust_remote_code", [None, True])
+def test_weights_lacking_tensors_of_the_configs_model_are_named_not_started_at_random(tiny_random_checkpoint,
+                                                                                        tmp_path, trust_remote_code):
+    """config.json with more layers than the weights (or a file missing a layer's tensors) loaded: transformers
+    started the missing weights at random (a log line), so the vectors were wrong and changed from load to load."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "checkpoint")
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": settings["num_hidden_layers"] + 1}))
+    layer = settings["num_hidden_layers"]
+    with pytest.raises(CheckpointError, match=rf"checkpoint: its weights \(model\.safetensors\) lack 16 tensor\(s\) "
+                                              rf"config\.json's model has \(bert\.encoder\.layer\.{layer}\."):
+        FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    (folder / "config.json").write_text(json.dumps(settings))
+    tensors = load_file(folder / "model.safetensors")
+    save_file({name: tensor for name, tensor in tensors.items() if "layer.0." not in name},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lack 16 tensor\(s\) .*\(bert\.encoder\.layer\.0\."):
+        FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
+def test_a_config_of_the_wrong_shape_names_config_json_and_a_bad_setting_is_the_callers(tiny_random_checkpoint,
+                                                                                         tmp_path):
+    """A config.json holding a list was an AttributeError, a setting of the wrong type a raw huggingface_hub
+    validation error; a bad setting passed to from_pretrained was a CheckpointError ("could not load the FLES-1
+    model"), as if the folder were broken."""
+    from fles1_encoder import SettingError
+
+    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "checkpoint")
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"config\.json: not a JSON object of settings \(a list\)"):
+        FLES1Encoder.from_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps({**settings, "hidden_size": "abc"}))
+    with pytest.raises(CheckpointError, match=r"checkpoint: config\.json: Validation error for field 'hidden_size'"):
+        FLES1Encoder.from_pretrained(str(folder))
+    for options, message in (({"inference_threshold": -1}, "inference_threshold must be a number >= 0"),
+                             ({"query_max_length": 600}, "query_max_length=600 exceeds max_position_embeddings"),
+                             ({"pooling": "mean"}, r"pooling='mean' is not supported; choose one of \['max'\]"),
+                             ({"dtype": torch.int8}, r"dtype=torch\.int8 is not a floating-point dtype"),
+                             ({"dtype": "int8"}, r"dtype='int8' is not a floating-point dtype")):
+        with pytest.raises(SettingError, match=message) as error:
+            FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", **options)
+        assert isinstance(error.value, ValueError) and not isinstance(error.value, OSError)
+
+
 def test_encoder_loads_sharded_safetensors_and_names_a_missing_shard(tiny_random_checkpoint, tmp_path):
     """A folder saved with ``save_pretrained(..., max_shard_size=...)`` loads in transformers and
     sentence-transformers; FLES1Encoder refused it ("model.safetensors: missing")."""

@@ -397,6 +397,26 @@ def test_model_convert_cli_bad_source_or_setting_is_one_error_line(backbone_dir,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("config, message", [
+    ([], "its config.json is not a JSON object of settings"),
+    ("hidden_size", "config.json: Validation error for field 'hidden_size'"),
+])
+def test_model_convert_a_source_config_of_the_wrong_shape_is_one_error_line(backbone_dir, tmp_path, capsys, config,
+                                                                              message):
+    """A config.json holding a list was "no config.json at its root"; a setting of the wrong type
+    ("hidden_size": "abc") a 44-line traceback and exit 1."""
+    import convert_fles1
+
+    source = tmp_path / "source"
+    shutil.copytree(backbone_dir, source)
+    settings = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config if isinstance(config, list) else {**settings, config: "abc"}))
+    assert convert_fles1.main([str(source), str(tmp_path / "out")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].startswith(f"error: {source}: {message}") and "Traceback" not in "".join(errors)
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_convert_refuses_a_bert_without_its_masked_lm_head(backbone_dir, tmp_path, capsys):
     """transformers initialises a missing head at random: a BertModel became a 'checkpoint' whose vocabulary
     projection was noise, with no error."""
