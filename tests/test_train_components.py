@@ -4,6 +4,7 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -557,6 +558,12 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     pytest.param("training.optim", "adamw_bnb_8bit", r"^recipe.training.optim: adamw_bnb_8bit: You need to install "
                  r"`bitsandbytes`", marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
                                                              reason="the optimizer's package is installed here")),
+    # a schedule needing its own settings, or a kwarg it does not take: a traceback once model and data had loaded
+    ("training.lr_scheduler_type", "cosine_with_min_lr", r"^recipe.training.lr_scheduler_kwargs: 'cosine_with_min_lr' "
+     r"with \{\}: One of min_lr or min_lr_rate should be set"),
+    ("training.lr_scheduler_type", "warmup_stable_decay", r"'warmup_stable_decay' with \{\}: .*num_decay_steps"),
+    ("training.lr_scheduler_kwargs", {"foo": 1}, r"'linear' with \{'foo': 1\}: .*unexpected keyword argument 'foo'"),
+    ("training.optim_args", "foo", r"^recipe.training.optim_args: adamw_torch with 'foo': not enough values"),
 ])
 def test_bad_recipe_values(key, value, message):
     overrides = {"model.path": "m", "data.source": "d", key: value}
@@ -609,6 +616,21 @@ def test_a_recipe_file_whose_sections_are_not_mappings_is_named(tmp_path, text, 
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_recipe(str(path), {"model.path": "m", "data.source": "d"})
+
+
+def test_a_recipe_file_with_a_key_twice_or_not_utf8_is_named(tmp_path):
+    """YAML keeps the last of two equal keys: `gain: 0.1` then `gain: 1.0` trained with 1.0, silently; a Latin-1
+    file's error named no file."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("clfr:\n  gain: 0.1\n  target_nnz_d: 300\n  gain: 1.0\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not valid YAML at line 4, column 3: found 'gain' "
+                                         "again"):
+        load_recipe(str(path))
+    path.write_bytes("loss:\n  temperature: 0.05 # τ\n".encode("latin-1", errors="replace").replace(b"?", b"\xe4"))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(a byte 0xe4; save it as UTF-8\)"):
+        load_recipe(str(path))
+    path.write_text("clfr:\n  gain: 0.5\ndata:\n  seed: 1\n")  # one key per mapping: the same name elsewhere is fine
+    assert load_recipe(str(path), {"model.path": "m", "data.source": "d"})["clfr"]["gain"] == 0.5
 
 
 def test_a_recipe_section_left_empty_keeps_its_defaults(tmp_path):

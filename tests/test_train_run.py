@@ -7,9 +7,11 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -697,7 +699,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     for step, names in contents.items():
         (out / f"checkpoint-{step}").mkdir(parents=True)
         for name in names:
-            (out / f"checkpoint-{step}" / name).write_text("{}")
+            (out / f"checkpoint-{step}" / name).write_text(json.dumps({"global_step": step}))
         save_file({"weight": torch.zeros(1)}, out / f"checkpoint-{step}" / "model.safetensors")
     # transformers writes trainer_state.json in place: killed mid-write (a bare JSON error stopped --resume)
     (out / "checkpoint-8" / "trainer_state.json").write_text('{"best_global_step": null, "best_metric')
@@ -713,8 +715,26 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-4: not a complete training checkpoint folder \(no "
                                          r"clfr_state.json\)$"):
         resolve_resume(str(out / "checkpoint-4"), str(out), ["crash_state.json", "clfr_state.json"])
+    # a state file or config.json that does not parse, or a trainer state without its step: a traceback (exit 1)
+    # inside train(), and --resume took that checkpoint rather than the one before
+    (out / "checkpoint-4" / "clfr_state.json").write_text('{"global_step": 4}')
+    for name, text in (("crash_state.json", '{"counts": {"non_fin'), ("config.json", '{"model_type": "fl'),
+                       ("trainer_state.json", "[]"), ("trainer_state.json", '{"global_step": "4"}'),
+                       ("clfr_state.json", "\udcff")):
+        path = out / "checkpoint-4" / name
+        kept = path.read_text() if path.exists() else None
+        path.write_text(text, errors="surrogateescape")
+        with pytest.warns(UserWarning, match=rf"checkpoint-4 is incomplete \(no readable {re.escape(name)}: "):
+            assert resolve_resume(True, str(out), ["crash_state.json", "clfr_state.json"]) == str(out / "checkpoint-2")
+        if kept is None:
+            path.unlink()
+        else:
+            path.write_text(kept)
+    assert resolve_resume(True, str(out), ["crash_state.json", "clfr_state.json"]) == str(out / "checkpoint-4")
+    shutil.rmtree(out / "checkpoint-4")
     (out / "checkpoint-2" / "clfr_state.json").unlink()
-    with pytest.raises(ValueError, match="nothing to resume: no checkpoint-\\* folder in .* is complete"):
+    with pytest.raises(ValueError, match="nothing to resume: no checkpoint-\\* folder in .* is complete .*; start the "
+                                         "run again \\(train_fles1.py --overwrite replaces the folder\\)"):
         resolve_resume(True, str(out), ["crash_state.json", "clfr_state.json"])
 
 
@@ -734,17 +754,28 @@ def test_resume_wants_the_optimizer_scheduler_and_rng_states_whole(tmp_path):
             if name.endswith((".pt", ".pth")):
                 torch.save({"step": step}, folder / name)
             else:
-                (folder / name).write_text("{}")
+                (folder / name).write_text(json.dumps({"global_step": step}))
         save_file({"weight": torch.zeros(4)}, folder / "model.safetensors")
     newest = out / "checkpoint-4"
     assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True) == str(newest)
     for damage, says in (("optimizer.pt", "no optimizer.pt"), ("scheduler.pt", "no scheduler.pt"),
                          ("rng_state.pth", "no rng_state.pth"), ("optimizer.pt cut", "no readable optimizer.pt"),
-                         ("model.safetensors cut", "no readable model.safetensors")):
+                         ("model.safetensors cut", "no readable model.safetensors"),
+                         # torch.load checks no CRC: garbled tensor data resumed, exit 0, NaN weights
+                         ("optimizer.pt garbled", "no readable optimizer.pt"),
+                         ("scheduler.pt garbled", "no readable scheduler.pt"),
+                         ("rng_state.pth garbled", "no readable rng_state.pth")):
         name = damage.split()[0]
         kept = (newest / name).read_bytes()
         if damage.endswith("cut"):
             (newest / name).write_bytes(kept[: len(kept) // 2])
+        elif damage.endswith("garbled"):
+            with zipfile.ZipFile(newest / name) as archive:  # inside the first member's data (its pickle)
+                offset = archive.infolist()[0].header_offset
+            name_length, extra_length = struct.unpack("<HH", kept[offset + 26:offset + 30])  # its local header
+            start = offset + 30 + name_length + extra_length
+            (newest / name).write_bytes(kept[:start + 4] + bytes(255 - b for b in kept[start + 4:start + 8])
+                                        + kept[start + 8:])
         else:
             (newest / name).unlink()
         with pytest.raises(ValueError) as error:

@@ -213,14 +213,38 @@ def _check_training_arguments(training: dict) -> None:
         Trainer.get_optimizer_cls_and_kwargs(args)
     except (ImportError, ValueError) as error:
         # without a model, LOMO / GaLore / Apollo say they need one (a ValueError): the Trainer passes it
-        if isinstance(error, ImportError) or "install" in str(error).lower():
+        if isinstance(error, ImportError) or "install" in str(error).lower() or "model" not in str(error).lower():
             optim = getattr(args.optim, "value", args.optim)
-            raise ValueError(f"recipe.training.optim: {optim}: {' '.join(str(error).split())}") from None
+            culprit = "optim_args" if training.get("optim_args") is not None else "optim"
+            raise ValueError(f"recipe.training.{culprit}: {optim}"
+                             f"{f' with {training[culprit]!r}' if culprit == 'optim_args' else ''}: "
+                             f"{' '.join(str(error).split())}") from None
+    _check_scheduler(args, training)
     available = get_available_reporting_integrations()
     missing = [name for name in args.report_to if name not in available]
     if missing:  # else a RuntimeError (e.g. "WandbCallback requires wandb") once the model has loaded
         raise ValueError(f"recipe.training.report_to: {', '.join(map(str, missing))} is not an installed reporting integration "
                          f"(installed: {', '.join(available) or 'none'}); none reports to training_log.json only")
+
+
+def _check_scheduler(args, training: dict) -> None:
+    """The learning-rate schedule as the Trainer builds it, on a stand-in optimizer: a schedule that needs settings
+    of its own (cosine_with_min_lr: min_lr; warmup_stable_decay: num_decay_steps) or a kwarg it does not take was a
+    traceback once the model and data had loaded."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+    steps = 100
+    try:
+        get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                      num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except (TypeError, ValueError, KeyError) as error:
+        schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        raise ValueError(f"recipe.training.lr_scheduler_kwargs: {schedule!r} with "
+                         f"{training.get('lr_scheduler_kwargs') or {}!r}: {' '.join(str(error).split())} "
+                         "(training.lr_scheduler_kwargs takes the schedule's own settings, e.g. "
+                         "--set 'training.lr_scheduler_kwargs={min_lr_rate: 0.1}' for cosine_with_min_lr)") from None
 
 
 def _culprit(training: dict) -> str:
@@ -301,14 +325,33 @@ def yaml_problem(error) -> str:
     return f"{where}: {problem or ' '.join(str(error).split())}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice in one mapping (YAML keeps the last: `gain: 0.1` then `gain: 1.0`
+    trained with 1.0, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"while reading a mapping (first {key!r}{seen[key]})", node.start_mark,
+                    f"found {key!r} again", key_node.start_mark)
+            seen[key] = f" at line {key_node.start_mark.line + 1}"
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | None = None, overrides: dict | None = None) -> dict:
     recipe = copy.deepcopy(DEFAULTS)
     if path:
         with open(path, encoding="utf-8") as handle:
             try:
-                document = yaml.safe_load(handle)
+                document = yaml.load(handle, Loader=_UniqueKeyLoader)
             except yaml.YAMLError as error:  # was a traceback
                 raise ValueError(f"{path}: not valid YAML{yaml_problem(error)}") from None
+            except UnicodeDecodeError as error:  # the message named no file
+                raise ValueError(f"{path}: not UTF-8 text (a byte {error.object[error.start]:#04x}; save it as "
+                                 "UTF-8)") from None
         _merge(recipe, {} if document is None else document, where="recipe")  # an empty file: the defaults
     for dotted, value in (overrides or {}).items():
         set_value(recipe, dotted, value)

@@ -48,7 +48,7 @@ from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
 from fles1_encoder import CheckpointError, check_safetensors_header, safetensors_files
 
-from .checks import is_number
+from .checks import is_int, is_number
 from .clfr import STATE_FILE as CLFR_STATE_FILE
 from .clfr import CLFRCallback
 from .crashes import STATE_FILE as CRASH_STATE_FILE
@@ -187,16 +187,23 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
                 found = [name for name in names if os.path.isfile(os.path.join(folder, name))]
                 if not found:
                     absent.append(shown)
-                # torch.save writes zip files: one cut short (a copy that stopped) was a traceback inside train()
-                absent += [f"readable {name}" for name in found if not zipfile.is_zipfile(os.path.join(folder, name))]
+                # torch.save writes zip files with a CRC per member, which torch.load does not check: a file cut
+                # short was a traceback inside train(), one garbled inside resumed with NaN optimizer states
+                absent += [f"readable {name}" for name in found if not _zip_intact(os.path.join(folder, name))]
         try:
             weights = safetensors_files(folder)
         except CheckpointError:  # transformers would load a pytorch_model.bin instead (or a shard would be missing)
             absent.append("model.safetensors -- weights are resumed from safetensors only")
         else:
             absent += [f"readable {os.path.basename(path)}" for path in weights if not _safetensors_readable(path)]
-        if not absent and not _holds_json(os.path.join(folder, TRAINER_STATE_NAME)):
-            absent.append(f"readable {TRAINER_STATE_NAME}")  # transformers writes it in place: a kill cuts it short
+        if not absent:  # transformers writes trainer_state.json in place: a kill cuts it short; the callbacks'
+            # states and config.json were a traceback when they did not parse
+            state = _read_json_or_none(os.path.join(folder, TRAINER_STATE_NAME))
+            if not (isinstance(state, dict) and is_int(state.get("global_step"))):
+                absent.append(f"readable {TRAINER_STATE_NAME}")
+            absent += [f"readable {name}" for name in (*state_files, "config.json") if name.endswith(".json")
+                       and os.path.isfile(os.path.join(folder, name))
+                       and not isinstance(_read_json_or_none(os.path.join(folder, name)), dict)]
         return absent
 
     if resume_from_checkpoint is True:
@@ -214,7 +221,8 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
         expected = [*required, "model.safetensors"] + (
             [OPTIMIZER_NAME, SCHEDULER_NAME, *rng_names] if optimizer_state else [])
         raise ValueError(f"nothing to resume: no checkpoint-* folder in {output_dir} is complete (each lacks one of "
-                         f"{', '.join(expected)})")
+                         f"{', '.join(expected)}, or holds a damaged one); start the run again (train_fles1.py "
+                         "--overwrite replaces the folder)")
     absent = missing(resume_from_checkpoint) if resume_from_checkpoint else []
     if absent:
         model_only = all(name.split()[-1].startswith(("optimizer.", "scheduler.", "rng_state")) for name in absent)
@@ -244,13 +252,21 @@ def _safetensors_readable(path: str) -> bool:
     return True
 
 
-def _holds_json(path: str) -> bool:
+def _read_json_or_none(path: str):
     try:
         with open(path, encoding="utf-8") as handle:
-            json.load(handle)
+            return json.load(handle)
     except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+
+
+def _zip_intact(path: str) -> bool:
+    """A torch.save file whose zip directory reads and every member matches its CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         return False
-    return True
 
 
 # the loss and its parts, as compute_loss sums them into the log window (a batch mean each), and its counts
