@@ -58,6 +58,7 @@ TOKENIZER_OPTIONS = ("use_fast",)
 # the model's own loading options, never config settings: given to the config, dtype="auto" became config.dtype and
 # failed as torch.auto
 MODEL_DTYPE_OPTIONS = ("dtype", "torch_dtype")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # a checkpoint folder holds one: the WordPiece vocabulary
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -119,7 +120,7 @@ def _check_local_checkpoint(path: str) -> None:
     _warn_if_sentence_transformers_prompts_or_prunes(path)  # the lengths' check once the config is built
     for weights_path in safetensors_files(path):
         check_safetensors_header(weights_path)
-    if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "vocab.txt")):
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise CheckpointError(f"{os.path.join(path, 'tokenizer.json')}: missing (nor is there a vocab.txt); a FLES-1 "
                               "checkpoint folder holds its tokenizer")
 
@@ -827,10 +828,11 @@ class FLES1Encoder:
         device = _resolve_device(device)  # before the load: a wrong device should not cost a download
         for key in MODEL_DTYPE_OPTIONS:  # transformers refuses it once the config is read, as a ValueError
             value = hub_kwargs.get(key)
-            dtype = getattr(torch, value, None) if isinstance(value, str) else value
-            if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+            if value != "auto" and isinstance(value, (str, torch.dtype)) and not (
+                    isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise SettingError(f"{key}={value!r} is not a floating-point dtype; load in torch.float32 (the "
-                                   "folder's), torch.bfloat16 or torch.float16")
+                                   "folder's), torch.bfloat16 or torch.float16 (or 'auto')")
         if os.path.isdir(path_or_hub_id):
             _check_local_checkpoint(path_or_hub_id)
         elif is_local_path(path_or_hub_id):  # transformers would call it an invalid repo id
@@ -879,7 +881,9 @@ class FLES1Encoder:
             missing = sorted(key for key in loading["missing_keys"]
                              if not key.endswith(("position_ids", "token_type_ids")))
             if missing:
-                raise CheckpointError(f"{path_or_hub_id}: its weights (model.safetensors) lack {len(missing)} "
+                weights = "the shards model.safetensors.index.json lists" if os.path.isfile(
+                    os.path.join(path_or_hub_id, "model.safetensors.index.json")) else "model.safetensors"
+                raise CheckpointError(f"{path_or_hub_id}: its weights ({weights}) lack {len(missing)} "
                                       f"tensor(s) config.json's model has ({', '.join(missing[:4])}"
                                       f"{', ...' if len(missing) > 4 else ''})")
         except (CheckpointError, SettingError):  # a CheckpointError is an OSError, a SettingError a ValueError:

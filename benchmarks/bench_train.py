@@ -150,6 +150,9 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per trainer")
     args = parser.parse_args(argv)
     try:
+        for flag, value in (("--model", args.model), ("--data", args.data)):
+            if not value.strip():  # an unset $MODEL / $DATA
+                raise ValueError(f"{flag} is empty: name a folder or hub id, or leave it out for the default")
         if args.output is not None:  # "" refused too
             require_writable(args.output, "--output")  # before the run, not after it
         args.device = _resolve_device(args.device)  # a device that is not here was run on the CPU and labelled

@@ -236,6 +236,9 @@ def load_beir(source: str, split: str = "test", keep_missing_documents: bool = F
     A judgement of a document the corpus lacks is an error naming its file and line, or, with
     ``keep_missing_documents``, kept (a relevant one counts as a document no run can retrieve, as BEIR and pytrec_eval
     count it), warned about and listed in ``missing_documents``."""
+    if not source.strip():  # an unset $DATA: datasets raised an IndexError for the hub id ""
+        raise BEIRDataError(f"{source!r}: empty; name a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a hub "
+                            "dataset id")
     if not os.path.isdir(source):
         if os.path.exists(source) or source.startswith((".", "/")):
             raise BEIRDataError(f"{source}: not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")

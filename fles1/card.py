@@ -218,12 +218,8 @@ def attach_training_logs(runs: list[Run], logs: Sequence[tuple[str, dict]]) -> l
             match = next((r for r in runs if r.training_log is None and r.key == recorded), None)
             if match is not None:
                 match.training_log, match.training_log_path = log, path
-            elif any(r.key == recorded for r in runs):
-                unpaired.append((path, log))  # a second log of one model (a copy): shown beside, not as its log
-            else:
-                raise CardInputError(f"{path}: the log of a model (fingerprint {recorded}) that no results file "
-                                     "evaluated (a model changed after training has another); leave the log out, "
-                                     "or pass that model's results too")
+            else:  # another model's (a seed without results here, a model changed since): shown beside as its
+                unpaired.append((path, log))  # own row, never taken as the published model's (below)
             continue
         # beside the log, and beside the file a link to it points to
         folders = {os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.dirname(os.path.realpath(path))}
@@ -652,9 +648,10 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     """``header``: the published run's eval header, whose max lengths are the ones the model encodes with."""
     logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
     if recipe is None and logs:
-        # the published run's; a lone log paired with no run (when no run has one) is taken as its; another
-        # seed's never is
-        lone = extra_logs[0][1] if len(extra_logs) == 1 and not any(run.training_log for run in runs) else {}
+        # the published run's; a lone log paired with no run (when no run has one) is taken as its, unless it
+        # names its model (another one); another seed's never is
+        lone = extra_logs[0][1] if len(extra_logs) == 1 and not any(run.training_log for run in runs) \
+            and not isinstance(extra_logs[0][1].get("model_fingerprint"), str) else {}
         recipe = (runs[0].training_log or lone).get("recipe")
     if recipe is None and not logs:
         return f"No training log or recipe was given: training details are {MISSING}."
@@ -771,13 +768,19 @@ def build_card(
             raise CardInputError(f"{run.sources[primary_dataset]}: {primary_dataset} split {here!r}, but the published "
                                  f"run's ({primary.sources[primary_dataset]}) is {published!r}; the reproducibility "
                                  "table compares runs on one split: pass every run's results on that split")
-        for key in ("data_fingerprint", "num_docs", "num_queries"):  # its mean and std would mix corpora
+        for key in ("num_docs", "num_queries", "data_fingerprint"):  # its mean and std would mix corpora
             here, published = run.datasets[primary_dataset].get(key), primary.datasets[primary_dataset].get(key)
-            if here is not None and published is not None and here != published:
+            if here is None or published is None or here == published:
+                continue
+            if key != "data_fingerprint":
                 raise CardInputError(f"{run.sources[primary_dataset]}: {primary_dataset} {key} {here!r}, but the "
                                      f"published run's ({primary.sources[primary_dataset]}) is {published!r}: "
                                      "evaluated on other data; the reproducibility table compares runs on the same "
                                      "documents, queries and judgements")
+            # the files' bytes: a copy with CRLF line ends, gzipped or loaded by hub id reads the same data
+            warnings.warn(f"{run.sources[primary_dataset]}: {primary_dataset} was evaluated on files other than the "
+                          f"published run's (data fingerprint {here} vs {published}) of the same size; the "
+                          "reproducibility table takes them for the same data", stacklevel=2)
     if recipe_values is not None:
         _check_recipe_is_the_logs(recipe, recipe_values, primary)
     from fles1.training.recipe import DEFAULTS as RECIPE_DEFAULTS

@@ -34,11 +34,10 @@ from fles1.card import (CardInputError, build_card, check_license_id, check_repo
                         read_json)
 from fles1.checkpoint import (HUB_CODE_FILES, TOKENIZER_CODE_REFUSED, copy_code_files, license_of,
                               load_source_tokenizer, tokenizer_code)
-from fles1_encoder import drop_loader_flags
+from fles1_encoder import TOKENIZER_FILES, drop_loader_flags
 from modeling_fles1 import LICENSE_FILES
 
 REQUIRED_FILES = ("config.json", "modules.json", "tokenizer_config.json", *HUB_CODE_FILES)  # + the weights
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # one of them: the WordPiece vocabulary
 # What a push publishes of the model folder: an allowlist (a training folder also holds logs, notes, wandb/, links
 # to files elsewhere: all were uploaded), plus the license files and the sentence-transformers module folders that
 # modules.json names. Weights are safetensors only (a stale pytorch_model.bin would differ from them).

@@ -44,6 +44,11 @@ def test_a_device_or_output_that_will_not_do_is_refused_before_the_run(script, t
     assert error_line(main, ["--output", ""], capsys) == "error: --output is empty: name a file"
     if script == "bench_encode":  # the shipped backbone, converted, was timed instead
         assert error_line(main, ["--model", ""], capsys).startswith("error: --model is empty: name a FLES-1 folder")
+    else:  # "error: : Repo id must use alphanumeric chars"
+        assert error_line(main, ["--model", ""], capsys).startswith("error: --model is empty: name a folder")
+    # an unset $DATA: datasets' IndexError for the hub id "" (a traceback in bench_encode and eval_fles1.py)
+    assert error_line(main, ["--data", ""], capsys).startswith(
+        "error: --data is empty" if script == "bench_train" else "error: '': empty; name a BEIR folder")
 
 
 def test_bench_train_refuses_a_gpu_its_trainers_would_not_run_on(monkeypatch):

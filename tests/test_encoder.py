@@ -607,7 +607,9 @@ def test_a_config_of_the_wrong_shape_names_config_json_and_a_bad_setting_is_the_
                              ({"query_max_length": 600}, "query_max_length=600 exceeds max_position_embeddings"),
                              ({"pooling": "mean"}, r"pooling='mean' is not supported; choose one of \['max'\]"),
                              ({"dtype": torch.int8}, r"dtype=torch\.int8 is not a floating-point dtype"),
-                             ({"dtype": "int8"}, r"dtype='int8' is not a floating-point dtype")):
+                             ({"dtype": "int8"}, r"dtype='int8' is not a floating-point dtype"),
+                             ({"dtype": "torch.int8"}, r"dtype='torch\.int8' is not a floating-point dtype"),
+                             ({"torch_dtype": "float33"}, r"torch_dtype='float33' is not a floating-point dtype")):
         with pytest.raises(SettingError, match=message) as error:
             FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", **options)
         assert isinstance(error.value, ValueError) and not isinstance(error.value, OSError)

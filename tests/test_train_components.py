@@ -631,6 +631,12 @@ def test_a_recipe_file_with_a_key_twice_or_not_utf8_is_named(tmp_path):
         load_recipe(str(path))
     path.write_text("clfr:\n  gain: 0.5\ndata:\n  seed: 1\n")  # one key per mapping: the same name elsewhere is fine
     assert load_recipe(str(path), {"model.path": "m", "data.source": "d"})["clfr"]["gain"] == 0.5
+    # YAML merge keys override what they merge; an unhashable key is YAML's own error, not a traceback
+    path.write_text("clfr:\n  <<: {gain: 0.5, target_nnz_d: 300}\n  gain: 0.25\n")
+    assert load_recipe(str(path), {"model.path": "m", "data.source": "d"})["clfr"]["gain"] == 0.25
+    path.write_text("clfr:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ValueError, match=r"not valid YAML at line 2, column 5: found unhashable key"):
+        load_recipe(str(path))
 
 
 def test_a_recipe_section_left_empty_keeps_its_defaults(tmp_path):

@@ -719,6 +719,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     # inside train(), and --resume took that checkpoint rather than the one before
     (out / "checkpoint-4" / "clfr_state.json").write_text('{"global_step": 4}')
     for name, text in (("crash_state.json", '{"counts": {"non_fin'), ("config.json", '{"model_type": "fl'),
+                       ("log_window.json", '{"loss": 1.'),
                        ("trainer_state.json", "[]"), ("trainer_state.json", '{"global_step": "4"}'),
                        ("clfr_state.json", "\udcff")):
         path = out / "checkpoint-4" / name
@@ -787,6 +788,13 @@ def test_resume_wants_the_optimizer_scheduler_and_rng_states_whole(tmp_path):
                                              "file removed since\\); resuming from .*checkpoint-2"):
             assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True) == str(out / "checkpoint-2")
         (newest / name).write_bytes(kept)
+    # saved without CRCs (torch.serialization.set_crc32_options(False)): torch loads it, so does the check
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"step": 4, "state": torch.arange(8.0)}, newest / "optimizer.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert resolve_resume(str(newest), str(out), ["crash_state.json"], optimizer_state=True) == str(newest)
     # a DDP run's, one per rank: another set than this run's (a run of 2 resumed on 1 or 4 processes, a kill between
     # two ranks' saves) resumes with check_resumable's warning (the optimizer and schedule restored, not each RNG)
     (newest / "rng_state.pth").rename(newest / "rng_state_0.pth")

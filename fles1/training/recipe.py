@@ -243,8 +243,9 @@ def _check_scheduler(args, training: dict) -> None:
         schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
         raise ValueError(f"recipe.training.lr_scheduler_kwargs: {schedule!r} with "
                          f"{training.get('lr_scheduler_kwargs') or {}!r}: {' '.join(str(error).split())} "
-                         "(training.lr_scheduler_kwargs takes the schedule's own settings, e.g. "
-                         "--set 'training.lr_scheduler_kwargs={min_lr_rate: 0.1}' for cosine_with_min_lr)") from None
+                         "(training.lr_scheduler_kwargs takes the schedule's own settings" + (
+                             ", e.g. --set 'training.lr_scheduler_kwargs={min_lr_rate: 0.1}'"
+                             if "min_lr" in str(error) else "") + ")") from None
 
 
 def _culprit(training: dict) -> str:
@@ -332,7 +333,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # SafeLoader's own error names it
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     f"while reading a mapping (first {key!r}{seen[key]})", node.start_mark,

@@ -46,13 +46,14 @@ from transformers.trainer_utils import sort_checkpoints
 
 from configuration_fles1 import check_max_length
 from fles1.checkpoint import save_checkpoint
-from fles1_encoder import CheckpointError, check_safetensors_header, safetensors_files
+from fles1_encoder import CheckpointError, _read_json_or_none, check_safetensors_header, safetensors_files
 
 from .checks import is_int, is_number
 from .clfr import STATE_FILE as CLFR_STATE_FILE
 from .clfr import CLFRCallback
 from .crashes import STATE_FILE as CRASH_STATE_FILE
 from .crashes import CrashMonitor
+from .log_window import STATE_FILE as LOG_WINDOW_STATE_FILE
 from .distributed import world_size
 from .log_window import LogWindow
 from .losses import info_nce
@@ -201,7 +202,8 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
             state = _read_json_or_none(os.path.join(folder, TRAINER_STATE_NAME))
             if not (isinstance(state, dict) and is_int(state.get("global_step"))):
                 absent.append(f"readable {TRAINER_STATE_NAME}")
-            absent += [f"readable {name}" for name in (*state_files, "config.json") if name.endswith(".json")
+            absent += [f"readable {name}" for name in dict.fromkeys((*state_files, LOG_WINDOW_STATE_FILE, "config.json"))
+                       if name.endswith(".json")
                        and os.path.isfile(os.path.join(folder, name))
                        and not isinstance(_read_json_or_none(os.path.join(folder, name)), dict)]
         return absent
@@ -252,21 +254,31 @@ def _safetensors_readable(path: str) -> bool:
     return True
 
 
-def _read_json_or_none(path: str):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return None
-
-
 def _zip_intact(path: str) -> bool:
-    """A torch.save file whose zip directory reads and every member matches its CRC."""
+    """A torch.save file whose zip directory reads and whose members match their CRCs (a member saved without one,
+    `torch.serialization.set_crc32_options(False)`, is read, not checked). Checked once per process for the same
+    file (path, size, modification time): a resume resolves its checkpoint more than once."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        status = os.stat(path)
+    except OSError:
         return False
+    key = (os.path.realpath(path), status.st_size, status.st_mtime_ns)
+    if key not in _ZIPS_INTACT:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    if member.CRC == 0 and member.file_size:  # no CRC recorded: zipfile would call it corrupt
+                        continue
+                    with archive.open(member) as handle:  # zipfile checks the CRC at the member's end
+                        while handle.read(1 << 24):
+                            pass
+            _ZIPS_INTACT[key] = True
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+            _ZIPS_INTACT[key] = False
+    return _ZIPS_INTACT[key]
+
+
+_ZIPS_INTACT: dict[tuple, bool] = {}
 
 
 # the loss and its parts, as compute_loss sums them into the log window (a batch mean each), and its counts
