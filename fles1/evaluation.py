@@ -476,7 +476,7 @@ def evaluate(
     """
     from fles1_encoder import FLES1Encoder
 
-    if isinstance(data, (str, bytes, os.PathLike)):  # each character was taken for a dataset ("." the cwd, "n" a hub id)
+    if isinstance(data, (str, bytes, os.PathLike)):  # each character was taken for a dataset ("." the cwd)
         raise TypeError(f"data must be a list of BEIR folders or hub ids, got one {type(data).__name__}: "
                         f"evaluate(model, [{str(data)!r}])")
     # pathlib.Path works as a str does (one in the results dict was a TypeError when it was written, after the work)

@@ -575,7 +575,8 @@ def test_weights_lacking_tensors_of_the_configs_model_are_named_not_started_at_r
 
     folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "checkpoint")
     settings = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": settings["num_hidden_layers"] + 1}))
+    deeper = {**settings, "num_hidden_layers": settings["num_hidden_layers"] + 1}
+    (folder / "config.json").write_text(json.dumps(deeper))
     layer = settings["num_hidden_layers"]
     with pytest.raises(CheckpointError, match=rf"checkpoint: its weights \(model\.safetensors\) lack 16 tensor\(s\) "
                                               rf"config\.json's model has \(bert\.encoder\.layer\.{layer}\."):

@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -202,8 +201,8 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
             state = _read_json_or_none(os.path.join(folder, TRAINER_STATE_NAME))
             if not (isinstance(state, dict) and is_int(state.get("global_step"))):
                 absent.append(f"readable {TRAINER_STATE_NAME}")
-            absent += [f"readable {name}" for name in dict.fromkeys((*state_files, LOG_WINDOW_STATE_FILE, "config.json"))
-                       if name.endswith(".json")
+            states = dict.fromkeys((*state_files, LOG_WINDOW_STATE_FILE, "config.json"))
+            absent += [f"readable {name}" for name in states if name.endswith(".json")
                        and os.path.isfile(os.path.join(folder, name))
                        and not isinstance(_read_json_or_none(os.path.join(folder, name)), dict)]
         return absent
