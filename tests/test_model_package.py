@@ -1491,7 +1491,7 @@ def test_sparse_settings_given_to_the_loaders_are_checked(tiny_random_checkpoint
 def test_fles1_encoder_sends_each_keyword_where_it_belongs(tiny_random_checkpoint, trust_remote_code):
     """Every keyword went to the config, the model and the tokenizer: query_max_length=8 (a config setting the
     model loaders take) and use_fast=False (the tokenizer's) were TypeErrors from FLES1ForMaskedLM.__init__."""
-    from fles1_encoder import CheckpointError, FLES1Encoder
+    from fles1_encoder import FLES1Encoder, SettingError
 
     encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", trust_remote_code=trust_remote_code,
                                            query_max_length=8, inference_threshold=0.5, use_fast=False,
@@ -1502,7 +1502,8 @@ def test_fles1_encoder_sends_each_keyword_where_it_belongs(tiny_random_checkpoin
     cut, whole = encoder.encode_batch([" ".join(["protein"] * 6), " ".join(["protein"] * 50)], kind="query",
                                       output="torch", threshold=0).to_dense()
     assert torch.equal(cut, whole) and cut.count_nonzero() > 0
-    with pytest.raises(CheckpointError, match="query_max_length=1000 exceeds max_position_embeddings"):
+    # the caller's setting, not a broken folder (it was a CheckpointError, "could not load the FLES-1 model")
+    with pytest.raises(SettingError, match="query_max_length=1000 exceeds max_position_embeddings"):
         FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", trust_remote_code=trust_remote_code,
                                      query_max_length=1000)
     with pytest.raises(TypeError, match=r"^FLES1Encoder.from_pretrained got query_max_lenght: neither a download "
