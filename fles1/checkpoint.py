@@ -129,10 +129,14 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
     local = os.path.isdir(source)
     if out_dir is not None:
         refuse_output_holding_source(source, out_dir)
+    if local and os.path.isfile(os.path.join(source, "config.json")):
+        try:
+            settings = _read_json(os.path.join(source, "config.json"))
+        except ValueError:  # not JSON: transformers' own error names the file
+            settings = {}
+        if not isinstance(settings, dict):  # transformers read it as {} (5.9: a TypeError)
+            raise ValueError("its config.json is not a JSON object of settings")
     settings = PreTrainedConfig.get_config_dict(source)[0]
-    if local and os.path.isfile(os.path.join(source, "config.json")) \
-            and not isinstance(_read_json(os.path.join(source, "config.json")), dict):
-        raise ValueError("its config.json is not a JSON object of settings")
     if not settings:  # transformers reads a folder without config.json as {}
         routed = any(str(module.get("type", "")).endswith("Router") for module in _modules(source))
         raise ValueError("no config.json at its root: FLES-1 converts BERT masked-LM checkpoints and FLES-1 folders"
