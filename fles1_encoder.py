@@ -81,6 +81,12 @@ def not_a_folder(path: str) -> str:
     return "a file, not a folder" if os.path.exists(path) else "no such folder"
 
 
+def missing_weights(missing_keys) -> list[str]:
+    """The tensors a load's ``missing_keys`` names that transformers started at random, sorted: all but the
+    position_ids / token_type_ids buffers, which BERT builds itself."""
+    return sorted(key for key in missing_keys if not key.endswith(("position_ids", "token_type_ids")))
+
+
 class SettingError(ValueError):
     """A setting given to `FLES1Encoder.from_pretrained` that the checkpoint cannot take (the checkpoint is fine)."""
 
@@ -878,8 +884,7 @@ class FLES1Encoder:
                 )
             # transformers starts weights the file lacks at random (a log line): the vectors would be wrong and
             # differ from load to load (a config.json with more layers than the weights, a file missing tensors)
-            missing = sorted(key for key in loading["missing_keys"]
-                             if not key.endswith(("position_ids", "token_type_ids")))
+            missing = missing_weights(loading["missing_keys"])
             if missing:
                 weights = "the shards model.safetensors.index.json lists" if os.path.isfile(
                     os.path.join(path_or_hub_id, "model.safetensors.index.json")) else "model.safetensors"

@@ -18,7 +18,7 @@ from transformers.utils import cached_file
 from configuration_fles1 import FLES1Config
 from fles1 import PROJECT_ROOT
 from fles1.atomic import atomic_directory, path_within, require_new_folder
-from fles1_encoder import dtype_name, is_local_path, not_a_folder, save_checkpoint_folder
+from fles1_encoder import dtype_name, is_local_path, missing_weights, not_a_folder, save_checkpoint_folder
 from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM, license_files
 
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
@@ -131,10 +131,10 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
         refuse_output_holding_source(source, out_dir)
     if local and os.path.isfile(os.path.join(source, "config.json")):
         try:
-            settings = _read_json(os.path.join(source, "config.json"))
+            raw = _read_json(os.path.join(source, "config.json"))
         except ValueError:  # not JSON: transformers' own error names the file
-            settings = {}
-        if not isinstance(settings, dict):  # transformers read it as {} (5.9: a TypeError)
+            raw = {}
+        if not isinstance(raw, dict):  # transformers read it as {} (5.9: a TypeError)
             raise ValueError("its config.json is not a JSON object of settings")
     settings = PreTrainedConfig.get_config_dict(source)[0]
     if not settings:  # transformers reads a folder without config.json as {}
@@ -251,14 +251,14 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
             source, use_safetensors=True, output_loading_info=True)
     except StrictDataclassError as error:  # a config.json setting of the wrong type ("hidden_size": "abc")
         raise ValueError(f"config.json: {' '.join(str(error).split())}") from None
-    missing = [key for key in loading["missing_keys"] if "position_ids" not in key]
+    missing = missing_weights(loading["missing_keys"])
     if missing:  # transformers initialised them at random: a BertModel's missing MLM head would be a random projection
-        raise ValueError(f"not a BERT masked-LM checkpoint: its weights lack {', '.join(sorted(missing))} "
+        raise ValueError(f"not a BERT masked-LM checkpoint: its weights lack {', '.join(missing)} "
                          "(a model without the masked-LM head? FLES-1 needs the head's vocabulary projection)")
     config = fles1_config_from(source_model.config, **sparse_settings)
     model = FLES1ForMaskedLM(config)
     missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False)
-    missing = [key for key in missing if "position_ids" not in key and "token_type_ids" not in key]
+    missing = missing_weights(missing)
     if missing or unexpected:
         raise ValueError(f"not a BERT masked-LM checkpoint (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
