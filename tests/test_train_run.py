@@ -688,6 +688,12 @@ def test_nan_step_leaves_weights_untouched(sparse_tiny, msmarco_toy_dir, tmp_pat
 
 
 
+# callback states as the callbacks write them (resolve_resume reads what their load_state_dict needs)
+SAVED_STATES = {"crash_state.json": {"counts": {"loss_spike": 0}, "recent_losses": [1.5], "events": []},
+                "clfr_state.json": {"lambda_d": 3e-5, "history": [], "interval_steps": 2, "nnz_sum": 0.0,
+                                    "nnz_count": 0.0, "eff_reg": 6e-5}}
+
+
 def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     from fles1.training.trainer import resolve_resume
 
@@ -699,7 +705,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     for step, names in contents.items():
         (out / f"checkpoint-{step}").mkdir(parents=True)
         for name in names:
-            (out / f"checkpoint-{step}" / name).write_text(json.dumps({"global_step": step}))
+            (out / f"checkpoint-{step}" / name).write_text(json.dumps(SAVED_STATES.get(name, {"global_step": step})))
         save_file({"weight": torch.zeros(1)}, out / f"checkpoint-{step}" / "model.safetensors")
     # transformers writes trainer_state.json in place: killed mid-write (a bare JSON error stopped --resume)
     (out / "checkpoint-8" / "trainer_state.json").write_text('{"best_global_step": null, "best_metric')
@@ -717,9 +723,14 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
         resolve_resume(str(out / "checkpoint-4"), str(out), ["crash_state.json", "clfr_state.json"])
     # a state file or config.json that does not parse, or a trainer state without its step: a traceback (exit 1)
     # inside train(), and --resume took that checkpoint rather than the one before
-    (out / "checkpoint-4" / "clfr_state.json").write_text('{"global_step": 4}')
+    (out / "checkpoint-4" / "clfr_state.json").write_text(json.dumps(SAVED_STATES["clfr_state.json"]))
+    # ... or that parses but lacks what the callback reads (hand-edited): a KeyError inside train()
+    without_lambda = {key: value for key, value in SAVED_STATES["clfr_state.json"].items() if key != "lambda_d"}
     for name, text in (("crash_state.json", '{"counts": {"non_fin'), ("config.json", '{"model_type": "fl'),
-                       ("log_window.json", '{"loss": 1.'),
+                       ("log_window.json", '{"loss": 1.'), ("clfr_state.json", json.dumps(without_lambda)),
+                       ("clfr_state.json", json.dumps({**SAVED_STATES["clfr_state.json"], "lambda_d": "3e-5"})),
+                       ("crash_state.json", json.dumps({**SAVED_STATES["crash_state.json"], "counts": [0]})),
+                       ("log_window.json", '{"loss": "1.5"}'),
                        ("trainer_state.json", "[]"), ("trainer_state.json", '{"global_step": "4"}'),
                        ("clfr_state.json", "\udcff")):
         path = out / "checkpoint-4" / name
@@ -755,7 +766,7 @@ def test_resume_wants_the_optimizer_scheduler_and_rng_states_whole(tmp_path):
             if name.endswith((".pt", ".pth")):
                 torch.save({"step": step}, folder / name)
             else:
-                (folder / name).write_text(json.dumps({"global_step": step}))
+                (folder / name).write_text(json.dumps(SAVED_STATES.get(name, {"global_step": step})))
         save_file({"weight": torch.zeros(4)}, folder / "model.safetensors")
     newest = out / "checkpoint-4"
     assert resolve_resume(True, str(out), ["crash_state.json"], optimizer_state=True) == str(newest)

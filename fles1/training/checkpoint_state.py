@@ -13,7 +13,15 @@ class CheckpointStateMixin:
     a copy inside its trainer_state.json), read back from the one training resumes from (`restore`)."""
 
     STATE_FILE: str = "callback_state.json"
+    # key -> test of its value: what `load_state_dict` reads. A file lacking one or failing it (hand-edited, another
+    # tool's) is damaged: resume skips or refuses its checkpoint (trainer.resolve_resume), not a KeyError mid-train
+    STATE_FIELDS: dict = {}
     resume_from: str | None = None
+
+    @classmethod
+    def readable_state(cls, state) -> bool:
+        return isinstance(state, dict) and all(key in state and test(state[key])
+                                               for key, test in cls.STATE_FIELDS.items())
 
     def checkpoint_folder(self, args, state) -> str:
         return self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -42,7 +50,10 @@ class CheckpointStateMixin:
         if not os.path.isfile(path):
             return False
         with open(path, encoding="utf-8") as handle:
-            self.load_state_dict(json.load(handle))
+            state = json.load(handle)
+        if not self.readable_state(state):
+            raise ValueError(f"{path}: not a {type(self).__name__} state (it needs {', '.join(self.STATE_FIELDS)})")
+        self.load_state_dict(state)
         return True
 
     def write_state(self, args, state) -> None:

@@ -115,6 +115,9 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
     """
 
     STATE_FILE = STATE_FILE
+    STATE_FIELDS = {"lambda_d": lambda value: is_number(value, finite=True) and value > 0,
+                    "history": lambda value: isinstance(value, list), "eff_reg": is_number,
+                    "nnz_sum": is_number, "nnz_count": is_number}
 
     def __init__(self, controller: CLFRController, interval_steps: int | None = None):
         check_count_or_none(interval_steps, "interval_steps", "None (one epoch)")

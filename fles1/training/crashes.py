@@ -36,6 +36,9 @@ class CrashMonitor(CheckpointStateMixin, TrainerCallback):
     """Counts crashes by kind and skips non-finite updates. The trainer calls :meth:`observe` per micro-batch."""
 
     STATE_FILE = STATE_FILE
+    STATE_FIELDS = {"counts": lambda value: isinstance(value, dict) and all(map(is_int, value.values())),
+                    "recent_losses": lambda value: isinstance(value, list) and all(map(is_number, value)),
+                    "events": lambda value: isinstance(value, list)}
 
     def __init__(self, spike_factor: float = 3.0, spike_window: int = 100, nnz_floor: float = 1.0,
                  nnz_collapse_fraction: float = 0.1):

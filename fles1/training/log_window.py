@@ -14,6 +14,7 @@ from collections import defaultdict
 from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
+from .checks import is_number
 from .distributed import all_reduce_sum, first_rank_only, sums_onto_first_rank
 
 STATE_FILE = "log_window.json"
@@ -31,6 +32,10 @@ class LogWindow(CheckpointStateMixin, TrainerCallback):
     micro-batch and `take`s them (summed over ranks) when it logs."""
 
     STATE_FILE = STATE_FILE
+
+    @classmethod
+    def readable_state(cls, state) -> bool:  # any names (a run's own), each with a number
+        return isinstance(state, dict) and all(map(is_number, state.values()))
 
     def __init__(self, names: list[str]):
         self.names = list(names)  # every rank reduces the same list, in this order (gloo/NCCL hang otherwise)

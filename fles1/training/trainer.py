@@ -162,6 +162,14 @@ def _forward_as_encode_pair(module):
             module.forward = saved
 
 
+# each callback state file -> the test of its contents (what the callback's load_state_dict reads)
+STATE_READERS = {callback.STATE_FILE: callback.readable_state for callback in (CLFRCallback, CrashMonitor, LogWindow)}
+
+
+def _is_dict(value) -> bool:  # config.json
+    return isinstance(value, dict)
+
+
 def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequence[str] = (),
                    optimizer_state: bool = False, world_size: int = 1):
     """``True`` -> the newest complete checkpoint-* in output_dir; a folder -> itself, if complete. Complete: it holds
@@ -202,9 +210,8 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, state_files: Sequenc
             if not (isinstance(state, dict) and is_int(state.get("global_step"))):
                 absent.append(f"readable {TRAINER_STATE_NAME}")
             states = dict.fromkeys((*state_files, LOG_WINDOW_STATE_FILE, "config.json"))
-            absent += [f"readable {name}" for name in states if name.endswith(".json")
-                       and os.path.isfile(os.path.join(folder, name))
-                       and not isinstance(_read_json_or_none(os.path.join(folder, name)), dict)]
+            absent += [f"readable {name}" for name in states if os.path.isfile(os.path.join(folder, name))
+                       and not STATE_READERS.get(name, _is_dict)(_read_json_or_none(os.path.join(folder, name)))]
         return absent
 
     if resume_from_checkpoint is True:
