@@ -88,6 +88,15 @@ def jsonl_path(path: str) -> str:
     return path if os.path.isfile(path) or not os.path.isfile(f"{path}.gz") else f"{path}.gz"
 
 
+def opened(path: str, opener=None):
+    """``opener(path, "rb")``; a file that exists but cannot be opened (permissions, a folder of that name) is a
+    BEIRDataError naming it -- it was a traceback, exit 1."""
+    try:
+        return (opener or open)(path, "rb")
+    except OSError as error:
+        raise BEIRDataError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
 def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
     """The file's JSON objects, each with an '_id', a 'text' and its `text_fields` as str ("" where null, or for a
     missing title). A ``.gz`` path is read through gzip."""
@@ -95,7 +104,7 @@ def _read_jsonl(path: str, text_fields: tuple[str, ...]) -> list[dict]:
         raise BEIRDataError(f"{path}: file not found")
     rows = {}  # id -> (its first line number, row: _id and text fields)
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as handle:
+        with opened(path, gzip.open if path.endswith(".gz") else None) as handle:
             _read_rows(path, handle, text_fields, rows)
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a .gz cut short, or not gzip at all
         raise BEIRDataError(f"{path}: not a readable gzip file ({error})") from None
@@ -179,7 +188,7 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
     if not os.path.isfile(path):
         raise BEIRDataError(f"{path}: file not found")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, "rb") as handle:  # never quoted: a '"' opening an id glued the next lines onto it
+    with opened(path) as handle:  # never quoted: a '"' opening an id glued the next lines onto it
         for number, row in tsv_rows(path, handle, quoting=csv.QUOTE_NONE):
             if number == 1 and row[:1] == ["query-id"]:
                 continue
@@ -187,6 +196,9 @@ def load_qrels(path: str, corpus: dict | None = None, queries: dict | None = Non
                 continue
             if len(row) != 3:
                 raise BEIRDataError(f"{path}:{number}: expected 3 tab-separated columns, got {len(row)}")
+            if number == 1 and row[2].strip().lower() == "score":  # said "score 'score' is not a number"
+                raise BEIRDataError(f"{path}:1: a header BEIR does not write ({' / '.join(row)}): its qrels start "
+                                    "with 'query-id<TAB>corpus-id<TAB>score', or with no header")
             _add_judgement(qrels, *row, f"{path}:{number}", corpus, queries, missing=missing_documents)
     if not qrels:  # found now, not after the corpus has been encoded
         raise BEIRDataError(f"{path}: no judgements (an empty file, or a header alone)")

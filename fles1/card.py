@@ -77,6 +77,8 @@ def read_json(path: str, kind: str) -> dict:
             data = json.load(handle)
     except FileNotFoundError as error:
         raise CardInputError(f"{path}: {kind} file not found") from error
+    except OSError as error:  # permissions, a folder of that name: a traceback, exit 1
+        raise CardInputError(f"{path}: cannot read the {kind} file ({error.strerror or error})") from None
     except ValueError as error:
         raise CardInputError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(data, dict):
@@ -152,6 +154,8 @@ def read_recipe(path: str) -> dict:
             data = yaml.safe_load(handle)  # JSON is YAML too
     except FileNotFoundError as error:
         raise CardInputError(f"{path}: recipe file not found") from error
+    except OSError as error:
+        raise CardInputError(f"{path}: cannot read the recipe file ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         raise CardInputError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
@@ -418,11 +422,36 @@ def dataset_id(name: str) -> str:
 LOCAL_FOLDER = "local folder"  # an eval results entry's data_source for a dataset read from a folder
 
 
+# Corpus sizes of the BEIR datasets on the Hub (BEIR's table): a local folder of a BEIR name and another size is a
+# subset (or another corpus), not BeIR/<name> -- the card declared it so, with a rerun command that cannot give
+# its numbers.
+BEIR_CORPUS_SIZES = {"arguana": 8674, "climate-fever": 5416593, "dbpedia-entity": 4635922, "fever": 5416568,
+                     "fiqa": 57638, "hotpotqa": 5233329, "msmarco": 8841823, "nfcorpus": 3633, "nq": 2681468,
+                     "quora": 522931, "scidocs": 25657, "scifact": 5183, "trec-covid": 171332,
+                     "webis-touche2020": 382545}
+
+
 def local_only(name: str, entry: dict) -> bool:
-    """An evaluated dataset that was a local folder and is no Hub dataset (a BEIR name stands for BeIR/<name>): not
-    the card's metadata, and its rerun command needs the folder. Results written before eval recorded the source
-    count as Hub data."""
-    return entry.get("data_source") == LOCAL_FOLDER and "/" not in name and name.lower() not in BEIR_NAMES
+    """An evaluated dataset that was a local folder and is no Hub dataset (a BEIR name stands for BeIR/<name> when
+    the folder holds that dataset's corpus size): not the card's metadata, and its rerun command needs the folder.
+    Results written before eval recorded the source count as Hub data."""
+    if entry.get("data_source") != LOCAL_FOLDER or "/" in name:
+        return False
+    size = BEIR_CORPUS_SIZES.get(name.lower())
+    return name.lower() not in BEIR_NAMES or (size is not None and entry.get("num_docs") != size)
+
+
+def _subset_note(name: str, entry: dict) -> str:
+    """For a local folder of a BEIR name and another corpus size: how it differs from the Hub's."""
+    size = BEIR_CORPUS_SIZES.get(name.lower())
+    if size is None or entry.get("num_docs") == size:
+        return ""
+    return f" of {entry.get('num_docs')} documents ({dataset_id(name)} has {size:,})"
+
+
+def shown_dataset(name: str, entry: dict) -> str:
+    """The card's id of an evaluated dataset: its Hub id, or its name for a local-only one."""
+    return name if local_only(name, entry) else dataset_id(name)
 
 
 def hub_id_or_none(value, local: Optional[bool] = None) -> Optional[str]:
@@ -586,11 +615,11 @@ def rerun_commands(run: Run, repo_id: str, revision: Optional[str] = None) -> st
         download = (f"hf download {shlex.quote(repo_id)} --revision {shlex.quote(revision)} "
                     f"--local-dir {shlex.quote(model)}\n")
     by_split: dict[str, list[str]] = {}
-    local = [f"# {' '.join(name.split())}: a local BEIR folder, not on the Hub (data fingerprint "
-             f"{entry.get('data_fingerprint')}): give its path as --data"
+    local = [f"# {' '.join(name.split())}: a local BEIR folder{_subset_note(name, entry)}, not on the Hub (data "
+             f"fingerprint {entry.get('data_fingerprint')}): give its path as --data"
              for name, entry in run.datasets.items() if local_only(name, entry)]
     for name, entry in run.datasets.items():
-        by_split.setdefault(entry.get("split") or "test", []).append(dataset_id(name))
+        by_split.setdefault(entry.get("split") or "test", []).append(shown_dataset(name, entry))
     threshold = run.header.get("threshold")
     return download + "".join(f"{line}\n" for line in local) + "\n".join(
         f"python eval_fles1.py --model {shlex.quote(model)} --data {' '.join(shlex.quote(d) for d in datasets)} "
@@ -717,7 +746,7 @@ def model_index(run: Run) -> list[EvalResult]:
             if value is None:
                 continue
             results.append(EvalResult(
-                task_type="text-retrieval", task_name="Retrieval", dataset_type=dataset_id(name),
+                task_type="text-retrieval", task_name="Retrieval", dataset_type=shown_dataset(name, entry),
                 dataset_name=name, dataset_split=entry.get("split"), metric_type=key.replace("@", "_at_"),
                 metric_name=label, metric_value=entry["metrics"][key],
             ))
@@ -791,6 +820,10 @@ def build_card(
     base_model = base_model or next(
         (recipe_hub_id(train_recipe, k) for k in BASE_MODEL_KEYS if recipe_hub_id(train_recipe, k)), None)
     datasets = [dataset_id(name) for name, entry in primary.datasets.items() if not local_only(name, entry)]
+    for name, entry in primary.datasets.items():
+        if local_only(name, entry) and _subset_note(name, entry):
+            warnings.warn(f"{name}: a local folder{_subset_note(name, entry)}: shown as a local dataset, not as "
+                          f"{dataset_id(name)}", stacklevel=2)
     for key in TRAIN_DATA_KEYS:
         train_data = recipe_hub_id(train_recipe, key)
         if train_data and dataset_id(train_data) not in datasets:

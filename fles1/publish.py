@@ -156,7 +156,10 @@ def _copy_unique(paths: Sequence[str], folder: str, rename=None) -> list[str]:
         prefix = index
         while os.path.exists(os.path.join(folder, name)):  # a prefixed name may be taken too ("2_eval.json")
             name, prefix = f"{prefix}_{base}", prefix + len(paths)
-        _copy_public(path, os.path.join(folder, name))
+        try:
+            _copy_public(path, os.path.join(folder, name))
+        except OSError as error:  # an unreadable plot: a traceback, exit 1 (push's code for a Hub failure)
+            raise PublishError(f"{path}: cannot be copied ({error.strerror or error})") from None
         copied.append(os.path.join(folder, name))
     return copied
 
@@ -246,6 +249,9 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
     """
     if not os.path.isdir(model_dir):
         raise PublishError(f"{model_dir}: model folder not found")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):  # e.g. a data folder: assembled, then 5 checks
+        raise PublishError(f"{model_dir}: no config.json, not a FLES-1 checkpoint folder (convert_fles1.py and "
+                           "train_fles1.py write them)")
     if path_within(out_dir, model_dir):  # it would be copied into itself, and into every later folder
         raise PublishError(f"{out_dir}: inside the model folder {model_dir}, which the Hub folder copies; choose an "
                            "output folder outside it")
@@ -285,6 +291,8 @@ def assemble(model_dir: str, out_dir: str, repo_id: str, card: CardInputs = Card
                 check(staging)
     except FileExistsError as error:  # another push wrote the folder meanwhile: a traceback, exit 1 (a Hub failure)
         raise PublishError(f"{error}; choose a new output folder") from None
+    except OSError as error:  # e.g. a parent folder not writable (the staging folder is made there)
+        raise PublishError(f"{out_dir}: not assembled ({error})") from None
     return out_dir
 
 
@@ -302,7 +310,10 @@ def _check_results_are_of(model_dir: str, results: Sequence[str]) -> None:
     except CardInputError as error:
         raise PublishError(str(error)) from None
     results, evaluated = every[0]
-    recorded = (evaluated.get("model") or {}).get("fingerprint")
+    recorded = evaluated["model"].get("fingerprint") if isinstance(evaluated.get("model"), dict) else None
+    if not recorded or not isinstance(recorded, str):  # eval_fles1.py always records it: a hand-edited or foreign file, whose numbers nothing ties here
+        raise PublishError(f"{results}: records no model fingerprint (model.fingerprint), so nothing shows its numbers "
+                           f"are {model_dir}'s; evaluate it (eval_fles1.py --model {model_dir}) and pass that file")
     try:
         actual = model_fingerprint(model_dir) if recorded else None
     except CheckpointError:  # no (complete) weights: the checks say so, naming the file
@@ -600,7 +611,10 @@ def publish(
                     kept = f" (the folder is left at {rejected} for inspection)"
                 except OSError as error:  # the checks' verdict is what to report
                     kept = f" (the folder could not be kept at {rejected}: {error.strerror})"
-            raise PublishError("refusing to upload, failed checks: " + "; ".join(str(c) for c in failed) + kept)
+            reasons = "; ".join(str(c) for c in failed)
+            if kept.startswith(" (the folder is left"):  # the checks named the staging folder, renamed since
+                reasons = reasons.replace(os.path.abspath(staging), rejected).replace(staging, rejected)
+            raise PublishError(f"refusing to upload, failed checks: {reasons}{kept}")
 
     if not card.training_logs and not card.recipe and not os.path.isfile(os.path.join(model_dir, "training_log.json")):
         # a converted or an already published folder holds no training_log.json of its own

@@ -253,6 +253,17 @@ def test_generate_card_cli(tmp_path):
     process = subprocess.run(command + ["--overwrite"], capture_output=True, text=True, timeout=120)
     assert process.returncode == 0, process.stderr
     assert ModelCard.load(str(out)).data.eval_results[0].metric_value == 0.31234567
+    # never its own input, even with --overwrite: the only results file became Markdown
+    for option, path in (("--results", results), ("--training-log", log)):
+        kept = open(path).read()
+        process = subprocess.run([*command[:-1], path, "--overwrite", "--training-log", log],
+                                 capture_output=True, text=True, timeout=120)
+        assert process.returncode == 2 and f"error: --output {path} is a file {option} reads" in process.stderr
+        assert open(path).read() == kept
+    # an unreadable input: one line, exit 2 (a PermissionError traceback); root reads chmod 000 files, so: a folder
+    process = subprocess.run([*command[:3], str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2 and f"error: {tmp_path}: cannot read the eval results file (Is a directory)" \
+        in process.stderr, process.stderr
 
 
 def test_runs_pair_with_logs_beside_their_results_and_must_share_the_setting(tmp_path):
@@ -639,6 +650,7 @@ def test_local_paths_never_become_hub_ids_wherever_the_card_is_written(tmp_path,
     payload = json.loads(open(results).read())
     for entry in payload["datasets"].values():
         entry["data_source"] = "local folder"
+    payload["datasets"]["nfcorpus"]["num_docs"] = 3633  # BeIR/nfcorpus's corpus
     open(results, "w").write(json.dumps(payload))
     log = make_training_log(tmp_path / "outputs" / "seed1" / "training_log.json")
     recorded = json.loads(open(log).read())
@@ -652,6 +664,19 @@ def test_local_paths_never_become_hub_ids_wherever_the_card_is_written(tmp_path,
     rerun = card.text.split("```bash\n")[1].split("```")[0]
     assert rerun.startswith("# nfsmall: a local BEIR folder, not on the Hub (data fingerprint data-nfsmall): give its "
                             "path as --data\n")
+    # a local folder of a BEIR name holding another corpus (a subset) is not BeIR/<name>: it was declared so, and
+    # rerun with --data BeIR/nfcorpus, which cannot give its numbers
+    payload["datasets"]["nfcorpus"]["num_docs"] = 721
+    subset = tmp_path / "eval_subset.json"
+    subset.write_text(json.dumps(payload))
+    with pytest.warns(UserWarning, match=r"nfcorpus: a local folder of 721 documents \(BeIR/nfcorpus has 3,633\): "
+                                         r"shown as a local dataset"):
+        card = card_from(tmp_path, [str(subset)], [log])
+    assert card.data.datasets is None or "BeIR/nfcorpus" not in card.data.datasets
+    assert {result.dataset_type for result in card.data.eval_results} == {"nfsmall", "nfcorpus"}
+    rerun = card.text.split("```bash\n")[1].split("```")[0]
+    assert "# nfcorpus: a local BEIR folder of 721 documents (BeIR/nfcorpus has 3,633), not on the Hub" in rerun
+    assert "--data nfsmall nfcorpus --split test" in rerun
     # recorded as Hub ids: taken as such even where a folder of that name exists
     recorded["recipe"].update(model={"path": "google-bert/bert-base-uncased"},
                               data={"source": "BeIR/scifact", "split": "train"}, resolved={"local_paths": []})

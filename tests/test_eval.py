@@ -1284,3 +1284,33 @@ def test_each_metric_is_its_own_trec_eval_measure_and_cut():
     metrics = evaluate_run(qrels, run)
     assert metrics == pytest.approx({"ndcg@10": 1 / (1 + 1 / math.log2(3)), "mrr@10": 1.0, "recall@100": 0.5,
                                      "map@100": 0.5, "recall@1000": 1.0})
+
+
+def test_an_unreadable_data_file_or_another_header_is_one_error_naming_it(tmp_path, monkeypatch, capsys):
+    """An unreadable corpus.jsonl (permissions) was a PermissionError traceback, exit 1; a qrels header spelt otherwise
+    than BEIR's said "score 'score' is not a number"."""
+    import builtins
+
+    folder = write_beir(tmp_path / "toy")
+    corpus = os.path.join(folder, "corpus.jsonl")
+    real_open = builtins.open
+
+    def refusing_open(path, *args, **kwargs):  # as for a chmod 000 file (root reads those, so tests cannot chmod)
+        if os.fspath(path) == corpus:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(BEIRDataError, match=rf"^{corpus}: cannot be read \(Permission denied\)$"):
+        load_beir(folder)
+    assert eval_fles1.main(["--model", "unused", "--data", folder, "--output", str(tmp_path / "r.json")]) == 2
+    assert f"error: {corpus}: cannot be read (Permission denied)" in capsys.readouterr().err
+    monkeypatch.setattr(builtins, "open", real_open)
+    qrels = os.path.join(folder, "qrels", "test.tsv")
+    with open(qrels) as handle:
+        lines = handle.read().splitlines()
+    with open(qrels, "w") as handle:
+        handle.write("\n".join(["query_id\tcorpus_id\tscore", *lines[1:]]) + "\n")
+    with pytest.raises(BEIRDataError, match=r"test.tsv:1: a header BEIR does not write \(query_id / corpus_id / "
+                                            r"score\): its qrels start with 'query-id<TAB>corpus-id<TAB>score'"):
+        load_beir(folder)

@@ -382,8 +382,50 @@ def test_folder_whose_loaders_encode_queries_otherwise_is_refused_naming_why(edi
     assert rc == 2 and not out.exists()
     cause = {"query-length": r"sentence-transformers cuts in encode_query at 8 tokens",
              "query-prompt": r"config_sentence_transformers\.json says: encode_query prepends 'query: '"}[edit]
-    assert re.search(r"\[FAILED\] vectors agree: query: max abs difference [1-9].* -- .*" + cause,
-                     capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(r"\[FAILED\] vectors agree: query: max abs difference [1-9].* -- .*" + cause, err)
+    # the reasons name the folder kept for inspection, not the staging folder renamed to it
+    assert ".partial" not in err and f"{out}.rejected" in err
+
+
+def test_inputs_push_cannot_read_or_tie_to_the_model_are_one_line(source_checkpoint, result_files, tmp_path,
+                                                                  monkeypatch, capsys):
+    """Results recording no model fingerprint were published as the folder's (another model's numbers); an unreadable
+    plot or an output folder that cannot be made was a traceback with exit 1 (push's code for a Hub failure); a data
+    folder given as --model was assembled and validated before five failed checks."""
+    import builtins
+    import tempfile
+
+    args = ["--model", source_checkpoint, "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "out")]
+    unmarked = json.loads(open(result_files["results"]).read())
+    del unmarked["model"]["fingerprint"]
+    (tmp_path / "unmarked.json").write_text(json.dumps(unmarked))
+    assert push_fles1.main([*args, "--results", str(tmp_path / "unmarked.json")]) == 2
+    assert "unmarked.json: records no model fingerprint (model.fingerprint)" in capsys.readouterr().err
+    assert push_fles1.main([*args, "--model", str(tmp_path), "--results", result_files["results"]]) == 2
+    assert f"error: {tmp_path}: no config.json, not a FLES-1 checkpoint folder" in capsys.readouterr().err
+    real_open, real_mkdtemp = builtins.open, tempfile.mkdtemp
+
+    def refusing_open(path, *more, **kwargs):  # as for a chmod 000 file (root reads those, so tests cannot chmod)
+        if os.fspath(path) == result_files["plot"]:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *more, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    assert push_fles1.main([*args, "--results", result_files["results"], "--plots", result_files["plot"]]) == 2
+    assert f"error: {result_files['plot']}: cannot be copied (Permission denied)" in capsys.readouterr().err
+    monkeypatch.setattr(builtins, "open", real_open)
+
+    def refusing_mkdtemp(*more, dir=None, **kwargs):  # a parent folder not writable
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(tmp_path / "ro"):
+            raise PermissionError(13, "Permission denied", dir)
+        return real_mkdtemp(*more, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refusing_mkdtemp)
+    os.makedirs(tmp_path / "ro")
+    assert push_fles1.main([*args[:-1], str(tmp_path / "ro" / "hub"), "--results", result_files["results"]]) == 2
+    assert f"error: {tmp_path / 'ro' / 'hub'}: not assembled ([Errno 13] Permission denied" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_sharded_weights_count_as_the_weights(tiny_random_checkpoint, tmp_path):
