@@ -3,6 +3,7 @@
 Shipped to the Hub next to ``modeling_fles1.py``; imports transformers only.
 """
 
+import math
 import numbers
 from typing import Optional
 
@@ -79,6 +80,9 @@ class FLES1Config(BertConfig):
     def from_dict(cls, config_dict, **kwargs):
         # from_pretrained's keyword overrides (`from_pretrained(path, pooling="mean")`, AutoModel's, sentence-
         # transformers' config_kwargs) are set after __init__ ran its checks: check them too
+        # numpy numbers as Python ones first: transformers logs the config as JSON before any check runs (TypeError)
+        kwargs = {key: value.item() if isinstance(value, numbers.Number) and not isinstance(value, (int, float))
+                  and hasattr(value, "item") else value for key, value in kwargs.items()}
         loaded = super().from_dict(config_dict, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).check_sparse_settings()
         return loaded
@@ -100,7 +104,10 @@ def _check_threshold(inference_threshold) -> float:
     if isinstance(inference_threshold, bool) or not isinstance(inference_threshold, numbers.Real) \
             or not inference_threshold >= 0:  # NaN too: a NaN cut would keep no weight and say nothing
         raise ValueError(f"inference_threshold must be a number >= 0, got {inference_threshold!r}")
-    return float(inference_threshold)
+    try:
+        return float(inference_threshold)
+    except OverflowError:  # an int past float range (10**400): above every weight, as inf is
+        return math.inf
 
 
 def check_max_length(name: str, value, max_position_embeddings: int) -> int:

@@ -87,6 +87,25 @@ def missing_weights(missing_keys) -> list[str]:
     return sorted(key for key in missing_keys if not key.endswith(("position_ids", "token_type_ids")))
 
 
+def unplaced_weights(unexpected_keys) -> list[str]:
+    """The tensors a load's ``unexpected_keys`` names that belong to the parts FLES-1 uses (embeddings, encoder
+    layers, MLM head): a config describing a smaller model than the weights. A BERT's pooler and next-sentence head
+    (bert-base-uncased holds them) are no part of a masked-LM."""
+    return sorted(key for key in unexpected_keys if key.startswith(("bert.embeddings.", "bert.encoder.",
+                                                                    "cls.predictions.")))
+
+
+def _weights_do_not_fit(source: str, settings: dict, how: str) -> Exception:
+    """The weights of `source` and the model config.json describes (with the caller's `settings`) differ, `how`:
+    the caller's SettingError when it gave settings (the folder loads without them), else a CheckpointError."""
+    weights = "the shards model.safetensors.index.json lists" if os.path.isfile(
+        os.path.join(source, "model.safetensors.index.json")) else "model.safetensors"
+    if settings:
+        given = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+        return SettingError(f"FLES1Encoder.from_pretrained: with {given}, {source}'s weights ({weights}) {how}")
+    return CheckpointError(f"{source}: its weights ({weights}) {how}")
+
+
 class SettingError(ValueError):
     """A setting given to `FLES1Encoder.from_pretrained` that the checkpoint cannot take (the checkpoint is fine)."""
 
@@ -124,6 +143,7 @@ def _check_local_checkpoint(path: str) -> None:
     if not isinstance(settings, dict):
         raise CheckpointError(f"{config_path}: not a JSON object of settings (a {type(settings).__name__})")
     _warn_if_sentence_transformers_prompts_or_prunes(path)  # the lengths' check once the config is built
+    _warn_if_sentence_transformers_pools_otherwise(path)
     for weights_path in safetensors_files(path):
         check_safetensors_header(weights_path)
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
@@ -394,14 +414,18 @@ def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict
     checks = [("config_sentence_transformers.json", _warn_if_sentence_transformers_prompts_or_prunes),
               ("sentence_bert_config.json",
                functools.partial(_warn_if_sentence_transformers_cuts_elsewhere, config=config))]
-    for name, warn in checks:
+    for name, warn in checks + [("modules.json", None)]:
         try:
             found = cached_file(repo_id, name, **download, _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+            if found and warn is None:  # the poolings' own files too, beside it in the snapshot
+                for pooling in _splade_pooling_configs(os.path.dirname(found)):
+                    cached_file(repo_id, pooling, **download, _raise_exceptions_for_missing_entries=False,
                                 _raise_exceptions_for_connection_errors=False)
         except Exception:  # (an unreachable Hub, an unusual repo): the model loaded, the check is a courtesy
             continue
         if found:
-            warn(os.path.dirname(found))
+            (warn or _warn_if_sentence_transformers_pools_otherwise)(os.path.dirname(found))
 
 
 def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config, stacklevel: int = 4) -> None:
@@ -435,6 +459,34 @@ def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config, stacklevel:
                       "FLES1Encoder and the model use): SparseEncoder and FLES1Encoder give different vectors for "
                       "longer texts; `python convert_fles1.py FOLDER OUT --query-max-length N --document-max-length "
                       "M` writes all three files alike", SparseEncoderMismatchWarning, stacklevel=stacklevel)
+
+
+def splade_pooling_problem(settings: dict) -> Optional[str]:
+    """What a sentence-transformers SpladePooling config.json does otherwise than FLES-1; None when it pools alike."""
+    strategy, activation = settings.get("pooling_strategy", "max"), settings.get("activation_function", "relu")
+    if (strategy, activation) == ("max", "relu"):
+        return None
+    return (f"its SpladePooling pools with pooling_strategy={strategy!r}, activation_function={activation!r}: FLES-1 "
+            "encodes with 'max' and 'relu' (log(1 + ReLU), max over tokens) only")
+
+
+def _splade_pooling_configs(path: str) -> list[str]:
+    """The config.json of each SpladePooling module modules.json lists, relative to the folder."""
+    modules = _read_json_or_none(os.path.join(path, "modules.json"))
+    return [f"{module['path']}/config.json" for module in (modules if isinstance(modules, list) else ())
+            if isinstance(module, dict) and str(module.get("type", "")).endswith("SpladePooling")
+            and isinstance(module.get("path"), str)]
+
+
+def _warn_if_sentence_transformers_pools_otherwise(path: str) -> None:
+    """A SparseEncoder saved with another pooling (sum, or another activation) pools so on every later load:
+    FLES1Encoder and the model always max-pool log(1 + ReLU)."""
+    for name in _splade_pooling_configs(path):
+        settings = _read_json_or_none(os.path.join(path, name))
+        problem = splade_pooling_problem(settings if isinstance(settings, dict) else {})
+        if problem:
+            warnings.warn(f"{path}: sentence-transformers' {name}: {problem}: SparseEncoder and FLES1Encoder give "
+                          "different vectors", SparseEncoderMismatchWarning, stacklevel=4)
 
 
 def _warn_if_sentence_transformers_prompts_or_prunes(path: str) -> None:
@@ -603,7 +655,10 @@ def _validate_threshold(threshold: float) -> float:
     # numbers.Real: Python and numpy ints and floats (np.float32 is not a float subclass); not bools
     if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
-    return float(threshold)
+    try:
+        return float(threshold)
+    except OverflowError:  # an int past float range (10**400): above every weight, as inf is
+        return math.inf
 
 
 def _validate_batch_size(batch_size) -> int:
@@ -689,6 +744,23 @@ def _execution_device(module) -> Optional[torch.device]:
         if device is not None:
             return torch.device(device)
     return None
+
+
+def _model_dtype(key: str, value) -> torch.dtype:
+    """A `dtype=` for from_pretrained as the torch dtype transformers takes: a torch dtype, its name ("bfloat16",
+    "torch.bfloat16": transformers took only "auto" as a string) or a numpy one (np.float16); floating point only."""
+    dtype = value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+    elif not isinstance(value, torch.dtype):
+        try:
+            dtype = torch.from_numpy(np.zeros(0, dtype=np.dtype(value))).dtype
+        except (TypeError, ValueError):
+            dtype = None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SettingError(f"{key}={value!r} is not a floating-point dtype; load in torch.float32 (the folder's), "
+                           "torch.bfloat16 or torch.float16 (or 'auto')")
+    return dtype
 
 
 def dtype_name(dtype) -> str:
@@ -833,12 +905,8 @@ class FLES1Encoder:
             _validate_threshold(threshold)
         device = _resolve_device(device)  # before the load: a wrong device should not cost a download
         for key in MODEL_DTYPE_OPTIONS:  # transformers refuses it once the config is read, as a ValueError
-            value = hub_kwargs.get(key)
-            dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
-            if value != "auto" and isinstance(value, (str, torch.dtype)) and not (
-                    isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-                raise SettingError(f"{key}={value!r} is not a floating-point dtype; load in torch.float32 (the "
-                                   "folder's), torch.bfloat16 or torch.float16 (or 'auto')")
+            if hub_kwargs.get(key) is not None and hub_kwargs[key] != "auto":
+                hub_kwargs[key] = _model_dtype(key, hub_kwargs[key])
         if os.path.isdir(path_or_hub_id):
             _check_local_checkpoint(path_or_hub_id)
         elif is_local_path(path_or_hub_id):  # transformers would call it an invalid repo id
@@ -871,7 +939,7 @@ class FLES1Encoder:
                     lambda **given: own[0].from_dict(settings, return_unused_kwargs=True, **{**unused, **given}),
                     settings_and_model_options, path_or_hub_id)
                 model, loading = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True,
-                                                        output_loading_info=True, **download, **model_options,
+                                                        output_loading_info=True, ignore_mismatched_sizes=True, **download, **model_options,
                                                         **dtype_options)
             else:
                 config, model_options = _config_with(
@@ -880,19 +948,30 @@ class FLES1Encoder:
                     settings_and_model_options, path_or_hub_id)
                 model, loading = AutoModelForMaskedLM.from_pretrained(
                     path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True,
-                    output_loading_info=True, **download, **model_options, **dtype_options
+                    output_loading_info=True, ignore_mismatched_sizes=True, **download, **model_options, **dtype_options
                 )
             # transformers starts weights the file lacks at random (a log line): the vectors would be wrong and
             # differ from load to load (a config.json with more layers than the weights, a file missing tensors)
-            missing = missing_weights(loading["missing_keys"])
-            if missing:
-                weights = "the shards model.safetensors.index.json lists" if os.path.isfile(
-                    os.path.join(path_or_hub_id, "model.safetensors.index.json")) else "model.safetensors"
-                raise CheckpointError(f"{path_or_hub_id}: its weights ({weights}) lack {len(missing)} "
-                                      f"tensor(s) config.json's model has ({', '.join(missing[:4])}"
-                                      f"{', ...' if len(missing) > 4 else ''})")
+            # and drops tensors its model has no place for (config.json with fewer layers: other vectors, silently)
+            for keys, relation in ((missing_weights(loading["missing_keys"]), "lack {} tensor(s) config.json's "
+                                    "model has"),
+                                   (unplaced_weights(loading["unexpected_keys"]), "hold {} tensor(s) config.json's "
+                                    "model has no place for")):
+                if keys:
+                    raise _weights_do_not_fit(path_or_hub_id, settings_and_model_options,
+                                              f"{relation.format(len(keys))} ({', '.join(keys[:4])}"
+                                              f"{', ...' if len(keys) > 4 else ''})")
+            # (of other shapes: transformers' RuntimeError named no file; loaded with ignore_mismatched_sizes to list
+            # them here, and refused)
+            mismatched = [f"{key}: {tuple(found)} in the file, {tuple(expected)} in the model"
+                          for key, found, expected in loading.get("mismatched_keys") or ()]
+            if mismatched:
+                raise _weights_do_not_fit(path_or_hub_id, settings_and_model_options,
+                                          f"hold {len(mismatched)} tensor(s) of other shapes than config.json's model's "
+                                          f"({', '.join(mismatched[:3])}{', ...' if len(mismatched) > 3 else ''})")
         except (CheckpointError, SettingError):  # a CheckpointError is an OSError, a SettingError a ValueError:
             raise  # neither is wrapped below
+
         except TypeError as error:  # a keyword no part takes (a typo): the model's constructor refused it
             unknown = sorted(set(settings_and_model_options) & set(str(error).replace("'", " ").split()))
             if not unknown:

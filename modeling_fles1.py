@@ -901,7 +901,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
                 faster). Defaults to on for float32 models where `int8_screening_available()`; by default a
                 bf16/fp16 `projection_dtype` screens in that dtype instead, the same way, where
                 `half_screening_available(dtype, hidden_size)`. True: the int8 screen, whatever the projection
-                dtype. False: no screening.
+                dtype (a float32 model's only: a ValueError otherwise). False: no screening.
             position_ids: passed to BERT. By default a text's tokens sit at positions 0, 1, ... of the padded
                 row, as in transformers: under left padding they are shifted, and the vectors change (as they do
                 in `forward` and sentence-transformers); `(attention_mask.cumsum(1) - 1).clamp(min=0)` undoes it.
@@ -930,6 +930,10 @@ class FLES1ForMaskedLM(BertForMaskedLM):
         if hidden.device.type == "cpu" and not differentiable and chunk_tokens is None and not offloaded:
             if screening is None:
                 screen = self._default_screen(hidden.device, hidden.dtype, projection_dtype)
+            elif screening and hidden.dtype != torch.float32:  # was a RuntimeError about m1/m2 dtypes deep inside
+                raise ValueError(f"screening=True bounds a float32 model's logits; this model computes in "
+                                 f"{str(hidden.dtype).removeprefix('torch.')}: load it in float32, or leave screening "
+                                 "at None")
             else:
                 screen = self._int8_screen() if screening else None
             max_logits = self._cpu_max_logits(hidden, attention_mask, bias, projection_dtype, screen)

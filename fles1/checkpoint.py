@@ -18,7 +18,8 @@ from transformers.utils import cached_file
 from configuration_fles1 import FLES1Config
 from fles1 import PROJECT_ROOT
 from fles1.atomic import atomic_directory, path_within, require_new_folder
-from fles1_encoder import dtype_name, is_local_path, missing_weights, not_a_folder, save_checkpoint_folder
+from fles1_encoder import (dtype_name, is_local_path, missing_weights, not_a_folder, save_checkpoint_folder,
+                           splade_pooling_problem, unplaced_weights)
 from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM, license_files
 
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
@@ -158,12 +159,9 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
         if module.get("type", "").endswith("SpladePooling"):
             pooling = cached_file(source, f"{module['path']}/config.json", _raise_exceptions_for_missing_entries=False,
                                   _raise_exceptions_for_connection_errors=False)
-            settings = _read_json(pooling) if pooling else {}
-            strategy, activation = settings.get("pooling_strategy", "max"), settings.get("activation_function", "relu")
-            if (strategy, activation) != ("max", "relu"):
-                raise ValueError(f"its SpladePooling pools with pooling_strategy={strategy!r}, activation_function="
-                                 f"{activation!r}: FLES-1 encodes with 'max' and 'relu' (log(1 + ReLU), max over "
-                                 "tokens) only, so the converted model would give other vectors")
+            problem = splade_pooling_problem(_read_json(pooling) if pooling else {})
+            if problem:
+                raise ValueError(f"{problem}, so the converted model would give other vectors")
     return model_type
 
 
@@ -248,13 +246,20 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     is_fles1 = check_source(source, out_dir) == FLES1Config.model_type
     try:
         source_model, loading = (FLES1ForMaskedLM if is_fles1 else AutoModelForMaskedLM).from_pretrained(
-            source, use_safetensors=True, output_loading_info=True)
+            source, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True)
     except StrictDataclassError as error:  # a config.json setting of the wrong type ("hidden_size": "abc")
         raise ValueError(f"config.json: {' '.join(str(error).split())}") from None
     missing = missing_weights(loading["missing_keys"])
     if missing:  # transformers initialised them at random: a BertModel's missing MLM head would be a random projection
         raise ValueError(f"not a BERT masked-LM checkpoint: its weights lack {', '.join(missing)} "
                          "(a model without the masked-LM head? FLES-1 needs the head's vocabulary projection)")
+    # tensors config.json's model has no place for, or of other shapes: dropped or started at random (other vectors)
+    unplaced = unplaced_weights(loading["unexpected_keys"]) + [
+        f"{key} {tuple(found)} (config.json: {tuple(expected)})" for key, found, expected in
+        loading.get("mismatched_keys") or ()]
+    if unplaced:
+        raise ValueError(f"config.json does not describe its weights: they hold {', '.join(unplaced[:4])}"
+                         f"{', ...' if len(unplaced) > 4 else ''}, which config.json's model has no place for")
     config = fles1_config_from(source_model.config, **sparse_settings)
     model = FLES1ForMaskedLM(config)
     missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False)

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -421,6 +422,30 @@ def test_sentence_transformers_prompts_and_pruning_saved_with_the_folder_are_war
     assert os.path.isdir(snapshot)
 
 
+def test_a_folder_whose_sparse_encoder_pools_otherwise_is_warned_about(fles1_checkpoint, tmp_path):
+    """A SparseEncoder saved with SpladePooling("sum") sums on every later load, FLES1Encoder max-pools: document
+    vectors 7.3 apart, silently (convert refused such a source; a folder loaded)."""
+    from sentence_transformers import SparseEncoder
+
+    folder = tmp_path / "summed"
+    shutil.copytree(fles1_checkpoint, folder)
+    pooling = folder / "1_SpladePooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "pooling_strategy": "sum"}))
+    says = (r"summed: sentence-transformers' 1_SpladePooling/config\.json: its SpladePooling pools with "
+            r"pooling_strategy='sum', activation_function='relu': FLES-1 encodes with 'max' and 'relu' .* different "
+            r"vectors")
+    with pytest.warns(SparseEncoderMismatchWarning, match=says) as caught:
+        encoder = FLES1Encoder.from_pretrained(str(folder))
+    assert {warning.filename for warning in caught} == {__file__}
+    texts = ["vitamin d and breast cancer risk in older women"]
+    summed = SparseEncoder(str(folder), trust_remote_code=True, device="cpu").encode_document(
+        texts, convert_to_tensor=True).to_dense()
+    assert (summed - encoder.encode_batch(texts, threshold=0.0, output="torch").to_dense()).abs().max().item() > 0.1
+    _hub_cache_with(str(folder), tmp_path / "cache")  # and by hub id, from the cache
+    with pytest.warns(SparseEncoderMismatchWarning, match=r"1_SpladePooling/config\.json: its SpladePooling pools"):
+        FLES1Encoder.from_pretrained("me/fles1", device="cpu", cache_dir=str(tmp_path / "cache"))
+
+
 def test_the_prompts_warning_names_only_what_sentence_transformers_prepends(fles1_checkpoint, tmp_path):
     """A hand-written config without "query" / "document" prompts (or one from an older sentence-transformers):
     sentence-transformers adds them empty and uses them for encode_query / encode_document, the default prompt only
@@ -514,6 +539,22 @@ def test_encoder_negative_threshold_is_rejected(tiny_random_checkpoint, encoder)
         encoder.encode_batch(["heart"], threshold=float("nan"))
     with pytest.raises(ValueError, match="threshold"):  # a bool is an int to Python, not a threshold
         encoder.encode("heart", threshold=True)
+    # an int past float range is above every weight, as inf is (an OverflowError)
+    assert encoder.encode("heart", threshold=10 ** 400) == encoder.encode("heart", threshold=math.inf) == {}
+
+
+def test_forced_int8_screening_of_a_half_precision_model_says_why_not(encoder):
+    """encode_sparse(screening=True) on a float16 / bfloat16 model was a RuntimeError about m1 and m2's dtypes."""
+    import copy
+
+    batch = encoder.tokenizer(["vitamin d"], return_tensors="pt")
+    for dtype in (torch.float16, torch.bfloat16):
+        model = copy.deepcopy(encoder.model).to(dtype)
+        with torch.inference_mode(), pytest.raises(ValueError, match=r"screening=True bounds a float32 model's logits; "
+                                                                     rf"this model computes in {str(dtype)[6:]}"):
+            model.encode_sparse(**batch, screening=True)
+        with torch.inference_mode():  # the default screens where it can
+            assert model.encode_sparse(**batch).sparse_embeddings.shape[-1] == encoder.model.config.vocab_size
 
 
 def test_encoder_bad_kind_and_output_list_the_choices(encoder):
@@ -589,6 +630,40 @@ def test_weights_lacking_tensors_of_the_configs_model_are_named_not_started_at_r
         FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
 
 
+@pytest.mark.parametrize("trust_remote_code", [None, True])
+def test_weights_the_configs_model_has_no_place_for_are_named_not_dropped(tiny_random_checkpoint, tmp_path,
+                                                                          trust_remote_code):
+    """config.json with fewer layers than the weights loaded silently (transformers dropped the extra layer: other
+    vectors); tensors of other shapes were transformers' RuntimeError naming no file; a caller's setting that
+    does either is its own SettingError, convert refuses both."""
+    from fles1.checkpoint import convert
+    from fles1_encoder import SettingError
+
+    folder = shutil.copytree(tiny_random_checkpoint, tmp_path / "checkpoint")
+    settings = json.loads((folder / "config.json").read_text())
+    last = settings["num_hidden_layers"] - 1
+    (folder / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": last}))
+    with pytest.raises(CheckpointError, match=rf"checkpoint: its weights \(model\.safetensors\) hold 16 tensor\(s\) "
+                                              rf"config\.json's model has no place for \(bert\.encoder\.layer\.{last}\."):
+        FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with pytest.raises(ValueError, match=rf"config\.json does not describe its weights: they hold "
+                                         rf"bert\.encoder\.layer\.{last}\."):
+        convert(str(folder), str(tmp_path / "converted"))
+    narrower = settings["intermediate_size"] // 2
+    (folder / "config.json").write_text(json.dumps({**settings, "intermediate_size": narrower}))
+    with pytest.raises(CheckpointError, match=rf"hold {3 * settings['num_hidden_layers']} tensor\(s\) of other "
+                                              rf"shapes than config\.json's model's \(bert\.encoder\.layer\.\d\..*: "
+                                              rf"\(.*\) in the file, \(.*{narrower}.*\) in the model"):
+        FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with pytest.raises(ValueError, match=r"config\.json does not describe its weights: they hold bert\.encoder\."):
+        convert(str(folder), str(tmp_path / "converted"))
+    assert not (tmp_path / "converted").exists()
+    for options, how in (({"num_hidden_layers": last}, "hold 16 tensor"), ({"vocab_size": 100}, r"hold 2 tensor\(s\) of other shapes")):
+        with pytest.raises(SettingError, match=rf"with {next(iter(options))}={next(iter(options.values()))}, "
+                                               rf".*'s weights \(model\.safetensors\) {how}"):
+            FLES1Encoder.from_pretrained(tiny_random_checkpoint, trust_remote_code=trust_remote_code, **options)
+
+
 def test_a_config_of_the_wrong_shape_names_config_json_and_a_bad_setting_is_the_callers(tiny_random_checkpoint,
                                                                                          tmp_path):
     """A config.json holding a list was an AttributeError, a setting of the wrong type a raw huggingface_hub
@@ -610,10 +685,20 @@ def test_a_config_of_the_wrong_shape_names_config_json_and_a_bad_setting_is_the_
                              ({"dtype": torch.int8}, r"dtype=torch\.int8 is not a floating-point dtype"),
                              ({"dtype": "int8"}, r"dtype='int8' is not a floating-point dtype"),
                              ({"dtype": "torch.int8"}, r"dtype='torch\.int8' is not a floating-point dtype"),
-                             ({"torch_dtype": "float33"}, r"torch_dtype='float33' is not a floating-point dtype")):
+                             ({"torch_dtype": "float33"}, r"torch_dtype='float33' is not a floating-point dtype"),
+                             ({"dtype": np.int8}, r"dtype=<class 'numpy\.int8'> is not a floating-point dtype")):
         with pytest.raises(SettingError, match=message) as error:
             FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", **options)
         assert isinstance(error.value, ValueError) and not isinstance(error.value, OSError)
+    # the spellings that name a float dtype load in it ("torch.float16" and numpy's were blamed on the folder), and
+    # numpy numbers are settings like Python's (a JSON TypeError while transformers logged the config)
+    for dtype in ("torch.float16", np.float16, torch.float16):
+        assert FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", dtype=dtype).model.dtype == \
+            torch.float16
+    encoder = FLES1Encoder.from_pretrained(tiny_random_checkpoint, device="cpu", query_max_length=np.int64(20),
+                                           inference_threshold=np.float32(0.5))
+    assert (encoder.max_lengths["query"], encoder.threshold) == (20, 0.5)
+    assert type(encoder.model.config.query_max_length) is int
 
 
 def test_encoder_loads_sharded_safetensors_and_names_a_missing_shard(tiny_random_checkpoint, tmp_path):
