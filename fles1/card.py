@@ -676,6 +676,14 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
                      header: Optional[dict] = None) -> str:
     """``header``: the published run's eval header, whose max lengths are the ones the model encodes with."""
     logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
+    # a log of no model evaluated here: marked in every table, said under them (the rows read as this model's)
+    others = {id(log) for _, log in extra_logs}
+    seed = lambda log: cell(log.get("seed")) + (" †" if id(log) in others else "")  # noqa: E731
+    other_runs = "" if not extra_logs else "\n\n† " + "; ".join(
+        f"`{os.path.basename(path)}` records "
+        + (f"model {log['model_fingerprint']}" if isinstance(log.get("model_fingerprint"), str) else "no model")
+        for path, log in extra_logs) + ": a run of a model no results file on this card evaluates, not the " \
+        "published model's training."
     if recipe is None and logs:
         # the published run's; a lone log paired with no run (when no run has one) is taken as its, unless it
         # names its model (another one); another seed's never is
@@ -706,11 +714,12 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
     for path, log in logs:
         updates = log.get("clfr") or []
         first, last = (updates[0], updates[-1]) if updates else ({}, {})
-        rows.append([cell(log.get("seed")), str(len(updates)), fmt_sci(first.get("lambda_d_before")),
+        rows.append([seed(log), str(len(updates)), fmt_sci(first.get("lambda_d_before")),
                      fmt_sci(last.get("lambda_d_after")), fmt(last.get("measured_nnz"), 1),
                      fmt(last.get("target_nnz"), 1)])
     if rows:
-        clfr.append(table(["Seed", "Adjustments", "λ_d first", "λ_d last", "NNZ measured (last)", "Target NNZ"], rows))
+        clfr.append(table(["Seed", "Adjustments", "λ_d first", "λ_d last", "NNZ measured (last)", "Target NNZ"], rows)
+                    + other_runs)
     parts.append("\n\n".join(clfr))
     if logs:
         rows = []
@@ -718,7 +727,7 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
             crashes = log.get("crashes") or {}
             history = log.get("history") or []
             final = history[-1] if history else {}
-            rows.append([cell(log.get("seed")), cell(log.get("global_step")), fmt(log.get("train_runtime_s"), 0),
+            rows.append([seed(log), cell(log.get("global_step")), fmt(log.get("train_runtime_s"), 0),
                          fmt(final.get("loss")), fmt(final.get("nnz_doc"), 1), fmt(final.get("nnz_query"), 1)]
                         + [cell(crashes.get(kind)) for kind in CRASH_KINDS])
         parts.append(
@@ -726,14 +735,15 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
             "spike over the running median, or the document NNZ collapsing below its floor.\n\n"
             + table(["Seed", "Steps", "Runtime (s)", "Final loss", "Final NNZ doc", "Final NNZ query",
                      "Non-finite loss", "Non-finite grad", "Loss spike", "NNZ collapse", "Total"], rows)
-        )
-    dev = [(log.get("seed"), log["eval"]) for _, log in logs if isinstance(log.get("eval"), dict)
+            + other_runs)
+    dev = [(seed(log), log["eval"]) for _, log in logs if isinstance(log.get("eval"), dict)
            and any(number(log["eval"].get(k)) is not None for k in METRICS)]
     if dev:
-        rows = [[cell(seed), cell(metrics.get("split"))] + [fmt_metric(k, metrics.get(k)) for k in METRICS]
-                for seed, metrics in dev]
+        rows = [[shown, cell(metrics.get("split"))] + [fmt_metric(k, metrics.get(k)) for k in METRICS]
+                for shown, metrics in dev]
         parts.append("### Dev metrics at the end of training\n\n"
-                     + table(["Seed", "Split", *METRICS.values()], rows))
+                     + table(["Seed", "Split", *METRICS.values()], rows)
+                     + (other_runs if any(shown.endswith("†") for shown, _ in dev) else ""))
     return "\n\n".join(parts)
 
 
@@ -783,6 +793,11 @@ def build_card(
         raise CardInputError("at least one eval results JSON is needed (eval_fles1.py --output)")
     runs = group_runs([(path, read_eval(path)) for path in results])
     extra_logs = attach_training_logs(runs, [(path, read_training_log(path)) for path in training_logs])
+    for path, log in extra_logs:
+        recorded = log.get("model_fingerprint")
+        warnings.warn(f"{path}: a training log of " + (f"model {recorded}" if isinstance(recorded, str) else "no "
+                      "model it names") + ", which no results file evaluates: shown marked as another run, not as the "
+                      "published model's training (pass that model's results to pair them)", stacklevel=2)
     recipe_values = read_recipe(recipe) if recipe else None
     primary = runs[0]
     primary_dataset = next(iter(primary.datasets))

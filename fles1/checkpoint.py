@@ -100,7 +100,19 @@ def _hub_license_folder(repo_id: str) -> Optional[str]:
 
 def is_fles1_source(source: str) -> bool:
     """Whether a folder or hub id holds a FLES-1 checkpoint, read from its config.json without running its code."""
-    return PreTrainedConfig.get_config_dict(source)[0].get("model_type") == FLES1Config.model_type
+    return source_settings(source).get("model_type") == FLES1Config.model_type
+
+
+def source_settings(source: str) -> dict:
+    """config.json of a folder or hub id, unread code and all. A hub id that does not load (a mistyped folder
+    name, offline) is one line saying so: transformers' message ran over two and never said no folder was there."""
+    try:
+        return PreTrainedConfig.get_config_dict(source)[0]
+    except OSError as error:
+        if os.path.isdir(source):
+            raise
+        raise OSError(f"no local folder of that name, and could not load it from the Hugging Face Hub "
+                      f"({' '.join(str(error).split())})") from error
 
 
 SUPPORTED_MODEL_TYPES = ("bert", FLES1Config.model_type)
@@ -137,7 +149,7 @@ def check_source(source: str, out_dir: Optional[str] = None) -> str:
             raw = {}
         if not isinstance(raw, dict):  # transformers read it as {} (5.9: a TypeError)
             raise ValueError("its config.json is not a JSON object of settings")
-    settings = PreTrainedConfig.get_config_dict(source)[0]
+    settings = source_settings(source)
     if not settings:  # transformers reads a folder without config.json as {}
         routed = any(str(module.get("type", "")).endswith("Router") for module in _modules(source))
         raise ValueError("no config.json at its root: FLES-1 converts BERT masked-LM checkpoints and FLES-1 folders"

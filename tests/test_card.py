@@ -463,10 +463,15 @@ def test_a_log_recording_its_model_pairs_by_it_and_another_models_log_is_never_t
     payload = json.loads(open(log).read())
     payload["model_fingerprint"] = "fp-other"  # another model's: its own row, never the published model's
     open(log, "w").write(json.dumps(payload))
-    text = card_from(tmp_path, results, [log]).text
+    with pytest.warns(UserWarning, match=r"training_log\.json: a training log of model fp-other, which no results file "
+                                         r"evaluates: shown marked as another run"):
+        text = card_from(tmp_path, results, [log]).text
     assert table_row(text, ["published"], "Reproducibility")[1] == MISSING  # no seed: no log of its own
     assert "| `learning_rate` |" not in text and "| `clfr.target_nnz_d` |" not in text  # not its recipe
-    assert "| 7 | 12500 |" in text  # shown as the other run it is (Runs and crash counts)
+    # shown as the other run it is, marked so in each table (its rows read as the published model's training)
+    assert "| 7 † | 12500 |" in text and "| 7 † | 2 |" in text
+    assert text.count("† `training_log.json` records model fp-other: a run of a model no results file on this card "
+                      "evaluates, not the published model's training.") >= 2
     payload["model_fingerprint"] = "fp-base"
     open(log, "w").write(json.dumps(payload))
     results.append(make_eval(tmp_path / "seed1.json", model_path="outputs/seed1", fingerprint="fp-seed1"))

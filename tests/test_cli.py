@@ -200,3 +200,16 @@ def test_train_names_the_shipped_recipes_and_an_empty_output_dir(tiny_random_che
                           "--model", tiny_random_checkpoint])
     assert exited.value.code == 2
     assert capsys.readouterr().err == "error: output_dir is empty: name a folder\n"
+
+
+def test_a_mistyped_source_name_says_no_folder_is_there_in_one_line(tmp_path, monkeypatch, capsys):
+    """`convert_fles1.py nonexist OUT` (and training's model.path) printed transformers' two-line "couldn't connect
+    to huggingface.co" message, never saying that no folder of that name exists."""
+    import convert_fles1
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert convert_fles1.main(["no-such-source", str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: no-such-source: no local folder of that name, and could not "
+                                               "load it from the Hugging Face Hub (")
+    assert not (tmp_path / "out").exists()
