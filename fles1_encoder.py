@@ -224,6 +224,22 @@ SAVE_STAGING_PREFIX = ".fles1-save."  # + writer (host, pid namespace, pid): a s
 WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
+@contextlib.contextmanager
+def _writing_on_this_rank(model):
+    """transformers' save_pretrained writes on rank 0 only once a process group is up (`should_save_on_this_rank`).
+    A save here is the calling process's own -- training saves on its saving rank alone, and every rank converts a
+    plain BERT backbone into a scratch folder of its own -- so it writes wherever it is called: rank 1's folder was
+    left without config.json and weights, and DDP from a BERT backbone failed on every run."""
+    if not hasattr(model, "should_save_on_this_rank"):  # transformers without the gate
+        yield
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        del model.should_save_on_this_rank
+
+
 def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[float] = None, prepare=None) -> str:
     """Write a FLES-1 checkpoint folder that all three loaders read (`FLES1Encoder.save_pretrained` and the
     project's `fles1.checkpoint.save_checkpoint` share this): the model's weights (safetensors), config and code
@@ -244,7 +260,8 @@ def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[fl
     staging = tempfile.mkdtemp(prefix=f"{SAVE_STAGING_PREFIX}{_writer()}.{os.getpid()}.", suffix=".partial",
                                dir=folder)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        with _writing_on_this_rank(model):
+            model.save_pretrained(staging, safe_serialization=True)
         config_path = os.path.join(staging, "config.json")
         if threshold is not None:  # this encoder's own threshold, the folder's default from now on
             _write_json(config_path, {**_read_json_or_none(config_path), "inference_threshold": threshold})

@@ -74,6 +74,7 @@ def _run(args) -> None:
         overrides = parse_overrides(args.set)
     except ValueError as error:
         exit_bad_input(str(error))
+    set_keys = list(overrides)  # before the flags join them
     for key, value in (("model.path", args.model), ("data.source", args.data),
                        ("clfr.target_nnz_d", args.target_nnz_d), ("clfr.interval_steps", args.clfr_interval_steps)):
         if value is not None:
@@ -89,6 +90,7 @@ def _run(args) -> None:
         exit_bad_input(str(error))
     ignored = [flag for flag, value in (("--target-nnz-d", args.target_nnz_d),
                                         ("--clfr-interval-steps", args.clfr_interval_steps)) if value is not None]
+    ignored += [f"--set {key}" for key in set_keys if key.startswith("clfr.") and key != "clfr.enabled"]
     if ignored and not recipe["clfr"]["enabled"]:  # the run would look steered, at a fixed lambda_d
         warnings.warn(f"{' and '.join(ignored)} steer CLFR, which this recipe turns off (clfr.enabled: false): "
                       f"lambda_d stays {recipe['loss']['lambda_d']:g}")

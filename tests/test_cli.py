@@ -165,7 +165,10 @@ def test_an_error_line_never_shows_the_hub_token(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("flags, named", [(["--target-nnz-d", "120"], "--target-nnz-d"),
-                                          (["--clfr-interval-steps", "5"], "--clfr-interval-steps")])
+                                          (["--clfr-interval-steps", "5"], "--clfr-interval-steps"),
+                                          # the same settings through --set were dropped silently
+                                          (["--set", "clfr.target_nnz_d=100"], "--set clfr.target_nnz_d"),
+                                          (["--set", "clfr.gain=0.5"], "--set clfr.gain")])
 def test_clfr_flags_with_clfr_off_warn_that_they_do_nothing(tmp_path, monkeypatch, flags, named):
     """They were dropped without a word: the run trained at a fixed lambda_d that the command line looked to steer."""
     import fles1.training.run

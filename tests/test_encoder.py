@@ -243,6 +243,25 @@ def test_a_model_save_on_a_rank_that_writes_nothing_leaves_the_folder_alone(tiny
     assert before.items() <= after.items()  # nothing removed (transformers 5.9 writes the weights there anyway)
 
 
+def test_a_checkpoint_folder_is_written_by_whichever_rank_saves_it(backbone_dir, tmp_path, monkeypatch):
+    """transformers writes a model on rank 0 only once a process group is up: under torchrun every rank converts a
+    plain BERT backbone into a scratch folder of its own, and rank 1's was left without config.json and weights --
+    DDP training from a BERT backbone failed on every run ("Unrecognized model ... Should have a model_type key")."""
+    from fles1.checkpoint import convert
+    from modeling_fles1 import FLES1ForMaskedLM
+
+    if hasattr(FLES1ForMaskedLM, "should_save_on_this_rank"):  # transformers with the rank gate: rank 1 of torchrun
+        monkeypatch.setattr(FLES1ForMaskedLM, "should_save_on_this_rank", lambda self, main: False)
+    folder = convert(backbone_dir, str(tmp_path / "rank1"))
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(folder))
+    encoder = FLES1Encoder.from_pretrained(folder)
+    encoder.save_pretrained(str(tmp_path / "again"))
+    assert FLES1Encoder.from_pretrained(str(tmp_path / "again")).encode("vitamin d") == encoder.encode("vitamin d")
+    model = FLES1ForMaskedLM.from_pretrained(folder)
+    model.save_pretrained(str(tmp_path / "plain"))  # transformers' own save keeps its gate
+    assert "model.safetensors" not in os.listdir(tmp_path / "plain") or not hasattr(model, "should_save_on_this_rank")
+
+
 def test_a_sigterm_while_files_move_in_ends_the_process_after_the_save_and_its_clean_up(tiny_random_checkpoint,
                                                                                          tmp_path):
     """A SIGTERM with its default action (a job scheduler's stop) during the moves ended the process before the staging

@@ -546,6 +546,15 @@ def test_unknown_ids_and_empty_data_are_clear_errors(tmp_path):
     ("training.torch_compile", True, "recipe.training.torch_compile: True is not supported: FLES1Trainer encodes "
                                      "through encode_sparse"),
     ("training.label_smoothing_factor", 0.1, "recipe.training.label_smoothing_factor: 0.1 is not supported"),
+    # transformers turns torch_compile on from these; the others are never read by Trainer.train (a run named a
+    # checkpoint to resume and trained from step 1) or patch a forward FLES-1 does not use (a traceback after loading)
+    ("training.torch_compile_mode", "default", "recipe.training.torch_compile_mode: 'default' is not supported: it "
+                                               "turns torch_compile on"),
+    ("training.torch_compile_backend", "inductor", "recipe.training.torch_compile_backend: 'inductor' is not supported"),
+    ("training.resume_from_checkpoint", "out/checkpoint-4", r"recipe.training.resume_from_checkpoint: "
+                                                            r"'out/checkpoint-4' is not supported: train_fles1.py --resume"),
+    ("training.do_train", False, r"recipe.training.do_train: False is not supported: train_fles1.py always trains"),
+    ("training.use_liger_kernel", True, r"recipe.training.use_liger_kernel: True is not supported: Liger kernels"),
     ("training.include_num_input_tokens_seen", True, r"recipe.training.include_num_input_tokens_seen: True is not "
                                                      r"supported: FLES-1 batches hold query and documents"),
     # what FLES1Trainer has not: refused by transformers (or a traceback) only after the model loaded

@@ -320,6 +320,15 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
         train(recipe, out, max_steps=2)
     with pytest.raises(TrainingSetupError, match="choose one"):
         train(recipe, out, resume_from_checkpoint=True, overwrite=True)
+    # fine-tuning a checkpoint of the folder's run into it with --overwrite: the checkpoint would be deleted after
+    # loading (its license file then missing from every save)
+    with pytest.raises(TrainingSetupError, match=r"model\.path=.*checkpoint-4' is inside output_dir's earlier run "
+                                                 r"\(checkpoint-4\), which --overwrite removes"):
+        train({**recipe, "model": {**recipe["model"], "path": os.path.join(out, "checkpoint-4")}}, out, max_steps=2,
+              overwrite=True)
+    # the output folder itself named to --resume is --resume (it was "another run's checkpoint": --overwrite)
+    with pytest.raises(TrainingSetupError, match="choose one"):
+        train(recipe, out, resume_from_checkpoint=out, overwrite=True)
     # a mistyped checkpoint is not "another run's checkpoint" (whose advice, --overwrite, removes the folder's run)
     with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-44: no such folder$"):
         train(recipe, out, resume_from_checkpoint=os.path.join(out, "checkpoint-44"), max_steps=6)
@@ -338,6 +347,14 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
     log = train(recipe, out, max_steps=2, overwrite=True)
     assert log["global_step"] == 2 and not os.path.exists(os.path.join(out, "checkpoint-4"))
     assert json.load(open(os.path.join(out, "training_log.json")))["global_step"] == 2
+    # a sharded model counts as one (its shards were replaced without --overwrite)
+    sharded = tmp_path / "sharded"
+    FLES1Encoder.from_pretrained(sparse_tiny).model.save_pretrained(str(sharded), max_shard_size="300KB")
+    shards = sorted(name for name in os.listdir(sharded) if name.startswith("model"))
+    assert "model.safetensors.index.json" in shards
+    with pytest.raises(TrainingSetupError, match=rf"holds an earlier run's model \({shards[0]}, "):
+        train(recipe, str(sharded), max_steps=2)
+    assert sorted(name for name in os.listdir(sharded) if name.startswith("model")) == shards
 
 
 def test_an_output_dir_in_use_by_another_run_is_refused(sparse_tiny, msmarco_toy_dir, tmp_path):
@@ -506,10 +523,12 @@ def test_a_run_killed_while_finishing_is_finished_by_resume(sparse_tiny, msmarco
     4 and this run ends at step 4: nothing to train"), and the run could never get its log, plots or card files."""
     from safetensors.torch import load_file
 
-    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"data.max_examples": 8}))
+    # a one-epoch CLFR interval (the recipes' default): the finished log said null, resolved at train begin only
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(sparse_tiny, msmarco_toy_dir, **{"data.max_examples": 8,
+                                                                                      "clfr.interval_steps": None}))
     out = tmp_path / "run"
     finished = train(recipe, str(out))
-    assert finished["global_step"] == 4
+    assert finished["global_step"] == 4 and finished["recipe"]["resolved"]["clfr_interval_steps"] == 2
     # what a kill during save_model leaves: the final folder's later files, the plots and the log never written
     for name in ("training_log.json", "loss.png", "nnz.png", "lambda_d.png", "modules.json",
                  "sentence_bert_config.json"):
@@ -830,6 +849,15 @@ def test_a_resume_on_another_number_of_processes_warns_that_the_rng_states_do_no
     with pytest.warns(UserWarning, match=r"checkpoint-2 holds the RNG states rng_state_0\.pth and this run of 1 "
                                          r"process\(es\) needs rng_state\.pth: the optimizer and schedule resume"):
         assert train(recipe, str(out), resume_from_checkpoint=True, max_steps=3)["global_step"] == 3
+    # a two-process run's checkpoint: each step's global batch halves (the log records one size for the whole run)
+    train(recipe, str(tmp_path / "two"), max_steps=2)
+    for rank in (0, 1):
+        shutil.copy(tmp_path / "two" / "checkpoint-2" / "rng_state.pth", tmp_path / "two" / "checkpoint-2" /
+                    f"rng_state_{rank}.pth")
+    (tmp_path / "two" / "checkpoint-2" / "rng_state.pth").unlink()
+    with pytest.warns(UserWarning, match=r"needs rng_state\.pth: .*\. Each step now trains a global batch of 4 texts "
+                                         r"instead of 8 \(the in-batch negatives"):
+        train(recipe, str(tmp_path / "two"), resume_from_checkpoint=True, max_steps=3)
 
 # The CPU, even on a GPU machine (CUDA_VISIBLE_DEVICES=""): bitwise-equal results are a CPU property.
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}

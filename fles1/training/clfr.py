@@ -36,7 +36,7 @@ import torch
 from transformers import TrainerCallback
 
 from .checkpoint_state import CheckpointStateMixin
-from .checks import check_count_or_none, is_number
+from .checks import check_count_or_none, is_int, is_number
 from .distributed import all_reduce_sum, first_rank_only, sums_onto_first_rank
 
 STATE_FILE = "clfr_state.json"
@@ -154,6 +154,8 @@ class CLFRCallback(CheckpointStateMixin, TrainerCallback):
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state)
         self.eff_reg = state["eff_reg"]
+        if self._interval is None and is_int(state.get("interval_steps")):  # a one-epoch interval, as resolved then:
+            self._interval = state["interval_steps"]  # a run finished from its last checkpoint logged null
         # the interval's sums so far are all ranks' (`write_state`): one rank carries them on, or a resumed run's
         # next adjustment would count them once per rank
         self.nnz_sum, self.nnz_count = first_rank_only([state["nnz_sum"], state["nnz_count"]])

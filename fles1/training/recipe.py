@@ -136,6 +136,18 @@ _IGNORED_TRAINING = {
                                   "loss scaling are not wired into encode_sparse"),
     "torch_compile": (lambda v: v is True, "FLES1Trainer encodes through encode_sparse, not the compiled forward: "
                                            "nothing would be compiled"),
+    # transformers turns torch_compile on from either
+    "torch_compile_mode": (lambda v: v is not None, "it turns torch_compile on, and FLES1Trainer encodes through "
+                                                    "encode_sparse, not the compiled forward: nothing would be compiled"),
+    "torch_compile_backend": (lambda v: v is not None, "it turns torch_compile on, and FLES1Trainer encodes through "
+                                                       "encode_sparse, not the compiled forward: nothing would be "
+                                                       "compiled"),
+    "use_liger_kernel": (lambda v: v is True, "Liger kernels patch model families' forward (not BERT's, and not "
+                                              "encode_sparse, which FLES1Trainer trains through)"),
+    # read by example scripts, never by Trainer.train: a run named a checkpoint here and trained from step 1
+    "resume_from_checkpoint": (lambda v: v is not None, "train_fles1.py --resume [CHECKPOINT] resumes (the Trainer "
+                                                        "never reads this setting)"),
+    "do_train": (lambda v: v is False, "train_fles1.py always trains (the Trainer never reads this setting)"),
     "label_smoothing_factor": (lambda v: v != 0, "the FLES-1 loss (InfoNCE, loss.temperature) takes no label "
                                                  "smoothing"),
     "push_to_hub": (lambda v: v is True, "the Trainer would upload the raw output folder; push_fles1.py publishes "

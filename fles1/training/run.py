@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from fles1.atomic import atomic_write_json, path_within, require_writable, scratch_directory
+from fles1_encoder import WEIGHT_FILES
 
 from .checks import is_int
 from .clfr import CLFRDiverged, optimizer_steps_per_epoch
@@ -27,7 +28,8 @@ HISTORY_KEYS = ("step", "epoch", "loss", "loss_contrastive", "loss_reg_d", "loss
 
 
 # What a run leaves in its output folder (besides the FLES-1 files its final save rewrites).
-PREVIOUS_RUN = re.compile(r"checkpoint-\d+|training_log\.json|model\.safetensors|nnz_trace_rank\d+\.json|"
+# the weights a save writes (sharded too: a folder of shards was replaced without --overwrite)
+PREVIOUS_RUN = re.compile(r"checkpoint-\d+|training_log\.json|nnz_trace_rank\d+\.json|" + WEIGHT_FILES.pattern + "|"
                           + "|".join(re.escape(name) for name in PLOT_FILES))
 
 
@@ -44,7 +46,7 @@ def remove_previous_run(output_dir: str) -> None:
     final model stays until the new run's final save replaces it -- an overwrite interrupted before then leaves the
     old model loadable beside the new run's checkpoints (``--resume`` continues them), not a config without weights."""
     for name in previous_run(output_dir):
-        if name == "model.safetensors":
+        if WEIGHT_FILES.fullmatch(name):
             continue
         path = os.path.join(output_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -270,7 +272,7 @@ def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | No
                       f"{trainer.args.world_size} process(es) needs {', '.join(expected)}: the optimizer and schedule "
                       "resume, the RNG states of the processes without one do not (dropout, and the data each process "
                       "sees, differ from an uninterrupted run); resume on the number of processes it was saved by "
-                      "to continue it exactly")
+                      "to continue it exactly" + _global_batch_change(trainer.args, saved))
     planned = trainer_state.get("max_steps")
     schedule = str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type))
     if is_int(planned) and planned > 0 and planned != end and schedule not in ("constant", "constant_with_warmup"):
@@ -282,6 +284,19 @@ def check_resumable(checkpoint: str, trainer, model_path: str, recipe: dict | No
                       f"a run started with {end} steps; to extend a finished run on a schedule of its own, start a "
                       f"new run from its weights (--model {checkpoint})")
     return False
+
+
+def _global_batch_change(args, saved_rng_files: list[str]) -> str:
+    """The rest of the RNG warning when the checkpoint's run had another number of processes (rng_state_<rank>.pth
+    each, rng_state.pth for one): each step's batch -- its in-batch negatives, a one-epoch CLFR interval -- changes."""
+    per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    ranks = [int(name[len("rng_state_"):-len(".pth")]) for name in saved_rng_files if name.startswith("rng_state_")]
+    saved_processes = max(ranks) + 1 if ranks else len(saved_rng_files)
+    if saved_processes in (0, args.world_size):
+        return ""
+    return (f". Each step now trains a global batch of {per_process * args.world_size} texts instead of "
+            f"{per_process * saved_processes} (the in-batch negatives; a one-epoch CLFR interval changes with it), "
+            "while training_log.json records this run's size for the whole run")
 
 
 def _finished(output_dir: str, step: int) -> bool:
@@ -443,6 +458,9 @@ def _train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps
         if isinstance(resume_from_checkpoint, str) and not os.path.isdir(resume_from_checkpoint):
             # (else taken below for another run's checkpoint, with advice to --overwrite the folder's run)
             raise ValueError(f"cannot resume from {resume_from_checkpoint}: no such folder")
+        if isinstance(resume_from_checkpoint, str) and os.path.realpath(resume_from_checkpoint) == \
+                os.path.realpath(output_dir):  # `--resume OUT`: its newest checkpoint, as `--resume` alone (it was
+            resume_from_checkpoint = True  # "another run's checkpoint", with --overwrite as the advice)
         own = resume_from_checkpoint is True or isinstance(resume_from_checkpoint, str) and any(
             path_within(resume_from_checkpoint, os.path.join(output_dir, name)) for name in earlier)
         if own:  # one of this folder's checkpoints
@@ -462,6 +480,12 @@ def _train(recipe: dict, output_dir: str, resume_from_checkpoint=None, max_steps
                                  "--overwrite): --overwrite replaces it, or choose another folder")
             raise ValueError(f"output_dir {output_dir} holds an earlier run ({shown}); a new run there would mix "
                              "with it: --resume continues it, --overwrite replaces it, or choose another folder")
+        model_path = recipe["model"]["path"]
+        removed = [name for name in earlier if isinstance(model_path, str) and os.path.isdir(model_path)
+                   and path_within(model_path, os.path.join(output_dir, name))]
+        if overwrite and removed:  # loaded, then deleted: every save's license copy looked for it (and warned)
+            raise ValueError(f"model.path={model_path!r} is inside output_dir's earlier run ({removed[0]}), which "
+                             "--overwrite removes: copy it out of the folder first, or write the new run elsewhere")
         with warnings.catch_warnings():  # nothing to resume fails before any loading; the choice is made below
             warnings.simplefilter("ignore")
             resolve_resume(resume_from_checkpoint, output_dir, checkpoint_state_files(recipe["clfr"]["enabled"]),
