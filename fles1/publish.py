@@ -31,7 +31,7 @@ import yaml
 
 from fles1.atomic import atomic_directory, path_within, require_new_folder, scratch_directory
 from fles1.card import (CardInputError, build_card, check_license_id, check_repo_id, check_revision, publishable,
-                        read_json)
+                        read_eval, read_json)
 from fles1.checkpoint import (HUB_CODE_FILES, TOKENIZER_CODE_REFUSED, copy_code_files, license_of,
                               load_source_tokenizer, tokenizer_code)
 from fles1_encoder import TOKENIZER_FILES, drop_loader_flags
@@ -305,7 +305,7 @@ def _check_results_are_of(model_dir: str, results: Sequence[str]) -> None:
 
     config_path = os.path.join(model_dir, "config.json")
     try:
-        every = [(path, read_json(path, "eval results")) for path in results]
+        every = [(path, read_eval(path)) for path in results]  # the card's checks of the format first
         config = read_json(config_path, "model config") if os.path.isfile(config_path) else {}
     except CardInputError as error:
         raise PublishError(str(error)) from None
