@@ -81,25 +81,58 @@ def not_a_folder(path: str) -> str:
     return "a file, not a folder" if os.path.exists(path) else "no such folder"
 
 
+def _built_by_bert(key: str) -> bool:
+    """The position_ids / token_type_ids buffers: BERT builds them itself, and older files hold them."""
+    return key.endswith(("position_ids", "token_type_ids"))
+
+
 def missing_weights(missing_keys) -> list[str]:
-    """The tensors a load's ``missing_keys`` names that transformers started at random, sorted: all but the
-    position_ids / token_type_ids buffers, which BERT builds itself."""
-    return sorted(key for key in missing_keys if not key.endswith(("position_ids", "token_type_ids")))
+    """The tensors a load's ``missing_keys`` names that transformers started at random, sorted: all but the buffers
+    BERT builds itself."""
+    return sorted(key for key in missing_keys if not _built_by_bert(key))
 
 
 def unplaced_weights(unexpected_keys) -> list[str]:
     """The tensors a load's ``unexpected_keys`` names that belong to the parts FLES-1 uses (embeddings, encoder
-    layers, MLM head): a config describing a smaller model than the weights. A BERT's pooler and next-sentence head
-    (bert-base-uncased holds them) are no part of a masked-LM."""
+    layers, MLM head), sorted: a config describing a smaller model than the weights. A BERT's pooler and
+    next-sentence head (bert-base-uncased holds them) are no part of a masked-LM; the buffers BERT builds are
+    harmless."""
     return sorted(key for key in unexpected_keys if key.startswith(("bert.embeddings.", "bert.encoder.",
-                                                                    "cls.predictions.")))
+                                                                    "cls.predictions.")) and not _built_by_bert(key))
+
+
+def weights_misfit(loading: dict) -> Optional[str]:
+    """How the weights a transformers load read (its ``output_loading_info``, loaded with
+    ``ignore_mismatched_sizes=True``) do not fit the model config.json describes, or None: tensors it lacks (started
+    at random), holds no place for (dropped: fewer layers) or of other shapes (transformers' RuntimeError named no
+    file) -- the vectors would be other ones, silently."""
+    def listed(items, shown=4):
+        return f"({', '.join(items[:shown])}{', ...' if len(items) > shown else ''})"
+
+    missing, unplaced = missing_weights(loading["missing_keys"]), unplaced_weights(loading["unexpected_keys"])
+    mismatched = [f"{key}: {tuple(found)} in the file, {tuple(expected)} in the model"
+                  for key, found, expected in sorted(loading.get("mismatched_keys") or (), key=lambda item: item[0])]
+    if missing:
+        return f"lack {len(missing)} tensor(s) config.json's model has {listed(missing)}"
+    if unplaced:
+        return f"hold {len(unplaced)} tensor(s) config.json's model has no place for {listed(unplaced)}"
+    if mismatched:
+        return f"hold {len(mismatched)} tensor(s) of other shapes than config.json's model's {listed(mismatched, 3)}"
+    return None
+
+
+# config settings that change the model's tensors: given to from_pretrained, a misfit is the caller's
+SHAPE_SETTINGS = ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings",
+                  "type_vocab_size", "embedding_size")
 
 
 def _weights_do_not_fit(source: str, settings: dict, how: str) -> Exception:
     """The weights of `source` and the model config.json describes (with the caller's `settings`) differ, `how`:
-    the caller's SettingError when it gave settings (the folder loads without them), else a CheckpointError."""
+    the caller's SettingError when it gave a setting that shapes the model, else a CheckpointError (a damaged
+    folder is not blamed on query_max_length=32)."""
     weights = "the shards model.safetensors.index.json lists" if os.path.isfile(
         os.path.join(source, "model.safetensors.index.json")) else "model.safetensors"
+    settings = {key: value for key, value in settings.items() if key in SHAPE_SETTINGS}
     if settings:
         given = ", ".join(f"{key}={value!r}" for key, value in settings.items())
         return SettingError(f"FLES1Encoder.from_pretrained: with {given}, {source}'s weights ({weights}) {how}")
@@ -236,8 +269,8 @@ def _writing_on_this_rank(model):
     model.should_save_on_this_rank = lambda is_main_process: is_main_process
     try:
         yield
-    finally:
-        del model.should_save_on_this_rank
+    finally:  # (two threads saving one model: the first done removes it, the others find it gone)
+        model.__dict__.pop("should_save_on_this_rank", None)
 
 
 def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[float] = None, prepare=None) -> str:
@@ -763,9 +796,11 @@ def _execution_device(module) -> Optional[torch.device]:
     return None
 
 
-def _model_dtype(key: str, value) -> torch.dtype:
+def _model_dtype(key: str, value):
     """A `dtype=` for from_pretrained as the torch dtype transformers takes: a torch dtype, its name ("bfloat16",
     "torch.bfloat16": transformers took only "auto" as a string) or a numpy one (np.float16); floating point only."""
+    if isinstance(value, Mapping):  # transformers' per-module dtypes ({"": torch.float16}): its own checks
+        return value
     dtype = value
     if isinstance(value, str):
         dtype = getattr(torch, value.removeprefix("torch."), None)
@@ -967,25 +1002,11 @@ class FLES1Encoder:
                     path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True,
                     output_loading_info=True, ignore_mismatched_sizes=True, **download, **model_options, **dtype_options
                 )
-            # transformers starts weights the file lacks at random (a log line): the vectors would be wrong and
-            # differ from load to load (a config.json with more layers than the weights, a file missing tensors)
-            # and drops tensors its model has no place for (config.json with fewer layers: other vectors, silently)
-            for keys, relation in ((missing_weights(loading["missing_keys"]), "lack {} tensor(s) config.json's "
-                                    "model has"),
-                                   (unplaced_weights(loading["unexpected_keys"]), "hold {} tensor(s) config.json's "
-                                    "model has no place for")):
-                if keys:
-                    raise _weights_do_not_fit(path_or_hub_id, settings_and_model_options,
-                                              f"{relation.format(len(keys))} ({', '.join(keys[:4])}"
-                                              f"{', ...' if len(keys) > 4 else ''})")
-            # (of other shapes: transformers' RuntimeError named no file; loaded with ignore_mismatched_sizes to list
-            # them here, and refused)
-            mismatched = [f"{key}: {tuple(found)} in the file, {tuple(expected)} in the model"
-                          for key, found, expected in loading.get("mismatched_keys") or ()]
-            if mismatched:
-                raise _weights_do_not_fit(path_or_hub_id, settings_and_model_options,
-                                          f"hold {len(mismatched)} tensor(s) of other shapes than config.json's model's "
-                                          f"({', '.join(mismatched[:3])}{', ...' if len(mismatched) > 3 else ''})")
+            # transformers starts weights the file lacks at random (a log line), drops those its model has no place
+            # for, and re-initialises those of other shapes: the vectors would be wrong (and differ from load to load)
+            misfit = weights_misfit(loading)
+            if misfit:
+                raise _weights_do_not_fit(path_or_hub_id, settings_and_model_options, misfit)
         except (CheckpointError, SettingError):  # a CheckpointError is an OSError, a SettingError a ValueError:
             raise  # neither is wrapped below
 

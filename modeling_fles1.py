@@ -901,7 +901,7 @@ class FLES1ForMaskedLM(BertForMaskedLM):
                 faster). Defaults to on for float32 models where `int8_screening_available()`; by default a
                 bf16/fp16 `projection_dtype` screens in that dtype instead, the same way, where
                 `half_screening_available(dtype, hidden_size)`. True: the int8 screen, whatever the projection
-                dtype (a float32 model's only: a ValueError otherwise). False: no screening.
+                dtype (a float32 model's only: at CPU inference a ValueError otherwise). False: no screening.
             position_ids: passed to BERT. By default a text's tokens sit at positions 0, 1, ... of the padded
                 row, as in transformers: under left padding they are shifted, and the vectors change (as they do
                 in `forward` and sentence-transformers); `(attention_mask.cumsum(1) - 1).clamp(min=0)` undoes it.

@@ -89,8 +89,8 @@ def jsonl_path(path: str) -> str:
 
 
 def opened(path: str, opener=None):
-    """``opener(path, "rb")``; a file that exists but cannot be opened (permissions, a folder of that name) is a
-    BEIRDataError naming it -- it was a traceback, exit 1."""
+    """``opener(path, "rb")``; a file that exists but cannot be opened (permissions) is a BEIRDataError naming it --
+    it was a traceback, exit 1."""
     try:
         return (opener or open)(path, "rb")
     except OSError as error:

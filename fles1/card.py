@@ -428,7 +428,13 @@ LOCAL_FOLDER = "local folder"  # an eval results entry's data_source for a datas
 BEIR_CORPUS_SIZES = {"arguana": 8674, "climate-fever": 5416593, "dbpedia-entity": 4635922, "fever": 5416568,
                      "fiqa": 57638, "hotpotqa": 5233329, "msmarco": 8841823, "nfcorpus": 3633, "nq": 2681468,
                      "quora": 522931, "scidocs": 25657, "scifact": 5183, "trec-covid": 171332,
-                     "webis-touche2020": 382545}
+                     "webis-touche2020": 382545, "touche2020": 382545}
+
+
+def _other_corpus(name: str, entry: dict) -> Optional[int]:
+    """BeIR/<name>'s corpus size where the evaluated folder holds another number of documents, else None."""
+    size = BEIR_CORPUS_SIZES.get(name.lower())
+    return size if size is not None and entry.get("num_docs") != size else None
 
 
 def local_only(name: str, entry: dict) -> bool:
@@ -437,16 +443,13 @@ def local_only(name: str, entry: dict) -> bool:
     Results written before eval recorded the source count as Hub data."""
     if entry.get("data_source") != LOCAL_FOLDER or "/" in name:
         return False
-    size = BEIR_CORPUS_SIZES.get(name.lower())
-    return name.lower() not in BEIR_NAMES or (size is not None and entry.get("num_docs") != size)
+    return name.lower() not in BEIR_NAMES or _other_corpus(name, entry) is not None
 
 
 def _subset_note(name: str, entry: dict) -> str:
     """For a local folder of a BEIR name and another corpus size: how it differs from the Hub's."""
-    size = BEIR_CORPUS_SIZES.get(name.lower())
-    if size is None or entry.get("num_docs") == size:
-        return ""
-    return f" of {entry.get('num_docs')} documents ({dataset_id(name)} has {size:,})"
+    size = _other_corpus(name, entry)
+    return "" if size is None else f" of {entry.get('num_docs')} documents ({dataset_id(name)} has {size:,})"
 
 
 def shown_dataset(name: str, entry: dict) -> str:
@@ -672,24 +675,30 @@ def revision_argument(revision: Optional[str]) -> str:
 TRAINING_LENGTH_KEYS = ("model.query_max_length", "model.document_max_length")
 
 
+def _lone_log(runs: list[Run], extra_logs: Sequence[tuple[str, dict]]) -> Optional[dict]:
+    """A log paired with no run, taken as the published run's (its recipe shown as the run's): the only one, where
+    no run has a log, and naming no model (one that names its model is another one's); another seed's never is."""
+    if len(extra_logs) == 1 and not any(run.training_log for run in runs) \
+            and not isinstance(extra_logs[0][1].get("model_fingerprint"), str):
+        return extra_logs[0][1]
+    return None
+
+
 def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], recipe: Optional[dict],
                      header: Optional[dict] = None) -> str:
     """``header``: the published run's eval header, whose max lengths are the ones the model encodes with."""
     logs = [(run.training_log_path, run.training_log) for run in runs if run.training_log] + list(extra_logs)
+    lone = _lone_log(runs, extra_logs)
     # a log of no model evaluated here: marked in every table, said under them (the rows read as this model's)
-    others = {id(log) for _, log in extra_logs}
+    others = {id(log) for _, log in extra_logs if log is not lone}
     seed = lambda log: cell(log.get("seed")) + (" †" if id(log) in others else "")  # noqa: E731
-    other_runs = "" if not extra_logs else "\n\n† " + "; ".join(
+    other_runs = "" if not others else "\n\n† " + "; ".join(
         f"`{os.path.basename(path)}` records "
         + (f"model {log['model_fingerprint']}" if isinstance(log.get("model_fingerprint"), str) else "no model")
-        for path, log in extra_logs) + ": a run of a model no results file on this card evaluates, not the " \
-        "published model's training."
-    if recipe is None and logs:
-        # the published run's; a lone log paired with no run (when no run has one) is taken as its, unless it
-        # names its model (another one); another seed's never is
-        lone = extra_logs[0][1] if len(extra_logs) == 1 and not any(run.training_log for run in runs) \
-            and not isinstance(extra_logs[0][1].get("model_fingerprint"), str) else {}
-        recipe = (runs[0].training_log or lone).get("recipe")
+        for path, log in extra_logs if id(log) in others) + ": a run of a model no results file on this card " \
+        "evaluates, not the published model's training."
+    if recipe is None and logs:  # the published run's, or the lone log's taken as its
+        recipe = (runs[0].training_log or lone or {}).get("recipe")
     if recipe is None and not logs:
         return f"No training log or recipe was given: training details are {MISSING}."
     parts = []
@@ -795,9 +804,12 @@ def build_card(
     extra_logs = attach_training_logs(runs, [(path, read_training_log(path)) for path in training_logs])
     for path, log in extra_logs:
         recorded = log.get("model_fingerprint")
-        warnings.warn(f"{path}: a training log of " + (f"model {recorded}" if isinstance(recorded, str) else "no "
-                      "model it names") + ", which no results file evaluates: shown marked as another run, not as the "
-                      "published model's training (pass that model's results to pair them)", stacklevel=2)
+        if log is _lone_log(runs, extra_logs):
+            continue
+        which = f"of model {recorded}, which no results file evaluates" if isinstance(recorded, str) else \
+            "naming no model, paired with no results file by its folder"
+        warnings.warn(f"{path}: a training log {which}: shown marked as another run, not as the published model's "
+                      "training (pass that model's results to pair them)", stacklevel=2)
     recipe_values = read_recipe(recipe) if recipe else None
     primary = runs[0]
     primary_dataset = next(iter(primary.datasets))

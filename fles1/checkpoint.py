@@ -19,7 +19,7 @@ from configuration_fles1 import FLES1Config
 from fles1 import PROJECT_ROOT
 from fles1.atomic import atomic_directory, path_within, require_new_folder
 from fles1_encoder import (dtype_name, is_local_path, missing_weights, not_a_folder, save_checkpoint_folder,
-                           splade_pooling_problem, unplaced_weights)
+                           splade_pooling_problem, weights_misfit)
 from modeling_fles1 import ENCODER_FILE, FLES1ForMaskedLM, license_files
 
 HUB_CODE_FILES = ("configuration_fles1.py", "modeling_fles1.py", ENCODER_FILE)
@@ -265,13 +265,9 @@ def convert(source: str, out_dir: str, *, overwrite: bool = False, **sparse_sett
     if missing:  # transformers initialised them at random: a BertModel's missing MLM head would be a random projection
         raise ValueError(f"not a BERT masked-LM checkpoint: its weights lack {', '.join(missing)} "
                          "(a model without the masked-LM head? FLES-1 needs the head's vocabulary projection)")
-    # tensors config.json's model has no place for, or of other shapes: dropped or started at random (other vectors)
-    unplaced = unplaced_weights(loading["unexpected_keys"]) + [
-        f"{key} {tuple(found)} (config.json: {tuple(expected)})" for key, found, expected in
-        loading.get("mismatched_keys") or ()]
-    if unplaced:
-        raise ValueError(f"config.json does not describe its weights: they hold {', '.join(unplaced[:4])}"
-                         f"{', ...' if len(unplaced) > 4 else ''}, which config.json's model has no place for")
+    misfit = weights_misfit(loading)  # tensors dropped (fewer layers) or of other shapes: other vectors
+    if misfit:
+        raise ValueError(f"config.json does not describe its weights: they {misfit}")
     config = fles1_config_from(source_model.config, **sparse_settings)
     model = FLES1ForMaskedLM(config)
     missing, unexpected = model.load_state_dict(source_model.state_dict(), strict=False)

@@ -312,10 +312,11 @@ def _check_results_are_of(model_dir: str, results: Sequence[str]) -> None:
     results, evaluated = every[0]
     recorded = evaluated["model"].get("fingerprint") if isinstance(evaluated.get("model"), dict) else None
     if not recorded or not isinstance(recorded, str):  # eval_fles1.py always records it: a hand-edited or foreign file, whose numbers nothing ties here
-        raise PublishError(f"{results}: records no model fingerprint (model.fingerprint), so nothing shows its numbers "
-                           f"are {model_dir}'s; evaluate it (eval_fles1.py --model {model_dir}) and pass that file")
+        raise PublishError(f"{results}: records no model fingerprint (model.fingerprint), so nothing shows its "
+                           f"numbers are {model_dir}'s; evaluate it (eval_fles1.py --model {model_dir}) and pass that "
+                           "file")
     try:
-        actual = model_fingerprint(model_dir) if recorded else None
+        actual = model_fingerprint(model_dir)
     except CheckpointError:  # no (complete) weights: the checks say so, naming the file
         actual = None
     if actual and recorded != actual:

@@ -41,13 +41,13 @@ def main(argv=None) -> int:
     try:
         if args.output != "-":
             require_writable(args.output, "--output")  # before reading anything
-            if os.path.lexists(args.output) and not args.overwrite:  # e.g. the project's own README.md
-                raise ValueError(f"--output {args.output} exists; pass --overwrite to replace it")
             for option, paths in (("--results", args.results), ("--training-log", args.training_log),
                                   ("--recipe", [args.recipe]), ("--studies", [args.studies])):
                 if any(path and os.path.realpath(path) == os.path.realpath(args.output) for path in paths):
                     # with --overwrite the card replaced its own input (a results file became Markdown)
                     raise ValueError(f"--output {args.output} is a file {option} reads; give the card its own path")
+            if os.path.lexists(args.output) and not args.overwrite:  # e.g. the project's own README.md
+                raise ValueError(f"--output {args.output} exists; pass --overwrite to replace it")
         card = build_card(args.results, args.training_log, args.recipe, args.repo_id, args.base_model, args.plots,
                           studies=args.studies, revision=args.revision, license=args.license)
     except ValueError as error:  # CardInputError, or an --output that cannot be written

@@ -665,8 +665,8 @@ def test_weights_the_configs_model_has_no_place_for_are_named_not_dropped(tiny_r
     with pytest.raises(CheckpointError, match=rf"checkpoint: its weights \(model\.safetensors\) hold 16 tensor\(s\) "
                                               rf"config\.json's model has no place for \(bert\.encoder\.layer\.{last}\."):
         FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    with pytest.raises(ValueError, match=rf"config\.json does not describe its weights: they hold "
-                                         rf"bert\.encoder\.layer\.{last}\."):
+    with pytest.raises(ValueError, match=rf"config\.json does not describe its weights: they hold 16 tensor\(s\) "
+                                         rf"config\.json's model has no place for \(bert\.encoder\.layer\.{last}\."):
         convert(str(folder), str(tmp_path / "converted"))
     narrower = settings["intermediate_size"] // 2
     (folder / "config.json").write_text(json.dumps({**settings, "intermediate_size": narrower}))
@@ -674,13 +674,30 @@ def test_weights_the_configs_model_has_no_place_for_are_named_not_dropped(tiny_r
                                               rf"shapes than config\.json's model's \(bert\.encoder\.layer\.\d\..*: "
                                               rf"\(.*\) in the file, \(.*{narrower}.*\) in the model"):
         FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    with pytest.raises(ValueError, match=r"config\.json does not describe its weights: they hold bert\.encoder\."):
+    with pytest.raises(ValueError, match=r"config\.json does not describe its weights: they hold \d+ tensor\(s\) of "
+                                         r"other shapes than config\.json's model's \(bert\.encoder\.layer\.0\.intermediate"):
         convert(str(folder), str(tmp_path / "converted"))
     assert not (tmp_path / "converted").exists()
     for options, how in (({"num_hidden_layers": last}, "hold 16 tensor"), ({"vocab_size": 100}, r"hold 2 tensor\(s\) of other shapes")):
         with pytest.raises(SettingError, match=rf"with {next(iter(options))}={next(iter(options.values()))}, "
                                                rf".*'s weights \(model\.safetensors\) {how}"):
-            FLES1Encoder.from_pretrained(tiny_random_checkpoint, trust_remote_code=trust_remote_code, **options)
+            FLES1Encoder.from_pretrained(tiny_random_checkpoint, trust_remote_code=trust_remote_code,
+                                         query_max_length=8, **options)  # (only the shaping setting is named)
+    # a damaged folder is not blamed on a setting that shapes nothing (it was a SettingError naming it)
+    (folder / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": last}))
+    with pytest.raises(CheckpointError, match=r"hold 16 tensor\(s\) config\.json's model has no place for"):
+        FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code, query_max_length=8)
+    # the buffers BERT builds itself, which older files hold, are no misfit
+    from safetensors.torch import load_file, save_file
+
+    (folder / "config.json").write_text(json.dumps(settings))
+    tensors = load_file(folder / "model.safetensors")
+    save_file({**tensors, "bert.embeddings.token_type_ids": torch.zeros(1, settings["max_position_embeddings"],
+                                                                         dtype=torch.long)},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    assert FLES1Encoder.from_pretrained(str(folder), trust_remote_code=trust_remote_code).encode("vitamin d") == \
+        FLES1Encoder.from_pretrained(tiny_random_checkpoint).encode("vitamin d")
+    convert(str(folder), str(tmp_path / "converted"))
 
 
 def test_a_config_of_the_wrong_shape_names_config_json_and_a_bad_setting_is_the_callers(tiny_random_checkpoint,

@@ -329,6 +329,8 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(sp
     # the output folder itself named to --resume is --resume (it was "another run's checkpoint": --overwrite)
     with pytest.raises(TrainingSetupError, match="choose one"):
         train(recipe, out, resume_from_checkpoint=out, overwrite=True)
+    with pytest.raises(TrainingSetupError, match=r"checkpoint-4: it is at step 4 and this run ends at step 4"):
+        train(recipe, out, resume_from_checkpoint=out, max_steps=4)
     # a mistyped checkpoint is not "another run's checkpoint" (whose advice, --overwrite, removes the folder's run)
     with pytest.raises(TrainingSetupError, match=r"cannot resume from .*checkpoint-44: no such folder$"):
         train(recipe, out, resume_from_checkpoint=os.path.join(out, "checkpoint-44"), max_steps=6)
@@ -855,8 +857,8 @@ def test_a_resume_on_another_number_of_processes_warns_that_the_rng_states_do_no
         shutil.copy(tmp_path / "two" / "checkpoint-2" / "rng_state.pth", tmp_path / "two" / "checkpoint-2" /
                     f"rng_state_{rank}.pth")
     (tmp_path / "two" / "checkpoint-2" / "rng_state.pth").unlink()
-    with pytest.warns(UserWarning, match=r"needs rng_state\.pth: .*\. Each step now trains a global batch of 4 texts "
-                                         r"instead of 8 \(the in-batch negatives"):
+    with pytest.warns(UserWarning, match=r"needs rng_state\.pth: .*\. Each step now trains 4 queries instead of 8 "
+                                         r"\(with their documents: in-batch negatives"):
         train(recipe, str(tmp_path / "two"), resume_from_checkpoint=True, max_steps=3)
 
 # The CPU, even on a GPU machine (CUDA_VISIBLE_DEVICES=""): bitwise-equal results are a CPU property.

@@ -41,7 +41,7 @@ class CheckpointStateMixin:
             return self.load(self.resume_from)
         saved = (state.stateful_callbacks or {}).get(self.state_key)
         if isinstance(saved, dict) and saved.get("global_step") == state.global_step:  # written with that checkpoint
-            self.load_state_dict(saved["state"])
+            self._load_checked(saved.get("state"), f"trainer_state.json's {self.state_key}")
             return True
         return self.load(self.checkpoint_folder(args, state))  # the standard layout: resume_from is unset here
 
@@ -51,10 +51,14 @@ class CheckpointStateMixin:
             return False
         with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
-        if not self.readable_state(state):
-            raise ValueError(f"{path}: not a {type(self).__name__} state (it needs {', '.join(self.STATE_FIELDS)})")
-        self.load_state_dict(state)
+        self._load_checked(state, path)
         return True
+
+    def _load_checked(self, state, source: str) -> None:
+        if not self.readable_state(state):
+            needs = f" (it needs {', '.join(self.STATE_FIELDS)})" if self.STATE_FIELDS else ""
+            raise ValueError(f"{source}: not a {type(self).__name__} state{needs}")
+        self.load_state_dict(state)
 
     def write_state(self, args, state) -> None:
         # the copy: transformers writes trainer_state.json after on_step_end (after on_save: then the copy's step

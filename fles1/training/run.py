@@ -294,9 +294,10 @@ def _global_batch_change(args, saved_rng_files: list[str]) -> str:
     saved_processes = max(ranks) + 1 if ranks else len(saved_rng_files)
     if saved_processes in (0, args.world_size):
         return ""
-    return (f". Each step now trains a global batch of {per_process * args.world_size} texts instead of "
-            f"{per_process * saved_processes} (the in-batch negatives; a one-epoch CLFR interval changes with it), "
-            "while training_log.json records this run's size for the whole run")
+    return (f". Each step now trains {per_process * args.world_size} queries instead of "
+            f"{per_process * saved_processes} (with their documents: in-batch negatives, unless "
+            "loss.gather_across_devices is false; a one-epoch CLFR interval changes with it), while training_log.json "
+            "records this run's global batch for the whole run")
 
 
 def _finished(output_dir: str, step: int) -> bool:
