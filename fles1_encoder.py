@@ -298,11 +298,14 @@ def save_checkpoint_folder(folder: str, model, tokenizer, threshold: Optional[fl
         config_path = os.path.join(staging, "config.json")
         if threshold is not None:  # this encoder's own threshold, the folder's default from now on
             _write_json(config_path, {**_read_json_or_none(config_path), "inference_threshold": threshold})
+        # padded on the right, as FLES1Encoder pads: sentence-transformers pads as the tokenizer says, and on the
+        # left BERT's positions shift with each batch's longest text (1.0 apart from FLES1Encoder)
         length, tokenizer.model_max_length = tokenizer.model_max_length, config.document_max_length
+        side, tokenizer.padding_side = tokenizer.padding_side, "right"
         try:
             tokenizer.save_pretrained(staging)
         finally:
-            tokenizer.model_max_length = length
+            tokenizer.model_max_length, tokenizer.padding_side = length, side
         if prepare is not None:
             prepare(staging)
         try:
@@ -489,17 +492,28 @@ def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config, stacklevel:
     tokenizer_config = _read_json_or_none(os.path.join(path, "tokenizer_config.json"))
     if not isinstance(settings, dict):
         return  # not a sentence-transformers folder (a plain save_pretrained): nothing cuts elsewhere
-    lengths = {"query_length": ("encode_query", "query_max_length"),
-               "document_length": ("encode_document", "document_max_length")}
-    differ = [f"{method} at {settings[st_key]} tokens (sentence_bert_config.json {st_key}), config.json "
-              f"{key} {config[key]}" for st_key, (method, key) in lengths.items()
-              if settings.get(st_key) is not None and key in config and settings[st_key] != config[key]]
     model_max_length = tokenizer_config.get("model_max_length") if isinstance(tokenizer_config, dict) else None
     if not isinstance(model_max_length, int) or isinstance(model_max_length, bool):
         model_max_length = None
     elif isinstance(config.get("max_position_embeddings"), int):
         # sentence-transformers' max_seq_length: the tokenizer's, capped by the positions (an unset one is 1e30)
         model_max_length = min(model_max_length, config["max_position_embeddings"])
+    lengths = {"query_length": ("encode_query", "query_max_length"),
+               "document_length": ("encode_document", "document_max_length")}
+    differ = []
+    for st_key, (method, key) in lengths.items():
+        # a length the file does not hold: sentence-transformers cuts at max_seq_length (a folder saved by a
+        # SparseEncoder built from a plain save_pretrained: queries at 256 instead of 64)
+        cut, where = (settings[st_key], f"sentence_bert_config.json {st_key}") if settings.get(st_key) is not None \
+            else (model_max_length, f"no {st_key} in sentence_bert_config.json: its max_seq_length")
+        if cut is not None and key in config and cut != config[key]:
+            differ.append(f"{method} at {cut} tokens ({where}), config.json {key} {config[key]}")
+    if isinstance(tokenizer_config, dict) and tokenizer_config.get("padding_side") == "left":
+        warnings.warn(f"{path}: sentence-transformers pads batches on the left (tokenizer_config.json padding_side), "
+                      "so BERT's positions shift with each batch's longest text; FLES1Encoder pads on the right: "
+                      "SparseEncoder and FLES1Encoder give different vectors in batches (`FLES1Encoder."
+                      "from_pretrained(FOLDER).save_pretrained(OUT)` writes padding_side right)",
+                      SparseEncoderMismatchWarning, stacklevel=stacklevel)
     if model_max_length is not None and "document_max_length" in config and \
             model_max_length != config["document_max_length"]:
         differ.append(f"encode (no task) at {model_max_length} tokens (tokenizer_config.json model_max_length: "

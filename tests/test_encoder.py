@@ -371,6 +371,46 @@ def test_readme_usage_snippet_runs_and_shows_what_it_prints(fles1_checkpoint):
     assert namespace["st"].encode_query(["What is machine learning?"]).shape[-1] == 30522
 
 
+def test_a_folder_without_sentence_transformers_lengths_or_padding_left_is_warned_about(fles1_checkpoint, backbone_dir,
+                                                                                          tmp_path):
+    """A sentence_bert_config.json without query_length (a SparseEncoder built from a plain save_pretrained, then
+    saved) cuts queries at max_seq_length, 256; a tokenizer padding on the left shifts BERT's positions in
+    SparseEncoder's batches (1.0 apart from FLES1Encoder): both silent. convert and saves write right padding."""
+    from sentence_transformers import SparseEncoder
+
+    from fles1.checkpoint import convert
+
+    folder = tmp_path / "lengthless"
+    shutil.copytree(fles1_checkpoint, folder)
+    settings = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps(
+        {key: value for key, value in settings.items() if key != "query_length"}))
+    with pytest.warns(SparseEncoderMismatchWarning, match=r"encode_query at 256 tokens \(no query_length in "
+                                                          r"sentence_bert_config\.json: its max_seq_length\), "
+                                                          r"config\.json query_max_length 64"):
+        FLES1Encoder.from_pretrained(str(folder))
+    long_query = " ".join(["vitamin d deficiency and bone health"] * 20)
+    st = SparseEncoder(str(folder), trust_remote_code=True, device="cpu")
+    assert (st.encode_query([long_query], convert_to_tensor=True).to_dense() - FLES1Encoder.from_pretrained(
+        fles1_checkpoint).encode_batch([long_query], kind="query", threshold=0, output="torch").to_dense()).abs().max() > 1e-3
+    # a source padding on the left: convert writes right padding, a folder padding left warns
+    source = tmp_path / "left-source"
+    shutil.copytree(backbone_dir, source)
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "padding_side": "left"}))
+    converted = convert(str(source), str(tmp_path / "converted"))
+    assert json.loads(open(os.path.join(converted, "tokenizer_config.json")).read()).get("padding_side") == "right"
+    left = tmp_path / "left"
+    shutil.copytree(fles1_checkpoint, left)
+    tokenizer_config = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "padding_side": "left"}))
+    with pytest.warns(SparseEncoderMismatchWarning, match=r"pads batches on the left \(tokenizer_config\.json "
+                                                          r"padding_side\)"):
+        encoder = FLES1Encoder.from_pretrained(str(left))
+    encoder.save_pretrained(str(tmp_path / "resaved"))
+    assert json.loads((tmp_path / "resaved" / "tokenizer_config.json").read_text())["padding_side"] == "right"
+
+
 def test_a_folder_whose_sentence_transformers_files_cut_elsewhere_is_warned_about(fles1_checkpoint, tmp_path):
     """`model[0].query_length = 32; model.save(out)` changed sentence_bert_config.json only: SparseEncoder cut queries
     at 32, FLES1Encoder at 64, and their query vectors differed by up to 1.65 -- silently."""

@@ -297,8 +297,9 @@ class SpladeCLFRCallback(CLFRCallback, _splade_scheduler_base()):
     def on_log(self, args, state, control, logs=None, **kwargs):
         """lambda_d and eff_reg into the log: the console, callbacks after this one, and ``state.log_history``
         (trainer_state.json), which transformers appended to before any callback ran. Integrations (``report_to``)
-        run before user callbacks and miss them unless this callback comes first:
-        ``trainer.callback_handler.callbacks.insert(0, clfr)``."""
+        run before user callbacks and miss them unless this callback comes first: construct the trainer without it
+        and then ``trainer.callback_handler.callbacks.insert(0, clfr)`` (registered twice, it would count each step
+        twice)."""
         if logs is not None:
             values = {"lambda_d": getattr(self, "_lambda_d_used", self.controller.lambda_d), "eff_reg": self.eff_reg}
             logs.update(values)
