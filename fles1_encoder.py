@@ -466,19 +466,20 @@ def _warn_if_hub_sentence_transformers_files_differ(repo_id: str, download: dict
     # functools.partial, not a lambda: no frame of its own, so each warning's stacklevel still reaches the caller
     checks = [("config_sentence_transformers.json", _warn_if_sentence_transformers_prompts_or_prunes),
               ("sentence_bert_config.json",
-               functools.partial(_warn_if_sentence_transformers_cuts_elsewhere, config=config))]
-    for name, warn in checks + [("modules.json", None)]:
+               functools.partial(_warn_if_sentence_transformers_cuts_elsewhere, config=config)),
+              ("modules.json", _warn_if_sentence_transformers_pools_otherwise)]
+    for name, warn in checks:
         try:
             found = cached_file(repo_id, name, **download, _raise_exceptions_for_missing_entries=False,
                                 _raise_exceptions_for_connection_errors=False)
-            if found and warn is None:  # the poolings' own files too, beside it in the snapshot
-                for pooling in _splade_pooling_configs(os.path.dirname(found)):
-                    cached_file(repo_id, pooling, **download, _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
+            # modules.json names the poolings' own files: fetched into the same snapshot
+            for pooling in _splade_pooling_configs(os.path.dirname(found)) if found and name == "modules.json" else ():
+                cached_file(repo_id, pooling, **download, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
         except Exception:  # (an unreachable Hub, an unusual repo): the model loaded, the check is a courtesy
             continue
         if found:
-            (warn or _warn_if_sentence_transformers_pools_otherwise)(os.path.dirname(found))
+            warn(os.path.dirname(found))
 
 
 def _warn_if_sentence_transformers_cuts_elsewhere(path: str, config, stacklevel: int = 4) -> None:
@@ -1005,8 +1006,8 @@ class FLES1Encoder:
                     lambda **given: own[0].from_dict(settings, return_unused_kwargs=True, **{**unused, **given}),
                     settings_and_model_options, path_or_hub_id)
                 model, loading = own[1].from_pretrained(path_or_hub_id, config=config, use_safetensors=True,
-                                                        output_loading_info=True, ignore_mismatched_sizes=True, **download, **model_options,
-                                                        **dtype_options)
+                                                        output_loading_info=True, ignore_mismatched_sizes=True,
+                                                        **download, **model_options, **dtype_options)
             else:
                 config, model_options = _config_with(
                     lambda **given: AutoConfig.from_pretrained(path_or_hub_id, trust_remote_code=True,
@@ -1014,8 +1015,8 @@ class FLES1Encoder:
                     settings_and_model_options, path_or_hub_id)
                 model, loading = AutoModelForMaskedLM.from_pretrained(
                     path_or_hub_id, config=config, trust_remote_code=True, use_safetensors=True,
-                    output_loading_info=True, ignore_mismatched_sizes=True, **download, **model_options, **dtype_options
-                )
+                    output_loading_info=True, ignore_mismatched_sizes=True, **download, **model_options,
+                    **dtype_options)
             # transformers starts weights the file lacks at random (a log line), drops those its model has no place
             # for, and re-initialises those of other shapes: the vectors would be wrong (and differ from load to load)
             misfit = weights_misfit(loading)
@@ -1023,7 +1024,6 @@ class FLES1Encoder:
                 raise _weights_do_not_fit(path_or_hub_id, settings_and_model_options, misfit)
         except (CheckpointError, SettingError):  # a CheckpointError is an OSError, a SettingError a ValueError:
             raise  # neither is wrapped below
-
         except TypeError as error:  # a keyword no part takes (a typo): the model's constructor refused it
             unknown = sorted(set(settings_and_model_options) & set(str(error).replace("'", " ").split()))
             if not unknown:

@@ -745,14 +745,14 @@ def training_section(runs: list[Run], extra_logs: Sequence[tuple[str, dict]], re
             + table(["Seed", "Steps", "Runtime (s)", "Final loss", "Final NNZ doc", "Final NNZ query",
                      "Non-finite loss", "Non-finite grad", "Loss spike", "NNZ collapse", "Total"], rows)
             + other_runs)
-    dev = [(seed(log), log["eval"]) for _, log in logs if isinstance(log.get("eval"), dict)
+    dev = [log for _, log in logs if isinstance(log.get("eval"), dict)
            and any(number(log["eval"].get(k)) is not None for k in METRICS)]
     if dev:
-        rows = [[shown, cell(metrics.get("split"))] + [fmt_metric(k, metrics.get(k)) for k in METRICS]
-                for shown, metrics in dev]
+        rows = [[seed(log), cell(log["eval"].get("split"))] + [fmt_metric(k, log["eval"].get(k)) for k in METRICS]
+                for log in dev]
         parts.append("### Dev metrics at the end of training\n\n"
                      + table(["Seed", "Split", *METRICS.values()], rows)
-                     + (other_runs if any(shown.endswith("†") for shown, _ in dev) else ""))
+                     + (other_runs if any(id(log) in others for log in dev) else ""))
     return "\n\n".join(parts)
 
 
@@ -802,9 +802,10 @@ def build_card(
         raise CardInputError("at least one eval results JSON is needed (eval_fles1.py --output)")
     runs = group_runs([(path, read_eval(path)) for path in results])
     extra_logs = attach_training_logs(runs, [(path, read_training_log(path)) for path in training_logs])
+    lone = _lone_log(runs, extra_logs)
     for path, log in extra_logs:
         recorded = log.get("model_fingerprint")
-        if log is _lone_log(runs, extra_logs):
+        if log is lone:
             continue
         which = f"of model {recorded}, which no results file evaluates" if isinstance(recorded, str) else \
             "naming no model, paired with no results file by its folder"
@@ -848,9 +849,10 @@ def build_card(
         (recipe_hub_id(train_recipe, k) for k in BASE_MODEL_KEYS if recipe_hub_id(train_recipe, k)), None)
     datasets = [dataset_id(name) for name, entry in primary.datasets.items() if not local_only(name, entry)]
     for name, entry in primary.datasets.items():
-        if local_only(name, entry) and _subset_note(name, entry):
-            warnings.warn(f"{name}: a local folder{_subset_note(name, entry)}: shown as a local dataset, not as "
-                          f"{dataset_id(name)}", stacklevel=2)
+        note = _subset_note(name, entry) if local_only(name, entry) else ""
+        if note:
+            warnings.warn(f"{name}: a local folder{note}: shown as a local dataset, not as {dataset_id(name)}",
+                          stacklevel=2)
     for key in TRAIN_DATA_KEYS:
         train_data = recipe_hub_id(train_recipe, key)
         if train_data and dataset_id(train_data) not in datasets:

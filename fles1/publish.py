@@ -311,7 +311,8 @@ def _check_results_are_of(model_dir: str, results: Sequence[str]) -> None:
         raise PublishError(str(error)) from None
     results, evaluated = every[0]
     recorded = evaluated["model"].get("fingerprint") if isinstance(evaluated.get("model"), dict) else None
-    if not recorded or not isinstance(recorded, str):  # eval_fles1.py always records it: a hand-edited or foreign file, whose numbers nothing ties here
+    # eval_fles1.py always records it: a hand-edited or foreign file, whose numbers nothing ties to the folder
+    if not recorded or not isinstance(recorded, str):
         raise PublishError(f"{results}: records no model fingerprint (model.fingerprint), so nothing shows its "
                            f"numbers are {model_dir}'s; evaluate it (eval_fles1.py --model {model_dir}) and pass that "
                            "file")
@@ -600,7 +601,7 @@ def publish(
             log(str(check))
         failed = [check for check in checks if not check.ok]
         if failed:
-            kept = ""
+            kept, reasons = "", "; ".join(str(c) for c in failed)
             if dry_run:  # kept for inspection under a name that does not pass for the finished folder
                 rejected = f"{os.path.abspath(dry_run)}.rejected"
                 try:
@@ -610,11 +611,10 @@ def publish(
                         os.remove(rejected)
                     os.rename(staging, rejected)
                     kept = f" (the folder is left at {rejected} for inspection)"
+                    # the checks named the staging folder, renamed since
+                    reasons = reasons.replace(os.path.abspath(staging), rejected).replace(staging, rejected)
                 except OSError as error:  # the checks' verdict is what to report
                     kept = f" (the folder could not be kept at {rejected}: {error.strerror})"
-            reasons = "; ".join(str(c) for c in failed)
-            if kept.startswith(" (the folder is left"):  # the checks named the staging folder, renamed since
-                reasons = reasons.replace(os.path.abspath(staging), rejected).replace(staging, rejected)
             raise PublishError(f"refusing to upload, failed checks: {reasons}{kept}")
 
     if not card.training_logs and not card.recipe and not os.path.isfile(os.path.join(model_dir, "training_log.json")):

@@ -137,11 +137,9 @@ _IGNORED_TRAINING = {
     "torch_compile": (lambda v: v is True, "FLES1Trainer encodes through encode_sparse, not the compiled forward: "
                                            "nothing would be compiled"),
     # transformers turns torch_compile on from either
-    "torch_compile_mode": (lambda v: v is not None, "it turns torch_compile on, and FLES1Trainer encodes through "
-                                                    "encode_sparse, not the compiled forward: nothing would be compiled"),
-    "torch_compile_backend": (lambda v: v is not None, "it turns torch_compile on, and FLES1Trainer encodes through "
-                                                       "encode_sparse, not the compiled forward: nothing would be "
-                                                       "compiled"),
+    **dict.fromkeys(("torch_compile_mode", "torch_compile_backend"), (
+        lambda v: v is not None, "it turns torch_compile on, and FLES1Trainer encodes through encode_sparse, not the "
+                                 "compiled forward: nothing would be compiled")),
     "use_liger_kernel": (lambda v: v is True, "Liger kernels patch model families' forward (not BERT's, and not "
                                               "encode_sparse, which FLES1Trainer trains through)"),
     # read by example scripts, never by Trainer.train: a run named a checkpoint here and trained from step 1
